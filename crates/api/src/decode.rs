@@ -1,0 +1,349 @@
+//! Turning manifest text into validated [`Object`]s, or into [`Problem`]s that
+//! point at file, line, column, object and field.
+//!
+//! Decoding never stops at the first problem of a stream: every document is
+//! checked so the user sees everything wrong in one go. Callers that apply
+//! must apply nothing when [`Decoded::has_errors`] is true.
+
+use std::collections::HashMap;
+
+use serde_json::Value;
+
+use crate::check::{Checker, Path};
+use crate::object::{Object, ObjectKey, ObjectMeta};
+use crate::problem::{Problem, Severity};
+use crate::registry::{self, KindInfo, closest, kinds};
+use crate::yaml::{self, Document, Pos};
+
+/// An object and where it came from.
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub object: Object,
+    pub file: String,
+    /// 1-based index of the document within its file.
+    pub document: usize,
+    pub line: usize,
+}
+
+/// The result of decoding one or more manifest sources.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub objects: Vec<Located>,
+    pub problems: Vec<Problem>,
+}
+
+impl Decoded {
+    pub fn has_errors(&self) -> bool {
+        self.problems.iter().any(Problem::is_error)
+    }
+}
+
+/// Decodes one manifest source (YAML, multi-document, or JSON).
+pub fn decode_manifests(file: &str, text: &str) -> Decoded {
+    decode_sources([(file, text)], "default")
+}
+
+/// Decodes several sources as one set: objects defined twice across them are
+/// reported. Namespaced objects without a namespace get `default_namespace`.
+pub fn decode_sources<'a>(
+    sources: impl IntoIterator<Item = (&'a str, &'a str)>,
+    default_namespace: &str,
+) -> Decoded {
+    let mut decoded = Decoded::default();
+    for (file, text) in sources {
+        decode_source(file, text, default_namespace, &mut decoded);
+    }
+    let mut first_seen: HashMap<ObjectKey, (String, usize)> = HashMap::new();
+    let mut duplicates = Vec::new();
+    for located in &decoded.objects {
+        let Some(key) = located.object.key() else {
+            continue;
+        };
+        if let Some((file, line)) = first_seen.get(&key) {
+            duplicates.push(Problem {
+                severity: Severity::Error,
+                file: located.file.clone(),
+                line: located.line,
+                column: 1,
+                object: located.object.display_name(),
+                field: "metadata.name".into(),
+                message: format!("duplicate object: already defined at {file}:{line}"),
+            });
+        } else {
+            first_seen.insert(key, (located.file.clone(), located.line));
+        }
+    }
+    decoded.problems.extend(duplicates);
+    decoded
+}
+
+fn decode_source(file: &str, text: &str, default_namespace: &str, out: &mut Decoded) {
+    let documents = match yaml::parse_documents(text) {
+        Ok(docs) => docs,
+        Err(e) => {
+            out.problems.push(Problem {
+                severity: Severity::Error,
+                file: file.into(),
+                line: e.pos.line,
+                column: e.pos.column,
+                object: String::new(),
+                field: String::new(),
+                message: format!("YAML syntax error: {}", e.message),
+            });
+            return;
+        }
+    };
+    for (index, doc) in documents.into_iter().enumerate() {
+        if doc.value.is_null() {
+            continue;
+        }
+        let mut ctx = DocContext {
+            file,
+            doc: &doc,
+            object: String::new(),
+            problems: Vec::new(),
+        };
+        if let Some(object) = ctx.decode(default_namespace) {
+            let pos = doc.position("");
+            out.objects.push(Located {
+                object,
+                file: file.into(),
+                document: index + 1,
+                line: pos.line,
+            });
+        }
+        out.problems.append(&mut ctx.problems);
+    }
+}
+
+struct DocContext<'a> {
+    file: &'a str,
+    doc: &'a Document,
+    object: String,
+    problems: Vec<Problem>,
+}
+
+impl DocContext<'_> {
+    fn report(&mut self, severity: Severity, path: &str, message: String) {
+        let Pos { line, column } = self.doc.position(path);
+        self.problems.push(Problem {
+            severity,
+            file: self.file.into(),
+            line,
+            column,
+            object: self.object.clone(),
+            field: path.into(),
+            message,
+        });
+    }
+
+    fn error(&mut self, path: &str, message: impl Into<String>) {
+        self.report(Severity::Error, path, message.into());
+    }
+
+    fn decode(&mut self, default_namespace: &str) -> Option<Object> {
+        let Value::Object(mut map) = self.doc.value.clone() else {
+            self.error(
+                "",
+                "not a Kubernetes object: the document is not a mapping with apiVersion and kind",
+            );
+            return None;
+        };
+        let api_version = map.remove("apiVersion");
+        let kind = map.remove("kind");
+        let (api_version, kind) = match (api_version, kind) {
+            (Some(Value::String(a)), Some(Value::String(k))) => (a, k),
+            (None, None) => {
+                self.error(
+                    "",
+                    "not a Kubernetes object: no apiVersion and kind (cloud-init, Helm values or other YAML cannot be applied)",
+                );
+                return None;
+            }
+            (a, k) => {
+                if !matches!(a, Some(Value::String(_))) {
+                    self.error(
+                        "apiVersion",
+                        "apiVersion must be set to a string such as networking.istio.io/v1",
+                    );
+                }
+                if !matches!(k, Some(Value::String(_))) {
+                    self.error("kind", "kind must be set to a string such as WorkloadEntry");
+                }
+                return None;
+            }
+        };
+        let info = self.find_info(&api_version, &kind)?;
+        let metadata = self.decode_metadata(info, map.remove("metadata"), default_namespace)?;
+        self.object = match metadata.namespace() {
+            Some(ns) => format!("{kind} {ns}/{}", metadata.name()),
+            None => format!("{kind} {}", metadata.name()),
+        };
+        if !self.problems.is_empty() {
+            // Metadata problems were reported before the object had a name.
+            let object = self.object.clone();
+            self.problems
+                .iter_mut()
+                .for_each(|p| p.object = object.clone());
+        }
+        let body = match (info.decode)(Value::Object(map)) {
+            Ok((body, checker)) => {
+                for (severity, path, message) in checker.found {
+                    self.report(severity, &path, message);
+                }
+                body
+            }
+            Err(e) => {
+                let message = with_hint(&e.message);
+                self.error(&e.path, message);
+                return None;
+            }
+        };
+        if self.problems.iter().any(Problem::is_error) {
+            return None;
+        }
+        let Value::Object(body) = body else {
+            return None;
+        };
+        Some(Object {
+            api_version,
+            kind,
+            metadata,
+            body,
+        })
+    }
+
+    fn find_info(&mut self, api_version: &str, kind: &str) -> Option<&'static KindInfo> {
+        if let Some(info) = registry::find_kind(api_version, kind) {
+            return Some(info);
+        }
+        self.object = kind.to_string();
+        let known_kind = kinds().iter().find(|k| k.kind == kind);
+        match known_kind {
+            Some(info) => {
+                let served: Vec<String> =
+                    info.versions.iter().map(|v| info.api_version(v)).collect();
+                self.error(
+                    "apiVersion",
+                    format!(
+                        "{api_version:?} does not serve {kind}; use one of {}",
+                        served.join(", ")
+                    ),
+                );
+            }
+            None => {
+                let hint = closest(kinds().iter().map(|k| k.kind), kind)
+                    .map(|k| format!(" (did you mean {k}?)"))
+                    .unwrap_or_default();
+                self.error("kind", format!("unknown kind {kind:?}{hint}"));
+            }
+        }
+        None
+    }
+
+    fn decode_metadata(
+        &mut self,
+        info: &KindInfo,
+        raw: Option<Value>,
+        default_namespace: &str,
+    ) -> Option<ObjectMeta> {
+        let raw = raw.unwrap_or_else(|| Value::Object(Default::default()));
+        let mut metadata: ObjectMeta = match serde_path_to_error::deserialize(raw) {
+            Ok(m) => m,
+            Err(e) => {
+                let path = Path::root("metadata");
+                let sub = registry::render_path(e.path());
+                let path = if sub.is_empty() { path } else { path.f(&sub) };
+                self.error(path.as_str(), with_hint(&e.into_inner().to_string()));
+                return None;
+            }
+        };
+        if metadata.name.is_none() {
+            metadata.name = info.default_name.map(str::to_string);
+        }
+        if info.namespaced {
+            if metadata.namespace.is_none() {
+                metadata.namespace = Some(
+                    info.default_namespace
+                        .unwrap_or(default_namespace)
+                        .to_string(),
+                );
+            }
+        } else if let Some(ns) = &metadata.namespace {
+            self.error(
+                "metadata.namespace",
+                format!(
+                    "{} is cluster-scoped and cannot have a namespace (got {ns:?})",
+                    info.kind
+                ),
+            );
+        }
+        let mut checker = Checker::default();
+        let meta = Path::root("metadata");
+        match metadata.name.as_deref() {
+            None | Some("") => checker.error(&meta.f("name"), "metadata.name is required"),
+            Some(name) if matches!(info.kind, "Namespace" | "Service") => {
+                checker.dns1123_label(&meta.f("name"), name)
+            }
+            Some(name) => checker.dns1123_subdomain(&meta.f("name"), name),
+        }
+        if let Some(ns) = metadata.namespace.as_deref() {
+            checker.dns1123_label(&meta.f("namespace"), ns);
+        }
+        if let Some(labels) = &metadata.labels {
+            checker.labels(&meta.f("labels"), labels);
+        }
+        if let Some(annotations) = &metadata.annotations {
+            checker.annotation_keys(&meta.f("annotations"), annotations);
+        }
+        for (severity, path, message) in checker.found {
+            self.report(severity, &path, message);
+        }
+        Some(metadata)
+    }
+}
+
+/// Adds a "did you mean" hint to serde's unknown-field and unknown-variant errors,
+/// and shortens its list of every expected name.
+fn with_hint(message: &str) -> String {
+    let (what, rest) = if let Some(rest) = message.strip_prefix("unknown field `") {
+        ("field", rest)
+    } else if let Some(rest) = message.strip_prefix("unknown variant `") {
+        ("value", rest)
+    } else {
+        return message.to_string();
+    };
+    let Some((wrong, expected)) = rest.split_once('`') else {
+        return message.to_string();
+    };
+    let names: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    match closest(names.iter().copied(), wrong) {
+        Some(near) => format!("unknown {what} {wrong:?} (did you mean {near:?}?)"),
+        None if names.is_empty() => format!("unknown {what} {wrong:?}: no fields are allowed here"),
+        None => format!(
+            "unknown {what} {wrong:?}; expected one of: {}",
+            names.join(", ")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_for_near_misses() {
+        assert_eq!(
+            with_hint("unknown field `adress`, expected one of `address`, `ports`"),
+            "unknown field \"adress\" (did you mean \"address\"?)"
+        );
+        assert_eq!(
+            with_hint("unknown variant `ROUND_ROBINN`, expected one of `ROUND_ROBIN`, `RANDOM`"),
+            "unknown value \"ROUND_ROBINN\" (did you mean \"ROUND_ROBIN\"?)"
+        );
+        assert_eq!(
+            with_hint("unknown field `zzz`, expected `a` or `b`"),
+            "unknown field \"zzz\"; expected one of: a, b"
+        );
+    }
+}

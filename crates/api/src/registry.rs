@@ -1,0 +1,162 @@
+//! The table of kinds vmesh knows: API group, versions, plural and short names,
+//! scope, and the decoder/validator of each kind's body.
+
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+use crate::check::{Checker, Path};
+use crate::kinds as k;
+
+/// A kind's body (everything but `apiVersion`, `kind` and `metadata`) can check itself.
+pub trait Validate {
+    /// Report problems with paths rooted at the object (`spec.…`).
+    fn validate(&self, checker: &mut Checker);
+}
+
+/// Everything vmesh needs to know about one kind.
+#[derive(Debug)]
+pub struct KindInfo {
+    pub kind: &'static str,
+    /// API group; empty for the core group.
+    pub group: &'static str,
+    /// Served versions, preferred first.
+    pub versions: &'static [&'static str],
+    pub plural: &'static str,
+    pub short_names: &'static [&'static str],
+    pub namespaced: bool,
+    /// Name given to objects that come without one (Istio's `IstioOperator`).
+    pub default_name: Option<&'static str>,
+    /// Namespace given to objects of this kind that come without one, before the
+    /// CLI's `-n` default applies.
+    pub default_namespace: Option<&'static str>,
+    /// Extra columns for `vmesh get` tables: header and JSON pointer into the object.
+    pub columns: &'static [(&'static str, &'static str)],
+    pub(crate) decode: fn(Value) -> Result<(Value, Checker), BodyError>,
+}
+
+/// Why a body failed typed decoding.
+#[derive(Debug)]
+pub(crate) struct BodyError {
+    pub path: String,
+    pub message: String,
+}
+
+impl KindInfo {
+    pub fn api_version(&self, version: &str) -> String {
+        if self.group.is_empty() {
+            version.to_string()
+        } else {
+            format!("{}/{version}", self.group)
+        }
+    }
+
+    pub fn preferred_api_version(&self) -> String {
+        self.api_version(self.versions[0])
+    }
+
+    /// `workloadentry.networking.istio.io` style name, as kubectl prints it.
+    pub fn qualified_name(&self) -> String {
+        let singular = self.kind.to_ascii_lowercase();
+        if self.group.is_empty() {
+            singular
+        } else {
+            format!("{singular}.{}", self.group)
+        }
+    }
+}
+
+/// Typed decoding and validation of one kind's body, erased for the registry.
+pub(crate) fn decode_body<B>(body: Value) -> Result<(Value, Checker), BodyError>
+where
+    B: DeserializeOwned + Serialize + Validate,
+{
+    let typed: B = serde_path_to_error::deserialize(body).map_err(|e| BodyError {
+        path: render_path(e.path()),
+        message: e.into_inner().to_string(),
+    })?;
+    let mut checker = Checker::default();
+    typed.validate(&mut checker);
+    let canonical = serde_json::to_value(&typed).map_err(|e| BodyError {
+        path: String::new(),
+        message: e.to_string(),
+    })?;
+    Ok((canonical, checker))
+}
+
+/// serde_path_to_error's path in our `a.b[0].c` form.
+pub(crate) fn render_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = Path::default();
+    for segment in path.iter() {
+        out = match segment {
+            Segment::Seq { index } => out.i(*index),
+            Segment::Map { key } => out.f(key),
+            Segment::Enum { variant } => out.f(variant),
+            Segment::Unknown => out,
+        };
+    }
+    out.as_str().to_string()
+}
+
+/// Every kind vmesh serves. Adding a kind: one file in `kinds/`, one line here.
+static KINDS: &[&KindInfo] = &[
+    &k::namespace::KIND,
+    &k::service_account::KIND,
+    &k::service::KIND,
+    &k::config_map::KIND,
+    &k::workload_group::KIND,
+    &k::workload_entry::KIND,
+    &k::service_entry::KIND,
+    &k::destination_rule::KIND,
+    &k::virtual_service::KIND,
+    &k::gateway::KIND,
+    &k::sidecar::KIND,
+    &k::peer_authentication::KIND,
+    &k::authorization_policy::KIND,
+    &k::telemetry::KIND,
+    &k::istio_operator::KIND,
+];
+
+pub fn kinds() -> &'static [&'static KindInfo] {
+    KINDS
+}
+
+/// The kind for an `apiVersion` and `kind` pair, if that version is served.
+pub fn find_kind(api_version: &str, kind: &str) -> Option<&'static KindInfo> {
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    KINDS
+        .iter()
+        .copied()
+        .find(|k| k.kind == kind && k.group == group && k.versions.contains(&version))
+}
+
+/// The kind a user means by a name on the command line: kind, plural, singular,
+/// short name, or any of those qualified by group (`workloadentries.networking.istio.io`).
+pub fn kind_for(name: &str) -> Option<&'static KindInfo> {
+    let lower = name.to_ascii_lowercase();
+    let (base, group) = match lower.split_once('.') {
+        Some((base, group)) => (base.to_string(), Some(group.to_string())),
+        None => (lower, None),
+    };
+    KINDS.iter().copied().find(|k| {
+        let names_match = k.kind.eq_ignore_ascii_case(&base)
+            || k.plural == base
+            || k.short_names.contains(&base.as_str());
+        names_match && group.as_deref().is_none_or(|g| g == k.group)
+    })
+}
+
+/// The closest known name to a misspelt one, for "did you mean" hints.
+pub fn closest<'a>(candidates: impl IntoIterator<Item = &'a str>, wrong: &str) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| {
+            (
+                strsim::damerau_levenshtein(&c.to_ascii_lowercase(), &wrong.to_ascii_lowercase()),
+                c,
+            )
+        })
+        .filter(|(d, c)| *d <= 2.max(c.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}

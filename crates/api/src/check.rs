@@ -200,10 +200,12 @@ impl Checker {
         }
     }
 
-    /// Names within one list must be unique.
+    /// Names within one list must be unique. A duplicate is reported at `field`
+    /// (a dotted path such as `name` or `port.number`) of the later element.
     pub fn unique_names<'a>(
         &mut self,
         path: &Path,
+        field: &str,
         what: &str,
         names: impl IntoIterator<Item = (usize, &'a str)>,
     ) {
@@ -214,7 +216,7 @@ impl Checker {
             }
             if let Some(first) = seen.insert(name, index) {
                 self.error(
-                    &path.i(index),
+                    &path.i(index).f(field),
                     format!("duplicate {what} {name:?} (first used at index {first})"),
                 );
             }

@@ -55,24 +55,27 @@ pub fn decode_sources<'a>(
     }
     let mut first_seen: HashMap<ObjectKey, (String, usize)> = HashMap::new();
     let mut duplicates = Vec::new();
-    for located in &decoded.objects {
+    decoded.objects.retain(|located| {
         let Some(key) = located.object.key() else {
-            continue;
+            return true;
         };
         if let Some((file, line)) = first_seen.get(&key) {
+            // The whole object is the problem: it is refused, the first definition kept.
             duplicates.push(Problem {
                 severity: Severity::Error,
                 file: located.file.clone(),
                 line: located.line,
                 column: 1,
                 object: located.object.display_name(),
-                field: "metadata.name".into(),
+                field: String::new(),
                 message: format!("duplicate object: already defined at {file}:{line}"),
             });
+            false
         } else {
             first_seen.insert(key, (located.file.clone(), located.line));
+            true
         }
-    }
+    });
     decoded.problems.extend(duplicates);
     decoded
 }
@@ -142,15 +145,27 @@ impl DocContext<'_> {
     }
 
     fn decode(&mut self, default_namespace: &str) -> Option<Object> {
-        let Value::Object(mut map) = self.doc.value.clone() else {
-            self.error(
-                "",
-                "not a Kubernetes object: the document is not a mapping with apiVersion and kind",
-            );
-            return None;
+        let mut map = match self.doc.value.clone() {
+            Value::Object(map) => map,
+            Value::Array(_) => {
+                self.error(
+                    "",
+                    "not a Kubernetes object: the document is a list; write each object as its own document, separated by ---",
+                );
+                return None;
+            }
+            _ => {
+                self.error(
+                    "",
+                    "not a Kubernetes object: the document is not a mapping with apiVersion and kind",
+                );
+                return None;
+            }
         };
-        let api_version = map.remove("apiVersion");
-        let kind = map.remove("kind");
+        // shift_remove keeps the remaining fields in source order, so that the first
+        // problem serde reports is the first one in the document.
+        let api_version = map.shift_remove("apiVersion");
+        let kind = map.shift_remove("kind");
         let (api_version, kind) = match (api_version, kind) {
             (Some(Value::String(a)), Some(Value::String(k))) => (a, k),
             (None, None) => {
@@ -161,23 +176,33 @@ impl DocContext<'_> {
                 return None;
             }
             (a, k) => {
-                if !matches!(a, Some(Value::String(_))) {
-                    self.error(
-                        "apiVersion",
-                        "apiVersion must be set to a string such as networking.istio.io/v1",
-                    );
+                let known = match &k {
+                    Some(Value::String(k)) => kinds().iter().find(|info| info.kind == k),
+                    _ => None,
+                };
+                let example = match known {
+                    Some(info) => format!("{} uses {}", info.kind, info.preferred_api_version()),
+                    None => "such as networking.istio.io/v1".to_string(),
+                };
+                match a {
+                    Some(Value::String(_)) => {}
+                    None => self.error("apiVersion", format!("is required ({example})")),
+                    Some(_) => self.error("apiVersion", format!("must be a string ({example})")),
                 }
-                if !matches!(k, Some(Value::String(_))) {
-                    self.error("kind", "kind must be set to a string such as WorkloadEntry");
+                match k {
+                    Some(Value::String(_)) => {}
+                    None => self.error("kind", "is required (such as WorkloadEntry)"),
+                    Some(_) => self.error("kind", "must be a string such as WorkloadEntry"),
                 }
                 return None;
             }
         };
         let info = self.find_info(&api_version, &kind)?;
-        let metadata = self.decode_metadata(info, map.remove("metadata"), default_namespace)?;
+        let metadata =
+            self.decode_metadata(info, map.shift_remove("metadata"), default_namespace)?;
         self.object = match metadata.namespace() {
-            Some(ns) => format!("{kind} {ns}/{}", metadata.name()),
-            None => format!("{kind} {}", metadata.name()),
+            Some(ns) if info.namespaced => format!("{kind} {ns}/{}", metadata.name()),
+            _ => format!("{kind} {}", metadata.name()),
         };
         if !self.problems.is_empty() {
             // Metadata problems were reported before the object had a name.
@@ -194,8 +219,8 @@ impl DocContext<'_> {
                 body
             }
             Err(e) => {
-                let message = with_hint(&e.message);
-                self.error(&e.path, message);
+                let (path, message) = explain(e.path, &e.message);
+                self.error(&path, message);
                 return None;
             }
         };
@@ -254,7 +279,9 @@ impl DocContext<'_> {
                 let path = Path::root("metadata");
                 let sub = registry::render_path(e.path());
                 let path = if sub.is_empty() { path } else { path.f(&sub) };
-                self.error(path.as_str(), with_hint(&e.into_inner().to_string()));
+                let (path, message) =
+                    explain(path.as_str().to_string(), &e.into_inner().to_string());
+                self.error(&path, message);
                 return None;
             }
         };
@@ -281,7 +308,7 @@ impl DocContext<'_> {
         let mut checker = Checker::default();
         let meta = Path::root("metadata");
         match metadata.name.as_deref() {
-            None | Some("") => checker.error(&meta.f("name"), "metadata.name is required"),
+            None | Some("") => checker.error(&meta.f("name"), "is required"),
             Some(name) if matches!(info.kind, "Namespace" | "Service") => {
                 checker.dns1123_label(&meta.f("name"), name)
             }
@@ -301,6 +328,64 @@ impl DocContext<'_> {
         }
         Some(metadata)
     }
+}
+
+/// Turns a serde error at `path` into the path and message a user should see:
+/// a missing field is reported at its own path, type names are said in YAML's
+/// words rather than Rust's, and near misses get a hint.
+fn explain(path: String, message: &str) -> (String, String) {
+    if let Some(field) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.strip_suffix('`'))
+    {
+        return (
+            Path::root(&path).f(field).as_str().to_string(),
+            "is required".into(),
+        );
+    }
+    let wrong_type = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "));
+    if let Some((got, expected)) = wrong_type.and_then(|rest| rest.rsplit_once(", expected ")) {
+        return (path, plain_type_error(got, expected));
+    }
+    (path, with_hint(message))
+}
+
+/// `expected an integer, got string "8080" (remove the quotes)` for serde's
+/// `invalid type: string "8080", expected u32`.
+fn plain_type_error(got: &str, expected: &str) -> String {
+    let numeric = matches!(
+        expected,
+        "u8" | "u16" | "u32" | "u64" | "i8" | "i16" | "i32" | "i64" | "f32" | "f64"
+    );
+    let expected = match expected {
+        "u8" | "u16" | "u32" | "u64" => "a non-negative integer",
+        "i8" | "i16" | "i32" | "i64" => "an integer",
+        "f32" | "f64" => "a number",
+        "a sequence" => "a list",
+        "a map" => "a mapping",
+        e if e.starts_with("struct ") => "a mapping",
+        e => e,
+    };
+    let quoted = got
+        .strip_prefix("string ")
+        .and_then(|s| serde_json::from_str::<String>(s).ok());
+    let empty = matches!(got, "null" | "unit value");
+    let hint = match &quoted {
+        Some(text) if numeric && text.trim().parse::<f64>().is_ok() => " (remove the quotes)",
+        _ if empty && matches!(expected, "a mapping" | "a list") => {
+            " (is what belongs to it indented below it?)"
+        }
+        _ => "",
+    };
+    let got = match got {
+        "null" | "unit value" => "an empty value".to_string(),
+        "sequence" => "a list".to_string(),
+        "map" => "a mapping".to_string(),
+        g => g.replace('`', ""),
+    };
+    format!("expected {expected}, got {got}{hint}")
 }
 
 /// Adds a "did you mean" hint to serde's unknown-field and unknown-variant errors,
@@ -330,6 +415,44 @@ fn with_hint(message: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn type_errors_in_yaml_words() {
+        assert_eq!(
+            explain(
+                "spec.ports.http".into(),
+                "invalid type: string \"8080\", expected u32"
+            ),
+            (
+                "spec.ports.http".into(),
+                "expected a non-negative integer, got string \"8080\" (remove the quotes)".into()
+            )
+        );
+        assert_eq!(
+            explain(
+                "spec".into(),
+                "invalid type: unit value, expected struct WorkloadEntrySpec"
+            )
+            .1,
+            "expected a mapping, got an empty value (is what belongs to it indented below it?)"
+        );
+        assert_eq!(
+            explain(
+                "spec.hosts".into(),
+                "invalid type: string \"a\", expected a sequence"
+            )
+            .1,
+            "expected a list, got string \"a\""
+        );
+        assert_eq!(
+            explain("spec".into(), "missing field `hosts`"),
+            ("spec.hosts".into(), "is required".into())
+        );
+        assert_eq!(
+            explain(String::new(), "missing field `spec`"),
+            ("spec".into(), "is required".into())
+        );
+    }
 
     #[test]
     fn hints_for_near_misses() {

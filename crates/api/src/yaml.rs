@@ -290,16 +290,42 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, SyntaxError> {
         root: None,
     };
     for event in Parser::new_from_str(text) {
-        let (event, span) = event.map_err(|e| SyntaxError {
-            pos: Pos {
+        let (event, span) = event.map_err(|e| {
+            let pos = Pos {
                 line: e.marker().line(),
                 column: e.marker().col() + 1,
-            },
-            message: e.info().to_string(),
+            };
+            explain(text, pos, e.info().to_string())
         })?;
-        builder.on_event(event, span)?;
+        builder
+            .on_event(event, span)
+            .map_err(|e| explain(text, e.pos, e.message))?;
     }
     Ok(builder.docs)
+}
+
+/// Makes a syntax error point where the user must look: at the tab itself
+/// (the parser points past it), and says so when the line is an unrendered template.
+fn explain(text: &str, mut pos: Pos, mut message: String) -> SyntaxError {
+    let line = text
+        .lines()
+        .nth(pos.line.saturating_sub(1))
+        .unwrap_or_default();
+    if message.contains("tabs")
+        && let Some(tab) = line.chars().position(|c| c == '\t')
+        && tab < pos.column
+    {
+        pos.column = tab + 1;
+    }
+    if message.contains("did not find expected key") {
+        message.push_str(" (is this line indented like the keys above it?)");
+    }
+    if line.contains("{{") {
+        message.push_str(
+            " (this looks like an unrendered template: render it first, e.g. with helm template)",
+        );
+    }
+    SyntaxError { pos, message }
 }
 
 #[cfg(test)]
@@ -343,6 +369,13 @@ mod tests {
         assert!(err.message.contains("duplicate key"), "{err}");
         let err = parse_documents("a:\n  b: 1\n c: 2\n").unwrap_err();
         assert_eq!(err.pos.line, 3, "{err}");
+    }
+
+    #[test]
+    fn tab_errors_point_at_the_tab() {
+        let err = parse_documents("a:\n  b: 1\nc:\n\td: 2\n").unwrap_err();
+        assert_eq!(err.pos, Pos { line: 4, column: 1 }, "{err}");
+        assert!(err.message.contains("tabs"), "{err}");
     }
 
     #[test]

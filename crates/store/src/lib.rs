@@ -1,1 +1,608 @@
+//! The config store: every object vmesh serves, versioned, in an embedded redb
+//! database, with an ordered stream of changes.
+//!
+//! The store owns persistence, resource versions, namespaces' existence and
+//! the change history watches replay from. It does not decode or validate
+//! objects (the `api` crate does) and knows nothing about HTTP.
+//!
+//! Every change gets the next revision of one global counter, like etcd: an
+//! object's `resourceVersion` is the revision that last wrote it, and a watch
+//! from revision N sees every later change exactly once, in order.
 
+#![forbid(unsafe_code)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+
+use parking_lot::Mutex;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use tokio::sync::broadcast;
+use vmesh_api::{Object, ObjectKey};
+
+const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const REVISION: &str = "revision";
+/// Changes kept in memory for watches that resume from a resource version.
+const HISTORY: usize = 16_384;
+/// Namespaces that always exist: `default` and the mesh root namespace.
+pub const BUILTIN_NAMESPACES: &[&str] = &["default", "istio-system"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{} {:?} not found", .0.plural, .0.name)]
+    NotFound(ObjectKey),
+    #[error("{} {:?} already exists", .0.plural, .0.name)]
+    AlreadyExists(ObjectKey),
+    #[error("the object has been modified: {} {:?} is at resourceVersion {actual}, not {expected}", key.plural, key.name)]
+    Conflict {
+        key: ObjectKey,
+        expected: String,
+        actual: u64,
+    },
+    #[error("namespace {0:?} not found (create it first: vmesh create namespace {0})")]
+    NamespaceNotFound(String),
+    #[error("namespace {0:?} cannot be deleted")]
+    ProtectedNamespace(String),
+    #[error("object has no registered kind: {0}")]
+    UnknownKind(String),
+    #[error("resourceVersion {0} is too old to watch from; list again")]
+    Gone(u64),
+    #[error("invalid resourceVersion {0:?}")]
+    BadResourceVersion(String),
+    #[error("store: {0}")]
+    Backend(String),
+}
+
+macro_rules! backend_errors {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self {
+                StoreError::Backend(e.to_string())
+            }
+        }
+    )*};
+}
+backend_errors!(
+    redb::DatabaseError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::StorageError,
+    redb::CommitError,
+    serde_json::Error
+);
+
+/// What happened to an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+/// One change, as watches deliver it.
+#[derive(Debug, Clone)]
+pub struct WatchEvent {
+    pub event_type: EventType,
+    pub object: Object,
+    pub revision: u64,
+    key: ObjectKey,
+}
+
+/// One write in a batch.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Create; fails if the object exists.
+    Create(Object),
+    /// Replace an existing object; fails on a resourceVersion mismatch when the
+    /// object carries one.
+    Update(Object),
+    /// Create or update, as `vmesh apply` does; unchanged content writes nothing.
+    Apply(Object),
+    /// Delete; `expected` resourceVersion guards against deleting a newer object.
+    Delete {
+        key: ObjectKey,
+        expected: Option<String>,
+    },
+}
+
+/// What a write did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Created(Object),
+    Configured(Object),
+    Unchanged(Object),
+    Deleted(Object),
+}
+
+impl Outcome {
+    pub fn object(&self) -> &Object {
+        match self {
+            Outcome::Created(o)
+            | Outcome::Configured(o)
+            | Outcome::Unchanged(o)
+            | Outcome::Deleted(o) => o,
+        }
+    }
+
+    /// kubectl's word for it.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Outcome::Created(_) => "created",
+            Outcome::Configured(_) => "configured",
+            Outcome::Unchanged(_) => "unchanged",
+            Outcome::Deleted(_) => "deleted",
+        }
+    }
+}
+
+/// A batch failed at one op; nothing in the batch was written.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
+pub struct BatchError {
+    pub index: usize,
+    pub error: StoreError,
+}
+
+/// Which objects a list or watch covers.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// `group/plural` (`core/services`).
+    pub collection: String,
+    /// `None` for every namespace.
+    pub namespace: Option<String>,
+}
+
+impl Selection {
+    fn matches(&self, key: &ObjectKey) -> bool {
+        key.collection_prefix() == self.collection
+            && self
+                .namespace
+                .as_ref()
+                .is_none_or(|ns| ns == &key.namespace)
+    }
+
+    fn prefix(&self) -> String {
+        match &self.namespace {
+            Some(ns) => format!("{}/{ns}/", self.collection),
+            None => format!("{}/", self.collection),
+        }
+    }
+}
+
+struct State {
+    revision: u64,
+    /// Recent events, oldest first, for watches resuming from a revision.
+    history: VecDeque<WatchEvent>,
+    /// The revision before the oldest event still in `history`.
+    history_floor: u64,
+}
+
+/// The store. Cheap to share behind an `Arc`.
+pub struct Store {
+    db: Database,
+    state: Mutex<State>,
+    events: broadcast::Sender<WatchEvent>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("revision", &self.state.lock().revision)
+            .finish()
+    }
+}
+
+/// A watch: the events already due, then the live stream.
+pub struct Watch {
+    pub initial: Vec<WatchEvent>,
+    pub selection: Selection,
+    pub receiver: broadcast::Receiver<WatchEvent>,
+}
+
+impl Watch {
+    /// The next live event for this watch's selection. `Err(Gone)` if the
+    /// watcher fell too far behind and must list again.
+    pub async fn next(&mut self) -> Result<Option<WatchEvent>, StoreError> {
+        loop {
+            match self.receiver.recv().await {
+                Ok(event) if self.selection.matches(&event.key) => return Ok(Some(event)),
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Closed) => return Ok(None),
+                Err(broadcast::error::RecvError::Lagged(_)) => return Err(StoreError::Gone(0)),
+            }
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn key_of(object: &Object) -> Result<ObjectKey, StoreError> {
+    object
+        .key()
+        .ok_or_else(|| StoreError::UnknownKind(format!("{} {}", object.api_version, object.kind)))
+}
+
+fn namespace_key(name: &str) -> String {
+    ObjectKey {
+        group: String::new(),
+        plural: "namespaces".into(),
+        namespace: String::new(),
+        name: name.into(),
+    }
+    .storage_key()
+}
+
+fn parse_rv(rv: &str) -> Result<u64, StoreError> {
+    rv.parse()
+        .map_err(|_| StoreError::BadResourceVersion(rv.to_string()))
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`, creating the built-in namespaces.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", dir.display())))?;
+        let db = Database::create(dir.join("store.redb"))?;
+        let txn = db.begin_write()?;
+        let revision = {
+            txn.open_table(OBJECTS)?;
+            let meta = txn.open_table(META)?;
+            meta.get(REVISION)?.map(|v| v.value()).unwrap_or(0)
+        };
+        txn.commit()?;
+        let (events, _) = broadcast::channel(HISTORY);
+        let store = Store {
+            db,
+            state: Mutex::new(State {
+                revision,
+                history: VecDeque::new(),
+                history_floor: revision,
+            }),
+            events,
+        };
+        let builtins = BUILTIN_NAMESPACES.iter().map(|ns| {
+            Op::Apply(Object {
+                api_version: "v1".into(),
+                kind: "Namespace".into(),
+                metadata: vmesh_api::ObjectMeta {
+                    name: Some(ns.to_string()),
+                    ..Default::default()
+                },
+                body: Default::default(),
+            })
+        });
+        let existing = store.list(&Selection {
+            collection: "core/namespaces".into(),
+            namespace: None,
+        })?;
+        let missing: Vec<Op> = builtins
+            .filter(|op| match op {
+                Op::Apply(o) => !existing
+                    .0
+                    .iter()
+                    .any(|e| e.metadata.name == o.metadata.name),
+                _ => false,
+            })
+            .collect();
+        if !missing.is_empty() {
+            store.commit(missing).map_err(|e| e.error)?;
+        }
+        Ok(store)
+    }
+
+    /// The current revision.
+    pub fn revision(&self) -> u64 {
+        self.state.lock().revision
+    }
+
+    pub fn get(&self, key: &ObjectKey) -> Result<Option<Object>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OBJECTS)?;
+        match table.get(key.storage_key().as_str())? {
+            Some(bytes) => Ok(Some(serde_json::from_slice(bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Objects in a selection, sorted by namespace and name, with the revision they were read at.
+    pub fn list(&self, selection: &Selection) -> Result<(Vec<Object>, u64), StoreError> {
+        let revision = self.revision();
+        Ok((self.read_selection(selection)?, revision))
+    }
+
+    fn read_selection(&self, selection: &Selection) -> Result<Vec<Object>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OBJECTS)?;
+        let prefix = selection.prefix();
+        let mut objects = Vec::new();
+        for entry in table.range(prefix.as_str()..)? {
+            let (key, value) = entry?;
+            if !key.value().starts_with(&prefix) {
+                break;
+            }
+            objects.push(serde_json::from_slice(value.value())?);
+        }
+        Ok(objects)
+    }
+
+    /// Applies a batch of writes atomically: all of them, or none and the error
+    /// of the first that failed.
+    pub fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, BatchError> {
+        let mut state = self.state.lock();
+        let fail = |index| move |error: StoreError| BatchError { index, error };
+        let txn = self.db.begin_write().map_err(|e| fail(0)(e.into()))?;
+        let mut revision = state.revision;
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; ops.len()];
+        let mut events = Vec::new();
+        // Namespaces are written first, so a batch may create a namespace and
+        // objects in it in any order.
+        let mut ordered: Vec<(usize, Op)> = ops.into_iter().enumerate().collect();
+        ordered.sort_by_key(|(_, op)| !creates_namespace(op));
+        for (index, op) in ordered {
+            let outcome = write_one(&txn, op, &mut revision, &mut events).map_err(fail(index))?;
+            outcomes[index] = Some(outcome);
+        }
+        let persisted = (|| -> Result<(), StoreError> {
+            txn.open_table(META)?.insert(REVISION, revision)?;
+            txn.commit()?;
+            Ok(())
+        })();
+        persisted.map_err(fail(0))?;
+        state.revision = revision;
+        for event in events {
+            if state.history.len() == HISTORY
+                && let Some(dropped) = state.history.pop_front()
+            {
+                state.history_floor = dropped.revision;
+            }
+            state.history.push_back(event.clone());
+            // No receivers is fine: nobody is watching.
+            let _ = self.events.send(event);
+        }
+        Ok(outcomes.into_iter().flatten().collect())
+    }
+
+    /// Starts a watch. From `None`: every current object as `ADDED`, then changes.
+    /// From a revision: every change after it, then live changes.
+    pub fn watch(&self, selection: Selection, from: Option<&str>) -> Result<Watch, StoreError> {
+        let state = self.state.lock();
+        let receiver = self.events.subscribe();
+        let initial = match from.filter(|rv| !rv.is_empty() && *rv != "0") {
+            None => {
+                let revision = state.revision;
+                self.read_selection(&selection)?
+                    .into_iter()
+                    .map(|object| {
+                        Ok(WatchEvent {
+                            event_type: EventType::Added,
+                            key: key_of(&object)?,
+                            object,
+                            revision,
+                        })
+                    })
+                    .collect::<Result<_, StoreError>>()?
+            }
+            Some(rv) => {
+                let from = parse_rv(rv)?;
+                if from < state.history_floor {
+                    return Err(StoreError::Gone(from));
+                }
+                state
+                    .history
+                    .iter()
+                    .filter(|e| e.revision > from && selection.matches(&e.key))
+                    .cloned()
+                    .collect()
+            }
+        };
+        drop(state);
+        Ok(Watch {
+            initial,
+            selection,
+            receiver,
+        })
+    }
+}
+
+fn creates_namespace(op: &Op) -> bool {
+    match op {
+        Op::Create(o) | Op::Update(o) | Op::Apply(o) => {
+            o.kind == "Namespace" && o.api_version == "v1"
+        }
+        Op::Delete { .. } => false,
+    }
+}
+
+fn read(txn: &WriteTransaction, key: &str) -> Result<Option<Object>, StoreError> {
+    let table = txn.open_table(OBJECTS)?;
+    let value = table.get(key)?;
+    Ok(match value {
+        Some(bytes) => Some(serde_json::from_slice(bytes.value())?),
+        None => None,
+    })
+}
+
+fn write(txn: &WriteTransaction, key: &str, object: &Object) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(object)?;
+    txn.open_table(OBJECTS)?.insert(key, bytes.as_slice())?;
+    Ok(())
+}
+
+fn remove(
+    txn: &WriteTransaction,
+    key: &ObjectKey,
+    revision: &mut u64,
+    events: &mut Vec<WatchEvent>,
+) -> Result<Object, StoreError> {
+    let storage_key = key.storage_key();
+    let mut object = read(txn, &storage_key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+    txn.open_table(OBJECTS)?.remove(storage_key.as_str())?;
+    *revision += 1;
+    object.metadata.resource_version = Some(revision.to_string());
+    events.push(WatchEvent {
+        event_type: EventType::Deleted,
+        object: object.clone(),
+        revision: *revision,
+        key: key.clone(),
+    });
+    Ok(object)
+}
+
+fn write_one(
+    txn: &WriteTransaction,
+    op: Op,
+    revision: &mut u64,
+    events: &mut Vec<WatchEvent>,
+) -> Result<Outcome, StoreError> {
+    let (mut object, mode) = match op {
+        Op::Delete { key, expected } => {
+            if key.group.is_empty()
+                && key.plural == "namespaces"
+                && BUILTIN_NAMESPACES.contains(&key.name.as_str())
+            {
+                return Err(StoreError::ProtectedNamespace(key.name));
+            }
+            if let Some(expected) = expected {
+                let current = read(txn, &key.storage_key())?
+                    .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+                let actual = current
+                    .metadata
+                    .resource_version
+                    .as_deref()
+                    .map(parse_rv)
+                    .transpose()?
+                    .unwrap_or(0);
+                if parse_rv(&expected)? != actual {
+                    return Err(StoreError::Conflict {
+                        key,
+                        expected,
+                        actual,
+                    });
+                }
+            }
+            let deleted = remove(txn, &key, revision, events)?;
+            if key.group.is_empty() && key.plural == "namespaces" {
+                delete_namespace_contents(txn, &key.name, revision, events)?;
+            }
+            return Ok(Outcome::Deleted(deleted));
+        }
+        Op::Create(o) => (o, Mode::Create),
+        Op::Update(o) => (o, Mode::Update),
+        Op::Apply(o) => (o, Mode::Apply),
+    };
+    let key = key_of(&object)?;
+    if !key.namespace.is_empty() && read(txn, &namespace_key(&key.namespace))?.is_none() {
+        return Err(StoreError::NamespaceNotFound(key.namespace));
+    }
+    let storage_key = key.storage_key();
+    let existing = read(txn, &storage_key)?;
+    let expected = object.metadata.resource_version.take();
+    // Status belongs to the server: a write of the object never changes it.
+    object.body.remove("status");
+    let outcome = match existing {
+        None if mode == Mode::Update => return Err(StoreError::NotFound(key)),
+        Some(_) if mode == Mode::Create => return Err(StoreError::AlreadyExists(key)),
+        None => {
+            *revision += 1;
+            let meta = &mut object.metadata;
+            meta.uid = Some(uuid::Uuid::new_v4().to_string());
+            meta.creation_timestamp = Some(now_rfc3339());
+            meta.generation = Some(1);
+            meta.resource_version = Some(revision.to_string());
+            write(txn, &storage_key, &object)?;
+            events.push(WatchEvent {
+                event_type: EventType::Added,
+                object: object.clone(),
+                revision: *revision,
+                key,
+            });
+            Outcome::Created(object)
+        }
+        Some(current) => {
+            let actual = current
+                .metadata
+                .resource_version
+                .as_deref()
+                .map(parse_rv)
+                .transpose()?
+                .unwrap_or(0);
+            if let Some(expected) = expected
+                && parse_rv(&expected)? != actual
+            {
+                return Err(StoreError::Conflict {
+                    key,
+                    expected,
+                    actual,
+                });
+            }
+            if let Some(status) = current.body.get("status") {
+                object.body.insert("status".into(), status.clone());
+            }
+            if object.same_content(&current) {
+                return Ok(Outcome::Unchanged(current));
+            }
+            *revision += 1;
+            let spec_changed = {
+                let strip = |o: &Object| {
+                    let mut b = o.body.clone();
+                    b.remove("status");
+                    b
+                };
+                strip(&object) != strip(&current)
+            };
+            let meta = &mut object.metadata;
+            meta.uid = current.metadata.uid.clone();
+            meta.creation_timestamp = current.metadata.creation_timestamp.clone();
+            meta.generation =
+                Some(current.metadata.generation.unwrap_or(1) + i64::from(spec_changed));
+            meta.resource_version = Some(revision.to_string());
+            write(txn, &storage_key, &object)?;
+            events.push(WatchEvent {
+                event_type: EventType::Modified,
+                object: object.clone(),
+                revision: *revision,
+                key,
+            });
+            Outcome::Configured(object)
+        }
+    };
+    Ok(outcome)
+}
+
+#[derive(PartialEq)]
+enum Mode {
+    Create,
+    Update,
+    Apply,
+}
+
+/// Deleting a namespace deletes everything in it, as Kubernetes does.
+fn delete_namespace_contents(
+    txn: &WriteTransaction,
+    namespace: &str,
+    revision: &mut u64,
+    events: &mut Vec<WatchEvent>,
+) -> Result<(), StoreError> {
+    let mut doomed: BTreeMap<String, ObjectKey> = BTreeMap::new();
+    {
+        let table = txn.open_table(OBJECTS)?;
+        for entry in table.iter()? {
+            let (_, value) = entry?;
+            let object: Object = serde_json::from_slice(value.value())?;
+            let key = key_of(&object)?;
+            if key.namespace == namespace {
+                doomed.insert(key.storage_key(), key);
+            }
+        }
+    }
+    for key in doomed.values() {
+        remove(txn, key, revision, events)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

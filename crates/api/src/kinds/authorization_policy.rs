@@ -198,13 +198,18 @@ impl SpecValidate for AuthorizationPolicySpec {
                 for (field, values) in [("methods", &op.methods), ("notMethods", &op.not_methods)] {
                     for (k, m) in values.iter().flatten().enumerate() {
                         if !METHODS.contains(&m.as_str()) && m != "*" {
-                            c.error(
-                                &op_path.f(field).i(k),
+                            let upper = m.to_ascii_uppercase();
+                            let message = if METHODS.contains(&upper.as_str()) {
+                                format!(
+                                    "unknown HTTP method {m:?}: methods are upper case ({upper:?})"
+                                )
+                            } else {
                                 format!(
                                     "unknown HTTP method {m:?}; expected one of {}",
                                     METHODS.join(", ")
-                                ),
-                            );
+                                )
+                            };
+                            c.error(&op_path.f(field).i(k), message);
                         }
                     }
                 }

@@ -60,7 +60,7 @@ impl Duration {
                 "us" | "µs" => 1e-6,
                 "ns" => 1e-9,
                 "" => return bad("missing unit"),
-                _ => return bad("unknown unit"),
+                unit => return bad(&format!("unknown unit {unit:?}")),
             };
             rest = &rest[unit_len..];
             total += number * seconds;
@@ -195,13 +195,20 @@ impl LabelsSelector {
 }
 
 /// Selector labels follow label syntax, and Istio forbids wildcards in them.
+/// A label with a wildcard gets that one error rather than a syntax error too.
 pub fn check_selector_labels(c: &mut Checker, path: &Path, labels: &BTreeMap<String, String>) {
-    c.labels(path, labels);
+    let mut plain = BTreeMap::new();
     for (key, value) in labels {
-        if key.is_empty() || value.contains('*') {
-            c.error(&path.f(key), "wildcards are not allowed in label selectors");
+        if key.contains('*') || value.contains('*') {
+            c.error(
+                &path.f(key),
+                "wildcards are not allowed in label selectors: they match exact values",
+            );
+        } else {
+            plain.insert(key.clone(), value.clone());
         }
     }
+    c.labels(path, &plain);
 }
 
 /// A reference to a policy target (`targetRef`), Gateway API style.

@@ -272,6 +272,7 @@ impl TrafficPolicy {
             .collect();
         c.unique_names(
             &path.f("portLevelSettings"),
+            "port.number",
             "port",
             numbers.iter().map(|(i, n)| (*i, n.as_str())),
         );
@@ -481,10 +482,12 @@ impl ClientTlsSettings {
                     );
                 }
             }
-            ClientTlsMode::IstioMutual | ClientTlsMode::Disable => {
-                if has_files || self.ca_certificates.is_some() || self.credential_name.is_some() {
-                    c.error(path, "certificates cannot be set with mode ISTIO_MUTUAL or DISABLE: the mesh supplies them");
-                }
+            ClientTlsMode::IstioMutual | ClientTlsMode::Disable
+                if has_files
+                    || self.ca_certificates.is_some()
+                    || self.credential_name.is_some() =>
+            {
+                c.error(path, "certificates cannot be set with mode ISTIO_MUTUAL or DISABLE: the mesh supplies them");
             }
             _ => {}
         }
@@ -518,6 +521,7 @@ impl SpecValidate for DestinationRuleSpec {
         }
         c.unique_names(
             &path.f("subsets"),
+            "name",
             "subset name",
             subsets
                 .iter()

@@ -127,7 +127,7 @@ impl SpecValidate for GatewaySpec {
             .enumerate()
             .filter_map(|(i, s)| Some((i, s.name.as_deref()?)))
             .collect();
-        c.unique_names(&path.f("servers"), "server name", names);
+        c.unique_names(&path.f("servers"), "name", "server name", names);
         if let Some(selector) = &self.selector {
             check_selector_labels(c, &path.f("selector"), selector);
         }

@@ -106,6 +106,7 @@ impl Validate for Service {
         }
         c.unique_names(
             &spec.f("ports"),
+            "name",
             "port name",
             ports
                 .iter()

@@ -84,6 +84,7 @@ impl SpecValidate for ServiceEntrySpec {
         }
         c.unique_names(
             &path.f("ports"),
+            "name",
             "port name",
             ports.iter().enumerate().map(|(i, p)| (i, p.name.as_str())),
         );
@@ -94,6 +95,7 @@ impl SpecValidate for ServiceEntrySpec {
             .collect();
         c.unique_names(
             &path.f("ports"),
+            "number",
             "port number",
             numbers.iter().map(|(i, n)| (*i, n.as_str())),
         );

@@ -398,9 +398,12 @@ impl HttpRoute {
             for condition in retries.retry_on.iter().flat_map(|r| r.split(',')) {
                 let condition = condition.trim();
                 if !RETRY_ON.contains(&condition) && condition.parse::<u16>().is_err() {
+                    let hint = crate::registry::closest(RETRY_ON.iter().copied(), condition)
+                        .map(|near| format!(" (did you mean {near:?}?)"))
+                        .unwrap_or_default();
                     c.error(
                         &p.f("retryOn"),
-                        format!("unknown retry condition {condition:?}"),
+                        format!("unknown retry condition {condition:?}{hint}"),
                     );
                 }
             }
@@ -545,6 +548,7 @@ impl SpecValidate for VirtualServiceSpec {
         }
         c.unique_names(
             &path.f("http"),
+            "name",
             "route name",
             http.iter()
                 .enumerate()

@@ -27,17 +27,16 @@ impl WorkloadEntrySpec {
     /// Checks an entry; `needs_address` is false inside a WorkloadGroup template
     /// and for ServiceEntry endpoints on networks reached through a gateway.
     pub fn check(&self, c: &mut Checker, path: &Path, needs_address: bool) {
+        let has_ports = self.ports.as_ref().is_some_and(|p| !p.is_empty());
         match self.address.as_deref() {
-            Some(address) if address.starts_with("unix://") => {
-                if self.ports.as_ref().is_some_and(|p| !p.is_empty()) {
-                    c.error(&path.f("ports"), "a unix:// address cannot have ports");
-                }
+            Some(address) if address.starts_with("unix://") && has_ports => {
+                c.error(&path.f("ports"), "a unix:// address cannot have ports");
             }
-            Some(address) => {
-                if address.parse::<std::net::IpAddr>().is_err() {
-                    c.hostname(&path.f("address"), address);
-                }
+            Some(address) if address.starts_with("unix://") => {}
+            Some(address) if address.parse::<std::net::IpAddr>().is_err() => {
+                c.hostname(&path.f("address"), address);
             }
+            Some(_) => {}
             None if needs_address && self.network.is_none() => c.error(
                 &path.f("address"),
                 "address is required unless network is set",

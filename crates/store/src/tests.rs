@@ -1,0 +1,240 @@
+use serde_json::json;
+use vmesh_api::decode_manifests;
+
+use super::*;
+
+fn objects(yaml: &str) -> Vec<Object> {
+    let decoded = decode_manifests("test.yaml", yaml);
+    assert!(!decoded.has_errors(), "{:?}", decoded.problems);
+    decoded.objects.into_iter().map(|l| l.object).collect()
+}
+
+fn entry(name: &str, ns: &str, address: &str) -> Object {
+    objects(&format!(
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{address: {address}}}\n"
+    ))
+    .remove(0)
+}
+
+fn entries_in(ns: Option<&str>) -> Selection {
+    Selection {
+        collection: "networking.istio.io/workloadentries".into(),
+        namespace: ns.map(str::to_string),
+    }
+}
+
+#[test]
+fn writes_get_versions_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let out = store
+        .commit(vec![Op::Create(entry("vm1", "default", "10.0.0.1"))])
+        .unwrap();
+    let created = out[0].object().clone();
+    assert_eq!(out[0].verb(), "created");
+    let rv = created.metadata.resource_version.clone().unwrap();
+    assert_eq!(rv, store.revision().to_string());
+    assert!(created.metadata.uid.is_some() && created.metadata.creation_timestamp.is_some());
+
+    let again = store
+        .commit(vec![Op::Apply(entry("vm1", "default", "10.0.0.1"))])
+        .unwrap();
+    assert_eq!(again[0].verb(), "unchanged");
+    let changed = store
+        .commit(vec![Op::Apply(entry("vm1", "default", "10.0.0.2"))])
+        .unwrap();
+    assert_eq!(changed[0].verb(), "configured");
+    assert_eq!(changed[0].object().metadata.generation, Some(2));
+    assert_eq!(changed[0].object().metadata.uid, created.metadata.uid);
+    drop(store);
+
+    let store = Store::open(dir.path()).unwrap();
+    let (list, _) = store.list(&entries_in(None)).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].body["spec"]["address"], "10.0.0.2");
+    let next = store
+        .commit(vec![Op::Create(entry("vm2", "default", "10.0.0.3"))])
+        .unwrap();
+    let rv2: u64 = next[0]
+        .object()
+        .metadata
+        .resource_version
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        rv2 > rv.parse::<u64>().unwrap() + 1,
+        "revisions keep growing across restarts"
+    );
+}
+
+#[test]
+fn stale_resource_version_conflicts_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let created = store
+        .commit(vec![Op::Create(entry("vm1", "default", "10.0.0.1"))])
+        .unwrap();
+    let rv = created[0].object().metadata.resource_version.clone();
+
+    let mut first = entry("vm1", "default", "10.0.0.2");
+    first.metadata.resource_version = rv.clone();
+    let mut second = entry("vm1", "default", "10.0.0.3");
+    second.metadata.resource_version = rv;
+    store.commit(vec![Op::Update(first)]).unwrap();
+    let err = store.commit(vec![Op::Update(second)]).unwrap_err();
+    assert!(matches!(err.error, StoreError::Conflict { .. }), "{err}");
+    let key = entry("vm1", "default", "x").key().unwrap();
+    assert_eq!(
+        store.get(&key).unwrap().unwrap().body["spec"]["address"],
+        "10.0.0.2"
+    );
+}
+
+#[test]
+fn batches_are_atomic_and_namespaces_come_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let before = store.revision();
+    let err = store
+        .commit(vec![
+            Op::Create(entry("a", "default", "10.0.0.1")),
+            Op::Create(entry("b", "missing", "10.0.0.2")),
+        ])
+        .unwrap_err();
+    assert_eq!(err.index, 1);
+    assert!(matches!(err.error, StoreError::NamespaceNotFound(ref ns) if ns == "missing"));
+    assert_eq!(store.revision(), before);
+    assert!(
+        store.list(&entries_in(None)).unwrap().0.is_empty(),
+        "nothing half-applied"
+    );
+
+    let mut batch: Vec<Op> = vec![Op::Apply(entry("b", "vm-workloads", "10.0.0.2"))];
+    batch.extend(
+        objects("apiVersion: v1\nkind: Namespace\nmetadata: {name: vm-workloads}\n")
+            .into_iter()
+            .map(Op::Apply),
+    );
+    let out = store.commit(batch).unwrap();
+    assert_eq!(
+        out[0].object().kind,
+        "WorkloadEntry",
+        "outcomes keep the caller's order"
+    );
+    assert_eq!(out[1].object().kind, "Namespace");
+}
+
+#[test]
+fn deleting_a_namespace_deletes_its_objects_but_builtins_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let ns = objects("apiVersion: v1\nkind: Namespace\nmetadata: {name: team}\n").remove(0);
+    let ns_key = ns.key().unwrap();
+    store
+        .commit(vec![
+            Op::Create(ns),
+            Op::Create(entry("a", "team", "10.0.0.1")),
+            Op::Create(entry("b", "default", "10.0.0.2")),
+        ])
+        .unwrap();
+    store
+        .commit(vec![Op::Delete {
+            key: ns_key,
+            expected: None,
+        }])
+        .unwrap();
+    let (left, _) = store.list(&entries_in(None)).unwrap();
+    assert_eq!(
+        left.iter().map(|o| o.metadata.name()).collect::<Vec<_>>(),
+        ["b"]
+    );
+    let default = objects("apiVersion: v1\nkind: Namespace\nmetadata: {name: default}\n")
+        .remove(0)
+        .key()
+        .unwrap();
+    let err = store
+        .commit(vec![Op::Delete {
+            key: default,
+            expected: None,
+        }])
+        .unwrap_err();
+    assert!(matches!(err.error, StoreError::ProtectedNamespace(_)));
+}
+
+#[tokio::test]
+async fn watches_see_every_change_in_order_and_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .commit(vec![Op::Create(entry("a", "default", "10.0.0.1"))])
+        .unwrap();
+    let start = store.revision().to_string();
+    let mut watch = store.watch(entries_in(Some("default")), None).unwrap();
+    assert_eq!(watch.initial.len(), 1);
+    assert_eq!(watch.initial[0].event_type, EventType::Added);
+
+    for i in 2..=50 {
+        store
+            .commit(vec![Op::Apply(entry(
+                "a",
+                "default",
+                &format!("10.0.0.{i}"),
+            ))])
+            .unwrap();
+    }
+    let key = entry("a", "default", "x").key().unwrap();
+    store
+        .commit(vec![Op::Delete {
+            key,
+            expected: None,
+        }])
+        .unwrap();
+    let mut last = 0;
+    for i in 2..=50 {
+        let event = watch.next().await.unwrap().unwrap();
+        assert_eq!(event.event_type, EventType::Modified);
+        assert_eq!(
+            event.object.body["spec"]["address"],
+            json!(format!("10.0.0.{i}"))
+        );
+        assert!(event.revision > last);
+        last = event.revision;
+    }
+    assert_eq!(
+        watch.next().await.unwrap().unwrap().event_type,
+        EventType::Deleted
+    );
+
+    let resumed = store.watch(entries_in(None), Some(&start)).unwrap();
+    assert_eq!(
+        resumed.initial.len(),
+        50,
+        "49 modifications and a deletion since {start}"
+    );
+    let elsewhere = store
+        .watch(entries_in(Some("other")), Some(&start))
+        .unwrap();
+    assert!(elsewhere.initial.is_empty());
+}
+
+#[test]
+fn watch_from_before_restart_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .commit(vec![Op::Create(entry("a", "default", "10.0.0.1"))])
+        .unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert!(matches!(
+        store.watch(entries_in(None), Some("1")),
+        Err(StoreError::Gone(1))
+    ));
+    assert!(
+        store
+            .watch(entries_in(None), Some(&store.revision().to_string()))
+            .is_ok()
+    );
+}

@@ -43,8 +43,8 @@ pub fn decode_manifests(file: &str, text: &str) -> Decoded {
     decode_sources([(file, text)], "default")
 }
 
-/// Decodes several sources as one set: objects defined twice across them are
-/// reported. Namespaced objects without a namespace get `default_namespace`.
+/// Decodes several sources as one set: an object defined twice in one source
+/// is an error, across sources a warning (the later wins, as with kubectl). Namespaced objects without a namespace get `default_namespace`.
 pub fn decode_sources<'a>(
     sources: impl IntoIterator<Item = (&'a str, &'a str)>,
     default_namespace: &str,
@@ -59,21 +59,38 @@ pub fn decode_sources<'a>(
         let Some(key) = located.object.key() else {
             return true;
         };
-        if let Some((file, line)) = first_seen.get(&key) {
-            // The whole object is the problem: it is refused, the first definition kept.
-            duplicates.push(Problem {
-                severity: Severity::Error,
-                file: located.file.clone(),
-                line: located.line,
-                column: 1,
-                object: located.object.display_name(),
-                field: String::new(),
-                message: format!("duplicate object: already defined at {file}:{line}"),
-            });
-            false
-        } else {
-            first_seen.insert(key, (located.file.clone(), located.line));
-            true
+        match first_seen.get(&key) {
+            // Twice in one file is a mistake: refused, the first definition kept.
+            Some((file, line)) if *file == located.file => {
+                duplicates.push(Problem {
+                    severity: Severity::Error,
+                    file: located.file.clone(),
+                    line: located.line,
+                    column: 1,
+                    object: located.object.display_name(),
+                    field: String::new(),
+                    message: format!("duplicate object: already defined at {file}:{line}"),
+                });
+                false
+            }
+            // Across files it is how kubectl behaves: the later file wins.
+            Some((file, line)) => {
+                duplicates.push(Problem {
+                    severity: Severity::Warning,
+                    file: located.file.clone(),
+                    line: located.line,
+                    column: 1,
+                    object: located.object.display_name(),
+                    field: String::new(),
+                    message: format!("also defined at {file}:{line}; this later definition wins"),
+                });
+                first_seen.insert(key, (located.file.clone(), located.line));
+                true
+            }
+            None => {
+                first_seen.insert(key, (located.file.clone(), located.line));
+                true
+            }
         }
     });
     decoded.problems.extend(duplicates);

@@ -54,6 +54,25 @@ impl KindInfo {
         self.api_version(self.versions[0])
     }
 
+    /// The REST path of a collection (`name` = None) or an object, in the preferred version.
+    pub fn path(&self, namespace: Option<&str>, name: Option<&str>) -> String {
+        let mut path = if self.group.is_empty() {
+            format!("/api/{}", self.versions[0])
+        } else {
+            format!("/apis/{}/{}", self.group, self.versions[0])
+        };
+        if let Some(ns) = namespace.filter(|_| self.namespaced) {
+            path.push_str(&format!("/namespaces/{ns}"));
+        }
+        path.push('/');
+        path.push_str(self.plural);
+        if let Some(name) = name {
+            path.push('/');
+            path.push_str(name);
+        }
+        path
+    }
+
     /// `workloadentry.networking.istio.io` style name, as kubectl prints it.
     pub fn qualified_name(&self) -> String {
         let singular = self.kind.to_ascii_lowercase();

@@ -1,1 +1,113 @@
+//! The vmesh control plane process: the config API over the store, and the
+//! follower that keeps a directory of manifests applied.
+//!
+//! [`start`] binds everything and returns the bound addresses and a shutdown
+//! handle, so whole-server tests run in-process on port 0. Later parts of the
+//! control plane (registry, xDS, CA) hang off the same [`Running`] server.
 
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config_dir;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use vmesh_store::Store;
+
+/// What `vmesh server` needs to run.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub api_addr: SocketAddr,
+    /// Bearer token every API request must carry. Required off loopback.
+    pub api_token: Option<String>,
+    /// A directory of manifests to keep applied.
+    pub config_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(
+        "the config API on {0} is reachable from other hosts: give it a token with --api-token-file"
+    )]
+    UnauthenticatedRemoteApi(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] vmesh_store::StoreError),
+    #[error("config dir {path}: {message}")]
+    ConfigDir { path: PathBuf, message: String },
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct Running {
+    pub api_addr: SocketAddr,
+    pub store: Arc<Store>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops every task and waits for them.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Waits until the server stops on its own (it does not, short of a crash) or `shutdown` is asked.
+    pub async fn wait(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Opens the store and starts the API (and the config-dir follower when asked).
+pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
+    if !config.api_addr.ip().is_loopback() && config.api_token.is_none() {
+        return Err(ServerError::UnauthenticatedRemoteApi(config.api_addr));
+    }
+    let store = Arc::new(Store::open(&config.data_dir)?);
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let listener = tokio::net::TcpListener::bind(config.api_addr)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: config.api_addr,
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: config.api_addr,
+        source,
+    })?;
+    let router = api::router(store.clone(), config.api_token.clone(), shutdown_rx.clone());
+    let mut rx = shutdown_rx.clone();
+    let mut tasks = vec![tokio::spawn(async move {
+        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!("config API stopped: {e}");
+        }
+    })];
+    if let Some(dir) = config.config_dir.clone() {
+        let follower = config_dir::Follower::new(store.clone(), dir)?;
+        tasks.push(tokio::spawn(follower.run(shutdown_rx.clone())));
+    }
+    tracing::info!(%api_addr, data_dir = %config.data_dir.display(), "config API listening");
+    Ok(Running {
+        api_addr,
+        store,
+        shutdown,
+        tasks,
+    })
+}

@@ -30,12 +30,12 @@ pub const BUILTIN_NAMESPACES: &[&str] = &["default", "istio-system"];
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{} {:?} not found", .0.plural, .0.name)]
-    NotFound(ObjectKey),
+    NotFound(Box<ObjectKey>),
     #[error("{} {:?} already exists", .0.plural, .0.name)]
-    AlreadyExists(ObjectKey),
+    AlreadyExists(Box<ObjectKey>),
     #[error("the object has been modified: {} {:?} is at resourceVersion {actual}, not {expected}", key.plural, key.name)]
     Conflict {
-        key: ObjectKey,
+        key: Box<ObjectKey>,
         expected: String,
         actual: u64,
     },
@@ -438,7 +438,8 @@ fn remove(
     events: &mut Vec<WatchEvent>,
 ) -> Result<Object, StoreError> {
     let storage_key = key.storage_key();
-    let mut object = read(txn, &storage_key)?.ok_or_else(|| StoreError::NotFound(key.clone()))?;
+    let mut object =
+        read(txn, &storage_key)?.ok_or_else(|| StoreError::NotFound(Box::new(key.clone())))?;
     txn.open_table(OBJECTS)?.remove(storage_key.as_str())?;
     *revision += 1;
     object.metadata.resource_version = Some(revision.to_string());
@@ -467,7 +468,7 @@ fn write_one(
             }
             if let Some(expected) = expected {
                 let current = read(txn, &key.storage_key())?
-                    .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+                    .ok_or_else(|| StoreError::NotFound(Box::new(key.clone())))?;
                 let actual = current
                     .metadata
                     .resource_version
@@ -477,7 +478,7 @@ fn write_one(
                     .unwrap_or(0);
                 if parse_rv(&expected)? != actual {
                     return Err(StoreError::Conflict {
-                        key,
+                        key: Box::new(key),
                         expected,
                         actual,
                     });
@@ -503,8 +504,8 @@ fn write_one(
     // Status belongs to the server: a write of the object never changes it.
     object.body.remove("status");
     let outcome = match existing {
-        None if mode == Mode::Update => return Err(StoreError::NotFound(key)),
-        Some(_) if mode == Mode::Create => return Err(StoreError::AlreadyExists(key)),
+        None if mode == Mode::Update => return Err(StoreError::NotFound(Box::new(key))),
+        Some(_) if mode == Mode::Create => return Err(StoreError::AlreadyExists(Box::new(key))),
         None => {
             *revision += 1;
             let meta = &mut object.metadata;
@@ -533,7 +534,7 @@ fn write_one(
                 && parse_rv(&expected)? != actual
             {
                 return Err(StoreError::Conflict {
-                    key,
+                    key: Box::new(key),
                     expected,
                     actual,
                 });

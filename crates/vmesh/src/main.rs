@@ -1,1 +1,162 @@
-fn main() {}
+//! `vmesh`: one binary for the control plane (`vmesh server`) and the CLI that
+//! drives it (`apply`, `get`, `delete`, `validate`, `create namespace`).
+
+#![forbid(unsafe_code)]
+
+mod client;
+mod commands;
+mod demo;
+mod manifests;
+mod output;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "vmesh",
+    version,
+    about = "A service mesh that makes virtual machines first-class members"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the CLI finds the server.
+#[derive(Debug, clap::Args)]
+struct Connection {
+    /// Config API address.
+    #[arg(
+        long,
+        env = "VMESH_SERVER",
+        default_value = "http://127.0.0.1:15080",
+        global = true
+    )]
+    server: String,
+    /// Bearer token for the config API.
+    #[arg(long, env = "VMESH_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane.
+    Server {
+        /// Directory for the embedded store.
+        #[arg(long, default_value = "/var/lib/vmesh")]
+        data_dir: PathBuf,
+        /// Config API address; anything but loopback requires --api-token-file.
+        #[arg(long, default_value = "127.0.0.1:15080")]
+        api_addr: SocketAddr,
+        /// File holding the admin bearer token for the config API.
+        #[arg(long)]
+        api_token_file: Option<PathBuf>,
+        /// Directory of manifests to load and follow.
+        #[arg(long)]
+        config_dir: Option<PathBuf>,
+    },
+    /// Check manifests without a server: exit 0 only when all are valid.
+    Validate {
+        /// Files or directories (`-` for standard input).
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<String>,
+    },
+    /// Create or update objects from manifests, all or nothing.
+    Apply {
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
+        files: Vec<String>,
+        /// Namespace for objects that do not name one.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show objects.
+    Get {
+        /// Kind: name, plural or short name (we, wg, se, dr, vs, pa, ap, …).
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// yaml, json, wide or name.
+        #[arg(short = 'o', long)]
+        output: Option<output::Format>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Delete objects named in manifests, or one by kind and name.
+    Delete {
+        #[arg(short = 'f', long = "filename", num_args = 1.., conflicts_with_all = ["kind", "name"])]
+        files: Vec<String>,
+        #[arg(required_unless_present = "files")]
+        kind: Option<String>,
+        #[arg(required_unless_present = "files")]
+        name: Option<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Run the guide's payment-service example end to end on this machine.
+    Demo {
+        /// Leave it running with instructions to explore.
+        #[arg(long)]
+        keep: bool,
+        /// Remove everything a previous run left behind.
+        #[arg(long, conflicts_with = "keep")]
+        down: bool,
+    },
+    /// Create an object from the command line.
+    Create {
+        #[command(subcommand)]
+        what: CreateCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CreateCommand {
+    /// Create a namespace.
+    Namespace {
+        name: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own report; only problems should interrupt it.
+    let default_level = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VMESH_LOG")
+                .unwrap_or_else(|_| default_level.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

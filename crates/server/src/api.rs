@@ -1,0 +1,521 @@
+//! The Kubernetes-shaped REST API over the store.
+//!
+//! Paths follow Kubernetes: `/api/v1/namespaces/{ns}/services/{name}`,
+//! `/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}`, collections for
+//! list and create, `?watch=true` for a stream of newline-delimited events.
+//! Errors are Kubernetes `Status` objects. Every write is decoded and validated
+//! here: the server never trusts that a client did it. One extension,
+//! `POST /apis/vmesh.io/v1/apply`, applies a list of objects atomically.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
+use axum::http::{Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use vmesh_api::decode::decode_sources;
+use vmesh_api::{KindInfo, Object, ObjectKey, Problem};
+use vmesh_store::{BatchError, Op, Outcome, Selection, Store, StoreError};
+
+#[derive(Clone)]
+struct AppState {
+    store: Arc<Store>,
+    /// Watches end when this turns true, so graceful shutdown can finish.
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The API router; with `token`, every request must carry `Authorization: Bearer <token>`.
+pub fn router(
+    store: Arc<Store>,
+    token: Option<String>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Router {
+    let state = AppState { store, shutdown };
+    Router::new()
+        .route("/apis/vmesh.io/v1/apply", post(apply))
+        .route("/api/{*rest}", any(resource))
+        .route("/apis/{*rest}", any(resource))
+        .route("/healthz", any(|| async { "ok" }))
+        .fallback(|| async {
+            status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "no such path".into(),
+                None,
+            )
+        })
+        .layer(middleware::from_fn_with_state(token, authenticate))
+        .with_state(state)
+}
+
+async fn authenticate(
+    State(token): State<Option<String>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    use subtle::ConstantTimeEq;
+    if let Some(token) = token {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+            return status(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "a valid bearer token is required".into(),
+                None,
+            )
+            .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+/// A request refused with a Kubernetes `Status` body.
+#[derive(Debug)]
+struct ApiError {
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
+    details: Option<Value>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let ApiError {
+            code,
+            reason,
+            message,
+            details,
+        } = self;
+        let mut body = json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code.as_u16(),
+        });
+        if let Some(details) = details {
+            body["details"] = details;
+        }
+        (code, Json(body)).into_response()
+    }
+}
+
+fn status(
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
+    details: Option<Value>,
+) -> ApiError {
+    ApiError {
+        code,
+        reason,
+        message,
+        details,
+    }
+}
+
+fn store_error(error: StoreError) -> ApiError {
+    let message = error.to_string();
+    store_error_with_message(error, message)
+}
+
+fn store_error_with_message(error: StoreError, message: String) -> ApiError {
+    let (code, reason) = match &error {
+        StoreError::NotFound(_) | StoreError::NamespaceNotFound(_) => {
+            (StatusCode::NOT_FOUND, "NotFound")
+        }
+        StoreError::AlreadyExists(_) => (StatusCode::CONFLICT, "AlreadyExists"),
+        StoreError::Conflict { .. } => (StatusCode::CONFLICT, "Conflict"),
+        StoreError::ProtectedNamespace(_) => (StatusCode::FORBIDDEN, "Forbidden"),
+        StoreError::Gone(_) => (StatusCode::GONE, "Expired"),
+        StoreError::BadResourceVersion(_) | StoreError::UnknownKind(_) => {
+            (StatusCode::BAD_REQUEST, "BadRequest")
+        }
+        StoreError::Backend(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
+    };
+    let details = match &error {
+        StoreError::NotFound(k)
+        | StoreError::AlreadyExists(k)
+        | StoreError::Conflict { key: k, .. } => Some(json!({"name": k.name, "kind": k.plural})),
+        _ => None,
+    };
+    status(code, reason, message, details)
+}
+
+fn invalid(problems: &[Problem]) -> ApiError {
+    let errors: Vec<&Problem> = problems.iter().filter(|p| p.is_error()).collect();
+    let message = errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let causes: Vec<Value> = errors
+        .iter()
+        .map(|p| json!({"field": p.field, "message": p.message, "object": p.object, "location": format!("{}:{}:{}", p.file, p.line, p.column)}))
+        .collect();
+    status(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "Invalid",
+        message,
+        Some(json!({"causes": causes})),
+    )
+}
+
+fn bad_request(message: String) -> ApiError {
+    status(StatusCode::BAD_REQUEST, "BadRequest", message, None)
+}
+
+/// What a resource path names.
+struct Target {
+    info: &'static KindInfo,
+    version: String,
+    namespace: Option<String>,
+    name: Option<String>,
+}
+
+impl Target {
+    fn parse(path: &str) -> Result<Target, ApiError> {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let (group, version, rest) = match segments.as_slice() {
+            ["api", version, rest @ ..] => ("", *version, rest),
+            ["apis", group, version, rest @ ..] => (*group, *version, rest),
+            _ => return Err(not_found_path(path)),
+        };
+        let (namespace, plural, name) = match rest {
+            [plural] => (None, *plural, None),
+            [plural, name] => (None, *plural, Some(*name)),
+            ["namespaces", ns, plural] => (Some(*ns), *plural, None),
+            ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
+            _ => return Err(not_found_path(path)),
+        };
+        let info = vmesh_api::kinds()
+            .iter()
+            .copied()
+            .find(|k| k.group == group && k.plural == plural && k.versions.contains(&version))
+            .ok_or_else(|| {
+                status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    format!("the server does not serve {plural} in {group}/{version}"),
+                    None,
+                )
+            })?;
+        if !info.namespaced && namespace.is_some() {
+            return Err(bad_request(format!("{} is cluster-scoped", info.kind)));
+        }
+        if info.namespaced && namespace.is_none() && name.is_some() {
+            return Err(bad_request(format!(
+                "{} is namespaced: use /namespaces/{{ns}}/{plural}/{{name}}",
+                info.kind
+            )));
+        }
+        Ok(Target {
+            info,
+            version: version.to_string(),
+            namespace: namespace.map(str::to_string),
+            name: name.map(str::to_string),
+        })
+    }
+
+    fn key(&self, name: &str) -> ObjectKey {
+        ObjectKey {
+            group: self.info.group.to_string(),
+            plural: self.info.plural.to_string(),
+            namespace: self.namespace.clone().unwrap_or_default(),
+            name: name.to_string(),
+        }
+    }
+
+    fn selection(&self) -> Selection {
+        let key = self.key("");
+        Selection {
+            collection: key.collection_prefix(),
+            namespace: self.namespace.clone(),
+        }
+    }
+
+    /// The object as this path's version presents it.
+    fn present(&self, mut object: Object) -> Object {
+        object.api_version = self.info.api_version(&self.version);
+        object
+    }
+}
+
+fn not_found_path(path: &str) -> ApiError {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("no such path {path}"),
+        None,
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Params {
+    #[serde(default)]
+    watch: Option<String>,
+    resource_version: Option<String>,
+}
+
+async fn resource(
+    State(state): State<AppState>,
+    method: Method,
+    Query(params): Query<Params>,
+    request: Request,
+) -> Result<Response, ApiError> {
+    let path = request.uri().path().to_string();
+    let target = Target::parse(&path)?;
+    let body = axum::body::to_bytes(request.into_body(), 64 << 20)
+        .await
+        .map_err(|e| bad_request(format!("cannot read the request body: {e}")))?;
+    let store = state.store;
+    let shutdown = state.shutdown;
+    let watching = params
+        .watch
+        .as_deref()
+        .is_some_and(|w| w == "true" || w == "1");
+    match (method, target.name.clone()) {
+        (Method::GET, None) if watching => watch(store, target, params.resource_version, shutdown),
+        (Method::GET, None) => list(&store, &target),
+        (Method::GET, Some(name)) => match store.get(&target.key(&name))? {
+            Some(object) => Ok(Json(target.present(object)).into_response()),
+            None => Err(StoreError::NotFound(Box::new(target.key(&name))).into()),
+        },
+        (Method::POST, None) => write(&store, &target, &body, None),
+        (Method::PUT, Some(name)) => write(&store, &target, &body, Some(name)),
+        (Method::DELETE, Some(name)) => {
+            let expected = params.resource_version.filter(|rv| !rv.is_empty());
+            let outcomes = store.commit(vec![Op::Delete {
+                key: target.key(&name),
+                expected,
+            }])?;
+            Ok(Json(target.present(outcomes[0].object().clone())).into_response())
+        }
+        (method, _) => Err(status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            format!("{method} is not allowed on {path}"),
+            None,
+        )),
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> ApiError {
+        store_error(error)
+    }
+}
+
+impl From<BatchError> for ApiError {
+    fn from(error: BatchError) -> ApiError {
+        store_error(error.error)
+    }
+}
+
+fn list(store: &Store, target: &Target) -> Result<Response, ApiError> {
+    let (objects, revision) = store.list(&target.selection())?;
+    Ok(Json(json!({
+        "apiVersion": target.info.api_version(&target.version),
+        "kind": format!("{}List", target.info.kind),
+        "metadata": {"resourceVersion": revision.to_string()},
+        "items": objects.into_iter().map(|o| target.present(o)).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+fn watch(
+    store: Arc<Store>,
+    target: Target,
+    from: Option<String>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) -> Result<Response, ApiError> {
+    let mut watch = store.watch(target.selection(), from.as_deref())?;
+    let line = |event_type: &str, object: Object| -> Result<Bytes, std::io::Error> {
+        let mut bytes = serde_json::to_vec(&json!({"type": event_type, "object": object}))?;
+        bytes.push(b'\n');
+        Ok(Bytes::from(bytes))
+    };
+    let stream = async_stream(move |tx| async move {
+        for event in std::mem::take(&mut watch.initial) {
+            let name = serde_json::to_value(event.event_type).unwrap_or_default();
+            if tx
+                .send(line(
+                    name.as_str().unwrap_or_default(),
+                    target.present(event.object),
+                ))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        loop {
+            let next = tokio::select! {
+                next = watch.next() => next,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            };
+            match next {
+                Ok(Some(event)) => {
+                    let name = serde_json::to_value(event.event_type).unwrap_or_default();
+                    if tx
+                        .send(line(
+                            name.as_str().unwrap_or_default(),
+                            target.present(event.object),
+                        ))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    let error = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": e.to_string()}});
+                    let _ = tx.send(Ok(Bytes::from(format!("{error}\n")))).await;
+                    return;
+                }
+            }
+        }
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(stream))
+        .map_err(|e| {
+            status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                e.to_string(),
+                None,
+            )
+        })
+}
+
+/// A stream fed by a task through a channel: the task ends when the client goes away.
+fn async_stream<F, Fut>(
+    producer: F,
+) -> tokio_stream::wrappers::ReceiverStream<Result<Bytes, std::io::Error>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(producer(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Decodes and validates request objects as the CLI does, naming each `items[i]`.
+fn decode_items(items: &[Value], default_namespace: &str) -> Result<Vec<Object>, ApiError> {
+    let texts: Vec<(String, String)> = items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            (
+                format!("items[{i}]"),
+                serde_json::to_string_pretty(item).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let decoded = decode_sources(
+        texts.iter().map(|(n, t)| (n.as_str(), t.as_str())),
+        default_namespace,
+    );
+    if decoded.has_errors() {
+        return Err(invalid(&decoded.problems));
+    }
+    Ok(decoded.objects.into_iter().map(|l| l.object).collect())
+}
+
+fn write(
+    store: &Store,
+    target: &Target,
+    body: &[u8],
+    name: Option<String>,
+) -> Result<Response, ApiError> {
+    let item: Value = serde_json::from_slice(body)
+        .map_err(|e| bad_request(format!("the request body is not JSON: {e}")))?;
+    let default_ns = target.namespace.as_deref().unwrap_or("default");
+    let object = decode_items(std::slice::from_ref(&item), default_ns)?.remove(0);
+    if object.info().map(|i| i.plural) != Some(target.info.plural) {
+        return Err(bad_request(format!(
+            "a {} cannot be written to {}",
+            object.kind, target.info.plural
+        )));
+    }
+    if object.metadata.namespace != target.namespace {
+        return Err(bad_request(format!(
+            "metadata.namespace {:?} does not match the namespace in the path {:?}",
+            object.metadata.namespace, target.namespace
+        )));
+    }
+    if let Some(name) = &name
+        && object.metadata.name() != name
+    {
+        return Err(bad_request(format!(
+            "metadata.name {:?} does not match the name in the path {name:?}",
+            object.metadata.name()
+        )));
+    }
+    let op = if name.is_some() {
+        Op::Update(object)
+    } else {
+        Op::Create(object)
+    };
+    let outcomes = store.commit(vec![op])?;
+    let code = if matches!(outcomes[0], Outcome::Created(_)) {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((code, Json(target.present(outcomes[0].object().clone()))).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct ApplyRequest {
+    items: Vec<Value>,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+/// Applies every item or none: validation of all first, then one store batch.
+async fn apply(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let request: ApplyRequest = serde_json::from_slice(&body)
+        .map_err(|e| bad_request(format!("the request body is not an apply list: {e}")))?;
+    let objects = decode_items(
+        &request.items,
+        request.namespace.as_deref().unwrap_or("default"),
+    )?;
+    let names: Vec<String> = objects.iter().map(Object::display_name).collect();
+    match state
+        .store
+        .commit(objects.into_iter().map(Op::Apply).collect())
+    {
+        Ok(outcomes) => {
+            let results: Vec<Value> = outcomes
+                .iter()
+                .map(|o| json!({"outcome": o.verb(), "object": o.object()}))
+                .collect();
+            Ok(
+                Json(json!({"kind": "ApplyResult", "apiVersion": "vmesh.io/v1", "items": results}))
+                    .into_response(),
+            )
+        }
+        Err(BatchError { index, error }) => {
+            let name = names.get(index).cloned().unwrap_or_default();
+            let message = format!("items[{index}] ({name}): {error}; nothing was applied");
+            Err(store_error_with_message(error, message))
+        }
+    }
+}

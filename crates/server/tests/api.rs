@@ -1,0 +1,564 @@
+//! The config API in-process: one server per test on port 0, spoken to over HTTP.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+use vmesh_server::{Running, ServerConfig, start};
+
+struct Server {
+    running: Running,
+    base: String,
+    http: reqwest::Client,
+    _dir: Option<tempfile::TempDir>,
+}
+
+async fn serve_in(
+    dir: &std::path::Path,
+    token: Option<&str>,
+    config_dir: Option<std::path::PathBuf>,
+) -> Server {
+    let running = start(ServerConfig {
+        data_dir: dir.to_path_buf(),
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        api_token: token.map(str::to_string),
+        config_dir,
+    })
+    .await
+    .unwrap();
+    let base = format!("http://{}", running.api_addr);
+    Server {
+        running,
+        base,
+        http: reqwest::Client::new(),
+        _dir: None,
+    }
+}
+
+async fn serve() -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = serve_in(dir.path(), None, None).await;
+    server._dir = Some(dir);
+    server
+}
+
+impl Server {
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let code = response.status().as_u16();
+        (code, response.json().await.unwrap_or(Value::Null))
+    }
+}
+
+fn entry(name: &str, address: &str) -> Value {
+    json!({
+        "apiVersion": "networking.istio.io/v1beta1",
+        "kind": "WorkloadEntry",
+        "metadata": {"name": name, "namespace": "default", "labels": {"app": "payments"}},
+        "spec": {"address": address, "ports": {"http": 8080}}
+    })
+}
+
+const ENTRIES: &str = "/apis/networking.istio.io/v1/namespaces/default/workloadentries";
+
+#[tokio::test]
+async fn create_get_list_replace_delete() {
+    let server = serve().await;
+    let (code, created) = server
+        .call(
+            reqwest::Method::POST,
+            ENTRIES,
+            Some(entry("vm1", "10.0.0.1")),
+        )
+        .await;
+    assert_eq!(code, 201, "{created}");
+    assert_eq!(
+        created["apiVersion"], "networking.istio.io/v1",
+        "presented in the path's version"
+    );
+    let rv = created["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let (code, got) = server
+        .call(reqwest::Method::GET, &format!("{ENTRIES}/vm1"), None)
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(got["spec"]["address"], "10.0.0.1");
+    let (_, old_version) = server
+        .call(
+            reqwest::Method::GET,
+            "/apis/networking.istio.io/v1alpha3/namespaces/default/workloadentries/vm1",
+            None,
+        )
+        .await;
+    assert_eq!(old_version["apiVersion"], "networking.istio.io/v1alpha3");
+
+    let (code, again) = server
+        .call(
+            reqwest::Method::POST,
+            ENTRIES,
+            Some(entry("vm1", "10.0.0.1")),
+        )
+        .await;
+    assert_eq!(
+        (code, again["reason"].as_str()),
+        (409, Some("AlreadyExists"))
+    );
+
+    let mut update = entry("vm1", "10.0.0.2");
+    update["metadata"]["resourceVersion"] = json!(rv);
+    let (code, replaced) = server
+        .call(
+            reqwest::Method::PUT,
+            &format!("{ENTRIES}/vm1"),
+            Some(update),
+        )
+        .await;
+    assert_eq!(code, 200, "{replaced}");
+    assert_eq!(replaced["metadata"]["generation"], 2);
+
+    let (code, list) = server.call(reqwest::Method::GET, ENTRIES, None).await;
+    assert_eq!(code, 200);
+    assert_eq!(list["kind"], "WorkloadEntryList");
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    let (_, all) = server
+        .call(
+            reqwest::Method::GET,
+            "/apis/networking.istio.io/v1/workloadentries",
+            None,
+        )
+        .await;
+    assert_eq!(
+        all["items"].as_array().unwrap().len(),
+        1,
+        "list across namespaces"
+    );
+
+    let (code, _) = server
+        .call(reqwest::Method::DELETE, &format!("{ENTRIES}/vm1"), None)
+        .await;
+    assert_eq!(code, 200);
+    let (code, status) = server
+        .call(reqwest::Method::GET, &format!("{ENTRIES}/vm1"), None)
+        .await;
+    assert_eq!(code, 404);
+    assert_eq!(status["kind"], "Status");
+    assert_eq!(status["reason"], "NotFound");
+    assert_eq!(status["code"], 404);
+    server.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_status_bodies() {
+    let server = serve().await;
+    let (code, status) = server
+        .call(
+            reqwest::Method::POST,
+            ENTRIES,
+            Some(json!({"nonsense": true})),
+        )
+        .await;
+    assert_eq!(code, 422, "{status}");
+    assert_eq!(status["reason"], "Invalid");
+
+    let mut bad = entry("vm1", "10.0.0.1");
+    bad["spec"]["ports"]["http"] = json!(70000);
+    let (code, status) = server.call(reqwest::Method::POST, ENTRIES, Some(bad)).await;
+    assert_eq!(code, 422);
+    assert_eq!(status["details"]["causes"][0]["field"], "spec.ports.http");
+    assert!(
+        status["message"].as_str().unwrap().contains("out of range"),
+        "{status}"
+    );
+
+    let response = server
+        .http
+        .post(format!("{}{ENTRIES}", server.base))
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let status: Value = response.json().await.unwrap();
+    assert_eq!(status["reason"], "BadRequest");
+
+    let (code, status) = server
+        .call(
+            reqwest::Method::GET,
+            "/apis/networking.istio.io/v1/namespaces/default/gizmos",
+            None,
+        )
+        .await;
+    assert_eq!((code, status["reason"].as_str()), (404, Some("NotFound")));
+
+    let mut elsewhere = entry("vm1", "10.0.0.1");
+    elsewhere["metadata"]["namespace"] = json!("nowhere");
+    let (code, status) = server
+        .call(
+            reqwest::Method::POST,
+            "/apis/networking.istio.io/v1/namespaces/nowhere/workloadentries",
+            Some(elsewhere),
+        )
+        .await;
+    assert_eq!(
+        code, 404,
+        "objects in a missing namespace are refused: {status}"
+    );
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("namespace \"nowhere\" not found")
+    );
+
+    let (code, _) = server
+        .call(
+            reqwest::Method::DELETE,
+            "/api/v1/namespaces/istio-system",
+            None,
+        )
+        .await;
+    assert_eq!(code, 403);
+    server.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn racing_writers_one_wins_the_other_conflicts() {
+    let server = serve().await;
+    let (_, created) = server
+        .call(
+            reqwest::Method::POST,
+            ENTRIES,
+            Some(entry("vm1", "10.0.0.1")),
+        )
+        .await;
+    let rv = created["metadata"]["resourceVersion"].clone();
+    let writes = (0..8).map(|i| {
+        let mut update = entry("vm1", &format!("10.0.1.{i}"));
+        update["metadata"]["resourceVersion"] = rv.clone();
+        server.call(
+            reqwest::Method::PUT,
+            "/apis/networking.istio.io/v1/namespaces/default/workloadentries/vm1",
+            Some(update),
+        )
+    });
+    let results = futures::future::join_all(writes).await;
+    let winners: Vec<&Value> = results
+        .iter()
+        .filter(|(c, _)| *c == 200)
+        .map(|(_, v)| v)
+        .collect();
+    let conflicts = results
+        .iter()
+        .filter(|(c, v)| *c == 409 && v["reason"] == "Conflict")
+        .count();
+    assert_eq!((winners.len(), conflicts), (1, 7), "{results:?}");
+    let (_, now) = server
+        .call(reqwest::Method::GET, &format!("{ENTRIES}/vm1"), None)
+        .await;
+    assert_eq!(
+        now["spec"]["address"], winners[0]["spec"]["address"],
+        "the winner's write is what is stored"
+    );
+    server.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn watch_streams_every_change_in_order() {
+    let server = serve().await;
+    server
+        .call(
+            reqwest::Method::POST,
+            ENTRIES,
+            Some(entry("vm0", "10.0.0.1")),
+        )
+        .await;
+    let response = server
+        .http
+        .get(format!("{}{ENTRIES}?watch=true", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let mut body = response.bytes_stream();
+    let writer = async {
+        for i in 1..=20 {
+            server
+                .call(
+                    reqwest::Method::POST,
+                    ENTRIES,
+                    Some(entry(&format!("vm{i}"), "10.0.0.2")),
+                )
+                .await;
+        }
+        server
+            .call(reqwest::Method::DELETE, &format!("{ENTRIES}/vm3"), None)
+            .await;
+    };
+    let reader = async {
+        let mut buffer = Vec::new();
+        let mut events = Vec::new();
+        while events.len() < 22 {
+            let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            buffer.extend_from_slice(&chunk);
+            while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = buffer.drain(..=end).collect();
+                events.push(serde_json::from_slice::<Value>(&line).unwrap());
+            }
+        }
+        events
+    };
+    let ((), events) = tokio::join!(writer, reader);
+    let summary: Vec<String> = events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["type"].as_str().unwrap(),
+                e["object"]["metadata"]["name"].as_str().unwrap()
+            )
+        })
+        .collect();
+    let mut expected = vec!["ADDED vm0".to_string()];
+    expected.extend((1..=20).map(|i| format!("ADDED vm{i}")));
+    expected.push("DELETED vm3".into());
+    assert_eq!(summary, expected);
+    let versions: Vec<u64> = events[1..]
+        .iter()
+        .map(|e| {
+            e["object"]["metadata"]["resourceVersion"]
+                .as_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        versions.windows(2).all(|w| w[0] < w[1]),
+        "resource versions increase: {versions:?}"
+    );
+
+    // Resuming from a list's resourceVersion replays only what came after.
+    let (_, list) = server.call(reqwest::Method::GET, ENTRIES, None).await;
+    let rv = list["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    server
+        .call(reqwest::Method::DELETE, &format!("{ENTRIES}/vm4"), None)
+        .await;
+    let response = server
+        .http
+        .get(format!(
+            "{}{ENTRIES}?watch=true&resourceVersion={rv}",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let event: Value =
+        serde_json::from_slice(chunk.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(
+        (
+            event["type"].as_str(),
+            event["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("DELETED"), Some("vm4"))
+    );
+    server.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn apply_is_all_or_nothing_and_orders_namespaces() {
+    let server = serve().await;
+    let namespace =
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "vm-workloads"}});
+    let mut in_new_ns = entry("vm1", "10.0.0.1");
+    in_new_ns["metadata"]["namespace"] = json!("vm-workloads");
+    let mut broken = entry("vm2", "10.0.0.2");
+    broken["spec"]["weight"] = json!("heavy");
+    let (code, status) = server
+        .call(
+            reqwest::Method::POST,
+            "/apis/vmesh.io/v1/apply",
+            Some(json!({"items": [in_new_ns.clone(), namespace.clone(), broken]})),
+        )
+        .await;
+    assert_eq!(code, 422, "{status}");
+    assert!(
+        status["message"].as_str().unwrap().starts_with("items[2]:"),
+        "{status}"
+    );
+    let (code, _) = server
+        .call(
+            reqwest::Method::GET,
+            "/api/v1/namespaces/vm-workloads",
+            None,
+        )
+        .await;
+    assert_eq!(code, 404, "nothing was applied");
+
+    let (code, result) = server
+        .call(
+            reqwest::Method::POST,
+            "/apis/vmesh.io/v1/apply",
+            Some(json!({"items": [in_new_ns.clone(), namespace.clone()]})),
+        )
+        .await;
+    assert_eq!(code, 200, "{result}");
+    let outcomes: Vec<&str> = result["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["created", "created"]);
+    let (_, result) = server
+        .call(
+            reqwest::Method::POST,
+            "/apis/vmesh.io/v1/apply",
+            Some(json!({"items": [in_new_ns, namespace]})),
+        )
+        .await;
+    let outcomes: Vec<&str> = result["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["unchanged", "unchanged"]);
+    server.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn objects_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_in(dir.path(), None, None).await;
+    server
+        .call(
+            reqwest::Method::POST,
+            ENTRIES,
+            Some(entry("vm1", "10.0.0.1")),
+        )
+        .await;
+    server.running.shutdown().await;
+    let server = serve_in(dir.path(), None, None).await;
+    let (code, got) = server
+        .call(reqwest::Method::GET, &format!("{ENTRIES}/vm1"), None)
+        .await;
+    assert_eq!(code, 200);
+    assert_eq!(got["spec"]["ports"]["http"], 8080);
+    server.running.shutdown().await;
+}
+
+#[tokio::test]
+async fn token_is_required_when_configured_and_off_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_in(dir.path(), Some("s3cret"), None).await;
+    let url = format!("{}{ENTRIES}", server.base);
+    let refused = server.http.get(&url).send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    let status: Value = refused.json().await.unwrap();
+    assert_eq!(status["reason"], "Unauthorized");
+    assert_eq!(
+        server
+            .http
+            .get(&url)
+            .bearer_auth("wrong")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        401
+    );
+    assert_eq!(
+        server
+            .http
+            .get(&url)
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    server.running.shutdown().await;
+
+    let open = start(ServerConfig {
+        data_dir: dir.path().join("other"),
+        api_addr: "0.0.0.0:0".parse().unwrap(),
+        api_token: None,
+        config_dir: None,
+    })
+    .await;
+    let err = open.unwrap_err().to_string();
+    assert!(err.contains("--api-token-file"), "{err}");
+}
+
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test]
+async fn config_dir_is_followed() {
+    let data = tempfile::tempdir().unwrap();
+    let manifests = tempfile::tempdir().unwrap();
+    let file = manifests.path().join("vm.yaml");
+    std::fs::write(&file, "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm1}\nspec: {address: 10.0.0.1}\n").unwrap();
+    let server = serve_in(data.path(), None, Some(manifests.path().to_path_buf())).await;
+    let get = |name: &'static str| {
+        let server = &server;
+        async move {
+            server
+                .call(reqwest::Method::GET, &format!("{ENTRIES}/{name}"), None)
+                .await
+        }
+    };
+    eventually("the file's object", || async { get("vm1").await.0 == 200 }).await;
+
+    std::fs::write(&file, "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm1}\nspec: {address: 10.0.0.9}\n").unwrap();
+    eventually("the change", || async {
+        get("vm1").await.1["spec"]["address"] == "10.0.0.9"
+    })
+    .await;
+
+    // A broken edit keeps what was there.
+    std::fs::write(&file, "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm1}\nspec: {address: 10.0.0.9, bogus: 1}\n").unwrap();
+    let second = manifests.path().join("more.yaml");
+    std::fs::write(&second, "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm2}\nspec: {address: 10.0.0.2}\n").unwrap();
+    eventually("the new file", || async { get("vm2").await.0 == 200 }).await;
+    assert_eq!(get("vm1").await.1["spec"]["address"], "10.0.0.9");
+
+    std::fs::remove_file(&file).unwrap();
+    eventually("the deletion", || async { get("vm1").await.0 == 404 }).await;
+    assert_eq!(get("vm2").await.0, 200);
+    server.running.shutdown().await;
+}

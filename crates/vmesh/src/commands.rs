@@ -1,0 +1,234 @@
+//! What each subcommand does.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+use vmesh_api::decode::{Decoded, decode_sources};
+use vmesh_api::{KindInfo, kind_for};
+use vmesh_server::ServerConfig;
+
+use crate::client::Client;
+use crate::{Command, CreateCommand, manifests, output};
+
+pub async fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Server {
+            data_dir,
+            api_addr,
+            api_token_file,
+            config_dir,
+        } => {
+            let api_token = match api_token_file {
+                Some(path) => {
+                    let token = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    let token = token.trim().to_string();
+                    if token.is_empty() {
+                        bail!("{}: the token file is empty", path.display());
+                    }
+                    Some(token)
+                }
+                None => None,
+            };
+            let running = vmesh_server::start(ServerConfig {
+                data_dir,
+                api_addr,
+                api_token,
+                config_dir,
+            })
+            .await?;
+            println!("vmesh server: config API on http://{}", running.api_addr);
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => running.shutdown().await,
+                _ = terminate() => running.shutdown().await,
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { files } => {
+            let decoded = decode(&files, "default")?;
+            Ok(if decoded.has_errors() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Apply {
+            files,
+            namespace,
+            connection,
+        } => {
+            let decoded = decode(&files, &namespace)?;
+            if decoded.has_errors() {
+                eprintln!("nothing was applied");
+                return Ok(ExitCode::FAILURE);
+            }
+            let items: Vec<Value> = decoded
+                .objects
+                .iter()
+                .map(|l| serde_json::to_value(&l.object))
+                .collect::<Result<_, _>>()?;
+            let result = Client::new(&connection)
+                .post(
+                    "/apis/vmesh.io/v1/apply",
+                    &json!({"items": items, "namespace": namespace}),
+                )
+                .await?;
+            for item in result["items"].as_array().into_iter().flatten() {
+                println!(
+                    "{} {}",
+                    object_name(&item["object"]),
+                    item["outcome"].as_str().unwrap_or_default()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            all_namespaces,
+            output: format,
+            connection,
+        } => {
+            let info = resolve_kind(&kind)?;
+            let namespace = (!all_namespaces).then_some(namespace.as_str());
+            let client = Client::new(&connection);
+            let objects = match &name {
+                Some(name) => vec![
+                    client
+                        .get(&info.path(namespace.or(Some("default")), Some(name)))
+                        .await?,
+                ],
+                None => client.get(&info.path(namespace, None)).await?["items"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            if objects.is_empty() {
+                match namespace.filter(|_| info.namespaced) {
+                    Some(ns) => eprintln!("No resources found in {ns} namespace."),
+                    None => eprintln!("No resources found"),
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            output::print(info, &objects, format, all_namespaces, name.is_some())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete {
+            files,
+            kind,
+            name,
+            namespace,
+            connection,
+        } => {
+            let client = Client::new(&connection);
+            let targets: Vec<(&KindInfo, Option<String>, String)> = if files.is_empty() {
+                let (Some(kind), Some(name)) = (kind, name) else {
+                    bail!("give -f FILE or KIND NAME")
+                };
+                vec![(resolve_kind(&kind)?, Some(namespace), name)]
+            } else {
+                let decoded = decode(&files, &namespace)?;
+                if decoded.has_errors() {
+                    eprintln!("nothing was deleted");
+                    return Ok(ExitCode::FAILURE);
+                }
+                // Namespaces last: deleting one deletes what is in it.
+                let mut objects: Vec<_> = decoded.objects.into_iter().map(|l| l.object).collect();
+                objects.sort_by_key(|o| o.kind == "Namespace");
+                objects
+                    .into_iter()
+                    .filter_map(|o| {
+                        Some((
+                            o.info()?,
+                            o.metadata.namespace.clone(),
+                            o.metadata.name().to_string(),
+                        ))
+                    })
+                    .collect()
+            };
+            let mut failed = false;
+            for (info, ns, name) in targets {
+                match client.delete(&info.path(ns.as_deref(), Some(&name))).await {
+                    Ok(_) => println!("{}/{name} deleted", info.qualified_name()),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        failed = true;
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Demo { keep, down } => crate::demo::run(keep, down).await,
+        Command::Create {
+            what: CreateCommand::Namespace { name, connection },
+        } => {
+            let namespace =
+                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+            Client::new(&connection)
+                .post("/api/v1/namespaces", &namespace)
+                .await?;
+            println!("namespace/{name} created");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Decodes every source, printing each problem on its own line.
+fn decode(files: &[String], namespace: &str) -> Result<Decoded> {
+    let sources = manifests::read_sources(files)?;
+    let decoded = decode_sources(
+        sources.iter().map(|(n, t)| (n.as_str(), t.as_str())),
+        namespace,
+    );
+    for problem in &decoded.problems {
+        println!("{problem}");
+    }
+    Ok(decoded)
+}
+
+fn resolve_kind(name: &str) -> Result<&'static KindInfo> {
+    kind_for(name).with_context(|| {
+        let known: Vec<String> = vmesh_api::kinds()
+            .iter()
+            .map(|k| match k.short_names.first() {
+                Some(short) => format!("{} ({short})", k.plural),
+                None => k.plural.to_string(),
+            })
+            .collect();
+        format!("unknown kind {name:?}; known kinds: {}", known.join(", "))
+    })
+}
+
+/// `workloadentry.networking.istio.io/name` for an object as the server returned it.
+fn object_name(object: &Value) -> String {
+    let name = object["metadata"]["name"].as_str().unwrap_or_default();
+    let kind = vmesh_api::find_kind(
+        object["apiVersion"].as_str().unwrap_or_default(),
+        object["kind"].as_str().unwrap_or_default(),
+    );
+    match kind {
+        Some(info) => format!("{}/{name}", info.qualified_name()),
+        None => format!(
+            "{}/{name}",
+            object["kind"]
+                .as_str()
+                .unwrap_or_default()
+                .to_ascii_lowercase()
+        ),
+    }
+}
+
+async fn terminate() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut signal) => {
+            signal.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
+}

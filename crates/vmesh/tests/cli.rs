@@ -1,0 +1,366 @@
+//! The real `vmesh` binary: a server process and the CLI commands against it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use vmesh_api::decode_manifests;
+
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
+
+fn seed_dir() -> PathBuf {
+    let dir = std::env::var_os("VMESH_SEED_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/seed/manifests")
+        });
+    assert!(
+        dir.is_dir(),
+        "seed manifests not found at {} (set VMESH_SEED_DIR)",
+        dir.display()
+    );
+    dir
+}
+
+const NOT_KUBERNETES: &[&str] = &["cloud-init-istio-vm.yaml", "troubleshooting-reference.yaml"];
+
+/// A `vmesh server` process on a free loopback port, killed on drop.
+struct Server {
+    child: Child,
+    url: String,
+}
+
+impl Server {
+    fn start(data_dir: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(VMESH)
+            .args(["server", "--data-dir"])
+            .arg(data_dir)
+            .args(["--api-addr", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(
+            url.starts_with("http://127.0.0.1:"),
+            "unexpected first line {line:?}"
+        );
+        Server { child, url }
+    }
+
+    fn vmesh(&self, args: &[&str]) -> Output {
+        Command::new(VMESH)
+            .args(args)
+            .env("VMESH_SERVER", &self.url)
+            .env_remove("VMESH_TOKEN")
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn assert_ok(output: &Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what} failed:\nstdout: {}\nstderr: {}",
+        stdout(output),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn seed_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(seed_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !NOT_KUBERNETES.contains(&p.file_name().unwrap().to_str().unwrap()))
+        .collect();
+    files.sort();
+    // The guide applies the complete manifest first.
+    files.sort_by_key(|p| !p.ends_with("complete-vm-integration.yaml"));
+    files
+}
+
+/// Every seed object, read back with `get -o yaml`, equals the manifest in meaning.
+fn assert_seed_objects_served(server: &Server) {
+    for file in seed_files() {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for located in decode_manifests("seed", &text).objects {
+            let object = located.object;
+            let info = object.info().unwrap();
+            let mut args = vec!["get", info.plural, object.metadata.name(), "-o", "yaml"];
+            if let Some(ns) = object.metadata.namespace() {
+                args.extend(["-n", ns]);
+            }
+            let output = server.vmesh(&args);
+            assert_ok(&output, &format!("get {}", object.display_name()));
+            let served = decode_manifests("served", &stdout(&output));
+            assert!(!served.has_errors(), "{:?}", served.problems);
+            let served = &served.objects[0].object;
+            // The guide's files overlap; the object must equal the last file's definition.
+            let last = seed_files()
+                .iter()
+                .rev()
+                .flat_map(|f| {
+                    decode_manifests("seed", &std::fs::read_to_string(f).unwrap()).objects
+                })
+                .find(|l| l.object.key() == object.key())
+                .unwrap()
+                .object;
+            assert!(
+                served.same_content(&last),
+                "{} differs:\n{}",
+                object.display_name(),
+                stdout(&output)
+            );
+        }
+    }
+}
+
+#[test]
+fn guide_manifests_apply_read_back_and_survive_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path(), &[]);
+    let first = server.vmesh(&[
+        "apply",
+        "-f",
+        seed_dir()
+            .join("complete-vm-integration.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert_ok(&first, "apply complete-vm-integration.yaml");
+    assert_eq!(
+        stdout(&first),
+        "namespace/vm-workloads created\n\
+         serviceaccount/payment-service-sa created\n\
+         workloadgroup.networking.istio.io/payment-service created\n\
+         service/payment-service created\n\
+         destinationrule.networking.istio.io/payment-service created\n\
+         peerauthentication.security.istio.io/payment-service-mtls created\n\
+         authorizationpolicy.security.istio.io/payment-service-authz created\n"
+    );
+    // The Prometheus ConfigMap lives in `monitoring`, which the guide assumes exists.
+    let refused = server.vmesh(&[
+        "apply",
+        "-f",
+        seed_dir()
+            .join("prometheus-vm-scrape.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("namespace \"monitoring\" not found")
+    );
+    assert_ok(
+        &server.vmesh(&["create", "namespace", "monitoring"]),
+        "create namespace",
+    );
+    for file in seed_files() {
+        let output = server.vmesh(&["apply", "-f", file.to_str().unwrap()]);
+        assert_ok(&output, &format!("apply {}", file.display()));
+        if file.ends_with("complete-vm-integration.yaml") {
+            assert!(
+                stdout(&output).contains("namespace/vm-workloads unchanged"),
+                "{}",
+                stdout(&output)
+            );
+        }
+    }
+    assert_seed_objects_served(&server);
+
+    for short in [
+        "we",
+        "wg",
+        "se",
+        "dr",
+        "vs",
+        "pa",
+        "ap",
+        "svc",
+        "sa",
+        "cm",
+        "iop",
+        "gw",
+        "telemetry",
+    ] {
+        let output = server.vmesh(&["get", short, "-A"]);
+        assert_ok(&output, &format!("get {short} -A"));
+        assert!(
+            stdout(&output).starts_with("NAMESPACE"),
+            "get {short}: {}",
+            stdout(&output)
+        );
+    }
+    let names = server.vmesh(&["get", "we", "-n", "vm-workloads", "-o", "name"]);
+    assert_eq!(
+        stdout(&names),
+        "workloadentry.networking.istio.io/payment-service-vm1\n"
+    );
+    let wide = server.vmesh(&["get", "workloadentries", "-n", "vm-workloads", "-o", "wide"]);
+    assert!(
+        stdout(&wide).contains("192.168.1.100") && stdout(&wide).contains("app=payment-service"),
+        "{}",
+        stdout(&wide)
+    );
+    drop(server);
+
+    let server = Server::start(data.path(), &[]);
+    assert_seed_objects_served(&server);
+
+    let deleted = server.vmesh(&["delete", "se", "vm-database", "-n", "vm-workloads"]);
+    assert_eq!(
+        stdout(&deleted),
+        "serviceentry.networking.istio.io/vm-database deleted\n"
+    );
+    let gone = server.vmesh(&["get", "se", "vm-database", "-n", "vm-workloads"]);
+    assert!(!gone.status.success() && String::from_utf8_lossy(&gone.stderr).contains("NotFound"));
+    let by_file = server.vmesh(&[
+        "delete",
+        "-f",
+        seed_dir()
+            .join("complete-vm-integration.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert_ok(&by_file, "delete -f");
+    assert!(
+        stdout(&by_file).ends_with("namespace/vm-workloads deleted\n"),
+        "namespaces go last: {}",
+        stdout(&by_file)
+    );
+}
+
+#[test]
+fn a_broken_document_applies_nothing_and_says_which() {
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path(), &[]);
+    let manifest = data.path().join("mixed.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: vm1\n  namespace: shop\nspec:\n  address: 10.0.0.1\n  ports:\n    http: \"8080\"\n",
+    )
+    .unwrap();
+    let output = server.vmesh(&["apply", "-f", manifest.to_str().unwrap()]);
+    assert!(!output.status.success());
+    let file = manifest.display().to_string();
+    assert_eq!(
+        stdout(&output),
+        format!(
+            "{file}:14:5: WorkloadEntry shop/vm1: spec.ports.http: expected a non-negative integer, got string \"8080\" (remove the quotes)\n"
+        )
+    );
+    assert!(String::from_utf8_lossy(&output.stderr).contains("nothing was applied"));
+    let namespaces = server.vmesh(&["get", "ns"]);
+    assert!(
+        !stdout(&namespaces).contains("shop"),
+        "the valid document was not applied either"
+    );
+}
+
+#[test]
+fn validate_reports_and_exits() {
+    for file in seed_files() {
+        let output = Command::new(VMESH)
+            .args(["validate", "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert_ok(&output, &format!("validate {}", file.display()));
+    }
+    let cloud_init = seed_dir().join("cloud-init-istio-vm.yaml");
+    let output = Command::new(VMESH)
+        .args(["validate", "-f"])
+        .arg(&cloud_init)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stdout(&output).contains("not a Kubernetes object"),
+        "{}",
+        stdout(&output)
+    );
+
+    let mut child = Command::new(VMESH)
+        .args(["validate", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs}\nspec:\n  hosts: [a]\n  http:\n  - route:\n    - destination: {host: a, subset: x}\n      weight: 80\n    - destination: {host: a, subset: y}\n      weight: 10\n")
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        stdout(&output),
+        "<stdin>:7:5: VirtualService default/vs: spec.http[0].route: route weights must sum to 100, but they sum to 90\n"
+    );
+}
+
+#[test]
+fn token_protected_server_refuses_the_anonymous() {
+    let data = tempfile::tempdir().unwrap();
+    let token_file = data.path().join("token");
+    std::fs::write(&token_file, "t0ken\n").unwrap();
+    let server = Server::start(
+        &data.path().join("store"),
+        &["--api-token-file", token_file.to_str().unwrap()],
+    );
+    let refused = server.vmesh(&["get", "ns"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("Unauthorized"),
+        "{refused:?}"
+    );
+    let allowed = Command::new(VMESH)
+        .args(["get", "ns"])
+        .env("VMESH_SERVER", &server.url)
+        .env("VMESH_TOKEN", "t0ken")
+        .output()
+        .unwrap();
+    assert_ok(&allowed, "get ns with a token");
+    assert!(stdout(&allowed).contains("istio-system"));
+
+    let open = Command::new(VMESH)
+        .args(["server", "--data-dir"])
+        .arg(data.path().join("open"))
+        .args(["--api-addr", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert!(!open.status.success());
+    assert!(String::from_utf8_lossy(&open.stderr).contains("--api-token-file"));
+}
+
+#[test]
+fn demo_passes_every_check() {
+    let output = Command::new(VMESH)
+        .arg("demo")
+        .env("TMPDIR", tempfile::tempdir().unwrap().path())
+        .output()
+        .unwrap();
+    assert_ok(&output, "vmesh demo");
+    let text = stdout(&output);
+    assert_eq!(text.matches("PASS").count(), 5, "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+}

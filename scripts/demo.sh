@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The main job: build vmesh and run `vmesh demo`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -p vmesh
+exec ./target/release/vmesh demo "$@"

@@ -23,6 +23,8 @@ pub mod kinds;
 pub mod object;
 pub mod problem;
 pub mod registry;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod yaml;
 
 pub use decode::{Decoded, decode_manifests};

@@ -1,26 +1,8 @@
 //! Every Kubernetes object in the guide's manifests decodes and validates; the
 //! guide's other YAML files are reported as not being Kubernetes objects.
 
-use std::path::PathBuf;
-
 use vmesh_api::decode_manifests;
-
-/// The guide's manifests: `$VMESH_SEED_DIR`, else `shared/` beside the checkout.
-fn seed_dir() -> PathBuf {
-    let dir = std::env::var_os("VMESH_SEED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/seed/manifests")
-        });
-    assert!(
-        dir.is_dir(),
-        "seed manifests not found at {} (set VMESH_SEED_DIR)",
-        dir.display()
-    );
-    dir
-}
-
-const NOT_KUBERNETES: &[&str] = &["cloud-init-istio-vm.yaml", "troubleshooting-reference.yaml"];
+use vmesh_api::testing::{NOT_KUBERNETES, seed_dir};
 
 #[test]
 fn every_seed_manifest_decodes() {

@@ -5,24 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 use vmesh_api::decode_manifests;
+use vmesh_api::testing::{NOT_KUBERNETES, seed_dir};
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
-
-fn seed_dir() -> PathBuf {
-    let dir = std::env::var_os("VMESH_SEED_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/seed/manifests")
-        });
-    assert!(
-        dir.is_dir(),
-        "seed manifests not found at {} (set VMESH_SEED_DIR)",
-        dir.display()
-    );
-    dir
-}
-
-const NOT_KUBERNETES: &[&str] = &["cloud-init-istio-vm.yaml", "troubleshooting-reference.yaml"];
 
 /// A `vmesh server` process on a free loopback port, killed on drop.
 struct Server {

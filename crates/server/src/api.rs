@@ -349,35 +349,19 @@ fn watch(
         Ok(Bytes::from(bytes))
     };
     let stream = async_stream(move |tx| async move {
-        for event in std::mem::take(&mut watch.initial) {
-            let name = serde_json::to_value(event.event_type).unwrap_or_default();
-            if tx
-                .send(line(
-                    name.as_str().unwrap_or_default(),
-                    target.present(event.object),
-                ))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
+        let mut initial = std::mem::take(&mut watch.initial).into_iter();
         loop {
-            let next = tokio::select! {
-                next = watch.next() => next,
-                _ = shutdown.wait_for(|stop| *stop) => return,
+            let next = match initial.next() {
+                Some(event) => Ok(Some(event)),
+                None => tokio::select! {
+                    next = watch.next() => next,
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                },
             };
             match next {
                 Ok(Some(event)) => {
-                    let name = serde_json::to_value(event.event_type).unwrap_or_default();
-                    if tx
-                        .send(line(
-                            name.as_str().unwrap_or_default(),
-                            target.present(event.object),
-                        ))
-                        .await
-                        .is_err()
-                    {
+                    let bytes = line(event.event_type.as_str(), target.present(event.object));
+                    if tx.send(bytes).await.is_err() {
                         return;
                     }
                 }

@@ -72,12 +72,22 @@ backend_errors!(
 );
 
 /// What happened to an object.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "UPPERCASE")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventType {
     Added,
     Modified,
     Deleted,
+}
+
+impl EventType {
+    /// The name Kubernetes watches use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
 }
 
 /// One change, as watches deliver it.
@@ -466,23 +476,10 @@ fn write_one(
             {
                 return Err(StoreError::ProtectedNamespace(key.name));
             }
-            if let Some(expected) = expected {
+            if expected.is_some() {
                 let current = read(txn, &key.storage_key())?
                     .ok_or_else(|| StoreError::NotFound(Box::new(key.clone())))?;
-                let actual = current
-                    .metadata
-                    .resource_version
-                    .as_deref()
-                    .map(parse_rv)
-                    .transpose()?
-                    .unwrap_or(0);
-                if parse_rv(&expected)? != actual {
-                    return Err(StoreError::Conflict {
-                        key: Box::new(key),
-                        expected,
-                        actual,
-                    });
-                }
+                check_version(&key, &current, expected)?;
             }
             let deleted = remove(txn, &key, revision, events)?;
             if key.group.is_empty() && key.plural == "namespaces" {
@@ -523,22 +520,7 @@ fn write_one(
             Outcome::Created(object)
         }
         Some(current) => {
-            let actual = current
-                .metadata
-                .resource_version
-                .as_deref()
-                .map(parse_rv)
-                .transpose()?
-                .unwrap_or(0);
-            if let Some(expected) = expected
-                && parse_rv(&expected)? != actual
-            {
-                return Err(StoreError::Conflict {
-                    key: Box::new(key),
-                    expected,
-                    actual,
-                });
-            }
+            check_version(&key, &current, expected)?;
             if let Some(status) = current.body.get("status") {
                 object.body.insert("status".into(), status.clone());
             }
@@ -571,6 +553,32 @@ fn write_one(
         }
     };
     Ok(outcome)
+}
+
+/// A write that names a resourceVersion must name the current one.
+fn check_version(
+    key: &ObjectKey,
+    current: &Object,
+    expected: Option<String>,
+) -> Result<(), StoreError> {
+    let Some(expected) = expected else {
+        return Ok(());
+    };
+    let actual = current
+        .metadata
+        .resource_version
+        .as_deref()
+        .map(parse_rv)
+        .transpose()?
+        .unwrap_or(0);
+    if parse_rv(&expected)? != actual {
+        return Err(StoreError::Conflict {
+            key: Box::new(key.clone()),
+            expected,
+            actual,
+        });
+    }
+    Ok(())
 }
 
 #[derive(PartialEq)]

@@ -105,6 +105,13 @@ impl Checker {
             );
             return;
         }
+        if rest
+            .split('.')
+            .all(|label| !label.is_empty() && label.bytes().all(|b| b.is_ascii_digit()))
+        {
+            self.error(path, format!("{host:?} is not a valid IP address"));
+            return;
+        }
         if let Some(why) = dns_name_problem(rest) {
             self.error(path, format!("{host:?} is not a valid host name: {why}"));
         }

@@ -217,10 +217,8 @@ impl DocContext<'_> {
         let info = self.find_info(&api_version, &kind)?;
         let metadata =
             self.decode_metadata(info, map.shift_remove("metadata"), default_namespace)?;
-        self.object = match metadata.namespace() {
-            Some(ns) if info.namespaced => format!("{kind} {ns}/{}", metadata.name()),
-            _ => format!("{kind} {}", metadata.name()),
-        };
+        let namespace = metadata.namespace().filter(|_| info.namespaced);
+        self.object = crate::object::display_name(&kind, namespace, metadata.name());
         if !self.problems.is_empty() {
             // Metadata problems were reported before the object had a name.
             let object = self.object.clone();

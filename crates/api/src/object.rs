@@ -75,10 +75,7 @@ impl Object {
 
     /// `Kind namespace/name` or `Kind name`, as problems and logs name objects.
     pub fn display_name(&self) -> String {
-        match self.metadata.namespace() {
-            Some(ns) => format!("{} {ns}/{}", self.kind, self.metadata.name()),
-            None => format!("{} {}", self.kind, self.metadata.name()),
-        }
+        display_name(&self.kind, self.metadata.namespace(), self.metadata.name())
     }
 
     /// The body decoded as a kind's typed body (for consumers such as the registry).
@@ -99,6 +96,15 @@ impl Object {
             )
         };
         strip(self) == strip(other)
+    }
+}
+
+/// `Kind namespace/name`, `Kind name` for cluster-scoped kinds, `(unnamed)` for a missing name.
+pub fn display_name(kind: &str, namespace: Option<&str>, name: &str) -> String {
+    let name = if name.is_empty() { "(unnamed)" } else { name };
+    match namespace {
+        Some(ns) => format!("{kind} {ns}/{name}"),
+        None => format!("{kind} {name}"),
     }
 }
 

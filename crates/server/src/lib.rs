@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod config_dir;
+pub mod mesh;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +28,23 @@ pub struct ServerConfig {
     pub api_token: Option<String>,
     /// A directory of manifests to keep applied.
     pub config_dir: Option<PathBuf>,
+    /// Plaintext xDS, loopback only; off unless given.
+    pub xds_plaintext_addr: Option<SocketAddr>,
+    pub debounce: mesh::Debounce,
+}
+
+impl ServerConfig {
+    /// Defaults: API on 127.0.0.1:15080 without a token, no config dir, no plaintext xDS.
+    pub fn new(data_dir: PathBuf) -> ServerConfig {
+        ServerConfig {
+            data_dir,
+            api_addr: SocketAddr::from(([127, 0, 0, 1], 15080)),
+            api_token: None,
+            config_dir: None,
+            xds_plaintext_addr: None,
+            debounce: mesh::Debounce::default(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +60,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Store(#[from] vmesh_store::StoreError),
+    #[error("plaintext xDS must listen on loopback, not {0}: it has no authentication")]
+    RemotePlaintextXds(SocketAddr),
     #[error("config dir {path}: {message}")]
     ConfigDir { path: PathBuf, message: String },
 }
@@ -50,6 +70,8 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct Running {
     pub api_addr: SocketAddr,
+    pub xds_plaintext_addr: Option<SocketAddr>,
+    pub proxies: Arc<vmesh_xds::ads::StatusTable>,
     pub store: Arc<Store>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -77,6 +99,11 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     if !config.api_addr.ip().is_loopback() && config.api_token.is_none() {
         return Err(ServerError::UnauthenticatedRemoteApi(config.api_addr));
     }
+    if let Some(addr) = config.xds_plaintext_addr
+        && !addr.ip().is_loopback()
+    {
+        return Err(ServerError::RemotePlaintextXds(addr));
+    }
     let store = Arc::new(Store::open(&config.data_dir)?);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let listener = tokio::net::TcpListener::bind(config.api_addr)
@@ -99,6 +126,36 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
             tracing::error!("config API stopped: {e}");
         }
     })];
+    let (controller, mesh) = mesh::MeshController::new(store.clone(), config.debounce)?;
+    tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
+    let proxies = Arc::new(vmesh_xds::ads::StatusTable::default());
+    let mut xds_plaintext_addr = None;
+    if let Some(addr) = config.xds_plaintext_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        xds_plaintext_addr = Some(
+            listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?,
+        );
+        let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone());
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let serve = tonic::transport::Server::builder()
+                .add_service(ads.into_service())
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = rx.wait_for(|stop| *stop).await;
+                    },
+                );
+            if let Err(e) = serve.await {
+                tracing::error!("xDS server stopped: {e}");
+            }
+        }));
+        tracing::info!(addr = ?xds_plaintext_addr, "plaintext xDS listening (loopback only)");
+    }
     if let Some(dir) = config.config_dir.clone() {
         let follower = config_dir::Follower::new(store.clone(), dir)?;
         tasks.push(tokio::spawn(follower.run(shutdown_rx.clone())));
@@ -106,6 +163,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     tracing::info!(%api_addr, data_dir = %config.data_dir.display(), "config API listening");
     Ok(Running {
         api_addr,
+        xds_plaintext_addr,
+        proxies,
         store,
         shutdown,
         tasks,

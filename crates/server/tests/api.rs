@@ -19,10 +19,10 @@ async fn serve_in(
     config_dir: Option<std::path::PathBuf>,
 ) -> Server {
     let running = start(ServerConfig {
-        data_dir: dir.to_path_buf(),
         api_addr: "127.0.0.1:0".parse().unwrap(),
         api_token: token.map(str::to_string),
         config_dir,
+        ..ServerConfig::new(dir.to_path_buf())
     })
     .await
     .unwrap();
@@ -503,10 +503,8 @@ async fn token_is_required_when_configured_and_off_loopback() {
     server.running.shutdown().await;
 
     let open = start(ServerConfig {
-        data_dir: dir.path().join("other"),
         api_addr: "0.0.0.0:0".parse().unwrap(),
-        api_token: None,
-        config_dir: None,
+        ..ServerConfig::new(dir.path().join("other"))
     })
     .await;
     let err = open.unwrap_err().to_string();

@@ -375,6 +375,22 @@ impl Store {
         Ok(outcomes.into_iter().flatten().collect())
     }
 
+    /// Every object of every kind.
+    pub fn list_all(&self) -> Result<Vec<Object>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(OBJECTS)?;
+        let mut objects = Vec::new();
+        for entry in table.iter()? {
+            objects.push(serde_json::from_slice(entry?.1.value())?);
+        }
+        Ok(objects)
+    }
+
+    /// Every future change of any object, for controllers that react to all of them.
+    pub fn changes(&self) -> broadcast::Receiver<WatchEvent> {
+        self.events.subscribe()
+    }
+
     /// Starts a watch. From `None`: every current object as `ADDED`, then changes.
     /// From a revision: every change after it, then live changes.
     pub fn watch(&self, selection: Selection, from: Option<&str>) -> Result<Watch, StoreError> {

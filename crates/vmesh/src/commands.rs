@@ -18,6 +18,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             api_addr,
             api_token_file,
             config_dir,
+            xds_plaintext_addr,
         } => {
             let api_token = match api_token_file {
                 Some(path) => {
@@ -32,13 +33,17 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                 None => None,
             };
             let running = vmesh_server::start(ServerConfig {
-                data_dir,
                 api_addr,
                 api_token,
                 config_dir,
+                xds_plaintext_addr,
+                ..ServerConfig::new(data_dir)
             })
             .await?;
             println!("vmesh server: config API on http://{}", running.api_addr);
+            if let Some(addr) = running.xds_plaintext_addr {
+                println!("vmesh server: plaintext xDS on {addr}");
+            }
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => running.shutdown().await,
                 _ = terminate() => running.shutdown().await,
@@ -165,6 +170,14 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             })
         }
         Command::Demo { keep, down } => crate::demo::run(keep, down).await,
+        Command::DemoApp {
+            addr,
+            name,
+            version,
+        } => {
+            crate::demo_app::run(addr, name, version).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Create {
             what: CreateCommand::Namespace { name, connection },
         } => {

@@ -204,10 +204,8 @@ pub async fn run(keep: bool, down: bool) -> Result<ExitCode> {
 
 async fn start(data_dir: &Path) -> Result<Running> {
     let running = vmesh_server::start(ServerConfig {
-        data_dir: data_dir.to_path_buf(),
         api_addr: "127.0.0.1:0".parse()?,
-        api_token: None,
-        config_dir: None,
+        ..ServerConfig::new(data_dir.to_path_buf())
     })
     .await?;
     Ok(running)

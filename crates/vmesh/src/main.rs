@@ -6,6 +6,7 @@
 mod client;
 mod commands;
 mod demo;
+mod demo_app;
 mod manifests;
 mod output;
 
@@ -58,6 +59,9 @@ enum Command {
         /// Directory of manifests to load and follow.
         #[arg(long)]
         config_dir: Option<PathBuf>,
+        /// Plaintext xDS for local Envoys (loopback only), e.g. 127.0.0.1:15010.
+        #[arg(long)]
+        xds_plaintext_addr: Option<SocketAddr>,
     },
     /// Check manifests without a server: exit 0 only when all are valid.
     Validate {
@@ -112,6 +116,16 @@ enum Command {
         /// Remove everything a previous run left behind.
         #[arg(long, conflicts_with = "keep")]
         down: bool,
+    },
+    /// The demo's HTTP application (answers with its name and version).
+    #[command(hide = true)]
+    DemoApp {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "v1")]
+        version: String,
     },
     /// Create an object from the command line.
     Create {

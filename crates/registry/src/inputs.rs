@@ -1,0 +1,182 @@
+//! The objects the registry reads, decoded into their typed bodies and sorted
+//! by namespace and name. Objects of other kinds are ignored; bodies that do
+//! not decode are skipped with a warning.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use vmesh_api::kinds::destination_rule::{self, DestinationRule, DestinationRuleSpec};
+use vmesh_api::kinds::istio_operator::{self, IstioOperator, IstioOperatorSpec};
+use vmesh_api::kinds::service::{self, Service, ServiceSpec};
+use vmesh_api::kinds::service_entry::{self, ServiceEntry, ServiceEntrySpec};
+use vmesh_api::kinds::sidecar::OutboundMode;
+use vmesh_api::kinds::virtual_service::{self, VirtualService, VirtualServiceSpec};
+use vmesh_api::kinds::workload_entry::{self, WorkloadEntry, WorkloadEntrySpec};
+use vmesh_api::{KindInfo, Object};
+
+use crate::model::{MeshSettings, OutboundPolicy, Scoped};
+
+/// Set on WorkloadEntries whose group has a readiness probe: such an entry is
+/// healthy only once a `Healthy=True` condition says so.
+const HEALTH_CHECKS_ANNOTATION: &str = "proxy.istio.io/health-checks-enabled";
+
+#[derive(Default)]
+pub(crate) struct Inputs {
+    pub services: Vec<Scoped<ServiceSpec>>,
+    pub service_entries: Vec<Scoped<ServiceEntrySpec>>,
+    pub workloads: Vec<Workload>,
+    pub destination_rules: Vec<Scoped<DestinationRuleSpec>>,
+    pub virtual_services: Vec<Scoped<VirtualServiceSpec>>,
+    pub mesh: MeshSettings,
+}
+
+/// A WorkloadEntry, or an endpoint written inside a ServiceEntry.
+#[derive(Clone)]
+pub(crate) struct Workload {
+    pub namespace: String,
+    pub name: String,
+    pub spec: WorkloadEntrySpec,
+    /// The labels selectors match: Istio merges `metadata.labels` over `spec.labels`.
+    pub labels: BTreeMap<String, String>,
+    pub healthy: bool,
+}
+
+impl Inputs {
+    pub fn decode(objects: &[Object]) -> Inputs {
+        let mut inputs = Inputs::default();
+        let mut operators = Vec::new();
+        for object in objects {
+            let Some(info) = object.info() else { continue };
+            let is = |kind: &KindInfo| std::ptr::eq(info, kind);
+            if is(&service::KIND) {
+                push(&mut inputs.services, object, |b: Service| b.spec);
+            } else if is(&service_entry::KIND) {
+                push(&mut inputs.service_entries, object, |b: ServiceEntry| {
+                    b.spec
+                });
+            } else if is(&destination_rule::KIND) {
+                push(
+                    &mut inputs.destination_rules,
+                    object,
+                    |b: DestinationRule| b.spec,
+                );
+            } else if is(&virtual_service::KIND) {
+                push(&mut inputs.virtual_services, object, |b: VirtualService| {
+                    b.spec
+                });
+            } else if is(&istio_operator::KIND) {
+                push(&mut operators, object, |b: IstioOperator| b.spec);
+            } else if is(&workload_entry::KIND)
+                && let Some(entry) = typed::<WorkloadEntry>(object)
+            {
+                inputs.workloads.push(Workload::from_entry(object, entry));
+            }
+        }
+        sort(&mut inputs.services);
+        sort(&mut inputs.service_entries);
+        sort(&mut inputs.destination_rules);
+        sort(&mut inputs.virtual_services);
+        sort(&mut operators);
+        inputs
+            .workloads
+            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        inputs.mesh = mesh_settings(&operators);
+        inputs
+    }
+}
+
+impl Workload {
+    fn from_entry(object: &Object, entry: WorkloadEntry) -> Workload {
+        let meta = &object.metadata;
+        let mut labels = entry.spec.labels.clone().unwrap_or_default();
+        labels.extend(meta.labels.clone().unwrap_or_default());
+        let checked = meta
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(HEALTH_CHECKS_ANNOTATION))
+            .is_some_and(|v| v == "true");
+        let healthy = match healthy_condition(entry.status.as_ref()) {
+            Some(status) => status == "True",
+            None => !checked,
+        };
+        Workload {
+            namespace: namespace(object),
+            name: meta.name().to_string(),
+            spec: entry.spec,
+            labels,
+            healthy,
+        }
+    }
+
+    /// An endpoint written inside a ServiceEntry or Service: always healthy.
+    pub fn written(namespace: &str, name: &str, spec: WorkloadEntrySpec) -> Workload {
+        Workload {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            labels: spec.labels.clone().unwrap_or_default(),
+            spec,
+            healthy: true,
+        }
+    }
+
+    /// Whether every selector label is among this workload's labels.
+    pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// The `status` of the `Healthy` condition in an entry's status, if any.
+fn healthy_condition(status: Option<&Value>) -> Option<&str> {
+    status?
+        .get("conditions")?
+        .as_array()?
+        .iter()
+        .find(|c| c.get("type").and_then(Value::as_str) == Some("Healthy"))?
+        .get("status")?
+        .as_str()
+}
+
+fn typed<B: DeserializeOwned>(object: &Object) -> Option<B> {
+    object
+        .typed()
+        .inspect_err(|error| {
+            tracing::warn!(object = %object.display_name(), %error, "skipping object with an invalid body");
+        })
+        .ok()
+}
+
+fn push<B: DeserializeOwned, T>(out: &mut Vec<Scoped<T>>, object: &Object, spec: impl Fn(B) -> T) {
+    if let Some(body) = typed(object) {
+        out.push(Scoped {
+            namespace: namespace(object),
+            name: object.metadata.name().to_string(),
+            spec: spec(body),
+        });
+    }
+}
+
+fn namespace(object: &Object) -> String {
+    object.metadata.namespace().unwrap_or("default").to_string()
+}
+
+fn sort<T>(items: &mut [Scoped<T>]) {
+    items.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+}
+
+fn mesh_settings(operators: &[Scoped<IstioOperatorSpec>]) -> MeshSettings {
+    let configs = || operators.iter().filter_map(|o| o.spec.mesh_config.as_ref());
+    let defaults = MeshSettings::default();
+    MeshSettings {
+        trust_domain: configs()
+            .find_map(|m| m.trust_domain.clone())
+            .unwrap_or(defaults.trust_domain),
+        outbound_policy: match configs().find_map(|m| m.outbound_traffic_policy.as_ref()?.mode) {
+            Some(OutboundMode::RegistryOnly) => OutboundPolicy::RegistryOnly,
+            Some(OutboundMode::AllowAny) | None => OutboundPolicy::AllowAny,
+        },
+        root_namespace: configs()
+            .find_map(|m| m.root_namespace.clone())
+            .unwrap_or(defaults.root_namespace),
+    }
+}

@@ -1,0 +1,47 @@
+//! The mesh model: Kubernetes Services, WorkloadEntries and ServiceEntries
+//! joined into [`MeshService`]s with ports, virtual IPs and endpoints, with
+//! Istio's semantics, together with the routing rules and mesh settings that
+//! travel with them.
+//!
+//! This crate owns the join (which workloads back which service port, on which
+//! port, with what weight, locality, identity and health), port protocols, and
+//! the allocation of virtual IPs ([`VipAllocator`]). It is pure logic: it does
+//! no I/O and keeps no state between calls. It does not read, store or watch
+//! objects (the caller lists them from the store and persists
+//! [`VipAllocator::allocations`]), does not validate them (the `api` crate
+//! does; bodies that fail to decode are skipped with a warning), and does not
+//! translate anything to Envoy (the `xds` crate does).
+//!
+//! ```
+//! use vmesh_registry::{Snapshot, VipAllocator};
+//!
+//! let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  selector:\n    app: web\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: vm1\n  namespace: shop\nspec:\n  address: 10.0.0.7\n  labels:\n    app: web\n";
+//! let objects: Vec<_> = vmesh_api::decode_manifests("web.yaml", text)
+//!     .objects
+//!     .into_iter()
+//!     .map(|located| located.object)
+//!     .collect();
+//!
+//! let mut vips = VipAllocator::default();
+//! vips.assign(&objects); // then persist vips.allocations()
+//! let snapshot = Snapshot::build(&objects, &vips);
+//!
+//! let web = snapshot.service("web.shop.svc.cluster.local").unwrap();
+//! assert_eq!(web.addresses, [vips.get("web.shop.svc.cluster.local").unwrap()]);
+//! assert_eq!((web.endpoints[0].address.as_str(), web.endpoints[0].port), ("10.0.0.7", 8080));
+//! ```
+#![forbid(unsafe_code)]
+
+mod build;
+mod inputs;
+mod model;
+mod vip;
+
+pub use model::{
+    DOMAIN_SUFFIX, MeshEndpoint, MeshPort, MeshService, MeshSettings, OutboundPolicy, Protocol,
+    Resolution, Scoped, Snapshot,
+};
+pub use vip::{DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_ENTRY_CIDR, Error, VipAllocator};
+
+#[cfg(test)]
+mod fixtures;

@@ -1,0 +1,161 @@
+//! Keeps the mesh model current: after every burst of store changes it lists
+//! the objects, assigns virtual IPs (persisted in the ConfigMap
+//! [`VIP_CONFIG_MAP`] so they survive restarts), builds the registry snapshot
+//! and hands it to the xDS server.
+//!
+//! Changes are debounced: a rebuild waits for a quiet period, but never longer
+//! than a maximum delay after the first change, and is computed once for all
+//! proxies.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::{broadcast, watch};
+use tokio::time::Instant;
+use vmesh_api::{Object, ObjectMeta};
+use vmesh_registry::{Snapshot, VipAllocator};
+use vmesh_store::{Op, Store};
+use vmesh_xds::ads::ConfigSource;
+use vmesh_xds::translate::MeshConfig;
+
+/// ConfigMap in the root namespace holding hostname → virtual IP.
+pub const VIP_CONFIG_MAP: &str = "vmesh-vip-allocations";
+const ROOT_NAMESPACE: &str = "istio-system";
+
+/// How long changes must be quiet before a rebuild, and the longest a rebuild waits.
+#[derive(Debug, Clone, Copy)]
+pub struct Debounce {
+    pub quiet: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for Debounce {
+    fn default() -> Debounce {
+        Debounce {
+            quiet: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+pub struct MeshController {
+    store: Arc<Store>,
+    vips: VipAllocator,
+    debounce: Debounce,
+    publish: watch::Sender<Arc<dyn ConfigSource>>,
+}
+
+fn vip_key() -> vmesh_api::ObjectKey {
+    vmesh_api::ObjectKey {
+        group: String::new(),
+        plural: "configmaps".into(),
+        namespace: ROOT_NAMESPACE.into(),
+        name: VIP_CONFIG_MAP.into(),
+    }
+}
+
+impl MeshController {
+    /// Loads persisted VIPs and builds the first snapshot.
+    pub fn new(
+        store: Arc<Store>,
+        debounce: Debounce,
+    ) -> Result<(MeshController, watch::Receiver<Arc<dyn ConfigSource>>), vmesh_store::StoreError>
+    {
+        let existing: BTreeMap<String, IpAddr> = store
+            .get(&vip_key())?
+            .and_then(|cm| cm.body.get("data").cloned())
+            .and_then(|data| serde_json::from_value::<BTreeMap<String, String>>(data).ok())
+            .map(|data| {
+                data.into_iter()
+                    .filter_map(|(host, ip)| Some((host, ip.parse().ok()?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let vips = VipAllocator::new(
+            vmesh_registry::DEFAULT_SERVICE_CIDR,
+            vmesh_registry::DEFAULT_SERVICE_ENTRY_CIDR,
+            existing,
+        )
+        .unwrap_or_default();
+        let empty: Arc<dyn ConfigSource> = Arc::new(MeshConfig {
+            snapshot: Snapshot::build(&[], &vips),
+        });
+        let (publish, subscribe) = watch::channel(empty);
+        let mut controller = MeshController {
+            store,
+            vips,
+            debounce,
+            publish,
+        };
+        controller.rebuild();
+        Ok((controller, subscribe))
+    }
+
+    fn rebuild(&mut self) {
+        let objects = match self.store.list_all() {
+            Ok(objects) => objects,
+            Err(e) => {
+                tracing::error!("cannot read the store to rebuild the mesh: {e}");
+                return;
+            }
+        };
+        if self.vips.assign(&objects) {
+            self.persist_vips();
+        }
+        let snapshot = Snapshot::build(&objects, &self.vips);
+        tracing::debug!(services = snapshot.services.len(), "mesh rebuilt");
+        self.publish.send_replace(Arc::new(MeshConfig { snapshot }));
+    }
+
+    fn persist_vips(&self) {
+        let data: BTreeMap<&String, String> = self
+            .vips
+            .allocations()
+            .iter()
+            .map(|(h, ip)| (h, ip.to_string()))
+            .collect();
+        let mut body = serde_json::Map::new();
+        body.insert("data".into(), json!(data));
+        let config_map = Object {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            metadata: ObjectMeta {
+                name: Some(VIP_CONFIG_MAP.into()),
+                namespace: Some(ROOT_NAMESPACE.into()),
+                ..Default::default()
+            },
+            body,
+        };
+        if let Err(e) = self.store.commit(vec![Op::Apply(config_map)]) {
+            tracing::error!("cannot persist virtual IPs: {e}");
+        }
+    }
+
+    /// Rebuilds after each debounced burst of changes until shutdown.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut changes = self.store.changes();
+        loop {
+            tokio::select! {
+                event = changes.recv() => match event {
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            let first = Instant::now();
+            loop {
+                let deadline =
+                    (first + self.debounce.max_delay).min(Instant::now() + self.debounce.quiet);
+                match tokio::time::timeout_at(deadline, changes.recv()).await {
+                    Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
+                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
+                    Err(_) => break,
+                }
+            }
+            self.rebuild();
+        }
+    }
+}

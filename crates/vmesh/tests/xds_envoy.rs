@@ -330,4 +330,72 @@ fn envoy_routes_the_guides_canary_split() {
             .any(|_| get(&ns, &url, Some("x-canary: true")).is_some_and(|a| a != "v2"))
             .then_some(())
     });
+
+    // Faults, rewrites, header changes and direct responses reach real requests.
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: payment-rules, namespace: vm-workloads}
+spec:
+  hosts: [payment-service]
+  http:
+  - match: [{uri: {prefix: /fault}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: payment-service, subset: canary}}]
+  - match: [{uri: {prefix: /old/}}]
+    rewrite: {uri: /api/refunds/}
+    headers: {response: {set: {x-vmesh: rewritten}}}
+    route: [{destination: {host: payment-service, subset: canary}}]
+  - match: [{uri: {exact: /teapot}}]
+    directResponse: {status: 503, body: {string: maintenance}}
+  - route: [{destination: {host: payment-service, subset: stable}}]
+"#,
+    )
+    .unwrap();
+    ns.run(&vmesh(&["apply", "-f", rules.to_str().unwrap()]));
+    let curl = |path: &str| {
+        let target = format!("http://{vip}:8080{path}");
+        String::from_utf8_lossy(
+            &ns.run(&["curl", "-s", "-i", "--max-time", "2", &target])
+                .stdout,
+        )
+        .into_owned()
+    };
+    eventually("the fault to be injected", || {
+        curl("/fault/x").starts_with("HTTP/1.1 418").then_some(())
+    });
+    let rewritten = curl("/old/7");
+    assert!(
+        rewritten.contains("path=/api/refunds/7") && rewritten.contains("name=v2"),
+        "{rewritten}"
+    );
+    assert!(
+        rewritten
+            .to_ascii_lowercase()
+            .contains("x-vmesh: rewritten"),
+        "{rewritten}"
+    );
+    let direct = curl("/teapot");
+    assert!(
+        direct.starts_with("HTTP/1.1 503") && direct.ends_with("maintenance"),
+        "{direct}"
+    );
+    assert!(
+        curl("/api/payments/1").contains("version=v1"),
+        "everything else goes to the stable subset"
+    );
+
+    // Envoy accepted every update it was sent.
+    let stats = String::from_utf8_lossy(
+        &ns.run(&["curl", "-s", "http://127.0.0.1:15000/stats"])
+            .stdout,
+    )
+    .into_owned();
+    let rejected: Vec<&str> = stats
+        .lines()
+        .filter(|l| l.contains("update_rejected") && !l.ends_with(": 0"))
+        .collect();
+    assert!(rejected.is_empty(), "Envoy rejected config: {rejected:?}");
 }

@@ -25,6 +25,8 @@ use envoy_types::pb::envoy::config::route::v3::{
     self as route, HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch,
     VirtualHost, WeightedCluster,
 };
+use envoy_types::pb::envoy::extensions::filters::common::fault::v3 as common_fault;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{self as fault, HttpFault};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -37,9 +39,10 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use envoy_types::util::pack_any;
+use vmesh_api::kinds::common::Percent;
 use vmesh_api::kinds::common::StringMatch;
 use vmesh_api::kinds::destination_rule::{DestinationRuleSpec, SimpleLb, TrafficPolicy};
-use vmesh_api::kinds::virtual_service::{Destination, HttpRoute};
+use vmesh_api::kinds::virtual_service::{Destination, HeaderOperations, HttpRoute};
 use vmesh_registry::{MeshService, OutboundPolicy, Resolution, Snapshot};
 
 use crate::ads::{
@@ -49,6 +52,7 @@ use crate::ads::{
 use crate::node::Proxy;
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
+const FAULT_FILTER: &str = "envoy.filters.http.fault";
 pub const BLACKHOLE: &str = "BlackHoleCluster";
 pub const OUTBOUND_PORT: u32 = 15001;
 pub const INBOUND_PORT: u32 = 15006;
@@ -356,13 +360,23 @@ fn http_manager(stat_prefix: &str, routes: http_connection_manager::RouteSpecifi
         pack_any(HttpConnectionManager {
             stat_prefix: stat_prefix.to_string(),
             route_specifier: Some(routes),
-            http_filters: vec![HttpFilter {
-                name: "envoy.filters.http.router".into(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                    Router::default(),
-                ))),
-                ..Default::default()
-            }],
+            // The fault filter does nothing unless a route configures it.
+            http_filters: vec![
+                HttpFilter {
+                    name: FAULT_FILTER.into(),
+                    config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                        HttpFault::default(),
+                    ))),
+                    ..Default::default()
+                },
+                HttpFilter {
+                    name: "envoy.filters.http.router".into(),
+                    config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                        Router::default(),
+                    ))),
+                    ..Default::default()
+                },
+            ],
             ..Default::default()
         }),
     )
@@ -480,12 +494,63 @@ fn destination_cluster(
     )
 }
 
+fn fraction(
+    percent: Option<&Percent>,
+) -> Option<envoy_types::pb::envoy::r#type::v3::FractionalPercent> {
+    // Istio's percentages are doubles; Envoy's finest denominator is a million.
+    let value = percent.map_or(100.0, |p| p.value);
+    Some(envoy_types::pb::envoy::r#type::v3::FractionalPercent {
+        numerator: (value * 10_000.0).round() as u32,
+        denominator:
+            envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType::Million as i32,
+    })
+}
+
 fn route_action(
     snapshot: &Snapshot,
     http: &HttpRoute,
     namespace: &str,
     port: u16,
 ) -> Option<route::route::Action> {
+    if let Some(redirect) = &http.redirect {
+        return Some(route::route::Action::Redirect(route::RedirectAction {
+            host_redirect: redirect.authority.clone().unwrap_or_default(),
+            port_redirect: redirect.port.unwrap_or(0),
+            response_code: match redirect.redirect_code.unwrap_or(301) {
+                302 => route::redirect_action::RedirectResponseCode::Found,
+                303 => route::redirect_action::RedirectResponseCode::SeeOther,
+                307 => route::redirect_action::RedirectResponseCode::TemporaryRedirect,
+                308 => route::redirect_action::RedirectResponseCode::PermanentRedirect,
+                _ => route::redirect_action::RedirectResponseCode::MovedPermanently,
+            } as i32,
+            scheme_rewrite_specifier: redirect
+                .scheme
+                .clone()
+                .map(route::redirect_action::SchemeRewriteSpecifier::SchemeRedirect),
+            path_rewrite_specifier: redirect
+                .uri
+                .clone()
+                .map(route::redirect_action::PathRewriteSpecifier::PathRedirect),
+            ..Default::default()
+        }));
+    }
+    if let Some(response) = &http.direct_response {
+        let body = response
+            .body
+            .as_ref()
+            .and_then(|b| b.string.clone())
+            .map(|text| core::DataSource {
+                specifier: Some(core::data_source::Specifier::InlineString(text)),
+                ..Default::default()
+            });
+        return Some(route::route::Action::DirectResponse(
+            route::DirectResponseAction {
+                status: response.status,
+                body,
+                ..Default::default()
+            },
+        ));
+    }
     let destinations = http.route.as_ref()?;
     let mut action = RouteAction::default();
     let cluster = if destinations.len() == 1 {
@@ -523,7 +588,150 @@ fn route_action(
             ..Default::default()
         });
     }
+    if let Some(rewrite) = &http.rewrite {
+        if let Some(uri) = &rewrite.uri {
+            action.prefix_rewrite = uri.clone();
+        }
+        if let Some(regex) = &rewrite.uri_regex_rewrite {
+            action.regex_rewrite = Some(
+                envoy_types::pb::envoy::r#type::matcher::v3::RegexMatchAndSubstitute {
+                    pattern: Some(RegexMatcher {
+                        regex: regex.pattern.clone(),
+                        ..Default::default()
+                    }),
+                    substitution: regex.rewrite.clone(),
+                },
+            );
+        }
+        if let Some(authority) = &rewrite.authority {
+            action.host_rewrite_specifier = Some(
+                route::route_action::HostRewriteSpecifier::HostRewriteLiteral(authority.clone()),
+            );
+        }
+    }
+    let mirrors = http
+        .mirror
+        .iter()
+        .map(|m| (m, http.mirror_percentage.as_ref()))
+        .chain(
+            http.mirrors
+                .iter()
+                .flatten()
+                .map(|m| (&m.destination, m.percentage.as_ref())),
+        );
+    action.request_mirror_policies = mirrors
+        .map(
+            |(destination, percent)| route::route_action::RequestMirrorPolicy {
+                cluster: destination_cluster(snapshot, destination, namespace, port),
+                runtime_fraction: Some(core::RuntimeFractionalPercent {
+                    default_value: fraction(percent),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .collect();
     Some(route::route::Action::Route(action))
+}
+
+fn header_options(
+    set: Option<&BTreeMap<String, String>>,
+    add: Option<&BTreeMap<String, String>>,
+) -> Vec<core::HeaderValueOption> {
+    let option =
+        |(key, value): (&String, &String),
+         append: core::header_value_option::HeaderAppendAction| core::HeaderValueOption {
+            header: Some(core::HeaderValue {
+                key: key.clone(),
+                value: value.clone(),
+                ..Default::default()
+            }),
+            append_action: append as i32,
+            ..Default::default()
+        };
+    let overwrite = core::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd;
+    let append = core::header_value_option::HeaderAppendAction::AppendIfExistsOrAdd;
+    set.into_iter()
+        .flatten()
+        .map(|kv| option(kv, overwrite))
+        .chain(add.into_iter().flatten().map(|kv| option(kv, append)))
+        .collect()
+}
+
+/// Istio's fault injection as the fault filter's per-route configuration.
+fn fault_config(http: &HttpRoute) -> Option<Any> {
+    let spec = http.fault.as_ref()?;
+    let delay = spec.delay.as_ref().and_then(|d| {
+        Some(common_fault::FaultDelay {
+            percentage: fraction(d.percentage.as_ref()),
+            fault_delay_secifier: Some(common_fault::fault_delay::FaultDelaySecifier::FixedDelay(
+                duration(d.fixed_delay.as_ref()?.get()),
+            )),
+        })
+    });
+    let abort = spec.abort.as_ref().and_then(|a| {
+        Some(fault::FaultAbort {
+            percentage: fraction(a.percentage.as_ref()),
+            error_type: Some(fault::fault_abort::ErrorType::HttpStatus(
+                a.http_status? as u32,
+            )),
+            ..Default::default()
+        })
+    });
+    Some(pack_any(HttpFault {
+        delay,
+        abort,
+        ..Default::default()
+    }))
+}
+
+/// Envoy routes for one Istio HTTP route: one per match, each with the same action.
+fn http_routes(snapshot: &Snapshot, http: &HttpRoute, namespace: &str, port: u16) -> Vec<Route> {
+    let Some(action) = route_action(snapshot, http, namespace, port) else {
+        return Vec::new();
+    };
+    let ops =
+        |pick: fn(&vmesh_api::kinds::virtual_service::Headers) -> Option<&HeaderOperations>| {
+            let mut ops: Vec<&HeaderOperations> =
+                http.headers.as_ref().and_then(pick).into_iter().collect();
+            // Headers set on a route's only destination apply to the route as well.
+            if let Some([only]) = http.route.as_deref() {
+                ops.extend(only.headers.as_ref().and_then(pick));
+            }
+            ops
+        };
+    let request = ops(|h| h.request.as_ref());
+    let response = ops(|h| h.response.as_ref());
+    let typed_per_filter_config: HashMap<String, Any> = fault_config(http)
+        .map(|f| (FAULT_FILTER.to_string(), f))
+        .into_iter()
+        .collect();
+    route_matches(http)
+        .into_iter()
+        .map(|matcher| Route {
+            name: http.name.clone().unwrap_or_default(),
+            r#match: Some(matcher),
+            action: Some(action.clone()),
+            typed_per_filter_config: typed_per_filter_config.clone(),
+            request_headers_to_add: request
+                .iter()
+                .flat_map(|o| header_options(o.set.as_ref(), o.add.as_ref()))
+                .collect(),
+            request_headers_to_remove: request
+                .iter()
+                .flat_map(|o| o.remove.iter().flatten().cloned())
+                .collect(),
+            response_headers_to_add: response
+                .iter()
+                .flat_map(|o| header_options(o.set.as_ref(), o.add.as_ref()))
+                .collect(),
+            response_headers_to_remove: response
+                .iter()
+                .flat_map(|o| o.remove.iter().flatten().cloned())
+                .collect(),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// The names a workload in `namespace` may use for `service`.
@@ -561,16 +769,7 @@ fn virtual_host(snapshot: &Snapshot, service: &MeshService, port: u16) -> Virtua
             continue;
         }
         for http in vs.spec.http.iter().flatten() {
-            let Some(action) = route_action(snapshot, http, &vs.namespace, port) else {
-                continue;
-            };
-            for matcher in route_matches(http) {
-                routes.push(Route {
-                    r#match: Some(matcher),
-                    action: Some(action.clone()),
-                    ..Default::default()
-                });
-            }
+            routes.extend(http_routes(snapshot, http, &vs.namespace, port));
         }
         break; // Istio merges only the first VirtualService for a host.
     }

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod config_dir;
 pub mod mesh;
+pub mod monitoring;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ pub struct ServerConfig {
     pub config_dir: Option<PathBuf>,
     /// Plaintext xDS, loopback only; off unless given.
     pub xds_plaintext_addr: Option<SocketAddr>,
+    /// Readiness and proxy sync status, loopback only; off unless given.
+    pub monitoring_addr: Option<SocketAddr>,
     pub debounce: mesh::Debounce,
 }
 
@@ -42,6 +45,7 @@ impl ServerConfig {
             api_token: None,
             config_dir: None,
             xds_plaintext_addr: None,
+            monitoring_addr: None,
             debounce: mesh::Debounce::default(),
         }
     }
@@ -62,6 +66,8 @@ pub enum ServerError {
     Store(#[from] vmesh_store::StoreError),
     #[error("plaintext xDS must listen on loopback, not {0}: it has no authentication")]
     RemotePlaintextXds(SocketAddr),
+    #[error("the monitoring port must listen on loopback, not {0}: it has no authentication")]
+    RemoteMonitoring(SocketAddr),
     #[error("config dir {path}: {message}")]
     ConfigDir { path: PathBuf, message: String },
 }
@@ -71,6 +77,7 @@ pub enum ServerError {
 pub struct Running {
     pub api_addr: SocketAddr,
     pub xds_plaintext_addr: Option<SocketAddr>,
+    pub monitoring_addr: Option<SocketAddr>,
     pub proxies: Arc<vmesh_xds::ads::StatusTable>,
     pub store: Arc<Store>,
     shutdown: watch::Sender<bool>,
@@ -103,6 +110,11 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         && !addr.ip().is_loopback()
     {
         return Err(ServerError::RemotePlaintextXds(addr));
+    }
+    if let Some(addr) = config.monitoring_addr
+        && !addr.ip().is_loopback()
+    {
+        return Err(ServerError::RemoteMonitoring(addr));
     }
     let store = Arc::new(Store::open(&config.data_dir)?);
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -156,6 +168,27 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         }));
         tracing::info!(addr = ?xds_plaintext_addr, "plaintext xDS listening (loopback only)");
     }
+    let mut monitoring_addr = None;
+    if let Some(addr) = config.monitoring_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        monitoring_addr = Some(
+            listener
+                .local_addr()
+                .map_err(|source| ServerError::Bind { addr, source })?,
+        );
+        let router = monitoring::router(proxies.clone());
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!("monitoring stopped: {e}");
+            }
+        }));
+    }
     if let Some(dir) = config.config_dir.clone() {
         let follower = config_dir::Follower::new(store.clone(), dir)?;
         tasks.push(tokio::spawn(follower.run(shutdown_rx.clone())));
@@ -164,6 +197,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     Ok(Running {
         api_addr,
         xds_plaintext_addr,
+        monitoring_addr,
         proxies,
         store,
         shutdown,

@@ -48,7 +48,12 @@ fn main() {
     let mut server = Command::new(VMESH)
         .args(["server", "--data-dir"])
         .arg(dir.path().join("data"))
-        .args(["--api-addr", "127.0.0.1:0"])
+        .args([
+            "--api-addr",
+            "127.0.0.1:0",
+            "--monitoring-addr",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

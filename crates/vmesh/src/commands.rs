@@ -19,6 +19,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             api_token_file,
             config_dir,
             xds_plaintext_addr,
+            monitoring_addr,
         } => {
             let api_token = match api_token_file {
                 Some(path) => {
@@ -37,6 +38,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                 api_token,
                 config_dir,
                 xds_plaintext_addr,
+                monitoring_addr: Some(monitoring_addr),
                 ..ServerConfig::new(data_dir)
             })
             .await?;
@@ -168,6 +170,16 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::ProxyStatus { monitoring } => {
+            let url = format!("{}/debug/syncz", monitoring.trim_end_matches('/'));
+            let proxies: Vec<Value> = reqwest::get(&url)
+                .await
+                .with_context(|| format!("cannot reach the server's monitoring port at {monitoring} (set VMESH_MONITORING)"))?
+                .json()
+                .await?;
+            print!("{}", output::proxy_status_table(&proxies));
+            Ok(ExitCode::SUCCESS)
         }
         Command::Demo { keep, down } => crate::demo::run(keep, down).await,
         Command::DemoApp {

@@ -62,6 +62,19 @@ enum Command {
         /// Plaintext xDS for local Envoys (loopback only), e.g. 127.0.0.1:15010.
         #[arg(long)]
         xds_plaintext_addr: Option<SocketAddr>,
+        /// Readiness and proxy sync status (loopback only).
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        monitoring_addr: SocketAddr,
+    },
+    /// Show every connected proxy and whether it runs the latest config.
+    ProxyStatus {
+        /// The server's monitoring address.
+        #[arg(
+            long,
+            env = "VMESH_MONITORING",
+            default_value = "http://127.0.0.1:15014"
+        )]
+        monitoring: String,
     },
     /// Check manifests without a server: exit 0 only when all are valid.
     Validate {

@@ -53,6 +53,47 @@ pub fn print(
     Ok(())
 }
 
+/// `vmesh proxy-status`: one row per proxy, its sync state per xDS type.
+pub fn proxy_status_table(proxies: &[Value]) -> String {
+    let headers = ["NAME", "NAMESPACE", "CDS", "LDS", "EDS", "RDS"];
+    let rows: Vec<Vec<String>> = proxies
+        .iter()
+        .map(|p| {
+            let mut row = vec![cell(p.get("id")), cell(p.get("namespace"))];
+            row.extend(
+                headers[2..]
+                    .iter()
+                    .map(|t| cell(p["sync"].get(*t)).replace("<none>", "-")),
+            );
+            row
+        })
+        .collect();
+    align(&headers, &rows)
+}
+
+/// Left-aligned columns three spaces apart, as kubectl prints them.
+fn align(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        padded.join("   ").trim_end().to_string() + "\n"
+    };
+    let mut out = line(headers.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
 fn table(info: &KindInfo, objects: &[Value], wide: bool, all_namespaces: bool) -> String {
     let mut headers: Vec<&str> = Vec::new();
     if all_namespaces && info.namespaced {
@@ -103,25 +144,7 @@ fn table(info: &KindInfo, objects: &[Value], wide: bool, all_namespaces: bool) -
             row
         })
         .collect();
-    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
-    for row in &rows {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.len());
-        }
-    }
-    let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells
-            .iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        padded.join("   ").trim_end().to_string() + "\n"
-    };
-    let mut out = line(headers);
-    for row in &rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
-    }
-    out
+    align(&headers, &rows)
 }
 
 fn cell(value: Option<&Value>) -> String {

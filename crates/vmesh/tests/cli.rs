@@ -20,7 +20,12 @@ impl Server {
         let mut child = Command::new(VMESH)
             .args(["server", "--data-dir"])
             .arg(data_dir)
-            .args(["--api-addr", "127.0.0.1:0"])
+            .args([
+                "--api-addr",
+                "127.0.0.1:0",
+                "--monitoring-addr",
+                "127.0.0.1:0",
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -330,7 +335,12 @@ fn token_protected_server_refuses_the_anonymous() {
     let open = Command::new(VMESH)
         .args(["server", "--data-dir"])
         .arg(data.path().join("open"))
-        .args(["--api-addr", "0.0.0.0:0"])
+        .args([
+            "--api-addr",
+            "0.0.0.0:0",
+            "--monitoring-addr",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     assert!(!open.status.success());

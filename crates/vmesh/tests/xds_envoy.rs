@@ -293,6 +293,16 @@ fn envoy_routes_the_guides_canary_split() {
         (get(&ns, &url, Some("x-canary: true")).as_deref() == Some("v2")).then_some(())
     });
 
+    let status = eventually("the proxy to be SYNCED", || {
+        let table = String::from_utf8_lossy(&ns.run(&vmesh(&["proxy-status"])).stdout).into_owned();
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("sidecar~127.0.0.9~frontend.vm-workloads"))?
+            .to_string();
+        (row.split_whitespace().skip(2).collect::<Vec<_>>() == ["SYNCED"; 4]).then_some(table)
+    });
+    assert!(status.starts_with("NAME"), "{status}");
+
     for _ in 0..20 {
         assert_eq!(
             get(&ns, &url, Some("x-canary: true")).as_deref(),

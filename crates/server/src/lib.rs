@@ -151,7 +151,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
                 .local_addr()
                 .map_err(|source| ServerError::Bind { addr, source })?,
         );
-        let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone());
+        let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone(), shutdown_rx.clone());
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let serve = tonic::transport::Server::builder()

@@ -86,14 +86,21 @@ pub struct Ads {
     config: watch::Receiver<Arc<dyn ConfigSource>>,
     status: Arc<StatusTable>,
     next_connection: Arc<std::sync::atomic::AtomicU64>,
+    /// Streams end when this turns true, so the server's graceful shutdown can finish.
+    shutdown: watch::Receiver<bool>,
 }
 
 impl Ads {
-    pub fn new(config: watch::Receiver<Arc<dyn ConfigSource>>, status: Arc<StatusTable>) -> Ads {
+    pub fn new(
+        config: watch::Receiver<Arc<dyn ConfigSource>>,
+        status: Arc<StatusTable>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Ads {
         Ads {
             config,
             status,
             next_connection: Arc::default(),
+            shutdown,
         }
     }
 
@@ -132,6 +139,11 @@ fn fingerprint(resources: &[&Any]) -> u64 {
     hasher.finish()
 }
 
+/// The version Envoy is told for a set of resources: its fingerprint.
+fn version_of(hash: u64) -> String {
+    format!("{hash:016x}")
+}
+
 impl Stream {
     /// Sends `type_url` if what the proxy should have differs from what it has.
     async fn push(&mut self, type_url: &str, force: bool) -> Result<(), ()> {
@@ -151,7 +163,7 @@ impl Stream {
         }
         self.nonce += 1;
         let nonce = self.nonce.to_string();
-        let version = format!("{hash:016x}");
+        let version = version_of(hash);
         subscription.sent_hash = Some(hash);
         subscription.sent_nonce = Some(nonce.clone());
         let response = DiscoveryResponse {
@@ -191,14 +203,21 @@ impl Stream {
         let type_url = request.type_url.clone();
         let wildcard = matches!(type_url.as_str(), CLUSTER_TYPE | LISTENER_TYPE);
         let subscription = self.subscriptions.entry(type_url.clone()).or_default();
+        // An answer to an older response on this stream is superseded. (A
+        // nonce before anything was sent here comes from an earlier stream.)
         if !request.response_nonce.is_empty()
-            && subscription.sent_nonce.as_deref() != Some(&request.response_nonce)
+            && subscription
+                .sent_nonce
+                .as_ref()
+                .is_some_and(|sent| *sent != request.response_nonce)
         {
-            return Ok(()); // An answer to an older response: superseded.
+            return Ok(());
         }
         if let Some(error) = &request.error_detail {
             subscription.refused_hash = subscription.sent_hash;
-            let version = request.version_info.clone();
+            // Envoy's `version_info` here is the last version it accepted;
+            // the refused one is what this nonce carried.
+            let version = subscription.sent_hash.map(version_of).unwrap_or_default();
             tracing::warn!(proxy = ?self.proxy.as_ref().map(|p| &p.id), %type_url, "proxy refused config: {}", error.message);
             let message = error.message.clone();
             self.status.update(self.connection, &type_url, |s| {
@@ -249,6 +268,7 @@ impl AggregatedDiscoveryService for Ads {
         let mut inbound = request.into_inner();
         let (out, rx) = mpsc::channel(16);
         let mut config = self.config.clone();
+        let mut shutdown = self.shutdown.clone();
         let mut stream = Stream {
             connection: self
                 .next_connection
@@ -265,7 +285,9 @@ impl AggregatedDiscoveryService for Ads {
                 tokio::select! {
                     message = inbound.message() => match message {
                         Ok(Some(request)) => {
-                            let current = config.borrow_and_update().clone();
+                            // Not `borrow_and_update`: a change seen here
+                            // must still reach `on_config` below.
+                            let current = config.borrow().clone();
                             if let Err(status) = stream.on_request(request, &current).await {
                                 let _ = stream.out.send(Err(status)).await;
                                 break;
@@ -273,6 +295,8 @@ impl AggregatedDiscoveryService for Ads {
                         }
                         Ok(None) | Err(_) => break,
                     },
+                    // The guard `wait_for` returns is not Send: drop it inside.
+                    () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
                     changed = config.changed() => {
                         if changed.is_err() {
                             break;

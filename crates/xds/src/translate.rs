@@ -156,6 +156,27 @@ pub fn qualify(host: &str, namespace: &str) -> String {
     }
 }
 
+/// A traffic policy followed by its `portLevelSettings` for `port`, which
+/// override it (Istio's precedence; a subset's policy layers on top the same way).
+fn layered(policy: Option<&TrafficPolicy>, port: u16) -> Vec<TrafficPolicy> {
+    let Some(policy) = policy else {
+        return Vec::new();
+    };
+    let port_level = policy
+        .port_level_settings
+        .iter()
+        .flatten()
+        .find(|p| p.port.as_ref().is_some_and(|s| s.number == u32::from(port)))
+        .map(|p| TrafficPolicy {
+            load_balancer: p.load_balancer.clone(),
+            connection_pool: p.connection_pool.clone(),
+            outlier_detection: p.outlier_detection.clone(),
+            tls: p.tls.clone(),
+            ..Default::default()
+        });
+    std::iter::once(policy.clone()).chain(port_level).collect()
+}
+
 fn apply_policy(cluster: &mut Cluster, policy: &TrafficPolicy, http2: &mut bool) {
     if let Some(lb) = &policy.load_balancer
         && let Some(simple) = lb.simple
@@ -808,11 +829,11 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
     for service in &snapshot.services {
         let dr = destination_rule(snapshot, service, &proxy.namespace);
         for port in &service.ports {
-            let base_policy: Vec<&TrafficPolicy> = dr
-                .as_ref()
-                .and_then(|d| d.traffic_policy.as_ref())
-                .into_iter()
-                .collect();
+            let base_policy = layered(
+                dr.as_ref().and_then(|d| d.traffic_policy.as_ref()),
+                port.port,
+            );
+            let base_policy: Vec<&TrafficPolicy> = base_policy.iter().collect();
             let name = cluster_name(port.port, "", &service.hostname);
             let cluster = outbound_cluster(name.clone(), service, port, &base_policy);
             if service.resolution == Resolution::Static {
@@ -824,8 +845,9 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
             clusters.insert(name, pack_any(cluster));
             for subset in dr.iter().flat_map(|d| d.subsets.iter().flatten()) {
                 let name = cluster_name(port.port, &subset.name, &service.hostname);
+                let subset_policy = layered(subset.traffic_policy.as_ref(), port.port);
                 let mut policies = base_policy.clone();
-                policies.extend(subset.traffic_policy.as_ref());
+                policies.extend(subset_policy.iter());
                 clusters.insert(
                     name.clone(),
                     pack_any(outbound_cluster(name.clone(), service, port, &policies)),
@@ -1077,4 +1099,107 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
         (LISTENER_TYPE, listeners),
         (ROUTE_TYPE, routes),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use prost::Message;
+
+    use super::*;
+
+    const MESH: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: pay, namespace: shop}
+spec:
+  selector: {app: pay}
+  ports: [{name: http, port: 8080}, {name: grpc, port: 9090}]
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: vm1, namespace: shop}
+spec: {address: 10.0.0.1, labels: {app: pay, version: v1}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pay, namespace: shop}
+spec:
+  host: pay
+  trafficPolicy:
+    loadBalancer: {simple: RANDOM}
+    portLevelSettings:
+    - port: {number: 9090}
+      loadBalancer: {simple: LEAST_REQUEST}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      connectionPool: {tcp: {maxConnections: 7}}
+"#;
+
+    fn clusters() -> BTreeMap<String, Cluster> {
+        let objects: Vec<_> = vmesh_api::decode_manifests("mesh.yaml", MESH)
+            .objects
+            .into_iter()
+            .map(|l| l.object)
+            .collect();
+        let mut vips = vmesh_registry::VipAllocator::default();
+        vips.assign(&objects);
+        let snapshot = Snapshot::build(&objects, &vips);
+        let node = Node {
+            id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let proxy = Proxy::from_node(Some(&node)).unwrap();
+        translate(&snapshot, &proxy)[CLUSTER_TYPE]
+            .iter()
+            .map(|(name, any)| (name.clone(), Cluster::decode(any.value.as_slice()).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn port_level_settings_and_subsets_layer_over_the_rule() {
+        let clusters = clusters();
+        let lb = |name: &str| clusters[name].lb_policy;
+        let random = cluster::cluster::LbPolicy::Random as i32;
+        let least = cluster::cluster::LbPolicy::LeastRequest as i32;
+        assert_eq!(lb("outbound|8080||pay.shop.svc.cluster.local"), random);
+        assert_eq!(
+            lb("outbound|9090||pay.shop.svc.cluster.local"),
+            least,
+            "port level wins on its port"
+        );
+        assert_eq!(
+            lb("outbound|9090|v1|pay.shop.svc.cluster.local"),
+            least,
+            "subsets inherit port-level settings"
+        );
+        let limits = &clusters["outbound|8080|v1|pay.shop.svc.cluster.local"]
+            .circuit_breakers
+            .as_ref()
+            .unwrap()
+            .thresholds[0];
+        assert_eq!(limits.max_connections.as_ref().map(|v| v.value), Some(7));
+        assert!(
+            clusters["outbound|8080||pay.shop.svc.cluster.local"]
+                .circuit_breakers
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn grpc_ports_speak_http2_upstream() {
+        let clusters = clusters();
+        assert!(
+            clusters["outbound|9090||pay.shop.svc.cluster.local"]
+                .typed_extension_protocol_options
+                .contains_key("envoy.extensions.upstreams.http.v3.HttpProtocolOptions")
+        );
+        assert!(
+            clusters["outbound|8080||pay.shop.svc.cluster.local"]
+                .typed_extension_protocol_options
+                .is_empty()
+        );
+    }
 }

@@ -219,6 +219,7 @@ fn envoy_routes_the_guides_canary_split() {
         seed.join("complete-vm-integration.yaml"),
         seed.join("destination-rule-payment.yaml"),
         seed.join("virtual-service-payment.yaml"),
+        seed.join("service-entry-vm-database.yaml"),
         entries,
     ] {
         ns.run(&vmesh(&["apply", "-f", file.to_str().unwrap()]));

@@ -755,6 +755,62 @@ fn http_routes(snapshot: &Snapshot, http: &HttpRoute, namespace: &str, port: u16
         .collect()
 }
 
+/// The TCP proxy for a non-HTTP service port: the first VirtualService `tcp`
+/// route for the host whose match names this port (or no port), else the
+/// service's own cluster.
+fn tcp_route(snapshot: &Snapshot, service: &MeshService, port: u16) -> Filter {
+    let default_cluster = cluster_name(port, "", &service.hostname);
+    let route = snapshot
+        .virtual_services
+        .iter()
+        .filter(|vs| {
+            vs.spec
+                .hosts
+                .iter()
+                .flatten()
+                .any(|h| qualify(h, &vs.namespace) == service.hostname)
+        })
+        .flat_map(|vs| vs.spec.tcp.iter().flatten().map(move |r| (vs, r)))
+        .find(|(_, r)| {
+            let matches = r.matches.as_deref().unwrap_or_default();
+            matches.is_empty()
+                || matches
+                    .iter()
+                    .any(|m| m.port.is_none_or(|p| p == u32::from(port)))
+        });
+    let destinations = route.and_then(|(vs, r)| Some((vs, r.route.as_deref()?)));
+    let specifier = match destinations {
+        Some((vs, [only])) => tcp_proxy::ClusterSpecifier::Cluster(destination_cluster(
+            snapshot,
+            &only.destination,
+            &vs.namespace,
+            port,
+        )),
+        Some((vs, several)) if !several.is_empty() => {
+            tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+                clusters: several
+                    .iter()
+                    .filter(|d| d.weight.unwrap_or(0) > 0)
+                    .map(|d| tcp_proxy::weighted_cluster::ClusterWeight {
+                        name: destination_cluster(snapshot, &d.destination, &vs.namespace, port),
+                        weight: d.weight.unwrap_or(0) as u32,
+                        ..Default::default()
+                    })
+                    .collect(),
+            })
+        }
+        _ => tcp_proxy::ClusterSpecifier::Cluster(default_cluster.clone()),
+    };
+    typed(
+        "envoy.filters.network.tcp_proxy",
+        pack_any(TcpProxy {
+            stat_prefix: default_cluster,
+            cluster_specifier: Some(specifier),
+            ..Default::default()
+        }),
+    )
+}
+
 /// The names a workload in `namespace` may use for `service`.
 fn domains(service: &MeshService, port: u16) -> Vec<String> {
     let mut names = vec![service.hostname.clone()];
@@ -876,10 +932,7 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
                             value: false,
                         }),
                         filter_chains: vec![FilterChain {
-                            filters: vec![tcp_proxy_filter(
-                                &cluster_name(port.port, "", &service.hostname),
-                                &cluster_name(port.port, "", &service.hostname),
-                            )],
+                            filters: vec![tcp_route(snapshot, service, port.port)],
                             ..Default::default()
                         }],
                         ..Default::default()
@@ -1185,6 +1238,44 @@ spec:
             clusters["outbound|8080||pay.shop.svc.cluster.local"]
                 .circuit_breakers
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn tcp_routes_split_by_weight() {
+        let text = format!(
+            "{MESH}---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: shop}}\nspec:\n  selector: {{app: pay}}\n  ports: [{{name: tcp-db, port: 5432}}]\n\
+             ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: db, namespace: shop}}\nspec:\n  hosts: [db]\n  tcp:\n  - match: [{{port: 5432}}]\n    route:\n    - {{destination: {{host: db, subset: a}}, weight: 30}}\n    - {{destination: {{host: db, subset: b}}, weight: 70}}\n"
+        );
+        let objects: Vec<_> = vmesh_api::decode_manifests("mesh.yaml", &text)
+            .objects
+            .into_iter()
+            .map(|l| l.object)
+            .collect();
+        let mut vips = vmesh_registry::VipAllocator::default();
+        vips.assign(&objects);
+        let snapshot = Snapshot::build(&objects, &vips);
+        let db = snapshot.service("db.shop.svc.cluster.local").unwrap();
+        let filter = tcp_route(&snapshot, db, 5432);
+        let Some(filter::ConfigType::TypedConfig(any)) = filter.config_type else {
+            panic!("typed config")
+        };
+        let proxy = TcpProxy::decode(any.value.as_slice()).unwrap();
+        let Some(tcp_proxy::ClusterSpecifier::WeightedClusters(weighted)) = proxy.cluster_specifier
+        else {
+            panic!("weighted")
+        };
+        let split: Vec<(String, u32)> = weighted
+            .clusters
+            .into_iter()
+            .map(|c| (c.name, c.weight))
+            .collect();
+        assert_eq!(
+            split,
+            [
+                ("outbound|5432|a|db.shop.svc.cluster.local".to_string(), 30),
+                ("outbound|5432|b|db.shop.svc.cluster.local".to_string(), 70)
+            ]
         );
     }
 

@@ -101,94 +101,95 @@ impl Running {
     }
 }
 
-/// Opens the store and starts the API (and the config-dir follower when asked).
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ServerError> {
+    let bind_error = |source| ServerError::Bind { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(bind_error)?;
+    let bound = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, bound))
+}
+
+/// Resolves when shutdown is asked.
+async fn stopped(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Serves an HTTP router until shutdown.
+fn serve_http(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    shutdown: watch::Receiver<bool>,
+    what: &'static str,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router)
+            .with_graceful_shutdown(stopped(shutdown))
+            .await
+        {
+            tracing::error!("{what} stopped: {e}");
+        }
+    })
+}
+
+/// Opens the store and starts the API, the mesh controller, and the xDS,
+/// monitoring and config-dir services that are asked for.
 pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     if !config.api_addr.ip().is_loopback() && config.api_token.is_none() {
         return Err(ServerError::UnauthenticatedRemoteApi(config.api_addr));
     }
-    if let Some(addr) = config.xds_plaintext_addr
-        && !addr.ip().is_loopback()
-    {
+    if let Some(addr) = config.xds_plaintext_addr.filter(|a| !a.ip().is_loopback()) {
         return Err(ServerError::RemotePlaintextXds(addr));
     }
-    if let Some(addr) = config.monitoring_addr
-        && !addr.ip().is_loopback()
-    {
+    if let Some(addr) = config.monitoring_addr.filter(|a| !a.ip().is_loopback()) {
         return Err(ServerError::RemoteMonitoring(addr));
     }
     let store = Arc::new(Store::open(&config.data_dir)?);
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let listener = tokio::net::TcpListener::bind(config.api_addr)
-        .await
-        .map_err(|source| ServerError::Bind {
-            addr: config.api_addr,
-            source,
-        })?;
-    let api_addr = listener.local_addr().map_err(|source| ServerError::Bind {
-        addr: config.api_addr,
-        source,
-    })?;
+    let (listener, api_addr) = bind(config.api_addr).await?;
     let router = api::router(store.clone(), config.api_token.clone(), shutdown_rx.clone());
-    let mut rx = shutdown_rx.clone();
-    let mut tasks = vec![tokio::spawn(async move {
-        let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!("config API stopped: {e}");
-        }
-    })];
+    let mut tasks = vec![serve_http(
+        listener,
+        router,
+        shutdown_rx.clone(),
+        "config API",
+    )];
+
     let (controller, mesh) = mesh::MeshController::new(store.clone(), config.debounce)?;
     tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
     let proxies = Arc::new(vmesh_xds::ads::StatusTable::default());
+
     let mut xds_plaintext_addr = None;
     if let Some(addr) = config.xds_plaintext_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
-        xds_plaintext_addr = Some(
-            listener
-                .local_addr()
-                .map_err(|source| ServerError::Bind { addr, source })?,
-        );
+        let (listener, bound) = bind(addr).await?;
+        xds_plaintext_addr = Some(bound);
         let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone(), shutdown_rx.clone());
-        let mut rx = shutdown_rx.clone();
+        let serve = tonic::transport::Server::builder()
+            .add_service(ads.into_service())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                stopped(shutdown_rx.clone()),
+            );
         tasks.push(tokio::spawn(async move {
-            let serve = tonic::transport::Server::builder()
-                .add_service(ads.into_service())
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    async move {
-                        let _ = rx.wait_for(|stop| *stop).await;
-                    },
-                );
             if let Err(e) = serve.await {
                 tracing::error!("xDS server stopped: {e}");
             }
         }));
-        tracing::info!(addr = ?xds_plaintext_addr, "plaintext xDS listening (loopback only)");
+        tracing::info!(addr = %bound, "plaintext xDS listening (loopback only)");
     }
+
     let mut monitoring_addr = None;
     if let Some(addr) = config.monitoring_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind { addr, source })?;
-        monitoring_addr = Some(
-            listener
-                .local_addr()
-                .map_err(|source| ServerError::Bind { addr, source })?,
-        );
-        let router = monitoring::router(proxies.clone());
-        let mut rx = shutdown_rx.clone();
-        tasks.push(tokio::spawn(async move {
-            let serve = axum::serve(listener, router).with_graceful_shutdown(async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!("monitoring stopped: {e}");
-            }
-        }));
+        let (listener, bound) = bind(addr).await?;
+        monitoring_addr = Some(bound);
+        tasks.push(serve_http(
+            listener,
+            monitoring::router(proxies.clone()),
+            shutdown_rx.clone(),
+            "monitoring",
+        ));
     }
+
     if let Some(dir) = config.config_dir.clone() {
         let follower = config_dir::Follower::new(store.clone(), dir)?;
         tasks.push(tokio::spawn(follower.run(shutdown_rx.clone())));

@@ -109,13 +109,13 @@ fn workload_entry(name: &str, address: &str, version: &str) -> String {
     )
 }
 
-fn bootstrap(xds_port: u16) -> String {
+fn bootstrap(xds_port: u16, api_type: &str) -> String {
     format!(
         r#"{{
   "node": {{"id": "sidecar~127.0.0.9~frontend.vm-workloads~vm-workloads.svc.cluster.local", "cluster": "frontend.vm-workloads",
             "metadata": {{"NAMESPACE": "vm-workloads", "SERVICE_ACCOUNT": "frontend-sa"}}}},
   "dynamic_resources": {{
-    "ads_config": {{"api_type": "GRPC", "transport_api_version": "V3", "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
+    "ads_config": {{"api_type": "{api_type}", "transport_api_version": "V3", "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
     "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}},
     "lds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
   }},
@@ -166,10 +166,20 @@ fn get(ns: &Namespace, url: &str, header: Option<&str>) -> Option<String> {
 }
 
 #[test]
-fn envoy_routes_the_guides_canary_split() {
+fn envoy_on_state_of_the_world_ads_routes_the_guides_canary_split() {
+    canary_split("GRPC", "42");
+}
+
+#[test]
+fn envoy_on_delta_ads_routes_the_guides_canary_split() {
+    canary_split("DELTA_GRPC", "43");
+}
+
+/// The whole scenario, with Envoy speaking `api_type` ADS.
+fn canary_split(api_type: &str, base_id: &str) {
     let envoy = envoy_binary();
     let dir = tempfile::tempdir().unwrap();
-    let mut ns = Namespace::create(&format!("vmesh-xds-{}", std::process::id()));
+    let mut ns = Namespace::create(&format!("vmesh-xds-{}-{base_id}", std::process::id()));
 
     for (address, name) in [
         ("127.0.0.2", "v1-a"),
@@ -275,14 +285,14 @@ fn envoy_routes_the_guides_canary_split() {
         "15001",
     ]);
     let bootstrap_file = dir.path().join("bootstrap.json");
-    std::fs::write(&bootstrap_file, bootstrap(15010)).unwrap();
+    std::fs::write(&bootstrap_file, bootstrap(15010, api_type)).unwrap();
     ns.spawn(
         &[
             envoy.to_str().unwrap(),
             "-c",
             bootstrap_file.to_str().unwrap(),
             "--base-id",
-            "42",
+            base_id,
             "-l",
             "warning",
         ],
@@ -397,6 +407,26 @@ spec:
         curl("/api/payments/1").contains("version=v1"),
         "everything else goes to the stable subset"
     );
+
+    // Removed services leave Envoy too (delta ADS says so with removed_resources).
+    let clusters = || {
+        String::from_utf8_lossy(
+            &ns.run(&["curl", "-s", "http://127.0.0.1:15000/clusters"])
+                .stdout,
+        )
+        .into_owned()
+    };
+    assert!(clusters().contains("outbound|3306||vm-database.vm-workloads.svc.cluster.local"));
+    ns.run(&vmesh(&[
+        "delete",
+        "se",
+        "vm-database",
+        "-n",
+        "vm-workloads",
+    ]));
+    eventually("the database clusters to go", || {
+        (!clusters().contains("vm-database")).then_some(())
+    });
 
     // Envoy accepted every update it was sent.
     let stats = String::from_utf8_lossy(

@@ -1,5 +1,5 @@
-//! The Aggregated Discovery Service (state of the world): one gRPC stream per
-//! proxy carrying clusters, endpoints, listeners and routes.
+//! The Aggregated Discovery Service, state of the world and delta: one gRPC
+//! stream per proxy carrying clusters, endpoints, listeners and routes.
 //!
 //! Per stream and type it tracks what was sent (version, nonce), what the
 //! proxy accepted, and what it refused: a NACKed set of resources is not sent
@@ -12,11 +12,12 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::Any;
 use parking_lot::Mutex;
@@ -109,28 +110,72 @@ impl Ads {
     }
 }
 
-/// One type's subscription on one stream.
-#[derive(Default)]
-struct Subscription {
-    /// `None`: every resource of the type (CDS, LDS); otherwise the names asked for.
-    names: Option<BTreeSet<String>>,
-    sent_nonce: Option<String>,
-    /// Fingerprint of what was last sent, and of what was last refused.
-    sent_hash: Option<u64>,
-    refused_hash: Option<u64>,
-}
-
-struct Stream {
+/// What every stream knows, whichever protocol it speaks.
+struct Session {
     connection: u64,
     proxy: Option<Proxy>,
-    subscriptions: BTreeMap<String, Subscription>,
     resources: Resources,
     nonce: u64,
     status: Arc<StatusTable>,
-    out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
 }
 
-fn fingerprint(resources: &[&Any]) -> u64 {
+impl Session {
+    /// Learns who the proxy is from its first request.
+    fn identify(
+        &mut self,
+        node: Option<&Node>,
+        config: &Arc<dyn ConfigSource>,
+    ) -> Result<(), Status> {
+        if self.proxy.is_some() {
+            return Ok(());
+        }
+        let proxy = Proxy::from_node(node).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(proxy = %proxy.id, "proxy connected");
+        self.status.proxies.lock().insert(
+            self.connection,
+            ProxyStatus {
+                id: proxy.id.clone(),
+                namespace: proxy.namespace.clone(),
+                connected_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                types: BTreeMap::new(),
+            },
+        );
+        self.resources = config.resources(&proxy);
+        self.proxy = Some(proxy);
+        Ok(())
+    }
+
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        self.nonce.to_string()
+    }
+
+    fn resources_of(&self, type_url: &str) -> BTreeMap<String, Any> {
+        self.resources.get(type_url).cloned().unwrap_or_default()
+    }
+
+    fn sent(&self, type_url: &str, version: String) {
+        self.status.update(self.connection, type_url, |s| {
+            s.sent_version = Some(version)
+        });
+    }
+
+    fn acked(&self, type_url: &str, version: String) {
+        self.status.update(self.connection, type_url, |s| {
+            s.acked_version = Some(version)
+        });
+    }
+
+    fn refused(&self, type_url: &str, version: String, message: &str) {
+        tracing::warn!(proxy = ?self.proxy.as_ref().map(|p| &p.id), %type_url, "proxy refused config: {message}");
+        let message = message.to_string();
+        self.status.update(self.connection, type_url, |s| {
+            s.nack = Some((version, message))
+        });
+    }
+}
+
+fn fingerprint<'a>(resources: impl IntoIterator<Item = &'a Any>) -> u64 {
     let mut hasher = DefaultHasher::new();
     for any in resources {
         any.type_url.hash(&mut hasher);
@@ -144,62 +189,129 @@ fn version_of(hash: u64) -> String {
     format!("{hash:016x}")
 }
 
-impl Stream {
-    /// Sends `type_url` if what the proxy should have differs from what it has.
-    async fn push(&mut self, type_url: &str, force: bool) -> Result<(), ()> {
-        let Some(subscription) = self.subscriptions.get_mut(type_url) else {
-            return Ok(());
-        };
-        let empty = BTreeMap::new();
-        let all = self.resources.get(type_url).unwrap_or(&empty);
-        let chosen: Vec<&Any> = match &subscription.names {
-            None => all.values().collect(),
-            Some(names) => names.iter().filter_map(|n| all.get(n)).collect(),
+/// One xDS flavour's per-stream state: it turns requests and configuration
+/// changes into responses; [`serve`] does the I/O.
+trait Protocol: Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    fn node(request: &Self::Request) -> Option<&Node>;
+    fn session(&mut self) -> &mut Session;
+    fn on_request(&mut self, request: Self::Request) -> Vec<Self::Response>;
+    /// The session's resources were recomputed: push what changed.
+    fn on_config(&mut self) -> Vec<Self::Response>;
+}
+
+/// Runs one stream until the proxy hangs up, the server shuts down, or the
+/// proxy's first request does not say who it is.
+fn serve<P: Protocol>(
+    mut protocol: P,
+    mut inbound: Streaming<P::Request>,
+    mut config: watch::Receiver<Arc<dyn ConfigSource>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> ReceiverStream<Result<P::Response, Status>> {
+    let (out, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        'stream: loop {
+            let responses = tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(request)) => {
+                        // Not `borrow_and_update`: a change seen here must
+                        // still reach `on_config` below.
+                        let current = config.borrow().clone();
+                        if let Err(status) = protocol.session().identify(P::node(&request), &current) {
+                            let _ = out.send(Err(status)).await;
+                            break;
+                        }
+                        protocol.on_request(request)
+                    }
+                    Ok(None) | Err(_) => break,
+                },
+                // The guard `wait_for` returns is not Send: drop it inside.
+                () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
+                changed = config.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let current = config.borrow_and_update().clone();
+                    let session = protocol.session();
+                    let Some(proxy) = &session.proxy else { continue };
+                    session.resources = current.resources(proxy);
+                    protocol.on_config()
+                }
+            };
+            for response in responses {
+                if out.send(Ok(response)).await.is_err() {
+                    break 'stream;
+                }
+            }
+        }
+        let session = protocol.session();
+        if let Some(proxy) = &session.proxy {
+            tracing::info!(proxy = %proxy.id, "proxy disconnected");
+        }
+        session.status.proxies.lock().remove(&session.connection);
+    });
+    ReceiverStream::new(rx)
+}
+
+/// One type's subscription on a state-of-the-world stream.
+#[derive(Default)]
+struct Subscription {
+    /// `None`: every resource of the type (CDS, LDS); otherwise the names asked for.
+    names: Option<BTreeSet<String>>,
+    sent_nonce: Option<String>,
+    /// Fingerprint of what was last sent, and of what was last refused.
+    sent_hash: Option<u64>,
+    refused_hash: Option<u64>,
+}
+
+/// State-of-the-world ADS: every response carries the whole set of a type.
+struct StateOfTheWorld {
+    session: Session,
+    subscriptions: BTreeMap<String, Subscription>,
+}
+
+impl StateOfTheWorld {
+    /// The response for `type_url` if what the proxy should have differs from what it has.
+    fn push(&mut self, type_url: &str, force: bool) -> Option<DiscoveryResponse> {
+        let all = self.session.resources_of(type_url);
+        let subscription = self.subscriptions.get_mut(type_url)?;
+        let chosen: Vec<Any> = match &subscription.names {
+            None => all.into_values().collect(),
+            Some(names) => names.iter().filter_map(|n| all.get(n).cloned()).collect(),
         };
         let hash = fingerprint(&chosen);
         let unchanged = subscription.sent_hash == Some(hash) && !force;
         if unchanged || subscription.refused_hash == Some(hash) {
-            return Ok(());
+            return None;
         }
-        self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        let version = version_of(hash);
+        let nonce = self.session.next_nonce();
         subscription.sent_hash = Some(hash);
         subscription.sent_nonce = Some(nonce.clone());
-        let response = DiscoveryResponse {
-            version_info: version.clone(),
-            resources: chosen.into_iter().cloned().collect(),
+        self.session.sent(type_url, version_of(hash));
+        Some(DiscoveryResponse {
+            version_info: version_of(hash),
+            resources: chosen,
             type_url: type_url.to_string(),
             nonce,
             ..Default::default()
-        };
-        self.status.update(self.connection, type_url, |s| {
-            s.sent_version = Some(version)
-        });
-        self.out.send(Ok(response)).await.map_err(|_| ())
+        })
+    }
+}
+
+impl Protocol for StateOfTheWorld {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    fn node(request: &DiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
     }
 
-    async fn on_request(
-        &mut self,
-        request: DiscoveryRequest,
-        config: &Arc<dyn ConfigSource>,
-    ) -> Result<(), Status> {
-        if self.proxy.is_none() {
-            let proxy = Proxy::from_node(request.node.as_ref())
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            tracing::info!(proxy = %proxy.id, "proxy connected");
-            self.status.proxies.lock().insert(
-                self.connection,
-                ProxyStatus {
-                    id: proxy.id.clone(),
-                    namespace: proxy.namespace.clone(),
-                    connected_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-                    types: BTreeMap::new(),
-                },
-            );
-            self.resources = config.resources(&proxy);
-            self.proxy = Some(proxy);
-        }
+    fn session(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    fn on_request(&mut self, request: DiscoveryRequest) -> Vec<DiscoveryResponse> {
         let type_url = request.type_url.clone();
         let wildcard = matches!(type_url.as_str(), CLUSTER_TYPE | LISTENER_TYPE);
         let subscription = self.subscriptions.entry(type_url.clone()).or_default();
@@ -211,25 +323,18 @@ impl Stream {
                 .as_ref()
                 .is_some_and(|sent| *sent != request.response_nonce)
         {
-            return Ok(());
+            return Vec::new();
         }
         if let Some(error) = &request.error_detail {
             subscription.refused_hash = subscription.sent_hash;
             // Envoy's `version_info` here is the last version it accepted;
             // the refused one is what this nonce carried.
             let version = subscription.sent_hash.map(version_of).unwrap_or_default();
-            tracing::warn!(proxy = ?self.proxy.as_ref().map(|p| &p.id), %type_url, "proxy refused config: {}", error.message);
-            let message = error.message.clone();
-            self.status.update(self.connection, &type_url, |s| {
-                s.nack = Some((version, message))
-            });
-            return Ok(());
+            self.session.refused(&type_url, version, &error.message);
+            return Vec::new();
         }
         if !request.response_nonce.is_empty() {
-            let version = request.version_info.clone();
-            self.status.update(self.connection, &type_url, |s| {
-                s.acked_version = Some(version)
-            });
+            self.session.acked(&type_url, request.version_info.clone());
         }
         let names: Option<BTreeSet<String>> =
             (!wildcard).then(|| request.resource_names.iter().cloned().collect());
@@ -237,22 +342,197 @@ impl Stream {
         subscription.names = names;
         let first = subscription.sent_nonce.is_none();
         self.push(&type_url, first || names_changed)
-            .await
-            .map_err(|_| Status::cancelled("stream closed"))
+            .into_iter()
+            .collect()
     }
 
-    async fn on_config(&mut self, config: &Arc<dyn ConfigSource>) -> Result<(), ()> {
-        let Some(proxy) = &self.proxy else {
-            return Ok(());
-        };
-        self.resources = config.resources(proxy);
+    fn on_config(&mut self) -> Vec<DiscoveryResponse> {
         for subscription in self.subscriptions.values_mut() {
             subscription.refused_hash = None;
         }
-        for type_url in PUSH_ORDER {
-            self.push(type_url, false).await?;
+        PUSH_ORDER
+            .iter()
+            .filter_map(|type_url| self.push(type_url, false))
+            .collect()
+    }
+}
+
+/// A delta response waiting for its ACK or NACK.
+struct Pending {
+    nonce: String,
+    system_version: String,
+    diff_hash: u64,
+    /// What the proxy had before: restored if it refuses.
+    previous: BTreeMap<String, String>,
+}
+
+/// One type's subscription on a delta stream.
+#[derive(Default)]
+struct DeltaSubscription {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// Resource name → version the proxy has (or has been sent).
+    known: BTreeMap<String, String>,
+    pending: Option<Pending>,
+    refused_hash: Option<u64>,
+}
+
+/// Incremental ADS: responses carry only what changed and what was removed.
+struct Delta {
+    session: Session,
+    subscriptions: BTreeMap<String, DeltaSubscription>,
+}
+
+impl Delta {
+    fn push(&mut self, type_url: &str, force: bool) -> Option<DeltaDiscoveryResponse> {
+        let all = self.session.resources_of(type_url);
+        let subscription = self.subscriptions.get_mut(type_url)?;
+        let desired: BTreeMap<String, Any> = if subscription.wildcard {
+            all
+        } else {
+            all.into_iter()
+                .filter(|(name, _)| subscription.names.contains(name))
+                .collect()
+        };
+        let changed: Vec<Resource> = desired
+            .iter()
+            .map(|(name, any)| (name, any, version_of(fingerprint([any]))))
+            .filter(|(name, _, version)| subscription.known.get(*name) != Some(version))
+            .map(|(name, any, version)| Resource {
+                name: name.clone(),
+                version,
+                resource: Some(any.clone()),
+                ..Default::default()
+            })
+            .collect();
+        let removed: Vec<String> = subscription
+            .known
+            .keys()
+            .filter(|name| !desired.contains_key(*name))
+            .cloned()
+            .collect();
+        if changed.is_empty() && removed.is_empty() && !force {
+            return None;
         }
-        Ok(())
+        let mut hasher = DefaultHasher::new();
+        fingerprint(changed.iter().filter_map(|r| r.resource.as_ref())).hash(&mut hasher);
+        removed.hash(&mut hasher);
+        let diff_hash = hasher.finish();
+        if subscription.refused_hash == Some(diff_hash) && !force {
+            return None;
+        }
+        let previous = subscription.known.clone();
+        for resource in &changed {
+            subscription
+                .known
+                .insert(resource.name.clone(), resource.version.clone());
+        }
+        for name in &removed {
+            subscription.known.remove(name);
+        }
+        let system_version = version_of(fingerprint(desired.values()));
+        let nonce = self.session.next_nonce();
+        subscription.pending = Some(Pending {
+            nonce: nonce.clone(),
+            system_version: system_version.clone(),
+            diff_hash,
+            previous,
+        });
+        self.session.sent(type_url, system_version.clone());
+        Some(DeltaDiscoveryResponse {
+            system_version_info: system_version,
+            resources: changed,
+            type_url: type_url.to_string(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        })
+    }
+}
+
+impl Protocol for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+
+    fn session(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    fn on_request(&mut self, request: DeltaDiscoveryRequest) -> Vec<DeltaDiscoveryResponse> {
+        let type_url = request.type_url.clone();
+        let first = !self.subscriptions.contains_key(&type_url);
+        let subscription = self.subscriptions.entry(type_url.clone()).or_default();
+        if first {
+            // An empty first subscription is the legacy wildcard for CDS and LDS.
+            subscription.wildcard = request.resource_names_subscribe.is_empty()
+                && matches!(type_url.as_str(), CLUSTER_TYPE | LISTENER_TYPE);
+            subscription.known = request
+                .initial_resource_versions
+                .clone()
+                .into_iter()
+                .collect();
+        }
+        if !request.response_nonce.is_empty() {
+            match subscription.pending.take() {
+                Some(pending) if pending.nonce == request.response_nonce => {
+                    match &request.error_detail {
+                        Some(error) => {
+                            subscription.known = pending.previous;
+                            subscription.refused_hash = Some(pending.diff_hash);
+                            self.session
+                                .refused(&type_url, pending.system_version, &error.message);
+                        }
+                        None => self.session.acked(&type_url, pending.system_version),
+                    }
+                }
+                // An answer to an older response: superseded.
+                other => subscription.pending = other,
+            }
+        }
+        for name in &request.resource_names_subscribe {
+            if name == "*" {
+                subscription.wildcard = true;
+            } else {
+                subscription.names.insert(name.clone());
+            }
+        }
+        for name in &request.resource_names_unsubscribe {
+            if name == "*" {
+                subscription.wildcard = false;
+            } else {
+                subscription.names.remove(name);
+                subscription.known.remove(name);
+            }
+        }
+        self.push(&type_url, first).into_iter().collect()
+    }
+
+    fn on_config(&mut self) -> Vec<DeltaDiscoveryResponse> {
+        for subscription in self.subscriptions.values_mut() {
+            subscription.refused_hash = None;
+        }
+        PUSH_ORDER
+            .iter()
+            .filter_map(|type_url| self.push(type_url, false))
+            .collect()
+    }
+}
+
+impl Ads {
+    fn session(&self) -> Session {
+        Session {
+            connection: self
+                .next_connection
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            proxy: None,
+            resources: Resources::new(),
+            nonce: 0,
+            status: self.status.clone(),
+        }
     }
 }
 
@@ -265,63 +545,31 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (out, rx) = mpsc::channel(16);
-        let mut config = self.config.clone();
-        let mut shutdown = self.shutdown.clone();
-        let mut stream = Stream {
-            connection: self
-                .next_connection
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            proxy: None,
+        let protocol = StateOfTheWorld {
+            session: self.session(),
             subscriptions: BTreeMap::new(),
-            resources: Resources::new(),
-            nonce: 0,
-            status: self.status.clone(),
-            out,
         };
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    message = inbound.message() => match message {
-                        Ok(Some(request)) => {
-                            // Not `borrow_and_update`: a change seen here
-                            // must still reach `on_config` below.
-                            let current = config.borrow().clone();
-                            if let Err(status) = stream.on_request(request, &current).await {
-                                let _ = stream.out.send(Err(status)).await;
-                                break;
-                            }
-                        }
-                        Ok(None) | Err(_) => break,
-                    },
-                    // The guard `wait_for` returns is not Send: drop it inside.
-                    () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
-                    changed = config.changed() => {
-                        if changed.is_err() {
-                            break;
-                        }
-                        let current = config.borrow_and_update().clone();
-                        if stream.on_config(&current).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            if let Some(proxy) = &stream.proxy {
-                tracing::info!(proxy = %proxy.id, "proxy disconnected");
-            }
-            stream.status.proxies.lock().remove(&stream.connection);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(Response::new(serve(
+            protocol,
+            request.into_inner(),
+            self.config.clone(),
+            self.shutdown.clone(),
+        )))
     }
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "delta xDS is not served yet; use state-of-the-world ADS",
-        ))
+        let protocol = Delta {
+            session: self.session(),
+            subscriptions: BTreeMap::new(),
+        };
+        Ok(Response::new(serve(
+            protocol,
+            request.into_inner(),
+            self.config.clone(),
+            self.shutdown.clone(),
+        )))
     }
 }

@@ -428,6 +428,66 @@ spec:
         (!clusters().contains("vm-database")).then_some(())
     });
 
+    // Consistent hashing: one user's requests stick to one VM.
+    let ledger = dir.path().join("ledger.yaml");
+    std::fs::write(
+        &ledger,
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: ledger, namespace: vm-workloads}
+spec:
+  selector: {app: payment-service}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ledger, namespace: vm-workloads}
+spec:
+  host: ledger
+  trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
+"#,
+    )
+    .unwrap();
+    ns.run(&vmesh(&["apply", "-f", ledger.to_str().unwrap()]));
+    let ledger_vip = eventually("a VIP for ledger", || {
+        let output = ns
+            .command(&vmesh(&[
+                "get",
+                "cm",
+                "vmesh-vip-allocations",
+                "-n",
+                "istio-system",
+                "-o",
+                "json",
+            ]))
+            .output()
+            .unwrap();
+        let vips: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        Some(
+            vips["data"]["ledger.vm-workloads.svc.cluster.local"]
+                .as_str()?
+                .to_string(),
+        )
+    });
+    let ledger_url = format!("http://{ledger_vip}:8080/");
+    let first = eventually("ledger to answer", || {
+        get(&ns, &ledger_url, Some("x-user: alice"))
+    });
+    for _ in 0..20 {
+        assert_eq!(
+            get(&ns, &ledger_url, Some("x-user: alice")).as_deref(),
+            Some(first.as_str()),
+            "alice sticks to one VM"
+        );
+    }
+    let users: std::collections::BTreeSet<String> = (0..30)
+        .filter_map(|i| get(&ns, &ledger_url, Some(&format!("x-user: user{i}"))))
+        .collect();
+    assert!(
+        users.len() > 1,
+        "different users spread over the VMs: {users:?}"
+    );
+
     // Envoy accepted every update it was sent.
     let stats = String::from_utf8_lossy(
         &ns.run(&["curl", "-s", "http://127.0.0.1:15000/stats"])

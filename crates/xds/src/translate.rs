@@ -189,6 +189,36 @@ fn apply_policy(cluster: &mut Cluster, policy: &TrafficPolicy, http2: &mut bool)
             _ => cluster::cluster::LbPolicy::RoundRobin,
         } as i32;
     }
+    if let Some(hash) = policy
+        .load_balancer
+        .as_ref()
+        .and_then(|lb| lb.consistent_hash.as_ref())
+    {
+        if let Some(maglev) = &hash.maglev {
+            cluster.lb_policy = cluster::cluster::LbPolicy::Maglev as i32;
+            cluster.lb_config = Some(cluster::cluster::LbConfig::MaglevLbConfig(
+                cluster::cluster::MaglevLbConfig {
+                    table_size: maglev
+                        .table_size
+                        .map(|size| envoy_types::pb::google::protobuf::UInt64Value { value: size }),
+                },
+            ));
+        } else {
+            cluster.lb_policy = cluster::cluster::LbPolicy::RingHash as i32;
+            let minimum = hash
+                .ring_hash
+                .as_ref()
+                .and_then(|r| r.minimum_ring_size)
+                .or(hash.minimum_ring_size);
+            cluster.lb_config = Some(cluster::cluster::LbConfig::RingHashLbConfig(
+                cluster::cluster::RingHashLbConfig {
+                    minimum_ring_size: minimum
+                        .map(|size| envoy_types::pb::google::protobuf::UInt64Value { value: size }),
+                    ..Default::default()
+                },
+            ));
+        }
+    }
     if let Some(pool) = &policy.connection_pool {
         let mut thresholds = Thresholds::default();
         if let Some(tcp) = &pool.tcp {
@@ -811,6 +841,73 @@ fn tcp_route(snapshot: &Snapshot, service: &MeshService, port: u16) -> Filter {
     )
 }
 
+/// The route hash policy a DestinationRule's `consistentHash` asks for, for
+/// routes whose (first) destination is `cluster`.
+fn hash_policies(
+    snapshot: &Snapshot,
+    cluster: &str,
+    proxy_namespace: &str,
+) -> Vec<route::route_action::HashPolicy> {
+    use route::route_action::hash_policy::{self, PolicySpecifier};
+    let Some(host) = cluster.rsplit('|').next() else {
+        return Vec::new();
+    };
+    let Some(service) = snapshot.service(host) else {
+        return Vec::new();
+    };
+    let Some(rule) = destination_rule(snapshot, service, proxy_namespace) else {
+        return Vec::new();
+    };
+    let Some(hash) = rule
+        .traffic_policy
+        .as_ref()
+        .and_then(|p| p.load_balancer.as_ref())
+        .and_then(|lb| lb.consistent_hash.as_ref())
+    else {
+        return Vec::new();
+    };
+    let specifier = if let Some(header) = &hash.http_header_name {
+        PolicySpecifier::Header(hash_policy::Header {
+            header_name: header.clone(),
+            ..Default::default()
+        })
+    } else if let Some(cookie) = &hash.http_cookie {
+        PolicySpecifier::Cookie(hash_policy::Cookie {
+            name: cookie.name.clone(),
+            path: cookie.path.clone().unwrap_or_default(),
+            ttl: cookie.ttl.as_ref().map(|t| duration(t.get())),
+            ..Default::default()
+        })
+    } else if let Some(name) = &hash.http_query_parameter_name {
+        PolicySpecifier::QueryParameter(hash_policy::QueryParameter { name: name.clone() })
+    } else {
+        PolicySpecifier::ConnectionProperties(hash_policy::ConnectionProperties { source_ip: true })
+    };
+    vec![route::route_action::HashPolicy {
+        policy_specifier: Some(specifier),
+        ..Default::default()
+    }]
+}
+
+/// Adds the consistent-hash policy of each route's destination.
+fn add_hash_policies(snapshot: &Snapshot, routes: &mut [Route], proxy_namespace: &str) {
+    for route in routes {
+        let Some(route::route::Action::Route(action)) = &mut route.action else {
+            continue;
+        };
+        let cluster = match &action.cluster_specifier {
+            Some(route::route_action::ClusterSpecifier::Cluster(name)) => name.clone(),
+            Some(route::route_action::ClusterSpecifier::WeightedClusters(w)) => w
+                .clusters
+                .first()
+                .map(|c| c.name.clone())
+                .unwrap_or_default(),
+            _ => continue,
+        };
+        action.hash_policy = hash_policies(snapshot, &cluster, proxy_namespace);
+    }
+}
+
 /// The names a workload in `namespace` may use for `service`.
 fn domains(service: &MeshService, port: u16) -> Vec<String> {
     let mut names = vec![service.hostname.clone()];
@@ -828,7 +925,12 @@ fn domains(service: &MeshService, port: u16) -> Vec<String> {
     names
 }
 
-fn virtual_host(snapshot: &Snapshot, service: &MeshService, port: u16) -> VirtualHost {
+fn virtual_host(
+    snapshot: &Snapshot,
+    service: &MeshService,
+    port: u16,
+    proxy_namespace: &str,
+) -> VirtualHost {
     let mut routes = Vec::new();
     for vs in &snapshot.virtual_services {
         let applies = vs
@@ -866,6 +968,7 @@ fn virtual_host(snapshot: &Snapshot, service: &MeshService, port: u16) -> Virtua
             ..Default::default()
         });
     }
+    add_hash_policies(snapshot, &mut routes, proxy_namespace);
     VirtualHost {
         name: format!("{}:{port}", service.hostname),
         domains: domains(service, port),
@@ -947,7 +1050,7 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
         let route_name = port.to_string();
         let mut virtual_hosts: Vec<VirtualHost> = services
             .iter()
-            .map(|s| virtual_host(snapshot, s, *port))
+            .map(|s| virtual_host(snapshot, s, *port, &proxy.namespace))
             .collect();
         let fallback = if snapshot.mesh.outbound_policy == OutboundPolicy::RegistryOnly {
             BLACKHOLE
@@ -1277,6 +1380,49 @@ spec:
                 ("outbound|5432|b|db.shop.svc.cluster.local".to_string(), 70)
             ]
         );
+    }
+
+    #[test]
+    fn consistent_hash_sets_ring_hash_and_the_route_hash_policy() {
+        let text = MESH.replace(
+            "loadBalancer: {simple: RANDOM}",
+            "loadBalancer: {consistentHash: {httpHeaderName: x-user}}",
+        );
+        let objects: Vec<_> = vmesh_api::decode_manifests("mesh.yaml", &text)
+            .objects
+            .into_iter()
+            .map(|l| l.object)
+            .collect();
+        let mut vips = vmesh_registry::VipAllocator::default();
+        vips.assign(&objects);
+        let snapshot = Snapshot::build(&objects, &vips);
+        let node = Node {
+            id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let resources = translate(&snapshot, &Proxy::from_node(Some(&node)).unwrap());
+        let cluster = Cluster::decode(
+            resources[CLUSTER_TYPE]["outbound|8080||pay.shop.svc.cluster.local"]
+                .value
+                .as_slice(),
+        )
+        .unwrap();
+        assert_eq!(
+            cluster.lb_policy,
+            cluster::cluster::LbPolicy::RingHash as i32
+        );
+        let routes =
+            RouteConfiguration::decode(resources[ROUTE_TYPE]["8080"].value.as_slice()).unwrap();
+        let Some(route::route::Action::Route(action)) = &routes.virtual_hosts[0].routes[0].action
+        else {
+            panic!("route")
+        };
+        let Some(route::route_action::hash_policy::PolicySpecifier::Header(header)) =
+            &action.hash_policy[0].policy_specifier
+        else {
+            panic!("header hash policy")
+        };
+        assert_eq!(header.header_name, "x-user");
     }
 
     #[test]

@@ -102,10 +102,11 @@ impl Drop for Namespace {
     }
 }
 
-fn workload_entry(name: &str, address: &str, version: &str) -> String {
+fn workload_entry(name: &str, address: &str, version: &str, locality: &str) -> String {
     format!(
         "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: vm-workloads}}\n\
-         spec:\n  address: {address}\n  labels: {{app: payment-service, version: {version}}}\n  serviceAccount: payment-service-sa\n  ports: {{http: 8080}}\n"
+         spec:\n  address: {address}\n  labels: {{app: payment-service, version: {version}}}\n  serviceAccount: payment-service-sa\n  \
+         ports: {{http: 8080}}\n  locality: {locality}\n"
     )
 }
 
@@ -113,6 +114,7 @@ fn bootstrap(xds_port: u16, api_type: &str) -> String {
     format!(
         r#"{{
   "node": {{"id": "sidecar~127.0.0.9~frontend.vm-workloads~vm-workloads.svc.cluster.local", "cluster": "frontend.vm-workloads",
+            "locality": {{"region": "us-west1", "zone": "zone-a"}},
             "metadata": {{"NAMESPACE": "vm-workloads", "SERVICE_ACCOUNT": "frontend-sa"}}}},
   "dynamic_resources": {{
     "ads_config": {{"api_type": "{api_type}", "transport_api_version": "V3", "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
@@ -217,9 +219,9 @@ fn canary_split(api_type: &str, base_id: &str) {
     std::fs::write(
         &entries,
         [
-            workload_entry("payment-a", "127.0.0.2", "v1"),
-            workload_entry("payment-b", "127.0.0.3", "v1"),
-            workload_entry("payment-canary", "127.0.0.4", "v2"),
+            workload_entry("payment-a", "127.0.0.2", "v1", "us-west1/zone-a"),
+            workload_entry("payment-b", "127.0.0.3", "v1", "us-west1/zone-b"),
+            workload_entry("payment-canary", "127.0.0.4", "v2", "us-east1/zone-a"),
         ]
         .concat(),
     )
@@ -331,9 +333,11 @@ fn canary_split(api_type: &str, base_id: &str) {
         (6..=40).contains(&canary),
         "about 10% to the canary: {counts:?}"
     );
+    // Locality load balancing keeps the stable share in the proxy's zone:
+    // payment-a is in us-west1/zone-a with the proxy, payment-b is not.
     assert!(
-        counts.contains_key("v1-a") && counts.contains_key("v1-b"),
-        "both stable VMs serve: {counts:?}"
+        counts.contains_key("v1-a") && !counts.contains_key("v1-b"),
+        "the stable VM in the proxy's zone serves: {counts:?}"
     );
     assert_eq!(counts.values().sum::<i32>(), 200, "{counts:?}");
 
@@ -351,6 +355,15 @@ fn canary_split(api_type: &str, base_id: &str) {
             .any(|_| get(&ns, &url, Some("x-canary: true")).is_some_and(|a| a != "v2"))
             .then_some(())
     });
+    // The default route prefers the proxy's own zone (us-west1/zone-a), as
+    // the guide's rule has outlier detection and so locality load balancing.
+    for _ in 0..20 {
+        assert_eq!(
+            get(&ns, &url, None).as_deref(),
+            Some("v1-a"),
+            "the VM in the proxy's zone serves"
+        );
+    }
 
     // Faults, rewrites, header changes and direct responses reach real requests.
     let rules = dir.path().join("rules.yaml");

@@ -43,6 +43,8 @@ pub struct Proxy {
     pub network: Option<String>,
     pub workload_name: Option<String>,
     pub cluster_id: Option<String>,
+    /// `region/zone/subzone` from the node's locality, when it has one.
+    pub locality: Option<String>,
     /// Every metadata field, as strings where they are strings.
     pub metadata: BTreeMap<String, String>,
 }
@@ -113,6 +115,15 @@ impl Proxy {
             network: field("NETWORK").filter(|n| !n.is_empty()),
             workload_name: field("WORKLOAD_NAME"),
             cluster_id: field("CLUSTER_ID"),
+            locality: node
+                .locality
+                .as_ref()
+                .filter(|l| !l.region.is_empty())
+                .map(|l| {
+                    format!("{}/{}/{}", l.region, l.zone, l.sub_zone)
+                        .trim_end_matches('/')
+                        .to_string()
+                }),
             metadata,
             id,
         })

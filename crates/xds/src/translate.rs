@@ -41,7 +41,9 @@ use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use envoy_types::util::pack_any;
 use vmesh_api::kinds::common::Percent;
 use vmesh_api::kinds::common::StringMatch;
-use vmesh_api::kinds::destination_rule::{DestinationRuleSpec, SimpleLb, TrafficPolicy};
+use vmesh_api::kinds::destination_rule::{
+    DestinationRuleSpec, LocalityFailover, SimpleLb, TrafficPolicy,
+};
 use vmesh_api::kinds::virtual_service::{Destination, HeaderOperations, HttpRoute};
 use vmesh_registry::{MeshService, OutboundPolicy, Resolution, Snapshot};
 
@@ -300,7 +302,7 @@ fn outbound_cluster(
         cluster::cluster::DiscoveryType::OriginalDst => {
             cluster.lb_policy = cluster::cluster::LbPolicy::ClusterProvided as i32;
         }
-        _ => cluster.load_assignment = Some(load_assignment(&name, service, port.port, None)),
+        _ => cluster.load_assignment = Some(load_assignment(&name, service, port.port, None, None)),
     }
     let mut http2 = matches!(
         port.protocol,
@@ -328,11 +330,73 @@ fn outbound_cluster(
     cluster
 }
 
+/// Locality-aware load balancing for one proxy: endpoints nearer the proxy
+/// get higher priority, then the regions `failover` names, then the rest.
+pub struct LocalityPolicy<'a> {
+    /// The proxy's `region/zone/subzone`.
+    pub proxy: &'a str,
+    pub failover: &'a [LocalityFailover],
+}
+
+impl LocalityPolicy<'_> {
+    /// Istio's order: same subzone, same zone, same region, a failover region, anywhere.
+    fn rank(&self, endpoint: &str) -> u32 {
+        let proxy: Vec<&str> = self.proxy.split('/').collect();
+        let endpoint: Vec<&str> = endpoint.split('/').collect();
+        let same = |depth: usize| {
+            (0..depth).all(|i| {
+                proxy
+                    .get(i)
+                    .is_some_and(|p| !p.is_empty() && endpoint.get(i) == Some(p))
+            })
+        };
+        if same(3) {
+            0
+        } else if same(2) {
+            1
+        } else if same(1) {
+            2
+        } else if self.failover.iter().any(|f| {
+            Some(&f.from.as_str()) == proxy.first() && Some(&f.to.as_str()) == endpoint.first()
+        }) {
+            3
+        } else {
+            4
+        }
+    }
+}
+
+/// The locality policy a DestinationRule gives a proxy, if any: it needs the
+/// proxy's locality, `localityLbSetting` not disabled, and outlier detection
+/// (without it Envoy would never fail over, so Istio requires it too).
+fn locality_policy<'a>(
+    rule: Option<&'a DestinationRuleSpec>,
+    proxy: &'a Proxy,
+) -> Option<LocalityPolicy<'a>> {
+    let locality = proxy.locality.as_deref()?;
+    let policy = rule?.traffic_policy.as_ref()?;
+    policy.outlier_detection.as_ref()?;
+    let setting = policy
+        .load_balancer
+        .as_ref()
+        .and_then(|lb| lb.locality_lb_setting.as_ref());
+    if setting.is_some_and(|s| s.enabled == Some(false)) {
+        return None;
+    }
+    Some(LocalityPolicy {
+        proxy: locality,
+        failover: setting
+            .and_then(|s| s.failover.as_deref())
+            .unwrap_or_default(),
+    })
+}
+
 fn load_assignment(
     name: &str,
     service: &MeshService,
     port: u16,
     subset: Option<&BTreeMap<String, String>>,
+    locality: Option<&LocalityPolicy>,
 ) -> ClusterLoadAssignment {
     let mut by_locality: BTreeMap<String, Vec<LbEndpoint>> = BTreeMap::new();
     for endpoint in &service.endpoints {
@@ -358,7 +422,7 @@ fn load_assignment(
                 ..Default::default()
             });
     }
-    ClusterLoadAssignment {
+    let mut assignment = ClusterLoadAssignment {
         cluster_name: name.to_string(),
         endpoints: by_locality
             .into_iter()
@@ -382,9 +446,30 @@ fn load_assignment(
                     ..Default::default()
                 }
             })
-            .collect(),
+            .collect::<Vec<_>>(),
         ..Default::default()
+    };
+    if let Some(policy) = locality {
+        // Envoy wants priorities without gaps: number the ranks in use 0, 1, 2…
+        let ranks: Vec<u32> = assignment
+            .endpoints
+            .iter()
+            .map(|e| policy.rank(&locality_name(e.locality.as_ref())))
+            .collect();
+        let mut used: Vec<u32> = ranks.clone();
+        used.sort_unstable();
+        used.dedup();
+        for (group, rank) in assignment.endpoints.iter_mut().zip(ranks) {
+            group.priority = used.iter().position(|r| *r == rank).unwrap_or_default() as u32;
+        }
     }
+    assignment
+}
+
+fn locality_name(locality: Option<&core::Locality>) -> String {
+    locality
+        .map(|l| format!("{}/{}/{}", l.region, l.zone, l.sub_zone))
+        .unwrap_or_default()
 }
 
 fn typed(name: &str, config: Any) -> Filter {
@@ -987,6 +1072,7 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
 
     for service in &snapshot.services {
         let dr = destination_rule(snapshot, service, &proxy.namespace);
+        let locality = locality_policy(dr.as_ref(), proxy);
         for port in &service.ports {
             let base_policy = layered(
                 dr.as_ref().and_then(|d| d.traffic_policy.as_ref()),
@@ -998,7 +1084,13 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
             if service.resolution == Resolution::Static {
                 endpoints.insert(
                     name.clone(),
-                    pack_any(load_assignment(&name, service, port.port, None)),
+                    pack_any(load_assignment(
+                        &name,
+                        service,
+                        port.port,
+                        None,
+                        locality.as_ref(),
+                    )),
                 );
             }
             clusters.insert(name, pack_any(cluster));
@@ -1019,6 +1111,7 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
                             service,
                             port.port,
                             subset.labels.as_ref(),
+                            locality.as_ref(),
                         )),
                     );
                 }
@@ -1423,6 +1516,88 @@ spec:
             panic!("header hash policy")
         };
         assert_eq!(header.header_name, "x-user");
+    }
+
+    #[test]
+    fn locality_failover_orders_priorities_from_the_proxy() {
+        let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: pay, namespace: shop}
+spec:
+  selector: {app: pay}
+  ports: [{name: http, port: 8080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: pay, namespace: shop}
+spec:
+  host: pay
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 1}
+    loadBalancer:
+      localityLbSetting:
+        failover: [{from: us-west1, to: us-east1}]
+"#
+        .to_string()
+            + &[("a", "us-west1/zone-a"), ("b", "us-west1/zone-b"), ("c", "us-east1/zone-a"), ("d", "eu-west1/zone-a")]
+                .iter()
+                .enumerate()
+                .map(|(i, (name, locality))| {
+                    format!("---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{address: 10.0.0.{}, labels: {{app: pay}}, locality: {locality}}}\n", i + 1)
+                })
+                .collect::<String>();
+        let objects: Vec<_> = vmesh_api::decode_manifests("mesh.yaml", &text)
+            .objects
+            .into_iter()
+            .map(|l| l.object)
+            .collect();
+        let mut vips = vmesh_registry::VipAllocator::default();
+        vips.assign(&objects);
+        let snapshot = Snapshot::build(&objects, &vips);
+        let node = Node {
+            id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
+            locality: Some(core::Locality {
+                region: "us-west1".into(),
+                zone: "zone-a".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let resources = translate(&snapshot, &Proxy::from_node(Some(&node)).unwrap());
+        let assignment = ClusterLoadAssignment::decode(
+            resources[ENDPOINT_TYPE]["outbound|8080||pay.shop.svc.cluster.local"]
+                .value
+                .as_slice(),
+        )
+        .unwrap();
+        let priorities: BTreeMap<String, u32> = assignment
+            .endpoints
+            .iter()
+            .map(|e| (locality_name(e.locality.as_ref()), e.priority))
+            .collect();
+        assert_eq!(
+            priorities,
+            BTreeMap::from([
+                ("us-west1/zone-a/".to_string(), 0),
+                ("us-west1/zone-b/".to_string(), 1),
+                ("us-east1/zone-a/".to_string(), 2),
+                ("eu-west1/zone-a/".to_string(), 3),
+            ])
+        );
+        // Without a locality on the proxy everything is one priority.
+        let plain = Node {
+            id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
+            ..Default::default()
+        };
+        let resources = translate(&snapshot, &Proxy::from_node(Some(&plain)).unwrap());
+        let assignment = ClusterLoadAssignment::decode(
+            resources[ENDPOINT_TYPE]["outbound|8080||pay.shop.svc.cluster.local"]
+                .value
+                .as_slice(),
+        )
+        .unwrap();
+        assert!(assignment.endpoints.iter().all(|e| e.priority == 0));
     }
 
     #[test]

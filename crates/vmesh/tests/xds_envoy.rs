@@ -144,6 +144,20 @@ fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     panic!("timed out waiting for {what}");
 }
 
+/// Whether a config dump has a filter chain matching `sni`.
+fn has_server_name(value: &serde_json::Value, sni: &str) -> bool {
+    match value {
+        serde_json::Value::Object(map) => map.iter().any(|(key, v)| {
+            (key == "server_names"
+                && v.as_array()
+                    .is_some_and(|names| names.iter().any(|n| n == sni)))
+                || has_server_name(v, sni)
+        }),
+        serde_json::Value::Array(items) => items.iter().any(|v| has_server_name(v, sni)),
+        _ => false,
+    }
+}
+
 /// `vmesh ARGS…` as arguments for `ip netns exec`.
 fn vmesh<'a>(args: &[&'a str]) -> Vec<&'a str> {
     let mut full = vec![VMESH];
@@ -500,6 +514,44 @@ spec:
         users.len() > 1,
         "different users spread over the VMs: {users:?}"
     );
+
+    // TLS routes by SNI on a ServiceEntry's TLS port load into Envoy.
+    let tls = dir.path().join("tls.yaml");
+    std::fs::write(
+        &tls,
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: vm-workloads}
+spec:
+  hosts: [api.example.test]
+  location: MESH_EXTERNAL
+  resolution: STATIC
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  endpoints: [{address: 127.0.0.5}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: api, namespace: vm-workloads}
+spec:
+  hosts: [api.example.test]
+  tls:
+  - match: [{sniHosts: [api.example.test], port: 443}]
+    route: [{destination: {host: api.example.test}}]
+"#,
+    )
+    .unwrap();
+    ns.run(&vmesh(&["apply", "-f", tls.to_str().unwrap()]));
+    eventually("a filter chain matching SNI api.example.test", || {
+        let dump = ns
+            .run(&[
+                "curl",
+                "-s",
+                "http://127.0.0.1:15000/config_dump?resource=dynamic_listeners",
+            ])
+            .stdout;
+        let dump: serde_json::Value = serde_json::from_slice(&dump).ok()?;
+        has_server_name(&dump, "api.example.test").then_some(())
+    });
 
     // Envoy accepted every update it was sent.
     let stats = String::from_utf8_lossy(

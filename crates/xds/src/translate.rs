@@ -29,6 +29,7 @@ use envoy_types::pb::envoy::extensions::filters::common::fault::v3 as common_fau
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{self as fault, HttpFault};
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
@@ -44,7 +45,9 @@ use vmesh_api::kinds::common::StringMatch;
 use vmesh_api::kinds::destination_rule::{
     DestinationRuleSpec, LocalityFailover, SimpleLb, TrafficPolicy,
 };
-use vmesh_api::kinds::virtual_service::{Destination, HeaderOperations, HttpRoute};
+use vmesh_api::kinds::virtual_service::{
+    Destination, HeaderOperations, HttpRoute, RouteDestination,
+};
 use vmesh_registry::{MeshService, OutboundPolicy, Resolution, Snapshot};
 
 use crate::ads::{
@@ -870,21 +873,40 @@ fn http_routes(snapshot: &Snapshot, http: &HttpRoute, namespace: &str, port: u16
         .collect()
 }
 
+/// Filter chains for a VirtualService's `tls` routes on this port: one per
+/// match, selected by the SNI the client sends (read by the TLS inspector).
+fn tls_chains(snapshot: &Snapshot, service: &MeshService, port: u16) -> Vec<FilterChain> {
+    let mut chains = Vec::new();
+    for vs in virtual_services_for(snapshot, service) {
+        for route in vs.spec.tls.iter().flatten() {
+            let Some(destinations) = route.route.as_deref().filter(|d| !d.is_empty()) else {
+                continue;
+            };
+            for m in route
+                .matches
+                .iter()
+                .filter(|m| m.port.is_none_or(|p| p == u32::from(port)))
+            {
+                let specifier = tcp_destinations(snapshot, destinations, &vs.namespace, port);
+                chains.push(FilterChain {
+                    filter_chain_match: Some(FilterChainMatch {
+                        server_names: m.sni_hosts.clone(),
+                        ..Default::default()
+                    }),
+                    filters: vec![tcp_proxy_to(service, port, specifier)],
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    chains
+}
+
 /// The TCP proxy for a non-HTTP service port: the first VirtualService `tcp`
 /// route for the host whose match names this port (or no port), else the
 /// service's own cluster.
 fn tcp_route(snapshot: &Snapshot, service: &MeshService, port: u16) -> Filter {
-    let default_cluster = cluster_name(port, "", &service.hostname);
-    let route = snapshot
-        .virtual_services
-        .iter()
-        .filter(|vs| {
-            vs.spec
-                .hosts
-                .iter()
-                .flatten()
-                .any(|h| qualify(h, &vs.namespace) == service.hostname)
-        })
+    let route = virtual_services_for(snapshot, service)
         .flat_map(|vs| vs.spec.tcp.iter().flatten().map(move |r| (vs, r)))
         .find(|(_, r)| {
             let matches = r.matches.as_deref().unwrap_or_default();
@@ -893,33 +915,78 @@ fn tcp_route(snapshot: &Snapshot, service: &MeshService, port: u16) -> Filter {
                     .iter()
                     .any(|m| m.port.is_none_or(|p| p == u32::from(port)))
         });
-    let destinations = route.and_then(|(vs, r)| Some((vs, r.route.as_deref()?)));
+    let destinations =
+        route.and_then(|(vs, r)| Some((vs, r.route.as_deref().filter(|d| !d.is_empty())?)));
     let specifier = match destinations {
-        Some((vs, [only])) => tcp_proxy::ClusterSpecifier::Cluster(destination_cluster(
+        Some((vs, destinations)) => tcp_destinations(snapshot, destinations, &vs.namespace, port),
+        None => tcp_proxy::ClusterSpecifier::Cluster(cluster_name(port, "", &service.hostname)),
+    };
+    tcp_proxy_to(service, port, specifier)
+}
+
+/// The VirtualServices for sidecars (no gateways, or the `mesh` gateway)
+/// naming `service` among their hosts.
+fn virtual_services_for<'a>(
+    snapshot: &'a Snapshot,
+    service: &'a MeshService,
+) -> impl Iterator<
+    Item = &'a vmesh_registry::Scoped<vmesh_api::kinds::virtual_service::VirtualServiceSpec>,
+> {
+    snapshot
+        .virtual_services
+        .iter()
+        .filter(|vs| {
+            vs.spec
+                .gateways
+                .as_ref()
+                .is_none_or(|g| g.is_empty() || g.iter().any(|g| g == "mesh"))
+        })
+        .filter(|vs| {
+            vs.spec
+                .hosts
+                .iter()
+                .flatten()
+                .any(|h| qualify(h, &vs.namespace) == service.hostname)
+        })
+}
+
+/// Where a TCP or TLS route sends connections: one cluster, or several by weight.
+fn tcp_destinations(
+    snapshot: &Snapshot,
+    destinations: &[RouteDestination],
+    namespace: &str,
+    port: u16,
+) -> tcp_proxy::ClusterSpecifier {
+    match destinations {
+        [only] => tcp_proxy::ClusterSpecifier::Cluster(destination_cluster(
             snapshot,
             &only.destination,
-            &vs.namespace,
+            namespace,
             port,
         )),
-        Some((vs, several)) if !several.is_empty() => {
-            tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
-                clusters: several
-                    .iter()
-                    .filter(|d| d.weight.unwrap_or(0) > 0)
-                    .map(|d| tcp_proxy::weighted_cluster::ClusterWeight {
-                        name: destination_cluster(snapshot, &d.destination, &vs.namespace, port),
-                        weight: d.weight.unwrap_or(0) as u32,
-                        ..Default::default()
-                    })
-                    .collect(),
-            })
-        }
-        _ => tcp_proxy::ClusterSpecifier::Cluster(default_cluster.clone()),
-    };
+        several => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+            clusters: several
+                .iter()
+                .filter(|d| d.weight.unwrap_or(0) > 0)
+                .map(|d| tcp_proxy::weighted_cluster::ClusterWeight {
+                    name: destination_cluster(snapshot, &d.destination, namespace, port),
+                    weight: d.weight.unwrap_or(0) as u32,
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+    }
+}
+
+fn tcp_proxy_to(
+    service: &MeshService,
+    port: u16,
+    specifier: tcp_proxy::ClusterSpecifier,
+) -> Filter {
     typed(
         "envoy.filters.network.tcp_proxy",
         pack_any(TcpProxy {
-            stat_prefix: default_cluster,
+            stat_prefix: cluster_name(port, "", &service.hostname),
             cluster_specifier: Some(specifier),
             ..Default::default()
         }),
@@ -1017,25 +1084,11 @@ fn virtual_host(
     proxy_namespace: &str,
 ) -> VirtualHost {
     let mut routes = Vec::new();
-    for vs in &snapshot.virtual_services {
-        let applies = vs
-            .spec
-            .gateways
-            .as_ref()
-            .is_none_or(|g| g.is_empty() || g.iter().any(|g| g == "mesh"))
-            && vs
-                .spec
-                .hosts
-                .iter()
-                .flatten()
-                .any(|h| qualify(h, &vs.namespace) == service.hostname);
-        if !applies {
-            continue;
-        }
+    // Istio uses only the first VirtualService for a host.
+    if let Some(vs) = virtual_services_for(snapshot, service).next() {
         for http in vs.spec.http.iter().flatten() {
             routes.extend(http_routes(snapshot, http, &vs.namespace, port));
         }
-        break; // Istio merges only the first VirtualService for a host.
     }
     if routes.is_empty() {
         routes.push(Route {
@@ -1127,8 +1180,16 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
                         bind_to_port: Some(envoy_types::pb::google::protobuf::BoolValue {
                             value: false,
                         }),
-                        filter_chains: vec![FilterChain {
+                        filter_chains: tls_chains(snapshot, service, port.port),
+                        default_filter_chain: Some(FilterChain {
                             filters: vec![tcp_route(snapshot, service, port.port)],
+                            ..Default::default()
+                        }),
+                        listener_filters: vec![ListenerFilter {
+                            name: "envoy.filters.listener.tls_inspector".into(),
+                            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+                                TlsInspector::default(),
+                            ))),
                             ..Default::default()
                         }],
                         ..Default::default()

@@ -144,6 +144,24 @@ fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     panic!("timed out waiting for {what}");
 }
 
+/// The virtual IP the server allocated to `host`, once it has.
+fn vip_of(ns: &Namespace, host: &str) -> String {
+    eventually(&format!("a VIP for {host}"), || {
+        let args = vmesh(&[
+            "get",
+            "cm",
+            "vmesh-vip-allocations",
+            "-n",
+            "istio-system",
+            "-o",
+            "json",
+        ]);
+        let output = ns.command(&args).output().unwrap();
+        let vips: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        Some(vips["data"][host].as_str()?.to_string())
+    })
+}
+
 /// Whether a config dump has a filter chain matching `sni`.
 fn has_server_name(value: &serde_json::Value, sni: &str) -> bool {
     match value {
@@ -250,26 +268,7 @@ fn canary_split(api_type: &str, base_id: &str) {
     ] {
         ns.run(&vmesh(&["apply", "-f", file.to_str().unwrap()]));
     }
-    let vip = eventually("a VIP for payment-service", || {
-        let output = ns
-            .command(&vmesh(&[
-                "get",
-                "cm",
-                "vmesh-vip-allocations",
-                "-n",
-                "istio-system",
-                "-o",
-                "json",
-            ]))
-            .output()
-            .unwrap();
-        let vips: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-        Some(
-            vips["data"]["payment-service.vm-workloads.svc.cluster.local"]
-                .as_str()?
-                .to_string(),
-        )
-    });
+    let vip = vip_of(&ns, "payment-service.vm-workloads.svc.cluster.local");
 
     // Only traffic to the service range is captured: full capture is the agent's job.
     // The client needs a source address that is not 127/8 (loopback sources
@@ -476,26 +475,7 @@ spec:
     )
     .unwrap();
     ns.run(&vmesh(&["apply", "-f", ledger.to_str().unwrap()]));
-    let ledger_vip = eventually("a VIP for ledger", || {
-        let output = ns
-            .command(&vmesh(&[
-                "get",
-                "cm",
-                "vmesh-vip-allocations",
-                "-n",
-                "istio-system",
-                "-o",
-                "json",
-            ]))
-            .output()
-            .unwrap();
-        let vips: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-        Some(
-            vips["data"]["ledger.vm-workloads.svc.cluster.local"]
-                .as_str()?
-                .to_string(),
-        )
-    });
+    let ledger_vip = vip_of(&ns, "ledger.vm-workloads.svc.cluster.local");
     let ledger_url = format!("http://{ledger_vip}:8080/");
     let first = eventually("ledger to answer", || {
         get(&ns, &ledger_url, Some("x-user: alice"))

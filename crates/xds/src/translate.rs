@@ -1418,6 +1418,28 @@ mod tests {
 
     use super::*;
 
+    /// Everything a proxy in `shop` (at `locality`, if any) gets from these manifests.
+    fn translate_yaml(text: &str, locality: Option<core::Locality>) -> Resources {
+        let objects: Vec<_> = vmesh_api::decode_manifests("mesh.yaml", text)
+            .objects
+            .into_iter()
+            .map(|l| l.object)
+            .collect();
+        let mut vips = vmesh_registry::VipAllocator::default();
+        vips.assign(&objects);
+        let snapshot = Snapshot::build(&objects, &vips);
+        let node = Node {
+            id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
+            locality,
+            ..Default::default()
+        };
+        translate(&snapshot, &Proxy::from_node(Some(&node)).unwrap())
+    }
+
+    fn decoded<T: Message + Default>(resources: &Resources, type_url: &str, name: &str) -> T {
+        T::decode(resources[type_url][name].value.as_slice()).unwrap()
+    }
+
     const MESH: &str = r#"
 apiVersion: v1
 kind: Service
@@ -1449,20 +1471,7 @@ spec:
 "#;
 
     fn clusters() -> BTreeMap<String, Cluster> {
-        let objects: Vec<_> = vmesh_api::decode_manifests("mesh.yaml", MESH)
-            .objects
-            .into_iter()
-            .map(|l| l.object)
-            .collect();
-        let mut vips = vmesh_registry::VipAllocator::default();
-        vips.assign(&objects);
-        let snapshot = Snapshot::build(&objects, &vips);
-        let node = Node {
-            id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
-            ..Default::default()
-        };
-        let proxy = Proxy::from_node(Some(&node)).unwrap();
-        translate(&snapshot, &proxy)[CLUSTER_TYPE]
+        translate_yaml(MESH, None)[CLUSTER_TYPE]
             .iter()
             .map(|(name, any)| (name.clone(), Cluster::decode(any.value.as_slice()).unwrap()))
             .collect()
@@ -1542,31 +1551,17 @@ spec:
             "loadBalancer: {simple: RANDOM}",
             "loadBalancer: {consistentHash: {httpHeaderName: x-user}}",
         );
-        let objects: Vec<_> = vmesh_api::decode_manifests("mesh.yaml", &text)
-            .objects
-            .into_iter()
-            .map(|l| l.object)
-            .collect();
-        let mut vips = vmesh_registry::VipAllocator::default();
-        vips.assign(&objects);
-        let snapshot = Snapshot::build(&objects, &vips);
-        let node = Node {
-            id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
-            ..Default::default()
-        };
-        let resources = translate(&snapshot, &Proxy::from_node(Some(&node)).unwrap());
-        let cluster = Cluster::decode(
-            resources[CLUSTER_TYPE]["outbound|8080||pay.shop.svc.cluster.local"]
-                .value
-                .as_slice(),
-        )
-        .unwrap();
+        let resources = translate_yaml(&text, None);
+        let cluster: Cluster = decoded(
+            &resources,
+            CLUSTER_TYPE,
+            "outbound|8080||pay.shop.svc.cluster.local",
+        );
         assert_eq!(
             cluster.lb_policy,
             cluster::cluster::LbPolicy::RingHash as i32
         );
-        let routes =
-            RouteConfiguration::decode(resources[ROUTE_TYPE]["8080"].value.as_slice()).unwrap();
+        let routes: RouteConfiguration = decoded(&resources, ROUTE_TYPE, "8080");
         let Some(route::route::Action::Route(action)) = &routes.virtual_hosts[0].routes[0].action
         else {
             panic!("route")
@@ -1608,30 +1603,16 @@ spec:
                     format!("---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{address: 10.0.0.{}, labels: {{app: pay}}, locality: {locality}}}\n", i + 1)
                 })
                 .collect::<String>();
-        let objects: Vec<_> = vmesh_api::decode_manifests("mesh.yaml", &text)
-            .objects
-            .into_iter()
-            .map(|l| l.object)
-            .collect();
-        let mut vips = vmesh_registry::VipAllocator::default();
-        vips.assign(&objects);
-        let snapshot = Snapshot::build(&objects, &vips);
-        let node = Node {
-            id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
-            locality: Some(core::Locality {
-                region: "us-west1".into(),
-                zone: "zone-a".into(),
-                ..Default::default()
-            }),
+        let locality = core::Locality {
+            region: "us-west1".into(),
+            zone: "zone-a".into(),
             ..Default::default()
         };
-        let resources = translate(&snapshot, &Proxy::from_node(Some(&node)).unwrap());
-        let assignment = ClusterLoadAssignment::decode(
-            resources[ENDPOINT_TYPE]["outbound|8080||pay.shop.svc.cluster.local"]
-                .value
-                .as_slice(),
-        )
-        .unwrap();
+        let assignment: ClusterLoadAssignment = decoded(
+            &translate_yaml(&text, Some(locality)),
+            ENDPOINT_TYPE,
+            "outbound|8080||pay.shop.svc.cluster.local",
+        );
         let priorities: BTreeMap<String, u32> = assignment
             .endpoints
             .iter()
@@ -1647,17 +1628,11 @@ spec:
             ])
         );
         // Without a locality on the proxy everything is one priority.
-        let plain = Node {
-            id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
-            ..Default::default()
-        };
-        let resources = translate(&snapshot, &Proxy::from_node(Some(&plain)).unwrap());
-        let assignment = ClusterLoadAssignment::decode(
-            resources[ENDPOINT_TYPE]["outbound|8080||pay.shop.svc.cluster.local"]
-                .value
-                .as_slice(),
-        )
-        .unwrap();
+        let assignment: ClusterLoadAssignment = decoded(
+            &translate_yaml(&text, None),
+            ENDPOINT_TYPE,
+            "outbound|8080||pay.shop.svc.cluster.local",
+        );
         assert!(assignment.endpoints.iter().all(|e| e.priority == 0));
     }
 

@@ -68,7 +68,22 @@ pub fn proxy_status_table(proxies: &[Value]) -> String {
             row
         })
         .collect();
-    align(&headers, &rows)
+    let mut out = align(&headers, &rows);
+    // Refusals are the point of looking: say what Envoy said.
+    for proxy in proxies {
+        for (type_url, status) in proxy["types"].as_object().into_iter().flatten() {
+            if let Some([version, message]) = status["nack"].as_array().map(Vec::as_slice) {
+                let kind = type_url.rsplit('.').next().unwrap_or(type_url);
+                out.push_str(&format!(
+                    "{} refused {kind} version {}: {}\n",
+                    cell(proxy.get("id")),
+                    cell(Some(version)),
+                    cell(Some(message))
+                ));
+            }
+        }
+    }
+    out
 }
 
 /// Left-aligned columns three spaces apart, as kubectl prints them.

@@ -162,6 +162,20 @@ fn vip_of(ns: &Namespace, host: &str) -> String {
     })
 }
 
+/// Envoy's non-zero `update_rejected` counters.
+fn rejected_updates(ns: &Namespace) -> Vec<String> {
+    let stats = String::from_utf8_lossy(
+        &ns.run(&["curl", "-s", "http://127.0.0.1:15000/stats"])
+            .stdout,
+    )
+    .into_owned();
+    stats
+        .lines()
+        .filter(|l| l.contains("update_rejected") && !l.ends_with(": 0"))
+        .map(str::to_string)
+        .collect()
+}
+
 /// Whether a config dump has a filter chain matching `sni`.
 fn has_server_name(value: &serde_json::Value, sni: &str) -> bool {
     match value {
@@ -495,6 +509,57 @@ spec:
         "different users spread over the VMs: {users:?}"
     );
 
+    assert!(
+        rejected_updates(&ns).is_empty(),
+        "Envoy accepted every update so far"
+    );
+
+    // Config Envoy refuses (a pseudo-header cannot be rewritten) is NACKed:
+    // proxy-status shows Envoy's message, Envoy keeps its last good routes,
+    // and removing the bad rule brings the proxy back to SYNCED.
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ledger-bad, namespace: vm-workloads}
+spec:
+  hosts: [ledger]
+  http:
+  - headers: {request: {set: {":method": "DELETE"}}}
+    route: [{destination: {host: ledger}}]
+"#,
+    )
+    .unwrap();
+    ns.run(&vmesh(&["apply", "-f", bad.to_str().unwrap()]));
+    let refusal = eventually("the NACK to show", || {
+        let table = String::from_utf8_lossy(&ns.run(&vmesh(&["proxy-status"])).stdout).into_owned();
+        table.contains("NACKED").then_some(table)
+    });
+    assert!(
+        refusal.contains("refused RouteConfiguration version"),
+        "{refusal}"
+    );
+    assert!(
+        curl("/api/payments/1").contains("version=v1"),
+        "Envoy keeps serving its last good routes"
+    );
+    ns.run(&vmesh(&[
+        "delete",
+        "vs",
+        "ledger-bad",
+        "-n",
+        "vm-workloads",
+    ]));
+    eventually("SYNCED again", || {
+        let table = String::from_utf8_lossy(&ns.run(&vmesh(&["proxy-status"])).stdout).into_owned();
+        let row = table
+            .lines()
+            .find(|l| l.starts_with("sidecar~127.0.0.9"))?
+            .to_string();
+        (row.split_whitespace().skip(2).collect::<Vec<_>>() == ["SYNCED"; 4]).then_some(())
+    });
+
     // TLS routes by SNI on a ServiceEntry's TLS port load into Envoy.
     let tls = dir.path().join("tls.yaml");
     std::fs::write(
@@ -533,15 +598,17 @@ spec:
         has_server_name(&dump, "api.example.test").then_some(())
     });
 
-    // Envoy accepted every update it was sent.
-    let stats = String::from_utf8_lossy(
-        &ns.run(&["curl", "-s", "http://127.0.0.1:15000/stats"])
-            .stdout,
-    )
-    .into_owned();
-    let rejected: Vec<&str> = stats
-        .lines()
-        .filter(|l| l.contains("update_rejected") && !l.ends_with(": 0"))
-        .collect();
-    assert!(rejected.is_empty(), "Envoy rejected config: {rejected:?}");
+    // In all that, the only update Envoy refused was the deliberate one (route
+    // configurations sent in the same response are refused with it).
+    let rejected = rejected_updates(&ns);
+    assert!(
+        rejected.contains(&"http.outbound_0.0.0.0_8080.rds.8080.update_rejected: 1".to_string()),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected
+            .iter()
+            .all(|l| l.contains(".rds.") && l.ends_with(": 1")),
+        "{rejected:?}"
+    );
 }

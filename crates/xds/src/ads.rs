@@ -375,6 +375,8 @@ struct DeltaSubscription {
     known: BTreeMap<String, String>,
     pending: Option<Pending>,
     refused_hash: Option<u64>,
+    /// The system version the proxy last accepted.
+    acked_version: Option<String>,
 }
 
 /// Incremental ADS: responses carry only what changed and what was removed.
@@ -412,6 +414,13 @@ impl Delta {
             .cloned()
             .collect();
         if changed.is_empty() && removed.is_empty() && !force {
+            // The proxy already has what it should: after a refusal, that is
+            // the version it last accepted.
+            if subscription.pending.is_none()
+                && let Some(accepted) = subscription.acked_version.clone()
+            {
+                self.session.sent(type_url, accepted);
+            }
             return None;
         }
         let mut hasher = DefaultHasher::new();
@@ -481,12 +490,16 @@ impl Protocol for Delta {
                 Some(pending) if pending.nonce == request.response_nonce => {
                     match &request.error_detail {
                         Some(error) => {
+                            // Envoy keeps what it had: so does our view of it.
                             subscription.known = pending.previous;
                             subscription.refused_hash = Some(pending.diff_hash);
                             self.session
                                 .refused(&type_url, pending.system_version, &error.message);
                         }
-                        None => self.session.acked(&type_url, pending.system_version),
+                        None => {
+                            subscription.acked_version = Some(pending.system_version.clone());
+                            self.session.acked(&type_url, pending.system_version);
+                        }
                     }
                 }
                 // An answer to an older response: superseded.

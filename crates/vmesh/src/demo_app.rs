@@ -1,6 +1,7 @@
 //! The demo's workload: a small HTTP application that answers with its own
 //! name and version, as the guide's payment VMs do. It speaks HTTP/1.1 and
 //! HTTP/2 (prior knowledge), so a proxy may upgrade connections to it.
+//! `/slow/{ms}/…` answers after a delay, to show timeouts at work.
 
 use std::net::SocketAddr;
 
@@ -22,6 +23,13 @@ pub async fn run(addr: SocketAddr, name: String, version: String) -> Result<()> 
         .route("/health", get(|| async { "ok\n" }))
         .fallback(
             |State(id): State<Identity>, OriginalUri(uri): OriginalUri| async move {
+                let delay = uri
+                    .path()
+                    .strip_prefix("/slow/")
+                    .and_then(|rest| rest.split('/').next()?.parse::<u64>().ok());
+                if let Some(ms) = delay {
+                    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                }
                 format!(
                     "name={} version={} path={}\n",
                     id.name,

@@ -369,6 +369,33 @@ fn canary_split(api_type: &str, base_id: &str) {
     );
     assert_eq!(counts.values().sum::<i32>(), 1000, "{counts:?}");
 
+    // The guide's perTryTimeout (2s) cuts a slow answer short with a 504.
+    let slow = format!("http://{vip}:8080/slow/4000/api/payments/1");
+    let started = tokio::time::Instant::now();
+    let code = ns
+        .run(&[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "8",
+            &slow,
+        ])
+        .stdout;
+    let waited = started.elapsed();
+    assert_eq!(
+        String::from_utf8_lossy(&code),
+        "504",
+        "a slow VM hits the per-try timeout"
+    );
+    assert!(
+        waited >= Duration::from_millis(1900) && waited < Duration::from_millis(3500),
+        "timed out after {waited:?}"
+    );
+
     // A change reaches Envoy without a restart: without the VirtualService,
     // the service's default route spreads over every endpoint.
     ns.run(&vmesh(&[

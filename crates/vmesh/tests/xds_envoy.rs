@@ -162,6 +162,23 @@ fn vip_of(ns: &Namespace, host: &str) -> String {
     })
 }
 
+/// `Some` when `vmesh proxy-status` shows the test's proxy SYNCED for CDS, LDS, EDS and RDS.
+fn synced(ns: &Namespace) -> Option<()> {
+    let table = String::from_utf8_lossy(&ns.run(&vmesh(&["proxy-status"])).stdout).into_owned();
+    assert!(table.starts_with("NAME"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("sidecar~127.0.0.9~frontend.vm-workloads"))?;
+    (row.split_whitespace().skip(2).collect::<Vec<_>>() == ["SYNCED"; 4]).then_some(())
+}
+
+/// Writes `yaml` to `dir/file` and applies it with the CLI inside the namespace.
+fn apply_yaml(ns: &Namespace, dir: &Path, file: &str, yaml: &str) {
+    let path = dir.join(file);
+    std::fs::write(&path, yaml).unwrap();
+    ns.run(&vmesh(&["apply", "-f", path.to_str().unwrap()]));
+}
+
 /// Envoy's non-zero `update_rejected` counters.
 fn rejected_updates(ns: &Namespace) -> Vec<String> {
     let stats = String::from_utf8_lossy(
@@ -333,15 +350,7 @@ fn canary_split(api_type: &str, base_id: &str) {
         (get(&ns, &url, Some("x-canary: true")).as_deref() == Some("v2")).then_some(())
     });
 
-    let status = eventually("the proxy to be SYNCED", || {
-        let table = String::from_utf8_lossy(&ns.run(&vmesh(&["proxy-status"])).stdout).into_owned();
-        let row = table
-            .lines()
-            .find(|l| l.starts_with("sidecar~127.0.0.9~frontend.vm-workloads"))?
-            .to_string();
-        (row.split_whitespace().skip(2).collect::<Vec<_>>() == ["SYNCED"; 4]).then_some(table)
-    });
-    assert!(status.starts_with("NAME"), "{status}");
+    eventually("the proxy to be SYNCED", || synced(&ns));
 
     for _ in 0..20 {
         assert_eq!(
@@ -421,9 +430,10 @@ fn canary_split(api_type: &str, base_id: &str) {
     }
 
     // Faults, rewrites, header changes and direct responses reach real requests.
-    let rules = dir.path().join("rules.yaml");
-    std::fs::write(
-        &rules,
+    apply_yaml(
+        &ns,
+        dir.path(),
+        "rules.yaml",
         r#"apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: payment-rules, namespace: vm-workloads}
@@ -441,9 +451,7 @@ spec:
     directResponse: {status: 503, body: {string: maintenance}}
   - route: [{destination: {host: payment-service, subset: stable}}]
 "#,
-    )
-    .unwrap();
-    ns.run(&vmesh(&["apply", "-f", rules.to_str().unwrap()]));
+    );
     let curl = |path: &str| {
         let target = format!("http://{vip}:8080{path}");
         String::from_utf8_lossy(
@@ -497,9 +505,10 @@ spec:
     });
 
     // Consistent hashing: one user's requests stick to one VM.
-    let ledger = dir.path().join("ledger.yaml");
-    std::fs::write(
-        &ledger,
+    apply_yaml(
+        &ns,
+        dir.path(),
+        "ledger.yaml",
         r#"apiVersion: v1
 kind: Service
 metadata: {name: ledger, namespace: vm-workloads}
@@ -514,9 +523,7 @@ spec:
   host: ledger
   trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
 "#,
-    )
-    .unwrap();
-    ns.run(&vmesh(&["apply", "-f", ledger.to_str().unwrap()]));
+    );
     let ledger_vip = vip_of(&ns, "ledger.vm-workloads.svc.cluster.local");
     let ledger_url = format!("http://{ledger_vip}:8080/");
     let first = eventually("ledger to answer", || {
@@ -545,9 +552,10 @@ spec:
     // Config Envoy refuses (a pseudo-header cannot be rewritten) is NACKed:
     // proxy-status shows Envoy's message, Envoy keeps its last good routes,
     // and removing the bad rule brings the proxy back to SYNCED.
-    let bad = dir.path().join("bad.yaml");
-    std::fs::write(
-        &bad,
+    apply_yaml(
+        &ns,
+        dir.path(),
+        "bad.yaml",
         r#"apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {name: ledger-bad, namespace: vm-workloads}
@@ -557,9 +565,7 @@ spec:
   - headers: {request: {set: {":method": "DELETE"}}}
     route: [{destination: {host: ledger}}]
 "#,
-    )
-    .unwrap();
-    ns.run(&vmesh(&["apply", "-f", bad.to_str().unwrap()]));
+    );
     let refusal = eventually("the NACK to show", || {
         let table = String::from_utf8_lossy(&ns.run(&vmesh(&["proxy-status"])).stdout).into_owned();
         table.contains("NACKED").then_some(table)
@@ -579,19 +585,13 @@ spec:
         "-n",
         "vm-workloads",
     ]));
-    eventually("SYNCED again", || {
-        let table = String::from_utf8_lossy(&ns.run(&vmesh(&["proxy-status"])).stdout).into_owned();
-        let row = table
-            .lines()
-            .find(|l| l.starts_with("sidecar~127.0.0.9"))?
-            .to_string();
-        (row.split_whitespace().skip(2).collect::<Vec<_>>() == ["SYNCED"; 4]).then_some(())
-    });
+    eventually("SYNCED again", || synced(&ns));
 
     // TLS routes by SNI on a ServiceEntry's TLS port load into Envoy.
-    let tls = dir.path().join("tls.yaml");
-    std::fs::write(
-        &tls,
+    apply_yaml(
+        &ns,
+        dir.path(),
+        "tls.yaml",
         r#"apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {name: api, namespace: vm-workloads}
@@ -611,9 +611,7 @@ spec:
   - match: [{sniHosts: [api.example.test], port: 443}]
     route: [{destination: {host: api.example.test}}]
 "#,
-    )
-    .unwrap();
-    ns.run(&vmesh(&["apply", "-f", tls.to_str().unwrap()]));
+    );
     eventually("a filter chain matching SNI api.example.test", || {
         let dump = ns
             .run(&[

@@ -839,8 +839,20 @@ fn http_routes(snapshot: &Snapshot, http: &HttpRoute, namespace: &str, port: u16
             }
             ops
         };
-    let request = ops(|h| h.request.as_ref());
-    let response = ops(|h| h.response.as_ref());
+    // Headers to add and to remove, built once for every match of the route.
+    let changes = |ops: Vec<&HeaderOperations>| -> (Vec<core::HeaderValueOption>, Vec<String>) {
+        let add = ops
+            .iter()
+            .flat_map(|o| header_options(o.set.as_ref(), o.add.as_ref()))
+            .collect();
+        let remove = ops
+            .iter()
+            .flat_map(|o| o.remove.iter().flatten().cloned())
+            .collect();
+        (add, remove)
+    };
+    let request = changes(ops(|h| h.request.as_ref()));
+    let response = changes(ops(|h| h.response.as_ref()));
     let typed_per_filter_config: HashMap<String, Any> = fault_config(http)
         .map(|f| (FAULT_FILTER.to_string(), f))
         .into_iter()
@@ -852,22 +864,10 @@ fn http_routes(snapshot: &Snapshot, http: &HttpRoute, namespace: &str, port: u16
             r#match: Some(matcher),
             action: Some(action.clone()),
             typed_per_filter_config: typed_per_filter_config.clone(),
-            request_headers_to_add: request
-                .iter()
-                .flat_map(|o| header_options(o.set.as_ref(), o.add.as_ref()))
-                .collect(),
-            request_headers_to_remove: request
-                .iter()
-                .flat_map(|o| o.remove.iter().flatten().cloned())
-                .collect(),
-            response_headers_to_add: response
-                .iter()
-                .flat_map(|o| header_options(o.set.as_ref(), o.add.as_ref()))
-                .collect(),
-            response_headers_to_remove: response
-                .iter()
-                .flat_map(|o| o.remove.iter().flatten().cloned())
-                .collect(),
+            request_headers_to_add: request.0.clone(),
+            request_headers_to_remove: request.1.clone(),
+            response_headers_to_add: response.0.clone(),
+            response_headers_to_remove: response.1.clone(),
             ..Default::default()
         })
         .collect()

@@ -17,11 +17,14 @@ use crate::vip::{Pool, VipAllocator};
 
 impl Snapshot {
     /// Joins the objects into the mesh model. VIPs that are not written in
-    /// the objects come from `vips`, which the caller has brought up to date
-    /// with [`VipAllocator::assign`]; a service it has none for has no VIP.
-    pub fn build(objects: &[Object], vips: &VipAllocator) -> Snapshot {
+    /// the objects come from `vips`, first brought in line with the objects
+    /// (the caller persists [`VipAllocator::allocations`] when they change);
+    /// a service the allocator has no room for has no VIP.
+    pub fn build(objects: &[Object], vips: &mut VipAllocator) -> Snapshot {
         let inputs = Inputs::decode(objects);
-        let services = drafts(&inputs)
+        let drafts = drafts(&inputs);
+        vips.assign(&drafts);
+        let services = drafts
             .into_iter()
             .map(|draft| {
                 let mut service = draft.service;

@@ -25,7 +25,5 @@ pub fn seed(files: &[&str]) -> Vec<Object> {
 
 /// Assigns VIPs with a fresh allocator and builds the snapshot.
 pub fn snapshot(objects: &[Object]) -> Snapshot {
-    let mut vips = VipAllocator::default();
-    vips.assign(objects);
-    Snapshot::build(objects, &vips)
+    Snapshot::build(objects, &mut VipAllocator::default())
 }

@@ -23,8 +23,7 @@
 //!     .collect();
 //!
 //! let mut vips = VipAllocator::default();
-//! vips.assign(&objects); // then persist vips.allocations()
-//! let snapshot = Snapshot::build(&objects, &vips);
+//! let snapshot = Snapshot::build(&objects, &mut vips); // then persist vips.allocations()
 //!
 //! let web = snapshot.service("web.shop.svc.cluster.local").unwrap();
 //! assert_eq!(web.addresses, [vips.get("web.shop.svc.cluster.local").unwrap()]);

@@ -10,11 +10,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
+use crate::build::Draft;
 use ipnet::Ipv4Net;
-use vmesh_api::Object;
-
-use crate::build::drafts;
-use crate::inputs::Inputs;
 
 /// Default range for Services' VIPs (Kubernetes' usual service CIDR).
 pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/16";
@@ -87,11 +84,10 @@ impl VipAllocator {
         self.allocations.get(hostname).copied()
     }
 
-    /// Brings the allocations in line with the objects: hosts that need a VIP
-    /// and have none get one, hosts that no longer need one release theirs,
-    /// and every other allocation stays. Returns whether anything changed.
-    pub fn assign(&mut self, objects: &[Object]) -> bool {
-        let drafts = drafts(&Inputs::decode(objects));
+    /// Brings the allocations in line with the services: hosts that need a
+    /// VIP and have none get one, hosts that no longer need one release
+    /// theirs, and every other allocation stays. Returns whether anything changed.
+    pub(crate) fn assign(&mut self, drafts: &[Draft]) -> bool {
         let wanted: BTreeMap<&str, Pool> = drafts
             .iter()
             .filter_map(|d| Some((d.service.hostname.as_str(), d.auto_vip?)))
@@ -160,9 +156,13 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use vmesh_api::Object;
+
     use super::*;
     use crate::Snapshot;
+    use crate::build::drafts;
     use crate::fixtures::decode;
+    use crate::inputs::Inputs;
 
     fn service(name: &str) -> String {
         format!(
@@ -180,14 +180,17 @@ mod tests {
         decode("t.yaml", &parts.concat())
     }
 
+    fn assign(vips: &mut VipAllocator, objects: &[Object]) -> bool {
+        vips.assign(&drafts(&Inputs::decode(objects)))
+    }
+
     #[test]
     fn vips_stay_put_as_services_come_and_go() {
         let mut vips = VipAllocator::default();
-        assert!(vips.assign(&objects(&[
-            service("a"),
-            service("b"),
-            entry("db.internal")
-        ])));
+        assert!(assign(
+            &mut vips,
+            &objects(&[service("a"), service("b"), entry("db.internal")])
+        ));
         let b = vips.get("b.shop.svc.cluster.local").unwrap();
         let db = vips.get("db.internal").unwrap();
         assert!(
@@ -202,14 +205,13 @@ mod tests {
                 .unwrap()
                 .contains(&db)
         );
-        assert!(!vips.assign(&objects(&[
-            service("a"),
-            service("b"),
-            entry("db.internal")
-        ])));
+        assert!(!assign(
+            &mut vips,
+            &objects(&[service("a"), service("b"), entry("db.internal")])
+        ));
 
         let later = objects(&[service("b"), service("c"), entry("db.internal")]);
-        assert!(vips.assign(&later));
+        assert!(assign(&mut vips, &later));
         assert_eq!(vips.get("a.shop.svc.cluster.local"), None, "released");
         assert_eq!(vips.get("b.shop.svc.cluster.local"), Some(b));
         assert_eq!(vips.get("db.internal"), Some(db));
@@ -223,13 +225,13 @@ mod tests {
             vips.allocations().clone(),
         )
         .unwrap();
-        assert!(!restarted.assign(&later));
+        assert!(!assign(&mut restarted, &later));
         assert_eq!(restarted, vips);
         assert_eq!(
-            Snapshot::build(&later, &restarted),
-            Snapshot::build(&later, &vips)
+            Snapshot::build(&later, &mut restarted),
+            Snapshot::build(&later, &mut vips)
         );
-        let snapshot = Snapshot::build(&later, &restarted);
+        let snapshot = Snapshot::build(&later, &mut restarted);
         assert_eq!(
             snapshot
                 .service("c.shop.svc.cluster.local")
@@ -242,9 +244,12 @@ mod tests {
     #[test]
     fn allocation_depends_only_on_the_hostname_when_free() {
         let mut alone = VipAllocator::default();
-        alone.assign(&objects(&[service("c")]));
+        assign(&mut alone, &objects(&[service("c")]));
         let mut crowded = VipAllocator::default();
-        crowded.assign(&objects(&[service("a"), service("b"), service("c")]));
+        assign(
+            &mut crowded,
+            &objects(&[service("a"), service("b"), service("c")]),
+        );
         assert_eq!(
             alone.get("c.shop.svc.cluster.local"),
             crowded.get("c.shop.svc.cluster.local")
@@ -256,7 +261,7 @@ mod tests {
         let fixed = "apiVersion: v1\nkind: Service\nmetadata: {name: fixed, namespace: shop}\nspec: {clusterIP: 10.0.0.1, ports: [{name: http, port: 80}]}\n---\n";
         let mut vips = VipAllocator::new("10.0.0.0/30", "10.0.1.0/30", BTreeMap::new()).unwrap();
         let objects = objects(&[fixed.to_string(), service("a"), service("b")]);
-        vips.assign(&objects);
+        assign(&mut vips, &objects);
         // 10.0.0.1 and .2 are the only usable addresses; .1 is taken by the clusterIP.
         assert_eq!(vips.allocations().len(), 1, "{:?}", vips.allocations());
         assert_eq!(
@@ -264,7 +269,7 @@ mod tests {
             Some(&"10.0.0.2".parse().unwrap())
         );
         assert_eq!(vips.get("fixed.shop.svc.cluster.local"), None);
-        let snapshot = Snapshot::build(&objects, &vips);
+        let snapshot = Snapshot::build(&objects, &mut vips);
         let unallocated = snapshot
             .services
             .iter()

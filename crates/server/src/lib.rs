@@ -101,11 +101,20 @@ impl Running {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ServerError> {
+/// Room for a crowd of connections at once: every proxy of the mesh
+/// reconnects together after a server restart.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), ServerError> {
     let bind_error = |source| ServerError::Bind { addr, source };
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(bind_error)?;
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .map_err(bind_error)?;
+    socket.set_reuseaddr(true).map_err(bind_error)?;
+    socket.bind(addr).map_err(bind_error)?;
+    let listener = socket.listen(LISTEN_BACKLOG).map_err(bind_error)?;
     let bound = listener.local_addr().map_err(bind_error)?;
     Ok((listener, bound))
 }
@@ -146,7 +155,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     }
     let store = Arc::new(Store::open(&config.data_dir)?);
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let (listener, api_addr) = bind(config.api_addr).await?;
+    let (listener, api_addr) = bind(config.api_addr)?;
     let router = api::router(store.clone(), config.api_token.clone(), shutdown_rx.clone());
     let mut tasks = vec![serve_http(
         listener,
@@ -161,7 +170,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
 
     let mut xds_plaintext_addr = None;
     if let Some(addr) = config.xds_plaintext_addr {
-        let (listener, bound) = bind(addr).await?;
+        let (listener, bound) = bind(addr)?;
         xds_plaintext_addr = Some(bound);
         let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone(), shutdown_rx.clone());
         let serve = tonic::transport::Server::builder()
@@ -180,7 +189,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
 
     let mut monitoring_addr = None;
     if let Some(addr) = config.monitoring_addr {
-        let (listener, bound) = bind(addr).await?;
+        let (listener, bound) = bind(addr)?;
         monitoring_addr = Some(bound);
         tasks.push(serve_http(
             listener,

@@ -80,9 +80,7 @@ impl MeshController {
             existing,
         )
         .unwrap_or_default();
-        let empty: Arc<dyn ConfigSource> = Arc::new(MeshConfig {
-            snapshot: Snapshot::build(&[], &vips),
-        });
+        let empty: Arc<dyn ConfigSource> = Arc::new(MeshConfig::new(Snapshot::default()));
         let (publish, subscribe) = watch::channel(empty);
         let mut controller = MeshController {
             store,
@@ -102,12 +100,14 @@ impl MeshController {
                 return;
             }
         };
-        if self.vips.assign(&objects) {
+        let before = self.vips.clone();
+        let snapshot = Snapshot::build(&objects, &mut self.vips);
+        if self.vips != before {
             self.persist_vips();
         }
-        let snapshot = Snapshot::build(&objects, &self.vips);
         tracing::debug!(services = snapshot.services.len(), "mesh rebuilt");
-        self.publish.send_replace(Arc::new(MeshConfig { snapshot }));
+        self.publish
+            .send_replace(Arc::new(MeshConfig::new(snapshot)));
     }
 
     fn persist_vips(&self) {

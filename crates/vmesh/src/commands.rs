@@ -46,6 +46,9 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             if let Some(addr) = running.xds_plaintext_addr {
                 println!("vmesh server: plaintext xDS on {addr}");
             }
+            if let Some(addr) = running.monitoring_addr {
+                println!("vmesh server: monitoring on http://{addr}");
+            }
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => running.shutdown().await,
                 _ = terminate() => running.shutdown().await,

@@ -13,20 +13,22 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::Any;
+use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::Status;
 
 use crate::node::Proxy;
+
+mod grpc;
+
+pub use grpc::AdsServer;
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str =
@@ -37,8 +39,81 @@ pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteCon
 /// Push order on a change: clusters before endpoints, listeners before routes.
 const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
 
-/// Resources for one proxy: type URL → resource name → resource.
-pub type Resources = BTreeMap<&'static str, BTreeMap<String, Any>>;
+/// One resource, with its version computed once when it is built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned {
+    pub any: Any,
+    /// A fingerprint of the bytes: the resource's version. Never
+    /// [`UNKNOWN_VERSION`].
+    pub version: u64,
+}
+
+/// Stands for a version this server did not write (one Envoy remembers from
+/// an earlier server): it matches no resource.
+const UNKNOWN_VERSION: u64 = 0;
+
+impl Versioned {
+    pub fn new(any: Any) -> Versioned {
+        let mut hasher = DefaultHasher::new();
+        any.type_url.hash(&mut hasher);
+        any.value.hash(&mut hasher);
+        Versioned {
+            any,
+            version: hasher.finish().max(UNKNOWN_VERSION + 1),
+        }
+    }
+}
+
+/// A set of resources: type URL → resource name → resource.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResourceSet(BTreeMap<&'static str, BTreeMap<Arc<str>, Versioned>>);
+
+impl ResourceSet {
+    pub fn insert(&mut self, type_url: &'static str, name: impl Into<Arc<str>>, any: Any) {
+        self.0
+            .entry(type_url)
+            .or_default()
+            .insert(name.into(), Versioned::new(any));
+    }
+
+    pub fn of_type(&self, type_url: &str) -> impl Iterator<Item = (&Arc<str>, &Versioned)> {
+        self.0.get(type_url).into_iter().flatten()
+    }
+}
+
+/// What one proxy should have: sets shared with other proxies (computed once
+/// per change for all of them) and its own, with distinct resource names.
+#[derive(Debug, Clone, Default)]
+pub struct Resources(Vec<Arc<ResourceSet>>);
+
+impl Resources {
+    pub fn layered(sets: Vec<Arc<ResourceSet>>) -> Resources {
+        Resources(sets)
+    }
+
+    pub fn of_type(&self, type_url: &str) -> impl Iterator<Item = (&Arc<str>, &Versioned)> {
+        self.0.iter().flat_map(move |set| set.of_type(type_url))
+    }
+
+    pub fn get(&self, type_url: &str, name: &str) -> Option<(&Arc<str>, &Versioned)> {
+        self.0
+            .iter()
+            .find_map(|set| set.0.get(type_url)?.get_key_value(name))
+    }
+
+    /// The shared copy of a name the proxy sent, so that thousands of
+    /// subscriptions to the same resource do not each keep its name.
+    fn intern(&self, type_url: &str, name: &str) -> Arc<str> {
+        self.get(type_url, name)
+            .map_or_else(|| Arc::from(name), |(shared, _)| shared.clone())
+    }
+}
+
+impl From<ResourceSet> for Resources {
+    fn from(set: ResourceSet) -> Resources {
+        Resources(vec![Arc::new(set)])
+    }
+}
 
 /// Computes what a proxy should have from the current mesh.
 pub trait ConfigSource: Send + Sync + 'static {
@@ -105,8 +180,8 @@ impl Ads {
         }
     }
 
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Ads> {
-        AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(16 << 20)
+    pub fn into_service(self) -> AdsServer {
+        AdsServer(self)
     }
 }
 
@@ -150,10 +225,6 @@ impl Session {
         self.nonce.to_string()
     }
 
-    fn resources_of(&self, type_url: &str) -> BTreeMap<String, Any> {
-        self.resources.get(type_url).cloned().unwrap_or_default()
-    }
-
     fn sent(&self, type_url: &str, version: String) {
         self.status.update(self.connection, type_url, |s| {
             s.sent_version = Some(version)
@@ -175,11 +246,12 @@ impl Session {
     }
 }
 
-fn fingerprint<'a>(resources: impl IntoIterator<Item = &'a Any>) -> u64 {
+/// The version of a set of resources, from their names and versions.
+fn fingerprint<'a>(resources: impl IntoIterator<Item = (&'a Arc<str>, &'a Versioned)>) -> u64 {
     let mut hasher = DefaultHasher::new();
-    for any in resources {
-        any.type_url.hash(&mut hasher);
-        any.value.hash(&mut hasher);
+    for (name, resource) in resources {
+        name.hash(&mut hasher);
+        resource.version.hash(&mut hasher);
     }
     hasher.finish()
 }
@@ -205,7 +277,7 @@ trait Protocol: Send + 'static {
 /// proxy's first request does not say who it is.
 fn serve<P: Protocol>(
     mut protocol: P,
-    mut inbound: Streaming<P::Request>,
+    mut inbound: impl Stream<Item = Result<P::Request, Status>> + Send + Unpin + 'static,
     mut config: watch::Receiver<Arc<dyn ConfigSource>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<P::Response, Status>> {
@@ -213,8 +285,8 @@ fn serve<P: Protocol>(
     tokio::spawn(async move {
         'stream: loop {
             let responses = tokio::select! {
-                message = inbound.message() => match message {
-                    Ok(Some(request)) => {
+                message = inbound.next() => match message {
+                    Some(Ok(request)) => {
                         // Not `borrow_and_update`: a change seen here must
                         // still reach `on_config` below.
                         let current = config.borrow().clone();
@@ -224,7 +296,11 @@ fn serve<P: Protocol>(
                         }
                         protocol.on_request(request)
                     }
-                    Ok(None) | Err(_) => break,
+                    Some(Err(status)) => {
+                        let _ = out.send(Err(status)).await;
+                        break;
+                    }
+                    None => break,
                 },
                 // The guard `wait_for` returns is not Send: drop it inside.
                 () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => break,
@@ -258,7 +334,7 @@ fn serve<P: Protocol>(
 #[derive(Default)]
 struct Subscription {
     /// `None`: every resource of the type (CDS, LDS); otherwise the names asked for.
-    names: Option<BTreeSet<String>>,
+    names: Option<BTreeSet<Arc<str>>>,
     sent_nonce: Option<String>,
     /// Fingerprint of what was last sent, and of what was last refused.
     sent_hash: Option<u64>,
@@ -274,17 +350,21 @@ struct StateOfTheWorld {
 impl StateOfTheWorld {
     /// The response for `type_url` if what the proxy should have differs from what it has.
     fn push(&mut self, type_url: &str, force: bool) -> Option<DiscoveryResponse> {
-        let all = self.session.resources_of(type_url);
         let subscription = self.subscriptions.get_mut(type_url)?;
-        let chosen: Vec<Any> = match &subscription.names {
-            None => all.into_values().collect(),
-            Some(names) => names.iter().filter_map(|n| all.get(n).cloned()).collect(),
+        let resources = &self.session.resources;
+        let chosen: Vec<(&Arc<str>, &Versioned)> = match &subscription.names {
+            None => resources.of_type(type_url).collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| resources.get(type_url, n))
+                .collect(),
         };
-        let hash = fingerprint(&chosen);
+        let hash = fingerprint(chosen.iter().copied());
         let unchanged = subscription.sent_hash == Some(hash) && !force;
         if unchanged || subscription.refused_hash == Some(hash) {
             return None;
         }
+        let chosen: Vec<Any> = chosen.into_iter().map(|(_, r)| r.any.clone()).collect();
         let nonce = self.session.next_nonce();
         subscription.sent_hash = Some(hash);
         subscription.sent_nonce = Some(nonce.clone());
@@ -336,8 +416,14 @@ impl Protocol for StateOfTheWorld {
         if !request.response_nonce.is_empty() {
             self.session.acked(&type_url, request.version_info.clone());
         }
-        let names: Option<BTreeSet<String>> =
-            (!wildcard).then(|| request.resource_names.iter().cloned().collect());
+        let resources = &self.session.resources;
+        let names: Option<BTreeSet<Arc<str>>> = (!wildcard).then(|| {
+            request
+                .resource_names
+                .iter()
+                .map(|n| resources.intern(&type_url, n))
+                .collect()
+        });
         let names_changed = subscription.names != names;
         subscription.names = names;
         let first = subscription.sent_nonce.is_none();
@@ -362,17 +448,18 @@ struct Pending {
     nonce: String,
     system_version: String,
     diff_hash: u64,
-    /// What the proxy had before: restored if it refuses.
-    previous: BTreeMap<String, String>,
+    /// The versions the proxy had of the resources this response changes:
+    /// restored if it refuses.
+    undo: Vec<(Arc<str>, Option<u64>)>,
 }
 
 /// One type's subscription on a delta stream.
 #[derive(Default)]
 struct DeltaSubscription {
     wildcard: bool,
-    names: BTreeSet<String>,
+    names: BTreeSet<Arc<str>>,
     /// Resource name → version the proxy has (or has been sent).
-    known: BTreeMap<String, String>,
+    known: BTreeMap<Arc<str>, u64>,
     pending: Option<Pending>,
     refused_hash: Option<u64>,
     /// The system version the proxy last accepted.
@@ -387,30 +474,22 @@ struct Delta {
 
 impl Delta {
     fn push(&mut self, type_url: &str, force: bool) -> Option<DeltaDiscoveryResponse> {
-        let all = self.session.resources_of(type_url);
         let subscription = self.subscriptions.get_mut(type_url)?;
-        let desired: BTreeMap<String, Any> = if subscription.wildcard {
-            all
-        } else {
-            all.into_iter()
-                .filter(|(name, _)| subscription.names.contains(name))
-                .collect()
-        };
-        let changed: Vec<Resource> = desired
-            .iter()
-            .map(|(name, any)| (name, any, version_of(fingerprint([any]))))
-            .filter(|(name, _, version)| subscription.known.get(*name) != Some(version))
-            .map(|(name, any, version)| Resource {
-                name: name.clone(),
-                version,
-                resource: Some(any.clone()),
-                ..Default::default()
-            })
+        let resources = &self.session.resources;
+        let wanted = |name: &str| subscription.wildcard || subscription.names.contains(name);
+        let desired: Vec<(&Arc<str>, &Versioned)> = resources
+            .of_type(type_url)
+            .filter(|(name, _)| wanted(name))
             .collect();
-        let removed: Vec<String> = subscription
+        let changed: Vec<(&Arc<str>, &Versioned)> = desired
+            .iter()
+            .filter(|(name, r)| subscription.known.get(*name) != Some(&r.version))
+            .copied()
+            .collect();
+        let removed: Vec<Arc<str>> = subscription
             .known
             .keys()
-            .filter(|name| !desired.contains_key(*name))
+            .filter(|name| !wanted(name) || resources.get(type_url, name).is_none())
             .cloned()
             .collect();
         if changed.is_empty() && removed.is_empty() && !force {
@@ -424,28 +503,37 @@ impl Delta {
             return None;
         }
         let mut hasher = DefaultHasher::new();
-        fingerprint(changed.iter().filter_map(|r| r.resource.as_ref())).hash(&mut hasher);
+        fingerprint(changed.iter().copied()).hash(&mut hasher);
         removed.hash(&mut hasher);
         let diff_hash = hasher.finish();
         if subscription.refused_hash == Some(diff_hash) && !force {
             return None;
         }
-        let previous = subscription.known.clone();
-        for resource in &changed {
-            subscription
-                .known
-                .insert(resource.name.clone(), resource.version.clone());
+        let system_version = version_of(fingerprint(desired));
+        let mut undo = Vec::with_capacity(changed.len() + removed.len());
+        for (name, resource) in &changed {
+            let before = subscription.known.insert((*name).clone(), resource.version);
+            undo.push(((*name).clone(), before));
         }
         for name in &removed {
-            subscription.known.remove(name);
+            undo.push((name.clone(), subscription.known.remove(name)));
         }
-        let system_version = version_of(fingerprint(desired.values()));
+        let changed: Vec<Resource> = changed
+            .into_iter()
+            .map(|(name, resource)| Resource {
+                name: name.to_string(),
+                version: version_of(resource.version),
+                resource: Some(resource.any.clone()),
+                ..Default::default()
+            })
+            .collect();
+        let removed: Vec<String> = removed.iter().map(|name| name.to_string()).collect();
         let nonce = self.session.next_nonce();
         subscription.pending = Some(Pending {
             nonce: nonce.clone(),
             system_version: system_version.clone(),
             diff_hash,
-            previous,
+            undo,
         });
         self.session.sent(type_url, system_version.clone());
         Some(DeltaDiscoveryResponse {
@@ -479,10 +567,14 @@ impl Protocol for Delta {
             // An empty first subscription is the legacy wildcard for CDS and LDS.
             subscription.wildcard = request.resource_names_subscribe.is_empty()
                 && matches!(type_url.as_str(), CLUSTER_TYPE | LISTENER_TYPE);
+            let resources = &self.session.resources;
             subscription.known = request
                 .initial_resource_versions
-                .clone()
-                .into_iter()
+                .iter()
+                .map(|(name, version)| {
+                    let version = u64::from_str_radix(version, 16).unwrap_or(UNKNOWN_VERSION);
+                    (resources.intern(&type_url, name), version)
+                })
                 .collect();
         }
         if !request.response_nonce.is_empty() {
@@ -491,7 +583,12 @@ impl Protocol for Delta {
                     match &request.error_detail {
                         Some(error) => {
                             // Envoy keeps what it had: so does our view of it.
-                            subscription.known = pending.previous;
+                            for (name, version) in pending.undo {
+                                match version {
+                                    Some(version) => subscription.known.insert(name, version),
+                                    None => subscription.known.remove(&name),
+                                };
+                            }
                             subscription.refused_hash = Some(pending.diff_hash);
                             self.session
                                 .refused(&type_url, pending.system_version, &error.message);
@@ -510,15 +607,16 @@ impl Protocol for Delta {
             if name == "*" {
                 subscription.wildcard = true;
             } else {
-                subscription.names.insert(name.clone());
+                let name = self.session.resources.intern(&type_url, name);
+                subscription.names.insert(name);
             }
         }
         for name in &request.resource_names_unsubscribe {
             if name == "*" {
                 subscription.wildcard = false;
             } else {
-                subscription.names.remove(name);
-                subscription.known.remove(name);
+                subscription.names.remove(name.as_str());
+                subscription.known.remove(name.as_str());
             }
         }
         self.push(&type_url, first).into_iter().collect()
@@ -542,47 +640,9 @@ impl Ads {
                 .next_connection
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             proxy: None,
-            resources: Resources::new(),
+            resources: Resources::default(),
             nonce: 0,
             status: self.status.clone(),
         }
-    }
-}
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let protocol = StateOfTheWorld {
-            session: self.session(),
-            subscriptions: BTreeMap::new(),
-        };
-        Ok(Response::new(serve(
-            protocol,
-            request.into_inner(),
-            self.config.clone(),
-            self.shutdown.clone(),
-        )))
-    }
-
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let protocol = Delta {
-            session: self.session(),
-            subscriptions: BTreeMap::new(),
-        };
-        Ok(Response::new(serve(
-            protocol,
-            request.into_inner(),
-            self.config.clone(),
-            self.shutdown.clone(),
-        )))
     }
 }

@@ -6,6 +6,7 @@
 //! This module decides *what* Envoy gets; the ADS module decides *when*.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
@@ -40,6 +41,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use envoy_types::util::pack_any;
+use parking_lot::Mutex;
 use vmesh_api::kinds::common::Percent;
 use vmesh_api::kinds::common::StringMatch;
 use vmesh_api::kinds::destination_rule::{
@@ -52,7 +54,7 @@ use vmesh_registry::{MeshService, OutboundPolicy, Resolution, Snapshot};
 
 use crate::ads::{
     CLUSTER_TYPE, ConfigSource as AdsConfigSource, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
-    Resources,
+    ResourceSet, Resources,
 };
 use crate::node::Proxy;
 
@@ -62,15 +64,59 @@ pub const BLACKHOLE: &str = "BlackHoleCluster";
 pub const OUTBOUND_PORT: u32 = 15001;
 pub const INBOUND_PORT: u32 = 15006;
 
-/// A snapshot of the mesh, ready to translate for any proxy.
+/// What a proxy's outbound configuration depends on: proxies that agree on
+/// it share one copy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct OutboundKey {
+    namespace: String,
+    locality: Option<String>,
+}
+
+impl OutboundKey {
+    fn of(proxy: &Proxy) -> OutboundKey {
+        OutboundKey {
+            namespace: proxy.namespace.clone(),
+            locality: proxy.locality.clone(),
+        }
+    }
+}
+
+/// A snapshot of the mesh, ready to translate for any proxy. Outbound
+/// resources (nearly everything) are computed once per namespace and locality
+/// on first demand and shared; only the inbound side is the proxy's own.
 pub struct MeshConfig {
-    pub snapshot: Snapshot,
+    snapshot: Snapshot,
+    outbound: Mutex<HashMap<OutboundKey, Arc<OnceLock<Arc<ResourceSet>>>>>,
+}
+
+impl MeshConfig {
+    pub fn new(snapshot: Snapshot) -> MeshConfig {
+        MeshConfig {
+            snapshot,
+            outbound: Mutex::default(),
+        }
+    }
 }
 
 impl AdsConfigSource for MeshConfig {
     fn resources(&self, proxy: &Proxy) -> Resources {
-        translate(&self.snapshot, proxy)
+        let key = OutboundKey::of(proxy);
+        // The map's lock is held only to find the slot: proxies of another
+        // key do not wait while this one is computed.
+        let slot = self.outbound.lock().entry(key.clone()).or_default().clone();
+        let shared = slot
+            .get_or_init(|| Arc::new(outbound(&self.snapshot, &key)))
+            .clone();
+        Resources::layered(vec![shared, Arc::new(inbound(&self.snapshot, proxy))])
     }
+}
+
+/// Everything a proxy gets, computed for it alone.
+pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
+    Resources::layered(vec![
+        Arc::new(outbound(snapshot, &OutboundKey::of(proxy))),
+        Arc::new(inbound(snapshot, proxy)),
+    ])
 }
 
 /// `outbound|port|subset|host`, Istio's cluster name.
@@ -374,9 +420,9 @@ impl LocalityPolicy<'_> {
 /// (without it Envoy would never fail over, so Istio requires it too).
 fn locality_policy<'a>(
     rule: Option<&'a DestinationRuleSpec>,
-    proxy: &'a Proxy,
+    proxy_locality: Option<&'a str>,
 ) -> Option<LocalityPolicy<'a>> {
-    let locality = proxy.locality.as_deref()?;
+    let locality = proxy_locality?;
     let policy = rule?.traffic_policy.as_ref()?;
     policy.outlier_detection.as_ref()?;
     let setting = policy
@@ -1116,7 +1162,8 @@ fn virtual_host(
 }
 
 /// Everything one sidecar needs.
-pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
+/// The clusters, endpoints, listeners and routes for calling out of a proxy.
+fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
     let mut clusters: BTreeMap<String, Any> = BTreeMap::new();
     let mut endpoints: BTreeMap<String, Any> = BTreeMap::new();
     let mut listeners: BTreeMap<String, Any> = BTreeMap::new();
@@ -1125,7 +1172,7 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
 
     for service in &snapshot.services {
         let dr = destination_rule(snapshot, service, &proxy.namespace);
-        let locality = locality_policy(dr.as_ref(), proxy);
+        let locality = locality_policy(dr.as_ref(), proxy.locality.as_deref());
         for port in &service.ports {
             let base_policy = layered(
                 dr.as_ref().and_then(|d| d.traffic_policy.as_ref()),
@@ -1303,7 +1350,28 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
         }),
     );
 
-    // Inbound: one chain per port this workload serves, to the local application.
+    resource_set([
+        (CLUSTER_TYPE, clusters),
+        (ENDPOINT_TYPE, endpoints),
+        (LISTENER_TYPE, listeners),
+        (ROUTE_TYPE, routes),
+    ])
+}
+
+fn resource_set<const N: usize>(types: [(&'static str, BTreeMap<String, Any>); N]) -> ResourceSet {
+    let mut set = ResourceSet::default();
+    for (type_url, resources) in types {
+        for (name, any) in resources {
+            set.insert(type_url, name, any);
+        }
+    }
+    set
+}
+
+/// The inbound side of a proxy: one chain per port its workload serves, to
+/// the local application.
+fn inbound(snapshot: &Snapshot, proxy: &Proxy) -> ResourceSet {
+    let mut clusters: BTreeMap<String, Any> = BTreeMap::new();
     let mut inbound_chains = Vec::new();
     let proxy_ip = proxy.ip.to_string();
     let mut served: BTreeMap<u16, bool> = BTreeMap::new();
@@ -1388,27 +1456,19 @@ pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
             ..Default::default()
         });
     }
-    listeners.insert(
-        "virtualInbound".into(),
-        pack_any(Listener {
-            name: "virtualInbound".into(),
-            address: Some(socket("0.0.0.0", INBOUND_PORT)),
-            listener_filters: vec![original_dst_filter()],
-            filter_chains: inbound_chains,
-            default_filter_chain: Some(FilterChain {
-                filters: vec![tcp_proxy_filter("InboundPassthrough", BLACKHOLE)],
-                ..Default::default()
-            }),
+    let virtual_inbound = pack_any(Listener {
+        name: "virtualInbound".into(),
+        address: Some(socket("0.0.0.0", INBOUND_PORT)),
+        listener_filters: vec![original_dst_filter()],
+        filter_chains: inbound_chains,
+        default_filter_chain: Some(FilterChain {
+            filters: vec![tcp_proxy_filter("InboundPassthrough", BLACKHOLE)],
             ..Default::default()
         }),
-    );
-
-    Resources::from([
-        (CLUSTER_TYPE, clusters),
-        (ENDPOINT_TYPE, endpoints),
-        (LISTENER_TYPE, listeners),
-        (ROUTE_TYPE, routes),
-    ])
+        ..Default::default()
+    });
+    let listeners = BTreeMap::from([("virtualInbound".to_string(), virtual_inbound)]);
+    resource_set([(CLUSTER_TYPE, clusters), (LISTENER_TYPE, listeners)])
 }
 
 #[cfg(test)]
@@ -1425,9 +1485,7 @@ mod tests {
             .into_iter()
             .map(|l| l.object)
             .collect();
-        let mut vips = vmesh_registry::VipAllocator::default();
-        vips.assign(&objects);
-        let snapshot = Snapshot::build(&objects, &vips);
+        let snapshot = Snapshot::build(&objects, &mut vmesh_registry::VipAllocator::default());
         let node = Node {
             id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
             locality,
@@ -1437,7 +1495,8 @@ mod tests {
     }
 
     fn decoded<T: Message + Default>(resources: &Resources, type_url: &str, name: &str) -> T {
-        T::decode(resources[type_url][name].value.as_slice()).unwrap()
+        let (_, resource) = resources.get(type_url, name).unwrap();
+        T::decode(resource.any.value.as_slice()).unwrap()
     }
 
     const MESH: &str = r#"
@@ -1471,9 +1530,12 @@ spec:
 "#;
 
     fn clusters() -> BTreeMap<String, Cluster> {
-        translate_yaml(MESH, None)[CLUSTER_TYPE]
-            .iter()
-            .map(|(name, any)| (name.clone(), Cluster::decode(any.value.as_slice()).unwrap()))
+        translate_yaml(MESH, None)
+            .of_type(CLUSTER_TYPE)
+            .map(|(name, r)| {
+                let cluster = Cluster::decode(r.any.value.as_slice()).unwrap();
+                (name.to_string(), cluster)
+            })
             .collect()
     }
 
@@ -1518,9 +1580,7 @@ spec:
             .into_iter()
             .map(|l| l.object)
             .collect();
-        let mut vips = vmesh_registry::VipAllocator::default();
-        vips.assign(&objects);
-        let snapshot = Snapshot::build(&objects, &vips);
+        let snapshot = Snapshot::build(&objects, &mut vmesh_registry::VipAllocator::default());
         let db = snapshot.service("db.shop.svc.cluster.local").unwrap();
         let filter = tcp_route(&snapshot, db, 5432);
         let Some(filter::ConfigType::TypedConfig(any)) = filter.config_type else {

@@ -23,7 +23,8 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::Streaming;
 use vmesh_xds::ads::{
-    Ads, CLUSTER_TYPE, ConfigSource, ENDPOINT_TYPE, ProxyStatus, Resources, StatusTable, TypeStatus,
+    Ads, CLUSTER_TYPE, ConfigSource, ENDPOINT_TYPE, ProxyStatus, ResourceSet, Resources,
+    StatusTable, TypeStatus,
 };
 use vmesh_xds::node::Proxy;
 
@@ -57,21 +58,14 @@ fn endpoints(name: &str, priority: u32) -> Any {
 /// Clusters named as given (with `stat` as a content knob) and, for each name
 /// in `eds`, a load assignment with the given priority.
 fn resources(clusters: &[(&str, &str)], eds: &[(&str, u32)]) -> Resources {
-    let mut out = Resources::new();
-    out.insert(
-        CLUSTER_TYPE,
-        clusters
-            .iter()
-            .map(|(name, stat)| (name.to_string(), cluster(name, stat)))
-            .collect(),
-    );
-    out.insert(
-        ENDPOINT_TYPE,
-        eds.iter()
-            .map(|(name, priority)| (name.to_string(), endpoints(name, *priority)))
-            .collect(),
-    );
-    out
+    let mut set = ResourceSet::default();
+    for (name, stat) in clusters {
+        set.insert(CLUSTER_TYPE, *name, cluster(name, stat));
+    }
+    for (name, priority) in eds {
+        set.insert(ENDPOINT_TYPE, *name, endpoints(name, *priority));
+    }
+    Resources::from(set)
 }
 
 /// The resource names in a response, in the order sent.

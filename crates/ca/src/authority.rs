@@ -1,0 +1,1042 @@
+//! The signing authority: the mesh root (self-signed and kept in the data
+//! directory, or plugged in by the operator as an intermediate with its chain)
+//! and the certificates it issues.
+
+use std::io;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use time::OffsetDateTime;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::prelude::FromDer;
+use x509_parser::public_key::PublicKey;
+
+use crate::files;
+use crate::identity::{CERT_BACKDATE, IdentityError, SpiffeId, validate_trust_domain};
+
+/// File name of the self-signed root certificate in the CA directory.
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+/// File name of the root's private key (mode 0600) in the CA directory.
+pub const ROOT_KEY_FILE: &str = "root-key.pem";
+/// The name istio-agent expects on the control plane's serving certificate.
+pub const ISTIOD_SERVICE_NAME: &str = "istiod.istio-system.svc";
+
+/// Largest CSR (PEM text) accepted.
+const MAX_CSR_LEN: usize = 16 * 1024;
+
+/// Why the authority could not load, create or sign.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "CA directory {dir} has {present} but not {missing}; restore the missing file or remove both to start a new root (every workload must then be re-issued)"
+    )]
+    Incomplete {
+        dir: PathBuf,
+        present: &'static str,
+        missing: &'static str,
+    },
+    #[error("CA material {what}: {reason}")]
+    BadCaMaterial { what: String, reason: String },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("identity {id} is not in this CA's trust domain {trust_domain:?}")]
+    ForeignTrustDomain { id: String, trust_domain: String },
+    #[error("invalid CSR: {0}")]
+    InvalidCsr(String),
+    #[error("CSR signature does not verify with its own public key")]
+    CsrSignature,
+    #[error("unsupported key in CSR: {0}")]
+    UnsupportedKey(String),
+    #[error("invalid serving certificate name {name:?}: {reason}")]
+    InvalidName { name: String, reason: String },
+    #[error("the CA certificate expired at {0:?}; plug in or create a new one")]
+    CaExpired(SystemTime),
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// Lifetimes the authority works with. The defaults are Istio's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthorityOptions {
+    /// Life of a workload certificate when the caller asks for none (24 h).
+    pub default_workload_ttl: Duration,
+    /// Longest workload certificate issued; longer requests are shortened
+    /// to this (90 days).
+    pub max_workload_ttl: Duration,
+    /// Life of a newly created self-signed root (10 years).
+    pub root_ttl: Duration,
+    /// Life of the control plane's serving certificate (90 days).
+    pub serving_ttl: Duration,
+}
+
+impl Default for AuthorityOptions {
+    fn default() -> Self {
+        AuthorityOptions {
+            default_workload_ttl: Duration::from_secs(24 * 3600),
+            max_workload_ttl: Duration::from_secs(90 * 24 * 3600),
+            root_ttl: Duration::from_secs(10 * 365 * 24 * 3600),
+            serving_ttl: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
+}
+
+/// The mesh certificate authority.
+pub struct Authority {
+    trust_domain: String,
+    options: AuthorityOptions,
+    issuer: Issuer<'static, KeyPair>,
+    /// `notAfter` of the signing certificate: nothing issued outlives it.
+    issuer_not_after: SystemTime,
+    /// PEM certificates that follow a leaf: the signing certificate, any
+    /// intermediates, and the root last.
+    chain: Vec<String>,
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("trust_domain", &self.trust_domain)
+            .field("options", &self.options)
+            .field("issuer_not_after", &self.issuer_not_after)
+            .field("chain_len", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authority {
+    /// The self-signed case: loads the root from `dir/root-cert.pem` and
+    /// `dir/root-key.pem`, or creates them on first start (ECDSA P-256,
+    /// `options.root_ttl`, CA with keyCertSign; key file mode 0600, directory
+    /// 0700).
+    pub fn load_or_create(
+        dir: &Path,
+        trust_domain: &str,
+        options: AuthorityOptions,
+    ) -> Result<Self, CaError> {
+        validate_trust_domain(trust_domain)?;
+        let io_err = |action, path: &Path| {
+            let path = path.to_owned();
+            move |source| CaError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        files::ensure_private_dir(dir).map_err(io_err("creating", dir))?;
+        let cert_path = dir.join(ROOT_CERT_FILE);
+        let key_path = dir.join(ROOT_KEY_FILE);
+        let (has_cert, has_key) = (files::exists(&cert_path), files::exists(&key_path));
+        if has_cert && !has_key {
+            return Err(CaError::Incomplete {
+                dir: dir.to_owned(),
+                present: ROOT_CERT_FILE,
+                missing: ROOT_KEY_FILE,
+            });
+        }
+        let key = if has_key {
+            let pem = files::read_secret(&key_path).map_err(io_err("reading", &key_path))?;
+            KeyPair::from_pem(&pem).map_err(|e| CaError::BadCaMaterial {
+                what: key_path.display().to_string(),
+                reason: e.to_string(),
+            })?
+        } else {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            // The key goes first: a crash before the certificate is written
+            // leaves a key that no workload trusts yet, and the next start
+            // makes its certificate (below).
+            files::write_secret(&key_path, &key.serialize_pem())
+                .map_err(io_err("writing", &key_path))?;
+            key
+        };
+        if !has_cert {
+            let cert = self_signed_root(&key, trust_domain, options.root_ttl)?;
+            files::write_public(&cert_path, &cert).map_err(io_err("writing", &cert_path))?;
+            tracing::info!(dir = %dir.display(), trust_domain, "created a new mesh root CA");
+        }
+        let cert_pem =
+            std::fs::read_to_string(&cert_path).map_err(io_err("reading", &cert_path))?;
+        Self::from_pems(&cert_pem, key, &[], trust_domain, options, &cert_path)
+    }
+
+    /// The plug-in case: the operator's CA certificate (an intermediate, or
+    /// a root), its key, and `chain`, the certificates from the one that
+    /// signed `cert` up to the root (Istio's `cert-chain.pem`; the CA
+    /// certificate itself may lead it and is then skipped). Without `chain`,
+    /// `cert` must be a self-signed root. Every link is checked.
+    pub fn from_files(
+        cert: &Path,
+        key: &Path,
+        chain: Option<&Path>,
+        trust_domain: &str,
+        options: AuthorityOptions,
+    ) -> Result<Self, CaError> {
+        validate_trust_domain(trust_domain)?;
+        let read = |path: &Path| {
+            std::fs::read_to_string(path).map_err(|source| CaError::Io {
+                action: "reading",
+                path: path.to_owned(),
+                source,
+            })
+        };
+        let cert_pem = read(cert)?;
+        let key_pem = files::read_secret(key).map_err(|source| CaError::Io {
+            action: "reading",
+            path: key.to_owned(),
+            source,
+        })?;
+        let key_pair = KeyPair::from_pem(&key_pem).map_err(|e| CaError::BadCaMaterial {
+            what: key.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let chain_pems = match chain {
+            Some(path) => split_pem_certs(&read(path)?, path)?,
+            None => Vec::new(),
+        };
+        Self::from_pems(
+            &cert_pem,
+            key_pair,
+            &chain_pems,
+            trust_domain,
+            options,
+            cert,
+        )
+    }
+
+    fn from_pems(
+        cert_pem: &str,
+        key: KeyPair,
+        chain_pems: &[(CertificateDer<'static>, String)],
+        trust_domain: &str,
+        options: AuthorityOptions,
+        cert_path: &Path,
+    ) -> Result<Self, CaError> {
+        let bad = |reason: String| CaError::BadCaMaterial {
+            what: cert_path.display().to_string(),
+            reason,
+        };
+        let mut ca = split_pem_certs(cert_pem, cert_path)?;
+        if ca.len() != 1 {
+            return Err(bad(format!(
+                "expected exactly one certificate, found {}",
+                ca.len()
+            )));
+        }
+        let (ca_der, ca_pem) = ca.remove(0);
+        let ca_cert = parse_cert(&ca_der).map_err(bad)?;
+        if !ca_cert.is_ca() {
+            return Err(bad(
+                "is not a CA certificate (basicConstraints CA:false)".into()
+            ));
+        }
+        if let Ok(Some(ku)) = ca_cert.key_usage()
+            && !ku.value.key_cert_sign()
+        {
+            return Err(bad("key usage does not allow keyCertSign".into()));
+        }
+        if ca_cert.public_key().raw != key.subject_public_key_info().as_slice() {
+            return Err(bad("does not match its private key".into()));
+        }
+        let issuer_not_after = system_time(ca_cert.validity().not_after.timestamp());
+        if issuer_not_after <= SystemTime::now() {
+            return Err(CaError::CaExpired(issuer_not_after));
+        }
+
+        // Chain: the certificates above `ca`, ending in a self-signed root.
+        let mut chain = vec![ca_pem];
+        let above: Vec<_> = chain_pems
+            .iter()
+            .filter(|(der, _)| der.as_ref() != ca_der.as_ref())
+            .collect();
+        let mut child = ca_cert;
+        let mut child_label = cert_path.display().to_string();
+        for (i, (der, pem)) in above.iter().enumerate() {
+            let parent =
+                parse_cert(der).map_err(|r| bad(format!("chain certificate {}: {r}", i + 1)))?;
+            if !parent.is_ca() {
+                return Err(bad(format!("chain certificate {} is not a CA", i + 1)));
+            }
+            child
+                .verify_signature(Some(parent.public_key()))
+                .map_err(|_| {
+                    bad(format!(
+                        "{child_label} is not signed by chain certificate {}",
+                        i + 1
+                    ))
+                })?;
+            chain.push(pem.clone());
+            child = parent;
+            child_label = format!("chain certificate {}", i + 1);
+        }
+        if child.verify_signature(None).is_err() {
+            return Err(bad(if above.is_empty() {
+                "is not a self-signed root; give the chain up to the root".into()
+            } else {
+                "the chain does not end in a self-signed root".into()
+            }));
+        }
+
+        let issuer = Issuer::from_ca_cert_der(&ca_der, key)?;
+        Ok(Authority {
+            trust_domain: trust_domain.to_owned(),
+            options,
+            issuer,
+            issuer_not_after,
+            chain,
+        })
+    }
+
+    /// The trust domain identities are issued in.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The lifetimes in force.
+    pub fn options(&self) -> &AuthorityOptions {
+        &self.options
+    }
+
+    /// The mesh trust anchor (PEM): the root, which for a plugged-in
+    /// intermediate is the last certificate of its chain.
+    pub fn root_pem(&self) -> &str {
+        self.chain
+            .last()
+            .expect("chain holds at least the CA certificate")
+    }
+
+    /// The certificates that follow an issued leaf: signing CA first, root
+    /// last.
+    pub fn ca_chain(&self) -> &[String] {
+        &self.chain
+    }
+
+    /// The lifetime a request for `requested` gets: the default when none
+    /// (or zero) is asked, never more than the maximum.
+    pub fn effective_ttl(&self, requested: Option<Duration>) -> Duration {
+        requested
+            .filter(|d| !d.is_zero())
+            .unwrap_or(self.options.default_workload_ttl)
+            .min(self.options.max_workload_ttl)
+    }
+
+    /// Signs a workload certificate for `identity` with the public key of
+    /// `csr_pem`.
+    ///
+    /// The CSR's signature is verified (proof of possession), and nothing
+    /// else of it is used: whatever subject, SANs or extensions it asks for,
+    /// the certificate's only name is `identity`'s URI. It is a leaf
+    /// (CA:false) for clientAuth and serverAuth, with digitalSignature and
+    /// keyEncipherment, valid from one minute ago for
+    /// [`Authority::effective_ttl`] (never past the CA's own expiry).
+    /// Returns PEM certificates, leaf first and root last.
+    pub fn sign_workload(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        requested: Option<Duration>,
+    ) -> Result<Vec<String>, CaError> {
+        identity.validate()?;
+        if identity.trust_domain != self.trust_domain {
+            return Err(CaError::ForeignTrustDomain {
+                id: identity.to_string(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        let public_key = public_key_of_csr(csr_pem)?;
+        let mut params = self.leaf_params(self.effective_ttl(requested))?;
+        params.subject_alt_names = vec![SanType::URI(identity.uri().try_into()?)];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf = params.signed_by(&public_key, &self.issuer)?;
+        let mut out = Vec::with_capacity(self.chain.len() + 1);
+        out.push(leaf.pem());
+        out.extend(self.chain.iter().cloned());
+        Ok(out)
+    }
+
+    /// A fresh key and certificate for the control plane's own TLS (port
+    /// 15012): DNS name `istiod.istio-system.svc` plus each of `sans` (IP
+    /// addresses become IP SANs), serverAuth, `options.serving_ttl`.
+    /// Returns (PEM chain leaf first and root last, PKCS#8 PEM key).
+    pub fn serving_certificate(&self, sans: &[String]) -> Result<(Vec<String>, String), CaError> {
+        let mut names: Vec<SanType> = vec![SanType::DnsName(ISTIOD_SERVICE_NAME.try_into()?)];
+        for name in sans {
+            let san = match name.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => {
+                    if name.is_empty() || name.contains(['/', ':', ' ']) {
+                        return Err(CaError::InvalidName {
+                            name: name.clone(),
+                            reason: "not a DNS name or IP address".into(),
+                        });
+                    }
+                    SanType::DnsName(name.as_str().try_into().map_err(|e: rcgen::Error| {
+                        CaError::InvalidName {
+                            name: name.clone(),
+                            reason: e.to_string(),
+                        }
+                    })?)
+                }
+            };
+            if !names.contains(&san) {
+                names.push(san);
+            }
+        }
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = self.leaf_params(self.options.serving_ttl)?;
+        params.subject_alt_names = names;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let mut chain = Vec::with_capacity(self.chain.len() + 1);
+        chain.push(cert.pem());
+        chain.extend(self.chain.iter().cloned());
+        Ok((chain, key.serialize_pem()))
+    }
+
+    /// Parameters shared by every leaf: empty subject (the SAN is then
+    /// critical), random serial, backdated start, authority key id.
+    fn leaf_params(&self, ttl: Duration) -> Result<CertificateParams, CaError> {
+        let now = SystemTime::now();
+        if now >= self.issuer_not_after {
+            return Err(CaError::CaExpired(self.issuer_not_after));
+        }
+        let not_after = (now + ttl).min(self.issuer_not_after);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.serial_number = Some(random_serial());
+        params.not_before = OffsetDateTime::from(now - CERT_BACKDATE);
+        params.not_after = OffsetDateTime::from(not_after);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        Ok(params)
+    }
+}
+
+fn self_signed_root(key: &KeyPair, trust_domain: &str, ttl: Duration) -> Result<String, CaError> {
+    let now = SystemTime::now();
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, trust_domain);
+    dn.push(DnType::CommonName, "vmesh root CA");
+    params.distinguished_name = dn;
+    params.serial_number = Some(random_serial());
+    params.not_before = OffsetDateTime::from(now - CERT_BACKDATE);
+    params.not_after = OffsetDateTime::from(now + ttl);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params.self_signed(key)?.pem())
+}
+
+/// 128 random bits (positive).
+fn random_serial() -> SerialNumber {
+    let mut bytes = *uuid::Uuid::new_v4().as_bytes();
+    let more = uuid::Uuid::new_v4();
+    // v4 UUIDs fix 6 bits; mix in a second one so all 128 bits are random.
+    for (b, m) in bytes.iter_mut().zip(more.as_bytes().iter().rev()) {
+        *b ^= m.rotate_left(3);
+    }
+    bytes[0] &= 0x7f;
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
+}
+
+fn system_time(unix: i64) -> SystemTime {
+    match u64::try_from(unix) {
+        Ok(secs) => SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+        Err(_) => SystemTime::UNIX_EPOCH,
+    }
+}
+
+fn parse_cert<'a>(der: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, String> {
+    let (rest, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    if !rest.is_empty() {
+        return Err("trailing data after the certificate".into());
+    }
+    Ok(cert)
+}
+
+fn split_pem_certs(
+    text: &str,
+    path: &Path,
+) -> Result<Vec<(CertificateDer<'static>, String)>, CaError> {
+    let ders = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CaError::BadCaMaterial {
+            what: path.display().to_string(),
+            reason: format!("not PEM certificates: {e}"),
+        })?;
+    if ders.is_empty() {
+        return Err(CaError::BadCaMaterial {
+            what: path.display().to_string(),
+            reason: "holds no PEM certificate".into(),
+        });
+    }
+    Ok(ders
+        .into_iter()
+        .map(|der| {
+            let pem = pem_encode("CERTIFICATE", &der);
+            (der, pem)
+        })
+        .collect())
+}
+
+/// PEM with 64-column lines, as rcgen writes.
+fn pem_encode(label: &str, der: &[u8]) -> String {
+    use std::fmt::Write;
+    let b64 = base64_encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).expect("base64 is ascii"));
+        out.push('\n');
+    }
+    let _ = writeln!(out, "-----END {label}-----");
+    out
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// The public key of a CSR, after checking the CSR's signature with it.
+struct CsrPublicKey {
+    raw: Vec<u8>,
+    alg: &'static SignatureAlgorithm,
+}
+
+impl PublicKeyData for CsrPublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.alg
+    }
+}
+
+fn public_key_of_csr(csr_pem: &str) -> Result<CsrPublicKey, CaError> {
+    use rustls::pki_types::CertificateSigningRequestDer;
+    if csr_pem.len() > MAX_CSR_LEN {
+        return Err(CaError::InvalidCsr(format!(
+            "longer than {MAX_CSR_LEN} bytes"
+        )));
+    }
+    let der = CertificateSigningRequestDer::from_pem_slice(csr_pem.as_bytes())
+        .map_err(|e| CaError::InvalidCsr(format!("no PEM CERTIFICATE REQUEST block: {e}")))?;
+    let (rest, csr) = X509CertificationRequest::from_der(der.as_ref())
+        .map_err(|e| CaError::InvalidCsr(format!("not a PKCS#10 request: {e}")))?;
+    if !rest.is_empty() {
+        return Err(CaError::InvalidCsr(
+            "trailing data after the request".into(),
+        ));
+    }
+    csr.verify_signature().map_err(|_| CaError::CsrSignature)?;
+    let spki = &csr.certification_request_info.subject_pki;
+    let alg = match spki.parsed() {
+        Ok(PublicKey::EC(_)) => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .map(|oid| oid.to_id_string());
+            match curve.as_deref() {
+                Some("1.2.840.10045.3.1.7") => &rcgen::PKCS_ECDSA_P256_SHA256,
+                Some("1.3.132.0.34") => &rcgen::PKCS_ECDSA_P384_SHA384,
+                other => {
+                    return Err(CaError::UnsupportedKey(format!(
+                        "elliptic curve {}",
+                        other.unwrap_or("(none)")
+                    )));
+                }
+            }
+        }
+        Ok(PublicKey::RSA(rsa)) => {
+            let bits = rsa.key_size();
+            if bits < 2048 {
+                return Err(CaError::UnsupportedKey(format!(
+                    "RSA key of {bits} bits (at least 2048 needed)"
+                )));
+            }
+            &rcgen::PKCS_RSA_SHA256
+        }
+        _ if spki.algorithm.algorithm.to_id_string() == "1.3.101.112" => &rcgen::PKCS_ED25519,
+        Ok(other) => {
+            return Err(CaError::UnsupportedKey(format!(
+                "{} (use ECDSA P-256/P-384, Ed25519 or RSA)",
+                key_kind(&other)
+            )));
+        }
+        Err(e) => return Err(CaError::UnsupportedKey(e.to_string())),
+    };
+    Ok(CsrPublicKey {
+        raw: spki.subject_public_key.data.to_vec(),
+        alg,
+    })
+}
+
+fn key_kind(key: &PublicKey<'_>) -> &'static str {
+    match key {
+        PublicKey::RSA(_) => "RSA",
+        PublicKey::EC(_) => "EC",
+        PublicKey::DSA(_) => "DSA",
+        PublicKey::GostR3410(_) | PublicKey::GostR3410_2012(_) => "GOST",
+        PublicKey::Unknown(_) => "unknown algorithm",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use x509_parser::extensions::GeneralName;
+
+    fn csr(key: &KeyPair, sans: &[&str]) -> String {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        for san in sans {
+            params
+                .subject_alt_names
+                .push(if san.starts_with("spiffe://") {
+                    SanType::URI((*san).try_into().unwrap())
+                } else {
+                    SanType::DnsName((*san).try_into().unwrap())
+                });
+        }
+        params.distinguished_name.push(DnType::CommonName, "admin");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.serialize_request(key).unwrap().pem().unwrap()
+    }
+
+    fn der_of(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn creates_then_reloads_the_same_root_with_private_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("ca");
+        let a = Authority::load_or_create(&ca_dir, "cluster.local", AuthorityOptions::default())
+            .unwrap();
+        let mode = |name| {
+            std::fs::metadata(ca_dir.join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(ROOT_KEY_FILE), 0o600);
+        assert_eq!(
+            std::fs::metadata(&ca_dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let b = Authority::load_or_create(&ca_dir, "cluster.local", AuthorityOptions::default())
+            .unwrap();
+        assert_eq!(a.root_pem(), b.root_pem());
+        assert_eq!(
+            std::fs::read_to_string(ca_dir.join(ROOT_CERT_FILE)).unwrap(),
+            a.root_pem()
+        );
+
+        let root_der = der_of(a.root_pem());
+        let root = parse_cert(&root_der).unwrap();
+        assert!(root.is_ca());
+        assert!(root.key_usage().unwrap().unwrap().value.key_cert_sign());
+        let life = root.validity().not_after.timestamp() - root.validity().not_before.timestamp();
+        assert!(
+            (life - (10 * 365 * 24 * 3600 + 60)).abs() < 5,
+            "root life {life}"
+        );
+        assert_eq!(
+            root.public_key().algorithm.algorithm.to_id_string(),
+            "1.2.840.10045.2.1"
+        );
+    }
+
+    #[test]
+    fn recovers_a_key_without_cert_and_refuses_a_cert_without_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Authority::load_or_create(dir.path(), "cluster.local", AuthorityOptions::default())
+            .unwrap();
+        std::fs::remove_file(dir.path().join(ROOT_CERT_FILE)).unwrap();
+        let b = Authority::load_or_create(dir.path(), "cluster.local", AuthorityOptions::default())
+            .unwrap();
+        // Same key, new certificate.
+        assert_ne!(a.root_pem(), b.root_pem());
+        let (ra, rb) = (der_of(a.root_pem()), der_of(b.root_pem()));
+        assert_eq!(
+            parse_cert(&ra).unwrap().public_key().raw,
+            parse_cert(&rb).unwrap().public_key().raw
+        );
+        std::fs::remove_file(dir.path().join(ROOT_KEY_FILE)).unwrap();
+        let err =
+            Authority::load_or_create(dir.path(), "cluster.local", AuthorityOptions::default())
+                .unwrap_err();
+        assert!(matches!(err, CaError::Incomplete { .. }), "{err}");
+    }
+
+    #[test]
+    fn leaf_names_only_the_given_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca =
+            Authority::load_or_create(dir.path(), "cluster.local", AuthorityOptions::default())
+                .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let request = csr(
+            &key,
+            &[
+                "spiffe://cluster.local/ns/istio-system/sa/istiod",
+                "evil.example",
+            ],
+        );
+        let id = SpiffeId::new("cluster.local", "vm", "payment").unwrap();
+        let chain = ca.sign_workload(&request, &id, None).unwrap();
+        assert_eq!(chain.len(), 2);
+        assert_eq!(chain[1], ca.root_pem());
+        let leaf_der = der_of(&chain[0]);
+        let leaf = parse_cert(&leaf_der).unwrap();
+        let names = &leaf.subject_alternative_name().unwrap().unwrap();
+        assert!(names.critical, "SAN must be critical with an empty subject");
+        assert_eq!(
+            names.value.general_names,
+            vec![GeneralName::URI("spiffe://cluster.local/ns/vm/sa/payment")]
+        );
+        assert_eq!(leaf.subject().iter().count(), 0);
+        assert!(!leaf.is_ca());
+        assert_eq!(
+            leaf.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && eku.server_auth && !eku.any);
+        let ku = leaf.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && ku.key_encipherment() && !ku.key_cert_sign());
+        let root_der = der_of(ca.root_pem());
+        let root = parse_cert(&root_der).unwrap();
+        leaf.verify_signature(Some(root.public_key())).unwrap();
+        let life = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        assert!((life - (24 * 3600 + 60)).abs() < 5, "default life {life}");
+    }
+
+    #[test]
+    fn ttl_defaults_and_clamps() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = AuthorityOptions {
+            max_workload_ttl: Duration::from_secs(3600),
+            default_workload_ttl: Duration::from_secs(600),
+            ..AuthorityOptions::default()
+        };
+        let ca = Authority::load_or_create(dir.path(), "cluster.local", options).unwrap();
+        assert_eq!(ca.effective_ttl(None), Duration::from_secs(600));
+        assert_eq!(
+            ca.effective_ttl(Some(Duration::ZERO)),
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            ca.effective_ttl(Some(Duration::from_secs(60))),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            ca.effective_ttl(Some(Duration::from_secs(86400))),
+            Duration::from_secs(3600)
+        );
+        let key = KeyPair::generate().unwrap();
+        let id = SpiffeId::new("cluster.local", "a", "b").unwrap();
+        let chain = ca
+            .sign_workload(&csr(&key, &[]), &id, Some(Duration::from_secs(86400 * 365)))
+            .unwrap();
+        let der = der_of(&chain[0]);
+        let leaf = parse_cert(&der).unwrap();
+        let life = leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        assert!((life - 3660).abs() < 5, "clamped life {life}");
+    }
+
+    #[test]
+    fn refuses_bad_csrs_and_foreign_identities() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca =
+            Authority::load_or_create(dir.path(), "cluster.local", AuthorityOptions::default())
+                .unwrap();
+        let id = SpiffeId::new("cluster.local", "a", "b").unwrap();
+        assert!(matches!(
+            ca.sign_workload("garbage", &id, None),
+            Err(CaError::InvalidCsr(_))
+        ));
+        let key = KeyPair::generate().unwrap();
+        let good = csr(&key, &[]);
+        // Flip a bit inside the signature (the end of the DER).
+        let mut der = csr_der(&good);
+        let n = der.len();
+        der[n - 5] ^= 0x01;
+        let tampered = pem_encode("CERTIFICATE REQUEST", &der);
+        assert!(matches!(
+            ca.sign_workload(&tampered, &id, None),
+            Err(CaError::CsrSignature)
+        ));
+        let other = SpiffeId::new("other.domain", "a", "b").unwrap();
+        assert!(matches!(
+            ca.sign_workload(&good, &other, None),
+            Err(CaError::ForeignTrustDomain { .. })
+        ));
+        let bad_id = SpiffeId {
+            trust_domain: "cluster.local".into(),
+            namespace: "a/b".into(),
+            service_account: "c".into(),
+        };
+        assert!(matches!(
+            ca.sign_workload(&good, &bad_id, None),
+            Err(CaError::Identity(_))
+        ));
+        // Other key types are accepted.
+        for alg in [&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_ED25519] {
+            let key = KeyPair::generate_for(alg).unwrap();
+            let chain = ca.sign_workload(&csr(&key, &[]), &id, None).unwrap();
+            let der = der_of(&chain[0]);
+            assert_eq!(
+                parse_cert(&der).unwrap().public_key().raw,
+                key.subject_public_key_info().as_slice()
+            );
+        }
+    }
+
+    fn csr_der(pem: &str) -> Vec<u8> {
+        rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .as_ref()
+            .to_vec()
+    }
+
+    /// Made by `openssl req -new -newkey rsa:2048 -subj /CN=rsa-test` with
+    /// a SPIFFE SAN and CA:TRUE requested (both ignored).
+    const OPENSSL_RSA_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----\nMIICpzCCAY8CAQAwEzERMA8GA1UEAwwIcnNhLXRlc3QwggEiMA0GCSqGSIb3DQEB\nAQUAA4IBDwAwggEKAoIBAQDi5VEtq9Mq36sDzDJ8Lr68RzAeoC6D7PRbjsmHcNbT\naOJdBLqr68qZaiFZciz3yXlBhk/dwdFcrgbsvGi3xjRJRFor0kNaPCxaouHnKMIN\nrbomXBvBqMRfJ5a/come/IjTrHh+ftVORAOljvwtcjnW48aPVh4hcG3lFoIcauEZ\nrkCMNkei3wmHieF+Qd39HctO8jIff5d+XOBasx9/Ralw/8nOqk5Z7jii1du5zDe/\n5BE5rjVZJxQ5GQQinrxelac5eabNqxeMGU++n5nMncikba1MyJaEqoJQ54My92cE\n2NkrDRFTXqaPDmbazpgrMYl6v+BOj9Zk65noX86U/CjhAgMBAAGgTzBNBgkqhkiG\n9w0BCQ4xQDA+MCsGA1UdEQQkMCKGIHNwaWZmZTovL2NsdXN0ZXIubG9jYWwvbnMv\neC9zYS95MA8GA1UdEwEB/wQFMAMBAf8wDQYJKoZIhvcNAQELBQADggEBAIzGwDGP\nEHISKRgq3Eh2VjOH453UMx4dWBI+l9nFhzZnD2kM8TpwvnTz73qcUarJrmbuSAIG\npH1UPyjagxaL7LPkp5Wav6u+uqpgJw1XiVKpHHo8AeW6EDKItftvkPjs8ew+u48+\nTa6L8LBsandeq+D4uP0WUEjKoPxgN5mmFswAkl5x52PgRVQAXfX+SKV1Da+PhFh1\ncrxSLL48ffw0tWVVyIt8BbQNijwnaMgYdzvvwahAAVe9ZPSO1a/wK8Mi2DjAiw2P\nMeE88T315A5bGxqFZVNvVzxIjL278pvGJ1HWQqGMUUZbibE2Zfz/5wqeEvxqCGdK\nb1csXzXpSbekoQ8=\n-----END CERTIFICATE REQUEST-----\n";
+
+    #[test]
+    fn accepts_an_openssl_rsa_csr_and_keeps_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca =
+            Authority::load_or_create(dir.path(), "cluster.local", AuthorityOptions::default())
+                .unwrap();
+        let id = SpiffeId::new("cluster.local", "a", "b").unwrap();
+        let chain = ca.sign_workload(OPENSSL_RSA_CSR, &id, None).unwrap();
+        let leaf_der = der_of(&chain[0]);
+        let leaf = parse_cert(&leaf_der).unwrap();
+        let csr = csr_der(OPENSSL_RSA_CSR);
+        let (_, csr) = X509CertificationRequest::from_der(&csr).unwrap();
+        assert_eq!(
+            leaf.public_key().raw,
+            csr.certification_request_info.subject_pki.raw
+        );
+        assert!(!leaf.is_ca());
+        assert_eq!(
+            leaf.subject_alternative_name()
+                .unwrap()
+                .unwrap()
+                .value
+                .general_names,
+            vec![GeneralName::URI("spiffe://cluster.local/ns/a/sa/b")]
+        );
+    }
+
+    #[test]
+    fn pem_encoding_matches_rcgen() {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["a.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        assert_eq!(
+            pem_encode("CERTIFICATE", cert.der()),
+            cert.pem().replace("\r\n", "\n")
+        );
+    }
+
+    fn make_ca(
+        name: &str,
+        signer: Option<(&CertificateParams, &KeyPair)>,
+    ) -> (CertificateParams, KeyPair, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = OffsetDateTime::now_utc() - time::Duration::hours(1);
+        params.not_after = OffsetDateTime::now_utc() + time::Duration::days(365);
+        let cert = match signer {
+            None => params.self_signed(&key).unwrap(),
+            Some((sp, sk)) => params
+                .signed_by(&key, &Issuer::from_params(sp, sk))
+                .unwrap(),
+        };
+        (params, key, cert.pem())
+    }
+
+    #[test]
+    fn plug_in_intermediate_chains_to_its_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root_p, root_k, root_pem) = make_ca("root", None);
+        let (_int_p, int_k, int_pem) = make_ca("intermediate", Some((&root_p, &root_k)));
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("ca-cert.pem"), &int_pem).unwrap();
+        std::fs::write(p("ca-key.pem"), int_k.serialize_pem()).unwrap();
+        // Istio's cert-chain.pem style: the CA itself first, then the root.
+        std::fs::write(p("cert-chain.pem"), format!("{int_pem}{root_pem}")).unwrap();
+        let ca = Authority::from_files(
+            &p("ca-cert.pem"),
+            &p("ca-key.pem"),
+            Some(&p("cert-chain.pem")),
+            "cluster.local",
+            AuthorityOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            ca.root_pem().replace("\r\n", "\n"),
+            root_pem.replace("\r\n", "\n")
+        );
+        let key = KeyPair::generate().unwrap();
+        let id = SpiffeId::new("cluster.local", "a", "b").unwrap();
+        let chain = ca.sign_workload(&csr(&key, &[]), &id, None).unwrap();
+        assert_eq!(chain.len(), 3);
+        let ders: Vec<_> = chain.iter().map(|c| der_of(c)).collect();
+        let certs: Vec<_> = ders.iter().map(|d| parse_cert(d).unwrap()).collect();
+        certs[0]
+            .verify_signature(Some(certs[1].public_key()))
+            .unwrap();
+        certs[1]
+            .verify_signature(Some(certs[2].public_key()))
+            .unwrap();
+        certs[2].verify_signature(None).unwrap();
+        assert_eq!(ders[1].as_ref(), der_of(&int_pem).as_ref());
+        assert_eq!(ders[2].as_ref(), der_of(&root_pem).as_ref());
+
+        // Without the chain an intermediate is refused; so is a wrong key or chain.
+        let err = Authority::from_files(
+            &p("ca-cert.pem"),
+            &p("ca-key.pem"),
+            None,
+            "cluster.local",
+            AuthorityOptions::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("self-signed"), "{err}");
+        std::fs::write(
+            p("other-key.pem"),
+            KeyPair::generate().unwrap().serialize_pem(),
+        )
+        .unwrap();
+        let err = Authority::from_files(
+            &p("ca-cert.pem"),
+            &p("other-key.pem"),
+            Some(&p("cert-chain.pem")),
+            "cluster.local",
+            AuthorityOptions::default(),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("does not match its private key"),
+            "{err}"
+        );
+        let (_, _, stranger) = make_ca("stranger", None);
+        std::fs::write(p("bad-chain.pem"), &stranger).unwrap();
+        let err = Authority::from_files(
+            &p("ca-cert.pem"),
+            &p("ca-key.pem"),
+            Some(&p("bad-chain.pem")),
+            "cluster.local",
+            AuthorityOptions::default(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("not signed by"), "{err}");
+
+        // A plugged-in root alone is its own trust anchor.
+        std::fs::write(p("root.pem"), &root_pem).unwrap();
+        std::fs::write(p("root-key.pem"), root_k.serialize_pem()).unwrap();
+        let ca = Authority::from_files(
+            &p("root.pem"),
+            &p("root-key.pem"),
+            None,
+            "cluster.local",
+            AuthorityOptions::default(),
+        )
+        .unwrap();
+        let chain = ca.sign_workload(&csr(&key, &[]), &id, None).unwrap();
+        assert_eq!(chain.len(), 2);
+    }
+
+    #[test]
+    fn serving_certificate_names_istiod_and_the_extras() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca =
+            Authority::load_or_create(dir.path(), "cluster.local", AuthorityOptions::default())
+                .unwrap();
+        let (chain, key) = ca
+            .serving_certificate(&[
+                "vmesh.example".into(),
+                "10.1.2.3".into(),
+                ISTIOD_SERVICE_NAME.into(),
+            ])
+            .unwrap();
+        assert_eq!(chain.last().unwrap(), ca.root_pem());
+        let der = der_of(&chain[0]);
+        let leaf = parse_cert(&der).unwrap();
+        let names = leaf
+            .subject_alternative_name()
+            .unwrap()
+            .unwrap()
+            .value
+            .general_names
+            .clone();
+        assert_eq!(
+            names,
+            vec![
+                GeneralName::DNSName(ISTIOD_SERVICE_NAME),
+                GeneralName::DNSName("vmesh.example"),
+                GeneralName::IPAddress(&[10, 1, 2, 3]),
+            ]
+        );
+        let key = KeyPair::from_pem(&key).unwrap();
+        assert_eq!(
+            leaf.public_key().raw,
+            key.subject_public_key_info().as_slice()
+        );
+        assert!(ca.serving_certificate(&["bad name".into()]).is_err());
+    }
+}

@@ -1,0 +1,146 @@
+//! `istio.v1.auth.IstioCertificateService/CreateCertificate`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::auth::authenticate;
+use crate::authority::{Authority, CaError};
+use crate::identity::PeerIdentity;
+use crate::pb::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use crate::pb::{IstioCertificateRequest, IstioCertificateResponse};
+use crate::revocation::Revocations;
+use crate::token::TokenIssuer;
+
+/// The CA service. Every call authenticates the caller (see
+/// [`crate::authenticate`]) against the revocations current at that moment,
+/// and signs the CSR's key for the caller's own identity, whatever the CSR
+/// asks for.
+///
+/// # Where the caller's certificate comes from
+///
+/// The service looks, in order, for
+/// 1. a [`PeerIdentity`] request extension, inserted by a layer of the
+///    server that terminated TLS and verified the client certificate
+///    against the mesh root;
+/// 2. tonic's `TlsConnectInfo<TcpConnectInfo>` extension, which tonic adds
+///    by itself when the server is run with `serve_with_incoming` over
+///    `tokio_rustls::server::TlsStream<tokio::net::TcpStream>` accepted with
+///    [`crate::server_tls_config`] (whose verifier has already checked the
+///    chain); the identity is read from the first (leaf) certificate.
+///
+/// Either way the certificate must have been verified before the request
+/// reaches this service: the service only reads it.
+#[derive(Clone)]
+pub struct CertificateService {
+    authority: Arc<Authority>,
+    issuer: Arc<TokenIssuer>,
+    revocations: watch::Receiver<Arc<Revocations>>,
+}
+
+impl std::fmt::Debug for CertificateService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateService")
+            .field("authority", &self.authority)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertificateService {
+    /// `revocations` is read at every call: sending a new value revokes at
+    /// once, without restarting anything.
+    pub fn new(
+        authority: Arc<Authority>,
+        issuer: Arc<TokenIssuer>,
+        revocations: watch::Receiver<Arc<Revocations>>,
+    ) -> Self {
+        CertificateService {
+            authority,
+            issuer,
+            revocations,
+        }
+    }
+
+    /// The tonic service to add to a server.
+    pub fn into_server(self) -> IstioCertificateServiceServer<Self> {
+        IstioCertificateServiceServer::new(self)
+    }
+}
+
+/// The verified mesh identity of the caller of `request`, if it presented a
+/// client certificate (see [`CertificateService`] for the two sources).
+/// A certificate without a usable identity counts as none, and is logged.
+pub fn peer_identity<T>(request: &Request<T>, trust_domain: &str) -> Option<PeerIdentity> {
+    if let Some(peer) = request.extensions().get::<PeerIdentity>() {
+        return Some(peer.clone());
+    }
+    let certs = request.peer_certs()?;
+    let leaf = certs.first()?;
+    match PeerIdentity::from_certificate(leaf.as_ref(), trust_domain) {
+        Ok(peer) => Some(peer),
+        Err(e) => {
+            tracing::debug!(error = %e, "client certificate carries no usable mesh identity");
+            None
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CertificateService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let remote = request.remote_addr();
+        let peer = peer_identity(&request, self.authority.trust_domain());
+        let revocations = self.revocations.borrow().clone();
+        let identity = match authenticate(
+            request.metadata(),
+            peer.as_ref(),
+            &self.issuer,
+            &revocations,
+        ) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(remote = ?remote, error = %e, "certificate request refused: unauthenticated");
+                return Err(e.into());
+            }
+        };
+        let body = request.into_inner();
+        let requested = u64::try_from(body.validity_duration)
+            .ok()
+            .filter(|secs| *secs > 0)
+            .map(Duration::from_secs);
+        let authority = self.authority.clone();
+        let id = identity.clone();
+        // Signing is CPU work (a signature check and a signature): keep it
+        // off the async workers.
+        let signed =
+            tokio::task::spawn_blocking(move || authority.sign_workload(&body.csr, &id, requested))
+                .await
+                .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
+        match signed {
+            Ok(cert_chain) => {
+                tracing::info!(identity = %identity, remote = ?remote, ttl_secs = self.authority.effective_ttl(requested).as_secs(), "issued workload certificate");
+                Ok(Response::new(IstioCertificateResponse { cert_chain }))
+            }
+            Err(e) => {
+                tracing::warn!(identity = %identity, remote = ?remote, error = %e, "certificate request refused");
+                Err(match e {
+                    CaError::InvalidCsr(_) | CaError::CsrSignature | CaError::UnsupportedKey(_) => {
+                        Status::invalid_argument(e.to_string())
+                    }
+                    CaError::ForeignTrustDomain { .. } | CaError::Identity(_) => {
+                        Status::permission_denied(e.to_string())
+                    }
+                    CaError::CaExpired(_) => Status::failed_precondition(e.to_string()),
+                    _ => Status::internal(e.to_string()),
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! rustls configurations for port 15012 (server) and for its callers
+//! (agents, tests), on the `ring` provider.
+
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what} is not valid PEM: {reason}")]
+    Pem { what: &'static str, reason: String },
+    #[error("{0} holds no certificate")]
+    NoCertificate(&'static str),
+    #[error("TLS setup: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn certs(pems: &[String], what: &'static str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let mut out = Vec::new();
+    for pem in pems {
+        for der in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            out.push(der.map_err(|e| TlsError::Pem {
+                what,
+                reason: e.to_string(),
+            })?);
+        }
+    }
+    if out.is_empty() {
+        return Err(TlsError::NoCertificate(what));
+    }
+    Ok(out)
+}
+
+fn key(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+fn roots(root_pem: &str) -> Result<RootCertStore, TlsError> {
+    let mut store = RootCertStore::empty();
+    for der in certs(&[root_pem.to_owned()], "root certificate")? {
+        store.add(der)?;
+    }
+    Ok(store)
+}
+
+/// The server side of 15012: presents `chain` (leaf first, e.g. from
+/// [`crate::Authority::serving_certificate`]) with `key_pem`; client
+/// certificates are optional, but when presented must chain to `root_pem`
+/// (the handshake fails otherwise); ALPN `h2`.
+///
+/// Serve tonic over `tokio_rustls::server::TlsStream<TcpStream>` from this
+/// config and the verified client certificates reach
+/// [`crate::CertificateService`] through tonic's `TlsConnectInfo`.
+pub fn server_tls_config(
+    chain: &[String],
+    key_pem: &str,
+    root_pem: &str,
+) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = provider();
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(root_pem)?), provider.clone())
+            .allow_unauthenticated()
+            .build()?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certs(chain, "serving certificate chain")?,
+            key(key_pem, "serving key")?,
+        )?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The client side: trusts only `root_pem`; presents `client` (PEM chain
+/// leaf first, PEM key) when given; ALPN `h2`. Connect with server name
+/// [`crate::ISTIOD_SERVICE_NAME`] (or another name the serving certificate
+/// carries).
+pub fn client_tls_config(
+    root_pem: &str,
+    client: Option<(&[String], &str)>,
+) -> Result<rustls::ClientConfig, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots(root_pem)?);
+    let mut config = match client {
+        Some((chain, key_pem)) => builder.with_client_auth_cert(
+            certs(chain, "client certificate chain")?,
+            key(key_pem, "client key")?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Authority, AuthorityOptions};
+
+    #[test]
+    fn builds_both_sides() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca =
+            Authority::load_or_create(dir.path(), "cluster.local", AuthorityOptions::default())
+                .unwrap();
+        let (chain, key) = ca.serving_certificate(&[]).unwrap();
+        let server = server_tls_config(&chain, &key, ca.root_pem()).unwrap();
+        assert_eq!(server.alpn_protocols, vec![b"h2".to_vec()]);
+        let client = client_tls_config(ca.root_pem(), Some((&chain, &key))).unwrap();
+        assert!(client.client_auth_cert_resolver.has_certs());
+        let anon = client_tls_config(ca.root_pem(), None).unwrap();
+        assert!(!anon.client_auth_cert_resolver.has_certs());
+        assert!(matches!(
+            server_tls_config(&[], &key, ca.root_pem()),
+            Err(TlsError::NoCertificate(_))
+        ));
+        assert!(server_tls_config(&chain, "nope", ca.root_pem()).is_err());
+    }
+}

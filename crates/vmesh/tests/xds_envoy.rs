@@ -179,6 +179,23 @@ fn apply_yaml(ns: &Namespace, dir: &Path, file: &str, yaml: &str) {
     ns.run(&vmesh(&["apply", "-f", path.to_str().unwrap()]));
 }
 
+/// One of Envoy's counters.
+fn stat(ns: &Namespace, name: &str) -> u64 {
+    let stats = ns
+        .run(&["curl", "-s", "http://127.0.0.1:15000/stats"])
+        .stdout;
+    String::from_utf8_lossy(&stats)
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(name)?
+                .strip_prefix(": ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 /// Envoy's non-zero `update_rejected` counters.
 fn rejected_updates(ns: &Namespace) -> Vec<String> {
     let stats = String::from_utf8_lossy(
@@ -404,6 +421,43 @@ fn canary_split(api_type: &str, base_id: &str) {
         waited >= Duration::from_millis(1900) && waited < Duration::from_millis(3500),
         "timed out after {waited:?}"
     );
+
+    // A failing backend is retried per the guide's `retries`: a stable VM in
+    // the proxy's zone that refuses connections costs no request.
+    apply_yaml(
+        &ns,
+        dir.path(),
+        "down.yaml",
+        &workload_entry("payment-down", "127.0.0.5", "v1", "us-west1/zone-a"),
+    );
+    let stable = "cluster.outbound|8080|stable|payment-service.vm-workloads.svc.cluster.local";
+    eventually("the refusing VM to be an endpoint", || {
+        let clusters = ns
+            .run(&["curl", "-s", "http://127.0.0.1:15000/clusters"])
+            .stdout;
+        String::from_utf8_lossy(&clusters)
+            .contains("|stable|payment-service.vm-workloads.svc.cluster.local::127.0.0.5:8080")
+            .then_some(())
+    });
+    for i in 0..100 {
+        assert!(
+            get(&ns, &url, None).is_some(),
+            "request {i} failed despite retries"
+        );
+    }
+    let retried = stat(&ns, &format!("{stable}.upstream_rq_retry"));
+    let refused = stat(&ns, &format!("{stable}.upstream_cx_connect_fail"));
+    assert!(
+        retried > 0 && refused > 0,
+        "retried {retried} after {refused} refused connections"
+    );
+    ns.run(&vmesh(&[
+        "delete",
+        "we",
+        "payment-down",
+        "-n",
+        "vm-workloads",
+    ]));
 
     // A change reaches Envoy without a restart: without the VirtualService,
     // the service's default route spreads over every endpoint.

@@ -35,6 +35,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
@@ -770,6 +771,16 @@ fn route_action(
             }),
             num_retries: u32_value(retries.attempts.unwrap_or(2).max(0) as u32),
             per_try_timeout: retries.per_try_timeout.as_ref().map(|t| duration(t.get())),
+            // As Istio: a retry goes to another host when there is one.
+            retry_host_predicate: vec![route::retry_policy::RetryHostPredicate {
+                name: "envoy.retry_host_predicates.previous_hosts".into(),
+                config_type: Some(
+                    route::retry_policy::retry_host_predicate::ConfigType::TypedConfig(pack_any(
+                        PreviousHostsPredicate::default(),
+                    )),
+                ),
+            }],
+            host_selection_retry_max_attempts: 5,
             ..Default::default()
         });
     }

@@ -29,11 +29,13 @@ struct AppState {
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
-/// The API router; with `token`, every request must carry `Authorization: Bearer <token>`.
+/// The API router, with `extra` routes served alongside; with `token`, every
+/// request must carry `Authorization: Bearer <token>`.
 pub fn router(
     store: Arc<Store>,
     token: Option<String>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    extra: Router,
 ) -> Router {
     let state = AppState { store, shutdown };
     Router::new()
@@ -49,8 +51,9 @@ pub fn router(
                 None,
             )
         })
-        .layer(middleware::from_fn_with_state(token, authenticate))
         .with_state(state)
+        .merge(extra)
+        .layer(middleware::from_fn_with_state(token, authenticate))
 }
 
 async fn authenticate(

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod config_dir;
+pub mod identity;
 pub mod mesh;
 pub mod monitoring;
 
@@ -29,22 +30,28 @@ pub struct ServerConfig {
     pub api_token: Option<String>,
     /// A directory of manifests to keep applied.
     pub config_dir: Option<PathBuf>,
+    /// xDS and the CA over TLS, every caller authenticated (Istio's 15012).
+    pub xds_addr: Option<SocketAddr>,
     /// Plaintext xDS, loopback only; off unless given.
     pub xds_plaintext_addr: Option<SocketAddr>,
+    pub identity: identity::IdentityConfig,
     /// Readiness and proxy sync status, loopback only; off unless given.
     pub monitoring_addr: Option<SocketAddr>,
     pub debounce: mesh::Debounce,
 }
 
 impl ServerConfig {
-    /// Defaults: API on 127.0.0.1:15080 without a token, no config dir, no plaintext xDS.
+    /// Defaults: API on 127.0.0.1:15080 without a token, no config dir, no
+    /// xDS ports, a CA of its own for `cluster.local`.
     pub fn new(data_dir: PathBuf) -> ServerConfig {
         ServerConfig {
             data_dir,
             api_addr: SocketAddr::from(([127, 0, 0, 1], 15080)),
             api_token: None,
             config_dir: None,
+            xds_addr: None,
             xds_plaintext_addr: None,
+            identity: identity::IdentityConfig::default(),
             monitoring_addr: None,
             debounce: mesh::Debounce::default(),
         }
@@ -68,6 +75,8 @@ pub enum ServerError {
     RemotePlaintextXds(SocketAddr),
     #[error("the monitoring port must listen on loopback, not {0}: it has no authentication")]
     RemoteMonitoring(SocketAddr),
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
     #[error("config dir {path}: {message}")]
     ConfigDir { path: PathBuf, message: String },
 }
@@ -76,8 +85,10 @@ pub enum ServerError {
 #[derive(Debug)]
 pub struct Running {
     pub api_addr: SocketAddr,
+    pub xds_addr: Option<SocketAddr>,
     pub xds_plaintext_addr: Option<SocketAddr>,
     pub monitoring_addr: Option<SocketAddr>,
+    pub identity: Arc<identity::Identity>,
     pub proxies: Arc<vmesh_xds::ads::StatusTable>,
     pub store: Arc<Store>,
     shutdown: watch::Sender<bool>,
@@ -120,7 +131,7 @@ fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), Serve
 }
 
 /// Resolves when shutdown is asked.
-async fn stopped(mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn stopped(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
@@ -156,7 +167,17 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let store = Arc::new(Store::open(&config.data_dir)?);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (listener, api_addr) = bind(config.api_addr)?;
-    let router = api::router(store.clone(), config.api_token.clone(), shutdown_rx.clone());
+    let identity = Arc::new(identity::Identity::open(
+        &config.data_dir,
+        &config.identity,
+        store.clone(),
+    )?);
+    let router = api::router(
+        store.clone(),
+        config.api_token.clone(),
+        shutdown_rx.clone(),
+        identity.router(),
+    );
     let mut tasks = vec![serve_http(
         listener,
         router,
@@ -187,6 +208,16 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         tracing::info!(addr = %bound, "plaintext xDS listening (loopback only)");
     }
 
+    tasks.push(identity.publish_root(shutdown_rx.clone()));
+    let mut xds_addr = None;
+    if let Some(addr) = config.xds_addr {
+        let (listener, bound) = bind(addr)?;
+        xds_addr = Some(bound);
+        let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone(), shutdown_rx.clone());
+        tasks.push(identity.serve_secure(listener, ads, shutdown_rx.clone())?);
+        tracing::info!(addr = %bound, "xDS and CA listening over TLS");
+    }
+
     let mut monitoring_addr = None;
     if let Some(addr) = config.monitoring_addr {
         let (listener, bound) = bind(addr)?;
@@ -206,7 +237,9 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     tracing::info!(%api_addr, data_dir = %config.data_dir.display(), "config API listening");
     Ok(Running {
         api_addr,
+        xds_addr,
         xds_plaintext_addr,
+        identity,
         monitoring_addr,
         proxies,
         store,

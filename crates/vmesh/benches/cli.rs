@@ -53,6 +53,8 @@ fn main() {
             "127.0.0.1:0",
             "--monitoring-addr",
             "127.0.0.1:0",
+            "--xds-addr",
+            "127.0.0.1:0",
         ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -88,6 +88,8 @@ fn start_server(dir: &std::path::Path) -> Server {
             "127.0.0.1:0",
             "--monitoring-addr",
             "127.0.0.1:0",
+            "--xds-addr",
+            "127.0.0.1:0",
         ])
         .args(["--xds-plaintext-addr", "127.0.0.1:0"])
         .env("VMESH_LOG", "warn")

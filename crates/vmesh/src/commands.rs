@@ -9,7 +9,7 @@ use vmesh_api::{KindInfo, kind_for};
 use vmesh_server::ServerConfig;
 
 use crate::client::Client;
-use crate::{Command, CreateCommand, manifests, output};
+use crate::{CaArgs, Command, CreateCommand, TokenCommand, manifests, output};
 
 pub async fn run(command: Command) -> Result<ExitCode> {
     match command {
@@ -18,7 +18,9 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             api_addr,
             api_token_file,
             config_dir,
+            xds_addr,
             xds_plaintext_addr,
+            ca,
             monitoring_addr,
         } => {
             let api_token = match api_token_file {
@@ -37,18 +39,14 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                 api_addr,
                 api_token,
                 config_dir,
+                xds_addr: Some(xds_addr),
                 xds_plaintext_addr,
+                identity: identity_config(*ca),
                 monitoring_addr: Some(monitoring_addr),
                 ..ServerConfig::new(data_dir)
             })
             .await?;
-            println!("vmesh server: config API on http://{}", running.api_addr);
-            if let Some(addr) = running.xds_plaintext_addr {
-                println!("vmesh server: plaintext xDS on {addr}");
-            }
-            if let Some(addr) = running.monitoring_addr {
-                println!("vmesh server: monitoring on http://{addr}");
-            }
+            announce(&running);
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => running.shutdown().await,
                 _ = terminate() => running.shutdown().await,
@@ -204,6 +202,94 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             println!("namespace/{name} created");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Token {
+            what:
+                TokenCommand::Create {
+                    namespace,
+                    service_account,
+                    duration,
+                    connection,
+                },
+        } => {
+            let issued = Client::new(&connection)
+                .post(
+                    &format!("/apis/vmesh.io/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"),
+                    &json!({"durationSeconds": duration.as_secs()}),
+                )
+                .await?;
+            let token = issued["token"]
+                .as_str()
+                .context("the server's answer carries no token")?;
+            println!("{token}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            what:
+                TokenCommand::Revoke {
+                    namespace,
+                    service_account,
+                    id,
+                    connection,
+                },
+        } => {
+            let answer = Client::new(&connection)
+                .post(
+                    &format!("/apis/vmesh.io/v1/namespaces/{namespace}/serviceaccounts/{service_account}/revoke"),
+                    &json!({"id": id}),
+                )
+                .await?;
+            println!("revoked {}", answer["revoked"].as_str().unwrap_or_default());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Prints where the server listens. Whoever started it may stop reading
+/// after the line it needs: a closed stdout must not stop the server.
+fn announce(running: &vmesh_server::Running) {
+    use std::io::Write;
+    let mut lines = vec![format!("config API on http://{}", running.api_addr)];
+    lines.extend(
+        running
+            .xds_plaintext_addr
+            .map(|addr| format!("plaintext xDS on {addr}")),
+    );
+    lines.extend(
+        running
+            .monitoring_addr
+            .map(|addr| format!("monitoring on http://{addr}")),
+    );
+    lines.extend(
+        running
+            .xds_addr
+            .map(|addr| format!("xDS and CA over TLS on {addr}")),
+    );
+    let mut stdout = std::io::stdout().lock();
+    for line in lines {
+        if writeln!(stdout, "vmesh server: {line}").is_err() {
+            return;
+        }
+    }
+    let _ = stdout.flush();
+}
+
+fn identity_config(ca: CaArgs) -> vmesh_server::identity::IdentityConfig {
+    vmesh_server::identity::IdentityConfig {
+        trust_domain: ca.trust_domain,
+        plugged: ca
+            .ca_cert
+            .zip(ca.ca_key)
+            .map(|(cert, key)| vmesh_server::identity::PluggedCa {
+                cert,
+                key,
+                chain: ca.ca_chain,
+            }),
+        options: vmesh_ca::AuthorityOptions {
+            default_workload_ttl: ca.workload_cert_ttl,
+            max_workload_ttl: ca.max_workload_cert_ttl,
+            ..Default::default()
+        },
+        extra_sans: ca.xds_sans,
     }
 }
 

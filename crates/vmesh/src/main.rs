@@ -43,6 +43,32 @@ struct Connection {
     token: Option<String>,
 }
 
+/// The server's certificate authority.
+#[derive(Debug, clap::Args)]
+struct CaArgs {
+    /// The mesh's trust domain (SPIFFE IDs are spiffe://<domain>/ns/<ns>/sa/<sa>).
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// An operator's CA certificate (root or intermediate) instead of a root of our own.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The key of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// The chain from --ca-cert's issuer up to the root.
+    #[arg(long, requires = "ca_cert")]
+    ca_chain: Option<PathBuf>,
+    /// Workload certificate life when the caller asks for none.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    workload_cert_ttl: std::time::Duration,
+    /// The longest workload certificate life a caller may ask for.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    max_workload_cert_ttl: std::time::Duration,
+    /// Extra names for the xDS port's certificate (a gateway hostname or IP); repeatable.
+    #[arg(long = "xds-san")]
+    xds_sans: Vec<String>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the control plane.
@@ -59,9 +85,14 @@ enum Command {
         /// Directory of manifests to load and follow.
         #[arg(long)]
         config_dir: Option<PathBuf>,
+        /// xDS and the CA over TLS; every caller shows a mesh certificate or a token.
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        xds_addr: SocketAddr,
         /// Plaintext xDS for local Envoys (loopback only), e.g. 127.0.0.1:15010.
         #[arg(long)]
         xds_plaintext_addr: Option<SocketAddr>,
+        #[command(flatten)]
+        ca: Box<CaArgs>,
         /// Readiness and proxy sync status (loopback only).
         #[arg(long, default_value = "127.0.0.1:15014")]
         monitoring_addr: SocketAddr,
@@ -144,6 +175,39 @@ enum Command {
     Create {
         #[command(subcommand)]
         what: CreateCommand,
+    },
+    /// Bootstrap tokens for workloads (audience istio-ca).
+    Token {
+        #[command(subcommand)]
+        what: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Issue a token for a service account; prints the token alone.
+    Create {
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Revoke every token issued to a service account so far, or one by --id.
+    Revoke {
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[arg(long)]
+        service_account: String,
+        /// The token's id (its `jti`).
+        #[arg(long)]
+        id: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
     },
 }
 

@@ -25,6 +25,8 @@ impl Server {
                 "127.0.0.1:0",
                 "--monitoring-addr",
                 "127.0.0.1:0",
+                "--xds-addr",
+                "127.0.0.1:0",
             ])
             .args(extra)
             .stdout(Stdio::piped())
@@ -339,6 +341,8 @@ fn token_protected_server_refuses_the_anonymous() {
             "--api-addr",
             "0.0.0.0:0",
             "--monitoring-addr",
+            "127.0.0.1:0",
+            "--xds-addr",
             "127.0.0.1:0",
         ])
         .output()

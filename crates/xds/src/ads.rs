@@ -156,6 +156,42 @@ impl StatusTable {
     }
 }
 
+/// Who the caller of a stream proved to be, by certificate or token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallerIdentity {
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl CallerIdentity {
+    /// Refuses a proxy that claims to be someone else; a proxy that does not
+    /// say its service account gets the caller's.
+    fn admit(&self, proxy: &mut Proxy) -> Result<(), Status> {
+        let claimed_account = proxy
+            .service_account
+            .get_or_insert_with(|| self.service_account.clone());
+        if proxy.namespace == self.namespace && *claimed_account == self.service_account {
+            return Ok(());
+        }
+        let message = format!(
+            "proxy {} claims namespace {:?} and service account {:?}, but its credentials are for {}/{}",
+            proxy.id, proxy.namespace, claimed_account, self.namespace, self.service_account
+        );
+        tracing::warn!("refused: {message}");
+        Err(Status::permission_denied(message))
+    }
+}
+
+/// Authenticates the caller of an ADS stream from its HTTP/2 request (TLS
+/// client certificate in the extensions, or a bearer token in the headers).
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate(
+        &self,
+        headers: &http::HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Result<CallerIdentity, Status>;
+}
+
 /// The ADS gRPC service.
 #[derive(Clone)]
 pub struct Ads {
@@ -164,6 +200,8 @@ pub struct Ads {
     next_connection: Arc<std::sync::atomic::AtomicU64>,
     /// Streams end when this turns true, so the server's graceful shutdown can finish.
     shutdown: watch::Receiver<bool>,
+    /// Every stream must authenticate; without one, the port is trusted (loopback only).
+    authenticator: Option<Arc<dyn Authenticator>>,
 }
 
 impl Ads {
@@ -177,6 +215,16 @@ impl Ads {
             status,
             next_connection: Arc::default(),
             shutdown,
+            authenticator: None,
+        }
+    }
+
+    /// The same service, requiring every stream to authenticate and to
+    /// claim only the identity it proved.
+    pub fn authenticated(self, authenticator: Arc<dyn Authenticator>) -> Ads {
+        Ads {
+            authenticator: Some(authenticator),
+            ..self
         }
     }
 
@@ -188,6 +236,8 @@ impl Ads {
 /// What every stream knows, whichever protocol it speaks.
 struct Session {
     connection: u64,
+    /// Who the caller proved to be; `None` on the loopback-only plaintext port.
+    caller: Option<CallerIdentity>,
     proxy: Option<Proxy>,
     resources: Resources,
     nonce: u64,
@@ -204,7 +254,11 @@ impl Session {
         if self.proxy.is_some() {
             return Ok(());
         }
-        let proxy = Proxy::from_node(node).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut proxy =
+            Proxy::from_node(node).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(caller) = &self.caller {
+            caller.admit(&mut proxy)?;
+        }
         tracing::info!(proxy = %proxy.id, "proxy connected");
         self.status.proxies.lock().insert(
             self.connection,
@@ -634,11 +688,12 @@ impl Protocol for Delta {
 }
 
 impl Ads {
-    fn session(&self) -> Session {
+    fn session(&self, caller: Option<CallerIdentity>) -> Session {
         Session {
             connection: self
                 .next_connection
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            caller,
             proxy: None,
             resources: Resources::default(),
             nonce: 0,

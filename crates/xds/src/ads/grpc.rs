@@ -57,10 +57,19 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let ads = &self.0;
+        let caller = match &ads.authenticator {
+            Some(authenticator) => {
+                match authenticator.authenticate(request.headers(), request.extensions()) {
+                    Ok(caller) => Some(caller),
+                    Err(status) => return ready(Ok(status.into_http())),
+                }
+            }
+            None => None,
+        };
         let body = match request.uri().path() {
             STATE_OF_THE_WORLD => framed(serve(
                 StateOfTheWorld {
-                    session: ads.session(),
+                    session: ads.session(caller),
                     subscriptions: Default::default(),
                 },
                 requests::<DiscoveryRequest, B>(request.into_body()),
@@ -69,7 +78,7 @@ where
             )),
             DELTA => framed(serve(
                 Delta {
-                    session: ads.session(),
+                    session: ads.session(caller),
                     subscriptions: Default::default(),
                 },
                 requests::<DeltaDiscoveryRequest, B>(request.into_body()),

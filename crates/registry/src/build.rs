@@ -38,6 +38,8 @@ impl Snapshot {
             services,
             destination_rules: inputs.destination_rules,
             virtual_services: inputs.virtual_services,
+            peer_authentications: inputs.peer_authentications,
+            authorization_policies: inputs.authorization_policies,
             mesh: inputs.mesh,
         }
     }

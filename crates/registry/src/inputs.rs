@@ -6,8 +6,14 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use vmesh_api::kinds::authorization_policy::{
+    self, AuthorizationPolicy, AuthorizationPolicySpec,
+};
 use vmesh_api::kinds::destination_rule::{self, DestinationRule, DestinationRuleSpec};
 use vmesh_api::kinds::istio_operator::{self, IstioOperator, IstioOperatorSpec};
+use vmesh_api::kinds::peer_authentication::{
+    self, PeerAuthentication, PeerAuthenticationSpec,
+};
 use vmesh_api::kinds::service::{self, Service, ServiceSpec};
 use vmesh_api::kinds::service_entry::{self, ServiceEntry, ServiceEntrySpec};
 use vmesh_api::kinds::sidecar::OutboundMode;
@@ -28,6 +34,8 @@ pub(crate) struct Inputs {
     pub workloads: Vec<Workload>,
     pub destination_rules: Vec<Scoped<DestinationRuleSpec>>,
     pub virtual_services: Vec<Scoped<VirtualServiceSpec>>,
+    pub peer_authentications: Vec<Scoped<PeerAuthenticationSpec>>,
+    pub authorization_policies: Vec<Scoped<AuthorizationPolicySpec>>,
     pub mesh: MeshSettings,
 }
 
@@ -65,6 +73,18 @@ impl Inputs {
                 push(&mut inputs.virtual_services, object, |b: VirtualService| {
                     b.spec
                 });
+            } else if is(&peer_authentication::KIND) {
+                push(
+                    &mut inputs.peer_authentications,
+                    object,
+                    |b: PeerAuthentication| b.spec,
+                );
+            } else if is(&authorization_policy::KIND) {
+                push(
+                    &mut inputs.authorization_policies,
+                    object,
+                    |b: AuthorizationPolicy| b.spec,
+                );
             } else if is(&istio_operator::KIND) {
                 push(&mut operators, object, |b: IstioOperator| b.spec);
             } else if is(&workload_entry::KIND)
@@ -77,6 +97,8 @@ impl Inputs {
         sort(&mut inputs.service_entries);
         sort(&mut inputs.destination_rules);
         sort(&mut inputs.virtual_services);
+        sort(&mut inputs.peer_authentications);
+        sort(&mut inputs.authorization_policies);
         sort(&mut operators);
         inputs
             .workloads

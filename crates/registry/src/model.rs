@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use vmesh_api::kinds::authorization_policy::AuthorizationPolicySpec;
 use vmesh_api::kinds::destination_rule::DestinationRuleSpec;
+use vmesh_api::kinds::peer_authentication::PeerAuthenticationSpec;
 use vmesh_api::kinds::service::{ServicePort, TransportProtocol};
 use vmesh_api::kinds::virtual_service::VirtualServiceSpec;
 
@@ -19,6 +21,10 @@ pub struct Snapshot {
     pub destination_rules: Vec<Scoped<DestinationRuleSpec>>,
     /// Sorted by namespace and name.
     pub virtual_services: Vec<Scoped<VirtualServiceSpec>>,
+    /// Sorted by namespace and name.
+    pub peer_authentications: Vec<Scoped<PeerAuthenticationSpec>>,
+    /// Sorted by namespace and name.
+    pub authorization_policies: Vec<Scoped<AuthorizationPolicySpec>>,
     pub mesh: MeshSettings,
 }
 

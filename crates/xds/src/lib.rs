@@ -7,5 +7,6 @@
 #![forbid(unsafe_code)]
 
 pub mod ads;
+pub mod mtls;
 pub mod node;
 pub mod translate;

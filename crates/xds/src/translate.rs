@@ -57,6 +57,7 @@ use crate::ads::{
     CLUSTER_TYPE, ConfigSource as AdsConfigSource, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
     ResourceSet, Resources,
 };
+use crate::mtls;
 use crate::node::Proxy;
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
@@ -328,6 +329,7 @@ fn outbound_cluster(
     service: &MeshService,
     port: &vmesh_registry::MeshPort,
     policies: &[&TrafficPolicy],
+    trust_domain: &str,
 ) -> Cluster {
     let mut cluster = Cluster {
         name: name.clone(),
@@ -361,6 +363,8 @@ fn outbound_cluster(
     for policy in policies {
         apply_policy(&mut cluster, policy, &mut http2);
     }
+    let tls = policies.iter().rev().find_map(|p| p.tls.as_ref());
+    mtls::secure_cluster(&mut cluster, service, port.port, tls, trust_domain);
     if http2 {
         let options = HttpProtocolOptions {
             upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
@@ -468,6 +472,7 @@ fn load_assignment(
                     address: Some(socket(&endpoint.address, endpoint.port.into())),
                     ..Default::default()
                 })),
+                metadata: mtls::is_mesh_endpoint(endpoint).then(mtls::mesh_endpoint_metadata),
                 load_balancing_weight: u32_value(endpoint.weight.max(1)),
                 ..Default::default()
             });
@@ -566,6 +571,17 @@ fn http_manager(stat_prefix: &str, routes: http_connection_manager::RouteSpecifi
             ..Default::default()
         }),
     )
+}
+
+/// Tells TLS from plaintext (and reads SNI and ALPN) before a chain is chosen.
+fn tls_inspector() -> ListenerFilter {
+    ListenerFilter {
+        name: "envoy.filters.listener.tls_inspector".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
+            TlsInspector::default(),
+        ))),
+        ..Default::default()
+    }
 }
 
 fn original_dst_filter() -> ListenerFilter {
@@ -1191,7 +1207,13 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
             );
             let base_policy: Vec<&TrafficPolicy> = base_policy.iter().collect();
             let name = cluster_name(port.port, "", &service.hostname);
-            let cluster = outbound_cluster(name.clone(), service, port, &base_policy);
+            let cluster = outbound_cluster(
+                name.clone(),
+                service,
+                port,
+                &base_policy,
+                &snapshot.mesh.trust_domain,
+            );
             if service.resolution == Resolution::Static {
                 endpoints.insert(
                     name.clone(),
@@ -1212,7 +1234,13 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
                 policies.extend(subset_policy.iter());
                 clusters.insert(
                     name.clone(),
-                    pack_any(outbound_cluster(name.clone(), service, port, &policies)),
+                    pack_any(outbound_cluster(
+                        name.clone(),
+                        service,
+                        port,
+                        &policies,
+                        &snapshot.mesh.trust_domain,
+                    )),
                 );
                 if service.resolution == Resolution::Static {
                     endpoints.insert(
@@ -1243,13 +1271,7 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
                             filters: vec![tcp_route(snapshot, service, port.port)],
                             ..Default::default()
                         }),
-                        listener_filters: vec![ListenerFilter {
-                            name: "envoy.filters.listener.tls_inspector".into(),
-                            config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(
-                                TlsInspector::default(),
-                            ))),
-                            ..Default::default()
-                        }],
+                        listener_filters: vec![tls_inspector()],
                         ..Default::default()
                     };
                     listeners.insert(listener_name, pack_any(listener));
@@ -1457,20 +1479,35 @@ fn inbound(snapshot: &Snapshot, proxy: &Proxy) -> ResourceSet {
         } else {
             tcp_proxy_filter(&name, &name)
         };
-        inbound_chains.push(FilterChain {
-            name: name.clone(),
+        // What PeerAuthentication lets in: mTLS chains present our
+        // certificate and require one from the mesh; plaintext falls through
+        // to the default chain when only mTLS is allowed.
+        let mode = mtls::peer_mode(snapshot, proxy, port);
+        let chain = |tls: bool| FilterChain {
+            name: format!("{name}{}", if tls { "mtls" } else { "plaintext" }),
             filter_chain_match: Some(FilterChainMatch {
                 destination_port: u32_value(port.into()),
+                transport_protocol: match (tls, mode) {
+                    (true, _) => "tls".into(),
+                    (false, mtls::PeerMode::Permissive) => "raw_buffer".into(),
+                    (false, _) => String::new(),
+                },
                 ..Default::default()
             }),
-            filters: vec![filter],
+            filters: vec![filter.clone()],
+            transport_socket: tls.then(mtls::inbound_tls),
             ..Default::default()
-        });
+        };
+        match mode {
+            mtls::PeerMode::Strict => inbound_chains.push(chain(true)),
+            mtls::PeerMode::Permissive => inbound_chains.extend([chain(true), chain(false)]),
+            mtls::PeerMode::Disable => inbound_chains.push(chain(false)),
+        }
     }
     let virtual_inbound = pack_any(Listener {
         name: "virtualInbound".into(),
         address: Some(socket("0.0.0.0", INBOUND_PORT)),
-        listener_filters: vec![original_dst_filter()],
+        listener_filters: vec![original_dst_filter(), tls_inspector()],
         filter_chains: inbound_chains,
         default_filter_chain: Some(FilterChain {
             filters: vec![tcp_proxy_filter("InboundPassthrough", BLACKHOLE)],

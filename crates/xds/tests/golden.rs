@@ -19,6 +19,10 @@ use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::Tl
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
 use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
+use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    DownstreamTlsContext, UpstreamTlsContext,
+};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use prost::Message;
@@ -58,6 +62,13 @@ fn render(type_url: &str, bytes: &[u8]) -> Option<String> {
         "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate" => {
             debug::<PreviousHostsPredicate>(bytes)
         }
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" => {
+            debug::<UpstreamTlsContext>(bytes)
+        }
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext" => {
+            debug::<DownstreamTlsContext>(bytes)
+        }
+        "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => debug::<RawBuffer>(bytes),
         _ => None,
     }
 }

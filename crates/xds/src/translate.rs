@@ -230,7 +230,51 @@ fn layered(policy: Option<&TrafficPolicy>, port: u16) -> Vec<TrafficPolicy> {
     std::iter::once(policy.clone()).chain(port_level).collect()
 }
 
-fn apply_policy(cluster: &mut Cluster, policy: &TrafficPolicy, http2: &mut bool) {
+/// How a cluster speaks HTTP upstream, gathered from the policy layers.
+#[derive(Default)]
+struct UpstreamHttp {
+    http2: bool,
+    /// Speak to the endpoint what the client spoke (`useClientProtocol`).
+    use_client_protocol: bool,
+    common: core::HttpProtocolOptions,
+    max_concurrent_streams: Option<u32>,
+}
+
+impl UpstreamHttp {
+    /// Envoy's upstream HTTP options, when anything differs from its defaults.
+    fn options(self) -> Option<HttpProtocolOptions> {
+        use http_protocol_options::explicit_http_config::ProtocolConfig;
+        use http_protocol_options::{ExplicitHttpConfig, UpstreamProtocolOptions};
+        let common = (self.common != core::HttpProtocolOptions::default()).then_some(self.common);
+        let http2_options = || core::Http2ProtocolOptions {
+            max_concurrent_streams: self.max_concurrent_streams.and_then(u32_value),
+            ..Default::default()
+        };
+        let protocol = if self.use_client_protocol {
+            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+                http_protocol_options::UseDownstreamHttpConfig {
+                    http2_protocol_options: Some(http2_options()),
+                    ..Default::default()
+                },
+            ))
+        } else if self.http2 {
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                ExplicitHttpConfig {
+                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(http2_options())),
+                },
+            ))
+        } else {
+            None
+        };
+        (common.is_some() || protocol.is_some()).then(|| HttpProtocolOptions {
+            common_http_protocol_options: common,
+            upstream_protocol_options: protocol,
+            ..Default::default()
+        })
+    }
+}
+
+fn apply_policy(cluster: &mut Cluster, policy: &TrafficPolicy, upstream: &mut UpstreamHttp) {
     if let Some(lb) = &policy.load_balancer
         && let Some(simple) = lb.simple
     {
@@ -281,6 +325,24 @@ fn apply_policy(cluster: &mut Cluster, policy: &TrafficPolicy, http2: &mut bool)
             if let Some(timeout) = &tcp.connect_timeout {
                 cluster.connect_timeout = Some(duration(timeout.get()));
             }
+            if let Some(keepalive) = &tcp.tcp_keepalive {
+                let seconds = |d: &Option<vmesh_api::kinds::common::Duration>| {
+                    d.as_ref()
+                        .and_then(|d| u32::try_from(d.get().as_secs().max(1)).ok())
+                        .and_then(u32_value)
+                };
+                cluster.upstream_connection_options = Some(cluster::UpstreamConnectionOptions {
+                    tcp_keepalive: Some(core::TcpKeepalive {
+                        keepalive_probes: keepalive.probes.and_then(u32_value),
+                        keepalive_time: seconds(&keepalive.time),
+                        keepalive_interval: seconds(&keepalive.interval),
+                    }),
+                    ..Default::default()
+                });
+            }
+            if let Some(limit) = &tcp.max_connection_duration {
+                upstream.common.max_connection_duration = Some(duration(limit.get()));
+            }
         }
         if let Some(http) = &pool.http {
             if let Some(max) = http.http1_max_pending_requests {
@@ -295,7 +357,19 @@ fn apply_policy(cluster: &mut Cluster, policy: &TrafficPolicy, http2: &mut bool)
             if http.h2_upgrade_policy
                 == Some(vmesh_api::kinds::destination_rule::H2UpgradePolicy::Upgrade)
             {
-                *http2 = true;
+                upstream.http2 = true;
+            }
+            if let Some(max) = http.max_requests_per_connection.filter(|m| *m > 0) {
+                upstream.common.max_requests_per_connection = u32_value(max as u32);
+            }
+            if let Some(idle) = &http.idle_timeout {
+                upstream.common.idle_timeout = Some(duration(idle.get()));
+            }
+            if let Some(max) = http.max_concurrent_streams.filter(|m| *m > 0) {
+                upstream.max_concurrent_streams = Some(max as u32);
+            }
+            if let Some(use_client) = http.use_client_protocol {
+                upstream.use_client_protocol = use_client;
             }
         }
         cluster.circuit_breakers = Some(CircuitBreakers {
@@ -356,26 +430,19 @@ fn outbound_cluster(
         }
         _ => cluster.load_assignment = Some(load_assignment(&name, service, port.port, None, None)),
     }
-    let mut http2 = matches!(
-        port.protocol,
-        vmesh_registry::Protocol::Http2 | vmesh_registry::Protocol::Grpc
-    );
+    let mut upstream = UpstreamHttp {
+        http2: matches!(
+            port.protocol,
+            vmesh_registry::Protocol::Http2 | vmesh_registry::Protocol::Grpc
+        ),
+        ..Default::default()
+    };
     for policy in policies {
-        apply_policy(&mut cluster, policy, &mut http2);
+        apply_policy(&mut cluster, policy, &mut upstream);
     }
     let tls = policies.iter().rev().find_map(|p| p.tls.as_ref());
     mtls::secure_cluster(&mut cluster, service, port.port, tls, trust_domain);
-    if http2 {
-        let options = HttpProtocolOptions {
-            upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-                http_protocol_options::ExplicitHttpConfig {
-                    protocol_config: Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                        Default::default(),
-                    )),
-                },
-            )),
-            ..Default::default()
-        };
+    if let Some(options) = upstream.options() {
         cluster.typed_extension_protocol_options = HashMap::from([(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
             pack_any(options),
@@ -1757,5 +1824,58 @@ spec:
                 .typed_extension_protocol_options
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn connection_pool_settings_reach_the_cluster() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n---\n\
+            apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: web, namespace: shop}\nspec:\n  host: web.shop.svc.cluster.local\n  trafficPolicy:\n    connectionPool:\n      tcp: {tcpKeepalive: {probes: 3, time: 60s, interval: 10s}, maxConnectionDuration: 1h}\n      http: {maxRequestsPerConnection: 7, idleTimeout: 30s, maxConcurrentStreams: 50, h2UpgradePolicy: UPGRADE}\n";
+        let resources = translate_yaml(yaml, None);
+        let cluster: Cluster = decoded(
+            &resources,
+            CLUSTER_TYPE,
+            "outbound|80||web.shop.svc.cluster.local",
+        );
+        let keepalive = cluster
+            .upstream_connection_options
+            .unwrap()
+            .tcp_keepalive
+            .unwrap();
+        assert_eq!(
+            (
+                keepalive.keepalive_probes,
+                keepalive.keepalive_time,
+                keepalive.keepalive_interval
+            ),
+            (u32_value(3), u32_value(60), u32_value(10))
+        );
+        let options = HttpProtocolOptions::decode(
+            cluster.typed_extension_protocol_options
+                ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+                .value
+                .as_slice(),
+        )
+        .unwrap();
+        let common = options.common_http_protocol_options.unwrap();
+        assert_eq!(common.max_requests_per_connection, u32_value(7));
+        assert_eq!(common.idle_timeout, Some(duration(Duration::from_secs(30))));
+        assert_eq!(
+            common.max_connection_duration,
+            Some(duration(Duration::from_secs(3600)))
+        );
+        let Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) =
+            options.upstream_protocol_options
+        else {
+            panic!("HTTP/2 upstream");
+        };
+        let Some(
+            http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                http2,
+            ),
+        ) = explicit.protocol_config
+        else {
+            panic!("HTTP/2 options");
+        };
+        assert_eq!(http2.max_concurrent_streams, u32_value(50));
     }
 }

@@ -291,6 +291,12 @@ pub fn check_export_to(c: &mut Checker, path: &Path, export_to: &[String]) {
             c.dns1123_label(&path.i(i), ns);
         }
     }
+    if export_to.iter().any(|ns| ns != "*") {
+        c.warn(
+            path,
+            "vmesh does not restrict visibility yet: every namespace sees this object",
+        );
+    }
 }
 
 #[cfg(test)]

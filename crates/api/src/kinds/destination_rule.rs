@@ -343,8 +343,22 @@ impl LoadBalancerSettings {
                 c.error(&p.f("httpCookie").f("name"), "cookie name is required");
             }
         }
+        const NOT_APPLIED: &str = "accepted but not applied by vmesh yet";
+        if self.warmup_duration_secs.is_some() {
+            c.warn(&path.f("warmupDurationSecs"), NOT_APPLIED);
+        }
         if let Some(locality) = &self.locality_lb_setting {
             let p = path.f("localityLbSetting");
+            if locality.distribute.as_ref().is_some_and(|d| !d.is_empty()) {
+                c.warn(&p.f("distribute"), NOT_APPLIED);
+            }
+            if locality
+                .failover_priority
+                .as_ref()
+                .is_some_and(|f| !f.is_empty())
+            {
+                c.warn(&p.f("failoverPriority"), NOT_APPLIED);
+            }
             let distribute = locality.distribute.as_deref().unwrap_or_default();
             let failover = locality.failover.as_deref().unwrap_or_default();
             c.one_of(

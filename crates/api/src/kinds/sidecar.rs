@@ -87,6 +87,10 @@ impl SidecarPort {
 
 impl SpecValidate for SidecarSpec {
     fn validate(&self, c: &mut Checker, path: &Path) {
+        c.warn(
+            path,
+            "Sidecar resources are accepted but not applied by vmesh yet: proxies see every service",
+        );
         if let Some(selector) = &self.workload_selector {
             selector.validate(c, &path.f("workloadSelector"));
         }

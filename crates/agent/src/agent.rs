@@ -1,0 +1,261 @@
+//! The agent's identity half, assembled: the certificate manager, SDS and
+//! the xDS proxy, run together until shutdown.
+//!
+//! [`start`] binds both sockets before it returns (so Envoy can be started
+//! right after) and hands back an [`AgentHandle`] with their paths and the
+//! identity. It does not read onboarding files (the caller turns
+//! `cluster.env` / `mesh.yaml` into an [`AgentConfig`]), write Envoy's
+//! bootstrap (see [`crate::bootstrap`]), start Envoy, or touch iptables.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use vmesh_ca::SpiffeId;
+
+use crate::backoff::BackoffPolicy;
+use crate::identity::{
+    CaClient, CertificateManager, CertificateSigner, IdentityConfig, IdentityError, IdentityHandle,
+    RenewalPolicy, TrustAnchors,
+};
+use crate::sds::{SdsError, SdsServer};
+use crate::upstream::{Upstream, UpstreamError};
+use crate::xds_proxy::{XdsProxy, XdsProxyError};
+
+/// File name of the ADS socket in the socket directory.
+pub const XDS_SOCKET: &str = "xds.sock";
+/// File name of the SDS socket in the socket directory.
+pub const SDS_SOCKET: &str = "sds.sock";
+
+/// Why the agent could not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("reading the mesh root {path}: {source}")]
+    Root {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("binding {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Sds(#[from] SdsError),
+    #[error(transparent)]
+    XdsProxy(#[from] XdsProxyError),
+    #[error("agent task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// What the agent needs to know.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentConfig {
+    /// The workload's identity (`TRUST_DOMAIN`, `POD_NAMESPACE`,
+    /// `SERVICE_ACCOUNT`).
+    pub identity: SpiffeId,
+    /// The control plane's xDS + CA port, `host:port` (15012).
+    pub server_address: String,
+    /// The name on the control plane's certificate
+    /// (`istiod.istio-system.svc`).
+    pub server_name: String,
+    /// The mesh root (`root-cert.pem`).
+    pub root_cert_file: PathBuf,
+    /// The bootstrap token (`istio-token`).
+    pub token_file: Option<PathBuf>,
+    /// Where the workload key and chain are kept.
+    pub cert_dir: PathBuf,
+    /// Where the ADS ([`XDS_SOCKET`]) and SDS ([`SDS_SOCKET`]) sockets are
+    /// made.
+    pub socket_dir: PathBuf,
+    /// The sockets' file mode (0600: only the agent's user, which Envoy
+    /// shares; 0660 to let a group in).
+    pub socket_mode: u32,
+    /// Sent to the CA as `clusterid` (`ISTIO_META_CLUSTER_ID`).
+    pub cluster_id: Option<String>,
+    /// The certificate life to ask for; the CA's default (24 h) if `None`.
+    #[serde(with = "crate::duration_secs::option")]
+    pub requested_ttl: Option<Duration>,
+    pub renewal: RenewalPolicy,
+    /// Reconnecting xDS streams to the control plane.
+    pub xds_backoff: BackoffPolicy,
+}
+
+impl AgentConfig {
+    /// A configuration with Istio's defaults for everything not given.
+    pub fn new(
+        identity: SpiffeId,
+        server_address: impl Into<String>,
+        root_cert_file: impl Into<PathBuf>,
+        cert_dir: impl Into<PathBuf>,
+        socket_dir: impl Into<PathBuf>,
+    ) -> AgentConfig {
+        AgentConfig {
+            identity,
+            server_address: server_address.into(),
+            server_name: vmesh_ca::ISTIOD_SERVICE_NAME.to_owned(),
+            root_cert_file: root_cert_file.into(),
+            token_file: None,
+            cert_dir: cert_dir.into(),
+            socket_dir: socket_dir.into(),
+            socket_mode: 0o600,
+            cluster_id: None,
+            requested_ttl: None,
+            renewal: RenewalPolicy::default(),
+            xds_backoff: BackoffPolicy {
+                initial: Duration::from_millis(500),
+                max: Duration::from_secs(30),
+                jitter: 0.2,
+            },
+        }
+    }
+
+    pub fn xds_socket(&self) -> PathBuf {
+        self.socket_dir.join(XDS_SOCKET)
+    }
+
+    pub fn sds_socket(&self) -> PathBuf {
+        self.socket_dir.join(SDS_SOCKET)
+    }
+
+    fn upstream(&self, root_pem: &str) -> Result<Upstream, UpstreamError> {
+        Upstream::new(self.server_address.clone(), root_pem).with_server_name(&self.server_name)
+    }
+}
+
+/// A running agent.
+#[derive(Debug)]
+pub struct AgentHandle {
+    xds_socket: PathBuf,
+    sds_socket: PathBuf,
+    identity: IdentityHandle,
+    tasks: JoinSet<Result<(), AgentError>>,
+}
+
+impl AgentHandle {
+    /// Where Envoy's ADS cluster connects.
+    pub fn xds_socket(&self) -> &Path {
+        &self.xds_socket
+    }
+
+    /// Where Envoy's SDS cluster connects.
+    pub fn sds_socket(&self) -> &Path {
+        &self.sds_socket
+    }
+
+    pub fn identity(&self) -> &IdentityHandle {
+        &self.identity
+    }
+
+    /// Waits for every part to stop (after shutdown), or for the first to
+    /// fail.
+    pub async fn wait(mut self) -> Result<(), AgentError> {
+        while let Some(done) = self.tasks.join_next().await {
+            done??;
+        }
+        Ok(())
+    }
+}
+
+/// Starts the agent with the mesh CA at `config.server_address` as signer.
+pub async fn start(
+    config: AgentConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<AgentHandle, AgentError> {
+    let root_pem = read_root(&config.root_cert_file)?;
+    let mut ca = CaClient::new(config.upstream(&root_pem)?);
+    if let Some(cluster_id) = &config.cluster_id {
+        ca = ca.with_cluster_id(cluster_id.clone());
+    }
+    start_with_signer(config, Arc::new(ca), shutdown).await
+}
+
+/// Starts the agent with another signer (tests, or a CA reached some other
+/// way). ADS still goes to `config.server_address`.
+pub async fn start_with_signer(
+    config: AgentConfig,
+    signer: Arc<dyn CertificateSigner>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<AgentHandle, AgentError> {
+    let root_pem = read_root(&config.root_cert_file)?;
+    let anchors = TrustAnchors::from_pem(&root_pem)?;
+    let upstream = config.upstream(&root_pem)?;
+    let manager = CertificateManager::new(
+        IdentityConfig {
+            identity: config.identity.clone(),
+            cert_dir: config.cert_dir.clone(),
+            token_file: config.token_file.clone(),
+            requested_ttl: config.requested_ttl,
+            renewal: config.renewal,
+        },
+        anchors,
+        signer,
+    )?;
+    let identity = manager.handle();
+
+    let xds_socket = config.xds_socket();
+    let sds_socket = config.sds_socket();
+    let bind = |path: &Path| {
+        crate::uds::bind(path, config.socket_mode).map_err(|source| AgentError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let sds_listener = bind(&sds_socket)?;
+    let xds_listener = match bind(&xds_socket) {
+        Ok(listener) => listener,
+        Err(e) => {
+            crate::uds::remove(&sds_socket);
+            return Err(e);
+        }
+    };
+
+    let mut tasks = JoinSet::new();
+    let s = shutdown.clone();
+    tasks.spawn(async move {
+        manager.run(s).await;
+        Ok(())
+    });
+    let sds = SdsServer::new(identity.subscribe(), root_pem.clone(), shutdown.clone());
+    let path = sds_socket.clone();
+    tasks.spawn(async move {
+        let result = sds.serve(sds_listener).await;
+        crate::uds::remove(&path);
+        Ok(result?)
+    });
+    let proxy = XdsProxy::new(
+        upstream,
+        identity.subscribe(),
+        config.xds_backoff,
+        shutdown.clone(),
+    );
+    let path = xds_socket.clone();
+    tasks.spawn(async move {
+        let result = proxy.serve(xds_listener).await;
+        crate::uds::remove(&path);
+        Ok(result?)
+    });
+    tracing::info!(identity = %config.identity, server = %config.server_address, xds = %xds_socket.display(), sds = %sds_socket.display(), "agent started");
+    Ok(AgentHandle {
+        xds_socket,
+        sds_socket,
+        identity,
+        tasks,
+    })
+}
+
+fn read_root(path: &Path) -> Result<String, AgentError> {
+    std::fs::read_to_string(path).map_err(|source| AgentError::Root {
+        path: path.to_path_buf(),
+        source,
+    })
+}

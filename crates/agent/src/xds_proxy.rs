@@ -1,0 +1,330 @@
+//! The xDS proxy: Envoy speaks ADS to the agent on a local Unix socket, in
+//! plaintext; the agent opens the same stream to the control plane's port
+//! 15012 over mutual TLS with the workload certificate, and relays every
+//! message both ways, unchanged — state of the world
+//! (`StreamAggregatedResources`) and delta (`DeltaAggregatedResources`).
+//!
+//! One upstream stream, on a connection of its own, per Envoy stream. The
+//! connection is made with the certificate current at that moment, so
+//! streams opened after a rotation present the new one. Until the agent
+//! has a certificate, and while the control plane cannot be reached, Envoy's
+//! stream is held open and the connection retried with backoff. When the
+//! upstream stream ends, Envoy's stream is ended with `UNAVAILABLE`: Envoy
+//! reconnects and sends its full state again (an error status from the
+//! control plane is passed on as it is) (resource names, and in delta
+//! the versions it has), which a relay cannot replay faithfully on its own;
+//! the next connection waits out the backoff if the last ones failed.
+//!
+//! This module does not interpret xDS (no ACK bookkeeping, no interception
+//! of Istio's own types yet) and does not authenticate Envoy: the socket's
+//! file mode is the access control.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use parking_lot::Mutex;
+use tokio::net::UnixListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::backoff::BackoffPolicy;
+use crate::identity::Credentials;
+use crate::upstream::Upstream;
+
+/// Largest message relayed either way: a full push for a large mesh.
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+/// Why the xDS proxy stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum XdsProxyError {
+    #[error("binding the xDS socket {path}: {source}")]
+    Bind {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("xDS proxy server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+struct Inner {
+    upstream: Upstream,
+    credentials: watch::Receiver<Option<Arc<Credentials>>>,
+    backoff: BackoffPolicy,
+    /// Failed upstream attempts in a row, across Envoy's streams.
+    failures: Mutex<u32>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// The ADS relay. Cloning is cheap.
+#[derive(Clone)]
+pub struct XdsProxy {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for XdsProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdsProxy")
+            .field("upstream", &self.inner.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+impl XdsProxy {
+    /// Relays to `upstream`, presenting the latest of `credentials`;
+    /// streams end when `shutdown` turns true.
+    pub fn new(
+        upstream: Upstream,
+        credentials: watch::Receiver<Option<Arc<Credentials>>>,
+        backoff: BackoffPolicy,
+        shutdown: watch::Receiver<bool>,
+    ) -> XdsProxy {
+        XdsProxy {
+            inner: Arc::new(Inner {
+                upstream,
+                credentials,
+                backoff,
+                failures: Mutex::new(0),
+                shutdown,
+            }),
+        }
+    }
+
+    /// The tonic service, for a server of the caller's.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<XdsProxy> {
+        AggregatedDiscoveryServiceServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE)
+    }
+
+    /// Binds `path` (mode `mode`) and serves until shutdown; the socket
+    /// file is removed afterwards.
+    pub async fn serve_at(self, path: &Path, mode: u32) -> Result<(), XdsProxyError> {
+        let listener = crate::uds::bind(path, mode).map_err(|source| XdsProxyError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let result = self.serve(listener).await;
+        crate::uds::remove(path);
+        result
+    }
+
+    /// Serves on an already bound socket until shutdown.
+    pub async fn serve(self, listener: UnixListener) -> Result<(), XdsProxyError> {
+        let mut shutdown = self.inner.shutdown.clone();
+        tonic::transport::Server::builder()
+            .add_service(self.into_service())
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                crate::stopped(&mut shutdown).await;
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Why a relay gave up before an upstream stream was open.
+enum Gone {
+    /// Envoy went away or the agent is shutting down.
+    Quiet,
+    /// Shutting down, and Envoy should hear it.
+    ShuttingDown,
+}
+
+impl Inner {
+    /// Waits for credentials and a connected channel, retrying with
+    /// backoff; gives up only when Envoy leaves or the agent stops.
+    async fn connect<T>(
+        &self,
+        out: &mpsc::Sender<Result<T, Status>>,
+    ) -> Result<(Channel, Arc<Credentials>), Gone> {
+        let mut shutdown = self.shutdown.clone();
+        let mut credentials = self.credentials.clone();
+        loop {
+            let failures = *self.failures.lock();
+            if failures > 0 {
+                let delay = self.backoff.delay(failures - 1, fastrand::f64());
+                tokio::select! {
+                    () = crate::stopped(&mut shutdown) => return Err(Gone::ShuttingDown),
+                    () = out.closed() => return Err(Gone::Quiet),
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+            let creds = tokio::select! {
+                () = crate::stopped(&mut shutdown) => return Err(Gone::ShuttingDown),
+                () = out.closed() => return Err(Gone::Quiet),
+                creds = credentials.wait_for(Option::is_some) => match creds {
+                    Ok(creds) => creds.clone().expect("waited for Some"),
+                    Err(_) => return Err(Gone::ShuttingDown),
+                },
+            };
+            let attempt = tokio::select! {
+                () = crate::stopped(&mut shutdown) => return Err(Gone::ShuttingDown),
+                () = out.closed() => return Err(Gone::Quiet),
+                attempt = self.upstream.channel(Some(&creds), true) => attempt,
+            };
+            match attempt {
+                Ok(channel) => return Ok((channel, creds)),
+                Err(e) => {
+                    let mut failures = self.failures.lock();
+                    *failures = failures.saturating_add(1);
+                    tracing::warn!(upstream = self.upstream.address(), failures = *failures, error = %crate::error_chain(&e), "cannot reach the control plane for xDS");
+                }
+            }
+        }
+    }
+}
+
+/// Relays one Envoy stream. `open` starts the upstream call on a client
+/// with a stream of requests.
+async fn relay<Req, Resp, F, Fut>(
+    inner: Arc<Inner>,
+    mut downstream: Streaming<Req>,
+    out: mpsc::Sender<Result<Resp, Status>>,
+    open: F,
+) where
+    Req: Send + 'static,
+    Resp: Send + 'static,
+    F: FnOnce(AggregatedDiscoveryServiceClient<Channel>, ReceiverStream<Req>) -> Fut,
+    Fut: Future<Output = Result<Response<Streaming<Resp>>, Status>>,
+{
+    let (channel, creds) = match inner.connect(&out).await {
+        Ok(connected) => connected,
+        Err(Gone::Quiet) => return,
+        Err(Gone::ShuttingDown) => {
+            let _ = out.try_send(Err(Status::unavailable("the agent is shutting down")));
+            return;
+        }
+    };
+    tracing::debug!(
+        upstream = inner.upstream.address(),
+        serial = creds.serial(),
+        "xDS stream relayed upstream"
+    );
+    let (requests, upstream_requests) = mpsc::channel::<Req>(16);
+    // Envoy → control plane. Ends (closing the upstream's request side)
+    // when Envoy ends its side.
+    let _pump = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            match downstream.message().await {
+                Ok(Some(request)) => {
+                    if requests.send(request).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(status) => {
+                    tracing::debug!(%status, "Envoy's xDS stream ended");
+                    return;
+                }
+            }
+        }
+    }));
+    let client = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let mut shutdown = inner.shutdown.clone();
+    let call = tokio::select! {
+        () = crate::stopped(&mut shutdown) => {
+            let _ = out.try_send(Err(Status::unavailable("the agent is shutting down")));
+            return;
+        }
+        () = out.closed() => return,
+        call = open(client, ReceiverStream::new(upstream_requests)) => call,
+    };
+    let mut responses = match call {
+        Ok(responses) => responses.into_inner(),
+        Err(status) => {
+            *inner.failures.lock() += 1;
+            tracing::warn!(%status, "the control plane refused the xDS stream");
+            let _ = out.send(Err(status)).await;
+            return;
+        }
+    };
+    let mut relayed = false;
+    loop {
+        tokio::select! {
+            () = crate::stopped(&mut shutdown) => {
+                let _ = out.try_send(Err(Status::unavailable("the agent is shutting down")));
+                return;
+            }
+            () = out.closed() => return,
+            response = responses.message() => match response {
+                Ok(Some(response)) => {
+                    if !relayed {
+                        relayed = true;
+                        *inner.failures.lock() = 0;
+                    }
+                    if out.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    tracing::info!("the control plane ended the xDS stream; Envoy will reconnect");
+                    let _ = out.send(Err(Status::unavailable("the control plane ended the stream"))).await;
+                    return;
+                }
+                Err(status) => {
+                    if !relayed {
+                        *inner.failures.lock() += 1;
+                    }
+                    tracing::warn!(%status, "upstream xDS stream failed; Envoy will reconnect");
+                    let _ = out.send(Err(status)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for XdsProxy {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (out, rx) = mpsc::channel(16);
+        tokio::spawn(relay(
+            self.inner.clone(),
+            request.into_inner(),
+            out,
+            |mut client, requests| async move { client.stream_aggregated_resources(requests).await },
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let (out, rx) = mpsc::channel(16);
+        tokio::spawn(relay(
+            self.inner.clone(),
+            request.into_inner(),
+            out,
+            |mut client, requests| async move { client.delta_aggregated_resources(requests).await },
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ads;
+pub mod authz;
 pub mod mtls;
 pub mod node;
 pub mod translate;

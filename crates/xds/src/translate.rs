@@ -57,8 +57,8 @@ use crate::ads::{
     CLUSTER_TYPE, ConfigSource as AdsConfigSource, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
     ResourceSet, Resources,
 };
-use crate::mtls;
 use crate::node::Proxy;
+use crate::{authz, mtls};
 
 pub const PASSTHROUGH: &str = "PassthroughCluster";
 const FAULT_FILTER: &str = "envoy.filters.http.fault";
@@ -612,29 +612,37 @@ fn tcp_proxy_filter(stat_prefix: &str, cluster: &str) -> Filter {
     )
 }
 
-fn http_manager(stat_prefix: &str, routes: http_connection_manager::RouteSpecifier) -> Filter {
+/// An HTTP connection manager; `access` filters (RBAC) run before faults and routing.
+fn http_manager(
+    stat_prefix: &str,
+    routes: http_connection_manager::RouteSpecifier,
+    access: Vec<HttpFilter>,
+) -> Filter {
     typed(
         "envoy.filters.network.http_connection_manager",
         pack_any(HttpConnectionManager {
             stat_prefix: stat_prefix.to_string(),
             route_specifier: Some(routes),
             // The fault filter does nothing unless a route configures it.
-            http_filters: vec![
-                HttpFilter {
-                    name: FAULT_FILTER.into(),
-                    config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                        HttpFault::default(),
-                    ))),
-                    ..Default::default()
-                },
-                HttpFilter {
-                    name: "envoy.filters.http.router".into(),
-                    config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                        Router::default(),
-                    ))),
-                    ..Default::default()
-                },
-            ],
+            http_filters: access
+                .into_iter()
+                .chain([
+                    HttpFilter {
+                        name: FAULT_FILTER.into(),
+                        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                            HttpFault::default(),
+                        ))),
+                        ..Default::default()
+                    },
+                    HttpFilter {
+                        name: "envoy.filters.http.router".into(),
+                        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                            Router::default(),
+                        ))),
+                        ..Default::default()
+                    },
+                ])
+                .collect(),
             ..Default::default()
         }),
     )
@@ -1402,6 +1410,7 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
                             config_source: Some(ads()),
                             route_config_name: route_name,
                         }),
+                        Vec::new(),
                     )],
                     ..Default::default()
                 }],
@@ -1471,6 +1480,7 @@ fn resource_set<const N: usize>(types: [(&'static str, BTreeMap<String, Any>); N
 /// The inbound side of a proxy: one chain per port its workload serves, to
 /// the local application.
 fn inbound(snapshot: &Snapshot, proxy: &Proxy) -> ResourceSet {
+    let access = authz::authorization(snapshot, proxy);
     let mut clusters: BTreeMap<String, Any> = BTreeMap::new();
     let mut inbound_chains = Vec::new();
     let proxy_ip = proxy.ip.to_string();
@@ -1542,9 +1552,20 @@ fn inbound(snapshot: &Snapshot, proxy: &Proxy) -> ResourceSet {
                     }],
                     ..Default::default()
                 }),
+                access.http_filters.clone(),
             )
         } else {
             tcp_proxy_filter(&name, &name)
+        };
+        let filters: Vec<Filter> = if http {
+            vec![filter]
+        } else {
+            access
+                .network_filters
+                .iter()
+                .cloned()
+                .chain([filter])
+                .collect()
         };
         // What PeerAuthentication lets in: mTLS chains present our
         // certificate and require one from the mesh; plaintext falls through
@@ -1561,7 +1582,7 @@ fn inbound(snapshot: &Snapshot, proxy: &Proxy) -> ResourceSet {
                 },
                 ..Default::default()
             }),
-            filters: vec![filter.clone()],
+            filters: filters.clone(),
             transport_socket: tls.then(mtls::inbound_tls),
             ..Default::default()
         };

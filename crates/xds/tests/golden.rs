@@ -13,10 +13,12 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
 use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
 use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
@@ -69,8 +71,21 @@ fn render(type_url: &str, bytes: &[u8]) -> Option<String> {
             debug::<DownstreamTlsContext>(bytes)
         }
         "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => debug::<RawBuffer>(bytes),
+        "envoy.extensions.filters.http.rbac.v3.RBAC" => {
+            HttpRbac::decode(bytes).ok().map(|r| rbac_rules(r.rules))
+        }
+        "envoy.extensions.filters.network.rbac.v3.RBAC" => {
+            NetworkRbac::decode(bytes).ok().map(|r| rbac_rules(r.rules))
+        }
         _ => None,
     }
+}
+
+/// RBAC rules with their policies in name order (Envoy's type keeps them in a HashMap).
+fn rbac_rules(rules: Option<envoy_types::pb::envoy::config::rbac::v3::Rbac>) -> String {
+    let rules = rules.unwrap_or_default();
+    let policies: std::collections::BTreeMap<_, _> = rules.policies.into_iter().collect();
+    format!("RBAC action {:?} {policies:#?}", rules.action)
 }
 
 /// Replaces every `Any { type_url, value: [bytes] }` in a `Debug` rendering
@@ -163,6 +178,18 @@ fn payment_vm() -> Proxy {
             fields: [
                 ("NAMESPACE".to_string(), string("vm-workloads")),
                 ("SERVICE_ACCOUNT".to_string(), string("payment-service-sa")),
+                (
+                    "LABELS".to_string(),
+                    Value {
+                        kind: Some(Kind::StructValue(Struct {
+                            fields: [
+                                ("app".to_string(), string("payment-service")),
+                                ("version".to_string(), string("v1")),
+                            ]
+                            .into(),
+                        })),
+                    },
+                ),
             ]
             .into(),
         }),

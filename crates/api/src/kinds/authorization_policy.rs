@@ -116,6 +116,119 @@ fn check_wildcards(c: &mut Checker, path: &Path, values: &Option<Vec<String>>) {
     }
 }
 
+/// The key of a `when` condition: Istio's attributes that vmesh translates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConditionKey<'a> {
+    /// `request.headers[Name]`, with the header name.
+    RequestHeader(&'a str),
+    /// `source.ip`: the peer address of the connection.
+    SourceIp,
+    /// `remote.ip`: the client address (X-Forwarded-For or proxy protocol).
+    RemoteIp,
+    SourceNamespace,
+    SourcePrincipal,
+    /// `source.serviceAccount`: `namespace/name` or `name`.
+    SourceServiceAccount,
+    /// `request.auth.principal`, `request.auth.audiences`,
+    /// `request.auth.presenter`, `request.auth.claims[…]`: what a JWT says.
+    RequestAuth,
+    DestinationIp,
+    DestinationPort,
+    ConnectionSni,
+}
+
+impl<'a> ConditionKey<'a> {
+    /// Reads a key; the error says why it is refused.
+    pub fn parse(key: &'a str) -> Result<ConditionKey<'a>, String> {
+        let bracketed = |prefix: &str| -> Option<Result<&'a str, String>> {
+            let rest = key.strip_prefix(prefix)?;
+            let name = rest
+                .strip_prefix('[')
+                .and_then(|r| r.strip_suffix(']'))
+                .filter(|name| !name.is_empty());
+            Some(name.ok_or_else(|| format!("{key:?}: expected the form {prefix}[NAME]")))
+        };
+        if let Some(name) = bracketed("request.headers") {
+            return name.map(ConditionKey::RequestHeader);
+        }
+        if let Some(name) = bracketed("request.auth.claims") {
+            return name.map(|_| ConditionKey::RequestAuth);
+        }
+        Ok(match key {
+            "source.ip" => ConditionKey::SourceIp,
+            "remote.ip" => ConditionKey::RemoteIp,
+            "source.namespace" => ConditionKey::SourceNamespace,
+            "source.principal" => ConditionKey::SourcePrincipal,
+            "source.serviceAccount" => ConditionKey::SourceServiceAccount,
+            "request.auth.principal" | "request.auth.audiences" | "request.auth.presenter" => {
+                ConditionKey::RequestAuth
+            }
+            "destination.ip" => ConditionKey::DestinationIp,
+            "destination.port" => ConditionKey::DestinationPort,
+            "connection.sni" => ConditionKey::ConnectionSni,
+            "destination.namespace" => {
+                return Err(format!(
+                    "{key:?} is replaced by the policy's namespace (metadata.namespace)"
+                ));
+            }
+            "destination.name" | "destination.user" => {
+                return Err(format!(
+                    "{key:?} is deprecated (only supported in v1alpha1)"
+                ));
+            }
+            _ if key.starts_with("destination.labels") => {
+                return Err(format!("{key:?} is replaced by the workload selector"));
+            }
+            _ if key.starts_with("experimental.envoy.filters.") => {
+                return Err(format!(
+                    "{key:?}: experimental Envoy metadata conditions are not supported"
+                ));
+            }
+            _ => {
+                return Err(format!(
+                    "unknown attribute {key:?}; expected one of request.headers[NAME], \
+                     source.ip, remote.ip, source.namespace, source.principal, \
+                     source.serviceAccount, request.auth.principal, request.auth.audiences, \
+                     request.auth.presenter, request.auth.claims[NAME], destination.ip, \
+                     destination.port, connection.sni"
+                ));
+            }
+        })
+    }
+}
+
+/// Istio's `serviceAccounts` / `source.serviceAccount` value: `namespace/name`
+/// or `name` (in the policy's namespace), without wildcards.
+fn check_service_account(c: &mut Checker, path: &Path, value: &str) {
+    let parts: Vec<&str> = value.split('/').collect();
+    if value.contains('*') {
+        c.error(
+            path,
+            format!("{value:?}: wildcards are not allowed in service accounts"),
+        );
+    } else if parts.len() > 2 || parts.iter().any(|p| p.is_empty()) {
+        c.error(
+            path,
+            format!("{value:?}: expected \"namespace/serviceAccount\" or \"serviceAccount\""),
+        );
+    }
+}
+
+fn check_condition_value(c: &mut Checker, path: &Path, key: ConditionKey, value: &str) {
+    match key {
+        _ if value.is_empty() => c.error(path, "empty value"),
+        ConditionKey::SourceIp | ConditionKey::RemoteIp | ConditionKey::DestinationIp => {
+            c.ip_or_cidr(path, value)
+        }
+        ConditionKey::DestinationPort => match value.parse::<u32>() {
+            Ok(n) => c.port(path, n),
+            Err(_) => c.error(path, format!("{value:?} is not a port number")),
+        },
+        ConditionKey::SourceServiceAccount => check_service_account(c, path, value),
+        _ => {}
+    }
+}
+
 const METHODS: &[&str] = &[
     "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
 ];
@@ -132,13 +245,13 @@ impl SpecValidate for AuthorizationPolicySpec {
             );
         }
         let action = self.action.unwrap_or(Action::Allow);
-        if action == Action::Custom && self.provider.is_none() {
+        if action == Action::Custom {
             c.error(
-                &path.f("provider"),
-                "provider is required for action CUSTOM",
+                &path.f("action"),
+                "action CUSTOM (external authorization) is not supported yet; \
+                 use ALLOW, DENY or AUDIT",
             );
-        }
-        if action != Action::Custom && self.provider.is_some() {
+        } else if self.provider.is_some() {
             c.error(
                 &path.f("provider"),
                 "provider is only allowed with action CUSTOM",
@@ -158,6 +271,14 @@ impl SpecValidate for AuthorizationPolicySpec {
                     ("notNamespaces", &s.not_namespaces),
                 ] {
                     check_wildcards(c, &sp.f(field), values);
+                }
+                for (field, values) in [
+                    ("serviceAccounts", &s.service_accounts),
+                    ("notServiceAccounts", &s.not_service_accounts),
+                ] {
+                    for (k, v) in values.iter().flatten().enumerate() {
+                        check_service_account(c, &sp.f(field).i(k), v);
+                    }
                 }
                 for (field, values) in [
                     ("ipBlocks", &s.ip_blocks),
@@ -231,8 +352,23 @@ impl SpecValidate for AuthorizationPolicySpec {
                 let cp = p.f("when").i(j);
                 if cond.key.is_empty() {
                     c.error(&cp.f("key"), "key is required");
+                } else {
+                    match ConditionKey::parse(&cond.key) {
+                        Err(message) => c.error(&cp.f("key"), message),
+                        Ok(key) => {
+                            for (field, values) in
+                                [("values", &cond.values), ("notValues", &cond.not_values)]
+                            {
+                                for (k, v) in values.iter().flatten().enumerate() {
+                                    check_condition_value(c, &cp.f(field).i(k), key, v);
+                                }
+                            }
+                        }
+                    }
                 }
-                if cond.values.is_none() && cond.not_values.is_none() {
+                if cond.values.as_ref().is_none_or(Vec::is_empty)
+                    && cond.not_values.as_ref().is_none_or(Vec::is_empty)
+                {
                     c.error(&cp, "values or notValues is required");
                 }
             }
@@ -254,3 +390,78 @@ pub static KIND: KindInfo = KindInfo {
     columns: &[("ACTION", "/spec/action")],
     decode: decode_body::<AuthorizationPolicy>,
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The problems `vmesh validate` reports for a policy with this spec.
+    fn problems(spec: &str) -> Vec<String> {
+        let text = format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\n\
+             metadata: {{name: p, namespace: shop}}\nspec:\n{spec}"
+        );
+        crate::decode_manifests("p.yaml", &text)
+            .problems
+            .iter()
+            .map(|p| p.message.clone())
+            .collect()
+    }
+
+    #[test]
+    fn condition_keys_are_istios() {
+        assert_eq!(
+            ConditionKey::parse("request.headers[User-Agent]"),
+            Ok(ConditionKey::RequestHeader("User-Agent"))
+        );
+        assert_eq!(
+            ConditionKey::parse("request.auth.claims[groups][0]"),
+            Ok(ConditionKey::RequestAuth)
+        );
+        assert_eq!(
+            ConditionKey::parse("destination.port"),
+            Ok(ConditionKey::DestinationPort)
+        );
+        for refused in [
+            "request.headers",
+            "request.headers[]",
+            "destination.namespace",
+            "destination.labels[app]",
+            "experimental.envoy.filters.a.b[c]",
+            "source.user",
+        ] {
+            assert!(ConditionKey::parse(refused).is_err(), "{refused}");
+        }
+    }
+
+    #[test]
+    fn conditions_custom_and_service_accounts_are_checked() {
+        let fine = "  rules: [{when: [{key: source.ip, values: [10.0.0.0/8]}, \
+                    {key: \"request.headers[x-user]\", notValues: [\"*\"]}]}]\n";
+        assert_eq!(problems(fine), Vec::<String>::new());
+        let found = problems(
+            "  rules:\n  - when:\n    - {key: source.user, values: [a]}\n    \
+             - {key: destination.port, values: [http]}\n    \
+             - {key: remote.ip, notValues: [nope]}\n    \
+             - {key: connection.sni, values: []}\n",
+        );
+        assert_eq!(found.len(), 4, "{found:?}");
+        assert!(found[0].starts_with("unknown attribute \"source.user\""));
+        assert_eq!(found[1], "\"http\" is not a port number");
+        assert_eq!(found[2], "\"nope\" is not an IP address or CIDR block");
+        assert_eq!(found[3], "values or notValues is required");
+
+        let found = problems(
+            "  rules: [{from: [{source: {serviceAccounts: [a/b/c, \"ns/*\", ok, ns/ok]}}]}]\n",
+        );
+        assert_eq!(found.len(), 2, "{found:?}");
+
+        let found = problems("  action: CUSTOM\n  provider: {name: opa}\n");
+        assert_eq!(
+            found,
+            [
+                "action CUSTOM (external authorization) is not supported yet; use ALLOW, DENY or AUDIT"
+            ]
+        );
+    }
+}

@@ -47,10 +47,8 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             })
             .await?;
             announce(&running);
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => running.shutdown().await,
-                _ = terminate() => running.shutdown().await,
-            }
+            stop_signal().await;
+            running.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { files } => {
@@ -183,6 +181,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { keep, down } => crate::demo::run(keep, down).await,
+        Command::Agent(args) => crate::agent::run(*args).await,
         Command::DemoApp {
             addr,
             name,
@@ -335,6 +334,14 @@ fn object_name(object: &Value) -> String {
                 .unwrap_or_default()
                 .to_ascii_lowercase()
         ),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn stop_signal() {
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate() => {}
     }
 }
 

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod agent;
 mod client;
 mod commands;
 mod demo;
@@ -176,6 +177,8 @@ enum Command {
         #[command(subcommand)]
         what: CreateCommand,
     },
+    /// Run beside Envoy on a workload: its certificate, SDS and xDS, and Envoy itself.
+    Agent(Box<agent::AgentArgs>),
     /// Bootstrap tokens for workloads (audience istio-ca).
     Token {
         #[command(subcommand)]

@@ -6,14 +6,10 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use vmesh_api::kinds::authorization_policy::{
-    self, AuthorizationPolicy, AuthorizationPolicySpec,
-};
+use vmesh_api::kinds::authorization_policy::{self, AuthorizationPolicy, AuthorizationPolicySpec};
 use vmesh_api::kinds::destination_rule::{self, DestinationRule, DestinationRuleSpec};
 use vmesh_api::kinds::istio_operator::{self, IstioOperator, IstioOperatorSpec};
-use vmesh_api::kinds::peer_authentication::{
-    self, PeerAuthentication, PeerAuthenticationSpec,
-};
+use vmesh_api::kinds::peer_authentication::{self, PeerAuthentication, PeerAuthenticationSpec};
 use vmesh_api::kinds::service::{self, Service, ServiceSpec};
 use vmesh_api::kinds::service_entry::{self, ServiceEntry, ServiceEntrySpec};
 use vmesh_api::kinds::sidecar::OutboundMode;

@@ -99,6 +99,9 @@ pub struct Identity {
     pub issuer: Arc<TokenIssuer>,
     store: Arc<Store>,
     revocations: watch::Sender<Arc<Revocations>>,
+    /// Revocations are read, changed and stored under this lock, so
+    /// concurrent revocations all stay.
+    revoking: parking_lot::Mutex<()>,
     extra_sans: Vec<String>,
 }
 
@@ -171,6 +174,7 @@ impl Identity {
             issuer: Arc::new(issuer),
             store,
             revocations: watch::channel(Arc::new(revocations)).0,
+            revoking: parking_lot::Mutex::new(()),
             extra_sans: config.extra_sans.clone(),
         })
     }
@@ -187,6 +191,7 @@ impl Identity {
         service_account: &str,
         id: Option<&str>,
     ) -> Result<(), IdentityError> {
+        let _revoking = self.revoking.lock();
         let mut next = (**self.revocations.borrow()).clone();
         match id {
             Some(id) => next.revoke_token(id),
@@ -436,6 +441,9 @@ async fn revoke_tokens(
     Path((namespace, account)): Path<(String, String)>,
     request: Option<Json<RevokeRequest>>,
 ) -> Response {
+    if let Err((code, message)) = namespace_exists(&identity, &namespace) {
+        return problem(code, message);
+    }
     let id = request.and_then(|r| r.0.id);
     match identity.revoke(&namespace, &account, id.as_deref()) {
         Ok(()) => Json(json!({"revoked": id.map_or_else(

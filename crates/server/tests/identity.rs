@@ -1,0 +1,719 @@
+//! The server's identity services, whole and in-process: each test starts
+//! the control plane on port 0 with real TLS on its xDS/CA port and a data
+//! dir of its own, and speaks to it as workloads and operators would — the
+//! REST API over HTTP, Istio's CA and ADS over TLS (token or mesh client
+//! certificate), plain ADS on the loopback port.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{Struct, Value as PbValue};
+use hyper_util::rt::TokioIo;
+use rcgen::PublicKeyData;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Request, Status};
+use vmesh_agent::identity::{CaAuth, CaClient, CertificateSigner, SignError, new_key_and_csr};
+use vmesh_agent::upstream::Upstream;
+use vmesh_ca::SpiffeId;
+use vmesh_server::{Running, ServerConfig, start};
+use vmesh_xds::ads::CLUSTER_TYPE;
+use x509_parser::extensions::GeneralName;
+
+/// The longest any single step may take.
+const WAIT: Duration = Duration::from_secs(20);
+const TRUST_DOMAIN: &str = "cluster.local";
+const ROOT_CONFIG_MAP: &str = "istio-ca-root-cert";
+
+struct Server {
+    running: Running,
+    base: String,
+    http: reqwest::Client,
+    /// The TLS port (Istio's 15012).
+    xds: SocketAddr,
+    data_dir: PathBuf,
+}
+
+impl Server {
+    async fn start(data_dir: &Path, plaintext: bool) -> Server {
+        let running = start(ServerConfig {
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            xds_addr: Some("127.0.0.1:0".parse().unwrap()),
+            xds_plaintext_addr: plaintext.then(|| "127.0.0.1:0".parse().unwrap()),
+            ..ServerConfig::new(data_dir.to_path_buf())
+        })
+        .await
+        .expect("server starts");
+        Server {
+            base: format!("http://{}", running.api_addr),
+            xds: running.xds_addr.expect("the TLS port is bound"),
+            running,
+            http: reqwest::Client::new(),
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    async fn stop(self) {
+        tokio::time::timeout(WAIT, self.running.shutdown())
+            .await
+            .expect("the server shuts down cleanly in time");
+    }
+
+    fn root_file(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("ca").join(vmesh_ca::ROOT_CERT_FILE))
+            .expect("<data-dir>/ca/root-cert.pem")
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = tokio::time::timeout(WAIT, request.send())
+            .await
+            .expect("the API answers in time")
+            .unwrap();
+        let code = response.status().as_u16();
+        (code, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn create_namespace(&self, name: &str) {
+        let (code, body) = self
+            .call(
+                reqwest::Method::POST,
+                "/api/v1/namespaces",
+                Some(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})),
+            )
+            .await;
+        assert_eq!(code, 201, "namespace {name}: {body}");
+    }
+
+    /// `root-cert.pem` of `istio-ca-root-cert` in `namespace`, if it is there.
+    async fn published_root(&self, namespace: &str) -> Option<String> {
+        let (code, body) = self
+            .call(
+                reqwest::Method::GET,
+                &format!("/api/v1/namespaces/{namespace}/configmaps/{ROOT_CONFIG_MAP}"),
+                None,
+            )
+            .await;
+        if code != 200 {
+            return None;
+        }
+        body["data"]["root-cert.pem"].as_str().map(str::to_owned)
+    }
+
+    /// Waits up to five seconds for `namespace` to hold `expected` as its
+    /// published root.
+    async fn wait_for_root(&self, namespace: &str, expected: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let found = self.published_root(namespace).await;
+            if found.as_deref() == Some(expected) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{ROOT_CONFIG_MAP} in {namespace} does not hold the mesh root: {found:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A join token from the API; panics unless it is issued.
+    async fn token(&self, namespace: &str, account: &str) -> Token {
+        let (code, body) = self
+            .request_token(namespace, account, json!({"durationSeconds": 600}))
+            .await;
+        assert_eq!(code, 200, "token for {namespace}/{account}: {body}");
+        let token = Token {
+            token: body["token"].as_str().expect("token").to_owned(),
+            id: body["id"].as_str().expect("id").to_owned(),
+        };
+        let expires = body["expires"].as_str().expect("expires");
+        let expires = humantime::parse_rfc3339(expires)
+            .unwrap_or_else(|e| panic!("expires {expires:?} is not RFC 3339: {e}"));
+        let left = expires
+            .duration_since(std::time::SystemTime::now())
+            .expect("expires in the future");
+        assert!(
+            left > Duration::from_secs(590) && left <= Duration::from_secs(601),
+            "asked 600 s, expires in {left:?}"
+        );
+        assert!(!token.id.is_empty() && token.token.split('.').count() == 3);
+        token
+    }
+
+    async fn request_token(&self, namespace: &str, account: &str, body: Value) -> (u16, Value) {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/apis/vmesh.io/v1/namespaces/{namespace}/serviceaccounts/{account}/token"),
+            Some(body),
+        )
+        .await
+    }
+
+    async fn revoke(&self, namespace: &str, account: &str, body: Value) {
+        let (code, response) = self
+            .call(
+                reqwest::Method::POST,
+                &format!(
+                    "/apis/vmesh.io/v1/namespaces/{namespace}/serviceaccounts/{account}/revoke"
+                ),
+                Some(body),
+            )
+            .await;
+        assert_eq!(code, 200, "revoke {namespace}/{account}: {response}");
+    }
+
+    fn ca_client(&self, root_pem: &str) -> CaClient {
+        CaClient::new(Upstream::new(self.xds.to_string(), root_pem)).with_timeout(WAIT)
+    }
+
+    /// Asks the CA on the TLS port to sign `csr`, authenticated by `token`.
+    async fn sign_with_token(&self, csr: &str, token: &str) -> Result<Vec<String>, SignError> {
+        self.ca_client(&self.root_file())
+            .sign(csr, None, CaAuth::Token(token))
+            .await
+    }
+
+    /// A fresh key and certificate chain for `namespace/account`, from the
+    /// CA with a token.
+    async fn mesh_certificate(&self, token: &str, namespace: &str, account: &str) -> Pem {
+        let id = SpiffeId::new(TRUST_DOMAIN, namespace, account).unwrap();
+        let (key, csr) = new_key_and_csr(&id).unwrap();
+        let chain = self.sign_with_token(&csr, token).await.expect("signed");
+        assert_eq!(sans(&chain[0]), vec![id.uri()]);
+        Pem {
+            chain,
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+struct Token {
+    token: String,
+    id: String,
+}
+
+struct Pem {
+    chain: Vec<String>,
+    key: String,
+}
+
+fn parse_pem(pem: &str) -> x509_parser::pem::Pem {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
+    pem
+}
+
+/// Every subject alternative name of a PEM certificate, URIs as they are,
+/// other kinds as `kind:value`.
+fn sans(cert_pem: &str) -> Vec<String> {
+    let pem = parse_pem(cert_pem);
+    let cert = pem.parse_x509().expect("X.509");
+    let Some(ext) = cert.subject_alternative_name().expect("one SAN extension") else {
+        return Vec::new();
+    };
+    ext.value
+        .general_names
+        .iter()
+        .map(|name| match name {
+            GeneralName::URI(uri) => (*uri).to_owned(),
+            other => format!("other:{other:?}"),
+        })
+        .collect()
+}
+
+/// The code a refused signing request came back with.
+fn refusal(result: Result<Vec<String>, SignError>) -> Code {
+    match result {
+        Err(SignError::Refused { code, .. }) => code,
+        Err(other) => panic!("expected a refusal from the CA, got {other}"),
+        Ok(_) => panic!("expected a refusal from the CA, got a certificate"),
+    }
+}
+
+/// A gRPC channel to the TLS port trusting only `root_pem`, presenting
+/// `client` (chain, key) when given.
+async fn tls_channel(
+    addr: SocketAddr,
+    root_pem: &str,
+    client: Option<&Pem>,
+) -> Result<Channel, tonic::transport::Error> {
+    let config = Arc::new(
+        vmesh_ca::client_tls_config(
+            root_pem,
+            client.map(|c| (c.chain.as_slice(), c.key.as_str())),
+        )
+        .unwrap(),
+    );
+    let connector = tower::service_fn(move |_: Uri| {
+        let config = config.clone();
+        async move {
+            let tcp = TcpStream::connect(addr).await?;
+            let name = ServerName::try_from(vmesh_ca::ISTIOD_SERVICE_NAME).unwrap();
+            let tls = TlsConnector::from(config).connect(name, tcp).await?;
+            Ok::<_, std::io::Error>(TokioIo::new(tls))
+        }
+    });
+    tokio::time::timeout(
+        WAIT,
+        Endpoint::from_static("http://istiod.istio-system.svc").connect_with_connector(connector),
+    )
+    .await
+    .expect("connects in time")
+}
+
+/// A sidecar's node, claiming `namespace` and `account` in its metadata.
+fn node(namespace: &str, account: &str) -> Node {
+    let string = |s: &str| PbValue {
+        kind: Some(Kind::StringValue(s.to_owned())),
+    };
+    Node {
+        id: format!("sidecar~10.0.0.9~web-vm.{namespace}~{namespace}.svc.cluster.local"),
+        metadata: Some(Struct {
+            fields: [
+                ("NAMESPACE".to_owned(), string(namespace)),
+                ("SERVICE_ACCOUNT".to_owned(), string(account)),
+            ]
+            .into(),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Opens a state-of-the-world ADS stream, asks for clusters as `node`, and
+/// returns the first response or the status the stream ended with.
+async fn first_cds(
+    channel: Channel,
+    node: Node,
+    token: Option<&str>,
+) -> Result<DiscoveryResponse, Status> {
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(DiscoveryRequest {
+        node: Some(node),
+        type_url: CLUSTER_TYPE.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut request = Request::new(UnboundedReceiverStream::new(rx));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    let call = async {
+        let mut responses = client
+            .stream_aggregated_resources(request)
+            .await?
+            .into_inner();
+        let first = responses.message().await?;
+        first.ok_or_else(|| Status::unknown("the stream ended without a response"))
+    };
+    let result = tokio::time::timeout(WAIT, call)
+        .await
+        .expect("an answer on the ADS stream in time");
+    drop(tx);
+    result
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test]
+async fn the_mesh_root_is_published_everywhere_and_kept_across_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), false).await;
+    let root = server.root_file();
+    assert!(root.starts_with("-----BEGIN CERTIFICATE-----"), "{root}");
+    assert_eq!(server.running.identity.authority.root_pem(), root);
+
+    // The built-in namespaces get it…
+    server.wait_for_root("default", &root).await;
+    server.wait_for_root("istio-system", &root).await;
+    // …and so does one made after start.
+    server.create_namespace("late").await;
+    server.wait_for_root("late", &root).await;
+
+    // The keys are the server's alone.
+    let ca = tmp.path().join("ca");
+    assert_eq!(mode(&ca.join(vmesh_ca::ROOT_KEY_FILE)), 0o600, "root key");
+    assert_eq!(mode(&ca.join(vmesh_ca::TOKEN_KEY_FILE)), 0o600, "token key");
+
+    // An operator's edit of the ConfigMap is put right again.
+    let path = format!("/api/v1/namespaces/late/configmaps/{ROOT_CONFIG_MAP}");
+    let (code, mut edited) = server.call(reqwest::Method::GET, &path, None).await;
+    assert_eq!(code, 200);
+    edited["data"]["root-cert.pem"] = json!("not a certificate");
+    let (code, body) = server.call(reqwest::Method::PUT, &path, Some(edited)).await;
+    assert_eq!(code, 200, "{body}");
+    server.wait_for_root("late", &root).await;
+
+    // A token-authenticated certificate chains to that root.
+    let token = server.token("late", "app").await;
+    let cert = server.mesh_certificate(&token.token, "late", "app").await;
+    assert_eq!(cert.chain.last().unwrap(), &root, "leaf then the root");
+    server.stop().await;
+
+    // A restart on the same data dir keeps the root, and publishes the same.
+    let server = Server::start(tmp.path(), false).await;
+    assert_eq!(server.root_file(), root, "the root file is unchanged");
+    assert_eq!(server.running.identity.authority.root_pem(), root);
+    for namespace in ["default", "istio-system", "late"] {
+        server.wait_for_root(namespace, &root).await;
+    }
+    // The TLS port still proves itself with that root, and the token key
+    // survived too: the token from before the restart still works.
+    let again = server.mesh_certificate(&token.token, "late", "app").await;
+    assert_eq!(again.chain.last().unwrap(), &root);
+    assert_eq!(mode(&ca.join(vmesh_ca::ROOT_KEY_FILE)), 0o600);
+    assert_eq!(mode(&ca.join(vmesh_ca::TOKEN_KEY_FILE)), 0o600);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_from_the_api_sign_only_their_own_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), false).await;
+    server.create_namespace("shop").await;
+    let token = server.token("shop", "web").await;
+
+    // A CSR asking for someone else entirely: another SPIFFE id, a DNS
+    // name, a subject. The CA names the caller and nothing else.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/istio-system/sa/istiod"
+            .try_into()
+            .unwrap(),
+    ));
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://cluster.local/ns/shop/sa/admin"
+            .try_into()
+            .unwrap(),
+    ));
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "admin");
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let chain = server
+        .sign_with_token(&csr, &token.token)
+        .await
+        .expect("a certificate for the token's identity");
+    assert_eq!(
+        sans(&chain[0]),
+        vec!["spiffe://cluster.local/ns/shop/sa/web".to_owned()],
+        "the only SAN is the token's identity"
+    );
+    let leaf_pem = parse_pem(&chain[0]);
+    let leaf = leaf_pem.parse_x509().unwrap();
+    assert!(
+        !leaf.subject().to_string().contains("admin"),
+        "the CSR's subject is not copied: {}",
+        leaf.subject()
+    );
+    assert_eq!(
+        leaf.public_key().raw,
+        key.subject_public_key_info().as_slice(),
+        "the certificate is for the CSR's key"
+    );
+    assert_eq!(chain.last().unwrap(), &server.root_file());
+
+    // No tokens for namespaces that do not exist, nor for silly lives.
+    let (code, body) = server
+        .request_token("nowhere", "web", json!({"durationSeconds": 600}))
+        .await;
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = server
+        .request_token("shop", "web", json!({"durationSeconds": 0}))
+        .await;
+    assert_eq!(code, 422, "{body}");
+
+    // Garbage is not a token.
+    assert_eq!(
+        refusal(server.sign_with_token(&csr, "not.a.token").await),
+        Code::Unauthenticated
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn revocations_take_effect_at_once_and_survive_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), false).await;
+    server.create_namespace("shop").await;
+    let id = SpiffeId::new(TRUST_DOMAIN, "shop", "web").unwrap();
+    let (_, csr) = new_key_and_csr(&id).unwrap();
+
+    let before = server.token("shop", "web").await;
+    let other_account = server.token("shop", "db").await;
+    let cert_before = server.mesh_certificate(&before.token, "shop", "web").await;
+    server
+        .sign_with_token(&csr, &before.token)
+        .await
+        .expect("works before the revocation");
+
+    // Revoking the account refuses the earlier token at once, no restart…
+    server.revoke("shop", "web", json!({})).await;
+    assert_eq!(
+        refusal(server.sign_with_token(&csr, &before.token).await),
+        Code::Unauthenticated
+    );
+    // …and the certificates issued before it (no renewal with them)…
+    let by_cert = server
+        .ca_client(&server.root_file())
+        .sign(
+            &csr,
+            None,
+            CaAuth::Certificate(
+                &vmesh_agent::Credentials::new(
+                    &cert_before.chain,
+                    cert_before.key.clone(),
+                    &vmesh_agent::identity::TrustAnchors::from_pem(&server.root_file()).unwrap(),
+                    TRUST_DOMAIN,
+                    std::time::SystemTime::now(),
+                )
+                .unwrap(),
+            ),
+        )
+        .await;
+    assert_eq!(refusal(by_cert), Code::Unauthenticated);
+    // …but not another account's tokens.
+    let (_, db_csr) = new_key_and_csr(&SpiffeId::new(TRUST_DOMAIN, "shop", "db").unwrap()).unwrap();
+    server
+        .sign_with_token(&db_csr, &other_account.token)
+        .await
+        .expect("shop/db is not revoked");
+
+    // A token issued in a later second works (revocation is by the second).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = server.token("shop", "web").await;
+    server
+        .sign_with_token(&csr, &after.token)
+        .await
+        .expect("a token issued after the revocation works");
+
+    // Revoking by id revokes that token only.
+    let kept = server.token("shop", "web").await;
+    let dropped = server.token("shop", "web").await;
+    server
+        .revoke("shop", "web", json!({"id": dropped.id}))
+        .await;
+    assert_eq!(
+        refusal(server.sign_with_token(&csr, &dropped.token).await),
+        Code::Unauthenticated
+    );
+    for token in [&after, &kept] {
+        server
+            .sign_with_token(&csr, &token.token)
+            .await
+            .expect("tokens not named stay good");
+    }
+
+    // The revocations are kept in the store…
+    let (code, stored) = server
+        .call(
+            reqwest::Method::GET,
+            "/api/v1/namespaces/istio-system/configmaps/vmesh-token-revocations",
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{stored}");
+    let revocations = stored["data"]["revocations.json"].as_str().unwrap();
+    assert!(revocations.contains(&dropped.id), "{revocations}");
+    assert!(revocations.contains("shop/web"), "{revocations}");
+    server.stop().await;
+
+    // …and still hold after a restart.
+    let server = Server::start(tmp.path(), false).await;
+    for token in [&before, &dropped] {
+        assert_eq!(
+            refusal(server.sign_with_token(&csr, &token.token).await),
+            Code::Unauthenticated,
+            "token {} is still revoked after the restart",
+            token.id
+        );
+    }
+    for token in [&after, &kept] {
+        server
+            .sign_with_token(&csr, &token.token)
+            .await
+            .expect("the tokens not revoked still work after the restart");
+    }
+    server
+        .sign_with_token(&db_csr, &other_account.token)
+        .await
+        .expect("shop/db still works after the restart");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ads_on_the_tls_port_admits_only_proven_identities() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), true).await;
+    server.create_namespace("shop").await;
+    let root = server.root_file();
+    let token = server.token("shop", "web").await;
+    let cert = server.mesh_certificate(&token.token, "shop", "web").await;
+
+    // No credentials at all: refused before anything is served.
+    let anonymous = tls_channel(server.xds, &root, None).await.unwrap();
+    let refused = first_cds(anonymous.clone(), node("shop", "web"), None)
+        .await
+        .expect_err("an anonymous proxy is refused");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    // Nor does a token that is not one help.
+    let refused = first_cds(anonymous.clone(), node("shop", "web"), Some("not.a.token"))
+        .await
+        .expect_err("a bad token is refused");
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+
+    // The mesh certificate of shop/web, claiming to be shop/web: served.
+    let mutual = tls_channel(server.xds, &root, Some(&cert)).await.unwrap();
+    let response = first_cds(mutual.clone(), node("shop", "web"), None)
+        .await
+        .expect("the proxy that proved its identity is served");
+    assert_eq!(response.type_url, CLUSTER_TYPE);
+    assert!(!response.nonce.is_empty());
+
+    // The same certificate claiming another account, or namespace: refused.
+    let refused = first_cds(mutual.clone(), node("shop", "admin"), None)
+        .await
+        .expect_err("a proxy claiming shop/admin with shop/web's certificate is refused");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let refused = first_cds(mutual.clone(), node("default", "web"), None)
+        .await
+        .expect_err("a proxy claiming default/web with shop/web's certificate is refused");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    // A bearer token works in place of the certificate, with the same rule.
+    let response = first_cds(anonymous.clone(), node("shop", "web"), Some(&token.token))
+        .await
+        .expect("a proxy authenticated by its token is served");
+    assert_eq!(response.type_url, CLUSTER_TYPE);
+    let refused = first_cds(anonymous.clone(), node("shop", "admin"), Some(&token.token))
+        .await
+        .expect_err("the token of shop/web does not make a proxy shop/admin");
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+
+    // A certificate of the right name from another CA gets nowhere.
+    let stranger_dir = tempfile::tempdir().unwrap();
+    let stranger = vmesh_ca::Authority::load_or_create(
+        stranger_dir.path(),
+        TRUST_DOMAIN,
+        vmesh_ca::AuthorityOptions::default(),
+    )
+    .unwrap();
+    let id = SpiffeId::new(TRUST_DOMAIN, "shop", "web").unwrap();
+    let (key, csr) = new_key_and_csr(&id).unwrap();
+    let forged = Pem {
+        chain: stranger.sign_workload(&csr, &id, None).unwrap(),
+        key: key.serialize_pem(),
+    };
+    match tls_channel(server.xds, &root, Some(&forged)).await {
+        Err(_) => {}
+        Ok(channel) => {
+            let result = first_cds(channel, node("shop", "web"), None).await;
+            assert!(
+                result.is_err(),
+                "a foreign certificate was served: {result:?}"
+            );
+        }
+    }
+
+    // The loopback plaintext port asks nothing of anyone.
+    let plaintext = server.running.xds_plaintext_addr.expect("plaintext port");
+    let channel = tokio::time::timeout(
+        WAIT,
+        Endpoint::from_shared(format!("http://{plaintext}"))
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .expect("connects in time")
+    .unwrap();
+    let response = first_cds(channel, node("shop", "admin"), None)
+        .await
+        .expect("the plaintext port needs no credentials");
+    assert_eq!(response.type_url, CLUSTER_TYPE);
+
+    drop((anonymous, mutual));
+    server.stop().await;
+}
+
+/// Operators (or scripts) revoking several tokens at once must not lose any
+/// of the revocations they were told succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_revocations_are_all_kept() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Arc::new(Server::start(tmp.path(), false).await);
+    server.create_namespace("shop").await;
+    let mut tokens = Vec::new();
+    for _ in 0..20 {
+        tokens.push(server.token("shop", "web").await);
+    }
+    let revocations: Vec<_> = tokens
+        .iter()
+        .map(|token| {
+            let (server, id) = (server.clone(), token.id.clone());
+            tokio::spawn(async move { server.revoke("shop", "web", json!({"id": id})).await })
+        })
+        .collect();
+    for revocation in revocations {
+        revocation.await.unwrap();
+    }
+    let (_, csr) = new_key_and_csr(&SpiffeId::new(TRUST_DOMAIN, "shop", "web").unwrap()).unwrap();
+    let mut still_good = Vec::new();
+    for token in &tokens {
+        if server.sign_with_token(&csr, &token.token).await.is_ok() {
+            still_good.push(token.id.clone());
+        }
+    }
+    let (code, stored) = server
+        .call(
+            reqwest::Method::GET,
+            "/api/v1/namespaces/istio-system/configmaps/vmesh-token-revocations",
+            None,
+        )
+        .await;
+    assert_eq!(code, 200, "{stored}");
+    let text = stored["data"]["revocations.json"]
+        .as_str()
+        .unwrap_or_default();
+    let not_stored: Vec<_> = tokens
+        .iter()
+        .filter(|token| !text.contains(&token.id))
+        .map(|token| token.id.clone())
+        .collect();
+    Arc::try_unwrap(server)
+        .ok()
+        .expect("no other users")
+        .stop()
+        .await;
+    assert!(
+        still_good.is_empty() && not_stored.is_empty(),
+        "of {} tokens revoked at once (every call answered 200), {} still sign and {} are not stored",
+        tokens.len(),
+        still_good.len(),
+        not_stored.len()
+    );
+}

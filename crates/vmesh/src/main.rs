@@ -8,6 +8,7 @@ mod client;
 mod commands;
 mod demo;
 mod demo_app;
+mod load;
 mod manifests;
 mod output;
 
@@ -162,6 +163,9 @@ enum Command {
         #[arg(long, conflicts_with = "keep")]
         down: bool,
     },
+    /// Send HTTP requests and report codes, answering workloads and latency as JSON.
+    #[command(hide = true)]
+    Load(load::LoadArgs),
     /// The demo's HTTP application (answers with its name and version).
     #[command(hide = true)]
     DemoApp {

@@ -105,3 +105,109 @@ pub fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
     panic!("timed out waiting for {what}");
 }
+
+/// Links `a` and `b` with a veth pair: `a` gets `a_ip`, `b` gets `b_ip` (/24).
+pub fn link(a: &Namespace, a_ip: &str, b: &Namespace, b_ip: &str, tag: &str) {
+    let (a_dev, b_dev) = (format!("va{tag}"), format!("vb{tag}"));
+    a.run(&[
+        "ip", "link", "add", &a_dev, "type", "veth", "peer", "name", &b_dev,
+    ]);
+    a.run(&["ip", "link", "set", &b_dev, "netns", &b.name]);
+    a.run(&["ip", "addr", "add", &format!("{a_ip}/24"), "dev", &a_dev]);
+    a.run(&["ip", "link", "set", &a_dev, "up"]);
+    b.run(&["ip", "addr", "add", &format!("{b_ip}/24"), "dev", &b_dev]);
+    b.run(&["ip", "link", "set", &b_dev, "up"]);
+}
+
+/// The CLI, run in the namespace named `control` (where the server is).
+pub fn cli(control: &str, args: &[&str]) -> String {
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", control, VMESH])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "vmesh {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// Starts `vmesh agent` (and so Envoy) for a workload in `ns`.
+#[allow(clippy::too_many_arguments)]
+pub fn start_agent(
+    ns: &mut Namespace,
+    control: &str,
+    dir: &Path,
+    server: &str,
+    namespace: &str,
+    account: &str,
+    ip: &str,
+    labels: &[&str],
+    base_id: u32,
+) {
+    let work = dir.join(format!("agent-{}", ns.name));
+    std::fs::create_dir_all(&work).unwrap();
+    let token = cli(
+        control,
+        &[
+            "token",
+            "create",
+            "-n",
+            namespace,
+            "--service-account",
+            account,
+        ],
+    );
+    std::fs::write(work.join("istio-token"), token.trim()).unwrap();
+    let root = eventually("the root ConfigMap", || {
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", control, VMESH])
+            .args([
+                "get",
+                "cm",
+                "istio-ca-root-cert",
+                "-n",
+                namespace,
+                "-o",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        let object: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        Some(object["data"]["root-cert.pem"].as_str()?.to_string())
+    });
+    std::fs::write(work.join("root-cert.pem"), root).unwrap();
+    let envoy = envoy_binary();
+    let mut args = vec![
+        VMESH.to_string(),
+        "agent".into(),
+        "--server".into(),
+        server.into(),
+        "-n".into(),
+        namespace.into(),
+        "--service-account".into(),
+        account.into(),
+        "--root-cert".into(),
+        work.join("root-cert.pem").display().to_string(),
+        "--token-file".into(),
+        work.join("istio-token").display().to_string(),
+        "--work-dir".into(),
+        work.display().to_string(),
+        "--ip".into(),
+        ip.into(),
+        "--name".into(),
+        ns.name.clone(),
+        "--envoy".into(),
+        envoy.display().to_string(),
+        // Envoys share /dev/shm across network namespaces.
+        "--base-id".into(),
+        base_id.to_string(),
+    ];
+    for label in labels {
+        args.extend(["--label".to_string(), label.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ns.spawn(&args, &dir.join(format!("agent-{}.log", ns.name)));
+}

@@ -1,0 +1,236 @@
+//! Mesh mTLS latency, measured in one run with real Envoy: requests from a
+//! client through its sidecar to a VM's sidecar and application, with mutual
+//! TLS between the two sidecars (port 8080, STRICT) and in plaintext between
+//! the same two sidecars (port 8081: `portLevelMtls` DISABLE, DestinationRule
+//! tls DISABLE), one after the other. Target: mTLS within 1.2× of plaintext.
+//!
+//! Needs root (network namespaces), like the end-to-end tests.
+//! Run with `cargo bench -p vmesh --bench mtls`.
+
+// A benchmark measures wall-clock time, across processes.
+#![allow(clippy::disallowed_types)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{Namespace, VMESH, cli, eventually, link, start_agent};
+
+const REQUESTS: usize = 3000;
+const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
+const PLAIN_HOST: &str = "payment-plain.vm-workloads.svc.cluster.local";
+
+fn apply(control: &str, dir: &std::path::Path, file: &str, yaml: &str) {
+    let path = dir.join(file);
+    std::fs::write(&path, yaml).unwrap();
+    cli(control, &["apply", "-f", path.to_str().unwrap()]);
+}
+
+/// The client sidecar's counter of TLS handshakes on one of its clusters.
+fn client_handshakes(client: &Namespace, cluster: &str) -> u64 {
+    let stats = client
+        .run(&["curl", "-s", "http://127.0.0.1:15000/stats"])
+        .stdout;
+    let prefix = format!("cluster.{cluster}.ssl.handshake: ");
+    String::from_utf8_lossy(&stats)
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `vmesh load` inside the client namespace, after a warm-up of 300 requests
+/// (connections made, pools filled): latency in microseconds.
+fn measure(client: &Namespace, url: &str) -> serde_json::Value {
+    client.run(&[VMESH, "load", "--url", url, "--requests", "300"]);
+    let requests = REQUESTS.to_string();
+    let output = client.run(&[VMESH, "load", "--url", url, "--requests", &requests]);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        report["codes"]["200"].as_u64(),
+        Some(REQUESTS as u64),
+        "every request answered: {report}"
+    );
+    report["latency_us"].clone()
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = std::process::id();
+    let mut payment = Namespace::create(&format!("vmesh-bpay-{id}"));
+    let mut client = Namespace::create(&format!("vmesh-bcli-{id}"));
+    link(
+        &client,
+        "10.46.0.1",
+        &payment,
+        "10.46.0.2",
+        &format!("b{id}"),
+    );
+    let control = payment.name.clone();
+    let control = control.as_str();
+    payment.spawn(
+        &[
+            VMESH,
+            "server",
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--xds-addr",
+            "0.0.0.0:15012",
+        ],
+        &dir.path().join("server.log"),
+    );
+    for port in [8080, 8081] {
+        let addr = format!("127.0.0.1:{port}");
+        payment.spawn(
+            &[VMESH, "demo-app", "--addr", &addr, "--name", "payment-vm"],
+            &dir.path().join(format!("app-{port}.log")),
+        );
+    }
+    eventually("the server", || {
+        payment
+            .command(&[VMESH, "get", "ns"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+            .then_some(())
+    });
+    for namespace in ["vm-workloads", "frontend"] {
+        cli(control, &["create", "namespace", namespace]);
+    }
+    apply(
+        control,
+        dir.path(),
+        "mesh.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: payment-service, namespace: vm-workloads}\n\
+         spec: {selector: {app: payment-service}, ports: [{name: http, port: 8080}]}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: payment-plain, namespace: vm-workloads}\n\
+         spec: {selector: {app: payment-service}, ports: [{name: http, port: 8081}]}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: payment-plain, namespace: vm-workloads}\n\
+         spec: {host: payment-plain.vm-workloads.svc.cluster.local, trafficPolicy: {tls: {mode: DISABLE}}}\n---\n\
+         apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: payment-vm, namespace: vm-workloads}\n\
+         spec: {address: 10.46.0.2, serviceAccount: payment-service-sa, labels: {app: payment-service, security.istio.io/tlsMode: istio}}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: vm-workloads}\n\
+         spec: {mtls: {mode: STRICT}, portLevelMtls: {8081: {mode: DISABLE}}}\n",
+    );
+    payment.run(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-m",
+        "multiport",
+        "--dports",
+        "8080,8081",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15006",
+    ]);
+    start_agent(
+        &mut payment,
+        control,
+        dir.path(),
+        "127.0.0.1:15012",
+        "vm-workloads",
+        "payment-service-sa",
+        "10.46.0.2",
+        &["app=payment-service"],
+        61,
+    );
+    client.run(&[
+        "ip",
+        "route",
+        "add",
+        "10.96.0.0/16",
+        "dev",
+        "lo",
+        "src",
+        "10.46.0.1",
+    ]);
+    client.run(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "10.96.0.0/16",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ]);
+    start_agent(
+        &mut client,
+        control,
+        dir.path(),
+        "10.46.0.2:15012",
+        "frontend",
+        "frontend-sa",
+        "10.46.0.1",
+        &["app=frontend"],
+        62,
+    );
+    let vip_of = |host: &str| {
+        eventually("a VIP", || {
+            let output = payment
+                .command(&[
+                    VMESH,
+                    "get",
+                    "cm",
+                    "vmesh-vip-allocations",
+                    "-n",
+                    "istio-system",
+                    "-o",
+                    "json",
+                ])
+                .output()
+                .unwrap();
+            let vips: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+            Some(vips["data"][host].as_str()?.to_string())
+        })
+    };
+    let mtls_url = format!("http://{}:8080/api/payments/1", vip_of(HOST));
+    let plain_url = format!("http://{}:8081/api/payments/1", vip_of(PLAIN_HOST));
+    let ok = |url: &str| {
+        let output = client
+            .command(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url])
+            .output()
+            .unwrap();
+        (output.stdout == b"200").then_some(())
+    };
+    eventually("mTLS between the sidecars", || ok(&mtls_url));
+    eventually("plaintext between the sidecars", || ok(&plain_url));
+
+    let mtls_cluster = format!("outbound|8080||{HOST}");
+    let plain_cluster = format!("outbound|8081||{PLAIN_HOST}");
+    let mtls = measure(&client, &mtls_url);
+    assert!(
+        client_handshakes(&client, &mtls_cluster) > 0,
+        "mTLS requests used TLS"
+    );
+    let plaintext = measure(&client, &plain_url);
+    assert_eq!(
+        client_handshakes(&client, &plain_cluster),
+        0,
+        "plaintext requests used no TLS"
+    );
+
+    let ratio = |field: &str| mtls[field].as_f64().unwrap() / plaintext[field].as_f64().unwrap();
+    for (name, latency) in [("mTLS", &mtls), ("plaintext", &plaintext)] {
+        println!(
+            "{name:<10} {REQUESTS} requests through two sidecars: mean {:>6} µs  p50 {:>6} µs  p99 {:>6} µs",
+            latency["mean"], latency["p50"], latency["p99"]
+        );
+    }
+    println!(
+        "mTLS / plaintext latency: mean {:.3}, p50 {:.3}, p99 {:.3}   target ≤ 1.2",
+        ratio("mean"),
+        ratio("p50"),
+        ratio("p99")
+    );
+}

@@ -12,6 +12,7 @@ pub mod config_dir;
 pub mod identity;
 pub mod mesh;
 pub mod monitoring;
+pub mod registration;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +36,8 @@ pub struct ServerConfig {
     /// Plaintext xDS, loopback only; off unless given.
     pub xds_plaintext_addr: Option<SocketAddr>,
     pub identity: identity::IdentityConfig,
+    /// How long an auto-registered WorkloadEntry outlives its last stream.
+    pub auto_registration_grace: std::time::Duration,
     /// Readiness and proxy sync status, loopback only; off unless given.
     pub monitoring_addr: Option<SocketAddr>,
     pub debounce: mesh::Debounce,
@@ -52,6 +55,7 @@ impl ServerConfig {
             xds_addr: None,
             xds_plaintext_addr: None,
             identity: identity::IdentityConfig::default(),
+            auto_registration_grace: std::time::Duration::from_secs(10),
             monitoring_addr: None,
             debounce: mesh::Debounce::default(),
         }
@@ -189,11 +193,19 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
     let proxies = Arc::new(vmesh_xds::ads::StatusTable::default());
 
+    let registration = Arc::new(registration::AutoRegistration::new(
+        store.clone(),
+        config.auto_registration_grace,
+    ));
+    registration.sweep_orphans();
+    let lifecycle: Arc<dyn vmesh_xds::ads::ProxyLifecycle> =
+        Arc::new(registration::Registrar(registration));
     let mut xds_plaintext_addr = None;
     if let Some(addr) = config.xds_plaintext_addr {
         let (listener, bound) = bind(addr)?;
         xds_plaintext_addr = Some(bound);
-        let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone(), shutdown_rx.clone());
+        let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone(), shutdown_rx.clone())
+            .with_lifecycle(lifecycle.clone());
         let serve = tonic::transport::Server::builder()
             .add_service(ads.into_service())
             .serve_with_incoming_shutdown(
@@ -213,7 +225,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     if let Some(addr) = config.xds_addr {
         let (listener, bound) = bind(addr)?;
         xds_addr = Some(bound);
-        let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone(), shutdown_rx.clone());
+        let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone(), shutdown_rx.clone())
+            .with_lifecycle(lifecycle.clone());
         tasks.push(identity.serve_secure(listener, ads, shutdown_rx.clone())?);
         tracing::info!(addr = %bound, "xDS and CA listening over TLS");
     }

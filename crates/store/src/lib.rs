@@ -109,6 +109,9 @@ pub enum Op {
     Update(Object),
     /// Create or update, as `vmesh apply` does; unchanged content writes nothing.
     Apply(Object),
+    /// Replace only the status of an existing object (the server's own
+    /// record of it, which other writes never change).
+    SetStatus(Object),
     /// Delete; `expected` resourceVersion guards against deleting a newer object.
     Delete {
         key: ObjectKey,
@@ -438,7 +441,7 @@ fn creates_namespace(op: &Op) -> bool {
         Op::Create(o) | Op::Update(o) | Op::Apply(o) => {
             o.kind == "Namespace" && o.api_version == "v1"
         }
-        Op::Delete { .. } => false,
+        Op::SetStatus(_) | Op::Delete { .. } => false,
     }
 }
 
@@ -503,6 +506,7 @@ fn write_one(
             }
             return Ok(Outcome::Deleted(deleted));
         }
+        Op::SetStatus(object) => return set_status(txn, object, revision, events),
         Op::Create(o) => (o, Mode::Create),
         Op::Update(o) => (o, Mode::Update),
         Op::Apply(o) => (o, Mode::Apply),
@@ -569,6 +573,36 @@ fn write_one(
         }
     };
     Ok(outcome)
+}
+
+fn set_status(
+    txn: &WriteTransaction,
+    object: Object,
+    revision: &mut u64,
+    events: &mut Vec<WatchEvent>,
+) -> Result<Outcome, StoreError> {
+    let key = key_of(&object)?;
+    let storage_key = key.storage_key();
+    let current =
+        read(txn, &storage_key)?.ok_or_else(|| StoreError::NotFound(Box::new(key.clone())))?;
+    let mut updated = current.clone();
+    match object.body.get("status") {
+        Some(status) => updated.body.insert("status".into(), status.clone()),
+        None => updated.body.remove("status"),
+    };
+    if updated.body == current.body {
+        return Ok(Outcome::Unchanged(current));
+    }
+    *revision += 1;
+    updated.metadata.resource_version = Some(revision.to_string());
+    write(txn, &storage_key, &updated)?;
+    events.push(WatchEvent {
+        event_type: EventType::Modified,
+        object: updated.clone(),
+        revision: *revision,
+        key,
+    });
+    Ok(Outcome::Configured(updated))
 }
 
 /// A write that names a resourceVersion must name the current one.

@@ -238,3 +238,50 @@ fn watch_from_before_restart_is_gone() {
             .is_ok()
     );
 }
+
+#[test]
+fn status_is_set_only_by_set_status_and_kept_by_other_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let key = entry("vm1", "default", "10.0.0.1").key().unwrap();
+    let mut with_status = entry("vm1", "default", "10.0.0.1");
+    with_status.body.insert(
+        "status".into(),
+        json!({"conditions": [{"type": "Healthy"}]}),
+    );
+    // A plain write drops the status it carries.
+    store.commit(vec![Op::Apply(with_status.clone())]).unwrap();
+    assert!(
+        store
+            .get(&key)
+            .unwrap()
+            .unwrap()
+            .body
+            .get("status")
+            .is_none()
+    );
+    // SetStatus sets it, bumps the version, and keeps the generation.
+    let before = store.get(&key).unwrap().unwrap();
+    let out = store
+        .commit(vec![Op::SetStatus(with_status.clone())])
+        .unwrap();
+    assert_eq!(out[0].verb(), "configured");
+    let after = store.get(&key).unwrap().unwrap();
+    assert_eq!(after.body["status"], with_status.body["status"]);
+    assert_ne!(
+        after.metadata.resource_version,
+        before.metadata.resource_version
+    );
+    assert_eq!(after.metadata.generation, before.metadata.generation);
+    // A later write of the spec keeps it.
+    store
+        .commit(vec![Op::Apply(entry("vm1", "default", "10.0.0.2"))])
+        .unwrap();
+    assert_eq!(
+        store.get(&key).unwrap().unwrap().body["status"],
+        with_status.body["status"]
+    );
+    // There must be an object to set a status on.
+    let missing = entry("vm2", "default", "10.0.0.3");
+    assert!(store.commit(vec![Op::SetStatus(missing)]).is_err());
+}

@@ -136,7 +136,7 @@ fn main() {
         "vm-workloads",
         "payment-service-sa",
         "10.46.0.2",
-        &["app=payment-service"],
+        &["--label", "app=payment-service"],
         61,
     );
     client.run(&[
@@ -172,7 +172,7 @@ fn main() {
         "frontend",
         "frontend-sa",
         "10.46.0.1",
-        &["app=frontend"],
+        &["--label", "app=frontend"],
         62,
     );
     let vip_of = |host: &str| {

@@ -62,6 +62,10 @@ pub struct AgentArgs {
     /// Envoy's `--base-id`, so several Envoys can share a host.
     #[arg(long, default_value_t = 0)]
     base_id: u32,
+    /// Register this workload into the WorkloadGroup of that name (Istio's
+    /// `ISTIO_META_AUTO_REGISTER_GROUP`).
+    #[arg(long)]
+    auto_register_group: Option<String>,
     /// State-of-the-world ADS instead of delta.
     #[arg(long)]
     state_of_the_world: bool,
@@ -135,6 +139,11 @@ fn write_bootstrap(args: &AgentArgs, agent: &AgentHandle) -> Result<PathBuf> {
     bootstrap.labels = args.labels.iter().cloned().collect();
     bootstrap.locality = args.locality.as_deref().map(Locality::parse);
     bootstrap.admin.set_port(args.admin_port);
+    if let Some(group) = &args.auto_register_group {
+        bootstrap
+            .extra_metadata
+            .insert("AUTO_REGISTER_GROUP".into(), group.clone().into());
+    }
     if args.state_of_the_world {
         bootstrap.api_type = AdsApiType::Grpc;
     }

@@ -22,6 +22,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             xds_plaintext_addr,
             ca,
             monitoring_addr,
+            auto_registration_grace,
         } => {
             let api_token = match api_token_file {
                 Some(path) => {
@@ -42,6 +43,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                 xds_addr: Some(xds_addr),
                 xds_plaintext_addr,
                 identity: identity_config(*ca),
+                auto_registration_grace,
                 monitoring_addr: Some(monitoring_addr),
                 ..ServerConfig::new(data_dir)
             })

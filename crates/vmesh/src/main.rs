@@ -98,6 +98,9 @@ enum Command {
         /// Readiness and proxy sync status (loopback only).
         #[arg(long, default_value = "127.0.0.1:15014")]
         monitoring_addr: SocketAddr,
+        /// How long an auto-registered WorkloadEntry outlives its VM's last connection.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        auto_registration_grace: std::time::Duration,
     },
     /// Show every connected proxy and whether it runs the latest config.
     ProxyStatus {

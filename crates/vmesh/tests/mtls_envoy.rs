@@ -164,7 +164,7 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
         "vm-workloads",
         "payment-service-sa",
         "10.44.0.2",
-        &["app=payment-service", "version=v1"],
+        &["--label", "app=payment-service", "--label", "version=v1"],
         51,
     );
     // The clients' sidecars: the service range goes to Envoy's 15001.
@@ -204,7 +204,7 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
             namespace,
             account,
             ip,
-            &[&format!("app={namespace}")],
+            &["--label", &format!("app={namespace}")],
             base_id,
         );
     }

@@ -192,6 +192,19 @@ pub trait Authenticator: Send + Sync + 'static {
     ) -> Result<CallerIdentity, Status>;
 }
 
+/// Told when proxies come and go, so that registration can follow them.
+pub trait ProxyLifecycle: Send + Sync + 'static {
+    /// A proxy said who it is on stream `connection`; an error refuses the stream.
+    fn connected(
+        &self,
+        connection: u64,
+        proxy: &Proxy,
+        caller: Option<&CallerIdentity>,
+    ) -> Result<(), Status>;
+    /// The stream of a proxy that `connected` ended.
+    fn disconnected(&self, connection: u64, proxy: &Proxy);
+}
+
 /// The ADS gRPC service.
 #[derive(Clone)]
 pub struct Ads {
@@ -202,6 +215,7 @@ pub struct Ads {
     shutdown: watch::Receiver<bool>,
     /// Every stream must authenticate; without one, the port is trusted (loopback only).
     authenticator: Option<Arc<dyn Authenticator>>,
+    lifecycle: Option<Arc<dyn ProxyLifecycle>>,
 }
 
 impl Ads {
@@ -216,6 +230,15 @@ impl Ads {
             next_connection: Arc::default(),
             shutdown,
             authenticator: None,
+            lifecycle: None,
+        }
+    }
+
+    /// The same service, telling `lifecycle` about every proxy that comes and goes.
+    pub fn with_lifecycle(self, lifecycle: Arc<dyn ProxyLifecycle>) -> Ads {
+        Ads {
+            lifecycle: Some(lifecycle),
+            ..self
         }
     }
 
@@ -238,6 +261,7 @@ struct Session {
     connection: u64,
     /// Who the caller proved to be; `None` on the loopback-only plaintext port.
     caller: Option<CallerIdentity>,
+    lifecycle: Option<Arc<dyn ProxyLifecycle>>,
     proxy: Option<Proxy>,
     resources: Resources,
     nonce: u64,
@@ -258,6 +282,9 @@ impl Session {
             Proxy::from_node(node).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if let Some(caller) = &self.caller {
             caller.admit(&mut proxy)?;
+        }
+        if let Some(lifecycle) = &self.lifecycle {
+            lifecycle.connected(self.connection, &proxy, self.caller.as_ref())?;
         }
         tracing::info!(proxy = %proxy.id, "proxy connected");
         self.status.proxies.lock().insert(
@@ -378,6 +405,9 @@ fn serve<P: Protocol>(
         let session = protocol.session();
         if let Some(proxy) = &session.proxy {
             tracing::info!(proxy = %proxy.id, "proxy disconnected");
+            if let Some(lifecycle) = &session.lifecycle {
+                lifecycle.disconnected(session.connection, proxy);
+            }
         }
         session.status.proxies.lock().remove(&session.connection);
     });
@@ -694,6 +724,7 @@ impl Ads {
                 .next_connection
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             caller,
+            lifecycle: self.lifecycle.clone(),
             proxy: None,
             resources: Resources::default(),
             nonce: 0,

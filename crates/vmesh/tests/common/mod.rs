@@ -37,6 +37,16 @@ pub struct Namespace {
 }
 
 impl Namespace {
+    /// Asks the `index`th process started with [`spawn`](Self::spawn) to stop
+    /// (SIGTERM) and waits for it.
+    pub fn stop(&mut self, index: usize) {
+        let child = &mut self.children[index];
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+
     pub fn create(name: &str) -> Namespace {
         let _ = Command::new("ip").args(["netns", "delete", name]).output();
         let status = Command::new("ip")
@@ -134,7 +144,8 @@ pub fn cli(control: &str, args: &[&str]) -> String {
     String::from_utf8(output.stdout).unwrap()
 }
 
-/// Starts `vmesh agent` (and so Envoy) for a workload in `ns`.
+/// Starts `vmesh agent` (and so Envoy) for a workload in `ns`, with a fresh
+/// token for `namespace/account` and more agent `flags` (`--label k=v`, …).
 #[allow(clippy::too_many_arguments)]
 pub fn start_agent(
     ns: &mut Namespace,
@@ -144,7 +155,7 @@ pub fn start_agent(
     namespace: &str,
     account: &str,
     ip: &str,
-    labels: &[&str],
+    flags: &[&str],
     base_id: u32,
 ) {
     let work = dir.join(format!("agent-{}", ns.name));
@@ -205,9 +216,7 @@ pub fn start_agent(
         "--base-id".into(),
         base_id.to_string(),
     ];
-    for label in labels {
-        args.extend(["--label".to_string(), label.to_string()]);
-    }
+    args.extend(flags.iter().map(|f| f.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     ns.spawn(&args, &dir.join(format!("agent-{}.log", ns.name)));
 }

@@ -1,0 +1,316 @@
+//! WorkloadEntry auto-registration, as Istio does it: a proxy that connects
+//! with `AUTO_REGISTER_GROUP` metadata gets a WorkloadEntry made from that
+//! WorkloadGroup, provided its proven identity is the group's namespace and
+//! service account. When its last stream ends the entry is marked
+//! disconnected and deleted after a grace period, unless it reconnects; a
+//! refusal is written on the group's status for the operator to see.
+//!
+//! This module decides what entries exist; xDS tells it who connects, and the
+//! registry turns entries into endpoints.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use tonic::Status;
+use vmesh_api::kinds::workload_group::WorkloadGroup;
+use vmesh_api::{Object, ObjectKey, ObjectMeta};
+use vmesh_store::{Op, Store};
+use vmesh_xds::ads::{CallerIdentity, ProxyLifecycle};
+use vmesh_xds::node::Proxy;
+
+pub const GROUP_ANNOTATION: &str = "istio.io/autoRegistrationGroup";
+pub const CONTROLLER_ANNOTATION: &str = "istio.io/workloadController";
+pub const CONNECTED_AT_ANNOTATION: &str = "istio.io/connectedAt";
+pub const DISCONNECTED_AT_ANNOTATION: &str = "istio.io/disconnectedAt";
+/// The metadata key naming the group a proxy registers into.
+const GROUP_METADATA: &str = "AUTO_REGISTER_GROUP";
+/// Kubernetes' limit on a name.
+const MAX_NAME: usize = 253;
+
+/// Follows proxies that register themselves.
+pub struct AutoRegistration {
+    store: Arc<Store>,
+    /// This server's name in `istio.io/workloadController`.
+    controller: String,
+    grace: Duration,
+    /// Live streams per entry (namespace, name).
+    streams: Mutex<HashMap<(String, String), HashSet<u64>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn key(plural: &str, group: &str, namespace: &str, name: &str) -> ObjectKey {
+    ObjectKey {
+        group: group.into(),
+        plural: plural.into(),
+        namespace: namespace.into(),
+        name: name.into(),
+    }
+}
+
+fn entry_key(namespace: &str, name: &str) -> ObjectKey {
+    key("workloadentries", "networking.istio.io", namespace, name)
+}
+
+/// Istio's entry name: `<group>-<ip, ':' → '-'>[-<network>]`, kept to 253 characters.
+pub fn entry_name(group: &str, proxy: &Proxy) -> String {
+    let mut name = format!("{group}-{}", proxy.ip.to_string().replace(':', "-"));
+    if let Some(network) = &proxy.network {
+        name = format!("{name}-{network}");
+    }
+    name.truncate(MAX_NAME);
+    name
+}
+
+impl AutoRegistration {
+    /// Must be made inside the runtime that runs the timers.
+    pub fn new(store: Arc<Store>, grace: Duration) -> AutoRegistration {
+        AutoRegistration {
+            store,
+            controller: format!("vmesh-{}", uuid::Uuid::new_v4()),
+            grace,
+            streams: Mutex::default(),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Deletes registered entries nobody holds: on start, every entry another
+    /// (dead) controller made, once its grace period has passed without a reconnect.
+    pub fn sweep_orphans(self: &Arc<Self>) {
+        let objects = match self.store.list_all() {
+            Ok(objects) => objects,
+            Err(e) => {
+                tracing::error!("auto-registration sweep cannot read the store: {e}");
+                return;
+            }
+        };
+        for entry in objects.iter().filter(|o| o.kind == "WorkloadEntry") {
+            let annotations = entry.metadata.annotations.clone().unwrap_or_default();
+            if annotations.contains_key(GROUP_ANNOTATION)
+                && annotations.get(CONTROLLER_ANNOTATION) != Some(&self.controller)
+            {
+                let namespace = entry.metadata.namespace.clone().unwrap_or_default();
+                let name = entry.metadata.name().to_string();
+                self.forget_later(namespace, name);
+            }
+        }
+    }
+
+    fn refuse(&self, proxy: &Proxy, group: &str, message: String) -> Status {
+        tracing::warn!(proxy = %proxy.id, group, "auto-registration refused: {message}");
+        let group_key = key(
+            "workloadgroups",
+            "networking.istio.io",
+            &proxy.namespace,
+            group,
+        );
+        if let Ok(Some(mut object)) = self.store.get(&group_key) {
+            object.body.insert(
+                "status".into(),
+                json!({"conditions": [{
+                    "type": "AutoRegistration",
+                    "status": "False",
+                    "reason": "Refused",
+                    "message": format!("{}: {message}", proxy.id),
+                    "lastTransitionTime": now(),
+                }]}),
+            );
+            if let Err(e) = self.store.commit(vec![Op::SetStatus(object)]) {
+                tracing::error!("cannot record the refusal on WorkloadGroup {group}: {e}");
+            }
+        }
+        Status::permission_denied(format!("auto-registration into {group}: {message}"))
+    }
+
+    /// The entry a proxy registers as, from its group.
+    fn entry_for(
+        &self,
+        proxy: &Proxy,
+        group_name: &str,
+        caller: Option<&CallerIdentity>,
+    ) -> Result<Object, Status> {
+        let group_key = key(
+            "workloadgroups",
+            "networking.istio.io",
+            &proxy.namespace,
+            group_name,
+        );
+        let object = self
+            .store
+            .get(&group_key)
+            .map_err(|e| Status::unavailable(e.to_string()))?
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "WorkloadGroup {}/{group_name} does not exist",
+                    proxy.namespace
+                ))
+            })?;
+        let group: WorkloadGroup = serde_json::from_value(Value::Object(object.body.clone()))
+            .map_err(|e| Status::internal(format!("WorkloadGroup {group_name}: {e}")))?;
+        let account = group
+            .spec
+            .template
+            .service_account
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        if let Some(caller) = caller
+            && (caller.namespace != proxy.namespace || caller.service_account != account)
+        {
+            return Err(self.refuse(
+                proxy,
+                group_name,
+                format!(
+                    "its identity is {}/{} but group {}/{group_name} runs as {}/{account}",
+                    caller.namespace, caller.service_account, proxy.namespace, proxy.namespace
+                ),
+            ));
+        }
+        // Labels: template, then the group's metadata, then what the proxy says.
+        let mut labels: BTreeMap<String, String> =
+            group.spec.template.labels.clone().unwrap_or_default();
+        let metadata = group.spec.metadata.clone().unwrap_or_default();
+        labels.extend(metadata.labels.unwrap_or_default());
+        labels.extend(proxy.labels.clone());
+        let mut annotations = metadata.annotations.unwrap_or_default();
+        annotations.insert(GROUP_ANNOTATION.into(), group_name.into());
+        annotations.insert(CONTROLLER_ANNOTATION.into(), self.controller.clone());
+        annotations.insert(CONNECTED_AT_ANNOTATION.into(), now());
+        let mut spec = group.spec.template.clone();
+        spec.address = Some(proxy.ip.to_string());
+        spec.labels = Some(labels.clone());
+        spec.service_account = Some(account);
+        if proxy.network.is_some() {
+            spec.network = proxy.network.clone();
+        }
+        if proxy.locality.is_some() {
+            spec.locality = proxy.locality.clone();
+        }
+        let mut body = serde_json::Map::new();
+        body.insert(
+            "spec".into(),
+            serde_json::to_value(&spec).map_err(|e| Status::internal(e.to_string()))?,
+        );
+        Ok(Object {
+            api_version: "networking.istio.io/v1".into(),
+            kind: "WorkloadEntry".into(),
+            metadata: ObjectMeta {
+                name: Some(entry_name(group_name, proxy)),
+                namespace: Some(proxy.namespace.clone()),
+                labels: Some(labels),
+                annotations: Some(annotations),
+                ..Default::default()
+            },
+            body,
+        })
+    }
+
+    /// Marks an entry disconnected and deletes it after the grace period,
+    /// unless a stream for it comes back (or it was marked again since).
+    fn forget_later(self: &Arc<Self>, namespace: String, name: String) {
+        let marked = now();
+        let key = entry_key(&namespace, &name);
+        match self.store.get(&key) {
+            Ok(Some(mut entry)) => {
+                entry
+                    .metadata
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(DISCONNECTED_AT_ANNOTATION.into(), marked.clone());
+                if let Err(e) = self.store.commit(vec![Op::Apply(entry)]) {
+                    tracing::error!("cannot mark {namespace}/{name} disconnected: {e}");
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                tracing::error!("cannot read {namespace}/{name}: {e}");
+                return;
+            }
+        }
+        let this = self.clone();
+        self.runtime.spawn(async move {
+            tokio::time::sleep(this.grace).await;
+            let held = this
+                .streams
+                .lock()
+                .get(&(namespace.clone(), name.clone()))
+                .is_some_and(|s| !s.is_empty());
+            // The version read here is the one deleted: a reconnect in between wins.
+            let marked_version = this.store.get(&key).ok().flatten().and_then(|entry| {
+                let annotations = entry.metadata.annotations.as_ref()?;
+                (annotations.get(DISCONNECTED_AT_ANNOTATION) == Some(&marked))
+                    .then(|| entry.metadata.resource_version.clone())
+                    .flatten()
+            });
+            if let (false, Some(version)) = (held, marked_version) {
+                tracing::info!(
+                    "auto-registered {namespace}/{name} gone for {:?}: deleting it",
+                    this.grace
+                );
+                let delete = Op::Delete {
+                    key,
+                    expected: Some(version),
+                };
+                if let Err(e) = this.store.commit(vec![delete]) {
+                    tracing::info!("{namespace}/{name} not deleted: {e}");
+                }
+            }
+        });
+    }
+}
+
+/// The lifecycle hook needs the `Arc` to schedule deletions.
+pub struct Registrar(pub Arc<AutoRegistration>);
+
+impl ProxyLifecycle for Registrar {
+    fn connected(
+        &self,
+        connection: u64,
+        proxy: &Proxy,
+        caller: Option<&CallerIdentity>,
+    ) -> Result<(), Status> {
+        let Some(group) = proxy.metadata.get(GROUP_METADATA).filter(|g| !g.is_empty()) else {
+            return Ok(());
+        };
+        let entry = self.0.entry_for(proxy, group, caller)?;
+        let name = entry.metadata.name().to_string();
+        self.0
+            .store
+            .commit(vec![Op::Apply(entry)])
+            .map_err(|e| Status::unavailable(format!("registering {name}: {e}")))?;
+        tracing::info!(proxy = %proxy.id, "registered WorkloadEntry {}/{name}", proxy.namespace);
+        self.0
+            .streams
+            .lock()
+            .entry((proxy.namespace.clone(), name))
+            .or_default()
+            .insert(connection);
+        Ok(())
+    }
+
+    fn disconnected(&self, connection: u64, proxy: &Proxy) {
+        let Some(group) = proxy.metadata.get(GROUP_METADATA) else {
+            return;
+        };
+        let id = (proxy.namespace.clone(), entry_name(group, proxy));
+        let last = {
+            let mut streams = self.0.streams.lock();
+            let now_empty = streams.get_mut(&id).is_some_and(|s| {
+                s.remove(&connection);
+                s.is_empty()
+            });
+            if now_empty {
+                streams.remove(&id);
+            }
+            now_empty
+        };
+        if last {
+            self.0.forget_later(id.0, id.1);
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! Auto-registration end to end, with real agents and Envoy in network
+//! namespaces of the test's own: a VM whose agent names a WorkloadGroup gets
+//! a WorkloadEntry from it within a second, another VM whose token is for a
+//! different service account is refused (and the refusal shows on the
+//! group), and a stopped VM's entry is deleted after the grace period.
+//!
+//! Needs root, `ip`, `iptables`, `curl` and Envoy; without them it fails, it
+//! never skips.
+
+// Registration time is wall-clock time across processes.
+#![allow(clippy::disallowed_types)]
+
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{Namespace, VMESH, cli, eventually, link, start_agent};
+
+const GROUP: &str = "payment-vms";
+
+/// The WorkloadEntry `name` in vm-workloads, as JSON, if it exists.
+fn entry(control: &str, name: &str) -> Option<serde_json::Value> {
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", control, VMESH])
+        .args(["get", "we", name, "-n", "vm-workloads", "-o", "json"])
+        .output()
+        .unwrap();
+    output
+        .status
+        .success()
+        .then(|| serde_json::from_slice(&output.stdout).unwrap())
+}
+
+#[test]
+fn vms_register_themselves_and_leave_when_they_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = std::process::id();
+    let mut server = Namespace::create(&format!("vmesh-reg-{id}"));
+    let mut vm = Namespace::create(&format!("vmesh-vm1-{id}"));
+    let mut intruder = Namespace::create(&format!("vmesh-vm2-{id}"));
+    link(&vm, "10.47.0.1", &server, "10.47.0.2", &format!("r{id}"));
+    link(
+        &intruder,
+        "10.48.0.1",
+        &server,
+        "10.48.0.2",
+        &format!("i{id}"),
+    );
+    let control = server.name.clone();
+    let control = control.as_str();
+    server.spawn(
+        &[
+            VMESH,
+            "server",
+            "--data-dir",
+            dir.path().join("data").to_str().unwrap(),
+            "--xds-addr",
+            "0.0.0.0:15012",
+            "--auto-registration-grace",
+            "1s",
+        ],
+        &dir.path().join("server.log"),
+    );
+    eventually("the server", || {
+        server
+            .command(&[VMESH, "get", "ns"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+            .then_some(())
+    });
+    cli(control, &["create", "namespace", "vm-workloads"]);
+    let group = dir.path().join("group.yaml");
+    std::fs::write(
+        &group,
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {{name: {GROUP}, namespace: vm-workloads}}\n\
+             spec:\n  metadata:\n    labels: {{app: payment-service, class: vm}}\n    annotations: {{team: payments}}\n  \
+             template:\n    serviceAccount: payment-service-sa\n    ports: {{http: 8080}}\n"
+        ),
+    )
+    .unwrap();
+    cli(control, &["apply", "-f", group.to_str().unwrap()]);
+
+    // A VM joins: its entry appears within a second of its agent starting.
+    let started = Instant::now();
+    start_agent(
+        &mut vm,
+        control,
+        dir.path(),
+        "10.47.0.2:15012",
+        "vm-workloads",
+        "payment-service-sa",
+        "10.47.0.1",
+        &["--auto-register-group", GROUP, "--label", "version=v1"],
+        71,
+    );
+    let name = format!("{GROUP}-10.47.0.1");
+    let registered = eventually("the VM's WorkloadEntry", || entry(control, &name));
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "registered after {took:?}");
+    let spec = &registered["spec"];
+    assert_eq!(spec["address"], "10.47.0.1");
+    assert_eq!(spec["serviceAccount"], "payment-service-sa");
+    assert_eq!(spec["ports"]["http"], 8080);
+    let labels = &registered["metadata"]["labels"];
+    assert_eq!(
+        (&labels["app"], &labels["class"], &labels["version"]),
+        (
+            &serde_json::json!("payment-service"),
+            &serde_json::json!("vm"),
+            &serde_json::json!("v1")
+        ),
+        "labels from the group and from the VM"
+    );
+    let annotations = &registered["metadata"]["annotations"];
+    assert_eq!(annotations["istio.io/autoRegistrationGroup"], GROUP);
+    assert_eq!(annotations["team"], "payments");
+    assert!(annotations["istio.io/connectedAt"].is_string());
+
+    // A VM with a token for another service account may not join this group.
+    start_agent(
+        &mut intruder,
+        control,
+        dir.path(),
+        "10.48.0.2:15012",
+        "vm-workloads",
+        "intruder-sa",
+        "10.48.0.1",
+        &["--auto-register-group", GROUP],
+        72,
+    );
+    let refusal = eventually("the refusal on the group's status", || {
+        let output = std::process::Command::new("ip")
+            .args(["netns", "exec", control, VMESH])
+            .args(["get", "wg", GROUP, "-n", "vm-workloads", "-o", "json"])
+            .output()
+            .unwrap();
+        let group: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        let condition = group["status"]["conditions"][0].clone();
+        (condition["reason"] == "Refused").then_some(condition)
+    });
+    let message = refusal["message"].as_str().unwrap();
+    assert!(
+        message.contains("vm-workloads/intruder-sa") && message.contains("payment-service-sa"),
+        "{message}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        entry(control, &format!("{GROUP}-10.48.0.1")).is_none(),
+        "no entry for the refused VM"
+    );
+
+    // The VM stops: its entry is marked, then gone after the 1 s grace period.
+    vm.stop(0);
+    eventually("the entry marked disconnected", || {
+        let entry = entry(control, &name)?;
+        entry["metadata"]["annotations"]["istio.io/disconnectedAt"]
+            .is_string()
+            .then_some(())
+    });
+    eventually("the entry deleted after the grace period", || {
+        entry(control, &name).is_none().then_some(())
+    });
+}

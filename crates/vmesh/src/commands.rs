@@ -184,6 +184,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Demo { keep, down } => crate::demo::run(keep, down).await,
         Command::Agent(args) => crate::agent::run(*args).await,
+        Command::Workload(args) => crate::onboarding::run(args).await,
         Command::Load(args) => crate::load::run(args).await,
         Command::DemoApp {
             addr,

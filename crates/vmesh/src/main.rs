@@ -10,6 +10,7 @@ mod demo;
 mod demo_app;
 mod load;
 mod manifests;
+mod onboarding;
 mod output;
 
 use std::net::SocketAddr;
@@ -186,6 +187,8 @@ enum Command {
     },
     /// Run beside Envoy on a workload: its certificate, SDS and xDS, and Envoy itself.
     Agent(Box<agent::AgentArgs>),
+    /// Onboarding VMs: WorkloadGroups and the files one VM needs (istioctl x workload).
+    Workload(onboarding::WorkloadArgs),
     /// Bootstrap tokens for workloads (audience istio-ca).
     Token {
         #[command(subcommand)]

@@ -1,0 +1,753 @@
+//! Onboarding, as `istioctl x workload …` does it:
+//!
+//! - `vmesh workload group create` prints a WorkloadGroup for `vmesh apply -f -`;
+//! - `vmesh workload entry configure` writes what one VM of a group needs into
+//!   a directory: Istio's `cluster.env`, `mesh.yaml`, `istio-token`,
+//!   `root-cert.pem` and `hosts`, and vmesh's `vmesh-agent.service` and
+//!   `install.sh`, which places them at Istio's paths on the VM.
+//!
+//! What the files say is [`render`]'s; this module reads the group, the mesh
+//! settings, a token and the mesh root from the server and writes the files.
+
+mod render;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde_json::{Map, Value, json};
+use vmesh_api::kinds::istio_operator::IstioOperatorSpec;
+use vmesh_api::kinds::workload_group::{self, WorkloadGroupSpec};
+
+use crate::Connection;
+use render::{DEFAULT_CLUSTER_ID, Onboarding, istiod_host, with_port};
+
+/// The annotation whose YAML ProxyConfig is merged into `defaultConfig`.
+const PROXY_CONFIG_ANNOTATION: &str = "proxy.istio.io/config";
+/// Istio's ConfigMap with the mesh root, in every namespace.
+const ROOT_CONFIG_MAP: &str = "istio-ca-root-cert";
+const ROOT_CERT_KEY: &str = "root-cert.pem";
+/// How long `configure` waits for the server to publish the mesh root in a new namespace.
+const ROOT_CERT_WAIT: Duration = Duration::from_secs(5);
+
+/// The files `configure` writes, their modes, and where install.sh puts them.
+const FILES: &[(&str, u32, &str)] = &[
+    ("cluster.env", 0o644, "/var/lib/istio/envoy/cluster.env"),
+    ("mesh.yaml", 0o644, "/etc/istio/config/mesh"),
+    (
+        "istio-token",
+        0o600,
+        "/var/run/secrets/tokens/istio-token (kept in /var/lib/istio/tokens/)",
+    ),
+    ("root-cert.pem", 0o644, "/etc/certs/root-cert.pem"),
+    ("hosts", 0o644, "added to /etc/hosts"),
+    (
+        "vmesh-agent.service",
+        0o644,
+        "/etc/systemd/system/vmesh-agent.service",
+    ),
+    ("install.sh", 0o755, "run on the VM: sudo sh install.sh"),
+];
+
+const INSTALL_SH: &str = include_str!("onboarding/install.sh");
+const AGENT_UNIT: &str = include_str!("onboarding/vmesh-agent.service");
+
+/// `vmesh workload …`
+#[derive(Debug, clap::Args)]
+pub struct WorkloadArgs {
+    #[command(subcommand)]
+    what: WorkloadCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkloadCommand {
+    /// WorkloadGroups: the template the VMs of one kind are onboarded from.
+    Group {
+        #[command(subcommand)]
+        what: GroupCommand,
+    },
+    /// One VM of a WorkloadGroup.
+    Entry {
+        #[command(subcommand)]
+        what: EntryCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Print a WorkloadGroup (apply it with `vmesh apply -f -`).
+    Create(GroupCreateArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum EntryCommand {
+    /// Write the files that bring one VM of a WorkloadGroup into the mesh.
+    Configure(Box<ConfigureArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct GroupCreateArgs {
+    /// The group's name.
+    #[arg(long)]
+    name: String,
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// Labels of the group's workloads, `k=v,k2=v2`; repeatable.
+    #[arg(short = 'l', long, value_delimiter = ',', value_parser = parse_key_value)]
+    labels: Vec<(String, String)>,
+    /// Annotations of the group's workloads, `k=v,k2=v2`; repeatable.
+    #[arg(short = 'a', long, value_delimiter = ',', value_parser = parse_key_value)]
+    annotations: Vec<(String, String)>,
+    /// Ports the workloads serve, `name=port,…`; repeatable.
+    #[arg(short = 'p', long, value_delimiter = ',', value_parser = parse_port)]
+    ports: Vec<(String, u32)>,
+    /// The identity of the group's workloads.
+    #[arg(
+        short = 's',
+        long = "serviceAccount",
+        alias = "service-account",
+        default_value = "default"
+    )]
+    service_account: String,
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigureArgs {
+    /// A WorkloadGroup manifest (`-` for standard input) instead of the server's.
+    #[arg(
+        short = 'f',
+        long = "file",
+        conflicts_with = "name",
+        required_unless_present = "name"
+    )]
+    file: Option<String>,
+    /// The WorkloadGroup on the server.
+    #[arg(long)]
+    name: Option<String>,
+    /// The group's namespace (with -f: for a manifest that names none).
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// The directory to write the files into (created if missing).
+    #[arg(short = 'o', long = "output")]
+    output: PathBuf,
+    /// The control plane's cluster (default: the mesh's clusterName, else Kubernetes).
+    #[arg(long = "clusterID", alias = "cluster-id")]
+    cluster_id: Option<String>,
+    /// The VM's network (default: the group template's).
+    #[arg(long)]
+    network: Option<String>,
+    /// The gateway's (or server's) IP: `hosts` maps istiod.istio-system.svc to it.
+    #[arg(
+        long = "ingressIP",
+        alias = "ingress-ip",
+        conflicts_with = "ingress_host"
+    )]
+    ingress_ip: Option<IpAddr>,
+    /// The gateway's (or server's) host name, `host[:port]`: the VM dials it
+    /// directly (the server's xDS certificate must name it: `vmesh server --xds-san`).
+    #[arg(long = "ingressHost", alias = "ingress-host")]
+    ingress_host: Option<String>,
+    /// The VM registers itself (a WorkloadEntry appears when it connects).
+    #[arg(long)]
+    autoregister: bool,
+    /// The bootstrap token's life: `1h`, `30m`, or seconds as istioctl takes them.
+    #[arg(long = "tokenDuration", alias = "token-duration", default_value = "1h", value_parser = parse_duration)]
+    token_duration: Duration,
+    /// DNS capture by the agent (`--capture-dns=false` to turn off; default: the mesh's, else on).
+    #[arg(long = "capture-dns", num_args = 0..=1, default_missing_value = "true")]
+    capture_dns: Option<bool>,
+    /// The control plane revision: its address is istiod-<revision>.istio-system.svc.
+    #[arg(long)]
+    revision: Option<String>,
+    /// The identity, for a group whose template names none (must agree if it does).
+    #[arg(long = "serviceAccount", alias = "service-account")]
+    service_account: Option<String>,
+    /// The mesh's trust domain (default: the mesh configuration's, else cluster.local).
+    #[arg(long = "trustDomain", alias = "trust-domain")]
+    trust_domain: Option<String>,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{text:?} is not key=value")),
+    }
+}
+
+fn parse_port(text: &str) -> Result<(String, u32), String> {
+    let (name, port) = parse_key_value(text).map_err(|_| format!("{text:?} is not name=port"))?;
+    match port.parse::<u32>() {
+        Ok(p) if (1..=65535).contains(&p) => Ok((name, p)),
+        _ => Err(format!(
+            "port {port:?} of {name:?} is not a number from 1 to 65535"
+        )),
+    }
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(text).map_err(|e| format!("{text:?}: {e}"))?,
+    };
+    if duration.as_secs() == 0 {
+        return Err("the token must live at least a second".into());
+    }
+    Ok(duration)
+}
+
+pub async fn run(args: WorkloadArgs) -> Result<ExitCode> {
+    match args.what {
+        WorkloadCommand::Group {
+            what: GroupCommand::Create(args),
+        } => group_create(args),
+        WorkloadCommand::Entry {
+            what: EntryCommand::Configure(args),
+        } => configure(*args).await,
+    }
+}
+
+/// The WorkloadGroup `group create` prints, as istioctl shapes it.
+fn group_manifest(args: &GroupCreateArgs) -> Value {
+    let map = |pairs: &[(String, String)]| -> BTreeMap<String, String> {
+        pairs.iter().cloned().collect()
+    };
+    let mut meta = Map::new();
+    if !args.labels.is_empty() {
+        meta.insert("labels".into(), json!(map(&args.labels)));
+    }
+    if !args.annotations.is_empty() {
+        meta.insert("annotations".into(), json!(map(&args.annotations)));
+    }
+    let mut template = Map::new();
+    template.insert("serviceAccount".into(), json!(args.service_account));
+    if !args.ports.is_empty() {
+        let ports: BTreeMap<&str, u32> = args.ports.iter().map(|(n, p)| (n.as_str(), *p)).collect();
+        template.insert("ports".into(), json!(ports));
+    }
+    let mut spec = Map::new();
+    if !meta.is_empty() {
+        spec.insert("metadata".into(), Value::Object(meta));
+    }
+    spec.insert("template".into(), Value::Object(template));
+    json!({
+        "apiVersion": workload_group::KIND.preferred_api_version(),
+        "kind": workload_group::KIND.kind,
+        "metadata": {"name": args.name, "namespace": args.namespace},
+        "spec": spec,
+    })
+}
+
+fn group_create(args: GroupCreateArgs) -> Result<ExitCode> {
+    let yaml = serde_saphyr::to_string(&group_manifest(&args))?;
+    // What we print must be what `vmesh apply` takes.
+    let decoded = vmesh_api::decode_manifests("workload group create", &yaml);
+    if decoded.has_errors() {
+        for problem in &decoded.problems {
+            eprintln!("{problem}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    print!("{yaml}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The config API, with "not found" told apart from failure.
+struct Api {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Api {
+    fn new(connection: &Connection) -> Result<Api> {
+        Ok(Api {
+            base: connection.server.trim_end_matches('/').to_string(),
+            token: connection.token.clone(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(60))
+                .build()?,
+        })
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> Result<Option<Value>> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request.send().await.with_context(|| {
+            format!(
+                "{what}: cannot reach the vmesh server at {} (set VMESH_SERVER or --server)",
+                self.base
+            )
+        })?;
+        let code = response.status();
+        if code == reqwest::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let text = response
+            .text()
+            .await
+            .with_context(|| format!("{what}: reading the server's answer ({code})"))?;
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !code.is_success() {
+            let message = body["message"]
+                .as_str()
+                .or(body.as_str())
+                .unwrap_or("no message");
+            bail!(
+                "{what}: the vmesh server at {} answered {code}: {message}",
+                self.base
+            );
+        }
+        Ok(Some(body))
+    }
+
+    async fn get(&self, path: &str, what: &str) -> Result<Option<Value>> {
+        self.send(self.http.get(format!("{}{path}", self.base)), what)
+            .await
+    }
+
+    async fn post(&self, path: &str, body: &Value, what: &str) -> Result<Option<Value>> {
+        self.send(
+            self.http.post(format!("{}{path}", self.base)).json(body),
+            what,
+        )
+        .await
+    }
+}
+
+/// A WorkloadGroup as configure uses it.
+struct Group {
+    name: String,
+    namespace: String,
+    annotations: BTreeMap<String, String>,
+    spec: WorkloadGroupSpec,
+}
+
+impl Group {
+    fn from_object(object: &Value) -> Result<Group> {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        let namespace = object["metadata"]["namespace"].as_str().unwrap_or_default();
+        let spec = serde_json::from_value(object["spec"].clone())
+            .with_context(|| format!("WorkloadGroup {namespace}/{name}: unreadable spec"))?;
+        let annotations =
+            serde_json::from_value(object["metadata"]["annotations"].clone()).unwrap_or_default();
+        Ok(Group {
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            annotations,
+            spec,
+        })
+    }
+}
+
+/// The group named by -f.
+fn group_from_file(file: &str, namespace: &str) -> Result<Group> {
+    let sources = crate::manifests::read_sources(&[file.to_string()])?;
+    let decoded = vmesh_api::decode::decode_sources(
+        sources.iter().map(|(n, t)| (n.as_str(), t.as_str())),
+        namespace,
+    );
+    if decoded.has_errors() {
+        for problem in &decoded.problems {
+            eprintln!("{problem}");
+        }
+        bail!("{file}: not a valid manifest");
+    }
+    let groups: Vec<_> = decoded
+        .objects
+        .iter()
+        .filter(|l| l.object.kind == workload_group::KIND.kind)
+        .collect();
+    match groups.as_slice() {
+        [one] => Group::from_object(&serde_json::to_value(&one.object)?),
+        [] => bail!("{file}: no WorkloadGroup in it"),
+        many => bail!(
+            "{file}: {} WorkloadGroups in it; give a file with one",
+            many.len()
+        ),
+    }
+}
+
+/// The mesh settings configure takes from the server's IstioOperators.
+#[derive(Default)]
+struct MeshSettings {
+    trust_domain: Option<String>,
+    mesh_id: Option<String>,
+    cluster_name: Option<String>,
+    default_config: Map<String, Value>,
+}
+
+async fn mesh_settings(api: &Api, revision: Option<&str>) -> Result<MeshSettings> {
+    let info = &vmesh_api::kinds::istio_operator::KIND;
+    let listed = api
+        .get(
+            &info.path(None, None),
+            "reading the mesh configuration (IstioOperator)",
+        )
+        .await?
+        .unwrap_or_default();
+    let mut operators: Vec<&Value> = listed["items"].as_array().into_iter().flatten().collect();
+    // istio-system's first, then by name: the first that says something wins.
+    operators.sort_by_key(|o| {
+        (
+            o["metadata"]["namespace"].as_str() != Some(render::ISTIOD_NAMESPACE),
+            o["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        )
+    });
+    let wanted = revision.filter(|r| !r.is_empty() && *r != "default");
+    let mut settings = MeshSettings::default();
+    for operator in operators {
+        let Ok(spec) = serde_json::from_value::<IstioOperatorSpec>(operator["spec"].clone()) else {
+            continue;
+        };
+        if spec
+            .revision
+            .as_deref()
+            .filter(|r| !r.is_empty() && *r != "default")
+            != wanted
+        {
+            continue;
+        }
+        let mesh = spec.mesh_config.unwrap_or_default();
+        let global = spec.values.and_then(|v| v.global).unwrap_or_default();
+        let default_config = mesh.default_config.unwrap_or_default();
+        settings.trust_domain = settings.trust_domain.or(mesh.trust_domain);
+        settings.mesh_id = settings
+            .mesh_id
+            .or(default_config.mesh_id.clone())
+            .or(global.mesh_id);
+        settings.cluster_name = settings
+            .cluster_name
+            .or(global.multi_cluster.and_then(|m| m.cluster_name));
+        if settings.default_config.is_empty()
+            && let Value::Object(config) = serde_json::to_value(&default_config)?
+        {
+            settings.default_config = config;
+        }
+    }
+    Ok(settings)
+}
+
+/// Merges `overlay` into `base`, objects key by key.
+fn merge(base: &mut Map<String, Value>, overlay: Map<String, Value>) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(Value::Object(inner)), Value::Object(over)) => merge(inner, over),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
+    let api = Api::new(&args.connection)?;
+    let group = match &args.file {
+        Some(file) => group_from_file(file, &args.namespace)?,
+        None => {
+            let name = args.name.as_deref().unwrap_or_default();
+            ensure_namespace(&api, &args.namespace).await?;
+            let what = format!("reading WorkloadGroup {}/{name}", args.namespace);
+            let path = workload_group::KIND.path(Some(&args.namespace), Some(name));
+            let Some(object) = api.get(&path, &what).await? else {
+                bail!(
+                    "WorkloadGroup {}/{name} not found on the vmesh server at {}: create it first \
+                     (vmesh workload group create --name {name} -n {} … | vmesh apply -f -)",
+                    args.namespace,
+                    api.base,
+                    args.namespace
+                );
+            };
+            Group::from_object(&object)?
+        }
+    };
+    if args.file.is_some() {
+        ensure_namespace(&api, &group.namespace).await?;
+    }
+    let display = format!("WorkloadGroup {}/{}", group.namespace, group.name);
+
+    let service_account = match (
+        group.spec.template.service_account.as_deref(),
+        args.service_account.as_deref(),
+    ) {
+        (Some(ours), Some(theirs)) if ours != theirs => {
+            bail!("--serviceAccount {theirs} disagrees with {display}, whose workloads are {ours}")
+        }
+        (Some(sa), _) | (None, Some(sa)) => sa.to_string(),
+        (None, None) => "default".to_string(),
+    };
+
+    let mesh = mesh_settings(&api, args.revision.as_deref()).await?;
+    let mut proxy_config = mesh.default_config.clone();
+    let spec_annotations = group
+        .spec
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    for annotations in [&group.annotations, &spec_annotations] {
+        if let Some(text) = annotations.get(PROXY_CONFIG_ANNOTATION) {
+            let overlay: Value = serde_saphyr::from_str(text).with_context(|| {
+                format!("{display}: annotation {PROXY_CONFIG_ANNOTATION} is not YAML")
+            })?;
+            let Value::Object(overlay) = overlay else {
+                bail!("{display}: annotation {PROXY_CONFIG_ANNOTATION} is not a ProxyConfig map");
+            };
+            merge(&mut proxy_config, overlay);
+        }
+    }
+
+    let mut labels = group
+        .spec
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .unwrap_or_default();
+    if let Some(template_labels) = &group.spec.template.labels {
+        eprintln!(
+            "warning: {display}: labels belong in spec.metadata; the template's override them: {template_labels:?}"
+        );
+        labels.extend(template_labels.clone());
+    }
+
+    let template_network = group.spec.template.network.clone().unwrap_or_default();
+    let network = match &args.network {
+        Some(network) => {
+            if !template_network.is_empty() && *network != template_network {
+                eprintln!(
+                    "warning: --network {network} differs from {display}'s network {template_network}"
+                );
+            }
+            network.clone()
+        }
+        None => template_network,
+    };
+
+    let trust_domain = args
+        .trust_domain
+        .clone()
+        .or(mesh.trust_domain.clone())
+        .unwrap_or_else(|| "cluster.local".into());
+    let discovery_address = match &args.ingress_host {
+        Some(host) => {
+            let host = host.trim();
+            if host.is_empty()
+                || host.contains(|c: char| c.is_whitespace() || c == '\'' || c == '/')
+            {
+                bail!("--ingressHost {host:?} is not a host name");
+            }
+            with_port(host)
+        }
+        None => proxy_config
+            .get("discoveryAddress")
+            .and_then(Value::as_str)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .unwrap_or_else(|| with_port(&istiod_host(args.revision.as_deref()))),
+    };
+    let dns_capture = args.capture_dns.unwrap_or_else(|| {
+        proxy_config
+            .get("proxyMetadata")
+            .and_then(|m| m.get("ISTIO_META_DNS_CAPTURE"))
+            .and_then(Value::as_str)
+            .is_none_or(|v| v == "true")
+    });
+    let onboarding = Onboarding {
+        group: group.name.clone(),
+        namespace: group.namespace.clone(),
+        service_account: service_account.clone(),
+        labels,
+        ports: group.spec.template.ports.clone().unwrap_or_default(),
+        network,
+        cluster_id: args
+            .cluster_id
+            .clone()
+            .or(mesh.cluster_name.clone())
+            .unwrap_or_else(|| DEFAULT_CLUSTER_ID.into()),
+        mesh_id: mesh.mesh_id.clone().unwrap_or_else(|| trust_domain.clone()),
+        trust_domain,
+        discovery_address,
+        autoregister: args.autoregister,
+        dns_capture,
+        probe: group
+            .spec
+            .probe
+            .as_ref()
+            .map(serde_json::to_value)
+            .transpose()?,
+        proxy_config,
+        ingress_ip: args.ingress_ip,
+    };
+    if args.ingress_ip.is_some() && onboarding.hosts().is_empty() {
+        eprintln!(
+            "warning: the discovery address {} is an IP: --ingressIP adds nothing to hosts",
+            onboarding.discovery_address
+        );
+    }
+
+    // Everything from the server before anything is written, so a failure
+    // leaves the directory as it was.
+    warn_missing_service_account(&api, &group.namespace, &service_account).await;
+    let root_cert = root_cert(&api, &group.namespace).await?;
+    let (token, expires) = issue_token(
+        &api,
+        &group.namespace,
+        &service_account,
+        args.token_duration,
+    )
+    .await?;
+
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("cluster.env", onboarding.cluster_env().into_bytes()),
+        ("mesh.yaml", onboarding.mesh_yaml()?.into_bytes()),
+        ("istio-token", token.into_bytes()),
+        ("root-cert.pem", root_cert.into_bytes()),
+        ("hosts", onboarding.hosts().into_bytes()),
+        ("vmesh-agent.service", AGENT_UNIT.as_bytes().to_vec()),
+        ("install.sh", INSTALL_SH.as_bytes().to_vec()),
+    ];
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("creating {}", args.output.display()))?;
+    for (name, contents) in &files {
+        let mode = FILES
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map_or(0o644, |(_, mode, _)| *mode);
+        write_file(&args.output, name, contents, mode)?;
+    }
+
+    let dir = args.output.display().to_string();
+    let dir = dir.trim_end_matches('/');
+    println!("{display}: onboarding files written to {dir}/");
+    for (name, mode, place) in FILES {
+        println!("  {name:<20} {mode:04o}  {place}");
+    }
+    println!(
+        "identity {}/{service_account}, token valid until {expires}{}",
+        group.namespace,
+        if args.autoregister {
+            "; the VM registers itself when it connects"
+        } else {
+            ""
+        }
+    );
+    println!("copy {dir} to the VM and run there: sudo sh install.sh");
+    if let Some(host) = &args.ingress_host {
+        println!(
+            "the VM dials {}: the server's xDS certificate must name {} (vmesh server --xds-san {})",
+            onboarding.discovery_address,
+            render::host_of(&onboarding.discovery_address),
+            render::host_of(host.trim())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn ensure_namespace(api: &Api, namespace: &str) -> Result<()> {
+    let what = format!("reading namespace {namespace}");
+    if api
+        .get(&format!("/api/v1/namespaces/{namespace}"), &what)
+        .await?
+        .is_none()
+    {
+        bail!(
+            "namespace {namespace} does not exist on the vmesh server at {} (vmesh create namespace {namespace})",
+            api.base
+        );
+    }
+    Ok(())
+}
+
+async fn warn_missing_service_account(api: &Api, namespace: &str, account: &str) {
+    let path = format!("/api/v1/namespaces/{namespace}/serviceaccounts/{account}");
+    if let Ok(None) = api.get(&path, "reading the service account").await {
+        eprintln!(
+            "warning: ServiceAccount {namespace}/{account} does not exist; the token is issued for it anyway"
+        );
+    }
+}
+
+/// `root-cert.pem` of the namespace's `istio-ca-root-cert`, waiting a little
+/// for a namespace the server has not published the root to yet.
+async fn root_cert(api: &Api, namespace: &str) -> Result<String> {
+    let what = format!("reading ConfigMap {namespace}/{ROOT_CONFIG_MAP}");
+    let path = format!("/api/v1/namespaces/{namespace}/configmaps/{ROOT_CONFIG_MAP}");
+    let deadline = tokio::time::Instant::now() + ROOT_CERT_WAIT;
+    loop {
+        if let Some(map) = api.get(&path, &what).await? {
+            let pem = map["data"][ROOT_CERT_KEY].as_str().unwrap_or_default();
+            if !pem.contains("BEGIN CERTIFICATE") {
+                bail!(
+                    "ConfigMap {namespace}/{ROOT_CONFIG_MAP} holds no certificate under {ROOT_CERT_KEY}"
+                );
+            }
+            return Ok(pem.to_string());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "ConfigMap {namespace}/{ROOT_CONFIG_MAP} not found on the vmesh server at {}: \
+                 the server publishes the mesh root to every namespace; is it running its CA?",
+                api.base
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A bootstrap token (audience istio-ca) and when it expires.
+async fn issue_token(
+    api: &Api,
+    namespace: &str,
+    account: &str,
+    life: Duration,
+) -> Result<(String, String)> {
+    let what = format!("issuing a token for ServiceAccount {namespace}/{account}");
+    let issued = api
+        .post(
+            &format!("/apis/vmesh.io/v1/namespaces/{namespace}/serviceaccounts/{account}/token"),
+            &json!({"durationSeconds": life.as_secs()}),
+            &what,
+        )
+        .await?
+        .with_context(|| format!("{what}: the server has no token API (404)"))?;
+    let token = issued["token"]
+        .as_str()
+        .filter(|t| t.split('.').count() == 3)
+        .with_context(|| format!("{what}: the server's answer carries no token"))?;
+    let expires = issued["expires"].as_str().unwrap_or("?").to_string();
+    Ok((token.to_string(), expires))
+}
+
+/// Writes `dir/name` with `mode` through a temporary file and a rename, so
+/// the file never exists with looser permissions or half written.
+fn write_file(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let path = dir.join(name);
+    let temporary = dir.join(format!(".{name}.vmesh-new"));
+    let _ = std::fs::remove_file(&temporary);
+    let write = || -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&temporary)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        // The umask may have taken bits away at creation.
+        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&temporary, &path)
+    };
+    write().with_context(|| format!("writing {}", path.display()))
+}

@@ -1,0 +1,679 @@
+//! Onboarding with the real binary against a real `vmesh server`:
+//! `workload group create` → `apply` → `workload entry configure`, every
+//! file's content and mode, and `install.sh` run under a `ROOT` prefix.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+use vmesh_api::testing::seed_dir;
+
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
+const NS: &str = "vm-workloads";
+const GROUP: &str = "billing";
+const SA: &str = "billing-sa";
+
+/// A `vmesh server` on free loopback ports, killed on drop. Its stdout stays
+/// open (held here) for as long as it runs.
+struct Server {
+    child: Child,
+    url: String,
+    _stdout: BufReader<ChildStdout>,
+    _data: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let data = tempfile::tempdir().unwrap();
+        let mut child = Command::new(VMESH)
+            .args(["server", "--data-dir"])
+            .arg(data.path())
+            .args([
+                "--api-addr",
+                "127.0.0.1:0",
+                "--monitoring-addr",
+                "127.0.0.1:0",
+                "--xds-addr",
+                "127.0.0.1:0",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let url = line.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(
+            url.starts_with("http://127.0.0.1:"),
+            "unexpected first line {line:?}"
+        );
+        Server {
+            child,
+            url,
+            _stdout: stdout,
+            _data: data,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(VMESH);
+        command
+            .args(args)
+            .env("VMESH_SERVER", &self.url)
+            .env_remove("VMESH_TOKEN");
+        command
+    }
+
+    fn vmesh(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn vmesh_with_input(&self, args: &[&str], input: &str) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn assert_ok(output: &Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what} failed:\nstdout: {}\nstderr: {}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `cluster.env` as a map, after checking every line is `KEY='value'` and the lines are sorted.
+fn cluster_env(dir: &Path) -> BTreeMap<String, String> {
+    let env = read(&dir.join("cluster.env"));
+    let lines: Vec<&str> = env.lines().collect();
+    let mut sorted = lines.clone();
+    sorted.sort();
+    assert_eq!(lines, sorted, "cluster.env is not sorted");
+    lines
+        .iter()
+        .map(|line| {
+            let (key, value) = line.split_once('=').unwrap();
+            let value = value
+                .strip_prefix('\'')
+                .and_then(|v| v.strip_suffix('\''))
+                .unwrap_or_else(|| panic!("{line:?} is not KEY='value'"));
+            (key.to_string(), value.to_string())
+        })
+        .collect()
+}
+
+fn mesh_yaml(dir: &Path) -> Value {
+    serde_saphyr::from_str(&read(&dir.join("mesh.yaml"))).unwrap()
+}
+
+fn base64url_decode(input: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => (c - b'A') as u32,
+            b'a'..=b'z' => (c - b'a' + 26) as u32,
+            b'0'..=b'9' => (c - b'0' + 52) as u32,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => panic!("not base64url: {c}"),
+        }
+    };
+    let mut out = Vec::new();
+    let (mut bits, mut count) = (0u32, 0);
+    for c in input.bytes().filter(|c| *c != b'=') {
+        bits = (bits << 6) | value(c);
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+            bits &= (1 << count) - 1;
+        }
+    }
+    out
+}
+
+/// The claims of the JWT in `istio-token`.
+fn token_claims(dir: &Path) -> Value {
+    let token = read(&dir.join("istio-token"));
+    let parts: Vec<&str> = token.trim().split('.').collect();
+    assert_eq!(parts.len(), 3, "istio-token is not a JWT: {token}");
+    serde_json::from_slice(&base64url_decode(parts[1])).unwrap()
+}
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+const FILES: [(&str, u32); 7] = [
+    ("cluster.env", 0o644),
+    ("mesh.yaml", 0o644),
+    ("istio-token", 0o600),
+    ("root-cert.pem", 0o644),
+    ("hosts", 0o644),
+    ("vmesh-agent.service", 0o644),
+    ("install.sh", 0o755),
+];
+
+fn assert_files_and_modes(dir: &Path) {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    let mut expected: Vec<String> = FILES.iter().map(|(n, _)| n.to_string()).collect();
+    expected.sort();
+    assert_eq!(names, expected, "files in {}", dir.display());
+    for (name, expected) in FILES {
+        assert_eq!(
+            mode(&dir.join(name)),
+            expected,
+            "{name} has mode {:o}",
+            mode(&dir.join(name))
+        );
+    }
+}
+
+/// The keys `mesh.yaml`'s proxyMetadata and `cluster.env` share.
+const METADATA_KEYS: [&str; 11] = [
+    "CANONICAL_SERVICE",
+    "CANONICAL_REVISION",
+    "POD_NAMESPACE",
+    "SERVICE_ACCOUNT",
+    "TRUST_DOMAIN",
+    "ISTIO_META_CLUSTER_ID",
+    "ISTIO_META_MESH_ID",
+    "ISTIO_META_NETWORK",
+    "ISTIO_META_WORKLOAD_NAME",
+    "ISTIO_METAJSON_LABELS",
+    "ISTIO_META_DNS_CAPTURE",
+];
+
+fn run_install(files: &Path, root: &Path) -> Output {
+    Command::new("sh")
+        .arg(files.join("install.sh"))
+        .env("ROOT", root)
+        .output()
+        .unwrap()
+}
+
+fn is_root() -> bool {
+    let output = Command::new("id").arg("-u").output().unwrap();
+    text(&output.stdout).trim() == "0"
+}
+
+#[test]
+fn group_create_apply_configure_and_install() {
+    let server = Server::start();
+    assert_ok(
+        &server.vmesh(&["create", "namespace", NS]),
+        "create namespace",
+    );
+
+    // `workload group create` prints a group `vmesh apply -f -` takes.
+    let created = server.vmesh(&[
+        "workload",
+        "group",
+        "create",
+        "--name",
+        GROUP,
+        "-n",
+        NS,
+        "--labels",
+        "app=billing,version=v2",
+        "--labels",
+        "class=vm",
+        "--annotations",
+        "team=payments",
+        "--serviceAccount",
+        SA,
+        "--ports",
+        "http=8080,grpc=9090",
+    ]);
+    assert_ok(&created, "workload group create");
+    let yaml = text(&created.stdout);
+    let decoded = vmesh_api::decode_manifests("created", &yaml);
+    assert!(decoded.problems.is_empty(), "{:?}", decoded.problems);
+    assert_eq!(decoded.objects.len(), 1);
+    let object = serde_json::to_value(&decoded.objects[0].object).unwrap();
+    assert_eq!(object["kind"], "WorkloadGroup");
+    assert_eq!(object["metadata"], json!({"name": GROUP, "namespace": NS}));
+    assert_eq!(
+        object["spec"],
+        json!({
+            "metadata": {
+                "labels": {"app": "billing", "class": "vm", "version": "v2"},
+                "annotations": {"team": "payments"},
+            },
+            "template": {"serviceAccount": SA, "ports": {"grpc": 9090, "http": 8080}},
+        })
+    );
+    let applied = server.vmesh_with_input(&["apply", "-f", "-"], &yaml);
+    assert_ok(&applied, "apply -f -");
+    assert_eq!(
+        text(&applied.stdout),
+        format!("workloadgroup.networking.istio.io/{GROUP} created\n")
+    );
+
+    // Without --autoregister, through the gateway's IP.
+    let work = tempfile::tempdir().unwrap();
+    let files = work.path().join("vm-files");
+    let started = now();
+    let configured = server.vmesh(&[
+        "workload",
+        "entry",
+        "configure",
+        "--name",
+        GROUP,
+        "-n",
+        NS,
+        "-o",
+        files.to_str().unwrap(),
+        "--clusterID",
+        "cluster1",
+        "--network",
+        "network1",
+        "--ingressIP",
+        "192.0.2.10",
+        "--tokenDuration",
+        "2h",
+    ]);
+    assert_ok(&configured, "workload entry configure");
+    assert_files_and_modes(&files);
+
+    let env = cluster_env(&files);
+    let labels = r#"{"app":"billing","class":"vm","version":"v2"}"#;
+    let expected: BTreeMap<&str, &str> = BTreeMap::from([
+        ("CANONICAL_SERVICE", "billing"),
+        ("CANONICAL_REVISION", "v2"),
+        ("POD_NAMESPACE", NS),
+        ("SERVICE_ACCOUNT", SA),
+        ("TRUST_DOMAIN", "cluster.local"),
+        ("ISTIO_META_CLUSTER_ID", "cluster1"),
+        ("ISTIO_META_MESH_ID", "cluster.local"),
+        ("ISTIO_META_NETWORK", "network1"),
+        ("ISTIO_META_WORKLOAD_NAME", GROUP),
+        ("ISTIO_METAJSON_LABELS", labels),
+        ("ISTIO_META_DNS_CAPTURE", "true"),
+        ("ISTIO_INBOUND_PORTS", "8080,9090"),
+        ("ISTIO_NAMESPACE", NS),
+        ("ISTIO_SERVICE", "billing.vm-workloads"),
+        ("ISTIO_SERVICE_CIDR", "*"),
+        ("ISTIO_LOCAL_EXCLUDE_PORTS", "22,15090,15021,15020"),
+        ("PILOT_ADDRESS", "istiod.istio-system.svc:15012"),
+        ("CA_ADDR", "istiod.istio-system.svc:15012"),
+    ]);
+    assert_eq!(
+        env.iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect::<BTreeMap<_, _>>(),
+        expected
+    );
+
+    let mesh = mesh_yaml(&files);
+    let config = &mesh["defaultConfig"];
+    assert_eq!(mesh.as_object().unwrap().len(), 1, "{mesh}");
+    assert_eq!(config["discoveryAddress"], "istiod.istio-system.svc:15012");
+    assert!(config.get("readinessProbe").is_none(), "{config}");
+    let metadata = config["proxyMetadata"].as_object().unwrap();
+    assert_eq!(
+        metadata
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .len(),
+        METADATA_KEYS.len(),
+        "{metadata:?}"
+    );
+    for key in METADATA_KEYS {
+        assert_eq!(metadata[key], env[key].as_str(), "{key}");
+    }
+
+    assert_eq!(
+        read(&files.join("hosts")),
+        "192.0.2.10 istiod.istio-system.svc\n"
+    );
+
+    let claims = token_claims(&files);
+    assert_eq!(claims["sub"], format!("system:serviceaccount:{NS}:{SA}"));
+    let aud = &claims["aud"];
+    assert!(
+        aud == "istio-ca"
+            || aud
+                .as_array()
+                .is_some_and(|a| a.contains(&json!("istio-ca"))),
+        "{claims}"
+    );
+    let exp = claims["exp"].as_i64().unwrap();
+    assert!(
+        (exp - (started + 7200)).abs() < 60,
+        "exp {exp} is not about two hours after {started}"
+    );
+
+    let config_map = server.vmesh(&[
+        "get",
+        "configmap",
+        "istio-ca-root-cert",
+        "-n",
+        NS,
+        "-o",
+        "json",
+    ]);
+    assert_ok(&config_map, "get configmap");
+    let config_map: Value = serde_json::from_slice(&config_map.stdout).unwrap();
+    let root = config_map["data"]["root-cert.pem"].as_str().unwrap();
+    assert!(root.contains("BEGIN CERTIFICATE"));
+    assert_eq!(read(&files.join("root-cert.pem")), root);
+
+    let unit = read(&files.join("vmesh-agent.service"));
+    assert!(
+        unit.contains("\nExecStart=/usr/local/bin/vmesh agent --root /\n"),
+        "{unit}"
+    );
+    assert!(unit.contains("\n[Install]\nWantedBy=multi-user.target\n"));
+
+    // install.sh: valid POSIX sh, places the files, and is idempotent.
+    let syntax = Command::new("sh")
+        .arg("-n")
+        .arg(files.join("install.sh"))
+        .output()
+        .unwrap();
+    assert_ok(&syntax, "sh -n install.sh");
+    let root_dir = work.path().join("root");
+    std::fs::create_dir_all(root_dir.join("etc")).unwrap();
+    std::fs::write(root_dir.join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
+    for run in 1..=2 {
+        assert_ok(
+            &run_install(&files, &root_dir),
+            &format!("install.sh, run {run}"),
+        );
+        assert_installed(&files, &root_dir);
+        let hosts = read(&root_dir.join("etc/hosts"));
+        assert!(hosts.starts_with("127.0.0.1 localhost\n"), "{hosts}");
+        assert_eq!(
+            hosts
+                .lines()
+                .filter(|l| l.starts_with("192.0.2.10 istiod.istio-system.svc"))
+                .count(),
+            1,
+            "run {run}:\n{hosts}"
+        );
+        let passwd = read(&root_dir.join("etc/passwd"));
+        assert_eq!(
+            passwd
+                .lines()
+                .filter(|l| l.starts_with("istio-proxy:x:1337:1337:"))
+                .count(),
+            1,
+            "{passwd}"
+        );
+    }
+
+    // With --autoregister, by the gateway's host name, DNS capture off, into
+    // the same directory: every file is replaced.
+    let configured = server.vmesh(&[
+        "workload",
+        "entry",
+        "configure",
+        "--name",
+        GROUP,
+        "--namespace",
+        NS,
+        "--output",
+        files.to_str().unwrap(),
+        "--autoregister",
+        "--ingressHost",
+        "gw.mesh.test",
+        "--capture-dns=false",
+    ]);
+    assert_ok(&configured, "workload entry configure --autoregister");
+    assert_files_and_modes(&files);
+    let env = cluster_env(&files);
+    assert_eq!(env["ISTIO_META_AUTO_REGISTER_GROUP"], GROUP);
+    assert_eq!(env["ISTIO_META_CLUSTER_ID"], "Kubernetes");
+    assert_eq!(env["ISTIO_META_NETWORK"], "");
+    assert_eq!(env["ISTIO_META_DNS_CAPTURE"], "false");
+    assert_eq!(env["PILOT_ADDRESS"], "gw.mesh.test:15012");
+    assert_eq!(env["CA_ADDR"], "gw.mesh.test:15012");
+    let mesh = mesh_yaml(&files);
+    assert_eq!(
+        mesh["defaultConfig"]["discoveryAddress"],
+        "gw.mesh.test:15012"
+    );
+    assert_eq!(
+        mesh["defaultConfig"]["proxyMetadata"]["ISTIO_META_AUTO_REGISTER_GROUP"],
+        GROUP
+    );
+    assert_eq!(read(&files.join("hosts")), "");
+    let exp = token_claims(&files)["exp"].as_i64().unwrap();
+    assert!(
+        (exp - (now() + 3600)).abs() < 60,
+        "default life is one hour"
+    );
+
+    // Installing again drops the old gateway line and keeps the rest.
+    assert_ok(&run_install(&files, &root_dir), "install.sh, third run");
+    assert_installed(&files, &root_dir);
+    assert_eq!(read(&root_dir.join("etc/hosts")), "127.0.0.1 localhost\n");
+}
+
+/// What install.sh must have left under `root`.
+fn assert_installed(files: &Path, root: &Path) {
+    for (name, path, expected) in [
+        ("cluster.env", "var/lib/istio/envoy/cluster.env", 0o644),
+        ("mesh.yaml", "etc/istio/config/mesh", 0o644),
+        ("root-cert.pem", "etc/certs/root-cert.pem", 0o644),
+        ("istio-token", "var/lib/istio/tokens/istio-token", 0o600),
+        ("istio-token", "var/run/secrets/tokens/istio-token", 0o600),
+        (
+            "vmesh-agent.service",
+            "etc/systemd/system/vmesh-agent.service",
+            0o644,
+        ),
+    ] {
+        let placed = root.join(path);
+        assert_eq!(read(&placed), read(&files.join(name)), "{path}");
+        assert_eq!(mode(&placed), expected, "{path}");
+    }
+    // Istio's token path is a link to the copy that survives a reboot.
+    let link = root.join("var/run/secrets/tokens/istio-token");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        root.join("var/lib/istio/tokens/istio-token")
+    );
+    let tmpfiles = read(&root.join("etc/tmpfiles.d/vmesh-agent.conf"));
+    assert!(
+        tmpfiles.contains(
+            "L+ /run/secrets/tokens/istio-token - - - - /var/lib/istio/tokens/istio-token"
+        ),
+        "{tmpfiles}"
+    );
+    if is_root() {
+        let token = std::fs::metadata(root.join("var/lib/istio/tokens/istio-token")).unwrap();
+        assert_eq!((token.uid(), token.gid()), (1337, 1337));
+    }
+    // Nothing half-written is left behind.
+    let leftovers = Command::new("find")
+        .arg(root)
+        .args(["-name", "*.vmesh-new"])
+        .output()
+        .unwrap();
+    assert_eq!(text(&leftovers.stdout), "");
+}
+
+#[test]
+fn configure_reads_a_group_file_with_its_probe() {
+    let server = Server::start();
+    assert_ok(
+        &server.vmesh(&["create", "namespace", NS]),
+        "create namespace",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let files = work.path().join("out");
+    let group = seed_dir().join("workload-group-payment-service.yaml");
+    let configured = server.vmesh(&[
+        "workload",
+        "entry",
+        "configure",
+        "-f",
+        group.to_str().unwrap(),
+        "-o",
+        files.to_str().unwrap(),
+        "--autoregister",
+    ]);
+    assert_ok(&configured, "configure -f");
+    assert_files_and_modes(&files);
+    let env = cluster_env(&files);
+    assert_eq!(env["ISTIO_META_WORKLOAD_NAME"], "payment-service");
+    assert_eq!(env["ISTIO_META_AUTO_REGISTER_GROUP"], "payment-service");
+    assert_eq!(env["ISTIO_META_NETWORK"], "network1");
+    assert_eq!(env["SERVICE_ACCOUNT"], "payment-service-sa");
+    assert_eq!(env["ISTIO_INBOUND_PORTS"], "*");
+    let mesh = mesh_yaml(&files);
+    assert_eq!(
+        mesh["defaultConfig"]["readinessProbe"],
+        json!({
+            "periodSeconds": 5,
+            "failureThreshold": 3,
+            "initialDelaySeconds": 10,
+            "httpGet": {"path": "/health", "port": 8080},
+        })
+    );
+    let claims = token_claims(&files);
+    assert_eq!(
+        claims["sub"],
+        "system:serviceaccount:vm-workloads:payment-service-sa"
+    );
+}
+
+#[test]
+fn configure_names_what_is_missing() {
+    let server = Server::start();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let out = out.to_str().unwrap();
+
+    let refused = server.vmesh(&[
+        "workload",
+        "entry",
+        "configure",
+        "--name",
+        "g",
+        "-n",
+        "ghost",
+        "-o",
+        out,
+    ]);
+    assert!(!refused.status.success());
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains("namespace ghost does not exist"),
+        "{stderr}"
+    );
+
+    assert_ok(
+        &server.vmesh(&["create", "namespace", NS]),
+        "create namespace",
+    );
+    let refused = server.vmesh(&[
+        "workload",
+        "entry",
+        "configure",
+        "--name",
+        "nope",
+        "-n",
+        NS,
+        "-o",
+        out,
+    ]);
+    assert!(!refused.status.success());
+    let stderr = text(&refused.stderr);
+    assert!(
+        stderr.contains(&format!("WorkloadGroup {NS}/nope not found")),
+        "{stderr}"
+    );
+
+    let unreachable = Command::new(VMESH)
+        .args([
+            "workload",
+            "entry",
+            "configure",
+            "--name",
+            "nope",
+            "-n",
+            NS,
+            "-o",
+            out,
+        ])
+        .env("VMESH_SERVER", "http://127.0.0.1:9")
+        .env_remove("VMESH_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!unreachable.status.success());
+    let stderr = text(&unreachable.stderr);
+    assert!(
+        stderr.contains("cannot reach the vmesh server at http://127.0.0.1:9"),
+        "{stderr}"
+    );
+    assert!(!Path::new(out).exists(), "nothing is written on failure");
+
+    let bad_port = server.vmesh(&[
+        "workload",
+        "group",
+        "create",
+        "--name",
+        "g",
+        "--ports",
+        "http=70000",
+    ]);
+    assert!(!bad_port.status.success());
+    assert!(
+        text(&bad_port.stderr).contains("1 to 65535"),
+        "{}",
+        text(&bad_port.stderr)
+    );
+}

@@ -3,9 +3,13 @@
 //! `vmesh-agent`'s; this module writes Envoy's bootstrap, starts Envoy and
 //! starts it again, with backoff, when it dies.
 //!
-//! Reading the onboarding files, traffic capture, DNS and health probes come
-//! with onboarding; today every setting is a flag.
+//! Settings come from the onboarding files `vmesh workload entry configure`
+//! wrote, at Istio's paths under `--root` (`var/lib/istio/envoy/cluster.env`,
+//! `etc/certs/root-cert.pem`, `var/run/secrets/tokens/istio-token`), and
+//! flags override them. Traffic capture, DNS and health probes are not here
+//! yet.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,40 +18,45 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::process::Command;
 use tokio::sync::watch;
-use vmesh_agent::bootstrap::{AdsApiType, Bootstrap, Locality};
+use vmesh_agent::bootstrap::{AdsApiType, Bootstrap, Locality, metadata_from_env};
 use vmesh_agent::{AgentConfig, AgentHandle};
 use vmesh_ca::SpiffeId;
 
-/// Everything `vmesh agent` is told.
+/// Everything `vmesh agent` is told. Flags win over the onboarding files.
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
-    /// The control plane's xDS and CA port.
-    #[arg(long, default_value = "istiod.istio-system.svc:15012")]
-    server: String,
-    /// The workload's namespace.
+    /// Where the onboarding files are installed (Istio's paths below it).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// The control plane's xDS and CA port (default: cluster.env's CA_ADDR,
+    /// else istiod.istio-system.svc:15012).
+    #[arg(long)]
+    server: Option<String>,
+    /// The workload's namespace (POD_NAMESPACE).
     #[arg(short = 'n', long)]
-    namespace: String,
-    /// The workload's service account.
+    namespace: Option<String>,
+    /// The workload's service account (SERVICE_ACCOUNT).
     #[arg(long)]
-    service_account: String,
-    #[arg(long, default_value = "cluster.local")]
-    trust_domain: String,
-    /// The mesh root certificate (`root-cert.pem`).
+    service_account: Option<String>,
+    /// The mesh's trust domain (TRUST_DOMAIN, else cluster.local).
     #[arg(long)]
-    root_cert: PathBuf,
-    /// The bootstrap token, for the first certificate.
+    trust_domain: Option<String>,
+    /// The mesh root certificate (default: `<root>/etc/certs/root-cert.pem`).
+    #[arg(long)]
+    root_cert: Option<PathBuf>,
+    /// The bootstrap token, for the first certificate (default: the installed `istio-token`).
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// Where the agent keeps its certificate, sockets and Envoy's bootstrap.
     #[arg(long, default_value = "/var/lib/vmesh/agent")]
     work_dir: PathBuf,
-    /// The workload's IP address.
+    /// The workload's IP address (default: the address that reaches the server).
     #[arg(long)]
-    ip: IpAddr,
-    /// The workload's name (the VM's host name).
+    ip: Option<IpAddr>,
+    /// The workload's name (default: the host name).
     #[arg(long)]
-    name: String,
-    /// The workload's labels, `key=value`; repeatable.
+    name: Option<String>,
+    /// The workload's labels, `key=value`; repeatable (added to ISTIO_METAJSON_LABELS).
     #[arg(long = "label", value_parser = parse_label)]
     labels: Vec<(String, String)>,
     /// `region/zone/subzone`.
@@ -62,13 +71,130 @@ pub struct AgentArgs {
     /// Envoy's `--base-id`, so several Envoys can share a host.
     #[arg(long, default_value_t = 0)]
     base_id: u32,
-    /// Register this workload into the WorkloadGroup of that name (Istio's
-    /// `ISTIO_META_AUTO_REGISTER_GROUP`).
+    /// Register this workload into the WorkloadGroup of that name
+    /// (ISTIO_META_AUTO_REGISTER_GROUP).
     #[arg(long)]
     auto_register_group: Option<String>,
     /// State-of-the-world ADS instead of delta.
     #[arg(long)]
     state_of_the_world: bool,
+}
+
+/// `cluster.env`'s `KEY='value'` lines (a `'` inside written `'\''`).
+fn parse_cluster_env(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| {
+            let (key, value) = line.trim().split_once('=')?;
+            let value = value
+                .strip_prefix('\'')
+                .and_then(|v| v.strip_suffix('\''))?;
+            Some((key.to_string(), value.replace("'\\''", "'")))
+        })
+        .collect()
+}
+
+/// The workload, from flags and onboarding files.
+struct Workload {
+    server: String,
+    identity: SpiffeId,
+    root_cert: PathBuf,
+    token_file: Option<PathBuf>,
+    ip: IpAddr,
+    name: String,
+    labels: BTreeMap<String, String>,
+    env: BTreeMap<String, String>,
+}
+
+impl AgentArgs {
+    fn resolve(&self) -> Result<Workload> {
+        let root = self.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+        let env = match &self.root {
+            Some(root) => {
+                let path = root.join("var/lib/istio/envoy/cluster.env");
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                parse_cluster_env(&text)
+            }
+            None => BTreeMap::new(),
+        };
+        let from_env = |key: &str| env.get(key).cloned();
+        let required = |flag: &Option<String>, key: &str, what: &str| {
+            flag.clone().or_else(|| from_env(key)).with_context(|| {
+                format!(
+                    "no {what}: give --{} or onboarding files with {key}",
+                    what.replace(' ', "-")
+                )
+            })
+        };
+        let namespace = required(&self.namespace, "POD_NAMESPACE", "namespace")?;
+        let account = required(&self.service_account, "SERVICE_ACCOUNT", "service account")?;
+        let trust_domain = self
+            .trust_domain
+            .clone()
+            .or_else(|| from_env("TRUST_DOMAIN"))
+            .unwrap_or_else(|| "cluster.local".into());
+        let server = self
+            .server
+            .clone()
+            .or_else(|| from_env("CA_ADDR"))
+            .or_else(|| from_env("PILOT_ADDRESS"))
+            .unwrap_or_else(|| "istiod.istio-system.svc:15012".into());
+        let token_file = self.token_file.clone().or_else(|| {
+            [
+                "var/run/secrets/tokens/istio-token",
+                "var/lib/istio/tokens/istio-token",
+            ]
+            .into_iter()
+            .map(|path| root.join(path))
+            .find(|path| path.is_file())
+        });
+        let mut labels: BTreeMap<String, String> = from_env("ISTIO_METAJSON_LABELS")
+            .map(|json| serde_json::from_str(&json).context("ISTIO_METAJSON_LABELS"))
+            .transpose()?
+            .unwrap_or_default();
+        labels.extend(self.labels.iter().cloned());
+        let ip = match self.ip {
+            Some(ip) => ip,
+            None => address_towards(&server)?,
+        };
+        let name = match &self.name {
+            Some(name) => name.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .context("the host name (give --name)")?,
+        };
+        Ok(Workload {
+            identity: SpiffeId::new(&trust_domain, &namespace, &account)
+                .context("the workload's identity")?,
+            server,
+            root_cert: self
+                .root_cert
+                .clone()
+                .unwrap_or_else(|| root.join("etc/certs/root-cert.pem")),
+            token_file,
+            ip,
+            name,
+            labels,
+            env,
+        })
+    }
+}
+
+/// The local address the kernel would use to reach `server` (no packet is sent).
+fn address_towards(server: &str) -> Result<IpAddr> {
+    use std::net::ToSocketAddrs;
+    let target = server
+        .to_socket_addrs()
+        .with_context(|| format!("resolving {server} (give --ip)"))?
+        .next()
+        .with_context(|| format!("{server} has no address (give --ip)"))?;
+    let socket = std::net::UdpSocket::bind(if target.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    socket.connect(target)?;
+    Ok(socket.local_addr()?.ip())
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -105,40 +231,47 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         Some(path) => path.clone(),
         None => find_envoy()?,
     };
-    let identity = SpiffeId::new(&args.trust_domain, &args.namespace, &args.service_account)
-        .context("the workload's identity")?;
+    let workload = args.resolve()?;
     let mut config = AgentConfig::new(
-        identity,
-        args.server.clone(),
-        args.root_cert.clone(),
+        workload.identity.clone(),
+        workload.server.clone(),
+        workload.root_cert.clone(),
         args.work_dir.join("certs"),
         args.work_dir.join("run"),
     );
-    config.token_file = args.token_file.clone();
+    config.token_file = workload.token_file.clone();
     let (stop, stopped) = watch::channel(false);
     let agent = vmesh_agent::agent::start(config, stopped)
         .await
         .context("starting the agent")?;
-    let bootstrap_file = write_bootstrap(&args, &agent)?;
-    tracing::info!("agent started; starting Envoy");
+    let bootstrap_file = write_bootstrap(&args, &workload, &agent)?;
+    tracing::info!(identity = %workload.identity, "agent started; starting Envoy");
     supervise(&envoy, &bootstrap_file, args.base_id).await;
     let _ = stop.send(true);
     agent.wait().await.context("stopping the agent")?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_bootstrap(args: &AgentArgs, agent: &AgentHandle) -> Result<PathBuf> {
+fn write_bootstrap(args: &AgentArgs, workload: &Workload, agent: &AgentHandle) -> Result<PathBuf> {
     let mut bootstrap = Bootstrap::new(
-        args.ip,
-        &args.name,
-        &args.namespace,
+        workload.ip,
+        &workload.name,
+        &workload.identity.namespace,
         agent.xds_socket(),
         agent.sds_socket(),
     );
-    bootstrap.service_account = Some(args.service_account.clone());
-    bootstrap.labels = args.labels.iter().cloned().collect();
+    bootstrap.service_account = Some(workload.identity.service_account.clone());
+    bootstrap.labels = workload.labels.clone();
     bootstrap.locality = args.locality.as_deref().map(Locality::parse);
     bootstrap.admin.set_port(args.admin_port);
+    // ISTIO_META_* from the onboarding files become node metadata, as Istio's agent does.
+    bootstrap.extra_metadata = metadata_from_env(
+        workload
+            .env
+            .iter()
+            .filter(|(key, _)| key.as_str() != "ISTIO_METAJSON_LABELS"),
+    )
+    .context("node metadata from cluster.env")?;
     if let Some(group) = &args.auto_register_group {
         bootstrap
             .extra_metadata

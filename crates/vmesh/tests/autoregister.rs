@@ -1,6 +1,8 @@
-//! Auto-registration end to end, with real agents and Envoy in network
-//! namespaces of the test's own: a VM whose agent names a WorkloadGroup gets
-//! a WorkloadEntry from it within a second, another VM whose token is for a
+//! Onboarding and auto-registration end to end, with real agents and Envoy
+//! in network namespaces of the test's own: a VM onboarded the guide's way
+//! (`vmesh workload entry configure --autoregister`, the generated
+//! `install.sh`, then `vmesh agent --root`) gets a WorkloadEntry from its
+//! group within a second, another VM whose token is for a
 //! different service account is refused (and the refusal shows on the
 //! group), and a stopped VM's entry is deleted after the grace period.
 //!
@@ -82,18 +84,61 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     .unwrap();
     cli(control, &["apply", "-f", group.to_str().unwrap()]);
 
-    // A VM joins: its entry appears within a second of its agent starting.
-    let started = Instant::now();
-    start_agent(
-        &mut vm,
+    // A VM is onboarded: files from the server, installed under its root.
+    let files = dir.path().join("onboarding");
+    cli(
         control,
-        dir.path(),
-        "10.47.0.2:15012",
-        "vm-workloads",
-        "payment-service-sa",
-        "10.47.0.1",
-        &["--auto-register-group", GROUP, "--label", "version=v1"],
-        71,
+        &[
+            "workload",
+            "entry",
+            "configure",
+            "--name",
+            GROUP,
+            "-n",
+            "vm-workloads",
+            "-o",
+            files.to_str().unwrap(),
+            "--autoregister",
+            "--ingressHost",
+            "10.47.0.2",
+        ],
+    );
+    let vm_root = dir.path().join("vm-root");
+    let install = std::process::Command::new("sh")
+        .arg(files.join("install.sh"))
+        .env("ROOT", &vm_root)
+        .env("VMESH_NO_START", "1")
+        .output()
+        .unwrap();
+    assert!(
+        install.status.success(),
+        "install.sh: {}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+    // Its agent starts from those files alone (and a name and address, as
+    // the VM's host name and address are not the test machine's).
+    let started = Instant::now();
+    let work = dir.path().join("vm-agent");
+    vm.spawn(
+        &[
+            VMESH,
+            "agent",
+            "--root",
+            vm_root.to_str().unwrap(),
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--ip",
+            "10.47.0.1",
+            "--name",
+            "vm1",
+            "--label",
+            "version=v1",
+            "--envoy",
+            common::envoy_binary().to_str().unwrap(),
+            "--base-id",
+            "71",
+        ],
+        &dir.path().join("vm-agent.log"),
     );
     let name = format!("{GROUP}-10.47.0.1");
     let registered = eventually("the VM's WorkloadEntry", || entry(control, &name));

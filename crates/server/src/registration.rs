@@ -177,6 +177,10 @@ impl AutoRegistration {
         let metadata = group.spec.metadata.clone().unwrap_or_default();
         labels.extend(metadata.labels.unwrap_or_default());
         labels.extend(proxy.labels.clone());
+        // It registered through its sidecar: it speaks mesh mTLS.
+        labels
+            .entry(vmesh_xds::mtls::TLS_MODE_LABEL.into())
+            .or_insert_with(|| "istio".into());
         let mut annotations = metadata.annotations.unwrap_or_default();
         annotations.insert(GROUP_ANNOTATION.into(), group_name.into());
         annotations.insert(CONTROLLER_ANNOTATION.into(), self.controller.clone());

@@ -158,6 +158,10 @@ fn vms_register_themselves_and_leave_when_they_stop() {
         ),
         "labels from the group and from the VM"
     );
+    assert_eq!(
+        labels["security.istio.io/tlsMode"], "istio",
+        "a registered VM runs a sidecar, so clients use mTLS"
+    );
     let annotations = &registered["metadata"]["annotations"];
     assert_eq!(annotations["istio.io/autoRegistrationGroup"], GROUP);
     assert_eq!(annotations["team"], "payments");

@@ -12,10 +12,11 @@
 //! - [`xds_proxy`]: Envoy's ADS on a Unix socket, relayed to port 15012;
 //! - [`bootstrap`]: Envoy's bootstrap JSON, Istio-style;
 //! - [`upstream`]: TLS channels to the control plane;
-//! - [`agent`]: all of the above run together ([`agent::start`]).
+//! - [`agent`]: all of the above run together ([`agent::start`]);
+//! - [`capture`]: traffic capture with iptables, Istio's rules (apply, clean up).
 //!
 //! It does not own: the `vmesh agent` command line and the onboarding files
-//! it reads, Envoy supervision, traffic capture (iptables), the DNS proxy,
+//! it reads, Envoy supervision, the DNS proxy,
 //! health probes, or the agent's own metrics port (15020) — those build on
 //! this crate. Nor the control plane's side of port 15012 (the server crate
 //! serves ADS and the CA there and checks that a stream's node matches its
@@ -55,6 +56,7 @@
 pub mod agent;
 pub mod backoff;
 pub mod bootstrap;
+pub mod capture;
 mod files;
 pub mod identity;
 pub mod sds;

@@ -6,8 +6,10 @@
 //! Settings come from the onboarding files `vmesh workload entry configure`
 //! wrote, at Istio's paths under `--root` (`var/lib/istio/envoy/cluster.env`,
 //! `etc/certs/root-cert.pem`, `var/run/secrets/tokens/istio-token`), and
-//! flags override them. Traffic capture, DNS and health probes are not here
-//! yet.
+//! flags override them. With `--capture` it redirects the workload's traffic
+//! through Envoy (Istio's iptables rules, `vmesh-agent`'s `capture`) while it
+//! runs, and Envoy runs as the proxy user so its own traffic is not captured.
+//! DNS and health probes are not here yet.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -19,12 +21,22 @@ use anyhow::{Context, Result, bail};
 use tokio::process::Command;
 use tokio::sync::watch;
 use vmesh_agent::bootstrap::{AdsApiType, Bootstrap, Locality, metadata_from_env};
+use vmesh_agent::capture::{self, CaptureConfig, Runner};
 use vmesh_agent::{AgentConfig, AgentHandle};
 use vmesh_ca::SpiffeId;
 
 /// Everything `vmesh agent` is told. Flags win over the onboarding files.
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    action: Option<AgentAction>,
+    /// Capture the workload's traffic (cluster.env's ports and ranges) while
+    /// the agent runs, and run Envoy as --proxy-uid.
+    #[arg(long)]
+    capture: bool,
+    /// The user Envoy runs as when capturing (Istio's istio-proxy).
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
     /// Where the onboarding files are installed (Istio's paths below it).
     #[arg(long)]
     root: Option<PathBuf>,
@@ -80,6 +92,71 @@ pub struct AgentArgs {
     state_of_the_world: bool,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum AgentAction {
+    /// Traffic capture alone: `apply` (idempotent) or `cleanup` (removes every rule it added).
+    Iptables {
+        #[command(subcommand)]
+        what: IptablesAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum IptablesAction {
+    Apply,
+    Cleanup,
+}
+
+/// The capture rules cluster.env asks for. DNS is left alone until the DNS
+/// proxy exists: redirecting it to a port nobody serves would break resolution.
+fn capture_config(
+    env: &BTreeMap<String, String>,
+    proxy_uid: u32,
+    server: Option<&str>,
+) -> Result<CaptureConfig> {
+    let mut config = CaptureConfig::from_env(env).context("capture settings in cluster.env")?;
+    // The agent itself runs as root: its connections to the control plane
+    // must go straight out, not through the Envoy it feeds.
+    if let Some(server) = server {
+        use std::net::ToSocketAddrs;
+        let addresses = server
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {server}"))?;
+        config
+            .exclude_outbound_cidrs
+            .extend(addresses.map(|a| ipnet::IpNet::from(a.ip())));
+    }
+    config.proxy_uid = proxy_uid;
+    config.proxy_gid = Some(proxy_uid);
+    if config.dns.take().is_some() {
+        tracing::warn!(
+            "DNS capture asked for, but the agent has no DNS proxy yet: DNS is not captured"
+        );
+    }
+    Ok(config)
+}
+
+fn iptables(
+    action: &IptablesAction,
+    env: &BTreeMap<String, String>,
+    proxy_uid: u32,
+    server: Option<&str>,
+) -> Result<()> {
+    let runner = Runner::detect().context("finding iptables")?;
+    match action {
+        IptablesAction::Apply => {
+            let config = capture_config(env, proxy_uid, server)?;
+            let families = capture::apply(&config, &runner)?;
+            tracing::info!(?families, "traffic capture applied");
+        }
+        IptablesAction::Cleanup => {
+            let families = capture::cleanup(&runner)?;
+            tracing::info!(?families, "traffic capture removed");
+        }
+    }
+    Ok(())
+}
+
 /// `cluster.env`'s `KEY='value'` lines (a `'` inside written `'\''`).
 fn parse_cluster_env(text: &str) -> BTreeMap<String, String> {
     text.lines()
@@ -106,17 +183,20 @@ struct Workload {
 }
 
 impl AgentArgs {
+    /// The onboarding files' cluster.env, when there are onboarding files.
+    fn cluster_env(&self) -> Result<BTreeMap<String, String>> {
+        let Some(root) = &self.root else {
+            return Ok(BTreeMap::new());
+        };
+        let path = root.join("var/lib/istio/envoy/cluster.env");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Ok(parse_cluster_env(&text))
+    }
+
     fn resolve(&self) -> Result<Workload> {
         let root = self.root.clone().unwrap_or_else(|| PathBuf::from("/"));
-        let env = match &self.root {
-            Some(root) => {
-                let path = root.join("var/lib/istio/envoy/cluster.env");
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading {}", path.display()))?;
-                parse_cluster_env(&text)
-            }
-            None => BTreeMap::new(),
-        };
+        let env = self.cluster_env()?;
         let from_env = |key: &str| env.get(key).cloned();
         let required = |flag: &Option<String>, key: &str, what: &str| {
             flag.clone().or_else(|| from_env(key)).with_context(|| {
@@ -227,6 +307,16 @@ fn find_envoy() -> Result<PathBuf> {
 }
 
 pub async fn run(args: AgentArgs) -> Result<ExitCode> {
+    if let Some(AgentAction::Iptables { what }) = &args.action {
+        let env = args.cluster_env()?;
+        let server = args
+            .server
+            .clone()
+            .or_else(|| env.get("CA_ADDR").cloned())
+            .or_else(|| env.get("PILOT_ADDRESS").cloned());
+        iptables(what, &env, args.proxy_uid, server.as_deref())?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let envoy = match &args.envoy {
         Some(path) => path.clone(),
         None => find_envoy()?,
@@ -245,8 +335,44 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         .await
         .context("starting the agent")?;
     let bootstrap_file = write_bootstrap(&args, &workload, &agent)?;
+    let mut envoy = envoy;
+    let envoy_user = if args.capture {
+        // Envoy's own connections must not be captured: it runs as the proxy
+        // user, who alone may use the agent's sockets. The work directory is
+        // traversable (not listable) for it; the certificates inside stay 0700.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&args.work_dir, std::fs::Permissions::from_mode(0o711))?;
+        envoy = runnable_by(&envoy, args.proxy_uid, &args.work_dir)?;
+        for path in [
+            &args.work_dir.join("run"),
+            &agent.xds_socket().to_path_buf(),
+            &agent.sds_socket().to_path_buf(),
+        ] {
+            std::os::unix::fs::chown(path, Some(args.proxy_uid), Some(args.proxy_uid))
+                .with_context(|| format!("giving {} to uid {}", path.display(), args.proxy_uid))?;
+        }
+        iptables(
+            &IptablesAction::Apply,
+            &workload.env,
+            args.proxy_uid,
+            Some(&workload.server),
+        )?;
+        Some(args.proxy_uid)
+    } else {
+        None
+    };
     tracing::info!(identity = %workload.identity, "agent started; starting Envoy");
-    supervise(&envoy, &bootstrap_file, args.base_id).await;
+    supervise(&envoy, &bootstrap_file, args.base_id, envoy_user).await;
+    if args.capture
+        && let Err(e) = iptables(
+            &IptablesAction::Cleanup,
+            &workload.env,
+            args.proxy_uid,
+            None,
+        )
+    {
+        tracing::error!("removing traffic capture: {e:#}");
+    }
     let _ = stop.send(true);
     agent.wait().await.context("stopping the agent")?;
     Ok(ExitCode::SUCCESS)
@@ -286,19 +412,65 @@ fn write_bootstrap(args: &AgentArgs, workload: &Workload, agent: &AgentHandle) -
     Ok(path)
 }
 
+/// Whether `uid` (not the owner, not root) can reach and run `path`: every
+/// directory above it searchable by others, the file executable by others.
+fn others_can_run(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode());
+    mode(path).is_ok_and(|m| m & 0o005 == 0o005)
+        && path
+            .ancestors()
+            .skip(1)
+            .all(|dir| dir.as_os_str().is_empty() || mode(dir).is_ok_and(|m| m & 0o001 != 0))
+}
+
+/// Envoy where the proxy user can run it: where it is, or a copy in the
+/// work directory (a binary under a private home, as pip and pyenv put it).
+fn runnable_by(envoy: &std::path::Path, uid: u32, work_dir: &std::path::Path) -> Result<PathBuf> {
+    let envoy = std::fs::canonicalize(envoy)
+        .with_context(|| format!("finding Envoy at {}", envoy.display()))?;
+    if others_can_run(&envoy) {
+        return Ok(envoy);
+    }
+    let copy = work_dir.join("bin/envoy");
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        let (Ok(a), Ok(b)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
+            return false;
+        };
+        a.len() == b.len() && a.modified().ok() <= b.modified().ok()
+    };
+    if !same(&envoy, &copy) {
+        tracing::info!(
+            "copying Envoy to {} so uid {uid} can run it",
+            copy.display()
+        );
+        std::fs::create_dir_all(work_dir.join("bin"))?;
+        std::fs::copy(&envoy, &copy)?;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(work_dir.join("bin"), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
+    Ok(copy)
+}
+
 /// Runs Envoy until shutdown is asked (SIGINT or SIGTERM), starting it again
 /// after 1 s, 2 s, 4 s … (at most 30 s) when it dies.
-async fn supervise(envoy: &PathBuf, bootstrap: &PathBuf, base_id: u32) {
+async fn supervise(envoy: &PathBuf, bootstrap: &PathBuf, base_id: u32, user: Option<u32>) {
     let mut delay = Duration::from_secs(1);
     loop {
         let started = tokio::time::Instant::now();
-        let mut child = match Command::new(envoy)
+        let mut command = Command::new(envoy);
+        command
             .arg("-c")
             .arg(bootstrap)
             .args(["--base-id", &base_id.to_string(), "-l", "warning"])
-            .kill_on_drop(true)
-            .spawn()
-        {
+            // The agent restarts Envoy itself; no shared memory left behind.
+            .arg("--disable-hot-restart")
+            .kill_on_drop(true);
+        if let Some(uid) = user {
+            command.uid(uid).gid(uid);
+        }
+        let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) => {
                 tracing::error!("cannot start Envoy {}: {e}", envoy.display());

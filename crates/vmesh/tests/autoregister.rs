@@ -137,6 +137,7 @@ fn vms_register_themselves_and_leave_when_they_stop() {
             common::envoy_binary().to_str().unwrap(),
             "--base-id",
             "71",
+            "--capture",
         ],
         &dir.path().join("vm-agent.log"),
     );
@@ -166,6 +167,21 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     assert_eq!(annotations["istio.io/autoRegistrationGroup"], GROUP);
     assert_eq!(annotations["team"], "payments");
     assert!(annotations["istio.io/connectedAt"].is_string());
+
+    // The VM's traffic is captured while the agent runs (SSH never), and
+    // Envoy, as the proxy user, still reached the agent's sockets: it is
+    // what registered.
+    let nat =
+        |vm: &Namespace| String::from_utf8(vm.run(&["iptables-save", "-t", "nat"]).stdout).unwrap();
+    let rules = nat(&vm);
+    for rule in [
+        "-A OUTPUT -p tcp -j ISTIO_OUTPUT",
+        "-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN",
+        "-A ISTIO_INBOUND -p tcp -m tcp --dport 22 -j RETURN",
+        "-A ISTIO_OUTPUT -d 10.47.0.2/32 -j RETURN",
+    ] {
+        assert!(rules.contains(rule), "missing {rule:?} in\n{rules}");
+    }
 
     // A VM with a token for another service account may not join this group.
     start_agent(
@@ -211,4 +227,6 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     eventually("the entry deleted after the grace period", || {
         entry(control, &name).is_none().then_some(())
     });
+    let rules = nat(&vm);
+    assert!(!rules.contains("ISTIO"), "capture cleaned up:\n{rules}");
 }

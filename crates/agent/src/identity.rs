@@ -260,10 +260,12 @@ impl CertificateManager {
         signer: Arc<dyn CertificateSigner>,
     ) -> Result<CertificateManager, IdentityError> {
         config.identity.validate()?;
-        crate::files::ensure_private_dir(&config.cert_dir).map_err(|source| IdentityError::Io {
-            action: "creating",
-            path: config.cert_dir.clone(),
-            source,
+        vmesh_ca::files::ensure_private_dir(&config.cert_dir).map_err(|source| {
+            IdentityError::Io {
+                action: "creating",
+                path: config.cert_dir.clone(),
+                source,
+            }
         })?;
         let stored = store::load(
             &config.cert_dir,

@@ -57,7 +57,6 @@ pub mod agent;
 pub mod backoff;
 pub mod bootstrap;
 pub mod capture;
-mod files;
 pub mod identity;
 pub mod sds;
 mod uds;

@@ -1,19 +1,29 @@
-//! Writing key material: private keys are created with mode 0600 from the
-//! first byte (never written and then chmod-ed), each file atomically
-//! (temporary file, fsync, rename), inside a directory created 0700.
+//! Writing key material, for the CA and the agent alike: private keys are
+//! created with mode 0600 from the first byte (never written and then
+//! chmod-ed), each file atomically (temporary file, fsync, rename, fsync of
+//! the directory), inside a directory created 0700.
+//!
+//! This module owns file modes and atomicity only; which files exist and
+//! what they hold is its callers' business.
 
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+/// Mode of private key files.
+pub const SECRET_MODE: u32 = 0o600;
+/// Mode of certificate files.
+pub const PUBLIC_MODE: u32 = 0o644;
+
 /// Creates `dir` (and parents) with mode 0700 when it does not exist.
-pub(crate) fn ensure_private_dir(dir: &Path) -> io::Result<()> {
+pub fn ensure_private_dir(dir: &Path) -> io::Result<()> {
     DirBuilder::new().recursive(true).mode(0o700).create(dir)
 }
 
-/// Writes `contents` to `path` with file mode `mode`, atomically.
-pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+/// Writes `contents` to `path` with file mode `mode`, atomically: readers
+/// see the old file or the new one, never a mix, even across a crash.
+pub fn write_file(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
     let file_name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
@@ -33,6 +43,11 @@ pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> io::Result<
             .create_new(true)
             .mode(mode)
             .open(&tmp)?;
+        // The process umask may have removed bits `mode` asked for; it can
+        // never add any, so a secret stays private either way.
+        if fs::metadata(&tmp)?.permissions().mode() & 0o777 != mode {
+            file.set_permissions(fs::Permissions::from_mode(mode))?;
+        }
         file.write_all(contents)?;
         file.sync_all()?;
         fs::rename(&tmp, path)?;
@@ -51,16 +66,16 @@ pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> io::Result<
 
 /// Writes a private key: mode 0600.
 pub(crate) fn write_secret(path: &Path, contents: &str) -> io::Result<()> {
-    write_file(path, contents.as_bytes(), 0o600)
+    write_file(path, contents.as_bytes(), SECRET_MODE)
 }
 
 /// Writes a public file (certificate): mode 0644.
 pub(crate) fn write_public(path: &Path, contents: &str) -> io::Result<()> {
-    write_file(path, contents.as_bytes(), 0o644)
+    write_file(path, contents.as_bytes(), PUBLIC_MODE)
 }
 
 /// Reads a private key file, warning when other users may read it.
-pub(crate) fn read_secret(path: &Path) -> io::Result<String> {
+pub fn read_secret(path: &Path) -> io::Result<String> {
     let contents = fs::read_to_string(path)?;
     if let Ok(meta) = fs::metadata(path) {
         let mode = meta.permissions().mode() & 0o777;

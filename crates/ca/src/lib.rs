@@ -48,7 +48,7 @@
 
 mod auth;
 mod authority;
-mod files;
+pub mod files;
 mod identity;
 mod revocation;
 mod service;

@@ -13,7 +13,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{Namespace, VMESH, cli, eventually, link, start_agent};
+use common::{Namespace, VMESH, cli, eventually, link, start_agent, start_server};
 
 const REQUESTS: usize = 3000;
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
@@ -66,17 +66,7 @@ fn main() {
     );
     let control = payment.name.clone();
     let control = control.as_str();
-    payment.spawn(
-        &[
-            VMESH,
-            "server",
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--xds-addr",
-            "0.0.0.0:15012",
-        ],
-        &dir.path().join("server.log"),
-    );
+    start_server(&mut payment, dir.path(), &["--xds-addr", "0.0.0.0:15012"]);
     for port in [8080, 8081] {
         let addr = format!("127.0.0.1:{port}");
         payment.spawn(
@@ -84,15 +74,6 @@ fn main() {
             &dir.path().join(format!("app-{port}.log")),
         );
     }
-    eventually("the server", || {
-        payment
-            .command(&[VMESH, "get", "ns"])
-            .output()
-            .unwrap()
-            .status
-            .success()
-            .then_some(())
-    });
     for namespace in ["vm-workloads", "frontend"] {
         cli(control, &["create", "namespace", namespace]);
     }

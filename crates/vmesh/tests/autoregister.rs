@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Namespace, VMESH, cli, eventually, link, start_agent};
+use common::{Namespace, VMESH, cli, eventually, link, start_agent, start_server};
 
 const GROUP: &str = "payment-vms";
 
@@ -49,28 +49,16 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     );
     let control = server.name.clone();
     let control = control.as_str();
-    server.spawn(
+    start_server(
+        &mut server,
+        dir.path(),
         &[
-            VMESH,
-            "server",
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
             "--xds-addr",
             "0.0.0.0:15012",
             "--auto-registration-grace",
             "1s",
         ],
-        &dir.path().join("server.log"),
     );
-    eventually("the server", || {
-        server
-            .command(&[VMESH, "get", "ns"])
-            .output()
-            .unwrap()
-            .status
-            .success()
-            .then_some(())
-    });
     cli(control, &["create", "namespace", "vm-workloads"]);
     let group = dir.path().join("group.yaml");
     std::fs::write(

@@ -20,7 +20,7 @@ use std::path::Path;
 use vmesh_api::testing::seed_dir;
 
 mod common;
-use common::{Namespace, VMESH, cli, eventually, link, start_agent};
+use common::{Namespace, VMESH, cli, eventually, link, start_agent, start_server};
 
 const PAYMENT_HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
 
@@ -80,17 +80,7 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
     orders.run(&["ip", "route", "add", "10.44.0.0/24", "via", "10.45.0.2"]);
 
     // The control plane and the payment VM's application.
-    payment.spawn(
-        &[
-            VMESH,
-            "server",
-            "--data-dir",
-            dir.path().join("data").to_str().unwrap(),
-            "--xds-addr",
-            "0.0.0.0:15012",
-        ],
-        &dir.path().join("server.log"),
-    );
+    start_server(&mut payment, dir.path(), &["--xds-addr", "0.0.0.0:15012"]);
     payment.spawn(
         &[
             VMESH,
@@ -102,15 +92,6 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
         ],
         &dir.path().join("app.log"),
     );
-    eventually("the server", || {
-        payment
-            .command(&[VMESH, "get", "ns"])
-            .output()
-            .unwrap()
-            .status
-            .success()
-            .then_some(())
-    });
     let seed = seed_dir();
     let control = payment.name.clone();
     let control = control.as_str();

@@ -17,7 +17,7 @@ use vmesh_ca::SpiffeId;
 
 use super::IdentityError;
 use super::credentials::{Credentials, TrustAnchors, split_pem_certificates};
-use crate::files;
+use vmesh_ca::files;
 
 /// The private key (PKCS#8 PEM), mode 0600.
 pub const KEY_FILE: &str = "key.pem";
@@ -103,10 +103,10 @@ pub(crate) fn load(
 pub(crate) fn save(dir: &Path, creds: &Credentials) -> Result<(), IdentityError> {
     files::ensure_private_dir(dir).map_err(io_error("creating", dir))?;
     let next: PathBuf = dir.join(NEXT_KEY_FILE);
-    files::write_atomic(&next, creds.key_pem().as_bytes(), files::SECRET_MODE)
+    files::write_file(&next, creds.key_pem().as_bytes(), files::SECRET_MODE)
         .map_err(io_error("writing", &next))?;
     let chain = dir.join(CHAIN_FILE);
-    files::write_atomic(&chain, creds.chain_pem().as_bytes(), files::PUBLIC_MODE)
+    files::write_file(&chain, creds.chain_pem().as_bytes(), files::PUBLIC_MODE)
         .map_err(io_error("writing", &chain))?;
     let key = dir.join(KEY_FILE);
     std::fs::rename(&next, &key).map_err(io_error("renaming", &next))?;
@@ -186,13 +186,13 @@ mod tests {
         // A crash after the new chain but before the key's rename: the
         // pair is still found, and the save is completed.
         let renewed = issue(&ca, &id, &anchors);
-        files::write_atomic(
+        files::write_file(
             &dir.join(NEXT_KEY_FILE),
             renewed.key_pem().as_bytes(),
             files::SECRET_MODE,
         )
         .unwrap();
-        files::write_atomic(
+        files::write_file(
             &dir.join(CHAIN_FILE),
             renewed.chain_pem().as_bytes(),
             files::PUBLIC_MODE,
@@ -211,7 +211,7 @@ mod tests {
 
         // A crash right after writing the next key: the old pair stands.
         let third = issue(&ca, &id, &anchors);
-        files::write_atomic(
+        files::write_file(
             &dir.join(NEXT_KEY_FILE),
             third.key_pem().as_bytes(),
             files::SECRET_MODE,

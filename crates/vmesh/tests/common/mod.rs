@@ -226,3 +226,20 @@ pub fn start_agent(
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     ns.spawn(&args, &dir.join(format!("agent-{}.log", ns.name)));
 }
+
+/// Starts `vmesh server` in `ns`, its data and log in `dir`, with `flags`
+/// (`--xds-addr`, …), and waits until its API answers.
+pub fn start_server(ns: &mut Namespace, dir: &Path, flags: &[&str]) {
+    let data = dir.join("data");
+    let mut args = vec![VMESH, "server", "--data-dir", data.to_str().unwrap()];
+    args.extend(flags);
+    ns.spawn(&args, &dir.join("server.log"));
+    eventually("the server", || {
+        ns.command(&[VMESH, "get", "ns"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+            .then_some(())
+    });
+}

@@ -87,7 +87,9 @@ impl Namespace {
         output
     }
 
-    pub fn spawn(&mut self, args: &[&str], log: &Path) {
+    /// Starts a process in the namespace, its output in `log`; returns its
+    /// index for [`stop`](Self::stop).
+    pub fn spawn(&mut self, args: &[&str], log: &Path) -> usize {
         let log = std::fs::File::create(log).unwrap();
         let child = self
             .command(args)
@@ -96,6 +98,7 @@ impl Namespace {
             .spawn()
             .unwrap();
         self.children.push(child);
+        self.children.len() - 1
     }
 }
 

@@ -1,0 +1,246 @@
+//! Onboarding time, measured in one run with real Envoy: from `vmesh agent`
+//! starting on a freshly onboarded VM (files from `vmesh workload entry
+//! configure --autoregister`, placed by the generated `install.sh`, traffic
+//! captured) to the first request a client's sidecar gets answered by that VM
+//! over mTLS. Then the same after a restart, with the certificate on disk.
+//! Target: under 1 s, Envoy's start included.
+//!
+//! Needs root (network namespaces), like the end-to-end tests.
+//! Run with `cargo bench -p vmesh --bench onboarding`.
+
+// A benchmark measures wall-clock time, across processes.
+#![allow(clippy::disallowed_types)]
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Namespace, VMESH, cli, envoy_binary, eventually, link, start_agent, start_server};
+
+const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
+
+/// Starts the VM's agent from its onboarding files; returns its index in `vm`'s processes.
+fn start_vm_agent(vm: &mut Namespace, root: &std::path::Path, dir: &std::path::Path) -> usize {
+    let work = dir.join("vm-agent");
+    vm.spawn(
+        &[
+            VMESH,
+            "agent",
+            "--root",
+            root.to_str().unwrap(),
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--ip",
+            "10.49.0.2",
+            "--name",
+            "vm1",
+            "--envoy",
+            envoy_binary().to_str().unwrap(),
+            "--capture",
+        ],
+        &dir.join("vm-agent.log"),
+    )
+}
+
+/// Polls through the client's sidecar every 10 ms until the VM answers.
+fn until_served(client: &Namespace, url: &str, started: Instant) -> Duration {
+    loop {
+        let output = client
+            .command(&[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "1",
+                url,
+            ])
+            .output()
+            .unwrap();
+        if output.stdout == b"200" {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the VM never answered"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = std::process::id();
+    let mut server = Namespace::create(&format!("vmesh-ocp-{id}"));
+    let mut client = Namespace::create(&format!("vmesh-ocl-{id}"));
+    let mut vm = Namespace::create(&format!("vmesh-ovm-{id}"));
+    link(
+        &client,
+        "10.49.1.1",
+        &server,
+        "10.49.1.2",
+        &format!("c{id}"),
+    );
+    link(&vm, "10.49.0.2", &server, "10.49.0.1", &format!("v{id}"));
+    client.run(&["ip", "route", "add", "10.49.0.0/24", "via", "10.49.1.2"]);
+    vm.run(&["ip", "route", "add", "10.49.1.0/24", "via", "10.49.0.1"]);
+    server.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let control = server.name.clone();
+    let control = control.as_str();
+    start_server(
+        &mut server,
+        dir.path(),
+        &[
+            "--xds-addr",
+            "0.0.0.0:15012",
+            "--auto-registration-grace",
+            "1s",
+        ],
+    );
+    cli(control, &["create", "namespace", "vm-workloads"]);
+    cli(control, &["create", "namespace", "frontend"]);
+    let mesh = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: payment-vms, namespace: vm-workloads}\n\
+         spec: {metadata: {labels: {app: payment-service}}, template: {serviceAccount: payment-service-sa, ports: {http: 8080}}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: payment-service, namespace: vm-workloads}\n\
+         spec: {selector: {app: payment-service}, ports: [{name: http, port: 8080}]}\n---\n\
+         apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: vm-workloads}\n\
+         spec: {mtls: {mode: STRICT}}\n",
+    )
+    .unwrap();
+    cli(control, &["apply", "-f", mesh.to_str().unwrap()]);
+
+    // The client: its sidecar, with the service range captured.
+    client.run(&[
+        "ip",
+        "route",
+        "add",
+        "10.96.0.0/16",
+        "dev",
+        "lo",
+        "src",
+        "10.49.1.1",
+    ]);
+    client.run(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "10.96.0.0/16",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ]);
+    start_agent(
+        &mut client,
+        control,
+        dir.path(),
+        "10.49.1.2:15012",
+        "frontend",
+        "frontend-sa",
+        "10.49.1.1",
+        &["--label", "app=frontend"],
+        81,
+    );
+    let vip = eventually("a VIP", || {
+        let output = server
+            .command(&[
+                VMESH,
+                "get",
+                "cm",
+                "vmesh-vip-allocations",
+                "-n",
+                "istio-system",
+                "-o",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        let vips: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        Some(vips["data"][HOST].as_str()?.to_string())
+    });
+    let url = format!("http://{vip}:8080/api/payments/1");
+
+    // The VM: its application, and its onboarding files installed.
+    vm.spawn(
+        &[
+            VMESH,
+            "demo-app",
+            "--addr",
+            "127.0.0.1:8080",
+            "--name",
+            "vm1",
+        ],
+        &dir.path().join("app.log"),
+    );
+    let files = dir.path().join("files");
+    cli(
+        control,
+        &[
+            "workload",
+            "entry",
+            "configure",
+            "--name",
+            "payment-vms",
+            "-n",
+            "vm-workloads",
+            "-o",
+            files.to_str().unwrap(),
+            "--autoregister",
+            "--ingressHost",
+            "10.49.0.1",
+        ],
+    );
+    let root = dir.path().join("vm-root");
+    let install = std::process::Command::new("sh")
+        .arg(files.join("install.sh"))
+        .env("ROOT", &root)
+        .env("VMESH_NO_START", "1")
+        .output()
+        .unwrap();
+    assert!(
+        install.status.success(),
+        "{}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+
+    let started = Instant::now();
+    let agent = start_vm_agent(&mut vm, &root, dir.path());
+    let first = until_served(&client, &url, started);
+
+    // A restart: the certificate is on disk, the entry comes back.
+    vm.stop(agent);
+    eventually("the entry gone", || {
+        let output = server
+            .command(&[VMESH, "get", "we", "-n", "vm-workloads", "-o", "name"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .is_empty()
+            .then_some(())
+    });
+    let started = Instant::now();
+    start_vm_agent(&mut vm, &root, dir.path());
+    let again = until_served(&client, &url, started);
+
+    let target = Duration::from_secs(1);
+    for (what, took) in [("first join", first), ("restart", again)] {
+        println!(
+            "agent start → first mTLS request served by the VM, {what:<10} {:>6.0} ms   target < {:.0} ms   ratio {:.3}",
+            took.as_secs_f64() * 1e3,
+            target.as_secs_f64() * 1e3,
+            took.as_secs_f64() / target.as_secs_f64()
+        );
+    }
+}

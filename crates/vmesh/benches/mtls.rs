@@ -13,7 +13,10 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use common::{Namespace, VMESH, cli, eventually, link, start_agent, start_server};
+use common::{
+    Namespace, VMESH, capture_service_range, cli, eventually, link, start_agent, start_server,
+    vip_of,
+};
 
 const REQUESTS: usize = 3000;
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
@@ -120,31 +123,7 @@ fn main() {
         &["--label", "app=payment-service"],
         61,
     );
-    client.run(&[
-        "ip",
-        "route",
-        "add",
-        "10.96.0.0/16",
-        "dev",
-        "lo",
-        "src",
-        "10.46.0.1",
-    ]);
-    client.run(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "10.96.0.0/16",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ]);
+    capture_service_range(&client, "10.46.0.1");
     start_agent(
         &mut client,
         control,
@@ -156,27 +135,8 @@ fn main() {
         &["--label", "app=frontend"],
         62,
     );
-    let vip_of = |host: &str| {
-        eventually("a VIP", || {
-            let output = payment
-                .command(&[
-                    VMESH,
-                    "get",
-                    "cm",
-                    "vmesh-vip-allocations",
-                    "-n",
-                    "istio-system",
-                    "-o",
-                    "json",
-                ])
-                .output()
-                .unwrap();
-            let vips: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-            Some(vips["data"][host].as_str()?.to_string())
-        })
-    };
-    let mtls_url = format!("http://{}:8080/api/payments/1", vip_of(HOST));
-    let plain_url = format!("http://{}:8081/api/payments/1", vip_of(PLAIN_HOST));
+    let mtls_url = format!("http://{}:8080/api/payments/1", vip_of(control, HOST));
+    let plain_url = format!("http://{}:8081/api/payments/1", vip_of(control, PLAIN_HOST));
     let ok = |url: &str| {
         let output = client
             .command(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url])

@@ -16,7 +16,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Namespace, VMESH, cli, envoy_binary, eventually, link, start_agent, start_server};
+use common::{
+    Namespace, VMESH, capture_service_range, cli, envoy_binary, eventually, link, start_agent,
+    start_server, vip_of,
+};
 
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
 
@@ -116,31 +119,7 @@ fn main() {
     cli(control, &["apply", "-f", mesh.to_str().unwrap()]);
 
     // The client: its sidecar, with the service range captured.
-    client.run(&[
-        "ip",
-        "route",
-        "add",
-        "10.96.0.0/16",
-        "dev",
-        "lo",
-        "src",
-        "10.49.1.1",
-    ]);
-    client.run(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "10.96.0.0/16",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ]);
+    capture_service_range(&client, "10.49.1.1");
     start_agent(
         &mut client,
         control,
@@ -152,23 +131,7 @@ fn main() {
         &["--label", "app=frontend"],
         81,
     );
-    let vip = eventually("a VIP", || {
-        let output = server
-            .command(&[
-                VMESH,
-                "get",
-                "cm",
-                "vmesh-vip-allocations",
-                "-n",
-                "istio-system",
-                "-o",
-                "json",
-            ])
-            .output()
-            .unwrap();
-        let vips: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-        Some(vips["data"][HOST].as_str()?.to_string())
-    });
+    let vip = vip_of(control, HOST);
     let url = format!("http://{vip}:8080/api/payments/1");
 
     // The VM: its application, and its onboarding files installed.

@@ -20,7 +20,10 @@ use std::path::Path;
 use vmesh_api::testing::seed_dir;
 
 mod common;
-use common::{Namespace, VMESH, cli, eventually, link, start_agent, start_server};
+use common::{
+    Namespace, VMESH, capture_service_range, cli, eventually, link, start_agent, start_server,
+    vip_of,
+};
 
 const PAYMENT_HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
 
@@ -153,22 +156,7 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
         (&mut frontend, "10.44.0.1", "frontend", "frontend-sa", 52),
         (&mut orders, "10.45.0.1", "orders", "order-service-sa", 53),
     ] {
-        client.run(&["ip", "route", "add", "10.96.0.0/16", "dev", "lo", "src", ip]);
-        client.run(&[
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "10.96.0.0/16",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ]);
+        capture_service_range(client, ip);
         let server = format!(
             "{}:15012",
             if ip == "10.44.0.1" {
@@ -190,23 +178,7 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
         );
     }
 
-    let vip = eventually("a VIP for the payment service", || {
-        let output = payment
-            .command(&[
-                VMESH,
-                "get",
-                "cm",
-                "vmesh-vip-allocations",
-                "-n",
-                "istio-system",
-                "-o",
-                "json",
-            ])
-            .output()
-            .unwrap();
-        let vips: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-        Some(vips["data"][PAYMENT_HOST].as_str()?.to_string())
-    });
+    let vip = vip_of(control, PAYMENT_HOST);
     let url = |path: &str| format!("http://{vip}:8080{path}");
 
     // frontend-sa may GET and POST payments and refunds, nothing else.

@@ -246,3 +246,46 @@ pub fn start_server(ns: &mut Namespace, dir: &Path, flags: &[&str]) {
             .then_some(())
     });
 }
+
+/// The virtual IP the server in the namespace named `control` allocated to `host`.
+pub fn vip_of(control: &str, host: &str) -> String {
+    eventually(&format!("a VIP for {host}"), || {
+        let output = Command::new("ip")
+            .args(["netns", "exec", control, VMESH])
+            .args([
+                "get",
+                "cm",
+                "vmesh-vip-allocations",
+                "-n",
+                "istio-system",
+                "-o",
+                "json",
+            ])
+            .output()
+            .unwrap();
+        let vips: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        Some(vips["data"][host].as_str()?.to_string())
+    })
+}
+
+/// Sends `ns`'s connections to the service range through its sidecar's
+/// 15001, from source address `ip` (the agent's own capture is tested on its
+/// own; this keeps everything else direct).
+pub fn capture_service_range(ns: &Namespace, ip: &str) {
+    ns.run(&["ip", "route", "add", "10.96.0.0/16", "dev", "lo", "src", ip]);
+    ns.run(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "10.96.0.0/16",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ]);
+}

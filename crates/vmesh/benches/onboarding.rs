@@ -17,8 +17,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Namespace, VMESH, capture_service_range, cli, envoy_binary, eventually, link, start_agent,
-    start_server, vip_of,
+    Namespace, VMESH, capture_service_range, cli, envoy_binary, eventually, link, onboard,
+    start_agent, start_server, vip_of,
 };
 
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
@@ -146,36 +146,7 @@ fn main() {
         ],
         &dir.path().join("app.log"),
     );
-    let files = dir.path().join("files");
-    cli(
-        control,
-        &[
-            "workload",
-            "entry",
-            "configure",
-            "--name",
-            "payment-vms",
-            "-n",
-            "vm-workloads",
-            "-o",
-            files.to_str().unwrap(),
-            "--autoregister",
-            "--ingressHost",
-            "10.49.0.1",
-        ],
-    );
-    let root = dir.path().join("vm-root");
-    let install = std::process::Command::new("sh")
-        .arg(files.join("install.sh"))
-        .env("ROOT", &root)
-        .env("VMESH_NO_START", "1")
-        .output()
-        .unwrap();
-    assert!(
-        install.status.success(),
-        "{}",
-        String::from_utf8_lossy(&install.stderr)
-    );
+    let root = onboard(control, dir.path(), "payment-vms", "10.49.0.1");
 
     let started = Instant::now();
     let agent = start_vm_agent(&mut vm, &root, dir.path());

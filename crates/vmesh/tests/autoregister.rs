@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Namespace, VMESH, cli, eventually, link, start_agent, start_server};
+use common::{Namespace, VMESH, cli, eventually, link, onboard, start_agent, start_server};
 
 const GROUP: &str = "payment-vms";
 
@@ -73,36 +73,7 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     cli(control, &["apply", "-f", group.to_str().unwrap()]);
 
     // A VM is onboarded: files from the server, installed under its root.
-    let files = dir.path().join("onboarding");
-    cli(
-        control,
-        &[
-            "workload",
-            "entry",
-            "configure",
-            "--name",
-            GROUP,
-            "-n",
-            "vm-workloads",
-            "-o",
-            files.to_str().unwrap(),
-            "--autoregister",
-            "--ingressHost",
-            "10.47.0.2",
-        ],
-    );
-    let vm_root = dir.path().join("vm-root");
-    let install = std::process::Command::new("sh")
-        .arg(files.join("install.sh"))
-        .env("ROOT", &vm_root)
-        .env("VMESH_NO_START", "1")
-        .output()
-        .unwrap();
-    assert!(
-        install.status.success(),
-        "install.sh: {}",
-        String::from_utf8_lossy(&install.stderr)
-    );
+    let vm_root = onboard(control, dir.path(), GROUP, "10.47.0.2");
     // Its agent starts from those files alone (and a name and address, as
     // the VM's host name and address are not the test machine's).
     let started = Instant::now();

@@ -14,7 +14,7 @@ use std::time::Duration;
 use vmesh_api::testing::seed_dir;
 
 mod common;
-use common::{Namespace, VMESH, envoy_binary, eventually};
+use common::{Namespace, VMESH, capture_service_range, envoy_binary, eventually, vip_of};
 
 fn workload_entry(name: &str, address: &str, version: &str, locality: &str) -> String {
     format!(
@@ -45,24 +45,6 @@ fn bootstrap(xds_port: u16, api_type: &str) -> String {
   "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 15000}}}}}}
 }}"#
     )
-}
-
-/// The virtual IP the server allocated to `host`, once it has.
-fn vip_of(ns: &Namespace, host: &str) -> String {
-    eventually(&format!("a VIP for {host}"), || {
-        let args = vmesh(&[
-            "get",
-            "cm",
-            "vmesh-vip-allocations",
-            "-n",
-            "istio-system",
-            "-o",
-            "json",
-        ]);
-        let output = ns.command(&args).output().unwrap();
-        let vips: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-        Some(vips["data"][host].as_str()?.to_string())
-    })
 }
 
 /// `Some` when `vmesh proxy-status` shows the test's proxy SYNCED for CDS, LDS, EDS and RDS.
@@ -219,37 +201,13 @@ fn canary_split(api_type: &str, base_id: &str) {
     ] {
         ns.run(&vmesh(&["apply", "-f", file.to_str().unwrap()]));
     }
-    let vip = vip_of(&ns, "payment-service.vm-workloads.svc.cluster.local");
+    let vip = vip_of(&ns.name, "payment-service.vm-workloads.svc.cluster.local");
 
     // Only traffic to the service range is captured: full capture is the agent's job.
     // The client needs a source address that is not 127/8 (loopback sources
     // are martians once the destination is rewritten), and a route to the VIPs.
     ns.run(&["ip", "addr", "add", "10.10.0.2/32", "dev", "lo"]);
-    ns.run(&[
-        "ip",
-        "route",
-        "add",
-        "10.96.0.0/16",
-        "dev",
-        "lo",
-        "src",
-        "10.10.0.2",
-    ]);
-    ns.run(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "10.96.0.0/16",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ]);
+    capture_service_range(&ns, "10.10.0.2");
     let bootstrap_file = dir.path().join("bootstrap.json");
     std::fs::write(&bootstrap_file, bootstrap(15010, api_type)).unwrap();
     ns.spawn(
@@ -481,7 +439,7 @@ spec:
   trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
 "#,
     );
-    let ledger_vip = vip_of(&ns, "ledger.vm-workloads.svc.cluster.local");
+    let ledger_vip = vip_of(&ns.name, "ledger.vm-workloads.svc.cluster.local");
     let ledger_url = format!("http://{ledger_vip}:8080/");
     let first = eventually("ledger to answer", || {
         get(&ns, &ledger_url, Some("x-user: alice"))

@@ -289,3 +289,40 @@ pub fn capture_service_range(ns: &Namespace, ip: &str) {
         "15001",
     ]);
 }
+
+/// Onboards a VM of `group` (namespace vm-workloads) the guide's way: the
+/// files from `vmesh workload entry configure --autoregister`, placed by the
+/// generated `install.sh` under a root of its own, which it returns.
+pub fn onboard(control: &str, dir: &Path, group: &str, ingress_host: &str) -> PathBuf {
+    let files = dir.join(format!("onboarding-{group}"));
+    cli(
+        control,
+        &[
+            "workload",
+            "entry",
+            "configure",
+            "--name",
+            group,
+            "-n",
+            "vm-workloads",
+            "-o",
+            files.to_str().unwrap(),
+            "--autoregister",
+            "--ingressHost",
+            ingress_host,
+        ],
+    );
+    let root = dir.join(format!("root-{group}"));
+    let install = Command::new("sh")
+        .arg(files.join("install.sh"))
+        .env("ROOT", &root)
+        .env("VMESH_NO_START", "1")
+        .output()
+        .unwrap();
+    assert!(
+        install.status.success(),
+        "install.sh: {}",
+        String::from_utf8_lossy(&install.stderr)
+    );
+    root
+}

@@ -405,7 +405,7 @@ fn group_create_apply_configure_and_install() {
 
     let unit = read(&files.join("vmesh-agent.service"));
     assert!(
-        unit.contains("\nExecStart=/usr/local/bin/vmesh agent --root /\n"),
+        unit.contains("\nExecStart=/usr/local/bin/vmesh agent --root / --capture\n"),
         "{unit}"
     );
     assert!(unit.contains("\n[Install]\nWantedBy=multi-user.target\n"));

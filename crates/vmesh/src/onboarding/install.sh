@@ -187,9 +187,9 @@ fi
 
 say "onboarding files installed under ${ROOT:-/}"
 if [ -n "$ROOT" ]; then
-    say "ROOT is set: systemd left alone; run: vmesh agent --root $ROOT"
+    say "ROOT is set: systemd left alone; run: vmesh agent --root $ROOT --capture"
 elif [ ! -d /run/systemd/system ] || ! command -v systemctl >/dev/null 2>&1; then
-    say "systemd is not running: start the agent yourself: $BINARY agent --root /"
+    say "systemd is not running: start the agent yourself: $BINARY agent --root / --capture"
 else
     systemctl daemon-reload
     systemd-tmpfiles --create "$TMPFILES" >/dev/null 2>&1 || true

@@ -1,5 +1,5 @@
-//! The agent's identity half, assembled: the certificate manager, SDS and
-//! the xDS proxy, run together until shutdown.
+//! The agent, assembled: the certificate manager, SDS, the xDS proxy and
+//! the workload's readiness probe, run together until shutdown.
 //!
 //! [`start`] binds both sockets before it returns (so Envoy can be started
 //! right after) and hands back an [`AgentHandle`] with their paths and the
@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use vmesh_ca::SpiffeId;
 
 use crate::backoff::BackoffPolicy;
+use crate::health::{HealthReport, ProbeError, Prober};
 use crate::identity::{
     CaClient, CertificateManager, CertificateSigner, IdentityConfig, IdentityError, IdentityHandle,
     RenewalPolicy, TrustAnchors,
@@ -53,6 +54,8 @@ pub enum AgentError {
     Sds(#[from] SdsError),
     #[error(transparent)]
     XdsProxy(#[from] XdsProxyError),
+    #[error("the readiness probe: {0}")]
+    Probe(#[from] ProbeError),
     #[error("agent task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -88,6 +91,10 @@ pub struct AgentConfig {
     pub renewal: RenewalPolicy,
     /// Reconnecting xDS streams to the control plane.
     pub xds_backoff: BackoffPolicy,
+    /// The WorkloadGroup's probe (mesh.yaml's `readinessProbe`): run, and
+    /// its verdicts reported to the control plane.
+    #[serde(skip)]
+    pub probe: Option<vmesh_api::kinds::workload_group::ReadinessProbe>,
 }
 
 impl AgentConfig {
@@ -116,6 +123,7 @@ impl AgentConfig {
                 max: Duration::from_secs(30),
                 jitter: 0.2,
             },
+            probe: None,
         }
     }
 
@@ -138,6 +146,7 @@ pub struct AgentHandle {
     xds_socket: PathBuf,
     sds_socket: PathBuf,
     identity: IdentityHandle,
+    health: Option<watch::Receiver<Option<HealthReport>>>,
     tasks: JoinSet<Result<(), AgentError>>,
 }
 
@@ -154,6 +163,11 @@ impl AgentHandle {
 
     pub fn identity(&self) -> &IdentityHandle {
         &self.identity
+    }
+
+    /// The workload's health as the probe last decided; `None` without a probe.
+    pub fn health(&self) -> Option<watch::Receiver<Option<HealthReport>>> {
+        self.health.clone()
     }
 
     /// Waits for every part to stop (after shutdown), or for the first to
@@ -201,6 +215,7 @@ pub async fn start_with_signer(
         signer,
     )?;
     let identity = manager.handle();
+    let prober = config.probe.as_ref().map(Prober::new).transpose()?;
 
     let xds_socket = config.xds_socket();
     let sds_socket = config.sds_socket();
@@ -232,12 +247,16 @@ pub async fn start_with_signer(
         crate::uds::remove(&path);
         Ok(result?)
     });
-    let proxy = XdsProxy::new(
+    let mut proxy = XdsProxy::new(
         upstream,
         identity.subscribe(),
         config.xds_backoff,
         shutdown.clone(),
     );
+    let health = prober.map(|prober| prober.spawn(shutdown.clone()));
+    if let Some(reports) = &health {
+        proxy = proxy.with_health(reports.clone());
+    }
     let path = xds_socket.clone();
     tasks.spawn(async move {
         let result = proxy.serve(xds_listener).await;
@@ -249,6 +268,7 @@ pub async fn start_with_signer(
         xds_socket,
         sds_socket,
         identity,
+        health,
         tasks,
     })
 }

@@ -1,4 +1,4 @@
-//! The vmesh node agent's identity half — what Istio's pilot-agent does
+//! The vmesh node agent — what Istio's pilot-agent does
 //! beside Envoy on a VM: it gets and renews the workload's certificate,
 //! serves it to Envoy over SDS, relays Envoy's xDS to the control plane
 //! over mutual TLS, and writes Envoy's bootstrap.
@@ -13,12 +13,13 @@
 //! - [`bootstrap`]: Envoy's bootstrap JSON, Istio-style;
 //! - [`upstream`]: TLS channels to the control plane;
 //! - [`agent`]: all of the above run together ([`agent::start`]);
-//! - [`capture`]: traffic capture with iptables, Istio's rules (apply, clean up).
+//! - [`capture`]: traffic capture with iptables, Istio's rules (apply, clean up);
+//! - [`health`]: the WorkloadGroup's readiness probe, whose verdicts the
+//!   xDS proxy reports to the control plane;
+//! - [`status`]: the status port (15020): readiness and merged metrics.
 //!
 //! It does not own: the `vmesh agent` command line and the onboarding files
-//! it reads, Envoy supervision, the DNS proxy,
-//! health probes, or the agent's own metrics port (15020) — those build on
-//! this crate. Nor the control plane's side of port 15012 (the server crate
+//! it reads, Envoy supervision, or the DNS proxy — those build on this crate. Nor the control plane's side of port 15012 (the server crate
 //! serves ADS and the CA there and checks that a stream's node matches its
 //! client certificate).
 //!
@@ -57,8 +58,10 @@ pub mod agent;
 pub mod backoff;
 pub mod bootstrap;
 pub mod capture;
+pub mod health;
 pub mod identity;
 pub mod sds;
+pub mod status;
 mod uds;
 pub mod upstream;
 pub mod xds_proxy;

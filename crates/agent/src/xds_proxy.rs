@@ -15,9 +15,17 @@
 //! the versions it has), which a relay cannot replay faithfully on its own;
 //! the next connection waits out the backoff if the last ones failed.
 //!
-//! This module does not interpret xDS (no ACK bookkeeping, no interception
-//! of Istio's own types yet) and does not authenticate Envoy: the socket's
-//! file mode is the access control.
+//! The relay adds one thing of its own to each stream: the workload's health
+//! reports (from [`crate::health`]), as Istio's agent sends them — requests
+//! of type [`HEALTH_INFORMATION_TYPE`], healthy with no `error_detail`,
+//! unhealthy with `error_detail { code: 500, message }`. The latest report
+//! is sent after Envoy's first request on every new stream (so a reconnect
+//! repeats it) and again, with backoff, until the control plane answers
+//! with a response of that type whose nonce is the report's; those answers
+//! are not passed to Envoy.
+//!
+//! Otherwise this module does not interpret xDS (no ACK bookkeeping) and
+//! does not authenticate Envoy: the socket's file mode is the access control.
 
 use std::future::Future;
 use std::path::Path;
@@ -30,6 +38,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use envoy_types::pb::google::rpc::Status as RpcStatus;
 use parking_lot::Mutex;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
@@ -38,11 +47,22 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::backoff::BackoffPolicy;
+use crate::health::HealthReport;
 use crate::identity::Credentials;
 use crate::upstream::Upstream;
 
 /// Largest message relayed either way: a full push for a large mesh.
 pub const MAX_MESSAGE: usize = 256 << 20;
+
+/// Istio's type URL for a workload's health report.
+pub const HEALTH_INFORMATION_TYPE: &str = "type.googleapis.com/istio.v1.HealthInformation";
+
+/// How an unacknowledged health report is repeated.
+const HEALTH_RETRY: BackoffPolicy = BackoffPolicy {
+    initial: std::time::Duration::from_secs(1),
+    max: std::time::Duration::from_secs(30),
+    jitter: 0.2,
+};
 
 /// Why the xDS proxy stopped.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +84,7 @@ struct Inner {
     /// Failed upstream attempts in a row, across Envoy's streams.
     failures: Mutex<u32>,
     shutdown: watch::Receiver<bool>,
+    health: Option<watch::Receiver<Option<HealthReport>>>,
 }
 
 /// The ADS relay. Cloning is cheap.
@@ -96,8 +117,18 @@ impl XdsProxy {
                 backoff,
                 failures: Mutex::new(0),
                 shutdown,
+                health: None,
             }),
         }
+    }
+
+    /// The same relay, also reporting the workload's health from `reports`.
+    /// Must be called before the relay is cloned or served.
+    pub fn with_health(mut self, reports: watch::Receiver<Option<HealthReport>>) -> XdsProxy {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_health before the relay is shared")
+            .health = Some(reports);
+        self
     }
 
     /// The tonic service, for a server of the caller's.
@@ -201,8 +232,8 @@ async fn relay<Req, Resp, F, Fut>(
     out: mpsc::Sender<Result<Resp, Status>>,
     open: F,
 ) where
-    Req: Send + 'static,
-    Resp: Send + 'static,
+    Req: HealthRequest + Send + 'static,
+    Resp: HealthAck + Send + 'static,
     F: FnOnce(AggregatedDiscoveryServiceClient<Channel>, ReceiverStream<Req>) -> Fut,
     Fut: Future<Output = Result<Response<Streaming<Resp>>, Status>>,
 {
@@ -220,6 +251,16 @@ async fn relay<Req, Resp, F, Fut>(
         "xDS stream relayed upstream"
     );
     let (requests, upstream_requests) = mpsc::channel::<Req>(16);
+    let (forwarded_first, first_forwarded) = watch::channel(false);
+    let (health_acked, acked) = watch::channel(0u64);
+    let _reporter = inner.health.clone().map(|reports| {
+        AbortOnDrop(tokio::spawn(report_health(
+            reports,
+            requests.clone(),
+            first_forwarded,
+            acked,
+        )))
+    });
     // Envoy → control plane. Ends (closing the upstream's request side)
     // when Envoy ends its side.
     let _pump = AbortOnDrop(tokio::spawn(async move {
@@ -229,6 +270,7 @@ async fn relay<Req, Resp, F, Fut>(
                     if requests.send(request).await.is_err() {
                         return;
                     }
+                    forwarded_first.send_replace(true);
                 }
                 Ok(None) => return,
                 Err(status) => {
@@ -273,6 +315,14 @@ async fn relay<Req, Resp, F, Fut>(
                         relayed = true;
                         *inner.failures.lock() = 0;
                     }
+                    if let Some(sequence) = response.health_sequence() {
+                        health_acked.send_if_modified(|acked| {
+                            let newer = sequence > *acked;
+                            *acked = (*acked).max(sequence);
+                            newer
+                        });
+                        continue;
+                    }
                     if out.send(Ok(response)).await.is_err() {
                         return;
                     }
@@ -291,6 +341,116 @@ async fn relay<Req, Resp, F, Fut>(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// The nonce that names a health report, and its acknowledgement.
+fn health_nonce(sequence: u64) -> String {
+    format!("health-{sequence}")
+}
+
+fn sequence_of(type_url: &str, nonce: &str) -> Option<u64> {
+    if type_url != HEALTH_INFORMATION_TYPE {
+        return None;
+    }
+    nonce.strip_prefix("health-")?.parse().ok()
+}
+
+fn health_error(report: &HealthReport) -> Option<RpcStatus> {
+    (!report.healthy).then(|| RpcStatus {
+        code: 500,
+        message: report.message.clone(),
+        details: Vec::new(),
+    })
+}
+
+/// A health report, as each protocol's request carries it.
+trait HealthRequest {
+    fn health_request(report: &HealthReport) -> Self;
+}
+
+/// The report a response acknowledges, if it is an acknowledgement.
+trait HealthAck {
+    fn health_sequence(&self) -> Option<u64>;
+}
+
+impl HealthRequest for DiscoveryRequest {
+    fn health_request(report: &HealthReport) -> Self {
+        DiscoveryRequest {
+            type_url: HEALTH_INFORMATION_TYPE.into(),
+            response_nonce: health_nonce(report.sequence),
+            error_detail: health_error(report),
+            ..Default::default()
+        }
+    }
+}
+
+impl HealthRequest for DeltaDiscoveryRequest {
+    fn health_request(report: &HealthReport) -> Self {
+        DeltaDiscoveryRequest {
+            type_url: HEALTH_INFORMATION_TYPE.into(),
+            response_nonce: health_nonce(report.sequence),
+            error_detail: health_error(report),
+            ..Default::default()
+        }
+    }
+}
+
+impl HealthAck for DiscoveryResponse {
+    fn health_sequence(&self) -> Option<u64> {
+        sequence_of(&self.type_url, &self.nonce)
+    }
+}
+
+impl HealthAck for DeltaDiscoveryResponse {
+    fn health_sequence(&self) -> Option<u64> {
+        sequence_of(&self.type_url, &self.nonce)
+    }
+}
+
+/// Sends the latest health report upstream once Envoy's first request has
+/// gone (the control plane learns who is talking from it), and repeats it
+/// with backoff until acknowledged; a newer report replaces it.
+async fn report_health<Req: HealthRequest>(
+    mut reports: watch::Receiver<Option<HealthReport>>,
+    requests: mpsc::Sender<Req>,
+    mut first_forwarded: watch::Receiver<bool>,
+    mut acked: watch::Receiver<u64>,
+) {
+    if first_forwarded.wait_for(|sent| *sent).await.is_err() {
+        return;
+    }
+    'reports: loop {
+        let report = reports.borrow_and_update().clone();
+        if let Some(report) = report {
+            let mut attempt = 0;
+            while *acked.borrow() < report.sequence {
+                if requests.send(Req::health_request(&report)).await.is_err() {
+                    return;
+                }
+                let delay = HEALTH_RETRY.delay(attempt, fastrand::f64());
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    done = acked.wait_for(|acked| *acked >= report.sequence) => {
+                        if done.is_err() {
+                            return;
+                        }
+                    }
+                    changed = reports.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        continue 'reports;
+                    }
+                    () = tokio::time::sleep(delay) => {
+                        tracing::debug!(sequence = report.sequence, "health report not acknowledged yet; sending it again");
+                    }
+                }
+            }
+        }
+        if reports.changed().await.is_err() {
+            return;
         }
     }
 }

@@ -21,7 +21,7 @@ use crate::model::{MeshSettings, OutboundPolicy, Scoped};
 
 /// Set on WorkloadEntries whose group has a readiness probe: such an entry is
 /// healthy only once a `Healthy=True` condition says so.
-const HEALTH_CHECKS_ANNOTATION: &str = "proxy.istio.io/health-checks-enabled";
+pub const HEALTH_CHECKS_ANNOTATION: &str = "proxy.istio.io/health-checks-enabled";
 
 #[derive(Default)]
 pub(crate) struct Inputs {

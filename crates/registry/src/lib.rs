@@ -36,6 +36,7 @@ mod inputs;
 mod model;
 mod vip;
 
+pub use inputs::HEALTH_CHECKS_ANNOTATION;
 pub use model::{
     DOMAIN_SUFFIX, MeshEndpoint, MeshPort, MeshService, MeshSettings, OutboundPolicy, Protocol,
     Resolution, Scoped, Snapshot,

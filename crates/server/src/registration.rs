@@ -5,6 +5,11 @@
 //! disconnected and deleted after a grace period, unless it reconnects; a
 //! refusal is written on the group's status for the operator to see.
 //!
+//! Health reports land here too: they become the `Healthy` condition of the
+//! proxy's entry — the one it registered, or the one its
+//! `ISTIO_META_WORKLOAD_ENTRY` names, provided that entry runs as the
+//! proxy's proven service account.
+//!
 //! This module decides what entries exist; xDS tells it who connects, and the
 //! registry turns entries into endpoints.
 
@@ -18,7 +23,7 @@ use tonic::Status;
 use vmesh_api::kinds::workload_group::WorkloadGroup;
 use vmesh_api::{Object, ObjectKey, ObjectMeta};
 use vmesh_store::{Op, Store};
-use vmesh_xds::ads::{CallerIdentity, ProxyLifecycle};
+use vmesh_xds::ads::{CallerIdentity, HealthReport, ProxyLifecycle};
 use vmesh_xds::node::Proxy;
 
 pub const GROUP_ANNOTATION: &str = "istio.io/autoRegistrationGroup";
@@ -27,6 +32,8 @@ pub const CONNECTED_AT_ANNOTATION: &str = "istio.io/connectedAt";
 pub const DISCONNECTED_AT_ANNOTATION: &str = "istio.io/disconnectedAt";
 /// The metadata key naming the group a proxy registers into.
 const GROUP_METADATA: &str = "AUTO_REGISTER_GROUP";
+/// The metadata key naming a manually made entry a proxy reports health for.
+const ENTRY_METADATA: &str = "WORKLOAD_ENTRY";
 /// Kubernetes' limit on a name.
 const MAX_NAME: usize = 253;
 
@@ -182,6 +189,13 @@ impl AutoRegistration {
             .entry(vmesh_xds::mtls::TLS_MODE_LABEL.into())
             .or_insert_with(|| "istio".into());
         let mut annotations = metadata.annotations.unwrap_or_default();
+        if group.spec.probe.is_some() {
+            // Out of EDS until the agent's probe says it is healthy.
+            annotations.insert(
+                vmesh_registry::HEALTH_CHECKS_ANNOTATION.into(),
+                "true".into(),
+            );
+        }
         annotations.insert(GROUP_ANNOTATION.into(), group_name.into());
         annotations.insert(CONTROLLER_ANNOTATION.into(), self.controller.clone());
         annotations.insert(CONNECTED_AT_ANNOTATION.into(), now());
@@ -268,6 +282,122 @@ impl AutoRegistration {
     }
 }
 
+impl AutoRegistration {
+    /// The entry whose health this proxy may report: the one it registered
+    /// on this stream, or the one named by its `WORKLOAD_ENTRY` metadata if
+    /// that entry runs as the caller's service account.
+    fn health_target(
+        &self,
+        connection: u64,
+        proxy: &Proxy,
+        caller: Option<&CallerIdentity>,
+    ) -> Result<Option<String>, Status> {
+        if let Some(group) = proxy.metadata.get(GROUP_METADATA).filter(|g| !g.is_empty()) {
+            let name = entry_name(group, proxy);
+            let registered = self
+                .streams
+                .lock()
+                .get(&(proxy.namespace.clone(), name.clone()))
+                .is_some_and(|streams| streams.contains(&connection));
+            return Ok(registered.then_some(name));
+        }
+        let Some(name) = proxy.metadata.get(ENTRY_METADATA).filter(|n| !n.is_empty()) else {
+            return Ok(None);
+        };
+        let Some(entry) = self
+            .store
+            .get(&entry_key(&proxy.namespace, name))
+            .map_err(|e| Status::unavailable(e.to_string()))?
+        else {
+            return Err(Status::not_found(format!(
+                "WorkloadEntry {}/{name} does not exist",
+                proxy.namespace
+            )));
+        };
+        let account = entry
+            .body
+            .get("spec")
+            .and_then(|spec| spec.get("serviceAccount"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if let Some(caller) = caller
+            && caller.service_account != account
+        {
+            return Err(Status::permission_denied(format!(
+                "WorkloadEntry {}/{name} runs as {account}, not {}",
+                proxy.namespace, caller.service_account
+            )));
+        }
+        Ok(Some(name.clone()))
+    }
+
+    /// Writes `report` as the entry's `Healthy` condition.
+    fn record_health(
+        &self,
+        namespace: &str,
+        name: &str,
+        report: &HealthReport,
+    ) -> Result<(), Status> {
+        let key = entry_key(namespace, name);
+        let Some(mut entry) = self
+            .store
+            .get(&key)
+            .map_err(|e| Status::unavailable(e.to_string()))?
+        else {
+            return Err(Status::not_found(format!(
+                "WorkloadEntry {namespace}/{name} does not exist"
+            )));
+        };
+        let status = if report.healthy { "True" } else { "False" };
+        let now = now();
+        let mut state = entry.body.remove("status").unwrap_or_else(|| json!({}));
+        if !state.is_object() {
+            state = json!({});
+        }
+        let conditions = state
+            .as_object_mut()
+            .expect("made an object above")
+            .entry("conditions")
+            .or_insert_with(|| json!([]));
+        if !conditions.is_array() {
+            *conditions = json!([]);
+        }
+        let conditions = conditions.as_array_mut().expect("made an array above");
+        let previous = conditions
+            .iter()
+            .position(|c| c.get("type").and_then(Value::as_str) == Some("Healthy"));
+        let transition = previous
+            .map(|i| &conditions[i])
+            .filter(|c| c.get("status").and_then(Value::as_str) == Some(status))
+            .and_then(|c| c.get("lastTransitionTime").cloned())
+            .unwrap_or_else(|| Value::String(now.clone()));
+        let mut condition = json!({
+            "type": "Healthy",
+            "status": status,
+            "lastProbeTime": now,
+            "lastTransitionTime": transition,
+        });
+        if !report.healthy {
+            condition["reason"] = json!("HealthCheckFailed");
+            condition["message"] = json!(report.message);
+        }
+        match previous {
+            Some(i) => conditions[i] = condition,
+            None => conditions.push(condition),
+        }
+        entry.body.insert("status".into(), state);
+        self.store
+            .commit(vec![Op::SetStatus(entry)])
+            .map_err(|e| Status::unavailable(format!("recording the health of {name}: {e}")))?;
+        tracing::info!(
+            healthy = report.healthy,
+            message = %report.message,
+            "WorkloadEntry {namespace}/{name} health recorded"
+        );
+        Ok(())
+    }
+}
+
 /// The lifecycle hook needs the `Arc` to schedule deletions.
 pub struct Registrar(pub Arc<AutoRegistration>);
 
@@ -315,6 +445,19 @@ impl ProxyLifecycle for Registrar {
         };
         if last {
             self.0.forget_later(id.0, id.1);
+        }
+    }
+
+    fn health(
+        &self,
+        connection: u64,
+        proxy: &Proxy,
+        caller: Option<&CallerIdentity>,
+        report: &HealthReport,
+    ) -> Result<(), Status> {
+        match self.0.health_target(connection, proxy, caller)? {
+            Some(name) => self.0.record_health(&proxy.namespace, &name, report),
+            None => Ok(()),
         }
     }
 }

@@ -30,7 +30,7 @@ use vmesh_agent::identity::{CaAuth, CaClient, CertificateSigner, SignError, new_
 use vmesh_agent::upstream::Upstream;
 use vmesh_ca::SpiffeId;
 use vmesh_server::{Running, ServerConfig, start};
-use vmesh_xds::ads::CLUSTER_TYPE;
+use vmesh_xds::ads::{CLUSTER_TYPE, HEALTH_INFORMATION_TYPE};
 use x509_parser::extensions::GeneralName;
 
 /// The longest any single step may take.
@@ -716,4 +716,139 @@ async fn concurrent_revocations_are_all_kept() {
         still_good.len(),
         not_stored.len()
     );
+}
+
+/// Sends a CDS request as `node` and then a health report; returns the
+/// acknowledgement of the report, if one comes within `patience`.
+async fn report_health(
+    channel: Channel,
+    node: Node,
+    token: &str,
+    healthy: bool,
+    patience: Duration,
+) -> Option<DiscoveryResponse> {
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(DiscoveryRequest {
+        node: Some(node),
+        type_url: CLUSTER_TYPE.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    tx.send(DiscoveryRequest {
+        type_url: HEALTH_INFORMATION_TYPE.into(),
+        response_nonce: "health-1".into(),
+        error_detail: (!healthy).then(|| envoy_types::pb::google::rpc::Status {
+            code: 500,
+            message: "GET /health: HTTP 503".into(),
+            details: Vec::new(),
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut request = Request::new(UnboundedReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut responses = client
+        .stream_aggregated_resources(request)
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let ack = tokio::time::timeout(patience, async {
+        while let Some(response) = responses.message().await.expect("the stream stays up") {
+            if response.type_url == HEALTH_INFORMATION_TYPE {
+                return Some(response);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    drop(tx);
+    ack
+}
+
+/// A proxy naming a manually made WorkloadEntry (ISTIO_META_WORKLOAD_ENTRY)
+/// reports its health into that entry only if the entry runs as the
+/// proxy's proven service account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_reach_only_the_callers_own_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), false).await;
+    server.create_namespace("shop").await;
+    for (name, account) in [("web-1", "web"), ("admin-1", "admin")] {
+        let (status, body) = server
+            .call(
+                reqwest::Method::POST,
+                "/apis/networking.istio.io/v1/namespaces/shop/workloadentries",
+                Some(json!({
+                    "apiVersion": "networking.istio.io/v1",
+                    "kind": "WorkloadEntry",
+                    "metadata": {
+                        "name": name,
+                        "namespace": "shop",
+                        "annotations": {"proxy.istio.io/health-checks-enabled": "true"},
+                    },
+                    "spec": {"address": "10.0.0.9", "serviceAccount": account},
+                })),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let root = server.root_file();
+    let token = server.token("shop", "web").await;
+    let channel = tls_channel(server.xds, &root, None).await.unwrap();
+    let naming = |entry: &str| {
+        let mut node = node("shop", "web");
+        node.metadata.as_mut().unwrap().fields.insert(
+            "WORKLOAD_ENTRY".into(),
+            PbValue {
+                kind: Some(Kind::StringValue(entry.into())),
+            },
+        );
+        node
+    };
+    let condition = |entry: &str| {
+        let server = &server;
+        let path = format!("/apis/networking.istio.io/v1/namespaces/shop/workloadentries/{entry}");
+        async move {
+            let (_, body) = server.call(reqwest::Method::GET, &path, None).await;
+            body["status"]["conditions"]
+                .as_array()
+                .and_then(|c| c.iter().find(|c| c["type"] == "Healthy").cloned())
+        }
+    };
+
+    // Its own entry: recorded, then acknowledged with the report's nonce.
+    let ack = report_health(channel.clone(), naming("web-1"), &token.token, false, WAIT)
+        .await
+        .expect("the report on its own entry is acknowledged");
+    assert_eq!(ack.nonce, "health-1");
+    let recorded = condition("web-1").await.expect("a Healthy condition");
+    assert_eq!(recorded["status"], "False");
+    assert_eq!(recorded["message"], "GET /health: HTTP 503");
+    report_health(channel.clone(), naming("web-1"), &token.token, true, WAIT)
+        .await
+        .expect("acknowledged");
+    assert_eq!(condition("web-1").await.unwrap()["status"], "True");
+
+    // Another account's entry: not written, not acknowledged.
+    let ack = report_health(
+        channel.clone(),
+        naming("admin-1"),
+        &token.token,
+        false,
+        Duration::from_secs(1),
+    )
+    .await;
+    assert!(
+        ack.is_none(),
+        "a report on another account's entry: {ack:?}"
+    );
+    assert_eq!(condition("admin-1").await, None);
+
+    drop(channel);
+    server.stop().await;
 }

@@ -9,10 +9,14 @@
 //! flags override them. With `--capture` it redirects the workload's traffic
 //! through Envoy (Istio's iptables rules, `vmesh-agent`'s `capture`) while it
 //! runs, and Envoy runs as the proxy user so its own traffic is not captured.
-//! DNS and health probes are not here yet.
+//! mesh.yaml's `readinessProbe` (the WorkloadGroup's probe) is run and its
+//! verdicts reported; the status port (`--status-addr`, 15020) answers
+//! `/healthz/ready`, which `vmesh agent wait` polls so an application's unit
+//! can start only once its sidecar is ready (Istio's
+//! `holdApplicationUntilProxyStarts`). DNS is not here yet.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -22,7 +26,9 @@ use tokio::process::Command;
 use tokio::sync::watch;
 use vmesh_agent::bootstrap::{AdsApiType, Bootstrap, Locality, metadata_from_env};
 use vmesh_agent::capture::{self, CaptureConfig, Runner};
+use vmesh_agent::status::{Metrics, StatusServer};
 use vmesh_agent::{AgentConfig, AgentHandle};
+use vmesh_api::kinds::workload_group::ReadinessProbe;
 use vmesh_ca::SpiffeId;
 
 /// Everything `vmesh agent` is told. Flags win over the onboarding files.
@@ -90,6 +96,10 @@ pub struct AgentArgs {
     /// State-of-the-world ADS instead of delta.
     #[arg(long)]
     state_of_the_world: bool,
+    /// The status port: /healthz/ready and merged metrics (/stats/prometheus).
+    /// Loopback unless opened to a scraper with 0.0.0.0:15020.
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    status_addr: SocketAddr,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -98,6 +108,13 @@ enum AgentAction {
     Iptables {
         #[command(subcommand)]
         what: IptablesAction,
+    },
+    /// Waits until the sidecar is ready (the status port's /healthz/ready
+    /// answers 200), for an application unit's `ExecStartPre=`: Istio's
+    /// holdApplicationUntilProxyStarts. Exits 1 on timeout.
+    Wait {
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
     },
 }
 
@@ -180,6 +197,7 @@ struct Workload {
     name: String,
     labels: BTreeMap<String, String>,
     env: BTreeMap<String, String>,
+    probe: Option<ReadinessProbe>,
 }
 
 impl AgentArgs {
@@ -192,6 +210,26 @@ impl AgentArgs {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         Ok(parse_cluster_env(&text))
+    }
+
+    /// mesh.yaml's `defaultConfig.readinessProbe`, when there is one.
+    fn probe(&self) -> Result<Option<ReadinessProbe>> {
+        let Some(root) = &self.root else {
+            return Ok(None);
+        };
+        let path = root.join("etc/istio/config/mesh");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        let mesh: serde_json::Value = serde_saphyr::from_str(&text)
+            .with_context(|| format!("{}: not YAML", path.display()))?;
+        mesh.get("defaultConfig")
+            .and_then(|config| config.get("readinessProbe"))
+            .map(|probe| serde_json::from_value(probe.clone()))
+            .transpose()
+            .with_context(|| format!("{}: defaultConfig.readinessProbe", path.display()))
     }
 
     fn resolve(&self) -> Result<Workload> {
@@ -256,6 +294,7 @@ impl AgentArgs {
             name,
             labels,
             env,
+            probe: self.probe()?,
         })
     }
 }
@@ -317,6 +356,9 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         iptables(what, &env, args.proxy_uid, server.as_deref())?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Some(AgentAction::Wait { timeout }) = &args.action {
+        return wait_ready(args.status_addr, *timeout).await;
+    }
     let envoy = match &args.envoy {
         Some(path) => path.clone(),
         None => find_envoy()?,
@@ -330,10 +372,25 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         args.work_dir.join("run"),
     );
     config.token_file = workload.token_file.clone();
+    config.probe = workload.probe.clone();
+    if let Some(probe) = &workload.probe {
+        tracing::info!("readiness probe: {}", vmesh_agent::health::describe(probe));
+    }
     let (stop, stopped) = watch::channel(false);
-    let agent = vmesh_agent::agent::start(config, stopped)
+    let agent = vmesh_agent::agent::start(config, stopped.clone())
         .await
         .context("starting the agent")?;
+    let metrics = Metrics::default();
+    let status = StatusServer::new(
+        SocketAddr::from(([127, 0, 0, 1], args.admin_port)),
+        agent.identity().clone(),
+        agent.health(),
+        metrics.clone(),
+    )?
+    .bind(args.status_addr)
+    .await?;
+    tracing::info!("status port on {}", status.local_addr()?);
+    let status_task = tokio::spawn(status.serve(stopped));
     let bootstrap_file = write_bootstrap(&args, &workload, &agent)?;
     let mut envoy = envoy;
     let envoy_user = if args.capture {
@@ -362,7 +419,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         None
     };
     tracing::info!(identity = %workload.identity, "agent started; starting Envoy");
-    supervise(&envoy, &bootstrap_file, args.base_id, envoy_user).await;
+    supervise(&envoy, &bootstrap_file, args.base_id, envoy_user, &metrics).await;
     if args.capture
         && let Err(e) = iptables(
             &IptablesAction::Cleanup,
@@ -375,7 +432,36 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     }
     let _ = stop.send(true);
     agent.wait().await.context("stopping the agent")?;
+    status_task.await?.context("the status port")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Polls the status port's readiness until it answers 200 or `timeout` passes.
+async fn wait_ready(status_addr: SocketAddr, timeout: Duration) -> Result<ExitCode> {
+    let host = if status_addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], status_addr.port()))
+    } else {
+        status_addr
+    };
+    let url = format!("http://{host}{}", vmesh_agent::status::READY_PATH);
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("no answer yet");
+    while tokio::time::Instant::now() < deadline {
+        match client.get(&url).send().await {
+            Ok(response) if response.status().is_success() => {
+                println!("sidecar ready");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(response) => last = response.text().await.unwrap_or_default().trim().to_string(),
+            Err(e) => last = format!("{url}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("vmesh agent wait: the sidecar was not ready within {timeout:?}: {last}");
+    Ok(ExitCode::FAILURE)
 }
 
 fn write_bootstrap(args: &AgentArgs, workload: &Workload, agent: &AgentHandle) -> Result<PathBuf> {
@@ -455,7 +541,13 @@ fn runnable_by(envoy: &std::path::Path, uid: u32, work_dir: &std::path::Path) ->
 
 /// Runs Envoy until shutdown is asked (SIGINT or SIGTERM), starting it again
 /// after 1 s, 2 s, 4 s … (at most 30 s) when it dies.
-async fn supervise(envoy: &PathBuf, bootstrap: &PathBuf, base_id: u32, user: Option<u32>) {
+async fn supervise(
+    envoy: &PathBuf,
+    bootstrap: &PathBuf,
+    base_id: u32,
+    user: Option<u32>,
+    metrics: &Metrics,
+) {
     let mut delay = Duration::from_secs(1);
     loop {
         let started = tokio::time::Instant::now();
@@ -479,6 +571,7 @@ async fn supervise(envoy: &PathBuf, bootstrap: &PathBuf, base_id: u32, user: Opt
         };
         tokio::select! {
             status = child.wait() => {
+                metrics.envoy_restarts.inc();
                 tracing::warn!("Envoy exited ({status:?}); starting it again in {delay:?}");
             }
             _ = crate::commands::stop_signal() => {

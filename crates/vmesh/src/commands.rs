@@ -190,8 +190,9 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             addr,
             name,
             version,
+            unhealthy_file,
         } => {
-            crate::demo_app::run(addr, name, version).await?;
+            crate::demo_app::run(addr, name, version, unhealthy_file).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Create {

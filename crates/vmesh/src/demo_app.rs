@@ -2,25 +2,47 @@
 //! name and version, as the guide's payment VMs do. It speaks HTTP/1.1 and
 //! HTTP/2 (prior knowledge), so a proxy may upgrade connections to it.
 //! `/slow/{ms}/…` answers after a delay, to show timeouts at work.
+//! `/health` answers 503 while the `--unhealthy-file` exists, so a test or
+//! the demo can fail the readiness probe without stopping the application.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::extract::{OriginalUri, State};
+use axum::http::StatusCode;
 use axum::routing::get;
 
 #[derive(Clone)]
 struct Identity {
     name: String,
     version: String,
+    unhealthy_file: Option<PathBuf>,
 }
 
 /// Serves until the process is stopped.
-pub async fn run(addr: SocketAddr, name: String, version: String) -> Result<()> {
-    let identity = Identity { name, version };
+pub async fn run(
+    addr: SocketAddr,
+    name: String,
+    version: String,
+    unhealthy_file: Option<PathBuf>,
+) -> Result<()> {
+    let identity = Identity {
+        name,
+        version,
+        unhealthy_file,
+    };
     let app = Router::new()
-        .route("/health", get(|| async { "ok\n" }))
+        .route(
+            "/health",
+            get(|State(id): State<Identity>| async move {
+                match &id.unhealthy_file {
+                    Some(file) if file.exists() => (StatusCode::SERVICE_UNAVAILABLE, "unhealthy\n"),
+                    _ => (StatusCode::OK, "ok\n"),
+                }
+            }),
+        )
         .fallback(
             |State(id): State<Identity>, OriginalUri(uri): OriginalUri| async move {
                 let delay = uri

@@ -179,6 +179,9 @@ enum Command {
         name: String,
         #[arg(long, default_value = "v1")]
         version: String,
+        /// `/health` answers 503 while this file exists.
+        #[arg(long)]
+        unhealthy_file: Option<std::path::PathBuf>,
     },
     /// Create an object from the command line.
     Create {

@@ -6,6 +6,12 @@
 //! again until the configuration changes. Pushes happen only when the
 //! resources a proxy would get differ from what it last got. Computing those
 //! resources is the [`ConfigSource`]'s job, not this module's.
+//!
+//! Istio's agents also send health reports on the stream: requests of type
+//! [`HEALTH_INFORMATION_TYPE`]. They are handed to the [`ProxyLifecycle`]
+//! and, once it has recorded one, answered with a response of that type
+//! whose nonce is the request's `response_nonce`, so the agent can stop
+//! repeating it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -35,6 +41,9 @@ pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// A workload's health report (Istio's agent): healthy without
+/// `error_detail`, unhealthy with it.
+pub const HEALTH_INFORMATION_TYPE: &str = "type.googleapis.com/istio.v1.HealthInformation";
 
 /// Push order on a change: clusters before endpoints, listeners before routes.
 const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
@@ -203,6 +212,35 @@ pub trait ProxyLifecycle: Send + Sync + 'static {
     ) -> Result<(), Status>;
     /// The stream of a proxy that `connected` ended.
     fn disconnected(&self, connection: u64, proxy: &Proxy);
+    /// The proxy on stream `connection` reported its workload's health. `Ok`
+    /// means recorded (or nothing to record): the report is acknowledged.
+    fn health(
+        &self,
+        connection: u64,
+        proxy: &Proxy,
+        caller: Option<&CallerIdentity>,
+        report: &HealthReport,
+    ) -> Result<(), Status>;
+}
+
+/// What a health report says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthReport {
+    pub healthy: bool,
+    /// Why not, when unhealthy.
+    pub message: String,
+}
+
+impl HealthReport {
+    fn from_request(
+        type_url: &str,
+        error: Option<&envoy_types::pb::google::rpc::Status>,
+    ) -> Option<HealthReport> {
+        (type_url == HEALTH_INFORMATION_TYPE).then(|| HealthReport {
+            healthy: error.is_none(),
+            message: error.map(|e| e.message.clone()).unwrap_or_default(),
+        })
+    }
 }
 
 /// The ADS gRPC service.
@@ -318,6 +356,20 @@ impl Session {
         });
     }
 
+    /// Passes a health report on; `true` if it should be acknowledged.
+    fn health(&self, report: &HealthReport) -> bool {
+        let (Some(proxy), Some(lifecycle)) = (&self.proxy, &self.lifecycle) else {
+            return true;
+        };
+        match lifecycle.health(self.connection, proxy, self.caller.as_ref(), report) {
+            Ok(()) => true,
+            Err(status) => {
+                tracing::warn!(proxy = %proxy.id, "health report not recorded: {}", status.message());
+                false
+            }
+        }
+    }
+
     fn refused(&self, type_url: &str, version: String, message: &str) {
         tracing::warn!(proxy = ?self.proxy.as_ref().map(|p| &p.id), %type_url, "proxy refused config: {message}");
         let message = message.to_string();
@@ -348,6 +400,10 @@ trait Protocol: Send + 'static {
     type Request: Send + 'static;
     type Response: Send + 'static;
     fn node(request: &Self::Request) -> Option<&Node>;
+    /// The health report a request carries, and the nonce to answer it with.
+    fn health(request: &Self::Request) -> Option<(HealthReport, String)>;
+    /// The acknowledgement of the health report named `nonce`.
+    fn health_ack(nonce: String) -> Self::Response;
     fn session(&mut self) -> &mut Session;
     fn on_request(&mut self, request: Self::Request) -> Vec<Self::Response>;
     /// The session's resources were recomputed: push what changed.
@@ -375,7 +431,15 @@ fn serve<P: Protocol>(
                             let _ = out.send(Err(status)).await;
                             break;
                         }
-                        protocol.on_request(request)
+                        match P::health(&request) {
+                            Some((report, nonce)) => protocol
+                                .session()
+                                .health(&report)
+                                .then(|| P::health_ack(nonce))
+                                .into_iter()
+                                .collect(),
+                            None => protocol.on_request(request),
+                        }
                     }
                     Some(Err(status)) => {
                         let _ = out.send(Err(status)).await;
@@ -469,6 +533,19 @@ impl Protocol for StateOfTheWorld {
 
     fn node(request: &DiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
+    }
+
+    fn health(request: &DiscoveryRequest) -> Option<(HealthReport, String)> {
+        HealthReport::from_request(&request.type_url, request.error_detail.as_ref())
+            .map(|report| (report, request.response_nonce.clone()))
+    }
+
+    fn health_ack(nonce: String) -> DiscoveryResponse {
+        DiscoveryResponse {
+            type_url: HEALTH_INFORMATION_TYPE.into(),
+            nonce,
+            ..Default::default()
+        }
     }
 
     fn session(&mut self) -> &mut Session {
@@ -637,6 +714,19 @@ impl Protocol for Delta {
 
     fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
+    }
+
+    fn health(request: &DeltaDiscoveryRequest) -> Option<(HealthReport, String)> {
+        HealthReport::from_request(&request.type_url, request.error_detail.as_ref())
+            .map(|report| (report, request.response_nonce.clone()))
+    }
+
+    fn health_ack(nonce: String) -> DeltaDiscoveryResponse {
+        DeltaDiscoveryResponse {
+            type_url: HEALTH_INFORMATION_TYPE.into(),
+            nonce,
+            ..Default::default()
+        }
     }
 
     fn session(&mut self) -> &mut Session {

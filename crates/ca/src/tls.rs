@@ -41,6 +41,21 @@ fn certs(pems: &[String], what: &'static str) -> Result<Vec<CertificateDer<'stat
     Ok(out)
 }
 
+/// How a joining VM pins the mesh root, as `kubeadm join` pins its CA:
+/// `sha256:<hex>` of the root certificate's SubjectPublicKeyInfo.
+pub fn root_hash(root_pem: &str) -> Result<String, TlsError> {
+    use sha2::Digest;
+    let what = "root certificate";
+    let der = certs(&[root_pem.to_owned()], what)?.remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| TlsError::Pem {
+        what,
+        reason: e.to_string(),
+    })?;
+    let digest = sha2::Sha256::digest(cert.tbs_certificate.subject_pki.raw);
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    Ok(format!("sha256:{hex}"))
+}
+
 fn key(pem: &str, what: &'static str) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem {
         what,

@@ -3,7 +3,7 @@
 //! they survive restarts), the mesh root published to every namespace as
 //! Istio's `istio-ca-root-cert` ConfigMap, the token API, and the TLS port
 //! (15012) that carries the CA service and xDS for callers that prove who they
-//! are.
+//! are, and the VM join endpoints ([`crate::join`]).
 //!
 //! Signing, token formats and caller authentication are `vmesh-ca`'s; what a
 //! proxy is sent is `vmesh-xds`'s.
@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -102,6 +102,8 @@ pub struct Identity {
     /// Revocations are read, changed and stored under this lock, so
     /// concurrent revocations all stay.
     revoking: parking_lot::Mutex<()>,
+    /// Joins spend join-token uses one at a time.
+    pub(crate) joining: tokio::sync::Mutex<()>,
     extra_sans: Vec<String>,
 }
 
@@ -175,8 +177,13 @@ impl Identity {
             store,
             revocations: watch::channel(Arc::new(revocations)).0,
             revoking: parking_lot::Mutex::new(()),
+            joining: tokio::sync::Mutex::new(()),
             extra_sans: config.extra_sans.clone(),
         })
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
     }
 
     pub fn revocations(&self) -> watch::Receiver<Arc<Revocations>> {
@@ -248,9 +255,16 @@ impl Identity {
             self.issuer.clone(),
             self.revocations(),
         );
-        let serve = tonic::transport::Server::builder()
+        // The VM join endpoints share the port: a joining VM knows only this address.
+        let join = Router::new()
+            .route(crate::join::BOOTSTRAP_PATH, get(crate::join::bootstrap))
+            .route(crate::join::ROOT_PATH, get(crate::join::root_cert))
+            .with_state(self.clone());
+        let routes = tonic::service::Routes::from(join)
             .add_service(ca.into_server())
-            .add_service(ads.authenticated(authenticator).into_service())
+            .add_service(ads.authenticated(authenticator).into_service());
+        let serve = tonic::transport::Server::builder()
+            .add_routes(routes)
             .serve_with_incoming_shutdown(connections, crate::stopped(shutdown));
         Ok(tokio::spawn(async move {
             if let Err(e) = serve.await {
@@ -269,6 +283,14 @@ impl Identity {
             .route(
                 "/apis/vmesh.io/v1/namespaces/{namespace}/serviceaccounts/{account}/revoke",
                 post(revoke_tokens),
+            )
+            .route(
+                "/apis/vmesh.io/v1/namespaces/{namespace}/workloadgroups/{group}/jointokens",
+                post(crate::join::create),
+            )
+            .route(
+                "/apis/vmesh.io/v1/namespaces/{namespace}/workloadgroups/{group}/jointokens/revoke",
+                post(crate::join::revoke),
             )
             .with_state(self.clone())
     }
@@ -381,7 +403,7 @@ struct RevokeRequest {
     id: Option<String>,
 }
 
-fn problem(code: StatusCode, message: String) -> Response {
+pub(crate) fn problem(code: StatusCode, message: String) -> Response {
     (
         code,
         Json(json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "code": code.as_u16()})),

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod config_dir;
 pub mod identity;
+pub mod join;
 pub mod mesh;
 pub mod monitoring;
 pub mod registration;

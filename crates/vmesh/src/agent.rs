@@ -13,7 +13,9 @@
 //! verdicts reported; the status port (`--status-addr`, 15020) answers
 //! `/healthz/ready`, which `vmesh agent wait` polls so an application's unit
 //! can start only once its sidecar is ready (Istio's
-//! `holdApplicationUntilProxyStarts`). DNS is not here yet.
+//! `holdApplicationUntilProxyStarts`). `vmesh agent join` fetches and
+//! installs the onboarding files with a join token first ([`crate::join`]).
+//! DNS is not here yet.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -116,6 +118,28 @@ enum AgentAction {
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+    /// Joins this machine to the mesh with a join token (from `vmesh workload
+    /// entry configure --join`): fetches the onboarding files from the
+    /// server, installs them (install.sh, under --root if given) and starts
+    /// the agent — the systemd unit, or with --root this process.
+    Join(JoinArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct JoinArgs {
+    /// The server's xDS port, `host:15012`.
+    #[arg(long = "server")]
+    pub join_server: String,
+    /// The join token.
+    #[arg(long, env = "VMESH_JOIN_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// The mesh root's pin, `sha256:<hex>` of its public key: the token is
+    /// sent only to a server whose root matches.
+    #[arg(long)]
+    pub ca_hash: String,
+    /// Install only; do not start the agent.
+    #[arg(long)]
+    pub no_start: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -358,6 +382,12 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     }
     if let Some(AgentAction::Wait { timeout }) = &args.action {
         return wait_ready(args.status_addr, *timeout).await;
+    }
+    if let Some(AgentAction::Join(join)) = &args.action {
+        let started_by_systemd = crate::join::join(join, args.root.as_deref()).await?;
+        if join.no_start || started_by_systemd {
+            return Ok(ExitCode::SUCCESS);
+        }
     }
     let envoy = match &args.envoy {
         Some(path) => path.clone(),

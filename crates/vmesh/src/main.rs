@@ -8,6 +8,7 @@ mod client;
 mod commands;
 mod demo;
 mod demo_app;
+mod join;
 mod load;
 mod manifests;
 mod onboarding;

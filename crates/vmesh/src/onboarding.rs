@@ -4,7 +4,10 @@
 //! - `vmesh workload entry configure` writes what one VM of a group needs into
 //!   a directory: Istio's `cluster.env`, `mesh.yaml`, `istio-token`,
 //!   `root-cert.pem` and `hosts`, and vmesh's `vmesh-agent.service` and
-//!   `install.sh`, which places them at Istio's paths on the VM.
+//!   `install.sh`, which places them at Istio's paths on the VM;
+//! - `vmesh workload entry configure --join` hands the same files (without a
+//!   token) to the server under a join token and prints the one line a VM
+//!   runs, `vmesh agent join …`; `vmesh workload join-token revoke` ends it.
 //!
 //! What the files say is [`render`]'s; this module reads the group, the mesh
 //! settings, a token and the mesh root from the server and writes the files.
@@ -76,6 +79,31 @@ enum WorkloadCommand {
         #[command(subcommand)]
         what: EntryCommand,
     },
+    /// Join tokens (made by `workload entry configure --join`).
+    JoinToken {
+        #[command(subcommand)]
+        what: JoinTokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JoinTokenCommand {
+    /// Refuse further joins with a group's join tokens (all, or --id's).
+    Revoke(JoinRevokeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct JoinRevokeArgs {
+    /// The WorkloadGroup.
+    #[arg(long)]
+    name: String,
+    #[arg(short = 'n', long, default_value = "default")]
+    namespace: String,
+    /// Only this join token (its id); default every one of the group.
+    #[arg(long)]
+    id: Option<String>,
+    #[command(flatten)]
+    connection: Connection,
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,8 +161,18 @@ struct ConfigureArgs {
     #[arg(short = 'n', long, default_value = "default")]
     namespace: String,
     /// The directory to write the files into (created if missing).
-    #[arg(short = 'o', long = "output")]
-    output: PathBuf,
+    #[arg(short = 'o', long = "output", required_unless_present = "join")]
+    output: Option<PathBuf>,
+    /// Instead of writing the files, give them to the server under a join
+    /// token and print the `vmesh agent join` line a VM runs to fetch them.
+    #[arg(long, conflicts_with = "output")]
+    join: bool,
+    /// How many VMs may join with the token.
+    #[arg(long = "join-uses", default_value_t = 1, requires = "join")]
+    join_uses: u32,
+    /// How long the join token may be used.
+    #[arg(long = "join-duration", default_value = "1h", value_parser = parse_duration, requires = "join")]
+    join_duration: Duration,
     /// The control plane's cluster (default: the mesh's clusterName, else Kubernetes).
     #[arg(long = "clusterID", alias = "cluster-id")]
     cluster_id: Option<String>,
@@ -210,6 +248,9 @@ pub async fn run(args: WorkloadArgs) -> Result<ExitCode> {
         WorkloadCommand::Entry {
             what: EntryCommand::Configure(args),
         } => configure(*args).await,
+        WorkloadCommand::JoinToken {
+            what: JoinTokenCommand::Revoke(args),
+        } => revoke_join(args).await,
     }
 }
 
@@ -601,6 +642,17 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
     // leaves the directory as it was.
     warn_missing_service_account(&api, &group.namespace, &service_account).await;
     let root_cert = root_cert(&api, &group.namespace).await?;
+    let mut files: Vec<(&str, String)> = vec![
+        ("cluster.env", onboarding.cluster_env()),
+        ("mesh.yaml", onboarding.mesh_yaml()?),
+        ("root-cert.pem", root_cert),
+        ("hosts", onboarding.hosts()),
+        ("vmesh-agent.service", AGENT_UNIT.to_string()),
+        ("install.sh", INSTALL_SH.to_string()),
+    ];
+    let Some(output) = &args.output else {
+        return create_join(&api, &args, &display, &onboarding, files).await;
+    };
     let (token, expires) = issue_token(
         &api,
         &group.namespace,
@@ -608,27 +660,17 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
         args.token_duration,
     )
     .await?;
-
-    let files: Vec<(&str, Vec<u8>)> = vec![
-        ("cluster.env", onboarding.cluster_env().into_bytes()),
-        ("mesh.yaml", onboarding.mesh_yaml()?.into_bytes()),
-        ("istio-token", token.into_bytes()),
-        ("root-cert.pem", root_cert.into_bytes()),
-        ("hosts", onboarding.hosts().into_bytes()),
-        ("vmesh-agent.service", AGENT_UNIT.as_bytes().to_vec()),
-        ("install.sh", INSTALL_SH.as_bytes().to_vec()),
-    ];
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("creating {}", args.output.display()))?;
+    files.push(("istio-token", token));
+    std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     for (name, contents) in &files {
         let mode = FILES
             .iter()
             .find(|(n, _, _)| n == name)
             .map_or(0o644, |(_, mode, _)| *mode);
-        write_file(&args.output, name, contents, mode)?;
+        write_file(output, name, contents.as_bytes(), mode)?;
     }
 
-    let dir = args.output.display().to_string();
+    let dir = output.display().to_string();
     let dir = dir.trim_end_matches('/');
     println!("{display}: onboarding files written to {dir}/");
     for (name, mode, place) in FILES {
@@ -652,6 +694,85 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
             render::host_of(host.trim())
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Registers the files under a new join token and prints the join line.
+async fn create_join(
+    api: &Api,
+    args: &ConfigureArgs,
+    display: &str,
+    onboarding: &Onboarding,
+    files: Vec<(&str, String)>,
+) -> Result<ExitCode> {
+    let files: Map<String, Value> = files
+        .into_iter()
+        .map(|(name, contents)| (name.to_string(), Value::String(contents)))
+        .collect();
+    let what = format!("creating a join token for {display}");
+    let created = api
+        .post(
+            &format!(
+                "/apis/vmesh.io/v1/namespaces/{}/workloadgroups/{}/jointokens",
+                onboarding.namespace, onboarding.group
+            ),
+            &json!({
+                "uses": args.join_uses,
+                "durationSeconds": args.join_duration.as_secs(),
+                "tokenDurationSeconds": args.token_duration.as_secs(),
+                "files": files,
+            }),
+            &what,
+        )
+        .await?
+        .with_context(|| format!("{what}: the server has no join API (404)"))?;
+    let field = |key: &str| {
+        created[key]
+            .as_str()
+            .map(str::to_string)
+            .with_context(|| format!("{what}: the server's answer has no {key}"))
+    };
+    let (token, ca_hash) = (field("token")?, field("caHash")?);
+    println!(
+        "join token {} for {display}: {} use{}, valid until {}",
+        field("id")?,
+        args.join_uses,
+        if args.join_uses == 1 { "" } else { "s" },
+        field("expires")?
+    );
+    println!("on the VM, as root (the vmesh binary installed):");
+    println!(
+        "  vmesh agent join --server {} --token {token} --ca-hash {ca_hash}",
+        onboarding.discovery_address
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn revoke_join(args: JoinRevokeArgs) -> Result<ExitCode> {
+    let api = Api::new(&args.connection)?;
+    let what = format!(
+        "revoking join tokens of WorkloadGroup {}/{}",
+        args.namespace, args.name
+    );
+    let body = match &args.id {
+        Some(id) => json!({"id": id}),
+        None => json!({}),
+    };
+    let answer = api
+        .post(
+            &format!(
+                "/apis/vmesh.io/v1/namespaces/{}/workloadgroups/{}/jointokens/revoke",
+                args.namespace, args.name
+            ),
+            &body,
+            &what,
+        )
+        .await?
+        .with_context(|| format!("{what}: the server has no join API (404)"))?;
+    println!(
+        "{} join token(s) of WorkloadGroup {}/{} revoked: new joins with them are refused",
+        answer["revoked"], args.namespace, args.name
+    );
     Ok(ExitCode::SUCCESS)
 }
 

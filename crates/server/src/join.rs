@@ -1,0 +1,418 @@
+//! One-line VM join, the bootstrap the guide's cloud-init expects.
+//!
+//! An operator registers a join token for a WorkloadGroup through the
+//! config API, handing over the group's onboarding files (everything `vmesh
+//! workload entry configure` writes except the bootstrap token). A VM then
+//! calls `GET /v1/vm/bootstrap` on the TLS port (15012) with
+//! `Authorization: Bearer <join token>` and gets those files as a tar.gz,
+//! with a fresh `istio-token` for the group's service account. It first
+//! fetches the root from `GET /v1/vm/root-cert` and checks it against the
+//! hash it was given, so the TLS connection that carries the token is to
+//! this mesh.
+//!
+//! A join token is `<id>.<secret>`: the store keeps its id, a SHA-256 of the
+//! secret, its expiry, how many joins it has left, and whether it was
+//! revoked (ConfigMaps `istio-system/vmesh-join-<id>`). Each join spends one
+//! use; expired, spent and revoked tokens are refused. The service account
+//! is the group's, read by the server, never the caller's word.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::Digest;
+use subtle::ConstantTimeEq;
+use vmesh_api::{Object, ObjectKey, ObjectMeta};
+use vmesh_store::Op;
+
+use crate::identity::{Identity, problem};
+
+/// The bootstrap endpoint on the TLS port.
+pub const BOOTSTRAP_PATH: &str = "/v1/vm/bootstrap";
+/// The mesh root, public, for pinning before the token is sent.
+pub const ROOT_PATH: &str = "/v1/vm/root-cert";
+const RECORD_PREFIX: &str = "vmesh-join-";
+const RECORD_KEY: &str = "record.json";
+const RECORD_NAMESPACE: &str = "istio-system";
+/// The files a join hands out; `istio-token` is added per join.
+const REQUIRED_FILES: &[&str] = &[
+    "cluster.env",
+    "mesh.yaml",
+    "root-cert.pem",
+    "hosts",
+    "vmesh-agent.service",
+    "install.sh",
+];
+const TOKEN_FILE: &str = "istio-token";
+const MAX_JOIN_LIFE: Duration = Duration::from_secs(30 * 24 * 3600);
+const MAX_USES: u32 = 100_000;
+
+/// What the store keeps about one join token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JoinRecord {
+    namespace: String,
+    group: String,
+    service_account: String,
+    secret_sha256: String,
+    /// Unix seconds.
+    expires: u64,
+    uses_left: u32,
+    token_seconds: u64,
+    revoked: bool,
+    files: BTreeMap<String, String>,
+}
+
+/// `POST …/workloadgroups/{group}/jointokens`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JoinRequest {
+    /// How many VMs may join with it (default 1).
+    uses: Option<u32>,
+    /// How long it may be used (default 1 h).
+    duration_seconds: Option<u64>,
+    /// The life of each joining VM's bootstrap token (default 1 h).
+    token_duration_seconds: Option<u64>,
+    files: BTreeMap<String, String>,
+}
+
+/// `POST …/workloadgroups/{group}/jointokens/revoke`: one (`id`) or all.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeJoinRequest {
+    id: Option<String>,
+}
+
+fn record_key(id: &str) -> ObjectKey {
+    ObjectKey {
+        group: String::new(),
+        plural: "configmaps".into(),
+        namespace: RECORD_NAMESPACE.into(),
+        name: format!("{RECORD_PREFIX}{id}"),
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn record_object(id: &str, record: &JoinRecord, version: Option<String>) -> Object {
+    let mut body = serde_json::Map::new();
+    body.insert(
+        "data".into(),
+        json!({ RECORD_KEY: serde_json::to_string(record).expect("a record serialises") }),
+    );
+    Object {
+        api_version: "v1".into(),
+        kind: "ConfigMap".into(),
+        metadata: ObjectMeta {
+            name: Some(format!("{RECORD_PREFIX}{id}")),
+            namespace: Some(RECORD_NAMESPACE.into()),
+            labels: Some(BTreeMap::from([
+                ("vmesh.io/join-namespace".into(), record.namespace.clone()),
+                ("vmesh.io/join-group".into(), record.group.clone()),
+            ])),
+            resource_version: version,
+            ..Default::default()
+        },
+        body,
+    }
+}
+
+fn record_of(object: &Object) -> Option<JoinRecord> {
+    let text = object.body.get("data")?.get(RECORD_KEY)?.as_str()?;
+    serde_json::from_str(text).ok()
+}
+
+/// The group's service account, from the store.
+fn group_account(
+    identity: &Identity,
+    namespace: &str,
+    group: &str,
+) -> Result<String, (StatusCode, String)> {
+    let key = ObjectKey {
+        group: "networking.istio.io".into(),
+        plural: "workloadgroups".into(),
+        namespace: namespace.into(),
+        name: group.into(),
+    };
+    match identity.store().get(&key) {
+        Ok(Some(object)) => Ok(object
+            .body
+            .get("spec")
+            .and_then(|s| s.get("template"))
+            .and_then(|t| t.get("serviceAccount"))
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_string()),
+        Ok(None) => Err((
+            StatusCode::NOT_FOUND,
+            format!("WorkloadGroup {namespace}/{group} does not exist"),
+        )),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+pub async fn create(
+    State(identity): State<Arc<Identity>>,
+    Path((namespace, group)): Path<(String, String)>,
+    Json(request): Json<JoinRequest>,
+) -> Response {
+    let account = match group_account(&identity, &namespace, &group) {
+        Ok(account) => account,
+        Err((code, message)) => return problem(code, message),
+    };
+    let uses = request.uses.unwrap_or(1);
+    if uses == 0 || uses > MAX_USES {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("uses {uses} is out of range: 1 to {MAX_USES}"),
+        );
+    }
+    let life = request.duration_seconds.unwrap_or(3600);
+    let token_life = request.token_duration_seconds.unwrap_or(3600);
+    for (field, seconds) in [
+        ("durationSeconds", life),
+        ("tokenDurationSeconds", token_life),
+    ] {
+        if seconds == 0 || seconds > MAX_JOIN_LIFE.as_secs() {
+            return problem(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "{field} {seconds} is out of range: 1 to {}",
+                    MAX_JOIN_LIFE.as_secs()
+                ),
+            );
+        }
+    }
+    let missing: Vec<&str> = REQUIRED_FILES
+        .iter()
+        .copied()
+        .filter(|name| !request.files.contains_key(*name))
+        .collect();
+    if !missing.is_empty() {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("files: missing {}", missing.join(", ")),
+        );
+    }
+    if let Some(extra) = request
+        .files
+        .keys()
+        .find(|name| !REQUIRED_FILES.contains(&name.as_str()))
+    {
+        return problem(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "files: {extra:?} is not an onboarding file (the bootstrap token is made per join)"
+            ),
+        );
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
+    let secret = uuid::Uuid::new_v4().simple().to_string();
+    let record = JoinRecord {
+        namespace: namespace.clone(),
+        group: group.clone(),
+        service_account: account,
+        secret_sha256: sha256_hex(&secret),
+        expires: unix_now() + life,
+        uses_left: uses,
+        token_seconds: token_life,
+        revoked: false,
+        files: request.files,
+    };
+    if let Err(e) = identity
+        .store()
+        .commit(vec![Op::Create(record_object(&id, &record, None))])
+    {
+        return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let ca_hash = match vmesh_ca::root_hash(identity.authority.root_pem()) {
+        Ok(hash) => hash,
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    tracing::info!(%namespace, %group, %id, uses, "join token created");
+    Json(json!({
+        "token": format!("{id}.{secret}"),
+        "id": id,
+        "uses": uses,
+        "expires": humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(record.expires)).to_string(),
+        "caHash": ca_hash,
+    }))
+    .into_response()
+}
+
+pub async fn revoke(
+    State(identity): State<Arc<Identity>>,
+    Path((namespace, group)): Path<(String, String)>,
+    request: Option<Json<RevokeJoinRequest>>,
+) -> Response {
+    if let Err((code, message)) = group_account(&identity, &namespace, &group) {
+        return problem(code, message);
+    }
+    let id = request.and_then(|r| r.0.id);
+    let objects = match identity.store().list_all() {
+        Ok(objects) => objects,
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let mut ops = Vec::new();
+    for object in objects.iter().filter(|o| o.kind == "ConfigMap") {
+        let Some(record_id) = object.metadata.name().strip_prefix(RECORD_PREFIX) else {
+            continue;
+        };
+        let Some(mut record) = record_of(object) else {
+            continue;
+        };
+        let chosen = id.as_deref().is_none_or(|id| id == record_id);
+        if chosen && record.namespace == namespace && record.group == group && !record.revoked {
+            record.revoked = true;
+            ops.push(Op::Update(record_object(
+                record_id,
+                &record,
+                object.metadata.resource_version.clone(),
+            )));
+        }
+    }
+    let count = ops.len();
+    if let Some(id) = &id
+        && count == 0
+    {
+        return problem(
+            StatusCode::NOT_FOUND,
+            format!("no live join token {id} for WorkloadGroup {namespace}/{group}"),
+        );
+    }
+    if let Err(e) = identity.store().commit(ops) {
+        return problem(StatusCode::CONFLICT, e.to_string());
+    }
+    tracing::info!(%namespace, %group, count, "join tokens revoked");
+    Json(json!({"revoked": count})).into_response()
+}
+
+pub async fn root_cert(State(identity): State<Arc<Identity>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/x-pem-file")],
+        identity.authority.root_pem().to_string(),
+    )
+        .into_response()
+}
+
+/// Why a join was refused; said to the caller in few words.
+fn refuse(why: &str) -> Response {
+    tracing::warn!("VM join refused: {why}");
+    problem(StatusCode::UNAUTHORIZED, format!("join refused: {why}"))
+}
+
+pub async fn bootstrap(State(identity): State<Arc<Identity>>, headers: HeaderMap) -> Response {
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return refuse("no join token (Authorization: Bearer <token>)");
+    };
+    let Some((id, secret)) = token.trim().split_once('.') else {
+        return refuse("not a join token");
+    };
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        return refuse("not a join token");
+    }
+    // One join at a time spends uses, so two VMs cannot share the last one.
+    let _spending = identity.joining.lock().await;
+    let object = match identity.store().get(&record_key(id)) {
+        Ok(Some(object)) => object,
+        Ok(None) => return refuse("unknown join token"),
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    let Some(mut record) = record_of(&object) else {
+        return refuse("unknown join token");
+    };
+    let presented = sha256_hex(secret);
+    if !bool::from(presented.as_bytes().ct_eq(record.secret_sha256.as_bytes())) {
+        return refuse("unknown join token");
+    }
+    if record.revoked {
+        return refuse("the join token was revoked");
+    }
+    if unix_now() >= record.expires {
+        return refuse("the join token expired");
+    }
+    if record.uses_left == 0 {
+        return refuse("the join token is used up");
+    }
+    let issued = match identity.issuer.issue(
+        &record.namespace,
+        &record.service_account,
+        Duration::from_secs(record.token_seconds),
+    ) {
+        Ok(issued) => issued,
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    record.uses_left -= 1;
+    let spent = Op::Update(record_object(
+        id,
+        &record,
+        object.metadata.resource_version.clone(),
+    ));
+    if let Err(e) = identity.store().commit(vec![spent]) {
+        return problem(StatusCode::CONFLICT, e.to_string());
+    }
+    let mut files = record.files.clone();
+    files.insert(TOKEN_FILE.into(), issued.token);
+    let archive = match archive(&files) {
+        Ok(archive) => archive,
+        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    tracing::info!(
+        namespace = %record.namespace,
+        group = %record.group,
+        %id,
+        uses_left = record.uses_left,
+        "VM joined with a join token"
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "application/gzip"),
+            (
+                header::CONTENT_DISPOSITION,
+                "attachment; filename=\"onboarding.tar.gz\"",
+            ),
+        ],
+        archive,
+    )
+        .into_response()
+}
+
+/// The files as a tar.gz, each with the mode install.sh expects to find.
+fn archive(files: &BTreeMap<String, String>) -> std::io::Result<Vec<u8>> {
+    let gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(gzip);
+    for (name, contents) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(contents.len() as u64);
+        header.set_mode(match name.as_str() {
+            TOKEN_FILE => 0o600,
+            "install.sh" => 0o755,
+            _ => 0o644,
+        });
+        header.set_mtime(unix_now());
+        header.set_cksum();
+        tar.append_data(&mut header, name, contents.as_bytes())?;
+    }
+    tar.into_inner()?.finish()
+}

@@ -182,6 +182,10 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             print!("{}", output::proxy_status_table(&proxies));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Doctor {
+            connection,
+            monitoring,
+        } => crate::doctor::run(&connection, &monitoring).await,
         Command::Demo { keep, down } => crate::demo::run(keep, down).await,
         Command::Agent(args) => crate::agent::run(*args).await,
         Command::Workload(args) => crate::onboarding::run(args).await,

@@ -8,6 +8,7 @@ mod client;
 mod commands;
 mod demo;
 mod demo_app;
+mod doctor;
 mod join;
 mod load;
 mod manifests;
@@ -103,6 +104,19 @@ enum Command {
         /// How long an auto-registered WorkloadEntry outlives its VM's last connection.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         auto_registration_grace: std::time::Duration,
+    },
+    /// What is wrong with the mesh: refused registrations, unhealthy or
+    /// disconnected entries, proxies that refused config. Exit 1 on failures.
+    Doctor {
+        #[command(flatten)]
+        connection: Connection,
+        /// The server's monitoring address.
+        #[arg(
+            long,
+            env = "VMESH_MONITORING",
+            default_value = "http://127.0.0.1:15014"
+        )]
+        monitoring: String,
     },
     /// Show every connected proxy and whether it runs the latest config.
     ProxyStatus {

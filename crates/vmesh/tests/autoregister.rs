@@ -4,7 +4,7 @@
 //! `install.sh`, then `vmesh agent --root`) gets a WorkloadEntry from its
 //! group within a second, another VM whose token is for a
 //! different service account is refused (and the refusal shows on the
-//! group), and a stopped VM's entry is deleted after the grace period.
+//! group, in `vmesh doctor` and in that VM's agent log), and a stopped VM's entry is deleted after the grace period.
 //!
 //! Needs root, `ip`, `iptables`, `curl` and Envoy; without them it fails, it
 //! never skips.
@@ -173,6 +173,29 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     assert!(
         entry(control, &format!("{GROUP}-10.48.0.1")).is_none(),
         "no entry for the refused VM"
+    );
+    // The operator sees it in `vmesh doctor` (which fails), the VM in its log.
+    let doctor = std::process::Command::new("ip")
+        .args(["netns", "exec", control, VMESH, "doctor"])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&doctor.stdout);
+    assert!(
+        !doctor.status.success(),
+        "doctor fails on a refusal:\n{report}"
+    );
+    assert!(
+        report.lines().any(|l| l.starts_with("FAIL")
+            && l.contains(&format!("WorkloadGroup vm-workloads/{GROUP}"))
+            && l.contains("intruder-sa")),
+        "{report}"
+    );
+    let intruder_log =
+        std::fs::read_to_string(dir.path().join(format!("agent-{}.log", intruder.name))).unwrap();
+    assert!(
+        intruder_log.contains("auto-registration into payment-vms")
+            && intruder_log.contains("payment-service-sa"),
+        "the refusal in the VM's agent log:\n{intruder_log}"
     );
 
     // The VM stops: its entry is marked, then gone after the 1 s grace period.

@@ -11,7 +11,8 @@
 //!   endpoints within periodSeconds × failureThreshold + 1 s, with the
 //!   reason on its WorkloadEntry, and comes back when it passes again;
 //! - a VM whose agent stops is deleted after the grace period, and once
-//!   EDS has caught up no request fails.
+//!   EDS has caught up no request fails; started again after its bootstrap
+//!   token expired, it rejoins on the certificate it kept on disk.
 //!
 //! Names resolve with curl's `--resolve` until the DNS proxy exists.
 //! Needs root, `ip`, `iptables`, `curl` and Envoy; without them it fails, it
@@ -372,4 +373,43 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
             vms[0].ns.name
         );
     }
+
+    // VM 2's bootstrap token has expired by the time its agent starts again:
+    // it comes back on the certificate it keeps on disk.
+    let expired = cli(
+        control,
+        &[
+            "token",
+            "create",
+            "-n",
+            "vm-workloads",
+            "--service-account",
+            "payment-service-sa",
+            "--duration",
+            "1s",
+        ],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(
+        payment_root.join("var/lib/istio/tokens/istio-token"),
+        expired.trim(),
+    )
+    .unwrap();
+    let back = &mut vms[1];
+    let ip = back.ip.clone();
+    back.agent = start_vm_agent(&mut back.ns, &payment_root, dir, &ip, 82);
+    eventually("VM 2 back after a restart with an expired token", || {
+        (client_endpoints(&client) == both).then_some(())
+    });
+    let log = std::fs::read_to_string(dir.join(format!("agent-{}.log", vms[1].ns.name))).unwrap();
+    assert!(
+        log.contains("using the stored workload certificate")
+            && !log.contains("workload certificate issued"),
+        "the stored certificate, no new one:\n{log}"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        seen.insert(call(&client, &vip).expect("both serve again"));
+    }
+    assert_eq!(seen, names, "both VMs answer again");
 }

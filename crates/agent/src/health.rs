@@ -114,6 +114,9 @@ impl Prober {
                 .timeout(timeout)
                 .danger_accept_invalid_certs(true)
                 .redirect(reqwest::redirect::Policy::none())
+                // Each try on a fresh connection, as Kubernetes probes: a
+                // kept-alive one proves less about the application.
+                .pool_max_idle_per_host(0)
                 .build()?;
             Check::Http {
                 client,
@@ -384,19 +387,27 @@ mod tests {
 
     #[tokio::test]
     async fn tcp_probe_passes_only_while_something_listens() {
+        let tcp_probe = |port: u16| {
+            Prober::new(&ReadinessProbe {
+                tcp_socket: Some(TcpHealthCheck {
+                    host: None,
+                    port: port.into(),
+                }),
+                ..probe()
+            })
+            .unwrap()
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let prober = Prober::new(&ReadinessProbe {
-            tcp_socket: Some(TcpHealthCheck {
-                host: None,
-                port: port.into(),
-            }),
-            ..probe()
-        })
-        .unwrap();
-        prober.check().await.unwrap();
-        drop(listener);
-        let error = prober.check().await.unwrap_err();
+        tcp_probe(listener.local_addr().unwrap().port())
+            .check()
+            .await
+            .unwrap();
+        // A port bound but not listening refuses connections, and stays
+        // ours: no other test can start listening there meanwhile.
+        let closed = tokio::net::TcpSocket::new_v4().unwrap();
+        closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = closed.local_addr().unwrap().port();
+        let error = tcp_probe(port).check().await.unwrap_err();
         assert!(error.contains(&format!("127.0.0.1:{port}")), "{error}");
     }
 
@@ -416,7 +427,8 @@ mod tests {
                 let request = String::from_utf8_lossy(&buf[..n]).to_string();
                 assert!(request.starts_with("GET /ready "), "{request}");
                 assert!(request.contains("x-probe: yes"), "{request}");
-                let reply = format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n");
+                let reply =
+                    format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
                 socket.write_all(reply.as_bytes()).await.unwrap();
             }
         });

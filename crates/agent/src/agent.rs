@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use vmesh_ca::SpiffeId;
 
 use crate::backoff::BackoffPolicy;
+use crate::dns::{DnsConfig, DnsError, DnsMetrics, DnsProxy, NameIndex};
 use crate::health::{HealthReport, ProbeError, Prober};
 use crate::identity::{
     CaClient, CertificateManager, CertificateSigner, IdentityConfig, IdentityError, IdentityHandle,
@@ -56,6 +57,8 @@ pub enum AgentError {
     XdsProxy(#[from] XdsProxyError),
     #[error("the readiness probe: {0}")]
     Probe(#[from] ProbeError),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
     #[error("agent task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -95,6 +98,12 @@ pub struct AgentConfig {
     /// its verdicts reported to the control plane.
     #[serde(skip)]
     pub probe: Option<vmesh_api::kinds::workload_group::ReadinessProbe>,
+    /// The DNS proxy, when the workload's DNS is the agent's
+    /// (`ISTIO_META_DNS_CAPTURE`).
+    pub dns: Option<DnsConfig>,
+    /// Where the last name table is kept, so names resolve after a restart
+    /// while the control plane is away.
+    pub name_table_file: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -124,6 +133,8 @@ impl AgentConfig {
                 jitter: 0.2,
             },
             probe: None,
+            dns: None,
+            name_table_file: None,
         }
     }
 
@@ -147,7 +158,18 @@ pub struct AgentHandle {
     sds_socket: PathBuf,
     identity: IdentityHandle,
     health: Option<watch::Receiver<Option<HealthReport>>>,
+    dns: Option<RunningDns>,
     tasks: JoinSet<Result<(), AgentError>>,
+}
+
+/// The DNS proxy's parts others look at.
+#[derive(Debug, Clone)]
+pub struct RunningDns {
+    pub addrs: Vec<std::net::SocketAddr>,
+    pub upstreams: Vec<std::net::IpAddr>,
+    pub search: Vec<String>,
+    pub index: watch::Receiver<Arc<NameIndex>>,
+    pub metrics: DnsMetrics,
 }
 
 impl AgentHandle {
@@ -168,6 +190,11 @@ impl AgentHandle {
     /// The workload's health as the probe last decided; `None` without a probe.
     pub fn health(&self) -> Option<watch::Receiver<Option<HealthReport>>> {
         self.health.clone()
+    }
+
+    /// The DNS proxy, when it runs.
+    pub fn dns(&self) -> Option<&RunningDns> {
+        self.dns.as_ref()
     }
 
     /// Waits for every part to stop (after shutdown), or for the first to
@@ -257,6 +284,40 @@ pub async fn start_with_signer(
     if let Some(reports) = &health {
         proxy = proxy.with_health(reports.clone());
     }
+    let mut dns = None;
+    if let Some(dns_config) = config.dns.clone() {
+        let stored = config.name_table_file.as_deref().and_then(load_name_table);
+        let (tables, received) = watch::channel(stored.map(Arc::new));
+        proxy = proxy.with_name_table(tables);
+        if let Some(path) = config.name_table_file.clone() {
+            tasks.spawn(keep_name_table(received.clone(), path));
+        }
+        let index = crate::dns::index_tables(
+            received,
+            dns_config.namespace.clone(),
+            dns_config.resolv.search.clone(),
+        );
+        let metrics = DnsMetrics::default();
+        let (upstreams, search) = (
+            dns_config.resolv.nameservers.clone(),
+            dns_config.resolv.search.clone(),
+        );
+        let server = DnsProxy::bind(dns_config, index.clone(), metrics.clone()).await?;
+        let addrs = server.local_addrs();
+        tracing::info!(?addrs, "DNS proxy listening");
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            server.serve(stop).await;
+            Ok(())
+        });
+        dns = Some(RunningDns {
+            addrs,
+            upstreams,
+            search,
+            index,
+            metrics,
+        });
+    }
     let path = xds_socket.clone();
     tasks.spawn(async move {
         let result = proxy.serve(xds_listener).await;
@@ -269,8 +330,45 @@ pub async fn start_with_signer(
         sds_socket,
         identity,
         health,
+        dns,
         tasks,
     })
+}
+
+/// The name table kept at `path`, if there is a readable one.
+fn load_name_table(path: &Path) -> Option<vmesh_proto::nds::NameTable> {
+    use prost::Message;
+    let bytes = std::fs::read(path).ok()?;
+    match vmesh_proto::nds::NameTable::decode(bytes.as_slice()) {
+        Ok(table) => {
+            tracing::info!(names = table.table.len(), path = %path.display(), "DNS name table loaded from the last run");
+            Some(table)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), "ignoring an unreadable name table: {e}");
+            None
+        }
+    }
+}
+
+/// Writes each new name table to `path`.
+async fn keep_name_table(
+    mut tables: watch::Receiver<Option<Arc<vmesh_proto::nds::NameTable>>>,
+    path: PathBuf,
+) -> Result<(), AgentError> {
+    use prost::Message;
+    while tables.changed().await.is_ok() {
+        let bytes = tables
+            .borrow_and_update()
+            .as_ref()
+            .map(|t| t.encode_to_vec());
+        if let Some(bytes) = bytes
+            && let Err(e) = vmesh_ca::files::write_file(&path, &bytes, 0o644)
+        {
+            tracing::warn!(path = %path.display(), "cannot keep the name table: {e}");
+        }
+    }
+    Ok(())
 }
 
 fn read_root(path: &Path) -> Result<String, AgentError> {

@@ -16,10 +16,12 @@
 //! - [`capture`]: traffic capture with iptables, Istio's rules (apply, clean up);
 //! - [`health`]: the WorkloadGroup's readiness probe, whose verdicts the
 //!   xDS proxy reports to the control plane;
-//! - [`status`]: the status port (15020): readiness and merged metrics.
+//! - [`status`]: the status port (15020): readiness and merged metrics;
+//! - [`dns`]: the DNS proxy (15053): mesh names from the name table the
+//!   xDS proxy receives, everything else forwarded to resolv.conf's upstreams.
 //!
 //! It does not own: the `vmesh agent` command line and the onboarding files
-//! it reads, Envoy supervision, or the DNS proxy — those build on this crate. Nor the control plane's side of port 15012 (the server crate
+//! it reads, or Envoy supervision — those build on this crate. Nor the control plane's side of port 15012 (the server crate
 //! serves ADS and the CA there and checks that a stream's node matches its
 //! client certificate).
 //!
@@ -58,6 +60,7 @@ pub mod agent;
 pub mod backoff;
 pub mod bootstrap;
 pub mod capture;
+pub mod dns;
 pub mod health;
 pub mod identity;
 pub mod sds;

@@ -2,7 +2,8 @@
 //! whether the sidecar is ready to carry traffic (the agent holds a
 //! certificate and Envoy reports itself initialised), and
 //! `GET /stats/prometheus` serves the agent's own metrics followed by
-//! Envoy's, so one scrape covers both.
+//! Envoy's, so one scrape covers both. `GET /debug/dns` dumps the DNS
+//! proxy's names and upstreams as JSON.
 //!
 //! This module reads Envoy's admin port; it does not start or watch Envoy
 //! (the `vmesh agent` command does, and counts restarts in [`Metrics`]).
@@ -23,6 +24,7 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::agent::{AgentHandle, RunningDns};
 use crate::health::HealthReport;
 use crate::identity::IdentityHandle;
 
@@ -30,6 +32,8 @@ use crate::identity::IdentityHandle;
 pub const READY_PATH: &str = "/healthz/ready";
 /// Istio's path for the merged metrics.
 pub const METRICS_PATH: &str = "/stats/prometheus";
+/// The DNS proxy's names and upstreams.
+pub const DNS_DUMP_PATH: &str = "/debug/dns";
 /// How long a question to Envoy's admin port may take.
 const ENVOY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -63,6 +67,7 @@ struct Inner {
     envoy_admin: SocketAddr,
     identity: IdentityHandle,
     health: Option<watch::Receiver<Option<HealthReport>>>,
+    dns: Option<RunningDns>,
     metrics: Metrics,
     registry: Registry,
     client: reqwest::Client,
@@ -83,13 +88,15 @@ impl std::fmt::Debug for StatusServer {
 }
 
 impl StatusServer {
-    /// Reports on the Envoy whose admin port is `envoy_admin`.
+    /// Reports on `agent` and the Envoy whose admin port is `envoy_admin`.
     pub fn new(
         envoy_admin: SocketAddr,
-        identity: IdentityHandle,
-        health: Option<watch::Receiver<Option<HealthReport>>>,
+        agent: &AgentHandle,
         metrics: Metrics,
     ) -> Result<StatusServer, StatusError> {
+        let identity = agent.identity().clone();
+        let health = agent.health();
+        let dns = agent.dns().cloned();
         let mut registry = Registry::with_prefix("vmesh_agent");
         registry.register(
             "envoy_restarts",
@@ -113,12 +120,16 @@ impl StatusServer {
             "Scrapes of the merged metrics",
             metrics.scrapes.clone(),
         );
+        if let Some(dns) = &dns {
+            dns.metrics.register(&mut registry);
+        }
         let client = reqwest::Client::builder().timeout(ENVOY_TIMEOUT).build()?;
         Ok(StatusServer {
             inner: Arc::new(Inner {
                 envoy_admin,
                 identity,
                 health,
+                dns,
                 metrics,
                 registry,
                 client,
@@ -141,6 +152,7 @@ impl StatusServer {
         Router::new()
             .route(READY_PATH, get(ready))
             .route(METRICS_PATH, get(metrics))
+            .route(DNS_DUMP_PATH, get(dns_dump))
             .with_state(self)
     }
 
@@ -195,6 +207,33 @@ async fn ready(State(server): State<StatusServer>) -> Response {
         )
             .into_response(),
     }
+}
+
+async fn dns_dump(State(server): State<StatusServer>) -> Response {
+    let Some(dns) = &server.inner.dns else {
+        return (StatusCode::NOT_FOUND, "the DNS proxy is off\n").into_response();
+    };
+    let index = dns.index.borrow().clone();
+    let names: serde_json::Map<String, serde_json::Value> = index
+        .entries()
+        .into_iter()
+        .map(|(name, addresses)| {
+            let ips: Vec<String> = addresses
+                .v4
+                .iter()
+                .map(ToString::to_string)
+                .chain(addresses.v6.iter().map(ToString::to_string))
+                .collect();
+            (name.to_string(), serde_json::json!(ips))
+        })
+        .collect();
+    axum::Json(serde_json::json!({
+        "listen": dns.addrs,
+        "upstreams": dns.upstreams,
+        "search": dns.search,
+        "names": names,
+    }))
+    .into_response()
 }
 
 async fn metrics(State(server): State<StatusServer>) -> Response {

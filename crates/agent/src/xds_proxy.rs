@@ -15,14 +15,19 @@
 //! the versions it has), which a relay cannot replay faithfully on its own;
 //! the next connection waits out the backoff if the last ones failed.
 //!
-//! The relay adds one thing of its own to each stream: the workload's health
-//! reports (from [`crate::health`]), as Istio's agent sends them — requests
-//! of type [`HEALTH_INFORMATION_TYPE`], healthy with no `error_detail`,
-//! unhealthy with `error_detail { code: 500, message }`. The latest report
-//! is sent after Envoy's first request on every new stream (so a reconnect
-//! repeats it) and again, with backoff, until the control plane answers
-//! with a response of that type whose nonce is the report's; those answers
-//! are not passed to Envoy.
+//! The relay adds two things of its own to each stream, as Istio's agent
+//! does, both after Envoy's first request (which tells the control plane
+//! who is talking), so a reconnect repeats them:
+//! - the workload's health reports (from [`crate::health`]): requests of
+//!   type [`HEALTH_INFORMATION_TYPE`], healthy with no `error_detail`,
+//!   unhealthy with `error_detail { code: 500, message }`, repeated with
+//!   backoff until the control plane answers with a response of that type
+//!   whose nonce is the report's;
+//! - a subscription to the DNS name table ([`NAME_TABLE_TYPE`]), whose
+//!   pushes are acknowledged here and published on a `watch` channel for
+//!   the DNS proxy.
+//!
+//! Responses of those two types are not passed to Envoy.
 //!
 //! Otherwise this module does not interpret xDS (no ACK bookkeeping) and
 //! does not authenticate Envoy: the socket's file mode is the access control.
@@ -38,13 +43,17 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use parking_lot::Mutex;
+use prost::Message;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
+pub use vmesh_proto::NAME_TABLE_TYPE;
+use vmesh_proto::nds::NameTable;
 
 use crate::backoff::BackoffPolicy;
 use crate::health::HealthReport;
@@ -85,6 +94,7 @@ struct Inner {
     failures: Mutex<u32>,
     shutdown: watch::Receiver<bool>,
     health: Option<watch::Receiver<Option<HealthReport>>>,
+    names: Option<watch::Sender<Option<Arc<NameTable>>>>,
 }
 
 /// The ADS relay. Cloning is cheap.
@@ -118,8 +128,19 @@ impl XdsProxy {
                 failures: Mutex::new(0),
                 shutdown,
                 health: None,
+                names: None,
             }),
         }
+    }
+
+    /// The same relay, also subscribing to the DNS name table and
+    /// publishing each one the control plane pushes on `tables`. Must be
+    /// called before the relay is cloned or served.
+    pub fn with_name_table(mut self, tables: watch::Sender<Option<Arc<NameTable>>>) -> XdsProxy {
+        Arc::get_mut(&mut self.inner)
+            .expect("with_name_table before the relay is shared")
+            .names = Some(tables);
+        self
     }
 
     /// The same relay, also reporting the workload's health from `reports`.
@@ -232,8 +253,8 @@ async fn relay<Req, Resp, F, Fut>(
     out: mpsc::Sender<Result<Resp, Status>>,
     open: F,
 ) where
-    Req: HealthRequest + Send + 'static,
-    Resp: HealthAck + Send + 'static,
+    Req: AgentRequest + Send + 'static,
+    Resp: AgentResponse + Send + 'static,
     F: FnOnce(AggregatedDiscoveryServiceClient<Channel>, ReceiverStream<Req>) -> Fut,
     Fut: Future<Output = Result<Response<Streaming<Resp>>, Status>>,
 {
@@ -253,14 +274,13 @@ async fn relay<Req, Resp, F, Fut>(
     let (requests, upstream_requests) = mpsc::channel::<Req>(16);
     let (forwarded_first, first_forwarded) = watch::channel(false);
     let (health_acked, acked) = watch::channel(0u64);
-    let _reporter = inner.health.clone().map(|reports| {
-        AbortOnDrop(tokio::spawn(report_health(
-            reports,
-            requests.clone(),
-            first_forwarded,
-            acked,
-        )))
-    });
+    let _own_requests = AbortOnDrop(tokio::spawn(agent_requests(
+        inner.clone(),
+        requests.clone(),
+        first_forwarded,
+        acked,
+    )));
+    let acks = requests.clone();
     // Envoy → control plane. Ends (closing the upstream's request side)
     // when Envoy ends its side.
     let _pump = AbortOnDrop(tokio::spawn(async move {
@@ -323,6 +343,20 @@ async fn relay<Req, Resp, F, Fut>(
                         });
                         continue;
                     }
+                    if let Some(any) = response.name_table() {
+                        let accepted = match NameTable::decode(any.value.as_slice()) {
+                            Ok(table) => {
+                                tracing::debug!(names = table.table.len(), "DNS name table received");
+                                if let Some(tables) = &inner.names {
+                                    tables.send_replace(Some(Arc::new(table)));
+                                }
+                                Ok(())
+                            }
+                            Err(e) => Err(format!("undecodable NameTable: {e}")),
+                        };
+                        let _ = acks.send(Req::from(response.name_table_ack(accepted.err()))).await;
+                        continue;
+                    }
                     if out.send(Ok(response)).await.is_err() {
                         return;
                     }
@@ -365,17 +399,64 @@ fn health_error(report: &HealthReport) -> Option<RpcStatus> {
     })
 }
 
-/// A health report, as each protocol's request carries it.
-trait HealthRequest {
+/// The requests the agent adds, as each protocol carries them.
+trait AgentRequest: Sized + From<TableAck> {
     fn health_request(report: &HealthReport) -> Self;
+    /// Every name table the control plane has.
+    fn name_table_subscription() -> Self;
 }
 
-/// The report a response acknowledges, if it is an acknowledgement.
-trait HealthAck {
+/// How the agent recognises the responses meant for it, and answers them.
+trait AgentResponse {
+    /// The report this response acknowledges, if it is an acknowledgement.
     fn health_sequence(&self) -> Option<u64>;
+    /// The name table this response carries, if it carries one.
+    fn name_table(&self) -> Option<&Any>;
+    /// The ACK (or NACK, with the reason) of this name table push.
+    fn name_table_ack(&self, refused: Option<String>) -> TableAck;
 }
 
-impl HealthRequest for DiscoveryRequest {
+/// An answer to a name table push, in protocol-neutral form.
+struct TableAck {
+    version: String,
+    nonce: String,
+    refused: Option<String>,
+}
+
+impl TableAck {
+    fn error(&self) -> Option<RpcStatus> {
+        self.refused.as_ref().map(|message| RpcStatus {
+            code: 3,
+            message: message.clone(),
+            details: Vec::new(),
+        })
+    }
+}
+
+impl From<TableAck> for DiscoveryRequest {
+    fn from(ack: TableAck) -> Self {
+        DiscoveryRequest {
+            type_url: NAME_TABLE_TYPE.into(),
+            error_detail: ack.error(),
+            version_info: ack.version,
+            response_nonce: ack.nonce,
+            ..Default::default()
+        }
+    }
+}
+
+impl From<TableAck> for DeltaDiscoveryRequest {
+    fn from(ack: TableAck) -> Self {
+        DeltaDiscoveryRequest {
+            type_url: NAME_TABLE_TYPE.into(),
+            error_detail: ack.error(),
+            response_nonce: ack.nonce,
+            ..Default::default()
+        }
+    }
+}
+
+impl AgentRequest for DiscoveryRequest {
     fn health_request(report: &HealthReport) -> Self {
         DiscoveryRequest {
             type_url: HEALTH_INFORMATION_TYPE.into(),
@@ -384,9 +465,15 @@ impl HealthRequest for DiscoveryRequest {
             ..Default::default()
         }
     }
+    fn name_table_subscription() -> Self {
+        DiscoveryRequest {
+            type_url: NAME_TABLE_TYPE.into(),
+            ..Default::default()
+        }
+    }
 }
 
-impl HealthRequest for DeltaDiscoveryRequest {
+impl AgentRequest for DeltaDiscoveryRequest {
     fn health_request(report: &HealthReport) -> Self {
         DeltaDiscoveryRequest {
             type_url: HEALTH_INFORMATION_TYPE.into(),
@@ -395,32 +482,77 @@ impl HealthRequest for DeltaDiscoveryRequest {
             ..Default::default()
         }
     }
-}
-
-impl HealthAck for DiscoveryResponse {
-    fn health_sequence(&self) -> Option<u64> {
-        sequence_of(&self.type_url, &self.nonce)
+    fn name_table_subscription() -> Self {
+        DeltaDiscoveryRequest {
+            type_url: NAME_TABLE_TYPE.into(),
+            resource_names_subscribe: vec!["*".into()],
+            ..Default::default()
+        }
     }
 }
 
-impl HealthAck for DeltaDiscoveryResponse {
+impl AgentResponse for DiscoveryResponse {
     fn health_sequence(&self) -> Option<u64> {
         sequence_of(&self.type_url, &self.nonce)
     }
+    fn name_table(&self) -> Option<&Any> {
+        (self.type_url == NAME_TABLE_TYPE)
+            .then(|| self.resources.first())
+            .flatten()
+    }
+    fn name_table_ack(&self, refused: Option<String>) -> TableAck {
+        TableAck {
+            version: self.version_info.clone(),
+            nonce: self.nonce.clone(),
+            refused,
+        }
+    }
 }
 
-/// Sends the latest health report upstream once Envoy's first request has
-/// gone (the control plane learns who is talking from it), and repeats it
-/// with backoff until acknowledged; a newer report replaces it.
-async fn report_health<Req: HealthRequest>(
-    mut reports: watch::Receiver<Option<HealthReport>>,
+impl AgentResponse for DeltaDiscoveryResponse {
+    fn health_sequence(&self) -> Option<u64> {
+        sequence_of(&self.type_url, &self.nonce)
+    }
+    fn name_table(&self) -> Option<&Any> {
+        (self.type_url == NAME_TABLE_TYPE)
+            .then(|| self.resources.first()?.resource.as_ref())
+            .flatten()
+    }
+    fn name_table_ack(&self, refused: Option<String>) -> TableAck {
+        TableAck {
+            version: self.system_version_info.clone(),
+            nonce: self.nonce.clone(),
+            refused,
+        }
+    }
+}
+
+/// The agent's own requests on a stream, once Envoy's first request has
+/// gone: the name table subscription, then health reports.
+async fn agent_requests<Req: AgentRequest>(
+    inner: Arc<Inner>,
     requests: mpsc::Sender<Req>,
     mut first_forwarded: watch::Receiver<bool>,
-    mut acked: watch::Receiver<u64>,
+    acked: watch::Receiver<u64>,
 ) {
     if first_forwarded.wait_for(|sent| *sent).await.is_err() {
         return;
     }
+    if inner.names.is_some() && requests.send(Req::name_table_subscription()).await.is_err() {
+        return;
+    }
+    if let Some(reports) = inner.health.clone() {
+        report_health(reports, requests, acked).await;
+    }
+}
+
+/// Sends the latest health report upstream and repeats it with backoff
+/// until acknowledged; a newer report replaces it.
+async fn report_health<Req: AgentRequest>(
+    mut reports: watch::Receiver<Option<HealthReport>>,
+    requests: mpsc::Sender<Req>,
+    mut acked: watch::Receiver<u64>,
+) {
     'reports: loop {
         let report = reports.borrow_and_update().clone();
         if let Some(report) = report {

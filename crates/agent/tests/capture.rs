@@ -408,7 +408,7 @@ fn apply_installs_istios_chains_and_jumps() {
                 "{backend}:\n{save}"
             );
             let dns = lines_of(save, "ISTIO_OUTPUT_DNS");
-            assert_eq!(dns.len(), 3, "{backend}:\n{save}");
+            assert_eq!(dns.len(), 4, "{backend}:\n{save}");
             assert!(
                 dns[0].contains("--uid-owner 1337 -j RETURN"),
                 "{backend}:\n{save}"
@@ -418,9 +418,13 @@ fn apply_installs_istios_chains_and_jumps() {
                 "{backend}:\n{save}"
             );
             assert!(
-                dns[2].contains(&format!("-d {ns_net}"))
-                    && dns[2].contains("-p udp")
-                    && dns[2].contains("--dport 53 -j REDIRECT --to-ports 15053"),
+                dns[2].contains("-m mark --mark 0x539 -j RETURN"),
+                "the agent's forwarded queries go out: {backend}:\n{save}"
+            );
+            assert!(
+                dns[3].contains(&format!("-d {ns_net}"))
+                    && dns[3].contains("-p udp")
+                    && dns[3].contains("--dport 53 -j REDIRECT --to-ports 15053"),
                 "{backend}:\n{save}"
             );
             assert!(

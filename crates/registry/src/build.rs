@@ -11,7 +11,8 @@ use vmesh_api::kinds::workload_entry::WorkloadEntrySpec;
 
 use crate::inputs::{Inputs, Workload};
 use crate::model::{
-    DOMAIN_SUFFIX, MeshEndpoint, MeshPort, MeshService, Protocol, Resolution, Scoped, Snapshot,
+    DOMAIN_SUFFIX, MeshEndpoint, MeshPort, MeshService, Origin, Protocol, Resolution, Scoped,
+    Snapshot,
 };
 use crate::vip::{Pool, VipAllocator};
 
@@ -154,6 +155,7 @@ fn kube_service(svc: &Scoped<ServiceSpec>, workloads: &[Workload]) -> Draft {
             hostname: format!("{}.{}.svc.{DOMAIN_SUFFIX}", svc.name, svc.namespace),
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
+            origin: Origin::Service,
             addresses,
             ports: ports.into_iter().map(|(_, p)| p).collect(),
             resolution,
@@ -258,6 +260,7 @@ fn entry_services(entry: &Scoped<ServiceEntrySpec>, workloads: &[Workload]) -> V
                     hostname: host.clone(),
                     namespace: entry.namespace.clone(),
                     name: entry.name.clone(),
+                    origin: Origin::ServiceEntry,
                     addresses: addresses.clone().unwrap_or_default(),
                     ports: ports.clone(),
                     resolution,

@@ -38,8 +38,8 @@ mod vip;
 
 pub use inputs::HEALTH_CHECKS_ANNOTATION;
 pub use model::{
-    DOMAIN_SUFFIX, MeshEndpoint, MeshPort, MeshService, MeshSettings, OutboundPolicy, Protocol,
-    Resolution, Scoped, Snapshot,
+    DOMAIN_SUFFIX, MeshEndpoint, MeshPort, MeshService, MeshSettings, Origin, OutboundPolicy,
+    Protocol, Resolution, Scoped, Snapshot,
 };
 pub use vip::{DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_ENTRY_CIDR, Error, VipAllocator};
 

@@ -85,6 +85,8 @@ pub struct MeshService {
     pub namespace: String,
     /// Name of the Service or ServiceEntry object.
     pub name: String,
+    /// Which kind of object it comes from.
+    pub origin: Origin,
     /// Virtual IPs: the Service's cluster IPs, the ServiceEntry's single-IP
     /// addresses, or an allocated address; empty when there is none.
     pub addresses: Vec<IpAddr>,
@@ -95,6 +97,15 @@ pub struct MeshService {
     pub endpoints: Vec<MeshEndpoint>,
     /// The distinct service accounts of the endpoints, sorted.
     pub service_accounts: Vec<String>,
+}
+
+/// The object a [`MeshService`] comes from (Istio's registry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A Kubernetes Service.
+    Service,
+    /// One host of a ServiceEntry.
+    ServiceEntry,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,10 @@
 //! can start only once its sidecar is ready (Istio's
 //! `holdApplicationUntilProxyStarts`). `vmesh agent join` fetches and
 //! installs the onboarding files with a join token first ([`crate::join`]).
-//! DNS is not here yet.
+//! With `ISTIO_META_DNS_CAPTURE=true` (or `--dns`) the agent answers DNS on
+//! 127.0.0.1:15053 (`--dns-addr`) from the mesh's name table, forwarding the
+//! rest to resolv.conf's nameservers; with `--capture`, DNS sent to those
+//! nameservers is redirected to it.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -27,7 +30,8 @@ use anyhow::{Context, Result, bail};
 use tokio::process::Command;
 use tokio::sync::watch;
 use vmesh_agent::bootstrap::{AdsApiType, Bootstrap, Locality, metadata_from_env};
-use vmesh_agent::capture::{self, CaptureConfig, Runner};
+use vmesh_agent::capture::{self, CaptureConfig, DnsCapture, Runner};
+use vmesh_agent::dns::{DnsConfig, ResolvConf};
 use vmesh_agent::status::{Metrics, StatusServer};
 use vmesh_agent::{AgentConfig, AgentHandle};
 use vmesh_api::kinds::workload_group::ReadinessProbe;
@@ -102,6 +106,18 @@ pub struct AgentArgs {
     /// Loopback unless opened to a scraper with 0.0.0.0:15020.
     #[arg(long, default_value = "127.0.0.1:15020")]
     status_addr: SocketAddr,
+    /// Run the DNS proxy even if cluster.env's ISTIO_META_DNS_CAPTURE does not ask.
+    #[arg(long)]
+    dns: bool,
+    /// Where the DNS proxy listens, UDP and TCP; repeatable (default
+    /// 127.0.0.1:15053 and [::1]:15053). Add an address systemd-resolved can
+    /// forward `cluster.local` to, for the guide's second DNS option.
+    #[arg(long = "dns-addr")]
+    dns_addrs: Vec<SocketAddr>,
+    /// The resolver configuration whose nameservers the DNS proxy forwards to
+    /// and capture redirects.
+    #[arg(long, default_value = "/etc/resolv.conf")]
+    resolv_conf: PathBuf,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -148,12 +164,13 @@ enum IptablesAction {
     Cleanup,
 }
 
-/// The capture rules cluster.env asks for. DNS is left alone until the DNS
-/// proxy exists: redirecting it to a port nobody serves would break resolution.
+/// The capture rules cluster.env asks for; DNS to `dns`'s nameservers goes
+/// to its port when the agent answers DNS.
 fn capture_config(
     env: &BTreeMap<String, String>,
     proxy_uid: u32,
     server: Option<&str>,
+    dns: Option<&DnsConfig>,
 ) -> Result<CaptureConfig> {
     let mut config = CaptureConfig::from_env(env).context("capture settings in cluster.env")?;
     // The agent itself runs as root: its connections to the control plane
@@ -169,11 +186,10 @@ fn capture_config(
     }
     config.proxy_uid = proxy_uid;
     config.proxy_gid = Some(proxy_uid);
-    if config.dns.take().is_some() {
-        tracing::warn!(
-            "DNS capture asked for, but the agent has no DNS proxy yet: DNS is not captured"
-        );
-    }
+    config.dns = dns.map(|dns| DnsCapture {
+        nameservers: dns.resolv.nameservers.clone(),
+        port: dns.listen[0].port(),
+    });
     Ok(config)
 }
 
@@ -182,13 +198,14 @@ fn iptables(
     env: &BTreeMap<String, String>,
     proxy_uid: u32,
     server: Option<&str>,
+    dns: Option<&DnsConfig>,
 ) -> Result<()> {
     let runner = Runner::detect().context("finding iptables")?;
     match action {
         IptablesAction::Apply => {
-            let config = capture_config(env, proxy_uid, server)?;
+            let config = capture_config(env, proxy_uid, server, dns)?;
             let families = capture::apply(&config, &runner)?;
-            tracing::info!(?families, "traffic capture applied");
+            tracing::info!(?families, dns = dns.is_some(), "traffic capture applied");
         }
         IptablesAction::Cleanup => {
             let families = capture::cleanup(&runner)?;
@@ -222,6 +239,7 @@ struct Workload {
     labels: BTreeMap<String, String>,
     env: BTreeMap<String, String>,
     probe: Option<ReadinessProbe>,
+    dns: Option<DnsConfig>,
 }
 
 impl AgentArgs {
@@ -234,6 +252,38 @@ impl AgentArgs {
         let text = std::fs::read_to_string(&path)
             .with_context(|| format!("reading {}", path.display()))?;
         Ok(parse_cluster_env(&text))
+    }
+
+    /// The DNS proxy's settings, when the agent answers DNS: `--dns`, or
+    /// cluster.env's `ISTIO_META_DNS_CAPTURE=true`.
+    fn dns(&self, env: &BTreeMap<String, String>, namespace: &str) -> Result<Option<DnsConfig>> {
+        let asked = env
+            .get("ISTIO_META_DNS_CAPTURE")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        if !self.dns && !asked {
+            return Ok(None);
+        }
+        let resolv = std::fs::read_to_string(&self.resolv_conf)
+            .map(|text| ResolvConf::parse(&text))
+            .unwrap_or_default();
+        if resolv.nameservers.is_empty() {
+            let why = format!(
+                "{} lists no nameserver for the DNS proxy to forward to",
+                self.resolv_conf.display()
+            );
+            // Asked for by --dns: an error. By the onboarding files: DNS is
+            // left as it is rather than broken.
+            if self.dns {
+                bail!(why);
+            }
+            tracing::warn!("{why}: the DNS proxy stays off and DNS is not captured");
+            return Ok(None);
+        }
+        let mut config = DnsConfig::new(resolv, namespace);
+        if !self.dns_addrs.is_empty() {
+            config.listen = self.dns_addrs.clone();
+        }
+        Ok(Some(config))
     }
 
     /// mesh.yaml's `defaultConfig.readinessProbe`, when there is one.
@@ -317,6 +367,7 @@ impl AgentArgs {
             ip,
             name,
             labels,
+            dns: self.dns(&env, &namespace)?,
             env,
             probe: self.probe()?,
         })
@@ -377,7 +428,9 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             .clone()
             .or_else(|| env.get("CA_ADDR").cloned())
             .or_else(|| env.get("PILOT_ADDRESS").cloned());
-        iptables(what, &env, args.proxy_uid, server.as_deref())?;
+        let namespace = env.get("POD_NAMESPACE").cloned().unwrap_or_default();
+        let dns = args.dns(&env, &namespace)?;
+        iptables(what, &env, args.proxy_uid, server.as_deref(), dns.as_ref())?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(AgentAction::Wait { timeout }) = &args.action {
@@ -403,6 +456,8 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     );
     config.token_file = workload.token_file.clone();
     config.probe = workload.probe.clone();
+    config.dns = workload.dns.clone();
+    config.name_table_file = Some(args.work_dir.join("name-table.pb"));
     if let Some(probe) = &workload.probe {
         tracing::info!("readiness probe: {}", vmesh_agent::health::describe(probe));
     }
@@ -413,8 +468,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     let metrics = Metrics::default();
     let status = StatusServer::new(
         SocketAddr::from(([127, 0, 0, 1], args.admin_port)),
-        agent.identity().clone(),
-        agent.health(),
+        &agent,
         metrics.clone(),
     )?
     .bind(args.status_addr)
@@ -443,6 +497,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             &workload.env,
             args.proxy_uid,
             Some(&workload.server),
+            workload.dns.as_ref(),
         )?;
         Some(args.proxy_uid)
     } else {
@@ -455,6 +510,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             &IptablesAction::Cleanup,
             &workload.env,
             args.proxy_uid,
+            None,
             None,
         )
     {

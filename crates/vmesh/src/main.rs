@@ -32,6 +32,23 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Subcommand)]
+enum ProxyConfigCommand {
+    /// The DNS proxy's mesh names and addresses, upstreams and search domains.
+    Dns {
+        /// The agent's status port.
+        #[arg(
+            long,
+            env = "VMESH_AGENT_STATUS",
+            default_value = "http://127.0.0.1:15020"
+        )]
+        status: String,
+        /// Print the agent's JSON as it is.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 /// Where the CLI finds the server.
 #[derive(Debug, clap::Args)]
 struct Connection {
@@ -117,6 +134,11 @@ enum Command {
             default_value = "http://127.0.0.1:15014"
         )]
         monitoring: String,
+    },
+    /// What this machine's agent holds (run on the VM).
+    ProxyConfig {
+        #[command(subcommand)]
+        what: ProxyConfigCommand,
     },
     /// Show every connected proxy and whether it runs the latest config.
     ProxyStatus {

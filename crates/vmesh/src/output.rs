@@ -86,6 +86,46 @@ pub fn proxy_status_table(proxies: &[Value]) -> String {
     out
 }
 
+/// `vmesh proxy-config dns`: where the proxy listens and forwards, then
+/// one row per mesh name.
+pub fn dns_table(dump: &Value) -> String {
+    let list = |key: &str| {
+        dump[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = format!(
+        "listening on {}; forwarding to {}; search domains: {}\n",
+        list("listen"),
+        list("upstreams"),
+        if list("search").is_empty() {
+            "none".to_string()
+        } else {
+            list("search")
+        }
+    );
+    let rows: Vec<Vec<String>> = dump["names"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, ips)| {
+            let ips: Vec<&str> = ips
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            vec![name.clone(), ips.join(",")]
+        })
+        .collect();
+    out.push_str(&align(&["NAME", "ADDRESSES"], &rows));
+    out
+}
+
 /// Left-aligned columns three spaces apart, as kubectl prints them.
 fn align(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();

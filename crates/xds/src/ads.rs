@@ -45,8 +45,22 @@ pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteCon
 /// `error_detail`, unhealthy with it.
 pub const HEALTH_INFORMATION_TYPE: &str = "type.googleapis.com/istio.v1.HealthInformation";
 
-/// Push order on a change: clusters before endpoints, listeners before routes.
-const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+pub use vmesh_proto::NAME_TABLE_TYPE;
+
+/// Push order on a change: clusters before endpoints, listeners before
+/// routes; the agent's name table last.
+const PUSH_ORDER: [&str; 5] = [
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+    NAME_TABLE_TYPE,
+];
+
+/// Types whose subscription means every resource of the type.
+fn wildcard_type(type_url: &str) -> bool {
+    matches!(type_url, CLUSTER_TYPE | LISTENER_TYPE | NAME_TABLE_TYPE)
+}
 
 /// One resource, with its version computed once when it is built.
 #[derive(Debug, Clone, PartialEq)]
@@ -554,7 +568,7 @@ impl Protocol for StateOfTheWorld {
 
     fn on_request(&mut self, request: DiscoveryRequest) -> Vec<DiscoveryResponse> {
         let type_url = request.type_url.clone();
-        let wildcard = matches!(type_url.as_str(), CLUSTER_TYPE | LISTENER_TYPE);
+        let wildcard = wildcard_type(&type_url);
         let subscription = self.subscriptions.entry(type_url.clone()).or_default();
         // An answer to an older response on this stream is superseded. (A
         // nonce before anything was sent here comes from an earlier stream.)
@@ -739,8 +753,8 @@ impl Protocol for Delta {
         let subscription = self.subscriptions.entry(type_url.clone()).or_default();
         if first {
             // An empty first subscription is the legacy wildcard for CDS and LDS.
-            subscription.wildcard = request.resource_names_subscribe.is_empty()
-                && matches!(type_url.as_str(), CLUSTER_TYPE | LISTENER_TYPE);
+            subscription.wildcard =
+                request.resource_names_subscribe.is_empty() && wildcard_type(&type_url);
             let resources = &self.session.resources;
             subscription.known = request
                 .initial_resource_versions

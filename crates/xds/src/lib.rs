@@ -1,5 +1,6 @@
 //! xDS for vmesh: who a proxy is ([`node`]), what it should run
-//! ([`translate`]), and the ADS stream that delivers it ([`ads`]).
+//! ([`translate`]), the DNS name table its agent answers from ([`nds`]),
+//! and the ADS stream that delivers them ([`ads`]).
 //!
 //! This crate does not own the mesh model (the registry crate does) nor the
 //! gRPC listener's address and authentication (the server does).
@@ -9,5 +10,6 @@
 pub mod ads;
 pub mod authz;
 pub mod mtls;
+pub mod nds;
 pub mod node;
 pub mod translate;

@@ -89,6 +89,8 @@ impl OutboundKey {
 pub struct MeshConfig {
     snapshot: Snapshot,
     outbound: Mutex<HashMap<OutboundKey, Arc<OnceLock<Arc<ResourceSet>>>>>,
+    /// The DNS name table: the same for every proxy.
+    names: OnceLock<Arc<ResourceSet>>,
 }
 
 impl MeshConfig {
@@ -96,6 +98,7 @@ impl MeshConfig {
         MeshConfig {
             snapshot,
             outbound: Mutex::default(),
+            names: OnceLock::new(),
         }
     }
 }
@@ -109,7 +112,15 @@ impl AdsConfigSource for MeshConfig {
         let shared = slot
             .get_or_init(|| Arc::new(outbound(&self.snapshot, &key)))
             .clone();
-        Resources::layered(vec![shared, Arc::new(inbound(&self.snapshot, proxy))])
+        let names = self
+            .names
+            .get_or_init(|| Arc::new(crate::nds::name_table_resources(&self.snapshot)))
+            .clone();
+        Resources::layered(vec![
+            shared,
+            names,
+            Arc::new(inbound(&self.snapshot, proxy)),
+        ])
     }
 }
 
@@ -117,6 +128,7 @@ impl AdsConfigSource for MeshConfig {
 pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
     Resources::layered(vec![
         Arc::new(outbound(snapshot, &OutboundKey::of(proxy))),
+        Arc::new(crate::nds::name_table_resources(snapshot)),
         Arc::new(inbound(snapshot, proxy)),
     ])
 }

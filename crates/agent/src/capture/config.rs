@@ -293,28 +293,10 @@ impl CaptureConfig {
     }
 }
 
-/// The `nameserver` addresses in a `resolv.conf`, in order, without
-/// duplicates; IPv6 zone suffixes (`%eth0`) are dropped, unparsable
-/// entries skipped.
+/// The `nameserver` addresses in a `resolv.conf` (see
+/// [`crate::dns::ResolvConf::parse`]).
 pub fn parse_resolv_conf(text: &str) -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let line = line.split(['#', ';']).next().unwrap_or_default();
-        let mut words = line.split_whitespace();
-        if words.next() != Some("nameserver") {
-            continue;
-        }
-        let Some(address) = words.next() else {
-            continue;
-        };
-        let address = address.split('%').next().unwrap_or_default();
-        if let Ok(ip) = address.parse::<IpAddr>()
-            && !out.contains(&ip)
-        {
-            out.push(ip);
-        }
-    }
-    out
+    crate::dns::ResolvConf::parse(text).nameservers
 }
 
 fn with_ssh(ports: Vec<u16>) -> Vec<u16> {

@@ -35,6 +35,9 @@ pub const CHAINS: [&str; 5] = [
 const INBOUND_PASSTHROUGH_V4: &str = "127.0.0.6/32";
 const INBOUND_PASSTHROUGH_V6: &str = "::6/128";
 const DNS_PORT: &str = "53";
+/// The agent's DNS forwarder marks its packets ([`crate::dns::FORWARD_MARK`],
+/// written as iptables-save prints it): they go out, never back to the agent.
+const DNS_FORWARDER_RETURNS: &[&str] = &["-m", "mark", "--mark", "0x539", "-j", "RETURN"];
 
 /// An address family: which binary (`iptables` or `ip6tables`) and which
 /// addresses.
@@ -171,8 +174,10 @@ impl Plan {
 /// `ISTIO_REDIRECT` (`REDIRECT --to-ports 15001`).
 ///
 /// DNS (`OUTPUT -p udp --dport 53 -j ISTIO_OUTPUT_DNS`, only with
-/// nameservers of this family): the proxy's own queries return, queries
-/// to the nameservers are redirected to the agent's port.
+/// nameservers of this family): the proxy's own queries and the agent's
+/// forwarded ones (marked) return, queries to the nameservers are
+/// redirected to the agent's port. The marked ones return in
+/// `ISTIO_OUTPUT` too, before TCP DNS is redirected.
 pub fn plan(config: &CaptureConfig, family: Family) -> Plan {
     let uid = config.proxy_uid.to_string();
     let gid = config.proxy_gid.map(|g| g.to_string());
@@ -301,6 +306,9 @@ pub fn plan(config: &CaptureConfig, family: Family) -> Plan {
         ));
     }
     if let Some(dns_port) = &dns_port {
+        if capture_dns {
+            rules.push(Rule::new(ISTIO_OUTPUT, DNS_FORWARDER_RETURNS));
+        }
         for ns in &nameservers {
             rules.push(Rule::new(
                 ISTIO_OUTPUT,
@@ -353,6 +361,7 @@ pub fn plan(config: &CaptureConfig, family: Family) -> Plan {
                 &["-m", "owner", flag, id, "-j", "RETURN"],
             ));
         }
+        rules.push(Rule::new(ISTIO_OUTPUT_DNS, DNS_FORWARDER_RETURNS));
         for ns in &nameservers {
             rules.push(Rule::new(
                 ISTIO_OUTPUT_DNS,
@@ -450,10 +459,12 @@ mod tests {
 -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 53 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
 -A ISTIO_OUTPUT -o lo -p tcp ! --dport 53 -m owner ! --uid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m mark --mark 0x539 -j RETURN
 -A ISTIO_OUTPUT -d 10.0.0.2/32 -p tcp --dport 53 -j REDIRECT --to-ports 15053
 -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
 -A ISTIO_OUTPUT -j ISTIO_REDIRECT
 -A ISTIO_OUTPUT_DNS -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT_DNS -m mark --mark 0x539 -j RETURN
 -A ISTIO_OUTPUT_DNS -d 10.0.0.2/32 -p udp --dport 53 -j REDIRECT --to-ports 15053
 -A PREROUTING -p tcp -j ISTIO_INBOUND
 -A OUTPUT -p tcp -j ISTIO_OUTPUT

@@ -1,0 +1,369 @@
+//! DNS for VMs end to end. A payment VM and a client VM, each a network
+//! namespace onboarded the guide's way (DNS capture on, as the onboarding
+//! files say by default), a control plane in a third namespace that routes
+//! between them, and the VMs' upstream DNS server: dnsmasq, in the control
+//! plane's namespace, logging every query it gets.
+//!
+//! On the client, with no configuration of its own: `getent` and `dig`
+//! answer mesh names (the Service by full and short names, the guide's
+//! ServiceEntry) from the name table, and those names never reach the
+//! upstream; other names are answered by the upstream; `curl` by name
+//! reaches the payment VM through Envoy with mTLS. With the control plane
+//! stopped, mesh names still resolve and other names still forward. With
+//! the agent stopped, resolution is exactly what it was before.
+//!
+//! Needs root, `ip`, `iptables`, `curl`, `dig`, `dnsmasq` and Envoy; without
+//! them it fails, it never skips.
+
+use std::path::{Path, PathBuf};
+
+mod common;
+use common::{Namespace, VMESH, cli, eventually, link, onboard, vip_of};
+
+const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
+const DATABASE: &str = "vm-database.vm-workloads.svc.cluster.local";
+/// The upstream answers every name under example.test with this address.
+const EXTERNAL_IP: &str = "10.99.0.7";
+
+const MESH: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: payment-service, namespace: vm-workloads}
+spec:
+  ports: [{name: http, port: 8080, targetPort: 8080}]
+  selector: {app: payment-service}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: payment-vms, namespace: vm-workloads}
+spec:
+  metadata:
+    labels: {app: payment-service}
+  template:
+    serviceAccount: payment-service-sa
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: client-vms, namespace: vm-workloads}
+spec:
+  metadata:
+    labels: {app: client}
+  template:
+    serviceAccount: client-sa
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: vm-workloads}
+spec:
+  mtls: {mode: STRICT}
+";
+
+/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` shows the
+/// namespace's processes as /etc/resolv.conf; removed when dropped.
+struct ResolvConf(PathBuf);
+
+impl ResolvConf {
+    fn write(ns: &Namespace, text: &str) -> ResolvConf {
+        let dir = Path::new("/etc/netns").join(&ns.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("resolv.conf"), text).unwrap();
+        ResolvConf(dir)
+    }
+}
+
+impl Drop for ResolvConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `dig +short` in `ns`, one line per answer.
+fn dig(ns: &Namespace, args: &[&str]) -> Vec<String> {
+    let output = ns
+        .command(&["dig", "+short", "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// `dig`'s status line fields for a query in `ns`: (status, answer count).
+fn dig_status(ns: &Namespace, args: &[&str]) -> (String, String) {
+    let output = ns
+        .command(&["dig", "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let status = text
+        .split("status: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or_default()
+        .to_string();
+    let answers = text
+        .split("ANSWER: ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .unwrap_or_default()
+        .to_string();
+    (status, answers)
+}
+
+fn getent(ns: &Namespace, name: &str) -> Option<String> {
+    let output = ns.command(&["getent", "hosts", name]).output().unwrap();
+    output.status.success().then(|| {
+        String::from_utf8_lossy(&output.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    })
+}
+
+fn start_agent(ns: &mut Namespace, root: &Path, dir: &Path, ip: &str, base_id: u32) -> usize {
+    let work = dir.join(format!("work-{}", ns.name));
+    let envoy = common::envoy_binary();
+    ns.spawn(
+        &[
+            VMESH,
+            "agent",
+            "--root",
+            root.to_str().unwrap(),
+            "--work-dir",
+            work.to_str().unwrap(),
+            "--ip",
+            ip,
+            "--name",
+            &ns.name.clone(),
+            "--envoy",
+            envoy.to_str().unwrap(),
+            "--base-id",
+            &base_id.to_string(),
+            "--capture",
+        ],
+        &dir.join(format!("agent-{}.log", ns.name)),
+    )
+}
+
+#[test]
+fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let id = std::process::id();
+    let mut server = Namespace::create(&format!("vmesh-ds-{id}"));
+    let mut vm = Namespace::create(&format!("vmesh-dv-{id}"));
+    let mut client = Namespace::create(&format!("vmesh-dc-{id}"));
+    link(&vm, "10.54.1.1", &server, "10.54.1.2", &format!("dv{id}"));
+    link(
+        &client,
+        "10.54.3.1",
+        &server,
+        "10.54.3.2",
+        &format!("dc{id}"),
+    );
+    vm.run(&["ip", "route", "add", "default", "via", "10.54.1.2"]);
+    client.run(&["ip", "route", "add", "default", "via", "10.54.3.2"]);
+    server.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    // Both VMs' resolver: the upstream in the control plane's namespace.
+    let resolv = "nameserver 10.54.3.2\nsearch corp.example\n";
+    let _vm_resolv = ResolvConf::write(&vm, resolv);
+    let _client_resolv = ResolvConf::write(&client, resolv);
+    let upstream_log = dir.join("dnsmasq.log");
+    server.spawn(
+        &[
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=10.54.3.2",
+            "--user=root",
+            "--pid-file=",
+            &format!("--address=/example.test/{EXTERNAL_IP}"),
+            "--log-queries",
+            "--log-facility=-",
+        ],
+        &upstream_log,
+    );
+    let before_external = eventually("the upstream answering", || {
+        getent(&client, "example.test").filter(|ip| ip == EXTERNAL_IP)
+    });
+    assert_eq!(
+        getent(&client, HOST),
+        None,
+        "no mesh names before the agent"
+    );
+
+    let control = server.name.clone();
+    let control = control.as_str();
+    let server_process = {
+        common::start_server(&mut server, dir, &["--xds-addr", "0.0.0.0:15012"]);
+        1 // dnsmasq is 0
+    };
+    cli(control, &["create", "namespace", "vm-workloads"]);
+    let mesh = dir.join("mesh.yaml");
+    std::fs::write(&mesh, MESH).unwrap();
+    cli(control, &["apply", "-f", mesh.to_str().unwrap()]);
+    let database = vmesh_api::testing::seed_dir().join("service-entry-vm-database.yaml");
+    cli(control, &["apply", "-f", database.to_str().unwrap()]);
+    let vip = vip_of(control, HOST);
+    let database_vip = vip_of(control, DATABASE);
+
+    let payment_root = onboard(control, dir, "payment-vms", "10.54.1.2");
+    let client_root = onboard(control, dir, "client-vms", "10.54.1.2");
+    let cluster_env =
+        std::fs::read_to_string(client_root.join("var/lib/istio/envoy/cluster.env")).unwrap();
+    assert!(
+        cluster_env.contains("ISTIO_META_DNS_CAPTURE='true'"),
+        "DNS capture is on in the onboarding files: {cluster_env}"
+    );
+    vm.spawn(
+        &[
+            VMESH,
+            "demo-app",
+            "--addr",
+            "0.0.0.0:8080",
+            "--name",
+            "payment-vm",
+        ],
+        &dir.join("app.log"),
+    );
+    // From here on, the upstream's log shows what the agents let through.
+    let logged_before = std::fs::read_to_string(&upstream_log).unwrap().len();
+    start_agent(&mut vm, &payment_root, dir, "10.54.1.1", 95);
+    let client_agent = start_agent(&mut client, &client_root, dir, "10.54.3.1", 96);
+
+    // The name table reaches the client's agent.
+    eventually("the client's name table", || {
+        let output = client
+            .command(&[VMESH, "proxy-config", "dns", "--json"])
+            .output()
+            .unwrap();
+        let dump: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        (dump["names"][HOST][0] == vip.as_str()).then_some(())
+    });
+    let table = cli_in(&client, &[VMESH, "proxy-config", "dns"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("payment-service.vm-workloads ") && l.ends_with(vip.as_str())),
+        "{table}"
+    );
+
+    // Mesh names, from the table, through capture of the resolver's own DNS.
+    assert_eq!(getent(&client, HOST).as_deref(), Some(vip.as_str()));
+    assert_eq!(
+        dig(&client, &["payment-service.vm-workloads"]),
+        [vip.as_str()]
+    );
+    assert_eq!(
+        dig(&client, &["payment-service"]),
+        [vip.as_str()],
+        "short name in its own namespace"
+    );
+    assert_eq!(
+        dig(&client, &["+tcp", HOST]),
+        [vip.as_str()],
+        "over TCP too"
+    );
+    assert_eq!(dig(&client, &[DATABASE]), [database_vip.as_str()]);
+    assert!(database_vip.starts_with("240.240."), "{database_vip}");
+    // A search-domain expansion of a mesh name is answered here too.
+    assert_eq!(
+        dig(&client, &[&format!("{HOST}.corp.example")]),
+        [vip.as_str()]
+    );
+    // IPv4 only: AAAA is an empty NOERROR, not NXDOMAIN.
+    assert_eq!(
+        dig_status(&client, &["AAAA", HOST]),
+        ("NOERROR".into(), "0".into())
+    );
+    // Everything else: the upstream's answer.
+    assert_eq!(dig(&client, &["example.test"]), [EXTERNAL_IP]);
+    assert_eq!(
+        getent(&client, "www.example.test").as_deref(),
+        Some(EXTERNAL_IP)
+    );
+
+    // The application calls the service by name, nothing else configured.
+    let answer = eventually("the payment VM through the mesh", || {
+        let output = client
+            .command(&[
+                "curl",
+                "-sf",
+                "--max-time",
+                "5",
+                "http://payment-service.vm-workloads:8080/api/payments/1",
+            ])
+            .output()
+            .unwrap();
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).to_string())
+    });
+    assert!(answer.contains("name=payment-vm"), "{answer}");
+    let stats = cli_in(
+        &client,
+        &[
+            "curl",
+            "-s",
+            "http://127.0.0.1:15000/stats?filter=ssl.handshake",
+        ],
+    );
+    assert!(
+        stats.lines().any(|l| l
+            .starts_with(&format!("cluster.outbound|8080||{HOST}.ssl.handshake: "))
+            && !l.ends_with(" 0")),
+        "over mTLS:\n{stats}"
+    );
+
+    // Mesh names never reached the upstream; the others did.
+    let log = std::fs::read_to_string(&upstream_log).unwrap()[logged_before..].to_string();
+    assert!(log.contains("example.test"), "{log}");
+    for name in ["payment-service", "vm-database"] {
+        assert!(!log.contains(name), "{name} leaked upstream:\n{log}");
+    }
+
+    // The metrics count it.
+    let metrics = cli_in(
+        &client,
+        &["curl", "-s", "http://127.0.0.1:15020/stats/prometheus"],
+    );
+    for metric in [
+        "vmesh_agent_dns_answered_locally_total",
+        "vmesh_agent_dns_forwarded_total",
+    ] {
+        let value: f64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{metric} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{metric} in\n{metrics}"));
+        assert!(value > 0.0, "{metric} = {value}");
+    }
+
+    // The control plane goes away: the last table still answers.
+    server.stop(server_process);
+    assert_eq!(
+        dig(&client, &["payment-service.vm-workloads"]),
+        [vip.as_str()]
+    );
+    assert_eq!(getent(&client, HOST).as_deref(), Some(vip.as_str()));
+    assert_eq!(dig(&client, &["example.test"]), [EXTERNAL_IP]);
+
+    // The agent stops: its capture goes, and resolution is as it was.
+    client.stop(client_agent);
+    let nat = cli_in(&client, &["iptables-save", "-t", "nat"]);
+    assert!(!nat.contains("ISTIO"), "capture removed:\n{nat}");
+    assert_eq!(getent(&client, HOST), None);
+    assert_eq!(getent(&client, "example.test"), Some(before_external));
+}
+
+/// Runs `args` in `ns` and returns its standard output.
+fn cli_in(ns: &Namespace, args: &[&str]) -> String {
+    String::from_utf8(ns.run(args).stdout).unwrap()
+}

@@ -99,6 +99,8 @@ pub struct DnsConfig {
     /// address systemd-resolved can forward `cluster.local` to).
     pub listen: Vec<SocketAddr>,
     pub resolv: ResolvConf,
+    /// The upstreams' port: 53, as resolv.conf cannot say otherwise.
+    pub upstream_port: u16,
     /// The workload's namespace, for short names.
     pub namespace: String,
     /// How long one try at one upstream may take.
@@ -116,6 +118,7 @@ impl DnsConfig {
                 SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, DEFAULT_PORT)),
             ],
             resolv,
+            upstream_port: 53,
             namespace: namespace.into(),
             timeout: Duration::from_secs(2),
             attempts: 2,
@@ -189,6 +192,38 @@ struct Shared {
     config: DnsConfig,
     index: watch::Receiver<Arc<NameIndex>>,
     metrics: DnsMetrics,
+    /// Idle upstream UDP sockets, connected and marked, by upstream: made
+    /// once and reused, so a forward costs no socket set-up.
+    idle: parking_lot::Mutex<Vec<(SocketAddr, UdpSocket)>>,
+}
+
+/// Idle upstream sockets kept at most.
+const MAX_IDLE: usize = 64;
+
+impl Shared {
+    async fn forward_udp(
+        &self,
+        upstream: SocketAddr,
+        query: &[u8],
+        id: u16,
+    ) -> std::io::Result<Vec<u8>> {
+        let reused = {
+            let mut idle = self.idle.lock();
+            idle.iter()
+                .position(|(to, _)| *to == upstream)
+                .map(|i| idle.swap_remove(i).1)
+        };
+        let socket = match reused {
+            Some(socket) => socket,
+            None => upstream_socket(upstream).await?,
+        };
+        let answer = exchange_udp(&socket, query, id).await?;
+        let mut idle = self.idle.lock();
+        if idle.len() < MAX_IDLE {
+            idle.push((upstream, socket));
+        }
+        Ok(answer)
+    }
 }
 
 /// A DNS proxy bound to its addresses.
@@ -271,6 +306,7 @@ impl DnsProxy {
                 config,
                 index,
                 metrics,
+                idle: parking_lot::Mutex::default(),
             }),
             udp,
             tcp,
@@ -343,12 +379,16 @@ impl Shared {
         let upstreams = &self.config.resolv.nameservers;
         let mut answer = None;
         for attempt in 0..self.config.attempts.max(1) as usize {
-            let upstream = SocketAddr::new(upstreams[attempt % upstreams.len()], 53);
+            let upstream = SocketAddr::new(
+                upstreams[attempt % upstreams.len()],
+                self.config.upstream_port,
+            );
             let tried = if tcp {
                 tokio::time::timeout(self.config.timeout, forward_tcp(upstream, query)).await
             } else {
                 let id = message.metadata.id;
-                tokio::time::timeout(self.config.timeout, forward_udp(upstream, query, id)).await
+                tokio::time::timeout(self.config.timeout, self.forward_udp(upstream, query, id))
+                    .await
             };
             match tried {
                 Ok(Ok(bytes)) => {
@@ -390,7 +430,8 @@ fn domain(addr: &SocketAddr) -> socket2::Domain {
     }
 }
 
-async fn forward_udp(upstream: SocketAddr, query: &[u8], id: u16) -> std::io::Result<Vec<u8>> {
+/// A UDP socket connected to `upstream`, marked so capture lets it out.
+async fn upstream_socket(upstream: SocketAddr) -> std::io::Result<UdpSocket> {
     let socket = marked(socket2::Socket::new(
         domain(&upstream),
         socket2::Type::DGRAM,
@@ -398,11 +439,17 @@ async fn forward_udp(upstream: SocketAddr, query: &[u8], id: u16) -> std::io::Re
     )?)?;
     let socket = UdpSocket::from_std(socket.into())?;
     socket.connect(upstream).await?;
+    Ok(socket)
+}
+
+/// Sends `query` and waits for the answer with its id; a late answer to an
+/// earlier query on a reused socket is skipped. (Dropped on error or
+/// timeout, so a socket is reused only after a clean exchange.)
+async fn exchange_udp(socket: &UdpSocket, query: &[u8], id: u16) -> std::io::Result<Vec<u8>> {
     socket.send(query).await?;
     let mut buf = vec![0u8; MAX_UDP];
     loop {
         let n = socket.recv(&mut buf).await?;
-        // Only the answer to this query (same id) is taken.
         if n >= 2 && u16::from_be_bytes([buf[0], buf[1]]) == id {
             buf.truncate(n);
             return Ok(buf);

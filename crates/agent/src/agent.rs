@@ -18,7 +18,7 @@ use vmesh_ca::SpiffeId;
 
 use crate::backoff::BackoffPolicy;
 use crate::dns::{DnsConfig, DnsError, DnsMetrics, DnsProxy, NameIndex};
-use crate::health::{HealthReport, ProbeError, Prober};
+use crate::health::{HealthPublisher, HealthReport, ProbeError, Prober};
 use crate::identity::{
     CaClient, CertificateManager, CertificateSigner, IdentityConfig, IdentityError, IdentityHandle,
     RenewalPolicy, TrustAnchors,
@@ -158,6 +158,7 @@ pub struct AgentHandle {
     sds_socket: PathBuf,
     identity: IdentityHandle,
     health: Option<watch::Receiver<Option<HealthReport>>>,
+    publisher: HealthPublisher,
     dns: Option<RunningDns>,
     tasks: JoinSet<Result<(), AgentError>>,
 }
@@ -195,6 +196,13 @@ impl AgentHandle {
     /// The DNS proxy, when it runs.
     pub fn dns(&self) -> Option<&RunningDns> {
         self.dns.as_ref()
+    }
+
+    /// Reports the workload unhealthy, for good: called when it is about to
+    /// stop, so that clients stop sending to it before its sidecar goes.
+    pub fn drain(&self) {
+        self.publisher
+            .drain("the workload's agent is shutting down");
     }
 
     /// Waits for every part to stop (after shutdown), or for the first to
@@ -280,10 +288,13 @@ pub async fn start_with_signer(
         config.xds_backoff,
         shutdown.clone(),
     );
-    let health = prober.map(|prober| prober.spawn(shutdown.clone()));
-    if let Some(reports) = &health {
-        proxy = proxy.with_health(reports.clone());
-    }
+    // Every agent reports at least its shutdown; with a probe, its verdicts.
+    let publisher = HealthPublisher::default();
+    proxy = proxy.with_health(publisher.subscribe());
+    let health = prober.map(|prober| {
+        prober.spawn(publisher.clone(), shutdown.clone());
+        publisher.subscribe()
+    });
     let mut dns = None;
     if let Some(dns_config) = config.dns.clone() {
         let stored = config.name_table_file.as_deref().and_then(load_name_table);
@@ -330,6 +341,7 @@ pub async fn start_with_signer(
         sds_socket,
         identity,
         health,
+        publisher,
         dns,
         tasks,
     })

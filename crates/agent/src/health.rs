@@ -5,7 +5,10 @@
 //! passes in a row and unhealthy after `failureThreshold` failures in a row.
 //!
 //! Only transitions are published, on a `watch` channel of
-//! [`HealthReport`]s; the xDS relay carries them to the control plane.
+//! [`HealthReport`]s ([`HealthPublisher`]); the xDS relay carries them to the
+//! control plane. When the agent shuts down it publishes a last, unhealthy
+//! report ([`HealthPublisher::drain`]), so the workload leaves every
+//! client's endpoints before its sidecar goes; the probe is silent after it.
 //! This module does not talk to the control plane and does not decide what
 //! an unhealthy workload means for traffic.
 
@@ -229,18 +232,12 @@ impl Prober {
     }
 
     /// Runs the probe until `shutdown`, publishing each transition (the
-    /// first decision included) on the returned channel.
-    pub fn spawn(self, shutdown: watch::Receiver<bool>) -> watch::Receiver<Option<HealthReport>> {
-        let (publish, reports) = watch::channel(None);
+    /// first decision included) through `publish`.
+    pub fn spawn(self, publish: HealthPublisher, shutdown: watch::Receiver<bool>) {
         tokio::spawn(self.run(publish, shutdown));
-        reports
     }
 
-    async fn run(
-        self,
-        publish: watch::Sender<Option<HealthReport>>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    async fn run(self, publish: HealthPublisher, mut shutdown: watch::Receiver<bool>) {
         let prober = Arc::new(self);
         tokio::select! {
             () = crate::stopped(&mut shutdown) => return,
@@ -259,16 +256,59 @@ impl Prober {
                 tally.record(result, prober.success_threshold, prober.failure_threshold)
             {
                 tracing::info!(healthy, %message, "workload health changed");
-                publish.send_modify(|report| {
-                    let sequence = report.as_ref().map_or(1, |r| r.sequence + 1);
-                    *report = Some(HealthReport {
-                        sequence,
-                        healthy,
-                        message,
-                    });
-                });
+                publish.publish(healthy, message);
             }
         }
+    }
+}
+
+/// Where health reports are published: the probe's verdicts, then the
+/// agent's own at shutdown. Cloning is cheap.
+#[derive(Debug, Clone)]
+pub struct HealthPublisher {
+    reports: watch::Sender<Option<HealthReport>>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Default for HealthPublisher {
+    fn default() -> Self {
+        HealthPublisher {
+            reports: watch::channel(None).0,
+            draining: Arc::default(),
+        }
+    }
+}
+
+impl HealthPublisher {
+    /// The reports, as published.
+    pub fn subscribe(&self) -> watch::Receiver<Option<HealthReport>> {
+        self.reports.subscribe()
+    }
+
+    /// A verdict; ignored once draining.
+    pub fn publish(&self, healthy: bool, message: String) {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        self.send(healthy, message);
+    }
+
+    /// The workload is going away: unhealthy from now on, whatever the probe says.
+    pub fn drain(&self, why: &str) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.send(false, why.to_string());
+    }
+
+    fn send(&self, healthy: bool, message: String) {
+        self.reports.send_modify(|report| {
+            let sequence = report.as_ref().map_or(1, |r| r.sequence + 1);
+            *report = Some(HealthReport {
+                sequence,
+                healthy,
+                message,
+            });
+        });
     }
 }
 
@@ -483,9 +523,17 @@ mod tests {
         })
         .unwrap();
         let (_stop, shutdown) = watch::channel(false);
-        let mut reports = prober.spawn(shutdown);
+        let publisher = HealthPublisher::default();
+        let mut reports = publisher.subscribe();
+        prober.spawn(publisher.clone(), shutdown);
         reports.changed().await.unwrap();
-        let report = reports.borrow().clone().unwrap();
+        let report = reports.borrow_and_update().clone().unwrap();
         assert_eq!((report.sequence, report.healthy), (1, true));
+        // Draining: unhealthy, and the probe's next verdicts are not published.
+        publisher.drain("shutting down");
+        let report = reports.borrow_and_update().clone().unwrap();
+        assert_eq!((report.sequence, report.healthy), (2, false));
+        publisher.publish(true, String::new());
+        assert_eq!(reports.borrow().as_ref().unwrap().sequence, 2);
     }
 }

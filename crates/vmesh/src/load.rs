@@ -25,6 +25,9 @@ pub struct LoadArgs {
     /// `Name: value`; repeatable.
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// Keep sending for this long instead of a number of requests.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
 }
 
 /// One request's outcome: status (0 when it failed), who answered, how long it took.
@@ -47,13 +50,18 @@ pub async fn run(args: LoadArgs) -> Result<ExitCode> {
         .timeout(Duration::from_secs(10))
         .build()?;
     let workers = args.concurrency.max(1);
+    let deadline = args.duration.map(|d| Instant::now() + d);
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..workers {
         let count = args.requests / workers + usize::from(worker < args.requests % workers);
         let (client, method, url) = (client.clone(), method.clone(), args.url.clone());
         tasks.spawn(async move {
             let mut samples: Vec<Sample> = Vec::with_capacity(count);
-            for _ in 0..count {
+            let more = |sent: usize| match deadline {
+                Some(deadline) => Instant::now() < deadline,
+                None => sent < count,
+            };
+            while more(samples.len()) {
                 let started = Instant::now();
                 let outcome = match client.request(method.clone(), &url).send().await {
                     Ok(response) => {

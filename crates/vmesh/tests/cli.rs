@@ -351,15 +351,37 @@ fn token_protected_server_refuses_the_anonymous() {
     assert!(String::from_utf8_lossy(&open.stderr).contains("--api-token-file"));
 }
 
+/// The README's main job, as CI runs it: every check passes, again after a
+/// run that left everything behind (as a crash would), and `--down` then
+/// leaves nothing.
 #[test]
-fn demo_passes_every_check() {
-    let output = Command::new(VMESH)
-        .arg("demo")
-        .env("TMPDIR", tempfile::tempdir().unwrap().path())
-        .output()
-        .unwrap();
-    assert_ok(&output, "vmesh demo");
-    let text = stdout(&output);
-    assert_eq!(text.matches("PASS").count(), 5, "{text}");
-    assert!(!text.contains("FAIL"), "{text}");
+fn demo_passes_every_check_again_and_cleans_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = |args: &[&str]| {
+        Command::new(VMESH)
+            .arg("demo")
+            .args(args)
+            .env("TMPDIR", tmp.path())
+            .output()
+            .unwrap()
+    };
+    let checks = 9;
+    for args in [&["--keep"][..], &[]] {
+        let output = demo(args);
+        assert_ok(&output, "vmesh demo");
+        let text = stdout(&output);
+        assert_eq!(text.matches("  PASS  ").count(), checks, "{text}");
+        assert!(!text.contains("FAIL"), "{text}");
+    }
+    let output = demo(&["--keep"]);
+    assert_ok(&output, "vmesh demo --keep");
+    assert!(stdout(&output).contains("vmesh demo --down"));
+    assert_ok(&demo(&["--down"]), "vmesh demo --down");
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&namespaces.stdout).contains("vmesh-demo"),
+        "namespaces left: {}",
+        String::from_utf8_lossy(&namespaces.stdout)
+    );
+    assert!(!tmp.path().join("vmesh-demo").exists(), "state left");
 }

@@ -17,34 +17,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{
-    Namespace, VMESH, capture_service_range, cli, envoy_binary, eventually, link, onboard,
-    start_agent, start_server, vip_of,
+    Namespace, VMESH, capture_service_range, cli, eventually, link, onboard, start_agent,
+    start_onboarded_agent, start_server, vip_of,
 };
 
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
-
-/// Starts the VM's agent from its onboarding files; returns its index in `vm`'s processes.
-fn start_vm_agent(vm: &mut Namespace, root: &std::path::Path, dir: &std::path::Path) -> usize {
-    let work = dir.join("vm-agent");
-    vm.spawn(
-        &[
-            VMESH,
-            "agent",
-            "--root",
-            root.to_str().unwrap(),
-            "--work-dir",
-            work.to_str().unwrap(),
-            "--ip",
-            "10.49.0.2",
-            "--name",
-            "vm1",
-            "--envoy",
-            envoy_binary().to_str().unwrap(),
-            "--capture",
-        ],
-        &dir.join("vm-agent.log"),
-    )
-}
 
 /// Polls through the client's sidecar every 10 ms until the VM answers.
 fn until_served(client: &Namespace, url: &str, started: Instant) -> Duration {
@@ -149,7 +126,7 @@ fn main() {
     let root = onboard(control, dir.path(), "payment-vms", "10.49.0.1");
 
     let started = Instant::now();
-    let agent = start_vm_agent(&mut vm, &root, dir.path());
+    let agent = start_onboarded_agent(&mut vm, &root, dir.path(), "10.49.0.2", 0, &[]);
     let first = until_served(&client, &url, started);
 
     // A restart: the certificate is on disk, the entry comes back.
@@ -165,7 +142,7 @@ fn main() {
             .then_some(())
     });
     let started = Instant::now();
-    start_vm_agent(&mut vm, &root, dir.path());
+    start_onboarded_agent(&mut vm, &root, dir.path(), "10.49.0.2", 0, &[]);
     let again = until_served(&client, &url, started);
 
     let target = Duration::from_secs(1);

@@ -15,22 +15,12 @@
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Namespace, VMESH, cli, eventually, link, onboard, start_agent, start_server};
+use common::{
+    Namespace, VMESH, cli, entry, eventually, link, onboard, start_agent, start_onboarded_agent,
+    start_server,
+};
 
 const GROUP: &str = "payment-vms";
-
-/// The WorkloadEntry `name` in vm-workloads, as JSON, if it exists.
-fn entry(control: &str, name: &str) -> Option<serde_json::Value> {
-    let output = std::process::Command::new("ip")
-        .args(["netns", "exec", control, VMESH])
-        .args(["get", "we", name, "-n", "vm-workloads", "-o", "json"])
-        .output()
-        .unwrap();
-    output
-        .status
-        .success()
-        .then(|| serde_json::from_slice(&output.stdout).unwrap())
-}
 
 #[test]
 fn vms_register_themselves_and_leave_when_they_stop() {
@@ -77,28 +67,13 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     // Its agent starts from those files alone (and a name and address, as
     // the VM's host name and address are not the test machine's).
     let started = Instant::now();
-    let work = dir.path().join("vm-agent");
-    vm.spawn(
-        &[
-            VMESH,
-            "agent",
-            "--root",
-            vm_root.to_str().unwrap(),
-            "--work-dir",
-            work.to_str().unwrap(),
-            "--ip",
-            "10.47.0.1",
-            "--name",
-            "vm1",
-            "--label",
-            "version=v1",
-            "--envoy",
-            common::envoy_binary().to_str().unwrap(),
-            "--base-id",
-            "71",
-            "--capture",
-        ],
-        &dir.path().join("vm-agent.log"),
+    start_onboarded_agent(
+        &mut vm,
+        &vm_root,
+        dir.path(),
+        "10.47.0.1",
+        71,
+        &["--label", "version=v1"],
     );
     let name = format!("{GROUP}-10.47.0.1");
     let registered = eventually("the VM's WorkloadEntry", || entry(control, &name));

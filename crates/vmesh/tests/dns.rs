@@ -18,45 +18,14 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{Namespace, VMESH, cli, eventually, link, onboard, vip_of};
+use common::{
+    Namespace, PAYMENT_MESH, VMESH, cli, eventually, link, onboard, start_onboarded_agent, vip_of,
+};
 
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
 const DATABASE: &str = "vm-database.vm-workloads.svc.cluster.local";
 /// The upstream answers every name under example.test with this address.
 const EXTERNAL_IP: &str = "10.99.0.7";
-
-const MESH: &str = "\
-apiVersion: v1
-kind: Service
-metadata: {name: payment-service, namespace: vm-workloads}
-spec:
-  ports: [{name: http, port: 8080, targetPort: 8080}]
-  selector: {app: payment-service}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadGroup
-metadata: {name: payment-vms, namespace: vm-workloads}
-spec:
-  metadata:
-    labels: {app: payment-service}
-  template:
-    serviceAccount: payment-service-sa
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadGroup
-metadata: {name: client-vms, namespace: vm-workloads}
-spec:
-  metadata:
-    labels: {app: client}
-  template:
-    serviceAccount: client-sa
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: vm-workloads}
-spec:
-  mtls: {mode: STRICT}
-";
 
 /// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` shows the
 /// namespace's processes as /etc/resolv.conf; removed when dropped.
@@ -124,31 +93,6 @@ fn getent(ns: &Namespace, name: &str) -> Option<String> {
     })
 }
 
-fn start_agent(ns: &mut Namespace, root: &Path, dir: &Path, ip: &str, base_id: u32) -> usize {
-    let work = dir.join(format!("work-{}", ns.name));
-    let envoy = common::envoy_binary();
-    ns.spawn(
-        &[
-            VMESH,
-            "agent",
-            "--root",
-            root.to_str().unwrap(),
-            "--work-dir",
-            work.to_str().unwrap(),
-            "--ip",
-            ip,
-            "--name",
-            &ns.name.clone(),
-            "--envoy",
-            envoy.to_str().unwrap(),
-            "--base-id",
-            &base_id.to_string(),
-            "--capture",
-        ],
-        &dir.join(format!("agent-{}.log", ns.name)),
-    )
-}
-
 #[test]
 fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
     let dir = tempfile::tempdir().unwrap();
@@ -206,7 +150,7 @@ fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
     };
     cli(control, &["create", "namespace", "vm-workloads"]);
     let mesh = dir.join("mesh.yaml");
-    std::fs::write(&mesh, MESH).unwrap();
+    std::fs::write(&mesh, PAYMENT_MESH).unwrap();
     cli(control, &["apply", "-f", mesh.to_str().unwrap()]);
     let database = vmesh_api::testing::seed_dir().join("service-entry-vm-database.yaml");
     cli(control, &["apply", "-f", database.to_str().unwrap()]);
@@ -234,8 +178,8 @@ fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
     );
     // From here on, the upstream's log shows what the agents let through.
     let logged_before = std::fs::read_to_string(&upstream_log).unwrap().len();
-    start_agent(&mut vm, &payment_root, dir, "10.54.1.1", 95);
-    let client_agent = start_agent(&mut client, &client_root, dir, "10.54.3.1", 96);
+    start_onboarded_agent(&mut vm, &payment_root, dir, "10.54.1.1", 95, &[]);
+    let client_agent = start_onboarded_agent(&mut client, &client_root, dir, "10.54.3.1", 96, &[]);
 
     // The name table reaches the client's agent.
     eventually("the client's name table", || {

@@ -21,54 +21,17 @@
 // Deadlines here are wall-clock time across processes.
 #![allow(clippy::disallowed_types)]
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{Namespace, VMESH, cli, eventually, link, onboard, vip_of};
+use common::{
+    Namespace, PAYMENT_MESH, VMESH, cli, entry, eventually, link, onboard, start_onboarded_agent,
+    vip_of,
+};
 
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
 const PERIOD_SECONDS: u64 = 1;
 const FAILURE_THRESHOLD: u64 = 2;
-
-const MESH: &str = "\
-apiVersion: v1
-kind: Service
-metadata: {name: payment-service, namespace: vm-workloads}
-spec:
-  ports: [{name: http, port: 8080, targetPort: 8080}]
-  selector: {app: payment-service}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadGroup
-metadata: {name: payment-vms, namespace: vm-workloads}
-spec:
-  metadata:
-    labels: {app: payment-service}
-  template:
-    serviceAccount: payment-service-sa
-    ports: {http: 8080}
-  probe:
-    periodSeconds: 1
-    failureThreshold: 2
-    timeoutSeconds: 1
-    httpGet: {path: /health, port: 8080}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadGroup
-metadata: {name: client-vms, namespace: vm-workloads}
-spec:
-  metadata:
-    labels: {app: client}
-  template:
-    serviceAccount: client-sa
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: vm-workloads}
-spec:
-  mtls: {mode: STRICT}
-";
 
 struct Vm {
     ns: Namespace,
@@ -89,31 +52,6 @@ fn vm(server: &Namespace, index: u8, tag: &str) -> (Namespace, String) {
     );
     ns.run(&["ip", "route", "add", "default", "via", &gateway]);
     (ns, ip)
-}
-
-fn start_vm_agent(ns: &mut Namespace, root: &Path, dir: &Path, ip: &str, base_id: u32) -> usize {
-    let work = dir.join(format!("work-{}", ns.name));
-    let envoy = common::envoy_binary();
-    ns.spawn(
-        &[
-            VMESH,
-            "agent",
-            "--root",
-            root.to_str().unwrap(),
-            "--work-dir",
-            work.to_str().unwrap(),
-            "--ip",
-            ip,
-            "--name",
-            &ns.name.clone(),
-            "--envoy",
-            envoy.to_str().unwrap(),
-            "--base-id",
-            &base_id.to_string(),
-            "--capture",
-        ],
-        &dir.join(format!("agent-{}.log", ns.name)),
-    )
 }
 
 /// `curl` in `ns` with its output and status; never panics on failure.
@@ -165,18 +103,6 @@ fn client_endpoints(client: &Namespace) -> Vec<String> {
     hosts
 }
 
-fn entry(control: &str, name: &str) -> Option<serde_json::Value> {
-    let output = std::process::Command::new("ip")
-        .args(["netns", "exec", control, VMESH])
-        .args(["get", "we", name, "-n", "vm-workloads", "-o", "json"])
-        .output()
-        .unwrap();
-    output
-        .status
-        .success()
-        .then(|| serde_json::from_slice(&output.stdout).unwrap())
-}
-
 fn healthy_condition(entry: &serde_json::Value) -> serde_json::Value {
     entry["status"]["conditions"]
         .as_array()
@@ -210,7 +136,7 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
     );
     cli(control, &["create", "namespace", "vm-workloads"]);
     let mesh = dir.join("mesh.yaml");
-    std::fs::write(&mesh, MESH).unwrap();
+    std::fs::write(&mesh, PAYMENT_MESH).unwrap();
     cli(control, &["apply", "-f", mesh.to_str().unwrap()]);
     let payment_root = onboard(control, dir, "payment-vms", "10.50.1.2");
     let client_root = onboard(control, dir, "client-vms", "10.50.1.2");
@@ -235,10 +161,10 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
                 &dir.join(format!("app-{name}-{port}.log")),
             );
         }
-        let agent = start_vm_agent(&mut ns, &payment_root, dir, &ip, base_id);
+        let agent = start_onboarded_agent(&mut ns, &payment_root, dir, &ip, base_id, &[]);
         vms.push(Vm { ns, ip, agent });
     }
-    start_vm_agent(&mut client, &client_root, dir, &client_ip, 83);
+    start_onboarded_agent(&mut client, &client_root, dir, &client_ip, 83, &[]);
 
     // Both register; their probes pass, so both join the client's endpoints.
     for vm in &vms {
@@ -397,7 +323,7 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
     .unwrap();
     let back = &mut vms[1];
     let ip = back.ip.clone();
-    back.agent = start_vm_agent(&mut back.ns, &payment_root, dir, &ip, 82);
+    back.agent = start_onboarded_agent(&mut back.ns, &payment_root, dir, &ip, 82, &[]);
     eventually("VM 2 back after a restart with an expired token", || {
         (client_endpoints(&client) == both).then_some(())
     });

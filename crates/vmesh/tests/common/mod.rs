@@ -326,3 +326,94 @@ pub fn onboard(control: &str, dir: &Path, group: &str, ingress_host: &str) -> Pa
     );
     root
 }
+
+/// Starts `vmesh agent --capture` in `ns` from onboarding files installed
+/// under `root` (see [`onboard`]), as the VM at `ip`; its work directory and
+/// log in `dir`, named after the namespace. Returns the process's index.
+pub fn start_onboarded_agent(
+    ns: &mut Namespace,
+    root: &Path,
+    dir: &Path,
+    ip: &str,
+    base_id: u32,
+    flags: &[&str],
+) -> usize {
+    let work = dir.join(format!("work-{}", ns.name));
+    let envoy = envoy_binary();
+    let name = ns.name.clone();
+    let base_id = base_id.to_string();
+    let mut args = vec![
+        VMESH,
+        "agent",
+        "--root",
+        root.to_str().unwrap(),
+        "--work-dir",
+        work.to_str().unwrap(),
+        "--ip",
+        ip,
+        "--name",
+        &name,
+        "--envoy",
+        envoy.to_str().unwrap(),
+        "--base-id",
+        &base_id,
+        "--capture",
+    ];
+    args.extend_from_slice(flags);
+    ns.spawn(&args, &dir.join(format!("agent-{name}.log")))
+}
+
+/// The WorkloadEntry `name` in vm-workloads, as JSON, if it exists.
+pub fn entry(control: &str, name: &str) -> Option<serde_json::Value> {
+    let output = Command::new("ip")
+        .args(["netns", "exec", control, VMESH])
+        .args(["get", "we", name, "-n", "vm-workloads", "-o", "json"])
+        .output()
+        .unwrap();
+    output
+        .status
+        .success()
+        .then(|| serde_json::from_slice(&output.stdout).unwrap())
+}
+
+/// The payment service and two VM groups in vm-workloads, STRICT mTLS:
+/// `payment-vms` (payment-service-sa, probed on GET /health every second,
+/// out after two failures) and `client-vms` (client-sa).
+pub const PAYMENT_MESH: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: payment-service, namespace: vm-workloads}
+spec:
+  ports: [{name: http, port: 8080, targetPort: 8080}]
+  selector: {app: payment-service}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: payment-vms, namespace: vm-workloads}
+spec:
+  metadata:
+    labels: {app: payment-service}
+  template:
+    serviceAccount: payment-service-sa
+    ports: {http: 8080}
+  probe:
+    periodSeconds: 1
+    failureThreshold: 2
+    timeoutSeconds: 1
+    httpGet: {path: /health, port: 8080}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadGroup
+metadata: {name: client-vms, namespace: vm-workloads}
+spec:
+  metadata:
+    labels: {app: client}
+  template:
+    serviceAccount: client-sa
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: vm-workloads}
+spec:
+  mtls: {mode: STRICT}
+";

@@ -317,8 +317,8 @@ fn count(summary: &Value, path: &[&str]) -> u64 {
     value.as_u64().unwrap_or(0)
 }
 
-/// The HTTP status of one request from `host`, as curl saw it (000: none).
-fn status(host: &str, method: &str, path: &str) -> String {
+/// The HTTP status of one request from `host` to `url`, as curl saw it (000: none).
+fn status(host: &str, method: &str, url: &str) -> String {
     in_ns(
         host,
         &[
@@ -332,7 +332,7 @@ fn status(host: &str, method: &str, path: &str) -> String {
             "5",
             "-X",
             method,
-            &format!("http://{HOST}:8080{path}"),
+            url,
         ],
     )
     .unwrap_or_else(|_| "000".into())
@@ -756,8 +756,9 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     });
 
     // 7. The AuthorizationPolicy: orders may only POST /api/payments/process.
-    let allowed = status("orders", "POST", "/api/payments/process");
-    let refused = status("orders", "GET", "/api/payments/1");
+    let payments = format!("http://{HOST}:8080/api/payments");
+    let allowed = status("orders", "POST", &format!("{payments}/process"));
+    let refused = status("orders", "GET", &format!("{payments}/1"));
     checks.push(Check {
         name: "orders: only POST /api/payments/process",
         passed: allowed == "200" && refused == "403",
@@ -765,21 +766,7 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     });
 
     // 8. STRICT mTLS: plaintext from a host without a sidecar is refused.
-    let plaintext = in_ns(
-        CONTROL,
-        &[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "5",
-            "http://10.77.1.1:8080/api/payments/1",
-        ],
-    );
-    let code = plaintext.as_deref().unwrap_or("000").to_string();
+    let code = status(CONTROL, "GET", "http://10.77.1.1:8080/api/payments/1");
     checks.push(Check {
         name: "plaintext refused (STRICT)",
         passed: code == "000",

@@ -98,6 +98,8 @@ pub struct AgentConfig {
     /// its verdicts reported to the control plane.
     #[serde(skip)]
     pub probe: Option<vmesh_api::kinds::workload_group::ReadinessProbe>,
+    /// The user an `exec` probe runs as (the proxy user when the agent is root).
+    pub probe_user: Option<u32>,
     /// The DNS proxy, when the workload's DNS is the agent's
     /// (`ISTIO_META_DNS_CAPTURE`).
     pub dns: Option<DnsConfig>,
@@ -133,6 +135,7 @@ impl AgentConfig {
                 jitter: 0.2,
             },
             probe: None,
+            probe_user: None,
             dns: None,
             name_table_file: None,
         }
@@ -250,7 +253,15 @@ pub async fn start_with_signer(
         signer,
     )?;
     let identity = manager.handle();
-    let prober = config.probe.as_ref().map(Prober::new).transpose()?;
+    let prober = config
+        .probe
+        .as_ref()
+        .map(Prober::new)
+        .transpose()?
+        .map(|prober| match config.probe_user {
+            Some(uid) => prober.run_as(uid),
+            None => prober,
+        });
 
     let xds_socket = config.xds_socket();
     let sds_socket = config.sds_socket();

@@ -39,6 +39,10 @@ pub const FORWARD_MARK: u32 = 1337;
 pub const DEFAULT_PORT: u16 = 15053;
 /// The largest DNS message over UDP we accept or send back.
 const MAX_UDP: usize = 4096;
+/// How long a TCP client may take to send its next query.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// TCP clients served at once; more wait to be accepted.
+const MAX_TCP_CLIENTS: usize = 256;
 
 /// Why the DNS proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -516,14 +520,27 @@ async fn serve_udp(shared: Arc<Shared>, socket: Arc<UdpSocket>) {
 }
 
 async fn serve_tcp(shared: Arc<Shared>, listener: TcpListener) {
+    let clients = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CLIENTS));
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = clients.clone().acquire_owned().await else {
+            return;
+        };
+        let mut stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: do not spin.
+                tracing::debug!("DNS accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
         let shared = shared.clone();
         tokio::spawn(async move {
-            // One connection may carry several queries, answered in turn.
-            while let Ok(query) = read_framed(&mut stream).await {
+            let _permit = permit;
+            // One connection may carry several queries, answered in turn;
+            // an idle one is closed.
+            while let Ok(Ok(query)) = tokio::time::timeout(TCP_IDLE, read_framed(&mut stream)).await
+            {
                 let answer = match shared.plan(&query) {
                     Plan::Local(answer) => Some(answer),
                     Plan::Forward(message) => shared.forward(&query, &message, true).await,

@@ -61,6 +61,8 @@ enum Check {
     },
     Exec {
         command: Vec<String>,
+        /// The user the command runs as (the proxy user, not the agent's root).
+        user: Option<u32>,
     },
     Grpc {
         endpoint: String,
@@ -142,6 +144,7 @@ impl Prober {
             }
             Check::Exec {
                 command: exec.command.clone(),
+                user: None,
             }
         } else if let Some(grpc) = &probe.grpc {
             Check::Grpc {
@@ -165,6 +168,15 @@ impl Prober {
                 .filter(|v| *v > 0)
                 .unwrap_or(DEFAULT_FAILURE_THRESHOLD),
         })
+    }
+
+    /// Runs an `exec` probe's command as `uid` (and its group), as Istio
+    /// runs it as the proxy user: the group's author does not get root.
+    pub fn run_as(mut self, uid: u32) -> Prober {
+        if let Check::Exec { user, .. } = &mut self.check {
+            *user = Some(uid);
+        }
+        self
     }
 
     /// One try: `Ok` if the workload passed, else why not.
@@ -205,13 +217,17 @@ impl Prober {
                     .map(drop)
                     .map_err(|e| format!("connecting to {target}: {e}"))
             }
-            Check::Exec { command } => {
-                let output = tokio::process::Command::new(&command[0])
-                    .args(&command[1..])
+            Check::Exec { command, user } => {
+                let mut run = tokio::process::Command::new(&command[0]);
+                run.args(&command[1..])
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::piped())
-                    .kill_on_drop(true)
+                    .kill_on_drop(true);
+                if let Some(uid) = user {
+                    run.uid(*uid).gid(*uid);
+                }
+                let output = run
                     .output()
                     .await
                     .map_err(|e| format!("running {}: {e}", command[0]))?;
@@ -287,27 +303,31 @@ impl HealthPublisher {
 
     /// A verdict; ignored once draining.
     pub fn publish(&self, healthy: bool, message: String) {
-        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        self.send(healthy, message);
+        self.send(healthy, message, false);
     }
 
     /// The workload is going away: unhealthy from now on, whatever the probe says.
     pub fn drain(&self, why: &str) {
-        self.draining
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-        self.send(false, why.to_string());
+        self.send(false, why.to_string(), true);
     }
 
-    fn send(&self, healthy: bool, message: String) {
-        self.reports.send_modify(|report| {
+    /// Publishes under the channel's lock, so a verdict racing a drain
+    /// cannot land after it.
+    fn send(&self, healthy: bool, message: String, drain: bool) {
+        use std::sync::atomic::Ordering;
+        self.reports.send_if_modified(|report| {
+            if drain {
+                self.draining.store(true, Ordering::SeqCst);
+            } else if self.draining.load(Ordering::SeqCst) {
+                return false;
+            }
             let sequence = report.as_ref().map_or(1, |r| r.sequence + 1);
             *report = Some(HealthReport {
                 sequence,
                 healthy,
                 message,
             });
+            true
         });
     }
 }

@@ -42,11 +42,20 @@ fn certs(pems: &[String], what: &'static str) -> Result<Vec<CertificateDer<'stat
 }
 
 /// How a joining VM pins the mesh root, as `kubeadm join` pins its CA:
-/// `sha256:<hex>` of the root certificate's SubjectPublicKeyInfo.
+/// `sha256:<hex>` of the root certificate's SubjectPublicKeyInfo. The PEM
+/// must hold exactly that one certificate, so nothing unpinned rides along.
 pub fn root_hash(root_pem: &str) -> Result<String, TlsError> {
     use sha2::Digest;
     let what = "root certificate";
-    let der = certs(&[root_pem.to_owned()], what)?.remove(0);
+    let mut all = certs(&[root_pem.to_owned()], what)?;
+    // One certificate only: a pin must cover everything that will be trusted.
+    if all.len() != 1 {
+        return Err(TlsError::Pem {
+            what,
+            reason: format!("{} certificates where one root was expected", all.len()),
+        });
+    }
+    let der = all.remove(0);
     let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|e| TlsError::Pem {
         what,
         reason: e.to_string(),
@@ -145,5 +154,27 @@ mod tests {
             Err(TlsError::NoCertificate(_))
         ));
         assert!(server_tls_config(&chain, "nope", ca.root_pem()).is_err());
+    }
+
+    #[test]
+    fn root_hash_pins_one_certificate_only() {
+        let roots: Vec<Authority> = (0..2)
+            .map(|_| {
+                let dir = tempfile::tempdir().unwrap();
+                Authority::load_or_create(dir.path(), "cluster.local", AuthorityOptions::default())
+                    .unwrap()
+            })
+            .collect();
+        let (one, two) = (roots[0].root_pem(), roots[1].root_pem());
+        let hash = root_hash(one).unwrap();
+        assert!(
+            hash.starts_with("sha256:") && hash.len() == 7 + 64,
+            "{hash}"
+        );
+        assert_eq!(root_hash(one).unwrap(), hash, "stable");
+        assert_ne!(root_hash(two).unwrap(), hash);
+        // A second certificate riding along would be trusted unpinned: refused.
+        assert!(root_hash(&format!("{one}{two}")).is_err());
+        assert!(root_hash("not a certificate").is_err());
     }
 }

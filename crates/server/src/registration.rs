@@ -441,8 +441,10 @@ impl ProxyLifecycle for Registrar {
     ) -> Result<(), Status> {
         let Some(group) = proxy.metadata.get(GROUP_METADATA).filter(|g| !g.is_empty()) else {
             // A manually made entry it reports for starts afresh too.
-            if let Ok(Some(name)) = self.0.health_target(connection, proxy, caller) {
-                self.0.clear_health(&proxy.namespace, &name)?;
+            if let Ok(Some(name)) = self.0.health_target(connection, proxy, caller)
+                && let Err(e) = self.0.clear_health(&proxy.namespace, &name)
+            {
+                tracing::warn!(proxy = %proxy.id, "{}", e.message());
             }
             return Ok(());
         };
@@ -459,7 +461,12 @@ impl ProxyLifecycle for Registrar {
             .entry((proxy.namespace.clone(), name.clone()))
             .or_default()
             .insert(connection);
-        self.0.clear_health(&proxy.namespace, &name)
+        // Registered and held now: a failure to reset health must not
+        // refuse the stream (its disconnect would never be seen).
+        if let Err(e) = self.0.clear_health(&proxy.namespace, &name) {
+            tracing::warn!(proxy = %proxy.id, "{}", e.message());
+        }
+        Ok(())
     }
 
     fn disconnected(&self, connection: u64, proxy: &Proxy) {

@@ -461,6 +461,8 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     );
     config.token_file = workload.token_file.clone();
     config.probe = workload.probe.clone();
+    // Root may run the probe's command as the proxy user; anyone else runs it as themselves.
+    config.probe_user = running_as_root().then_some(args.proxy_uid);
     config.dns = workload.dns.clone();
     config.name_table_file = Some(args.work_dir.join("name-table.pb"));
     if let Some(probe) = &workload.probe {
@@ -533,6 +535,11 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     agent.wait().await.context("stopping the agent")?;
     status_task.await?.context("the status port")?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// Polls the status port's readiness until it answers 200 or `timeout` passes.

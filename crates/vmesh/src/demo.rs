@@ -8,10 +8,12 @@
 //! in the run that prints it.
 //!
 //! Everything it makes is named `vmesh-demo-*` (namespaces, their
-//! resolv.conf under /etc/netns) or lives in its state directory
-//! (`$TMPDIR/vmesh-demo`: data, onboarding files, logs, the pids of what it
-//! started), so `--down` (and every new run, first) removes it all, even
-//! after a crash. Without `--keep` it removes it all at the end.
+//! resolv.conf under /etc/netns), runs inside those namespaces, or lives in
+//! its state directory (`$TMPDIR/vmesh-demo`, 0711: data, onboarding files,
+//! logs), so `--down` (and every new run, first) removes it all, even after
+//! a crash: the processes it kills are those `ip netns pids` finds in its
+//! namespaces, never a list someone could have written. Without `--keep`,
+//! or when interrupted, it removes it all at the end.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
@@ -185,7 +187,7 @@ fn cli(args: &[&str]) -> Result<String> {
 }
 
 /// Starts `args` in namespace `host`, detached (it survives this process
-/// with --keep), its output in `log`; its pid is recorded for --down.
+/// with --keep), its output in `log`; returns its pid.
 fn start(state: &Path, host: &str, args: &[&str], log: &str) -> Result<u32> {
     use std::os::unix::process::CommandExt;
     let log = std::fs::File::create(state.join("logs").join(log))?;
@@ -198,14 +200,7 @@ fn start(state: &Path, host: &str, args: &[&str], log: &str) -> Result<u32> {
         .process_group(0)
         .spawn()
         .with_context(|| format!("starting {} in {host}", args[0]))?;
-    let pid = child.id();
-    let mut pids = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state.join("pids"))?;
-    use std::io::Write;
-    writeln!(pids, "{pid}")?;
-    Ok(pid)
+    Ok(child.id())
 }
 
 /// Whether `pid` still runs (a zombie, exited but not yet reaped, does not).
@@ -226,11 +221,7 @@ fn kill(pid: u32, signal: &str) {
 /// Removes everything a run made: processes, namespaces (and with them
 /// their links and capture rules), their resolv.conf, the state directory.
 fn down(state: &Path) -> Result<()> {
-    let mut pids: Vec<u32> = std::fs::read_to_string(state.join("pids"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
+    let mut pids: Vec<u32> = Vec::new();
     let namespaces: Vec<String> = output("ip", &["netns", "list"])
         .unwrap_or_default()
         .lines()
@@ -354,7 +345,18 @@ pub async fn run(keep: bool, remove: bool) -> Result<ExitCode> {
         println!("vmesh demo: removed every namespace, process and file of earlier runs");
         return Ok(ExitCode::SUCCESS);
     }
-    let outcome = build_and_check(&state);
+    let work = tokio::task::spawn_blocking({
+        let state = state.clone();
+        move || build_and_check(&state)
+    });
+    let outcome = tokio::select! {
+        joined = work => joined.context("the demo stopped")?,
+        _ = crate::commands::stop_signal() => {
+            eprintln!("vmesh demo: interrupted; removing everything it made");
+            down(&state)?;
+            std::process::exit(130);
+        }
+    };
     let passed = match &outcome {
         Ok(checks) => checks.iter().all(|c| c.passed),
         Err(_) => false,
@@ -414,6 +416,16 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     let exe = vmesh()?;
     let envoy = crate::agent::find_envoy()?;
     let envoy = envoy.display().to_string();
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        // Fresh (down() removed any) and not listable: it holds tokens and
+        // keys (in 0600 files and 0700 directories); Envoy, as the proxy
+        // user, must still pass through to its bootstrap and sockets.
+        std::fs::DirBuilder::new()
+            .mode(0o711)
+            .create(state)
+            .with_context(|| format!("creating {}", state.display()))?;
+    }
     std::fs::create_dir_all(state.join("logs"))?;
     let hosts = hosts();
     let begun = Instant::now();

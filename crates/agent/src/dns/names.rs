@@ -4,9 +4,11 @@
 //! A name is the mesh's when the table has it, or — for Kubernetes
 //! Services — it is one of the short forms a workload in this namespace
 //! expects (`name.namespace.svc`, `name.namespace`, and `name` in its own
-//! namespace), or it is one of those with a resolv.conf search domain
+//! namespace), or it is a full table name with a resolv.conf search domain
 //! appended (what a resolver tries first for names with few dots), so those
-//! expansions are answered here instead of leaking upstream.
+//! expansions are answered here instead of leaking upstream. (A short form
+//! with a search domain appended is a real name of that domain, such as
+//! `api.corp.example`: it is forwarded.)
 //!
 //! A mesh name is answered authoritatively: its A or AAAA records, and for
 //! a type it has none of, an empty NOERROR (NODATA), never NXDOMAIN (the
@@ -37,6 +39,8 @@ pub struct Addresses {
 #[derive(Debug, Default)]
 pub struct NameIndex {
     names: HashMap<String, Arc<Addresses>>,
+    /// The table's own (full) names, which alone match with a search domain appended.
+    full: std::collections::HashSet<String>,
     search: Vec<String>,
 }
 
@@ -50,6 +54,7 @@ impl NameIndex {
     /// `search` domains.
     pub fn new(table: &NameTable, namespace: &str, search: &[String]) -> NameIndex {
         let mut names: HashMap<String, Arc<Addresses>> = HashMap::new();
+        let full = table.table.keys().map(|host| key(host)).collect();
         let mut aliases: Vec<(String, Arc<Addresses>)> = Vec::new();
         for (host, info) in &table.table {
             let mut addresses = Addresses::default();
@@ -76,6 +81,7 @@ impl NameIndex {
         }
         NameIndex {
             names,
+            full,
             search: search
                 .iter()
                 .map(|s| key(s))
@@ -100,7 +106,10 @@ impl NameIndex {
         }
         self.search.iter().find_map(|domain| {
             let base = name.strip_suffix(domain.as_str())?.strip_suffix('.')?;
-            self.names.get(base)
+            self.full
+                .contains(base)
+                .then(|| self.names.get(base))
+                .flatten()
         })
     }
 
@@ -246,8 +255,18 @@ mod tests {
             .is_some()
         );
         assert!(ask(&index, "vm-database.vm-workloads", RecordType::A).is_none());
-        // Not the mesh's: forwarded.
+        // Not the mesh's: forwarded. A short form under a search domain is
+        // that domain's own name.
         assert!(ask(&index, "example.test", RecordType::A).is_none());
+        assert!(ask(&index, "payment-service.corp.example", RecordType::A).is_none());
+        assert!(
+            ask(
+                &index,
+                "payment-service.vm-workloads.corp.example",
+                RecordType::A
+            )
+            .is_none()
+        );
         assert!(
             ask(
                 &index,

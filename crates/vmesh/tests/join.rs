@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Output;
 
 mod common;
-use common::{Namespace, VMESH, cli, eventually, link, start_server};
+use common::{Namespace, VMESH, cli, eventually, link, start_onboarded_agent, start_server};
 
 const GROUP: &str = "payment-vms";
 const SERVER: &str = "10.52.0.2:15012";
@@ -116,24 +116,13 @@ fn a_vm_joins_with_one_line_and_spent_revoked_or_expired_tokens_are_refused() {
 
     // The printed line, run on the VM: installed, started, registered.
     let root = dir.join("vm-root");
-    let work = dir.join("vm-work");
-    let envoy = common::envoy_binary();
-    vm.spawn(
+    start_onboarded_agent(
+        &mut vm,
+        &root,
+        dir,
+        "10.52.0.1",
+        91,
         &[
-            VMESH,
-            "agent",
-            "--root",
-            root.to_str().unwrap(),
-            "--work-dir",
-            work.to_str().unwrap(),
-            "--ip",
-            "10.52.0.1",
-            "--name",
-            "vm1",
-            "--envoy",
-            envoy.to_str().unwrap(),
-            "--base-id",
-            "91",
             "join",
             "--server",
             SERVER,
@@ -142,7 +131,6 @@ fn a_vm_joins_with_one_line_and_spent_revoked_or_expired_tokens_are_refused() {
             "--ca-hash",
             &pin,
         ],
-        &dir.join("join.log"),
     );
     eventually("the joined VM's WorkloadEntry", || {
         let got = std::process::Command::new("ip")

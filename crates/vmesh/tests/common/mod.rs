@@ -328,8 +328,9 @@ pub fn onboard(control: &str, dir: &Path, group: &str, ingress_host: &str) -> Pa
 }
 
 /// Starts `vmesh agent --capture` in `ns` from onboarding files installed
-/// under `root` (see [`onboard`]), as the VM at `ip`; its work directory and
-/// log in `dir`, named after the namespace. Returns the process's index.
+/// under `root` (by [`onboard`], or by the `join …` given in `flags`), as
+/// the VM at `ip`; its work directory and log in `dir`, named after the
+/// namespace. Returns the process's index.
 pub fn start_onboarded_agent(
     ns: &mut Namespace,
     root: &Path,

@@ -530,6 +530,13 @@ mod tests {
         assert!(error.contains("broken"), "{error}");
         let error = run(&["sleep", "5"]).check().await.unwrap_err();
         assert!(error.contains("within"), "{error}");
+        // As the proxy user, not the agent's root (needs root, as CI runs).
+        let as_user = run(&[
+            "sh",
+            "-c",
+            "test \"$(id -u)\" = 1337 || { id -u >&2; exit 1; }",
+        ]);
+        as_user.run_as(1337).check().await.unwrap();
     }
 
     #[tokio::test]

@@ -65,6 +65,10 @@ fn entry_key(namespace: &str, name: &str) -> ObjectKey {
     key("workloadentries", "networking.istio.io", namespace, name)
 }
 
+fn missing(namespace: &str, name: &str) -> Status {
+    Status::not_found(format!("WorkloadEntry {namespace}/{name} does not exist"))
+}
+
 /// Istio's entry name: `<group>-<ip, ':' → '-'>[-<network>]`, kept to 253 characters.
 pub fn entry_name(group: &str, proxy: &Proxy) -> String {
     let mut name = format!("{group}-{}", proxy.ip.to_string().replace(':', "-"));
@@ -304,15 +308,8 @@ impl AutoRegistration {
         let Some(name) = proxy.metadata.get(ENTRY_METADATA).filter(|n| !n.is_empty()) else {
             return Ok(None);
         };
-        let Some(entry) = self
-            .store
-            .get(&entry_key(&proxy.namespace, name))
-            .map_err(|e| Status::unavailable(e.to_string()))?
-        else {
-            return Err(Status::not_found(format!(
-                "WorkloadEntry {}/{name} does not exist",
-                proxy.namespace
-            )));
+        let Some(entry) = self.entry(&proxy.namespace, name)? else {
+            return Err(missing(&proxy.namespace, name));
         };
         let account = entry
             .body
@@ -331,16 +328,18 @@ impl AutoRegistration {
         Ok(Some(name.clone()))
     }
 
+    /// The WorkloadEntry `namespace/name`, if it exists.
+    fn entry(&self, namespace: &str, name: &str) -> Result<Option<Object>, Status> {
+        self.store
+            .get(&entry_key(namespace, name))
+            .map_err(|e| Status::unavailable(e.to_string()))
+    }
+
     /// Forgets the entry's `Healthy` condition: a proxy that (re)connects
     /// reports afresh, and an entry without a probe must not stay out of
     /// service on its last run's shutdown report.
     fn clear_health(&self, namespace: &str, name: &str) -> Result<(), Status> {
-        let key = entry_key(namespace, name);
-        let Some(mut entry) = self
-            .store
-            .get(&key)
-            .map_err(|e| Status::unavailable(e.to_string()))?
-        else {
+        let Some(mut entry) = self.entry(namespace, name)? else {
             return Ok(());
         };
         let Some(conditions) = entry
@@ -369,15 +368,8 @@ impl AutoRegistration {
         name: &str,
         report: &HealthReport,
     ) -> Result<(), Status> {
-        let key = entry_key(namespace, name);
-        let Some(mut entry) = self
-            .store
-            .get(&key)
-            .map_err(|e| Status::unavailable(e.to_string()))?
-        else {
-            return Err(Status::not_found(format!(
-                "WorkloadEntry {namespace}/{name} does not exist"
-            )));
+        let Some(mut entry) = self.entry(namespace, name)? else {
+            return Err(missing(namespace, name));
         };
         let status = if report.healthy { "True" } else { "False" };
         let now = now();

@@ -64,7 +64,7 @@ use crate::upstream::Upstream;
 pub const MAX_MESSAGE: usize = 256 << 20;
 
 /// Istio's type URL for a workload's health report.
-pub const HEALTH_INFORMATION_TYPE: &str = "type.googleapis.com/istio.v1.HealthInformation";
+pub use vmesh_proto::HEALTH_INFORMATION_TYPE;
 
 /// How an unacknowledged health report is repeated.
 const HEALTH_RETRY: BackoffPolicy = BackoffPolicy {

@@ -20,6 +20,7 @@
 pub mod check;
 pub mod decode;
 pub mod kinds;
+pub mod mesh;
 pub mod object;
 pub mod problem;
 pub mod registry;

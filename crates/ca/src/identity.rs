@@ -9,9 +9,6 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use x509_parser::extensions::GeneralName;
 
-/// Istio's default trust domain.
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
-
 const SCHEME: &str = "spiffe://";
 
 /// Why a SPIFFE id or one of its parts was refused.

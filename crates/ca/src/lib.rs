@@ -68,7 +68,7 @@ pub use authority::{
     Authority, AuthorityOptions, CaError, ISTIOD_SERVICE_NAME, ROOT_CERT_FILE, ROOT_KEY_FILE,
 };
 pub use identity::{
-    CERT_BACKDATE, CertIdentityError, DEFAULT_TRUST_DOMAIN, IdentityError, PeerIdentity, SpiffeId,
+    CERT_BACKDATE, CertIdentityError, IdentityError, PeerIdentity, SpiffeId,
     identity_of_certificate, validate_namespace, validate_service_account, validate_trust_domain,
 };
 pub use pb::istio_certificate_service_client::IstioCertificateServiceClient;

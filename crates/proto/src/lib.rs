@@ -13,3 +13,9 @@ pub mod nds {
 
 /// The xDS type URL of [`nds::NameTable`].
 pub const NAME_TABLE_TYPE: &str = "type.googleapis.com/istio.networking.nds.v1.NameTable";
+
+/// The type URL of Istio's health reports: DiscoveryRequests an agent sends
+/// on its ADS stream (healthy with no `error_detail`, unhealthy with
+/// `error_detail { code: 500, message }`), acknowledged with a response of
+/// the same type carrying the report's nonce.
+pub const HEALTH_INFORMATION_TYPE: &str = "type.googleapis.com/istio.v1.HealthInformation";

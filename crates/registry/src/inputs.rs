@@ -12,12 +12,12 @@ use vmesh_api::kinds::istio_operator::{self, IstioOperator, IstioOperatorSpec};
 use vmesh_api::kinds::peer_authentication::{self, PeerAuthentication, PeerAuthenticationSpec};
 use vmesh_api::kinds::service::{self, Service, ServiceSpec};
 use vmesh_api::kinds::service_entry::{self, ServiceEntry, ServiceEntrySpec};
-use vmesh_api::kinds::sidecar::OutboundMode;
 use vmesh_api::kinds::virtual_service::{self, VirtualService, VirtualServiceSpec};
 use vmesh_api::kinds::workload_entry::{self, WorkloadEntry, WorkloadEntrySpec};
+use vmesh_api::mesh::OperatorRef;
 use vmesh_api::{KindInfo, Object};
 
-use crate::model::{MeshSettings, OutboundPolicy, Scoped};
+use crate::model::{MeshSettings, Scoped};
 
 /// Set on WorkloadEntries whose group has a readiness probe: such an entry is
 /// healthy only once a `Healthy=True` condition says so.
@@ -183,18 +183,13 @@ fn sort<T>(items: &mut [Scoped<T>]) {
 }
 
 fn mesh_settings(operators: &[Scoped<IstioOperatorSpec>]) -> MeshSettings {
-    let configs = || operators.iter().filter_map(|o| o.spec.mesh_config.as_ref());
-    let defaults = MeshSettings::default();
-    MeshSettings {
-        trust_domain: configs()
-            .find_map(|m| m.trust_domain.clone())
-            .unwrap_or(defaults.trust_domain),
-        outbound_policy: match configs().find_map(|m| m.outbound_traffic_policy.as_ref()?.mode) {
-            Some(OutboundMode::RegistryOnly) => OutboundPolicy::RegistryOnly,
-            Some(OutboundMode::AllowAny) | None => OutboundPolicy::AllowAny,
-        },
-        root_namespace: configs()
-            .find_map(|m| m.root_namespace.clone())
-            .unwrap_or(defaults.root_namespace),
-    }
+    let operators: Vec<OperatorRef<'_>> = operators
+        .iter()
+        .map(|o| OperatorRef {
+            namespace: &o.namespace,
+            name: &o.name,
+            spec: &o.spec,
+        })
+        .collect();
+    MeshSettings::resolve(&operators, None)
 }

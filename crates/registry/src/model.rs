@@ -9,8 +9,7 @@ use vmesh_api::kinds::peer_authentication::PeerAuthenticationSpec;
 use vmesh_api::kinds::service::{ServicePort, TransportProtocol};
 use vmesh_api::kinds::virtual_service::VirtualServiceSpec;
 
-/// The DNS suffix of Kubernetes Service hostnames (`name.namespace.svc.cluster.local`).
-pub const DOMAIN_SUFFIX: &str = "cluster.local";
+pub use vmesh_api::mesh::{DEFAULT_DOMAIN_SUFFIX as DOMAIN_SUFFIX, MeshSettings, OutboundPolicy};
 
 /// Everything the data plane is generated from, at one point in time.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -44,36 +43,6 @@ pub struct Scoped<T> {
     pub namespace: String,
     pub name: String,
     pub spec: T,
-}
-
-/// Mesh-wide settings, from the IstioOperators' `meshConfig`. When several
-/// operators set a field, the first by namespace and name wins.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MeshSettings {
-    /// `meshConfig.trustDomain`, default `cluster.local`.
-    pub trust_domain: String,
-    /// `meshConfig.outboundTrafficPolicy.mode`, default `ALLOW_ANY`.
-    pub outbound_policy: OutboundPolicy,
-    /// `meshConfig.rootNamespace`, default `istio-system`.
-    pub root_namespace: String,
-}
-
-impl Default for MeshSettings {
-    fn default() -> Self {
-        MeshSettings {
-            trust_domain: "cluster.local".to_string(),
-            outbound_policy: OutboundPolicy::AllowAny,
-            root_namespace: "istio-system".to_string(),
-        }
-    }
-}
-
-/// What happens to outbound traffic for hosts the registry does not know.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum OutboundPolicy {
-    #[default]
-    AllowAny,
-    RegistryOnly,
 }
 
 /// One hostname of the mesh: a Kubernetes Service, or one host of a ServiceEntry.

@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-use vmesh_api::{Object, ObjectKey, ObjectMeta};
+use vmesh_api::mesh::config_map;
+use vmesh_api::{Object, ObjectKey};
 use vmesh_ca::{
     Authority, AuthorityOptions, CertificateService, PeerIdentity, Revocations, TokenIssuer,
 };
@@ -37,7 +38,7 @@ const ROOT_CERT_KEY: &str = "root-cert.pem";
 /// Where revocations are kept: a ConfigMap in the root namespace.
 const REVOCATIONS_CONFIG_MAP: &str = "vmesh-token-revocations";
 const REVOCATIONS_KEY: &str = "revocations.json";
-const ROOT_NAMESPACE: &str = "istio-system";
+const ROOT_NAMESPACE: &str = vmesh_api::mesh::DEFAULT_ROOT_NAMESPACE;
 /// The longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest join token the API issues.
@@ -67,7 +68,7 @@ pub struct IdentityConfig {
 impl Default for IdentityConfig {
     fn default() -> IdentityConfig {
         IdentityConfig {
-            trust_domain: vmesh_ca::DEFAULT_TRUST_DOMAIN.into(),
+            trust_domain: vmesh_api::mesh::DEFAULT_TRUST_DOMAIN.into(),
             plugged: None,
             options: AuthorityOptions::default(),
             extra_sans: Vec::new(),
@@ -121,21 +122,6 @@ fn config_map_key(namespace: &str, name: &str) -> ObjectKey {
         plural: "configmaps".into(),
         namespace: namespace.into(),
         name: name.into(),
-    }
-}
-
-fn config_map(namespace: &str, name: &str, data: BTreeMap<&str, String>) -> Object {
-    let mut body = serde_json::Map::new();
-    body.insert("data".into(), json!(data));
-    Object {
-        api_version: "v1".into(),
-        kind: "ConfigMap".into(),
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(namespace.into()),
-            ..Default::default()
-        },
-        body,
     }
 }
 

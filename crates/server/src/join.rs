@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Digest;
 use subtle::ConstantTimeEq;
-use vmesh_api::{Object, ObjectKey, ObjectMeta};
+use vmesh_api::{Object, ObjectKey};
 use vmesh_store::Op;
 
 use crate::identity::{Identity, problem};
@@ -39,7 +39,7 @@ pub const BOOTSTRAP_PATH: &str = "/v1/vm/bootstrap";
 pub const ROOT_PATH: &str = "/v1/vm/root-cert";
 const RECORD_PREFIX: &str = "vmesh-join-";
 const RECORD_KEY: &str = "record.json";
-const RECORD_NAMESPACE: &str = "istio-system";
+const RECORD_NAMESPACE: &str = vmesh_api::mesh::DEFAULT_ROOT_NAMESPACE;
 /// The files a join hands out; `istio-token` is added per join.
 const REQUIRED_FILES: &[&str] = &[
     "cluster.env",
@@ -112,26 +112,18 @@ fn unix_now() -> u64 {
 }
 
 fn record_object(id: &str, record: &JoinRecord, version: Option<String>) -> Object {
-    let mut body = serde_json::Map::new();
-    body.insert(
-        "data".into(),
-        json!({ RECORD_KEY: serde_json::to_string(record).expect("a record serialises") }),
+    let record_text = serde_json::to_string(record).expect("a record serialises");
+    let mut object = vmesh_api::mesh::config_map(
+        RECORD_NAMESPACE,
+        &format!("{RECORD_PREFIX}{id}"),
+        [(RECORD_KEY, record_text)],
     );
-    Object {
-        api_version: "v1".into(),
-        kind: "ConfigMap".into(),
-        metadata: ObjectMeta {
-            name: Some(format!("{RECORD_PREFIX}{id}")),
-            namespace: Some(RECORD_NAMESPACE.into()),
-            labels: Some(BTreeMap::from([
-                ("vmesh.io/join-namespace".into(), record.namespace.clone()),
-                ("vmesh.io/join-group".into(), record.group.clone()),
-            ])),
-            resource_version: version,
-            ..Default::default()
-        },
-        body,
-    }
+    object.metadata.labels = Some(BTreeMap::from([
+        ("vmesh.io/join-namespace".into(), record.namespace.clone()),
+        ("vmesh.io/join-group".into(), record.group.clone()),
+    ]));
+    object.metadata.resource_version = version;
+    object
 }
 
 fn record_of(object: &Object) -> Option<JoinRecord> {

@@ -12,10 +12,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
-use vmesh_api::{Object, ObjectMeta};
 use vmesh_registry::{Snapshot, VipAllocator};
 use vmesh_store::{Op, Store};
 use vmesh_xds::ads::ConfigSource;
@@ -23,7 +21,7 @@ use vmesh_xds::translate::MeshConfig;
 
 /// ConfigMap in the root namespace holding hostname → virtual IP.
 pub const VIP_CONFIG_MAP: &str = "vmesh-vip-allocations";
-const ROOT_NAMESPACE: &str = "istio-system";
+const ROOT_NAMESPACE: &str = vmesh_api::mesh::DEFAULT_ROOT_NAMESPACE;
 
 /// How long changes must be quiet before a rebuild, and the longest a rebuild waits.
 #[derive(Debug, Clone, Copy)]
@@ -111,24 +109,13 @@ impl MeshController {
     }
 
     fn persist_vips(&self) {
-        let data: BTreeMap<&String, String> = self
+        let data: BTreeMap<String, String> = self
             .vips
             .allocations()
             .iter()
-            .map(|(h, ip)| (h, ip.to_string()))
+            .map(|(h, ip)| (h.clone(), ip.to_string()))
             .collect();
-        let mut body = serde_json::Map::new();
-        body.insert("data".into(), json!(data));
-        let config_map = Object {
-            api_version: "v1".into(),
-            kind: "ConfigMap".into(),
-            metadata: ObjectMeta {
-                name: Some(VIP_CONFIG_MAP.into()),
-                namespace: Some(ROOT_NAMESPACE.into()),
-                ..Default::default()
-            },
-            body,
-        };
+        let config_map = vmesh_api::mesh::config_map(ROOT_NAMESPACE, VIP_CONFIG_MAP, data);
         if let Err(e) = self.store.commit(vec![Op::Apply(config_map)]) {
             tracing::error!("cannot persist virtual IPs: {e}");
         }

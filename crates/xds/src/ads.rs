@@ -43,7 +43,7 @@ pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Li
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 /// A workload's health report (Istio's agent): healthy without
 /// `error_detail`, unhealthy with it.
-pub const HEALTH_INFORMATION_TYPE: &str = "type.googleapis.com/istio.v1.HealthInformation";
+pub use vmesh_proto::HEALTH_INFORMATION_TYPE;
 
 pub use vmesh_proto::NAME_TABLE_TYPE;
 

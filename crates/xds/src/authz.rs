@@ -56,6 +56,8 @@ use prost::{Message, Name};
 use vmesh_api::kinds::authorization_policy::{
     Action, AuthorizationPolicySpec, ConditionKey, Operation, Rule, Source,
 };
+/// The trust domain Istio reads as "this mesh's trust domain" in principals.
+use vmesh_api::mesh::DEFAULT_TRUST_DOMAIN;
 use vmesh_registry::{Scoped, Snapshot};
 
 use crate::node::Proxy;
@@ -65,8 +67,6 @@ pub const NETWORK_RBAC_FILTER: &str = "envoy.filters.network.rbac";
 /// Istio's stat prefix for the network RBAC filter.
 const TCP_STAT_PREFIX: &str = "tcp.";
 const SPIFFE: &str = "spiffe://";
-/// The trust domain Istio reads as "this mesh's trust domain" in principals.
-const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// The RBAC filters for one proxy's inbound side, in evaluation order. Both
 /// lists are empty when no policy applies (everything is allowed).

@@ -146,7 +146,7 @@ fn store_error_with_message(error: StoreError, message: String) -> ApiError {
         StoreError::BadResourceVersion(_) | StoreError::UnknownKind(_) => {
             (StatusCode::BAD_REQUEST, "BadRequest")
         }
-        StoreError::Backend(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
+        StoreError::Backend { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
     };
     let details = match &error {
         StoreError::NotFound(k)

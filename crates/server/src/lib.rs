@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use vmesh_store::Store;
+use vmesh_store::{Selection, Store};
 
 /// What `vmesh server` needs to run.
 #[derive(Debug, Clone)]
@@ -84,6 +84,15 @@ pub enum ServerError {
     Identity(#[from] identity::IdentityError),
     #[error("config dir {path}: {message}")]
     ConfigDir { path: PathBuf, message: String },
+    #[error(
+        "the mesh's trust domain {mesh:?} (meshConfig.trustDomain in IstioOperator {sources}) is not the CA's {ca:?}: \
+         workloads would get certificates no client accepts; start the server with --trust-domain {mesh} or change the IstioOperator"
+    )]
+    TrustDomainMismatch {
+        mesh: String,
+        ca: String,
+        sources: String,
+    },
 }
 
 /// A started server.
@@ -157,6 +166,39 @@ fn serve_http(
     })
 }
 
+/// Refuses a stored mesh configuration whose trust domain is not the CA's:
+/// the identities the CA issues and those clients expect would differ.
+fn check_trust_domain(store: &Store, ca_trust_domain: &str) -> Result<(), ServerError> {
+    use vmesh_api::kinds::istio_operator::{self, IstioOperator};
+    use vmesh_api::mesh::{MeshSettings, OperatorRef};
+    let (objects, _) = store.list(&Selection::of_kind(&istio_operator::KIND, None))?;
+    let operators: Vec<(String, String, IstioOperator)> = objects
+        .iter()
+        .filter_map(|o| {
+            let body = o.typed::<IstioOperator>().ok()?;
+            let namespace = o.metadata.namespace().unwrap_or_default().to_string();
+            Some((namespace, o.metadata.name().to_string(), body))
+        })
+        .collect();
+    let refs: Vec<OperatorRef<'_>> = operators
+        .iter()
+        .map(|(namespace, name, body)| OperatorRef {
+            namespace,
+            name,
+            spec: &body.spec,
+        })
+        .collect();
+    let mesh = MeshSettings::resolve(&refs, None);
+    if mesh.trust_domain_set && mesh.trust_domain != ca_trust_domain {
+        return Err(ServerError::TrustDomainMismatch {
+            sources: mesh.sources.join(", "),
+            mesh: mesh.trust_domain,
+            ca: ca_trust_domain.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Opens the store and starts the API, the mesh controller, and the xDS,
 /// monitoring and config-dir services that are asked for.
 pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
@@ -177,6 +219,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         &config.identity,
         store.clone(),
     )?);
+    check_trust_domain(&store, identity.authority.trust_domain())?;
     let router = api::router(
         store.clone(),
         config.api_token.clone(),

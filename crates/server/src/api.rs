@@ -18,7 +18,6 @@ use axum::routing::{any, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use vmesh_api::decode::decode_sources;
 use vmesh_api::{KindInfo, Object, ObjectKey, Problem};
 use vmesh_store::{BatchError, Op, Outcome, Selection, Store, StoreError};
 
@@ -403,22 +402,11 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Decodes and validates request objects as the CLI does, naming each `items[i]`.
-fn decode_items(items: &[Value], default_namespace: &str) -> Result<Vec<Object>, ApiError> {
-    let texts: Vec<(String, String)> = items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            (
-                format!("items[{i}]"),
-                serde_json::to_string_pretty(item).unwrap_or_default(),
-            )
-        })
-        .collect();
-    let decoded = decode_sources(
-        texts.iter().map(|(n, t)| (n.as_str(), t.as_str())),
-        default_namespace,
-    );
+/// Decodes and validates the objects of a JSON request body under `field` as
+/// the CLI does, each named `field[i]`, problems placed in the body as sent.
+fn decode_body(body: &[u8], field: &str, default_namespace: &str) -> Result<Vec<Object>, ApiError> {
+    let text = std::str::from_utf8(body).expect("the body was parsed as JSON");
+    let decoded = vmesh_api::decode_list("request body", text, field, default_namespace);
     if decoded.has_errors() {
         return Err(invalid(&decoded.problems));
     }
@@ -431,10 +419,20 @@ fn write(
     body: &[u8],
     name: Option<String>,
 ) -> Result<Response, ApiError> {
-    let item: Value = serde_json::from_slice(body)
-        .map_err(|e| bad_request(format!("the request body is not JSON: {e}")))?;
+    serde_json::from_slice::<serde_json::Map<String, Value>>(body)
+        .map_err(|e| bad_request(format!("the request body is not a JSON object: {e}")))?;
+    let text = std::str::from_utf8(body).expect("JSON is UTF-8");
     let default_ns = target.namespace.as_deref().unwrap_or("default");
-    let object = decode_items(std::slice::from_ref(&item), default_ns)?.remove(0);
+    let decoded = vmesh_api::decode::decode_sources([("request body", text)], default_ns);
+    if decoded.has_errors() {
+        return Err(invalid(&decoded.problems));
+    }
+    let object = decoded
+        .objects
+        .into_iter()
+        .next()
+        .ok_or_else(|| bad_request("the request body holds no object".into()))?
+        .object;
     if object.info().map(|i| i.plural) != Some(target.info.plural) {
         return Err(bad_request(format!(
             "a {} cannot be written to {}",
@@ -469,9 +467,9 @@ fn write(
     Ok((code, Json(target.present(outcomes[0].object().clone()))).into_response())
 }
 
+/// An apply request's settings; its `items` are decoded by [`decode_body`].
 #[derive(Debug, Deserialize)]
 struct ApplyRequest {
-    items: Vec<Value>,
     #[serde(default)]
     namespace: Option<String>,
 }
@@ -480,8 +478,9 @@ struct ApplyRequest {
 async fn apply(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let request: ApplyRequest = serde_json::from_slice(&body)
         .map_err(|e| bad_request(format!("the request body is not an apply list: {e}")))?;
-    let objects = decode_items(
-        &request.items,
+    let objects = decode_body(
+        &body,
+        "items",
         request.namespace.as_deref().unwrap_or("default"),
     )?;
     let names: Vec<String> = objects.iter().map(Object::display_name).collect();

@@ -11,9 +11,10 @@ use vmesh_api::kinds::workload_entry::WorkloadEntrySpec;
 
 use crate::inputs::{Inputs, Workload};
 use crate::model::{
-    DOMAIN_SUFFIX, MeshEndpoint, MeshPort, MeshService, Origin, Protocol, Resolution, Scoped,
-    Snapshot,
+    MeshEndpoint, MeshPort, MeshService, Origin, Protocol, Resolution, Scoped, Snapshot,
 };
+use crate::policy::service_hostname;
+use crate::selector::Selector;
 use crate::vip::{Pool, VipAllocator};
 
 impl Snapshot {
@@ -59,7 +60,7 @@ pub(crate) fn drafts(inputs: &Inputs) -> Vec<Draft> {
     let mut drafts: Vec<Draft> = inputs
         .services
         .iter()
-        .map(|s| kube_service(s, &inputs.workloads))
+        .map(|s| kube_service(s, &inputs.workloads, &inputs.mesh.domain_suffix))
         .chain(
             inputs
                 .service_entries
@@ -83,7 +84,7 @@ pub(crate) fn drafts(inputs: &Inputs) -> Vec<Draft> {
     drafts
 }
 
-fn kube_service(svc: &Scoped<ServiceSpec>, workloads: &[Workload]) -> Draft {
+fn kube_service(svc: &Scoped<ServiceSpec>, workloads: &[Workload], domain_suffix: &str) -> Draft {
     let spec = &svc.spec;
     let ports: Vec<(&ServicePort, MeshPort)> = spec
         .ports
@@ -126,10 +127,12 @@ fn kube_service(svc: &Scoped<ServiceSpec>, workloads: &[Workload]) -> Draft {
         }
         (Resolution::Dns, None)
     } else {
-        if let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) {
+        // A Service without a selector (or with an empty one) selects no workload.
+        let selector = Selector::new(spec.selector.as_ref());
+        if !selector.is_empty() {
             let selected = workloads
                 .iter()
-                .filter(|w| w.namespace == svc.namespace && w.matches(selector));
+                .filter(|w| w.namespace == svc.namespace && selector.matches(&w.labels));
             for workload in selected {
                 for (port, mesh_port) in &ports {
                     if let Some(target) =
@@ -152,7 +155,7 @@ fn kube_service(svc: &Scoped<ServiceSpec>, workloads: &[Workload]) -> Draft {
 
     Draft {
         service: finish(MeshService {
-            hostname: format!("{}.{}.svc.{DOMAIN_SUFFIX}", svc.name, svc.namespace),
+            hostname: service_hostname(&svc.name, &svc.namespace, domain_suffix),
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
             origin: Origin::Service,
@@ -219,11 +222,12 @@ fn entry_services(entry: &Scoped<ServiceEntrySpec>, workloads: &[Workload]) -> V
         .flatten()
         .map(|e| Workload::written(&entry.namespace, &entry.name, e.clone()))
         .collect();
+    // An empty `workloadSelector` selects every workload of the namespace.
     let selected = spec.workload_selector.iter().flat_map(|selector| {
-        let labels = selector.labels.clone().unwrap_or_default();
+        let selector = Selector::new(selector.labels.as_ref());
         workloads
             .iter()
-            .filter(move |w| w.namespace == entry.namespace && w.matches(&labels))
+            .filter(move |w| w.namespace == entry.namespace && selector.matches(&w.labels))
     });
     let mut endpoints = Vec::new();
     for workload in inline.iter().chain(selected) {
@@ -684,6 +688,31 @@ spec:
         let guide = snapshot(&seed(&["istio-operator-vm.yaml", "mesh-config-dns.yaml"])).mesh;
         assert_eq!(guide.trust_domain, "cluster.local");
         assert_eq!(guide.outbound_policy, OutboundPolicy::AllowAny);
+    }
+
+    #[test]
+    fn service_hostnames_use_the_mesh_domain_suffix() {
+        let snapshot = snapshot(&decode(
+            "t.yaml",
+            r#"
+apiVersion: install.istio.io/v1alpha1
+kind: IstioOperator
+metadata: {name: mesh, namespace: istio-system}
+spec: {values: {global: {proxy: {clusterDomain: corp.internal}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {ports: [{name: http, port: 80}]}
+"#,
+        ));
+        assert_eq!(snapshot.mesh.domain_suffix, "corp.internal");
+        let hosts: Vec<_> = snapshot
+            .services
+            .iter()
+            .map(|s| s.hostname.as_str())
+            .collect();
+        assert_eq!(hosts, ["web.shop.svc.corp.internal"]);
     }
 
     #[test]

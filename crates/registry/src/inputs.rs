@@ -137,11 +137,6 @@ impl Workload {
             healthy: true,
         }
     }
-
-    /// Whether every selector label is among this workload's labels.
-    pub fn matches(&self, selector: &BTreeMap<String, String>) -> bool {
-        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
-    }
 }
 
 /// The `status` of the `Healthy` condition in an entry's status, if any.

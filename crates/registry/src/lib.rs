@@ -4,8 +4,13 @@
 //! travel with them.
 //!
 //! This crate owns the join (which workloads back which service port, on which
-//! port, with what weight, locality, identity and health), port protocols, and
-//! the allocation of virtual IPs ([`VipAllocator`]). It is pure logic: it does
+//! port, with what weight, locality, identity and health), port protocols,
+//! the allocation of virtual IPs ([`VipAllocator`]), and which rules apply
+//! where: label selection ([`Selector`]), the lookups the xDS translation
+//! asks a [`Snapshot`] (the DestinationRule and VirtualServices of a host, the
+//! PeerAuthentications and AuthorizationPolicies of a workload, the endpoints
+//! of a subset) and hosts written in rules made fully qualified with the
+//! mesh's domain suffix ([`Snapshot::qualify`]). It is pure logic: it does
 //! no I/O and keeps no state between calls. It does not read, store or watch
 //! objects (the caller lists them from the store and persists
 //! [`VipAllocator::allocations`]), does not validate them (the `api` crate
@@ -34,13 +39,16 @@
 mod build;
 mod inputs;
 mod model;
+mod policy;
+mod selector;
 mod vip;
 
 pub use inputs::HEALTH_CHECKS_ANNOTATION;
 pub use model::{
-    DOMAIN_SUFFIX, MeshEndpoint, MeshPort, MeshService, MeshSettings, Origin, OutboundPolicy,
-    Protocol, Resolution, Scoped, Snapshot,
+    MeshEndpoint, MeshPort, MeshService, MeshSettings, Origin, OutboundPolicy, Protocol,
+    Resolution, Scoped, Snapshot,
 };
+pub use selector::{Labels, Selector};
 pub use vip::{DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_ENTRY_CIDR, Error, VipAllocator};
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use vmesh_api::kinds::peer_authentication::PeerAuthenticationSpec;
 use vmesh_api::kinds::service::{ServicePort, TransportProtocol};
 use vmesh_api::kinds::virtual_service::VirtualServiceSpec;
 
-pub use vmesh_api::mesh::{DEFAULT_DOMAIN_SUFFIX as DOMAIN_SUFFIX, MeshSettings, OutboundPolicy};
+pub use vmesh_api::mesh::{MeshSettings, OutboundPolicy};
 
 /// Everything the data plane is generated from, at one point in time.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -48,7 +48,7 @@ pub struct Scoped<T> {
 /// One hostname of the mesh: a Kubernetes Service, or one host of a ServiceEntry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeshService {
-    /// `name.namespace.svc.cluster.local` for Services, the host itself for ServiceEntries.
+    /// `name.namespace.svc.<domain suffix>` for Services, the host itself for ServiceEntries.
     pub hostname: String,
     /// Namespace of the Service or ServiceEntry.
     pub namespace: String,

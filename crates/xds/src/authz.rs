@@ -1,21 +1,18 @@
-//! Istio `AuthorizationPolicy` for a sidecar's inbound side: which policies
-//! apply to the proxy's workload, and the Envoy RBAC filters that enforce
-//! them with Istio's semantics (`envoy.filters.http.rbac` for HTTP ports,
+//! Istio `AuthorizationPolicy` for a sidecar's inbound side: the Envoy RBAC
+//! filters that enforce the policies applying to the proxy's workload, with
+//! Istio's semantics (`envoy.filters.http.rbac` for HTTP ports,
 //! `envoy.filters.network.rbac` for TCP ports).
 //!
-//! This module owns policy selection and RBAC generation only. It does not
-//! decide where the filters go (the inbound filter chains, before the router
-//! or the TCP proxy: the caller places them), nor how peers authenticate: the
+//! This module owns RBAC generation only. Which policies apply to a workload
+//! is the registry's decision (`Snapshot::authorization_policies_for`: those
+//! of the root namespace and of the workload's namespace whose selector
+//! matches it, none with `targetRef(s)`). It does not decide where the
+//! filters go (the inbound filter chains, before the router or the TCP
+//! proxy: the caller places them), nor how peers authenticate: the
 //! principals and namespaces it matches are those of the peer's mTLS
 //! certificate, which only exists where mTLS is on.
 //!
 //! What Istio would do and vmesh does too:
-//! - Selection: root-namespace policies without a selector apply to every
-//!   workload; root-namespace policies with a selector to the matching
-//!   workloads of every namespace; policies in the proxy's namespace when
-//!   they have no selector or all of its `matchLabels` are the proxy's
-//!   labels. Policies with `targetRef(s)` are for gateways and waypoints,
-//!   never for sidecars.
 //! - Order: one filter per action present, AUDIT (RBAC `LOG`, which never
 //!   changes the decision), then DENY, then ALLOW, as Istio's builder emits
 //!   them. CUSTOM policies are refused by validation (no external
@@ -81,9 +78,7 @@ pub struct Authorization {
 /// The RBAC filters enforcing the authorization policies that apply to `proxy`.
 pub fn authorization(snapshot: &Snapshot, proxy: &Proxy) -> Authorization {
     let selected: Vec<&Scoped<AuthorizationPolicySpec>> = snapshot
-        .authorization_policies
-        .iter()
-        .filter(|policy| applies(policy, proxy, &snapshot.mesh.root_namespace))
+        .authorization_policies_for(&proxy.namespace, &proxy.labels)
         .collect();
     let trust_domain = &snapshot.mesh.trust_domain;
     let mut out = Authorization::default();
@@ -120,23 +115,6 @@ pub fn authorization(snapshot: &Snapshot, proxy: &Proxy) -> Authorization {
         });
     }
     out
-}
-
-/// Whether a policy applies to the proxy's workload, as Istio selects them for a sidecar.
-fn applies(policy: &Scoped<AuthorizationPolicySpec>, proxy: &Proxy, root_namespace: &str) -> bool {
-    let spec = &policy.spec;
-    let targeted =
-        spec.target_ref.is_some() || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty());
-    if targeted || spec.action == Some(Action::Custom) {
-        return false;
-    }
-    if policy.namespace != root_namespace && policy.namespace != proxy.namespace {
-        return false;
-    }
-    spec.selector
-        .iter()
-        .flat_map(|s| s.match_labels.iter().flatten())
-        .all(|(key, value)| proxy.labels.get(key) == Some(value))
 }
 
 // ---------------------------------------------------------------------------

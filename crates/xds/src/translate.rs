@@ -173,54 +173,6 @@ fn u32_value(v: u32) -> Option<UInt32Value> {
     Some(UInt32Value { value: v })
 }
 
-/// The destination policy for `host` as seen from `namespace`: the rules for
-/// the host in the proxy's namespace, else the host's, else the root
-/// namespace (Istio's lookup). Several rules in that namespace merge as Istio
-/// merges them: the first one's traffic policy, every rule's subsets (the
-/// first definition of a subset name wins).
-fn destination_rule(
-    snapshot: &Snapshot,
-    host: &MeshService,
-    namespace: &str,
-) -> Option<DestinationRuleSpec> {
-    let candidates: Vec<_> = snapshot
-        .destination_rules
-        .iter()
-        .filter(|dr| qualify(&dr.spec.host, &dr.namespace) == host.hostname)
-        .collect();
-    let chosen = [
-        namespace,
-        host.namespace.as_str(),
-        snapshot.mesh.root_namespace.as_str(),
-    ]
-    .iter()
-    .find(|ns| candidates.iter().any(|dr| dr.namespace == **ns))
-    .map(|ns| ns.to_string())
-    .or_else(|| candidates.first().map(|dr| dr.namespace.clone()))?;
-    let mut rules = candidates.into_iter().filter(|dr| dr.namespace == chosen);
-    let mut merged = rules.next()?.spec.clone();
-    for rule in rules {
-        let subsets = merged.subsets.get_or_insert_default();
-        for subset in rule.spec.subsets.iter().flatten() {
-            if !subsets.iter().any(|s| s.name == subset.name) {
-                subsets.push(subset.clone());
-            }
-        }
-    }
-    Some(merged)
-}
-
-/// A host as written in a rule (`payment-service`, `payment-service.vm-workloads`)
-/// made fully qualified relative to the rule's namespace.
-pub fn qualify(host: &str, namespace: &str) -> String {
-    match host.split('.').count() {
-        1 => format!("{host}.{namespace}.svc.cluster.local"),
-        2 => format!("{host}.svc.cluster.local"),
-        3 if host.ends_with(".svc") => format!("{host}.cluster.local"),
-        _ => host.to_string(),
-    }
-}
-
 /// A traffic policy followed by its `portLevelSettings` for `port`, which
 /// override it (Istio's precedence; a subset's policy layers on top the same way).
 fn layered(policy: Option<&TrafficPolicy>, port: u16) -> Vec<TrafficPolicy> {
@@ -532,17 +484,7 @@ fn load_assignment(
     locality: Option<&LocalityPolicy>,
 ) -> ClusterLoadAssignment {
     let mut by_locality: BTreeMap<String, Vec<LbEndpoint>> = BTreeMap::new();
-    for endpoint in &service.endpoints {
-        let selected = endpoint.service_port == port
-            && endpoint.healthy
-            && subset.is_none_or(|labels| {
-                labels
-                    .iter()
-                    .all(|(k, v)| endpoint.labels.get(k) == Some(v))
-            });
-        if !selected {
-            continue;
-        }
+    for endpoint in service.endpoints_for(port, subset) {
         by_locality
             .entry(endpoint.locality.clone().unwrap_or_default())
             .or_default()
@@ -765,7 +707,7 @@ fn destination_cluster(
     namespace: &str,
     default_port: u16,
 ) -> String {
-    let host = qualify(&destination.host, namespace);
+    let host = snapshot.qualify(&destination.host, namespace);
     let port = destination
         .port
         .as_ref()
@@ -1037,7 +979,7 @@ fn http_routes(snapshot: &Snapshot, http: &HttpRoute, namespace: &str, port: u16
 /// match, selected by the SNI the client sends (read by the TLS inspector).
 fn tls_chains(snapshot: &Snapshot, service: &MeshService, port: u16) -> Vec<FilterChain> {
     let mut chains = Vec::new();
-    for vs in virtual_services_for(snapshot, service) {
+    for vs in snapshot.virtual_services_for(&service.hostname) {
         for route in vs.spec.tls.iter().flatten() {
             let Some(destinations) = route.route.as_deref().filter(|d| !d.is_empty()) else {
                 continue;
@@ -1066,7 +1008,8 @@ fn tls_chains(snapshot: &Snapshot, service: &MeshService, port: u16) -> Vec<Filt
 /// route for the host whose match names this port (or no port), else the
 /// service's own cluster.
 fn tcp_route(snapshot: &Snapshot, service: &MeshService, port: u16) -> Filter {
-    let route = virtual_services_for(snapshot, service)
+    let route = snapshot
+        .virtual_services_for(&service.hostname)
         .flat_map(|vs| vs.spec.tcp.iter().flatten().map(move |r| (vs, r)))
         .find(|(_, r)| {
             let matches = r.matches.as_deref().unwrap_or_default();
@@ -1082,32 +1025,6 @@ fn tcp_route(snapshot: &Snapshot, service: &MeshService, port: u16) -> Filter {
         None => tcp_proxy::ClusterSpecifier::Cluster(cluster_name(port, "", &service.hostname)),
     };
     tcp_proxy_to(service, port, specifier)
-}
-
-/// The VirtualServices for sidecars (no gateways, or the `mesh` gateway)
-/// naming `service` among their hosts.
-fn virtual_services_for<'a>(
-    snapshot: &'a Snapshot,
-    service: &'a MeshService,
-) -> impl Iterator<
-    Item = &'a vmesh_registry::Scoped<vmesh_api::kinds::virtual_service::VirtualServiceSpec>,
-> {
-    snapshot
-        .virtual_services
-        .iter()
-        .filter(|vs| {
-            vs.spec
-                .gateways
-                .as_ref()
-                .is_none_or(|g| g.is_empty() || g.iter().any(|g| g == "mesh"))
-        })
-        .filter(|vs| {
-            vs.spec
-                .hosts
-                .iter()
-                .flatten()
-                .any(|h| qualify(h, &vs.namespace) == service.hostname)
-        })
 }
 
 /// Where a TCP or TLS route sends connections: one cluster, or several by weight.
@@ -1167,7 +1084,7 @@ fn hash_policies(
     let Some(service) = snapshot.service(host) else {
         return Vec::new();
     };
-    let Some(rule) = destination_rule(snapshot, service, proxy_namespace) else {
+    let Some(rule) = snapshot.destination_rule_for(service, proxy_namespace) else {
         return Vec::new();
     };
     let Some(hash) = rule
@@ -1220,10 +1137,16 @@ fn add_hash_policies(snapshot: &Snapshot, routes: &mut [Route], proxy_namespace:
     }
 }
 
-/// The names a workload in `namespace` may use for `service`.
-fn domains(service: &MeshService, port: u16) -> Vec<String> {
+/// The names a workload may use for `service`: its hostname, the short forms
+/// of a Kubernetes Service's (`name`, `name.namespace`, `name.namespace.svc`),
+/// its virtual IPs, each alone and with `:port`.
+fn domains(service: &MeshService, port: u16, domain_suffix: &str) -> Vec<String> {
     let mut names = vec![service.hostname.clone()];
-    if let Some(base) = service.hostname.strip_suffix(".svc.cluster.local") {
+    if let Some(base) = service
+        .hostname
+        .strip_suffix(domain_suffix)
+        .and_then(|h| h.strip_suffix(".svc."))
+    {
         let short: Vec<&str> = base.split('.').collect();
         if short.len() == 2 {
             names.push(format!("{}.{}.svc", short[0], short[1]));
@@ -1245,7 +1168,7 @@ fn virtual_host(
 ) -> VirtualHost {
     let mut routes = Vec::new();
     // Istio uses only the first VirtualService for a host.
-    if let Some(vs) = virtual_services_for(snapshot, service).next() {
+    if let Some(vs) = snapshot.virtual_services_for(&service.hostname).next() {
         for http in vs.spec.http.iter().flatten() {
             routes.extend(http_routes(snapshot, http, &vs.namespace, port));
         }
@@ -1269,7 +1192,7 @@ fn virtual_host(
     add_hash_policies(snapshot, &mut routes, proxy_namespace);
     VirtualHost {
         name: format!("{}:{port}", service.hostname),
-        domains: domains(service, port),
+        domains: domains(service, port, &snapshot.mesh.domain_suffix),
         routes,
         ..Default::default()
     }
@@ -1285,8 +1208,8 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
     let mut http_ports: BTreeMap<u16, Vec<&MeshService>> = BTreeMap::new();
 
     for service in &snapshot.services {
-        let dr = destination_rule(snapshot, service, &proxy.namespace);
-        let locality = locality_policy(dr.as_ref(), proxy.locality.as_deref());
+        let dr = snapshot.destination_rule_for(service, &proxy.namespace);
+        let locality = locality_policy(dr.as_deref(), proxy.locality.as_deref());
         for port in &service.ports {
             let base_policy = layered(
                 dr.as_ref().and_then(|d| d.traffic_policy.as_ref()),

@@ -123,7 +123,7 @@ fn kube_service(svc: &Scoped<ServiceSpec>, workloads: &[Workload], domain_suffix
         // Like Istio: a DNS service whose one endpoint is the external name.
         let workload = Workload::written(&svc.namespace, &svc.name, at(external_name));
         for (_, port) in &ports {
-            endpoints.push(endpoint(&workload, port.port, port.port));
+            endpoints.extend(endpoint(&workload, port.port, port.port));
         }
         (Resolution::Dns, None)
     } else {
@@ -138,7 +138,7 @@ fn kube_service(svc: &Scoped<ServiceSpec>, workloads: &[Workload], domain_suffix
                     if let Some(target) =
                         kube_target_port(port, mesh_port, workload.spec.ports.as_ref())
                     {
-                        endpoints.push(endpoint(workload, target, mesh_port.port));
+                        endpoints.extend(endpoint(workload, target, mesh_port.port));
                     }
                 }
             }
@@ -233,7 +233,7 @@ fn entry_services(entry: &Scoped<ServiceEntrySpec>, workloads: &[Workload]) -> V
     for workload in inline.iter().chain(selected) {
         for port in &ports {
             if let Some(target) = entry_target_port(port, workload.spec.ports.as_ref()) {
-                endpoints.push(endpoint(workload, target, port.port));
+                endpoints.extend(endpoint(workload, target, port.port));
             }
         }
     }
@@ -250,7 +250,7 @@ fn entry_services(entry: &Scoped<ServiceEntrySpec>, workloads: &[Workload]) -> V
                 let workload = Workload::written(&entry.namespace, &entry.name, at(host));
                 for port in &ports {
                     let target = port.target_port.unwrap_or(port.port);
-                    endpoints.push(endpoint(&workload, target, port.port));
+                    endpoints.extend(endpoint(&workload, target, port.port));
                 }
             }
             // Every non-wildcard host without written addresses gets a VIP,
@@ -303,10 +303,11 @@ fn at(host: &str) -> WorkloadEntrySpec {
     }
 }
 
-fn endpoint(workload: &Workload, port: u16, service_port: u16) -> MeshEndpoint {
+/// The workload as an endpoint of `service_port` on its `port`, if it has an address.
+fn endpoint(workload: &Workload, port: u16, service_port: u16) -> Option<MeshEndpoint> {
     let spec = &workload.spec;
-    MeshEndpoint {
-        address: spec.address.clone().unwrap_or_default(),
+    Some(MeshEndpoint {
+        address: workload.address.clone()?,
         port,
         service_port,
         weight: spec.weight.filter(|w| *w > 0).unwrap_or(1),
@@ -316,18 +317,19 @@ fn endpoint(workload: &Workload, port: u16, service_port: u16) -> MeshEndpoint {
         service_account: spec.service_account.clone(),
         workload: format!("{}/{}", workload.namespace, workload.name),
         healthy: workload.healthy,
-    }
+    })
 }
 
 /// Sorts the endpoints and collects their service accounts.
 fn finish(mut service: MeshService) -> MeshService {
-    service.endpoints.sort_by(|a, b| {
-        (&a.address, a.port, a.service_port, &a.workload).cmp(&(
-            &b.address,
-            b.port,
-            b.service_port,
-            &b.workload,
-        ))
+    // By the address as written, as they were ordered when addresses were text.
+    service.endpoints.sort_by_cached_key(|e| {
+        (
+            e.address.written().into_owned(),
+            e.port,
+            e.service_port,
+            e.workload.clone(),
+        )
     });
     let mut accounts: Vec<String> = service
         .endpoints
@@ -343,14 +345,21 @@ fn finish(mut service: MeshService) -> MeshService {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::OutboundPolicy;
     use crate::fixtures::{decode, seed, snapshot};
+    use crate::{EndpointAddress, OutboundPolicy};
 
-    fn addresses(service: &MeshService) -> Vec<(&str, u16, u16)> {
+    fn owned(expected: &[(&str, u16, u16)]) -> Vec<(String, u16, u16)> {
+        expected
+            .iter()
+            .map(|(address, port, service_port)| (address.to_string(), *port, *service_port))
+            .collect()
+    }
+
+    fn addresses(service: &MeshService) -> Vec<(String, u16, u16)> {
         service
             .endpoints
             .iter()
-            .map(|e| (e.address.as_str(), e.port, e.service_port))
+            .map(|e| (e.address.to_string(), e.port, e.service_port))
             .collect()
     }
 
@@ -381,7 +390,7 @@ mod tests {
         assert!(!payment.mesh_external);
         assert_eq!(
             addresses(payment),
-            [("192.168.1.100", 8080, 8080), ("192.168.1.100", 9090, 9090)]
+            owned(&[("192.168.1.100", 8080, 8080), ("192.168.1.100", 9090, 9090)])
         );
         for endpoint in &payment.endpoints {
             assert_eq!(
@@ -416,7 +425,7 @@ mod tests {
         );
         assert_eq!(
             addresses(database),
-            [("192.168.1.200", 3306, 3306), ("192.168.1.201", 3307, 3307)]
+            owned(&[("192.168.1.200", 3306, 3306), ("192.168.1.201", 3307, 3307)])
         );
         assert_eq!(database.endpoints[1].labels["role"], "replica");
         assert_eq!(database.endpoints[1].workload, "vm-workloads/vm-database");
@@ -462,7 +471,7 @@ spec: {address: 10.0.0.2, labels: {app: web}}
         let web = snapshot.service("web.shop.svc.cluster.local").unwrap();
         assert_eq!(
             addresses(web),
-            [
+            owned(&[
                 // a: named target from its ports; admin by port name over targetPort.
                 ("10.0.0.1", 82, 82),
                 ("10.0.0.1", 8080, 80),
@@ -470,7 +479,7 @@ spec: {address: 10.0.0.2, labels: {app: web}}
                 // b: has no app-port, so it does not serve port 80.
                 ("10.0.0.2", 82, 82),
                 ("10.0.0.2", 9001, 81),
-            ]
+            ])
         );
         assert_eq!(web.ports[0].target_port, None);
         assert_eq!(web.ports[1].target_port, Some(9001));
@@ -509,7 +518,10 @@ spec: {address: 10.0.0.3}
 "#,
         ));
         let web = snapshot.service("web.shop.svc.cluster.local").unwrap();
-        assert_eq!(addresses(web), [("10.0.0.1", 80, 80), ("10.0.0.3", 80, 80)]);
+        assert_eq!(
+            addresses(web),
+            owned(&[("10.0.0.1", 80, 80), ("10.0.0.3", 80, 80)])
+        );
         let unselected = snapshot
             .service("unselected.shop.svc.cluster.local")
             .unwrap();
@@ -548,7 +560,7 @@ spec: {type: ExternalName, externalName: api.example.com, ports: [{name: https, 
         assert!(ext.addresses.is_empty());
         assert_eq!(ext.resolution, Resolution::Dns);
         assert!(ext.mesh_external);
-        assert_eq!(addresses(ext), [("api.example.com", 443, 443)]);
+        assert_eq!(addresses(ext), owned(&[("api.example.com", 443, 443)]));
     }
 
     #[test]
@@ -640,7 +652,7 @@ spec: {address: 10.0.0.9, labels: {app: cache}, serviceAccount: cache}
         assert_eq!(api.resolution, Resolution::Dns);
         assert!(api.mesh_external);
         assert_eq!(api.ports[0].protocol, Protocol::Https);
-        assert_eq!(addresses(api), [("api.example.com", 8443, 443)]);
+        assert_eq!(addresses(api), owned(&[("api.example.com", 8443, 443)]));
         assert_eq!(api.addresses.len(), 1);
 
         let wildcard = snapshot.service("*.cdn.example.com").unwrap();
@@ -656,7 +668,7 @@ spec: {address: 10.0.0.9, labels: {app: cache}, serviceAccount: cache}
 
         let cache = snapshot.service("cache.internal").unwrap();
         assert_eq!(cache.addresses.len(), 1, "NONE with a selector gets a VIP");
-        assert_eq!(addresses(cache), [("10.0.0.9", 6379, 6379)]);
+        assert_eq!(addresses(cache), owned(&[("10.0.0.9", 6379, 6379)]));
         assert_eq!(cache.service_accounts, ["cache"]);
         assert_eq!(cache.endpoints[0].workload, "shop/cache-1");
     }
@@ -688,6 +700,70 @@ spec:
         let guide = snapshot(&seed(&["istio-operator-vm.yaml", "mesh-config-dns.yaml"])).mesh;
         assert_eq!(guide.trust_domain, "cluster.local");
         assert_eq!(guide.outbound_policy, OutboundPolicy::AllowAny);
+    }
+
+    #[test]
+    fn endpoint_addresses_of_every_kind() {
+        let snapshot = snapshot(&decode(
+            "t.yaml",
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: socket, namespace: shop}
+spec:
+  hosts: [socket.internal]
+  ports: [{name: tcp, number: 9000}]
+  resolution: STATIC
+  endpoints: [{address: "unix:///var/run/app.sock"}, {network: n2}, {address: 10.0.0.1}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, ports: [{name: http, port: 80}]}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: named, namespace: shop}
+spec: {address: web-1.example.com, labels: {app: web}}
+"#,
+        ));
+        let socket = snapshot.service("socket.internal").unwrap();
+        let found: Vec<_> = socket.endpoints.iter().map(|e| e.address.clone()).collect();
+        assert_eq!(
+            found,
+            [
+                EndpointAddress::ViaGateway {
+                    network: "n2".into()
+                },
+                EndpointAddress::Ip("10.0.0.1".parse().unwrap()),
+                EndpointAddress::Unix("/var/run/app.sock".into()),
+            ],
+            "ordered as written, the gateway's empty address first"
+        );
+        let web = snapshot.service("web.shop.svc.cluster.local").unwrap();
+        assert_eq!(
+            web.endpoints[0].address,
+            EndpointAddress::Hostname("web-1.example.com".into())
+        );
+
+        // An entry with neither address nor network (validation refuses it)
+        // serves nothing.
+        let mut objects = decode(
+            "t.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {selector: {app: web}, ports: [{name: http, port: 80}]}\n",
+        );
+        let mut nowhere = decode(
+            "t.yaml",
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: nowhere, namespace: shop}\nspec: {address: 10.0.0.2, labels: {app: web}}\n",
+        );
+        nowhere[0].body["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("address");
+        objects.extend(nowhere);
+        let snapshot = crate::fixtures::snapshot(&objects);
+        let web = snapshot.service("web.shop.svc.cluster.local").unwrap();
+        assert!(web.endpoints.is_empty());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use vmesh_api::kinds::workload_entry::{self, WorkloadEntry, WorkloadEntrySpec};
 use vmesh_api::mesh::OperatorRef;
 use vmesh_api::{KindInfo, Object};
 
-use crate::model::{MeshSettings, Scoped};
+use crate::model::{EndpointAddress, MeshSettings, Scoped};
 
 /// Set on WorkloadEntries whose group has a readiness probe: such an entry is
 /// healthy only once a `Healthy=True` condition says so.
@@ -44,6 +44,8 @@ pub(crate) struct Workload {
     /// The labels selectors match: Istio merges `metadata.labels` over `spec.labels`.
     pub labels: BTreeMap<String, String>,
     pub healthy: bool,
+    /// `None` for an entry with neither an address nor a network: it serves nothing.
+    pub address: Option<EndpointAddress>,
 }
 
 impl Inputs {
@@ -118,23 +120,39 @@ impl Workload {
             Some(status) => status == "True",
             None => !checked,
         };
-        Workload {
-            namespace: namespace(object),
-            name: meta.name().to_string(),
-            spec: entry.spec,
+        Workload::new(
+            namespace(object),
+            meta.name().to_string(),
+            entry.spec,
             labels,
             healthy,
-        }
+        )
     }
 
     /// An endpoint written inside a ServiceEntry or Service: always healthy.
     pub fn written(namespace: &str, name: &str, spec: WorkloadEntrySpec) -> Workload {
+        let labels = spec.labels.clone().unwrap_or_default();
+        Workload::new(namespace.to_string(), name.to_string(), spec, labels, true)
+    }
+
+    fn new(
+        namespace: String,
+        name: String,
+        spec: WorkloadEntrySpec,
+        labels: BTreeMap<String, String>,
+        healthy: bool,
+    ) -> Workload {
+        let address = EndpointAddress::parse(spec.address.as_deref(), spec.network.as_deref());
+        if address.is_none() {
+            tracing::warn!(workload = %format!("{namespace}/{name}"), "a workload without address or network serves nothing");
+        }
         Workload {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
-            labels: spec.labels.clone().unwrap_or_default(),
+            namespace,
+            name,
             spec,
-            healthy: true,
+            labels,
+            healthy,
+            address,
         }
     }
 }

@@ -32,7 +32,8 @@
 //!
 //! let web = snapshot.service("web.shop.svc.cluster.local").unwrap();
 //! assert_eq!(web.addresses, [vips.get("web.shop.svc.cluster.local").unwrap()]);
-//! assert_eq!((web.endpoints[0].address.as_str(), web.endpoints[0].port), ("10.0.0.7", 8080));
+//! assert_eq!(web.endpoints[0].address.to_string(), "10.0.0.7");
+//! assert_eq!(web.endpoints[0].port, 8080);
 //! ```
 #![forbid(unsafe_code)]
 
@@ -45,8 +46,8 @@ mod vip;
 
 pub use inputs::HEALTH_CHECKS_ANNOTATION;
 pub use model::{
-    MeshEndpoint, MeshPort, MeshService, MeshSettings, Origin, OutboundPolicy, Protocol,
-    Resolution, Scoped, Snapshot,
+    EndpointAddress, MeshEndpoint, MeshPort, MeshService, MeshSettings, Origin, OutboundPolicy,
+    Protocol, Resolution, Scoped, Snapshot,
 };
 pub use selector::{Labels, Selector};
 pub use vip::{DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_ENTRY_CIDR, Error, VipAllocator};

@@ -8,14 +8,14 @@
 
 use std::collections::BTreeMap;
 
-use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::core::v3::{self as core, Address};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 use vmesh_api::kinds::destination_rule::{DestinationRuleSpec, LocalityFailover};
-use vmesh_registry::{Labels, MeshService};
+use vmesh_registry::{EndpointAddress, Labels, MeshEndpoint, MeshService, Resolution};
 
-use super::proto::{socket, u32_value};
+use super::proto::{pipe, socket, u32_value};
 use crate::mtls;
 
 /// Locality-aware load balancing for one proxy: endpoints nearer the proxy
@@ -79,6 +79,45 @@ pub(super) fn locality_policy<'a>(
     })
 }
 
+/// Envoy's address for an endpoint of cluster `name`, if Envoy can reach it
+/// there: an IP, a socket path, or a hostname in a cluster that
+/// `resolves_names` (STRICT_DNS). Anything else would make Envoy refuse the
+/// whole cluster, so it is left out.
+fn address(name: &str, endpoint: &MeshEndpoint, resolves_names: bool) -> Option<Address> {
+    match &endpoint.address {
+        EndpointAddress::Ip(ip) => Some(socket(&ip.to_string(), endpoint.port.into())),
+        EndpointAddress::Hostname(host) if resolves_names => {
+            Some(socket(host, endpoint.port.into()))
+        }
+        EndpointAddress::Unix(path) if !resolves_names => Some(pipe(path)),
+        EndpointAddress::Hostname(_) | EndpointAddress::Unix(_) => {
+            let why = if resolves_names {
+                "a DNS cluster cannot reach a socket path"
+            } else {
+                "only DNS clusters resolve hostnames"
+            };
+            tracing::warn!(
+                cluster = name,
+                workload = %endpoint.workload,
+                address = %endpoint.address,
+                "endpoint left out: {why}",
+            );
+            None
+        }
+        // Reaching another network through its gateway is not there yet:
+        // such an endpoint has no address to give Envoy.
+        EndpointAddress::ViaGateway { network } => {
+            tracing::debug!(
+                cluster = name,
+                workload = %endpoint.workload,
+                %network,
+                "endpoint on another network left out: no gateway support yet",
+            );
+            None
+        }
+    }
+}
+
 /// The load assignment of cluster `name`: the endpoints of `service` for
 /// service port `port` (those a subset's `labels` select, when given), one
 /// group per locality weighted by the sum of its endpoints' weights, in
@@ -90,14 +129,21 @@ pub(super) fn load_assignment(
     subset: Option<&Labels>,
     locality: Option<&LocalityPolicy>,
 ) -> ClusterLoadAssignment {
+    let resolves_names = matches!(
+        service.resolution,
+        Resolution::Dns | Resolution::DnsRoundRobin
+    );
     let mut by_locality: BTreeMap<String, Vec<LbEndpoint>> = BTreeMap::new();
     for endpoint in service.endpoints_for(port, subset) {
+        let Some(address) = address(name, endpoint, resolves_names) else {
+            continue;
+        };
         by_locality
             .entry(endpoint.locality.clone().unwrap_or_default())
             .or_default()
             .push(LbEndpoint {
                 host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                    address: Some(socket(&endpoint.address, endpoint.port.into())),
+                    address: Some(address),
                     ..Default::default()
                 })),
                 metadata: mtls::is_mesh_endpoint(endpoint).then(mtls::mesh_endpoint_metadata),

@@ -35,7 +35,7 @@ use std::sync::{Arc, OnceLock};
 
 use envoy_types::util::pack_any;
 use parking_lot::Mutex;
-use vmesh_registry::{MeshService, Resolution, Snapshot};
+use vmesh_registry::{EndpointAddress, MeshService, Resolution, Snapshot};
 
 pub use cluster::{BLACKHOLE, PASSTHROUGH, cluster_name};
 pub use listener::{INBOUND_PORT, OUTBOUND_PORT};
@@ -166,12 +166,12 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
 /// The inbound side of a proxy: a cluster and a chain per port its workload
 /// serves, to the local application.
 fn inbound(snapshot: &Snapshot, proxy: &Proxy) -> ResourceSet {
-    let proxy_ip = proxy.ip.to_string();
+    let at_proxy = EndpointAddress::Ip(proxy.ip);
     // Each port the workload serves, and whether it is HTTP (the first
     // service port that targets it says).
     let mut served: BTreeMap<u16, bool> = BTreeMap::new();
     for service in &snapshot.services {
-        for endpoint in service.endpoints.iter().filter(|e| e.address == proxy_ip) {
+        for endpoint in service.endpoints.iter().filter(|e| e.address == at_proxy) {
             let http = service
                 .ports
                 .iter()

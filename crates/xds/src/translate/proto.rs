@@ -1,10 +1,11 @@
 //! Small protobuf builders the resource modules share: durations, wrapped
-//! integers, socket addresses and the ADS config source.
+//! integers, socket and pipe addresses, and the ADS config source.
 
+use std::path::Path;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{
-    self as core, Address, AggregatedConfigSource, ConfigSource, SocketAddress, address,
+    self as core, Address, AggregatedConfigSource, ConfigSource, Pipe, SocketAddress, address,
     config_source, socket_address,
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
@@ -23,6 +24,16 @@ pub(super) fn socket(ip: &str, port: u32) -> Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: ip.to_string(),
             port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A Unix domain socket address.
+pub(super) fn pipe(path: &Path) -> Address {
+    Address {
+        address: Some(address::Address::Pipe(Pipe {
+            path: path.to_string_lossy().into_owned(),
             ..Default::default()
         })),
     }

@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use vmesh_api::Object;
 use vmesh_api::kinds::common::IntOrString;
@@ -9,7 +10,7 @@ use vmesh_api::kinds::service::{ServicePort, ServiceSpec, ServiceType};
 use vmesh_api::kinds::service_entry::{self, Location, ServiceEntrySpec};
 use vmesh_api::kinds::workload_entry::WorkloadEntrySpec;
 
-use crate::inputs::{Inputs, Workload};
+use crate::inputs::{DecodeCache, Inputs, Workload};
 use crate::model::{
     MeshEndpoint, MeshPort, MeshService, Origin, Protocol, Resolution, Scoped, Snapshot,
 };
@@ -18,12 +19,17 @@ use crate::selector::Selector;
 use crate::vip::{Pool, VipAllocator};
 
 impl Snapshot {
-    /// Joins the objects into the mesh model. VIPs that are not written in
+    /// Joins the objects into the mesh model, typed through `decoded` (which
+    /// the caller keeps from one build to the next). VIPs that are not written in
     /// the objects come from `vips`, first brought in line with the objects
     /// (the caller persists [`VipAllocator::allocations`] when they change);
     /// a service the allocator has no room for has no VIP.
-    pub fn build(objects: &[Object], vips: &mut VipAllocator) -> Snapshot {
-        let inputs = Inputs::decode(objects);
+    pub fn build(
+        objects: &[Object],
+        decoded: &mut DecodeCache,
+        vips: &mut VipAllocator,
+    ) -> Snapshot {
+        let inputs = Inputs::decode(objects, decoded);
         let drafts = drafts(&inputs);
         vips.assign(&drafts);
         let services = drafts
@@ -84,7 +90,11 @@ pub(crate) fn drafts(inputs: &Inputs) -> Vec<Draft> {
     drafts
 }
 
-fn kube_service(svc: &Scoped<ServiceSpec>, workloads: &[Workload], domain_suffix: &str) -> Draft {
+fn kube_service(
+    svc: &Scoped<ServiceSpec>,
+    workloads: &[Arc<Workload>],
+    domain_suffix: &str,
+) -> Draft {
     let spec = &svc.spec;
     let ports: Vec<(&ServicePort, MeshPort)> = spec
         .ports
@@ -189,7 +199,7 @@ fn kube_target_port(
 }
 
 /// One service per host of a ServiceEntry, all with the same ports and endpoints.
-fn entry_services(entry: &Scoped<ServiceEntrySpec>, workloads: &[Workload]) -> Vec<Draft> {
+fn entry_services(entry: &Scoped<ServiceEntrySpec>, workloads: &[Arc<Workload>]) -> Vec<Draft> {
     let spec = &entry.spec;
     let resolution = match spec.resolution.unwrap_or(service_entry::Resolution::None) {
         service_entry::Resolution::None => Resolution::Passthrough,
@@ -228,6 +238,7 @@ fn entry_services(entry: &Scoped<ServiceEntrySpec>, workloads: &[Workload]) -> V
         workloads
             .iter()
             .filter(move |w| w.namespace == entry.namespace && selector.matches(&w.labels))
+            .map(Arc::as_ref)
     });
     let mut endpoints = Vec::new();
     for workload in inline.iter().chain(selected) {

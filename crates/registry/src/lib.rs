@@ -11,14 +11,16 @@
 //! PeerAuthentications and AuthorizationPolicies of a workload, the endpoints
 //! of a subset) and hosts written in rules made fully qualified with the
 //! mesh's domain suffix ([`Snapshot::qualify`]). It is pure logic: it does
-//! no I/O and keeps no state between calls. It does not read, store or watch
-//! objects (the caller lists them from the store and persists
-//! [`VipAllocator::allocations`]), does not validate them (the `api` crate
-//! does; bodies that fail to decode are skipped with a warning), and does not
-//! translate anything to Envoy (the `xds` crate does).
+//! no I/O and keeps no state between calls: what lasts from one build to the
+//! next (the [`DecodeCache`] of typed objects, the [`VipAllocator`]) is the
+//! caller's. It does not read, store or watch objects (the caller lists them
+//! from the store and persists [`VipAllocator::allocations`]), does not
+//! validate them (the `api` crate does; bodies that fail to decode are
+//! skipped with a warning), and does not translate anything to Envoy (the
+//! `xds` crate does).
 //!
 //! ```
-//! use vmesh_registry::{Snapshot, VipAllocator};
+//! use vmesh_registry::{DecodeCache, Snapshot, VipAllocator};
 //!
 //! let text = "apiVersion: v1\nkind: Service\nmetadata:\n  name: web\n  namespace: shop\nspec:\n  selector:\n    app: web\n  ports:\n  - name: http\n    port: 80\n    targetPort: 8080\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: vm1\n  namespace: shop\nspec:\n  address: 10.0.0.7\n  labels:\n    app: web\n";
 //! let objects: Vec<_> = vmesh_api::decode_manifests("web.yaml", text)
@@ -27,8 +29,9 @@
 //!     .map(|located| located.object)
 //!     .collect();
 //!
-//! let mut vips = VipAllocator::default();
-//! let snapshot = Snapshot::build(&objects, &mut vips); // then persist vips.allocations()
+//! // Both kept from one build to the next.
+//! let (mut decoded, mut vips) = (DecodeCache::default(), VipAllocator::default());
+//! let snapshot = Snapshot::build(&objects, &mut decoded, &mut vips); // then persist vips.allocations()
 //!
 //! let web = snapshot.service("web.shop.svc.cluster.local").unwrap();
 //! assert_eq!(web.addresses, [vips.get("web.shop.svc.cluster.local").unwrap()]);
@@ -44,7 +47,7 @@ mod policy;
 mod selector;
 mod vip;
 
-pub use inputs::HEALTH_CHECKS_ANNOTATION;
+pub use inputs::{DecodeCache, HEALTH_CHECKS_ANNOTATION};
 pub use model::{
     EndpointAddress, MeshEndpoint, MeshPort, MeshService, MeshSettings, Origin, OutboundPolicy,
     Protocol, Resolution, Scoped, Snapshot,

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use vmesh_api::kinds::authorization_policy::AuthorizationPolicySpec;
 use vmesh_api::kinds::destination_rule::DestinationRuleSpec;
@@ -19,14 +20,15 @@ pub use vmesh_api::mesh::{MeshSettings, OutboundPolicy};
 pub struct Snapshot {
     /// Sorted by hostname; one per hostname.
     pub services: Vec<MeshService>,
+    /// Sorted by namespace and name; shared with the [`DecodeCache`](crate::DecodeCache)
+    /// they were decoded in, as the other rules.
+    pub destination_rules: Vec<Arc<Scoped<DestinationRuleSpec>>>,
     /// Sorted by namespace and name.
-    pub destination_rules: Vec<Scoped<DestinationRuleSpec>>,
+    pub virtual_services: Vec<Arc<Scoped<VirtualServiceSpec>>>,
     /// Sorted by namespace and name.
-    pub virtual_services: Vec<Scoped<VirtualServiceSpec>>,
+    pub peer_authentications: Vec<Arc<Scoped<PeerAuthenticationSpec>>>,
     /// Sorted by namespace and name.
-    pub peer_authentications: Vec<Scoped<PeerAuthenticationSpec>>,
-    /// Sorted by namespace and name.
-    pub authorization_policies: Vec<Scoped<AuthorizationPolicySpec>>,
+    pub authorization_policies: Vec<Arc<Scoped<AuthorizationPolicySpec>>>,
     pub mesh: MeshSettings,
 }
 

@@ -10,6 +10,7 @@
 //! validate rules (the `api` crate does).
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use vmesh_api::kinds::authorization_policy::AuthorizationPolicySpec;
 use vmesh_api::kinds::common::MatchLabelsSelector;
@@ -60,6 +61,7 @@ impl Snapshot {
         let candidates: Vec<&Scoped<DestinationRuleSpec>> = self
             .destination_rules
             .iter()
+            .map(Arc::as_ref)
             .filter(|dr| self.qualify(&dr.spec.host, &dr.namespace) == service.hostname)
             .collect();
         let chosen = [
@@ -92,6 +94,7 @@ impl Snapshot {
     ) -> impl Iterator<Item = &'a Scoped<VirtualServiceSpec>> {
         self.virtual_services
             .iter()
+            .map(Arc::as_ref)
             .filter(|vs| {
                 vs.spec
                     .gateways
@@ -121,6 +124,7 @@ impl Snapshot {
         let in_namespace = move |ns: &'a str| {
             self.peer_authentications
                 .iter()
+                .map(Arc::as_ref)
                 .filter(move |p| p.namespace == ns)
         };
         let selector =
@@ -144,14 +148,18 @@ impl Snapshot {
         namespace: &'a str,
         labels: &'a Labels,
     ) -> impl Iterator<Item = &'a Scoped<AuthorizationPolicySpec>> {
-        self.authorization_policies.iter().filter(move |policy| {
-            let spec = &policy.spec;
-            let targeted = spec.target_ref.is_some()
-                || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty());
-            !targeted
-                && (policy.namespace == self.mesh.root_namespace || policy.namespace == namespace)
-                && match_labels(spec.selector.as_ref()).matches(labels)
-        })
+        self.authorization_policies
+            .iter()
+            .map(Arc::as_ref)
+            .filter(move |policy| {
+                let spec = &policy.spec;
+                let targeted = spec.target_ref.is_some()
+                    || spec.target_refs.as_ref().is_some_and(|t| !t.is_empty());
+                !targeted
+                    && (policy.namespace == self.mesh.root_namespace
+                        || policy.namespace == namespace)
+                    && match_labels(spec.selector.as_ref()).matches(labels)
+            })
     }
 }
 

@@ -330,7 +330,11 @@ mod tests {
             .into_iter()
             .map(|l| l.object)
             .collect();
-        Snapshot::build(&objects, &mut vmesh_registry::VipAllocator::default())
+        Snapshot::build(
+            &objects,
+            &mut vmesh_registry::DecodeCache::default(),
+            &mut vmesh_registry::VipAllocator::default(),
+        )
     }
 
     fn proxy(app: &str) -> Proxy {

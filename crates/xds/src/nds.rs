@@ -103,7 +103,11 @@ mod tests {
             .into_iter()
             .map(|l| l.object)
             .collect();
-        Snapshot::build(&objects, &mut vmesh_registry::VipAllocator::default())
+        Snapshot::build(
+            &objects,
+            &mut vmesh_registry::DecodeCache::default(),
+            &mut vmesh_registry::VipAllocator::default(),
+        )
     }
 
     #[test]

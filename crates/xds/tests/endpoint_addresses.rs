@@ -25,7 +25,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 };
 use envoy_types::util::pack_any;
 use prost::Message;
-use vmesh_registry::{Snapshot, VipAllocator};
+use vmesh_registry::{DecodeCache, Snapshot, VipAllocator};
 use vmesh_xds::ads::{CLUSTER_TYPE, ENDPOINT_TYPE, Resources};
 use vmesh_xds::node::Proxy;
 use vmesh_xds::translate::translate;
@@ -116,7 +116,11 @@ fn resources() -> Resources {
     let decoded = vmesh_api::decode_manifests("mesh.yaml", MESH);
     assert!(!decoded.has_errors(), "{:?}", decoded.problems);
     let objects: Vec<_> = decoded.objects.into_iter().map(|l| l.object).collect();
-    let snapshot = Snapshot::build(&objects, &mut VipAllocator::default());
+    let snapshot = Snapshot::build(
+        &objects,
+        &mut DecodeCache::default(),
+        &mut VipAllocator::default(),
+    );
     let node = Node {
         id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
         ..Default::default()

@@ -17,7 +17,11 @@ fn snapshot(text: &str) -> Snapshot {
     let decoded = vmesh_api::decode_manifests("authz.yaml", text);
     assert!(!decoded.has_errors(), "{:?}", decoded.problems);
     let objects: Vec<_> = decoded.objects.into_iter().map(|l| l.object).collect();
-    Snapshot::build(&objects, &mut vmesh_registry::VipAllocator::default())
+    Snapshot::build(
+        &objects,
+        &mut vmesh_registry::DecodeCache::default(),
+        &mut vmesh_registry::VipAllocator::default(),
+    )
 }
 
 fn proxy(namespace: &str, labels: &[(&str, &str)]) -> Proxy {

@@ -344,7 +344,11 @@ mod tests {
             .into_iter()
             .map(|l| l.object)
             .collect();
-        let snapshot = Snapshot::build(&objects, &mut vmesh_registry::VipAllocator::default());
+        let snapshot = Snapshot::build(
+            &objects,
+            &mut vmesh_registry::DecodeCache::default(),
+            &mut vmesh_registry::VipAllocator::default(),
+        );
         let db = snapshot.service("db.shop.svc.cluster.local").unwrap();
         let filter = tcp_route(&snapshot, db, 5432);
         let Some(filter::ConfigType::TypedConfig(any)) = filter.config_type else {

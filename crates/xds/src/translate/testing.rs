@@ -19,7 +19,11 @@ pub(super) fn translate_yaml(text: &str, locality: Option<core::Locality>) -> Re
         .into_iter()
         .map(|l| l.object)
         .collect();
-    let snapshot = Snapshot::build(&objects, &mut vmesh_registry::VipAllocator::default());
+    let snapshot = Snapshot::build(
+        &objects,
+        &mut vmesh_registry::DecodeCache::default(),
+        &mut vmesh_registry::VipAllocator::default(),
+    );
     let node = Node {
         id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
         locality,

@@ -6,7 +6,7 @@
 //! This crate owns the join (which workloads back which service port, on which
 //! port, with what weight, locality, identity and health), port protocols,
 //! the allocation of virtual IPs ([`VipAllocator`]), and which rules apply
-//! where: label selection ([`Selector`]), the lookups the xDS translation
+//! where: label selection (one `Selector`), the lookups the xDS translation
 //! asks a [`Snapshot`] (the DestinationRule and VirtualServices of a host, the
 //! PeerAuthentications and AuthorizationPolicies of a workload, the endpoints
 //! of a subset) and hosts written in rules made fully qualified with the
@@ -52,7 +52,7 @@ pub use model::{
     EndpointAddress, MeshEndpoint, MeshPort, MeshService, MeshSettings, Origin, OutboundPolicy,
     Protocol, Resolution, Scoped, Snapshot,
 };
-pub use selector::{Labels, Selector};
+pub use selector::Labels;
 pub use vip::{DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_ENTRY_CIDR, Error, VipAllocator};
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! The mesh model's types: what the rest of vmesh reads from a [`Snapshot`].
+//! The mesh model's types: what the rest of vmesh reads from a [`Snapshot`],
+//! endpoint addresses among them.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -15,7 +16,10 @@ use vmesh_api::kinds::virtual_service::VirtualServiceSpec;
 
 pub use vmesh_api::mesh::{MeshSettings, OutboundPolicy};
 
-/// Everything the data plane is generated from, at one point in time.
+/// Everything the data plane is generated from, at one point in time. Which
+/// of its rules apply to a host or a workload is asked of it through the
+/// lookups of the `policy` module ([`Snapshot::destination_rule_for`] and
+/// the like), not read from these lists.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     /// Sorted by hostname; one per hostname.

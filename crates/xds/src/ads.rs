@@ -14,7 +14,7 @@
 //! repeating it.
 //!
 //! Both flavours share everything but their bookkeeping per type: the stream
-//! loop ([`serve`]), who the proxy is, its health reports, its resources and
+//! loop (`serve`), who the proxy is, its health reports, its resources and
 //! its status (the `Session`) are written once here; `sotw` and `delta`
 //! keep what each flavour tracks of a subscription, and `grpc` frames the
 //! bytes.
@@ -76,7 +76,7 @@ fn wildcard_type(type_url: &str) -> bool {
 pub struct Versioned {
     pub any: Any,
     /// A fingerprint of the bytes: the resource's version. Never
-    /// [`UNKNOWN_VERSION`].
+    /// `UNKNOWN_VERSION`.
     pub version: u64,
 }
 

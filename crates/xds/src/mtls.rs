@@ -323,19 +323,7 @@ mod tests {
     use envoy_types::pb::google::protobuf::Struct;
 
     use super::*;
-
-    fn snapshot(yaml: &str) -> Snapshot {
-        let objects: Vec<_> = vmesh_api::decode_manifests("pa.yaml", yaml)
-            .objects
-            .into_iter()
-            .map(|l| l.object)
-            .collect();
-        Snapshot::build(
-            &objects,
-            &mut vmesh_registry::DecodeCache::default(),
-            &mut vmesh_registry::VipAllocator::default(),
-        )
-    }
+    use crate::testing::snapshot;
 
     fn proxy(app: &str) -> Proxy {
         let labels = Struct {

@@ -96,19 +96,7 @@ pub fn name_table_resources(snapshot: &Snapshot) -> ResourceSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn snapshot(yaml: &str) -> Snapshot {
-        let objects: Vec<_> = vmesh_api::decode_manifests("names.yaml", yaml)
-            .objects
-            .into_iter()
-            .map(|l| l.object)
-            .collect();
-        Snapshot::build(
-            &objects,
-            &mut vmesh_registry::DecodeCache::default(),
-            &mut vmesh_registry::VipAllocator::default(),
-        )
-    }
+    use crate::testing::snapshot;
 
     #[test]
     fn services_and_service_entries_with_their_addresses() {

@@ -12,17 +12,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 
 use super::rule::{regex_escape, spiffe_matcher};
 use super::*;
-
-fn snapshot(text: &str) -> Snapshot {
-    let decoded = vmesh_api::decode_manifests("authz.yaml", text);
-    assert!(!decoded.has_errors(), "{:?}", decoded.problems);
-    let objects: Vec<_> = decoded.objects.into_iter().map(|l| l.object).collect();
-    Snapshot::build(
-        &objects,
-        &mut vmesh_registry::DecodeCache::default(),
-        &mut vmesh_registry::VipAllocator::default(),
-    )
-}
+use crate::testing::snapshot;
 
 fn proxy(namespace: &str, labels: &[(&str, &str)]) -> Proxy {
     let string = |s: &str| Value {

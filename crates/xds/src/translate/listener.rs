@@ -331,6 +331,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
+    use crate::testing::snapshot;
     use crate::translate::testing::MESH;
 
     #[test]
@@ -339,16 +340,7 @@ mod tests {
             "{MESH}---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: shop}}\nspec:\n  selector: {{app: pay}}\n  ports: [{{name: tcp-db, port: 5432}}]\n\
              ---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: db, namespace: shop}}\nspec:\n  hosts: [db]\n  tcp:\n  - match: [{{port: 5432}}]\n    route:\n    - {{destination: {{host: db, subset: a}}, weight: 30}}\n    - {{destination: {{host: db, subset: b}}, weight: 70}}\n"
         );
-        let objects: Vec<_> = vmesh_api::decode_manifests("mesh.yaml", &text)
-            .objects
-            .into_iter()
-            .map(|l| l.object)
-            .collect();
-        let snapshot = Snapshot::build(
-            &objects,
-            &mut vmesh_registry::DecodeCache::default(),
-            &mut vmesh_registry::VipAllocator::default(),
-        );
+        let snapshot = snapshot(&text);
         let db = snapshot.service("db.shop.svc.cluster.local").unwrap();
         let filter = tcp_route(&snapshot, db, 5432);
         let Some(filter::ConfigType::TypedConfig(any)) = filter.config_type else {

@@ -6,24 +6,15 @@ use std::collections::BTreeMap;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::{self as core, Node};
 use prost::Message;
-use vmesh_registry::Snapshot;
 
 use super::translate;
 use crate::ads::{CLUSTER_TYPE, Resources};
 use crate::node::Proxy;
+use crate::testing::snapshot;
 
 /// Everything a proxy in `shop` (at `locality`, if any) gets from these manifests.
 pub(super) fn translate_yaml(text: &str, locality: Option<core::Locality>) -> Resources {
-    let objects: Vec<_> = vmesh_api::decode_manifests("mesh.yaml", text)
-        .objects
-        .into_iter()
-        .map(|l| l.object)
-        .collect();
-    let snapshot = Snapshot::build(
-        &objects,
-        &mut vmesh_registry::DecodeCache::default(),
-        &mut vmesh_registry::VipAllocator::default(),
-    );
+    let snapshot = snapshot(text);
     let node = Node {
         id: "sidecar~10.0.0.9~client.shop~shop.svc.cluster.local".into(),
         locality,

@@ -1,7 +1,8 @@
 //! Keeps the mesh model current: after every burst of store changes it lists
 //! the objects, assigns virtual IPs (persisted in the ConfigMap
 //! [`VIP_CONFIG_MAP`] so they survive restarts), builds the registry snapshot
-//! and hands it to the xDS server.
+//! (decoding only the objects whose version changed, through the
+//! [`DecodeCache`] it keeps) and hands it to the xDS server.
 //!
 //! Changes are debounced: a rebuild waits for a quiet period, but never longer
 //! than a maximum delay after the first change, and is computed once for all
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
-use vmesh_registry::{Snapshot, VipAllocator};
+use vmesh_registry::{DecodeCache, Snapshot, VipAllocator};
 use vmesh_store::{Op, Store};
 use vmesh_xds::ads::ConfigSource;
 use vmesh_xds::translate::MeshConfig;
@@ -41,6 +42,8 @@ impl Default for Debounce {
 
 pub struct MeshController {
     store: Arc<Store>,
+    /// Typed objects kept from one rebuild to the next: only changed objects are decoded again.
+    decoded: DecodeCache,
     vips: VipAllocator,
     debounce: Debounce,
     publish: watch::Sender<Arc<dyn ConfigSource>>,
@@ -82,6 +85,7 @@ impl MeshController {
         let (publish, subscribe) = watch::channel(empty);
         let mut controller = MeshController {
             store,
+            decoded: DecodeCache::default(),
             vips,
             debounce,
             publish,
@@ -99,7 +103,7 @@ impl MeshController {
             }
         };
         let before = self.vips.clone();
-        let snapshot = Snapshot::build(&objects, &mut self.vips);
+        let snapshot = Snapshot::build(&objects, &mut self.decoded, &mut self.vips);
         if self.vips != before {
             self.persist_vips();
         }

@@ -18,10 +18,13 @@
 //!   xDS proxy reports to the control plane;
 //! - [`status`]: the status port (15020): readiness and merged metrics;
 //! - [`dns`]: the DNS proxy (15053): mesh names from the name table the
-//!   xDS proxy receives, everything else forwarded to resolv.conf's upstreams.
+//!   xDS proxy receives, everything else forwarded to resolv.conf's upstreams;
+//! - [`onboarding_files`]: the files that bring a VM into the mesh — their
+//!   names, Istio's paths, what they say (written by `vmesh workload entry
+//!   configure`) and reading them back on the VM.
 //!
-//! It does not own: the `vmesh agent` command line and the onboarding files
-//! it reads, or Envoy supervision — those build on this crate. Nor the control plane's side of port 15012 (the server crate
+//! It does not own: the `vmesh agent` command line, or Envoy supervision —
+//! those build on this crate. Nor the control plane's side of port 15012 (the server crate
 //! serves ADS and the CA there and checks that a stream's node matches its
 //! client certificate).
 //!
@@ -63,6 +66,7 @@ pub mod capture;
 pub mod dns;
 pub mod health;
 pub mod identity;
+pub mod onboarding_files;
 pub mod sds;
 pub mod status;
 mod uds;

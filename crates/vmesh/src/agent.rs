@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use vmesh_agent::bootstrap::{AdsApiType, Bootstrap, Locality, metadata_from_env};
 use vmesh_agent::capture::{self, CaptureConfig, DnsCapture, Runner};
 use vmesh_agent::dns::{DnsConfig, ResolvConf};
+use vmesh_agent::onboarding_files::Installed;
 use vmesh_agent::status::{Metrics, StatusServer};
 use vmesh_agent::{AgentConfig, AgentHandle};
 use vmesh_api::kinds::workload_group::ReadinessProbe;
@@ -220,19 +221,6 @@ fn iptables(
     Ok(())
 }
 
-/// `cluster.env`'s `KEY='value'` lines (a `'` inside written `'\''`).
-fn parse_cluster_env(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .filter_map(|line| {
-            let (key, value) = line.trim().split_once('=')?;
-            let value = value
-                .strip_prefix('\'')
-                .and_then(|v| v.strip_suffix('\''))?;
-            Some((key.to_string(), value.replace("'\\''", "'")))
-        })
-        .collect()
-}
-
 /// The workload, from flags and onboarding files.
 struct Workload {
     server: String,
@@ -253,10 +241,7 @@ impl AgentArgs {
         let Some(root) = &self.root else {
             return Ok(BTreeMap::new());
         };
-        let path = root.join("var/lib/istio/envoy/cluster.env");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        Ok(parse_cluster_env(&text))
+        Ok(Installed::at(root).cluster_env()?)
     }
 
     /// The DNS proxy's settings, when the agent answers DNS: `--dns`, or
@@ -296,19 +281,7 @@ impl AgentArgs {
         let Some(root) = &self.root else {
             return Ok(None);
         };
-        let path = root.join("etc/istio/config/mesh");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        let mesh: serde_json::Value = serde_saphyr::from_str(&text)
-            .with_context(|| format!("{}: not YAML", path.display()))?;
-        mesh.get("defaultConfig")
-            .and_then(|config| config.get("readinessProbe"))
-            .map(|probe| serde_json::from_value(probe.clone()))
-            .transpose()
-            .with_context(|| format!("{}: defaultConfig.readinessProbe", path.display()))
+        Ok(Installed::at(root).readiness_probe()?)
     }
 
     fn resolve(&self) -> Result<Workload> {
@@ -336,15 +309,8 @@ impl AgentArgs {
             .or_else(|| from_env("CA_ADDR"))
             .or_else(|| from_env("PILOT_ADDRESS"))
             .unwrap_or_else(|| "istiod.istio-system.svc:15012".into());
-        let token_file = self.token_file.clone().or_else(|| {
-            [
-                "var/run/secrets/tokens/istio-token",
-                "var/lib/istio/tokens/istio-token",
-            ]
-            .into_iter()
-            .map(|path| root.join(path))
-            .find(|path| path.is_file())
-        });
+        let installed = Installed::at(&root);
+        let token_file = self.token_file.clone().or_else(|| installed.token());
         let mut labels: BTreeMap<String, String> = from_env("ISTIO_METAJSON_LABELS")
             .map(|json| serde_json::from_str(&json).context("ISTIO_METAJSON_LABELS"))
             .transpose()?
@@ -367,7 +333,7 @@ impl AgentArgs {
             root_cert: self
                 .root_cert
                 .clone()
-                .unwrap_or_else(|| root.join("etc/certs/root-cert.pem")),
+                .unwrap_or_else(|| installed.root_cert()),
             token_file,
             ip,
             name,

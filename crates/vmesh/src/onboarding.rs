@@ -9,26 +9,28 @@
 //!   token) to the server under a join token and prints the one line a VM
 //!   runs, `vmesh agent join …`; `vmesh workload join-token revoke` ends it.
 //!
-//! What the files say is [`render`]'s; this module reads the group, the mesh
-//! settings, a token and the mesh root from the server and writes the files.
-
-mod render;
+//! What the files are called, what they say and where they go on the VM is
+//! [`vmesh_agent::onboarding_files`]'s; this module reads the group, the mesh
+//! settings, a token and the mesh root from the server and has the files
+//! written.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde_json::{Map, Value, json};
+use vmesh_agent::onboarding_files::render::DEFAULT_CLUSTER_ID;
+use vmesh_agent::onboarding_files::{
+    self as files, BundleFile, Onboarding, istiod_host, with_port,
+};
 use vmesh_api::kinds::istio_operator::IstioOperatorSpec;
 use vmesh_api::kinds::workload_group::{self, WorkloadGroupSpec};
 
 use crate::Connection;
-use render::{DEFAULT_CLUSTER_ID, Onboarding, istiod_host, with_port};
 
 /// The annotation whose YAML ProxyConfig is merged into `defaultConfig`.
 const PROXY_CONFIG_ANNOTATION: &str = "proxy.istio.io/config";
@@ -37,28 +39,6 @@ const ROOT_CONFIG_MAP: &str = "istio-ca-root-cert";
 const ROOT_CERT_KEY: &str = "root-cert.pem";
 /// How long `configure` waits for the server to publish the mesh root in a new namespace.
 const ROOT_CERT_WAIT: Duration = Duration::from_secs(5);
-
-/// The files `configure` writes, their modes, and where install.sh puts them.
-const FILES: &[(&str, u32, &str)] = &[
-    ("cluster.env", 0o644, "/var/lib/istio/envoy/cluster.env"),
-    ("mesh.yaml", 0o644, "/etc/istio/config/mesh"),
-    (
-        "istio-token",
-        0o600,
-        "/var/run/secrets/tokens/istio-token (kept in /var/lib/istio/tokens/)",
-    ),
-    ("root-cert.pem", 0o644, "/etc/certs/root-cert.pem"),
-    ("hosts", 0o644, "added to /etc/hosts"),
-    (
-        "vmesh-agent.service",
-        0o644,
-        "/etc/systemd/system/vmesh-agent.service",
-    ),
-    ("install.sh", 0o755, "run on the VM: sudo sh install.sh"),
-];
-
-const INSTALL_SH: &str = include_str!("onboarding/install.sh");
-const AGENT_UNIT: &str = include_str!("onboarding/vmesh-agent.service");
 
 /// `vmesh workload …`
 #[derive(Debug, clap::Args)]
@@ -440,7 +420,7 @@ async fn mesh_settings(api: &Api, revision: Option<&str>) -> Result<MeshSettings
     // istio-system's first, then by name: the first that says something wins.
     operators.sort_by_key(|o| {
         (
-            o["metadata"]["namespace"].as_str() != Some(render::ISTIOD_NAMESPACE),
+            o["metadata"]["namespace"].as_str() != Some(vmesh_api::mesh::DEFAULT_ROOT_NAMESPACE),
             o["metadata"]["name"]
                 .as_str()
                 .unwrap_or_default()
@@ -642,16 +622,16 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
     // leaves the directory as it was.
     warn_missing_service_account(&api, &group.namespace, &service_account).await;
     let root_cert = root_cert(&api, &group.namespace).await?;
-    let mut files: Vec<(&str, String)> = vec![
-        ("cluster.env", onboarding.cluster_env()),
-        ("mesh.yaml", onboarding.mesh_yaml()?),
-        ("root-cert.pem", root_cert),
-        ("hosts", onboarding.hosts()),
-        ("vmesh-agent.service", AGENT_UNIT.to_string()),
-        ("install.sh", INSTALL_SH.to_string()),
+    let mut bundle: Vec<(BundleFile, String)> = vec![
+        (files::CLUSTER_ENV, onboarding.cluster_env()),
+        (files::MESH_YAML, onboarding.mesh_yaml()?),
+        (files::ROOT_CERT, root_cert),
+        (files::HOSTS, onboarding.hosts()),
+        (files::AGENT_UNIT, files::AGENT_UNIT_FILE.to_string()),
+        (files::INSTALL_SH, files::install_sh()),
     ];
     let Some(output) = &args.output else {
-        return create_join(&api, &args, &display, &onboarding, files).await;
+        return create_join(&api, &args, &display, &onboarding, bundle).await;
     };
     let (token, expires) = issue_token(
         &api,
@@ -660,21 +640,19 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
         args.token_duration,
     )
     .await?;
-    files.push(("istio-token", token));
-    std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
-    for (name, contents) in &files {
-        let mode = FILES
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map_or(0o644, |(_, mode, _)| *mode);
-        write_file(output, name, contents.as_bytes(), mode)?;
-    }
+    bundle.push((files::TOKEN, token));
+    files::write_bundle(output, &bundle)?;
 
     let dir = output.display().to_string();
     let dir = dir.trim_end_matches('/');
     println!("{display}: onboarding files written to {dir}/");
-    for (name, mode, place) in FILES {
-        println!("  {name:<20} {mode:04o}  {place}");
+    for file in files::BUNDLE {
+        println!(
+            "  {:<20} {:04o}  {}",
+            file.name,
+            file.mode,
+            file.placement()
+        );
     }
     println!(
         "identity {}/{service_account}, token valid until {expires}{}",
@@ -685,13 +663,16 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
             ""
         }
     );
-    println!("copy {dir} to the VM and run there: sudo sh install.sh");
+    println!(
+        "copy {dir} to the VM and run there: sudo sh {}",
+        files::INSTALL_SH.name
+    );
     if let Some(host) = &args.ingress_host {
         println!(
             "the VM dials {}: the server's xDS certificate must name {} (vmesh server --xds-san {})",
             onboarding.discovery_address,
-            render::host_of(&onboarding.discovery_address),
-            render::host_of(host.trim())
+            files::host_of(&onboarding.discovery_address),
+            files::host_of(host.trim())
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -703,11 +684,11 @@ async fn create_join(
     args: &ConfigureArgs,
     display: &str,
     onboarding: &Onboarding,
-    files: Vec<(&str, String)>,
+    bundle: Vec<(BundleFile, String)>,
 ) -> Result<ExitCode> {
-    let files: Map<String, Value> = files
+    let files: Map<String, Value> = bundle
         .into_iter()
-        .map(|(name, contents)| (name.to_string(), Value::String(contents)))
+        .map(|(file, contents)| (file.name.to_string(), Value::String(contents)))
         .collect();
     let what = format!("creating a join token for {display}");
     let created = api
@@ -849,26 +830,4 @@ async fn issue_token(
         .with_context(|| format!("{what}: the server's answer carries no token"))?;
     let expires = issued["expires"].as_str().unwrap_or("?").to_string();
     Ok((token.to_string(), expires))
-}
-
-/// Writes `dir/name` with `mode` through a temporary file and a rename, so
-/// the file never exists with looser permissions or half written.
-fn write_file(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let path = dir.join(name);
-    let temporary = dir.join(format!(".{name}.vmesh-new"));
-    let _ = std::fs::remove_file(&temporary);
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&temporary)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        // The umask may have taken bits away at creation.
-        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))?;
-        std::fs::rename(&temporary, &path)
-    };
-    write().with_context(|| format!("writing {}", path.display()))
 }

@@ -3,9 +3,10 @@
 //!
 //! [`start`] binds both sockets before it returns (so Envoy can be started
 //! right after) and hands back an [`AgentHandle`] with their paths and the
-//! identity. It does not read onboarding files (the caller turns
+//! identity. It does not read onboarding files ([`crate::workload`] turns
 //! `cluster.env` / `mesh.yaml` into an [`AgentConfig`]), write Envoy's
-//! bootstrap (see [`crate::bootstrap`]), start Envoy, or touch iptables.
+//! bootstrap (see [`crate::bootstrap`]), start Envoy ([`crate::envoy`]), or
+//! touch iptables ([`crate::capture`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

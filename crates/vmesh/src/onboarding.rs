@@ -27,10 +27,10 @@ use vmesh_agent::onboarding_files::render::DEFAULT_CLUSTER_ID;
 use vmesh_agent::onboarding_files::{
     self as files, BundleFile, Onboarding, istiod_host, with_port,
 };
-use vmesh_api::kinds::istio_operator::IstioOperatorSpec;
 use vmesh_api::kinds::workload_group::{self, WorkloadGroupSpec};
 
 use crate::Connection;
+use crate::client::Client;
 
 /// The annotation whose YAML ProxyConfig is merged into `defaultConfig`.
 const PROXY_CONFIG_ANNOTATION: &str = "proxy.istio.io/config";
@@ -279,72 +279,6 @@ fn group_create(args: GroupCreateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The config API, with "not found" told apart from failure.
-struct Api {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
-}
-
-impl Api {
-    fn new(connection: &Connection) -> Result<Api> {
-        Ok(Api {
-            base: connection.server.trim_end_matches('/').to_string(),
-            token: connection.token.clone(),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .timeout(Duration::from_secs(60))
-                .build()?,
-        })
-    }
-
-    async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> Result<Option<Value>> {
-        let request = match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        };
-        let response = request.send().await.with_context(|| {
-            format!(
-                "{what}: cannot reach the vmesh server at {} (set VMESH_SERVER or --server)",
-                self.base
-            )
-        })?;
-        let code = response.status();
-        if code == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        let text = response
-            .text()
-            .await
-            .with_context(|| format!("{what}: reading the server's answer ({code})"))?;
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if !code.is_success() {
-            let message = body["message"]
-                .as_str()
-                .or(body.as_str())
-                .unwrap_or("no message");
-            bail!(
-                "{what}: the vmesh server at {} answered {code}: {message}",
-                self.base
-            );
-        }
-        Ok(Some(body))
-    }
-
-    async fn get(&self, path: &str, what: &str) -> Result<Option<Value>> {
-        self.send(self.http.get(format!("{}{path}", self.base)), what)
-            .await
-    }
-
-    async fn post(&self, path: &str, body: &Value, what: &str) -> Result<Option<Value>> {
-        self.send(
-            self.http.post(format!("{}{path}", self.base)).json(body),
-            what,
-        )
-        .await
-    }
-}
-
 /// A WorkloadGroup as configure uses it.
 struct Group {
     name: String,
@@ -398,69 +332,6 @@ fn group_from_file(file: &str, namespace: &str) -> Result<Group> {
     }
 }
 
-/// The mesh settings configure takes from the server's IstioOperators.
-#[derive(Default)]
-struct MeshSettings {
-    trust_domain: Option<String>,
-    mesh_id: Option<String>,
-    cluster_name: Option<String>,
-    default_config: Map<String, Value>,
-}
-
-async fn mesh_settings(api: &Api, revision: Option<&str>) -> Result<MeshSettings> {
-    let info = &vmesh_api::kinds::istio_operator::KIND;
-    let listed = api
-        .get(
-            &info.path(None, None),
-            "reading the mesh configuration (IstioOperator)",
-        )
-        .await?
-        .unwrap_or_default();
-    let mut operators: Vec<&Value> = listed["items"].as_array().into_iter().flatten().collect();
-    // istio-system's first, then by name: the first that says something wins.
-    operators.sort_by_key(|o| {
-        (
-            o["metadata"]["namespace"].as_str() != Some(vmesh_api::mesh::DEFAULT_ROOT_NAMESPACE),
-            o["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        )
-    });
-    let wanted = revision.filter(|r| !r.is_empty() && *r != "default");
-    let mut settings = MeshSettings::default();
-    for operator in operators {
-        let Ok(spec) = serde_json::from_value::<IstioOperatorSpec>(operator["spec"].clone()) else {
-            continue;
-        };
-        if spec
-            .revision
-            .as_deref()
-            .filter(|r| !r.is_empty() && *r != "default")
-            != wanted
-        {
-            continue;
-        }
-        let mesh = spec.mesh_config.unwrap_or_default();
-        let global = spec.values.and_then(|v| v.global).unwrap_or_default();
-        let default_config = mesh.default_config.unwrap_or_default();
-        settings.trust_domain = settings.trust_domain.or(mesh.trust_domain);
-        settings.mesh_id = settings
-            .mesh_id
-            .or(default_config.mesh_id.clone())
-            .or(global.mesh_id);
-        settings.cluster_name = settings
-            .cluster_name
-            .or(global.multi_cluster.and_then(|m| m.cluster_name));
-        if settings.default_config.is_empty()
-            && let Value::Object(config) = serde_json::to_value(&default_config)?
-        {
-            settings.default_config = config;
-        }
-    }
-    Ok(settings)
-}
-
 /// Merges `overlay` into `base`, objects key by key.
 fn merge(base: &mut Map<String, Value>, overlay: Map<String, Value>) {
     for (key, value) in overlay {
@@ -474,7 +345,7 @@ fn merge(base: &mut Map<String, Value>, overlay: Map<String, Value>) {
 }
 
 async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
-    let api = Api::new(&args.connection)?;
+    let api = Client::config_api(&args.connection)?;
     let group = match &args.file {
         Some(file) => group_from_file(file, &args.namespace)?,
         None => {
@@ -482,12 +353,12 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
             ensure_namespace(&api, &args.namespace).await?;
             let what = format!("reading WorkloadGroup {}/{name}", args.namespace);
             let path = workload_group::KIND.path(Some(&args.namespace), Some(name));
-            let Some(object) = api.get(&path, &what).await? else {
+            let Some(object) = api.find(&path, &what).await? else {
                 bail!(
-                    "WorkloadGroup {}/{name} not found on the vmesh server at {}: create it first \
+                    "WorkloadGroup {}/{name} not found on {}: create it first \
                      (vmesh workload group create --name {name} -n {} … | vmesh apply -f -)",
                     args.namespace,
-                    api.base,
+                    api.server(),
                     args.namespace
                 );
             };
@@ -510,7 +381,7 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
         (None, None) => "default".to_string(),
     };
 
-    let mesh = mesh_settings(&api, args.revision.as_deref()).await?;
+    let mesh = api.mesh_settings(args.revision.as_deref()).await?;
     let mut proxy_config = mesh.default_config.clone();
     let spec_annotations = group
         .spec
@@ -559,8 +430,7 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
     let trust_domain = args
         .trust_domain
         .clone()
-        .or(mesh.trust_domain.clone())
-        .unwrap_or_else(|| "cluster.local".into());
+        .unwrap_or_else(|| mesh.trust_domain.clone());
     let discovery_address = match &args.ingress_host {
         Some(host) => {
             let host = host.trim();
@@ -680,7 +550,7 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
 
 /// Registers the files under a new join token and prints the join line.
 async fn create_join(
-    api: &Api,
+    api: &Client,
     args: &ConfigureArgs,
     display: &str,
     onboarding: &Onboarding,
@@ -705,8 +575,7 @@ async fn create_join(
             }),
             &what,
         )
-        .await?
-        .with_context(|| format!("{what}: the server has no join API (404)"))?;
+        .await?;
     let field = |key: &str| {
         created[key]
             .as_str()
@@ -730,7 +599,7 @@ async fn create_join(
 }
 
 async fn revoke_join(args: JoinRevokeArgs) -> Result<ExitCode> {
-    let api = Api::new(&args.connection)?;
+    let api = Client::config_api(&args.connection)?;
     let what = format!(
         "revoking join tokens of WorkloadGroup {}/{}",
         args.namespace, args.name
@@ -748,8 +617,7 @@ async fn revoke_join(args: JoinRevokeArgs) -> Result<ExitCode> {
             &body,
             &what,
         )
-        .await?
-        .with_context(|| format!("{what}: the server has no join API (404)"))?;
+        .await?;
     println!(
         "{} join token(s) of WorkloadGroup {}/{} revoked: new joins with them are refused",
         answer["revoked"], args.namespace, args.name
@@ -757,24 +625,24 @@ async fn revoke_join(args: JoinRevokeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn ensure_namespace(api: &Api, namespace: &str) -> Result<()> {
+async fn ensure_namespace(api: &Client, namespace: &str) -> Result<()> {
     let what = format!("reading namespace {namespace}");
     if api
-        .get(&format!("/api/v1/namespaces/{namespace}"), &what)
+        .find(&format!("/api/v1/namespaces/{namespace}"), &what)
         .await?
         .is_none()
     {
         bail!(
-            "namespace {namespace} does not exist on the vmesh server at {} (vmesh create namespace {namespace})",
-            api.base
+            "namespace {namespace} does not exist on {} (vmesh create namespace {namespace})",
+            api.server()
         );
     }
     Ok(())
 }
 
-async fn warn_missing_service_account(api: &Api, namespace: &str, account: &str) {
+async fn warn_missing_service_account(api: &Client, namespace: &str, account: &str) {
     let path = format!("/api/v1/namespaces/{namespace}/serviceaccounts/{account}");
-    if let Ok(None) = api.get(&path, "reading the service account").await {
+    if let Ok(None) = api.find(&path, "reading the service account").await {
         eprintln!(
             "warning: ServiceAccount {namespace}/{account} does not exist; the token is issued for it anyway"
         );
@@ -783,12 +651,12 @@ async fn warn_missing_service_account(api: &Api, namespace: &str, account: &str)
 
 /// `root-cert.pem` of the namespace's `istio-ca-root-cert`, waiting a little
 /// for a namespace the server has not published the root to yet.
-async fn root_cert(api: &Api, namespace: &str) -> Result<String> {
+async fn root_cert(api: &Client, namespace: &str) -> Result<String> {
     let what = format!("reading ConfigMap {namespace}/{ROOT_CONFIG_MAP}");
     let path = format!("/api/v1/namespaces/{namespace}/configmaps/{ROOT_CONFIG_MAP}");
     let deadline = tokio::time::Instant::now() + ROOT_CERT_WAIT;
     loop {
-        if let Some(map) = api.get(&path, &what).await? {
+        if let Some(map) = api.find(&path, &what).await? {
             let pem = map["data"][ROOT_CERT_KEY].as_str().unwrap_or_default();
             if !pem.contains("BEGIN CERTIFICATE") {
                 bail!(
@@ -799,9 +667,9 @@ async fn root_cert(api: &Api, namespace: &str) -> Result<String> {
         }
         if tokio::time::Instant::now() >= deadline {
             bail!(
-                "ConfigMap {namespace}/{ROOT_CONFIG_MAP} not found on the vmesh server at {}: \
+                "ConfigMap {namespace}/{ROOT_CONFIG_MAP} not found on {}: \
                  the server publishes the mesh root to every namespace; is it running its CA?",
-                api.base
+                api.server()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -810,7 +678,7 @@ async fn root_cert(api: &Api, namespace: &str) -> Result<String> {
 
 /// A bootstrap token (audience istio-ca) and when it expires.
 async fn issue_token(
-    api: &Api,
+    api: &Client,
     namespace: &str,
     account: &str,
     life: Duration,
@@ -822,8 +690,7 @@ async fn issue_token(
             &json!({"durationSeconds": life.as_secs()}),
             &what,
         )
-        .await?
-        .with_context(|| format!("{what}: the server has no token API (404)"))?;
+        .await?;
     let token = issued["token"]
         .as_str()
         .filter(|t| t.split('.').count() == 3)

@@ -4,8 +4,11 @@
 //! `/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}`, collections for
 //! list and create, `?watch=true` for a stream of newline-delimited events.
 //! Errors are Kubernetes `Status` objects. Every write is decoded and validated
-//! here: the server never trusts that a client did it. One extension,
-//! `POST /apis/vmesh.io/v1/apply`, applies a list of objects atomically.
+//! here: the server never trusts that a client did it. Two extensions:
+//! `POST /apis/vmesh.io/v1/apply` applies a list of objects atomically, and
+//! `GET /v1/mesh?revision=NAME` answers the mesh settings of a revision
+//! ([`MeshSettings`], resolved from the stored IstioOperators by the rule
+//! the registry follows), so clients do not work them out again.
 
 use std::sync::Arc;
 
@@ -14,12 +17,16 @@ use axum::extract::{Query, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use vmesh_api::mesh::MeshSettings;
 use vmesh_api::{KindInfo, Object, ObjectKey, Problem};
 use vmesh_store::{BatchError, Op, Outcome, Selection, Store, StoreError};
+
+/// The mesh settings, `?revision=NAME` for a revision's.
+pub const MESH_PATH: &str = "/v1/mesh";
 
 #[derive(Clone)]
 struct AppState {
@@ -39,6 +46,7 @@ pub fn router(
     let state = AppState { store, shutdown };
     Router::new()
         .route("/apis/vmesh.io/v1/apply", post(apply))
+        .route(MESH_PATH, get(mesh_settings))
         .route("/api/{*rest}", any(resource))
         .route("/apis/{*rest}", any(resource))
         .route("/healthz", any(|| async { "ok" }))
@@ -504,4 +512,21 @@ async fn apply(State(state): State<AppState>, body: Bytes) -> Result<Response, A
             Err(store_error_with_message(error, message))
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct MeshQuery {
+    revision: Option<String>,
+}
+
+/// `GET /v1/mesh`: [`MeshSettings::resolve`] over the stored IstioOperators
+/// (those whose body does not decode are skipped, as the registry skips them).
+async fn mesh_settings(
+    State(state): State<AppState>,
+    Query(query): Query<MeshQuery>,
+) -> Result<Json<MeshSettings>, ApiError> {
+    Ok(Json(crate::mesh::stored_settings(
+        &state.store,
+        query.revision.as_deref(),
+    )?))
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use vmesh_store::{Selection, Store};
+use vmesh_store::Store;
 
 /// What `vmesh server` needs to run.
 #[derive(Debug, Clone)]
@@ -169,26 +169,7 @@ fn serve_http(
 /// Refuses a stored mesh configuration whose trust domain is not the CA's:
 /// the identities the CA issues and those clients expect would differ.
 fn check_trust_domain(store: &Store, ca_trust_domain: &str) -> Result<(), ServerError> {
-    use vmesh_api::kinds::istio_operator::{self, IstioOperator};
-    use vmesh_api::mesh::{MeshSettings, OperatorRef};
-    let (objects, _) = store.list(&Selection::of_kind(&istio_operator::KIND, None))?;
-    let operators: Vec<(String, String, IstioOperator)> = objects
-        .iter()
-        .filter_map(|o| {
-            let body = o.typed::<IstioOperator>().ok()?;
-            let namespace = o.metadata.namespace().unwrap_or_default().to_string();
-            Some((namespace, o.metadata.name().to_string(), body))
-        })
-        .collect();
-    let refs: Vec<OperatorRef<'_>> = operators
-        .iter()
-        .map(|(namespace, name, body)| OperatorRef {
-            namespace,
-            name,
-            spec: &body.spec,
-        })
-        .collect();
-    let mesh = MeshSettings::resolve(&refs, None);
+    let mesh = mesh::stored_settings(store, None)?;
     if mesh.trust_domain_set && mesh.trust_domain != ca_trust_domain {
         return Err(ServerError::TrustDomainMismatch {
             sources: mesh.sources.join(", "),
@@ -233,7 +214,11 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         "config API",
     )];
 
-    let (controller, mesh) = mesh::MeshController::new(store.clone(), config.debounce)?;
+    let (controller, mesh) = mesh::MeshController::new(
+        store.clone(),
+        config.debounce,
+        identity.authority.trust_domain(),
+    )?;
     tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
     let proxies = Arc::new(vmesh_xds::ads::StatusTable::default());
 

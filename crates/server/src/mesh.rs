@@ -15,8 +15,10 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
+use vmesh_api::kinds::istio_operator::{self, IstioOperator};
+use vmesh_api::mesh::{MeshSettings, OperatorRef};
 use vmesh_registry::{DecodeCache, Snapshot, VipAllocator};
-use vmesh_store::{Op, Store};
+use vmesh_store::{Op, Selection, Store};
 use vmesh_xds::ads::ConfigSource;
 use vmesh_xds::translate::MeshConfig;
 
@@ -47,6 +49,10 @@ pub struct MeshController {
     vips: VipAllocator,
     debounce: Debounce,
     publish: watch::Sender<Arc<dyn ConfigSource>>,
+    /// The CA's trust domain, which the mesh's must equal.
+    ca_trust_domain: String,
+    /// The disagreeing trust domain last reported, so it is reported once.
+    reported_trust_domain: Option<String>,
 }
 
 fn vip_key() -> vmesh_api::ObjectKey {
@@ -63,6 +69,7 @@ impl MeshController {
     pub fn new(
         store: Arc<Store>,
         debounce: Debounce,
+        ca_trust_domain: &str,
     ) -> Result<(MeshController, watch::Receiver<Arc<dyn ConfigSource>>), vmesh_store::StoreError>
     {
         let existing: BTreeMap<String, IpAddr> = store
@@ -89,6 +96,8 @@ impl MeshController {
             vips,
             debounce,
             publish,
+            ca_trust_domain: ca_trust_domain.to_string(),
+            reported_trust_domain: None,
         };
         controller.rebuild();
         Ok((controller, subscribe))
@@ -107,9 +116,28 @@ impl MeshController {
         if self.vips != before {
             self.persist_vips();
         }
+        self.check_trust_domain(&snapshot.mesh);
         tracing::debug!(services = snapshot.services.len(), "mesh rebuilt");
         self.publish
             .send_replace(Arc::new(MeshConfig::new(snapshot)));
+    }
+
+    /// An IstioOperator applied while the server runs can still name another
+    /// trust domain than the CA's (at start the server refuses it): say so
+    /// loudly, once per value, since mTLS between workloads breaks.
+    fn check_trust_domain(&mut self, mesh: &MeshSettings) {
+        let disagreeing = (mesh.trust_domain_set && mesh.trust_domain != self.ca_trust_domain)
+            .then(|| mesh.trust_domain.clone());
+        if disagreeing.is_some() && disagreeing != self.reported_trust_domain {
+            tracing::error!(
+                mesh = %mesh.trust_domain,
+                ca = %self.ca_trust_domain,
+                operators = %mesh.sources.join(", "),
+                "meshConfig.trustDomain is not the CA's trust domain: clients will refuse the certificates the CA issues; restart the server with --trust-domain {} or change the IstioOperator",
+                mesh.trust_domain
+            );
+        }
+        self.reported_trust_domain = disagreeing;
     }
 
     fn persist_vips(&self) {
@@ -149,4 +177,33 @@ impl MeshController {
             self.rebuild();
         }
     }
+}
+
+/// The mesh settings of `revision` (`None`: the default one), resolved with
+/// [`MeshSettings::resolve`] over the stored IstioOperators; those whose body
+/// does not decode are skipped, as the registry skips them.
+pub fn stored_settings(
+    store: &Store,
+    revision: Option<&str>,
+) -> Result<MeshSettings, vmesh_store::StoreError> {
+    let (objects, _) = store.list(&Selection::of_kind(&istio_operator::KIND, None))?;
+    let operators: Vec<(&vmesh_api::Object, IstioOperator)> = objects
+        .iter()
+        .filter_map(|object| match object.typed() {
+            Ok(operator) => Some((object, operator)),
+            Err(error) => {
+                tracing::warn!(object = %object.display_name(), %error, "skipping an IstioOperator with an invalid body");
+                None
+            }
+        })
+        .collect();
+    let refs: Vec<OperatorRef<'_>> = operators
+        .iter()
+        .map(|(object, operator)| OperatorRef {
+            namespace: object.metadata.namespace().unwrap_or("default"),
+            name: object.metadata.name(),
+            spec: &operator.spec,
+        })
+        .collect();
+    Ok(MeshSettings::resolve(&refs, revision))
 }

@@ -414,7 +414,7 @@ fn print_keep_instructions(state: &Path) -> Result<()> {
 /// Builds the topology, onboards everything and runs the checks.
 fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     let exe = vmesh()?;
-    let envoy = crate::agent::find_envoy()?;
+    let envoy = vmesh_agent::envoy::find_envoy()?;
     let envoy = envoy.display().to_string();
     {
         use std::os::unix::fs::DirBuilderExt;

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use vmesh_api::kinds::workload_group::ReadinessProbe;
 
-pub use render::{Onboarding, host_of, istiod_host, shell_quote, with_port};
+pub use render::{DEFAULT_CLUSTER_ID, Onboarding, host_of, istiod_host, shell_quote, with_port};
 
 /// `cluster.env`: the workload's identity, placement and capture settings.
 pub const CLUSTER_ENV_PATH: &str = "var/lib/istio/envoy/cluster.env";

@@ -27,6 +27,8 @@ use tokio::sync::watch;
 use vmesh_agent::bootstrap::Locality;
 use vmesh_agent::capture::{self, CaptureConfig, Runner};
 use vmesh_agent::envoy::{self, EnvoyProcess, RESTART_BACKOFF};
+use vmesh_agent::onboarding_files::ROOT_CERT_PATH;
+use vmesh_agent::onboarding_files::keys::POD_NAMESPACE;
 use vmesh_agent::status::{self, Metrics, StatusServer, WaitError};
 use vmesh_agent::workload::{self, BootstrapOptions, WorkloadOptions};
 
@@ -58,8 +60,10 @@ pub struct AgentArgs {
     /// The mesh's trust domain (TRUST_DOMAIN, else cluster.local).
     #[arg(long)]
     trust_domain: Option<String>,
-    /// The mesh root certificate (default: `<root>/etc/certs/root-cert.pem`).
-    #[arg(long)]
+    #[arg(
+        long,
+        help = format!("The mesh root certificate (default: `<root>/{ROOT_CERT_PATH}`)")
+    )]
     root_cert: Option<PathBuf>,
     /// The bootstrap token, for the first certificate (default: the installed `istio-token`).
     #[arg(long)]
@@ -215,10 +219,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         Some(AgentAction::Iptables { what }) => {
             let env = options.cluster_env()?;
             let server = options.server(&env);
-            let namespace = env
-                .get(vmesh_agent::onboarding_files::keys::POD_NAMESPACE)
-                .cloned()
-                .unwrap_or_default();
+            let namespace = env.get(POD_NAMESPACE).cloned().unwrap_or_default();
             let dns = options.dns_config(&env, &namespace)?;
             match what {
                 IptablesAction::Apply => apply_capture(&workload::capture_config(

@@ -23,9 +23,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde_json::{Map, Value, json};
-use vmesh_agent::onboarding_files::render::DEFAULT_CLUSTER_ID;
 use vmesh_agent::onboarding_files::{
-    self as files, BundleFile, Onboarding, istiod_host, with_port,
+    self as files, BundleFile, DEFAULT_CLUSTER_ID, Onboarding, istiod_host, with_port,
 };
 use vmesh_api::kinds::workload_group::{self, WorkloadGroupSpec};
 

@@ -4,7 +4,10 @@
 //! ([`crate::backoff`], [`RESTART_BACKOFF`]) whenever it dies, and on
 //! shutdown drained — the workload reported unhealthy so it leaves every
 //! client's endpoints, Envoy's inbound listeners drained gracefully — before
-//! it is stopped.
+//! it is stopped (SIGTERM, SIGKILL if it has not exited 5 s later). Envoy
+//! dies with the agent however the agent dies, and an Envoy an earlier agent
+//! of the same work directory left running is stopped first
+//! ([`crate::child`], pid file `envoy.pid` beside the bootstrap).
 //!
 //! This module owns the Envoy process. It does not write Envoy's bootstrap
 //! ([`crate::bootstrap`] renders it, [`crate::workload`] fills it in), serve
@@ -20,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::agent::AgentHandle;
 use crate::backoff::{Backoff, BackoffPolicy};
+use crate::child;
 use crate::status::Metrics;
 
 /// Restarts wait 1 s, 2 s, 4 s … at most 30 s, without jitter (one Envoy
@@ -32,6 +36,11 @@ pub const RESTART_BACKOFF: BackoffPolicy = BackoffPolicy {
 /// An Envoy that ran this long before it died starts again after the
 /// initial delay: its earlier failures are forgotten.
 const STABLE_RUN: Duration = Duration::from_secs(60);
+/// How long Envoy is given to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Envoy's pid file, beside its bootstrap: how a new agent finds an Envoy an
+/// earlier one left running.
+const PID_FILE: &str = "envoy.pid";
 /// Where [`hand_to_proxy_user`] copies a binary the proxy user cannot reach.
 const ENVOY_COPY: &str = "bin/envoy";
 
@@ -199,10 +208,33 @@ impl EnvoyProcess {
     /// backoff whenever it dies (each restart counted in `metrics`). On
     /// stop, drains the workload, then stops Envoy.
     pub async fn run(&self, agent: &AgentHandle, metrics: &Metrics, stop: watch::Receiver<bool>) {
+        let pid_file = self.pid_file();
+        let bootstrap = self.bootstrap.clone();
+        // An Envoy an earlier agent left would hold the ports this one needs.
+        let stale = tokio::task::spawn_blocking(move || {
+            child::stop_left_behind(&pid_file, &bootstrap, STOP_GRACE)
+        });
+        if let Ok(Some(pid)) = stale.await {
+            tracing::info!(pid, "stopped the Envoy an earlier agent left running");
+        }
         if let Some(mut child) = self.supervise(metrics, stop).await {
             self.drain(agent).await;
-            let _ = child.kill().await;
+            if let Some(pid) = child.id() {
+                child::terminate(pid);
+            }
+            if tokio::time::timeout(STOP_GRACE, child.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("Envoy did not stop within {STOP_GRACE:?} of SIGTERM; killing it");
+                let _ = child.kill().await;
+            }
         }
+        child::forget(&self.pid_file());
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.bootstrap.with_file_name(PID_FILE)
     }
 
     /// Keeps Envoy running until `stop`; returns it, still running, when
@@ -218,6 +250,9 @@ impl EnvoyProcess {
                     return None;
                 }
             };
+            if let Some(pid) = child.id() {
+                child::remember(&self.pid_file(), pid);
+            }
             let status = tokio::select! {
                 status = child.wait() => status,
                 () = crate::stopped(&mut stop) => return Some(child),
@@ -236,7 +271,7 @@ impl EnvoyProcess {
     }
 
     fn command(&self) -> Command {
-        let mut command = Command::new(&self.binary);
+        let mut command = child::bound_to_agent(&self.binary);
         command
             .arg("-c")
             .arg(&self.bootstrap)

@@ -15,6 +15,8 @@
 //! - [`agent`]: all of the above run together ([`agent::start`]);
 //! - [`envoy`]: the Envoy process — found, made runnable by the proxy user,
 //!   started again with [`backoff`] when it dies, drained and stopped;
+//! - [`child`]: processes bound to the agent's life (the kernel kills them
+//!   when it dies) and found again by pid file after a crash;
 //! - [`capture`]: traffic capture with iptables, Istio's rules (apply, clean up);
 //! - [`health`]: the WorkloadGroup's readiness probe, whose verdicts the
 //!   xDS proxy reports to the control plane;
@@ -68,6 +70,7 @@ pub mod agent;
 pub mod backoff;
 pub mod bootstrap;
 pub mod capture;
+pub mod child;
 pub mod dns;
 pub mod envoy;
 pub mod health;

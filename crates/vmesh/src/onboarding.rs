@@ -27,14 +27,14 @@ use vmesh_agent::onboarding_files::{
     self as files, BundleFile, DEFAULT_CLUSTER_ID, Onboarding, istiod_host, with_port,
 };
 use vmesh_api::kinds::workload_group::{self, WorkloadGroupSpec};
+use vmesh_server::identity::ROOT_CONFIG_MAP;
 
 use crate::Connection;
 use crate::client::Client;
 
 /// The annotation whose YAML ProxyConfig is merged into `defaultConfig`.
 const PROXY_CONFIG_ANNOTATION: &str = "proxy.istio.io/config";
-/// Istio's ConfigMap with the mesh root, in every namespace.
-const ROOT_CONFIG_MAP: &str = "istio-ca-root-cert";
+/// The key of the mesh root in [`ROOT_CONFIG_MAP`] (the server's publisher writes it).
 const ROOT_CERT_KEY: &str = "root-cert.pem";
 /// How long `configure` waits for the server to publish the mesh root in a new namespace.
 const ROOT_CERT_WAIT: Duration = Duration::from_secs(5);

@@ -7,11 +7,13 @@
 // A benchmark measures wall-clock time of child processes, outside any runtime.
 #![allow(clippy::disallowed_types)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use vmesh_api::testing::{NOT_KUBERNETES, seed_dir};
+use vmesh_testkit::LocalServer;
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
@@ -47,27 +49,9 @@ fn report(name: &str, measured: Duration, target: Duration) {
 
 fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = Command::new(VMESH)
-        .args(["server", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
-            "--api-addr",
-            "127.0.0.1:0",
-            "--monitoring-addr",
-            "127.0.0.1:0",
-            "--xds-addr",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
+    let server = LocalServer::start(Path::new(VMESH), &dir.path().join("data"), &[], &[])
         .expect("start server");
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("server address");
-    let url = line.trim().rsplit(' ').next().expect("url").to_string();
-    let env = [("VMESH_SERVER", url.as_str())];
+    let env = [("VMESH_SERVER", server.api())];
 
     let runs = 5;
     let manifests: Vec<String> = (0..runs)
@@ -105,8 +89,7 @@ fn main() {
         args.extend(["-f", file.as_str()]);
     }
     let validate: Vec<Duration> = (0..20).map(|_| time(&args, &[])).collect();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 
     println!("vmesh foundation benchmarks (median of runs, process start included)");
     report(

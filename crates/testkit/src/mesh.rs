@@ -332,3 +332,27 @@ pub fn capture_service_range(ns: &Namespace, ip: &str) -> Result<()> {
     ])?;
     Ok(())
 }
+
+/// Sends connections arriving at `ports` in `ns` to its sidecar's inbound
+/// 15006, as the agent's own capture would (tested on its own).
+pub fn capture_inbound(ns: &Namespace, ports: &[u16]) -> Result<()> {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-p",
+        "tcp",
+        "-m",
+        "multiport",
+        "--dports",
+        &ports.join(","),
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15006",
+    ])?;
+    Ok(())
+}

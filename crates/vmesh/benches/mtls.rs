@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use vmesh_testkit::mesh::capture_service_range;
+use vmesh_testkit::mesh::{capture_inbound, capture_service_range};
 use vmesh_testkit::netns::link;
 use vmesh_testkit::testing::{envoy_binary, eventually};
 use vmesh_testkit::{Mesh, Namespace};
@@ -89,23 +89,7 @@ fn main() {
          spec: {mtls: {mode: STRICT}, portLevelMtls: {8081: {mode: DISABLE}}}\n",
     )
     .unwrap();
-    payment.run(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "-m",
-        "multiport",
-        "--dports",
-        "8080,8081",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15006",
-    ]);
+    capture_inbound(&payment, &[8080, 8081]).unwrap();
     mesh.start_agent(
         &payment,
         "127.0.0.1:15012",

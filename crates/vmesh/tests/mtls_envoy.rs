@@ -19,7 +19,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use vmesh_api::testing::seed_dir;
-use vmesh_testkit::mesh::capture_service_range;
+use vmesh_testkit::mesh::{capture_inbound, capture_service_range};
 use vmesh_testkit::netns::link;
 use vmesh_testkit::testing::{envoy_binary, eventually};
 use vmesh_testkit::{Mesh, Namespace};
@@ -98,21 +98,7 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
     }
 
     // The payment VM's sidecar: inbound 8080 goes to Envoy's 15006.
-    payment.run(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "--dport",
-        "8080",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15006",
-    ]);
+    capture_inbound(&payment, &[8080]).unwrap();
     mesh.start_agent(
         &payment,
         "127.0.0.1:15012",

@@ -240,19 +240,9 @@ fn canary_split(api_type: &str, base_id: &str) {
     // The guide's perTryTimeout (2s) cuts a slow answer short with a 504.
     let slow = format!("http://{vip}:8080/slow/4000/api/payments/1");
     let started = tokio::time::Instant::now();
-    let code = ns.run(&[
-        "curl",
-        "-s",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--max-time",
-        "8",
-        &slow,
-    ]);
+    let code = vmesh_testkit::http::status(&ns, "GET", &slow, Duration::from_secs(8));
     let waited = started.elapsed();
-    assert_eq!(code, "504", "a slow VM hits the per-try timeout");
+    assert_eq!(code, Some(504), "a slow VM hits the per-try timeout");
     assert!(
         waited >= Duration::from_millis(1900) && waited < Duration::from_millis(3500),
         "timed out after {waited:?}"

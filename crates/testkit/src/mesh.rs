@@ -24,7 +24,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// The vmesh binary and its control plane, in network namespaces.
 #[derive(Debug, Clone)]
 pub struct Mesh {
-    vmesh: PathBuf,
+    vmesh: String,
     control: String,
     dir: PathBuf,
     logs: PathBuf,
@@ -34,9 +34,9 @@ pub struct Mesh {
 impl Mesh {
     /// `vmesh` run inside namespaces; the server in `control`; data, files,
     /// work directories and logs under `dir`.
-    pub fn new(vmesh: impl Into<PathBuf>, control: &Namespace, dir: &Path) -> Mesh {
+    pub fn new(vmesh: &str, control: &Namespace, dir: &Path) -> Mesh {
         Mesh {
-            vmesh: vmesh.into(),
+            vmesh: vmesh.to_string(),
             control: control.name().to_string(),
             dir: dir.to_path_buf(),
             logs: dir.to_path_buf(),
@@ -56,7 +56,7 @@ impl Mesh {
         self
     }
 
-    pub fn vmesh(&self) -> &Path {
+    pub fn vmesh(&self) -> &str {
         &self.vmesh
     }
 
@@ -72,7 +72,7 @@ impl Mesh {
 
     /// `vmesh args…` for `ip netns exec`.
     fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
-        let mut full = vec![self.vmesh.to_str().unwrap_or_default()];
+        let mut full = vec![self.vmesh.as_str()];
         full.extend_from_slice(args);
         full
     }

@@ -14,6 +14,10 @@
 //! a crash: the processes it kills are those `ip netns pids` finds in its
 //! namespaces, never a list someone could have written. Without `--keep`,
 //! or when interrupted, it removes it all at the end.
+//!
+//! The namespaces, links, processes, onboarding and requests are
+//! `vmesh-testkit`'s, the same the end-to-end tests use; this module owns
+//! the topology, the guide's scenario and the checks.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;

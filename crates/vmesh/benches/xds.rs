@@ -14,8 +14,8 @@
 #![allow(clippy::disallowed_types)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -28,6 +28,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use vmesh_testkit::LocalServer;
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 const SERVICES: usize = 1000;
@@ -65,57 +66,20 @@ fn manifests() -> String {
     text
 }
 
-struct Server {
-    child: Child,
-    api: String,
-    xds: String,
-    monitoring: String,
+fn start_server(dir: &Path) -> LocalServer {
+    LocalServer::start(
+        Path::new(VMESH),
+        &dir.join("data"),
+        &["--xds-plaintext-addr", "127.0.0.1:0"],
+        &[("VMESH_LOG", "warn")],
+    )
+    .expect("start server")
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(dir: &std::path::Path) -> Server {
-    let mut child = Command::new(VMESH)
-        .args(["server", "--data-dir"])
-        .arg(dir.join("data"))
-        .args([
-            "--api-addr",
-            "127.0.0.1:0",
-            "--monitoring-addr",
-            "127.0.0.1:0",
-            "--xds-addr",
-            "127.0.0.1:0",
-        ])
-        .args(["--xds-plaintext-addr", "127.0.0.1:0"])
-        .env("VMESH_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start server");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut next = || {
-        let line = lines.next().expect("server output").expect("read");
-        line.rsplit(' ').next().expect("address").to_string()
-    };
-    let (api, xds, monitoring) = (next(), next(), next());
-    Server {
-        child,
-        api,
-        xds,
-        monitoring,
-    }
-}
-
-fn vmesh_apply(server: &Server, path: &std::path::Path) {
-    let output = Command::new(VMESH)
-        .args(["apply", "-f"])
+fn vmesh_apply(server: &LocalServer, path: &Path) {
+    let output = server
+        .command(&["apply", "-f"])
         .arg(path)
-        .env("VMESH_SERVER", &server.api)
         .output()
         .expect("run vmesh apply");
     assert!(
@@ -306,7 +270,7 @@ fn main() {
     );
 
     std::thread::sleep(Duration::from_millis(1500));
-    let rss_applied = memory_mb(server.child.id(), "VmRSS");
+    let rss_applied = memory_mb(server.pid(), "VmRSS");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -314,7 +278,7 @@ fn main() {
     let (events, mut received) = mpsc::unbounded_channel();
     let (_stop, stopped) = watch::channel(());
     let connect = Instant::now();
-    let endpoint = format!("http://{}", server.xds);
+    let endpoint = format!("http://{}", server.xds_plaintext().expect("plaintext xDS"));
     for i in 0..PROXIES {
         let events = events.clone();
         let endpoint = endpoint.clone();
@@ -351,7 +315,7 @@ fn main() {
             String::new()
         }
     );
-    let rss_synced = memory_mb(server.child.id(), "VmRSS");
+    let rss_synced = memory_mb(server.pid(), "VmRSS");
 
     let mut latencies = Vec::new();
     let mut slowest_change = Duration::ZERO;
@@ -381,14 +345,14 @@ fn main() {
             }
         }
     }
-    let rss = memory_mb(server.child.id(), "VmRSS");
-    let peak = memory_mb(server.child.id(), "VmHWM");
+    let rss = memory_mb(server.pid(), "VmRSS");
+    let peak = memory_mb(server.pid(), "VmHWM");
 
     // The server's own view agrees: every proxy has ACKed what it was sent
     // (the last ACKs may still be in flight when the clients report).
     let server_synced = || -> usize {
         let syncz: Vec<serde_json::Value> = runtime.block_on(async {
-            reqwest::get(format!("{}/debug/syncz", server.monitoring))
+            reqwest::get(format!("{}/debug/syncz", server.monitoring()))
                 .await
                 .expect("syncz")
                 .json()

@@ -14,16 +14,22 @@
 //! a crash: the processes it kills are those `ip netns pids` finds in its
 //! namespaces, never a list someone could have written. Without `--keep`,
 //! or when interrupted, it removes it all at the end.
+//!
+//! The namespaces, links, processes, onboarding and requests are
+//! `vmesh-testkit`'s, the same the end-to-end tests use; this module owns
+//! the topology, the guide's scenario and the checks.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 use tokio::time::Instant;
+use vmesh_testkit::poll::wait_for;
+use vmesh_testkit::{Mesh, Namespace, http, netns};
 
 /// The guide's manifests, in the guide's order.
 const GUIDE: &[(&str, &str)] = &[
@@ -149,127 +155,21 @@ fn state_dir() -> PathBuf {
     std::env::temp_dir().join(PREFIX)
 }
 
-/// Runs a command to completion; its stdout, or an error with its stderr.
-fn output(program: &str, args: &[&str]) -> Result<String> {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    if !output.status.success() {
-        bail!(
-            "{program} {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
-}
-
-/// `args` run inside the demo namespace `host`.
-fn in_ns(host: &str, args: &[&str]) -> Result<String> {
-    let namespace = ns(host);
-    let mut full = vec!["netns", "exec", namespace.as_str()];
-    full.extend_from_slice(args);
-    output("ip", &full)
-}
-
 /// This binary, for running inside the namespaces.
 fn vmesh() -> Result<String> {
     Ok(std::env::current_exe()?.display().to_string())
 }
 
-/// The vmesh CLI against the demo's control plane.
-fn cli(args: &[&str]) -> Result<String> {
-    let exe = vmesh()?;
-    let mut full = vec![exe.as_str()];
-    full.extend_from_slice(args);
-    in_ns(CONTROL, &full)
-}
-
-/// Starts `args` in namespace `host`, detached (it survives this process
-/// with --keep), its output in `log`; returns its pid.
-fn start(state: &Path, host: &str, args: &[&str], log: &str) -> Result<u32> {
-    use std::os::unix::process::CommandExt;
-    let log = std::fs::File::create(state.join("logs").join(log))?;
-    let child = Command::new("ip")
-        .args(["netns", "exec", &ns(host)])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("starting {} in {host}", args[0]))?;
-    Ok(child.id())
-}
-
-/// Whether `pid` still runs (a zombie, exited but not yet reaped, does not).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
-    })
-}
-
-fn kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill")
-        .args([signal, &pid.to_string()])
-        .stderr(Stdio::null())
-        .status();
-}
-
-/// Removes everything a run made: processes, namespaces (and with them
-/// their links and capture rules), their resolv.conf, the state directory.
+/// Removes everything a run made: processes (SIGTERM, then SIGKILL),
+/// namespaces (and with them their links and capture rules), their
+/// resolv.conf, the state directory.
 fn down(state: &Path) -> Result<()> {
-    let mut pids: Vec<u32> = Vec::new();
-    let namespaces: Vec<String> = output("ip", &["netns", "list"])
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|n| n.starts_with(&format!("{PREFIX}-")))
-        .map(str::to_string)
-        .collect();
-    for namespace in &namespaces {
-        pids.extend(
-            output("ip", &["netns", "pids", namespace])
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| l.trim().parse::<u32>().ok()),
-        );
-    }
-    // Agents first, gently, so they stop Envoy; then whatever is left.
-    for pid in &pids {
-        kill(*pid, "-TERM");
-    }
-    if !pids.is_empty() {
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    for pid in &pids {
-        kill(*pid, "-KILL");
-    }
-    for namespace in &namespaces {
-        let _ = output("ip", &["netns", "delete", namespace]);
-        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(namespace));
-    }
+    netns::remove(&netns::list(&format!("{PREFIX}-"))?);
     match std::fs::remove_dir_all(state) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("removing {}", state.display()))
         }
         _ => Ok(()),
-    }
-}
-
-/// Polls `check` every 100 ms until it gives a value or `limit` passes.
-fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(value) = check() {
-            return Some(value);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -280,24 +180,10 @@ struct Check {
 }
 
 /// The demo's JSON objects from `vmesh get … -o json`.
-fn items(args: &[&str]) -> Vec<Value> {
-    let mut full = vec!["get"];
-    full.extend_from_slice(args);
-    full.extend(["-o", "json"]);
-    cli(&full)
-        .ok()
-        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+fn items(mesh: &Mesh, args: &[&str]) -> Vec<Value> {
+    mesh.get_json(args)
         .and_then(|v| v["items"].as_array().cloned())
         .unwrap_or_default()
-}
-
-/// `vmesh load` in `host` against the payment service by name.
-fn load(host: &str, args: &[&str]) -> Result<Value> {
-    let exe = vmesh()?;
-    let url = format!("http://{HOST}:8080/api/payments/1");
-    let mut full = vec![exe.as_str(), "load", "--url", &url];
-    full.extend_from_slice(args);
-    Ok(serde_json::from_str(&in_ns(host, &full)?)?)
 }
 
 fn count(summary: &Value, path: &[&str]) -> u64 {
@@ -308,25 +194,10 @@ fn count(summary: &Value, path: &[&str]) -> u64 {
     value.as_u64().unwrap_or(0)
 }
 
-/// The HTTP status of one request from `host` to `url`, as curl saw it (000: none).
-fn status(host: &str, method: &str, url: &str) -> String {
-    in_ns(
-        host,
-        &[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "5",
-            "-X",
-            method,
-            url,
-        ],
-    )
-    .unwrap_or_else(|_| "000".into())
+/// The HTTP status of one request from `ns` to `url`, as curl saw it (000: none).
+fn status(ns: &Namespace, method: &str, url: &str) -> String {
+    http::status(ns, method, url, Duration::from_secs(5))
+        .map_or_else(|| "000".to_string(), |code| code.to_string())
 }
 
 fn is_root() -> bool {
@@ -347,9 +218,13 @@ pub async fn run(keep: bool, remove: bool) -> Result<ExitCode> {
     }
     let work = tokio::task::spawn_blocking({
         let state = state.clone();
-        move || build_and_check(&state)
+        move || {
+            let mut hosts = Vec::new();
+            let outcome = build_and_check(&state, &mut hosts);
+            (hosts, outcome)
+        }
     });
-    let outcome = tokio::select! {
+    let (hosts, outcome) = tokio::select! {
         joined = work => joined.context("the demo stopped")?,
         _ = crate::commands::stop_signal() => {
             eprintln!("vmesh demo: interrupted; removing everything it made");
@@ -369,8 +244,10 @@ pub async fn run(keep: bool, remove: bool) -> Result<ExitCode> {
         ),
     }
     if keep {
+        hosts.into_iter().for_each(Namespace::keep);
         print_keep_instructions(&state)?;
     } else {
+        drop(hosts);
         down(&state)?;
     }
     Ok(if passed {
@@ -411,11 +288,12 @@ fn print_keep_instructions(state: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Builds the topology, onboards everything and runs the checks.
-fn build_and_check(state: &Path) -> Result<Vec<Check>> {
+/// Builds the topology, its namespaces in `made` (the control plane's
+/// first, then each host's in [`hosts`] order), onboards everything and
+/// runs the checks.
+fn build_and_check(state: &Path, made: &mut Vec<Namespace>) -> Result<Vec<Check>> {
     let exe = vmesh()?;
     let envoy = vmesh_agent::envoy::find_envoy()?;
-    let envoy = envoy.display().to_string();
     {
         use std::os::unix::fs::DirBuilderExt;
         // Fresh (down() removed any) and not listable: it holds tokens and
@@ -426,89 +304,51 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
             .create(state)
             .with_context(|| format!("creating {}", state.display()))?;
     }
-    std::fs::create_dir_all(state.join("logs"))?;
+    let logs = state.join("logs");
+    std::fs::create_dir_all(&logs)?;
     let hosts = hosts();
     let begun = Instant::now();
 
     let say = |what: &str| eprintln!("vmesh demo: {what}");
     say("building 6 hosts (network namespaces): a control plane, 3 payment VMs, frontend, orders");
-    // The hosts: a namespace each, linked to the control plane's, which routes.
-    output("ip", &["netns", "add", &ns(CONTROL)])?;
-    in_ns(CONTROL, &["ip", "link", "set", "lo", "up"])?;
-    in_ns(CONTROL, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    // The hosts: a namespace each, linked to the control plane's, which
+    // routes. Their processes get process groups of their own, so that
+    // they outlive the demo with --keep.
+    made.push(Namespace::create(&ns(CONTROL))?.detached());
+    for host in &hosts {
+        made.push(Namespace::create(&ns(host.name))?.detached());
+    }
+    let made = &*made;
+    let control = &made[0];
+    let host_ns: BTreeMap<&str, &Namespace> = hosts
+        .iter()
+        .zip(&made[1..])
+        .map(|(host, ns)| (host.name, ns))
+        .collect();
+    control.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
     for (i, host) in hosts.iter().enumerate() {
-        let namespace = ns(host.name);
-        output("ip", &["netns", "add", &namespace])?;
-        in_ns(host.name, &["ip", "link", "set", "lo", "up"])?;
-        let (vm_end, cp_end) = (format!("vd{i}"), format!("vc{i}"));
-        in_ns(
-            host.name,
-            &[
-                "ip", "link", "add", &vm_end, "type", "veth", "peer", "name", &cp_end,
-            ],
-        )?;
-        in_ns(
-            host.name,
-            &["ip", "link", "set", &cp_end, "netns", &ns(CONTROL)],
-        )?;
-        in_ns(
-            host.name,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", host.ip),
-                "dev",
-                &vm_end,
-            ],
-        )?;
-        in_ns(host.name, &["ip", "link", "set", &vm_end, "up"])?;
-        in_ns(
-            CONTROL,
-            &[
-                "ip",
-                "addr",
-                "add",
-                &format!("{}/24", host.gateway),
-                "dev",
-                &cp_end,
-            ],
-        )?;
-        in_ns(CONTROL, &["ip", "link", "set", &cp_end, "up"])?;
-        in_ns(
-            host.name,
-            &["ip", "route", "add", "default", "via", &host.gateway],
-        )?;
+        let vm = host_ns[host.name];
+        netns::link(vm, &host.ip, control, &host.gateway, &i.to_string())?;
+        vm.exec(&["ip", "route", "add", "default", "via", &host.gateway])?;
         // The VM's resolver: its gateway (no DNS server there; mesh names
         // are the agent's, and nothing else is looked up).
-        let etc = Path::new("/etc/netns").join(&namespace);
-        std::fs::create_dir_all(&etc)?;
-        std::fs::write(
-            etc.join("resolv.conf"),
-            format!("nameserver {}\n", host.gateway),
-        )?;
+        vm.resolv_conf(&format!("nameserver {}\n", host.gateway))?;
     }
+    let mesh = Mesh::new(&exe, control, state)
+        .with_logs(&logs)
+        .with_envoy(&envoy);
 
     say("starting the control plane (vmesh server)");
-    // The control plane.
-    let data = state.join("data").display().to_string();
-    start(
-        state,
-        CONTROL,
+    mesh.start_server(
+        control,
         &[
-            &exe,
-            "server",
-            "--data-dir",
-            &data,
             "--xds-addr",
             "0.0.0.0:15012",
             "--auto-registration-grace",
             GRACE,
         ],
-        "server.log",
-    )?;
-    wait_for(Duration::from_secs(10), || cli(&["get", "ns"]).ok())
-        .context("the control plane did not start")?;
+    )
+    .context("the control plane did not start")?;
 
     // The guide's manifests, unchanged, in the guide's order; the clients' groups.
     let manifests = state.join("manifests");
@@ -520,7 +360,7 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     {
         let path = manifests.join(name);
         std::fs::write(&path, text)?;
-        cli(&["apply", "-f", &path.display().to_string()])
+        mesh.apply_file(&path)
             .with_context(|| format!("applying {name}"))?;
     }
 
@@ -530,46 +370,16 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     // Onboarding, as the guide does it: files per group, install.sh per VM.
     let mut roots = BTreeMap::new();
     for (group, namespace) in hosts.iter().filter_map(|h| h.group) {
-        if roots.contains_key(group) {
-            continue;
+        if !roots.contains_key(group) {
+            roots.insert(group, mesh.onboard(group, namespace, SERVER_IP)?);
         }
-        let files = state.join(format!("files-{group}")).display().to_string();
-        cli(&[
-            "workload",
-            "entry",
-            "configure",
-            "--name",
-            group,
-            "-n",
-            namespace,
-            "-o",
-            &files,
-            "--autoregister",
-            "--ingressHost",
-            SERVER_IP,
-        ])?;
-        let root = state.join(format!("root-{group}"));
-        let install = Command::new("sh")
-            .arg(Path::new(&files).join("install.sh"))
-            .env("ROOT", &root)
-            .env("VMESH_NO_START", "1")
-            .output()?;
-        if !install.status.success() {
-            bail!(
-                "install.sh for {group}: {}",
-                String::from_utf8_lossy(&install.stderr)
-            );
-        }
-        roots.insert(group, root);
     }
 
     say("starting the payment applications and the 5 agents (certificates, Envoy, capture, DNS)");
     // The applications, then the agents.
     for host in &hosts {
         if let Some(version) = host.app_version {
-            start(
-                state,
-                host.name,
+            host_ns[host.name].spawn(
                 &[
                     &exe,
                     "demo-app",
@@ -580,7 +390,7 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
                     "--version",
                     version,
                 ],
-                &format!("app-{}.log", host.name),
+                &mesh.log(&format!("app-{}.log", host.name)),
             )?;
         }
     }
@@ -590,34 +400,21 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
         let Some((group, _)) = host.group else {
             continue;
         };
-        let root = roots[group].display().to_string();
-        let work = state
-            .join(format!("work-{}", host.name))
-            .display()
-            .to_string();
-        let base_id = (60 + i).to_string();
-        let mut args = vec![
-            exe.as_str(),
-            "agent",
-            "--root",
-            &root,
-            "--work-dir",
-            &work,
-            "--ip",
-            &host.ip,
-            "--name",
+        let flags: &[&str] = if host.app_version == Some("v2") {
+            &["--label", "version=v2"]
+        } else {
+            &[]
+        };
+        let base_id = 60 + u32::try_from(i)?;
+        let agent = mesh.start_onboarded_agent(
+            host_ns[host.name],
+            &roots[group],
             host.name,
-            "--envoy",
-            &envoy,
-            "--base-id",
-            &base_id,
-            "--capture",
-        ];
-        if host.app_version == Some("v2") {
-            args.extend(["--label", "version=v2"]);
-        }
-        let pid = start(state, host.name, &args, &format!("agent-{}.log", host.name))?;
-        agents.insert(host.name, pid);
+            &host.ip,
+            base_id,
+            flags,
+        )?;
+        agents.insert(host.name, agent);
     }
 
     let mut checks = Vec::new();
@@ -625,7 +422,7 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     // 1. Every VM registered itself.
     let expected = hosts.iter().filter(|h| h.group.is_some()).count();
     let registered = wait_for(Duration::from_secs(15), || {
-        let entries = items(&["we", "-A"]);
+        let entries = items(&mesh, &["we", "-A"]);
         (entries.len() >= expected).then(|| agents_started.elapsed())
     });
     checks.push(Check {
@@ -642,11 +439,9 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
 
     // 2. Every proxy took its configuration.
     let synced = wait_for(Duration::from_secs(15), || {
-        let text = in_ns(
-            CONTROL,
-            &["curl", "-s", "http://127.0.0.1:15014/debug/syncz"],
-        )
-        .ok()?;
+        let text = control
+            .exec(&["curl", "-s", "http://127.0.0.1:15014/debug/syncz"])
+            .ok()?;
         let proxies: Vec<Value> = serde_json::from_str(&text).ok()?;
         let all = proxies.len() == expected
             && proxies.iter().all(|p| {
@@ -674,7 +469,7 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     // 3. The payment VMs pass the guide's probe (initialDelaySeconds 10).
     let payment = hosts.iter().filter(|h| h.app_version.is_some()).count();
     let healthy = wait_for(Duration::from_secs(30), || {
-        let entries = items(&["we", "-n", "vm-workloads"]);
+        let entries = items(&mesh, &["we", "-n", "vm-workloads"]);
         let up = entries
             .iter()
             .filter(|e| {
@@ -704,25 +499,27 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     }
     say("sending traffic");
     // 4. frontend → payment by name, over mTLS, through capture.
+    let frontend = host_ns["frontend"];
+    let url = format!("http://{HOST}:8080/api/payments/1");
+    let load = |args: &[&str]| mesh.load(frontend, &url, args);
     let first = wait_for(Duration::from_secs(10), || {
-        let summary = load("frontend", &["--requests", "1"]).ok()?;
+        let summary = load(&["--requests", "1"]).ok()?;
         (count(&summary, &["codes", "200"]) == 1).then_some(summary)
     });
-    let handshakes: u64 = in_ns(
-        "frontend",
-        &[
+    let handshakes: u64 = frontend
+        .exec(&[
             "curl",
             "-s",
             "http://127.0.0.1:15000/stats?filter=ssl.handshake",
-        ],
-    )
-    .unwrap_or_default()
-    .lines()
-    .filter(|l| {
-        l.starts_with("cluster.outbound|8080|") && l.contains(&format!("|{HOST}.ssl.handshake:"))
-    })
-    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-    .sum();
+        ])
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            l.starts_with("cluster.outbound|8080|")
+                && l.contains(&format!("|{HOST}.ssl.handshake:"))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
     checks.push(Check {
         name: "frontend → payment by DNS name, mTLS",
         passed: first.is_some() && handshakes > 0,
@@ -732,15 +529,12 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     });
 
     // 5. The VirtualService's 90/10 split.
-    let split = load(
-        "frontend",
-        &[
-            "--requests",
-            &SPLIT_REQUESTS.to_string(),
-            "--concurrency",
-            "4",
-        ],
-    )?;
+    let split = load(&[
+        "--requests",
+        &SPLIT_REQUESTS.to_string(),
+        "--concurrency",
+        "4",
+    ])?;
     let canary = count(&split, &["answered_by", "payment-v2"]);
     let stable = count(&split, &["answered_by", "payment-v1-a"])
         + count(&split, &["answered_by", "payment-v1-b"]);
@@ -756,10 +550,7 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     });
 
     // 6. x-canary: true goes to v2 only.
-    let header = load(
-        "frontend",
-        &["--requests", "20", "--header", "x-canary: true"],
-    )?;
+    let header = load(&["--requests", "20", "--header", "x-canary: true"])?;
     let to_canary = count(&header, &["answered_by", "payment-v2"]);
     checks.push(Check {
         name: "x-canary: true → v2 only",
@@ -769,8 +560,9 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
 
     // 7. The AuthorizationPolicy: orders may only POST /api/payments/process.
     let payments = format!("http://{HOST}:8080/api/payments");
-    let allowed = status("orders", "POST", &format!("{payments}/process"));
-    let refused = status("orders", "GET", &format!("{payments}/1"));
+    let orders = host_ns["orders"];
+    let allowed = status(orders, "POST", &format!("{payments}/process"));
+    let refused = status(orders, "GET", &format!("{payments}/1"));
     checks.push(Check {
         name: "orders: only POST /api/payments/process",
         passed: allowed == "200" && refused == "403",
@@ -778,7 +570,7 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     });
 
     // 8. STRICT mTLS: plaintext from a host without a sidecar is refused.
-    let code = status(CONTROL, "GET", "http://10.77.1.1:8080/api/payments/1");
+    let code = status(control, "GET", "http://10.77.1.1:8080/api/payments/1");
     checks.push(Check {
         name: "plaintext refused (STRICT)",
         passed: code == "000",
@@ -793,44 +585,24 @@ fn build_and_check(state: &Path) -> Result<Vec<Check>> {
     });
 
     // 9. A VM stops: its entry goes after the grace period, traffic goes on.
-    let exe_load = exe.clone();
-    let url = format!("http://{HOST}:8080/api/payments/1");
-    let during = std::thread::spawn(move || {
-        let output = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns("frontend"),
-                &exe_load,
-                "load",
-                "--url",
-                &url,
-            ])
-            .args(["--duration", "8s", "--concurrency", "2"])
-            .output();
-        output
-            .ok()
-            .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+    let stopping = host_ns["payment-v1-b"];
+    let (removed, traffic) = std::thread::scope(|scope| {
+        let during = scope.spawn(|| load(&["--duration", "8s", "--concurrency", "2"]).ok());
+        std::thread::sleep(Duration::from_millis(500));
+        let stopped_at = Instant::now();
+        // As systemd stops a VM: the agent first (it drains the VM out of
+        // service, then stops Envoy), then the application.
+        if let Err(e) = stopping.stop(agents["payment-v1-b"]) {
+            say(&format!("stopping payment-v1-b's agent: {e:#}"));
+        }
+        stopping.stop_all();
+        let removed = wait_for(Duration::from_secs(15), || {
+            let entries = items(&mesh, &["we", "-n", "vm-workloads"]);
+            (!entries.iter().any(|e| e["spec"]["address"] == "10.77.2.1"))
+                .then(|| stopped_at.elapsed())
+        });
+        (removed, during.join().ok().flatten())
     });
-    std::thread::sleep(Duration::from_millis(500));
-    let stopped_at = Instant::now();
-    // As systemd stops a VM: the agent first (it drains the VM out of
-    // service, then stops Envoy), then the application.
-    let agent = agents["payment-v1-b"];
-    kill(agent, "-TERM");
-    wait_for(Duration::from_secs(10), || (!alive(agent)).then_some(()));
-    for pid in output("ip", &["netns", "pids", &ns("payment-v1-b")])
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse::<u32>().ok())
-    {
-        kill(pid, "-TERM");
-    }
-    let removed = wait_for(Duration::from_secs(15), || {
-        let entries = items(&["we", "-n", "vm-workloads"]);
-        (!entries.iter().any(|e| e["spec"]["address"] == "10.77.2.1")).then(|| stopped_at.elapsed())
-    });
-    let traffic = during.join().ok().flatten();
     let (sent, failed) = traffic.as_ref().map_or((0, u64::MAX), |t| {
         let sent = count(t, &["requests"]);
         (sent, sent - count(t, &["codes", "200"]))

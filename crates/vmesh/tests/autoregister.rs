@@ -14,11 +14,11 @@
 
 use std::time::{Duration, Instant};
 
-mod common;
-use common::{
-    Namespace, VMESH, cli, entry, eventually, link, onboard, start_agent, start_onboarded_agent,
-    start_server,
-};
+use vmesh_testkit::netns::link;
+use vmesh_testkit::testing::{envoy_binary, eventually};
+use vmesh_testkit::{Mesh, Namespace};
+
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
 const GROUP: &str = "payment-vms";
 
@@ -26,30 +26,30 @@ const GROUP: &str = "payment-vms";
 fn vms_register_themselves_and_leave_when_they_stop() {
     let dir = tempfile::tempdir().unwrap();
     let id = std::process::id();
-    let mut server = Namespace::create(&format!("vmesh-reg-{id}"));
-    let mut vm = Namespace::create(&format!("vmesh-vm1-{id}"));
-    let mut intruder = Namespace::create(&format!("vmesh-vm2-{id}"));
-    link(&vm, "10.47.0.1", &server, "10.47.0.2", &format!("r{id}"));
+    let server = Namespace::new(&format!("vmesh-reg-{id}"));
+    let vm = Namespace::new(&format!("vmesh-vm1-{id}"));
+    let intruder = Namespace::new(&format!("vmesh-vm2-{id}"));
+    link(&vm, "10.47.0.1", &server, "10.47.0.2", &format!("r{id}")).unwrap();
     link(
         &intruder,
         "10.48.0.1",
         &server,
         "10.48.0.2",
         &format!("i{id}"),
-    );
-    let control = server.name.clone();
-    let control = control.as_str();
-    start_server(
-        &mut server,
-        dir.path(),
+    )
+    .unwrap();
+    let mesh = Mesh::new(VMESH, &server, dir.path()).with_envoy(&envoy_binary());
+    mesh.start_server(
+        &server,
         &[
             "--xds-addr",
             "0.0.0.0:15012",
             "--auto-registration-grace",
             "1s",
         ],
-    );
-    cli(control, &["create", "namespace", "vm-workloads"]);
+    )
+    .unwrap();
+    mesh.cli(&["create", "namespace", "vm-workloads"]).unwrap();
     let group = dir.path().join("group.yaml");
     std::fs::write(
         &group,
@@ -60,23 +60,27 @@ fn vms_register_themselves_and_leave_when_they_stop() {
         ),
     )
     .unwrap();
-    cli(control, &["apply", "-f", group.to_str().unwrap()]);
+    mesh.apply_file(&group).unwrap();
 
     // A VM is onboarded: files from the server, installed under its root.
-    let vm_root = onboard(control, dir.path(), GROUP, "10.47.0.2");
+    let vm_root = mesh.onboard(GROUP, "vm-workloads", "10.47.0.2").unwrap();
     // Its agent starts from those files alone (and a name and address, as
     // the VM's host name and address are not the test machine's).
     let started = Instant::now();
-    start_onboarded_agent(
-        &mut vm,
-        &vm_root,
-        dir.path(),
-        "10.47.0.1",
-        71,
-        &["--label", "version=v1"],
-    );
+    let agent = mesh
+        .start_onboarded_agent(
+            &vm,
+            &vm_root,
+            vm.name(),
+            "10.47.0.1",
+            71,
+            &["--label", "version=v1"],
+        )
+        .unwrap();
     let name = format!("{GROUP}-10.47.0.1");
-    let registered = eventually("the VM's WorkloadEntry", || entry(control, &name));
+    let registered = eventually("the VM's WorkloadEntry", || {
+        mesh.entry("vm-workloads", &name)
+    });
     let took = started.elapsed();
     assert!(took < Duration::from_secs(1), "registered after {took:?}");
     let spec = &registered["spec"];
@@ -105,8 +109,7 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     // The VM's traffic is captured while the agent runs (SSH never), and
     // Envoy, as the proxy user, still reached the agent's sockets: it is
     // what registered.
-    let nat =
-        |vm: &Namespace| String::from_utf8(vm.run(&["iptables-save", "-t", "nat"]).stdout).unwrap();
+    let nat = |vm: &Namespace| vm.run(&["iptables-save", "-t", "nat"]);
     let rules = nat(&vm);
     for rule in [
         "-A OUTPUT -p tcp -j ISTIO_OUTPUT",
@@ -118,24 +121,18 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     }
 
     // A VM with a token for another service account may not join this group.
-    start_agent(
-        &mut intruder,
-        control,
-        dir.path(),
+    mesh.start_agent(
+        &intruder,
         "10.48.0.2:15012",
         "vm-workloads",
         "intruder-sa",
         "10.48.0.1",
         &["--auto-register-group", GROUP],
         72,
-    );
+    )
+    .unwrap();
     let refusal = eventually("the refusal on the group's status", || {
-        let output = std::process::Command::new("ip")
-            .args(["netns", "exec", control, VMESH])
-            .args(["get", "wg", GROUP, "-n", "vm-workloads", "-o", "json"])
-            .output()
-            .unwrap();
-        let group: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        let group = mesh.get_json(&["wg", GROUP, "-n", "vm-workloads"])?;
         let condition = group["status"]["conditions"][0].clone();
         (condition["reason"] == "Refused").then_some(condition)
     });
@@ -146,14 +143,12 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     );
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        entry(control, &format!("{GROUP}-10.48.0.1")).is_none(),
+        mesh.entry("vm-workloads", &format!("{GROUP}-10.48.0.1"))
+            .is_none(),
         "no entry for the refused VM"
     );
     // The operator sees it in `vmesh doctor` (which fails), the VM in its log.
-    let doctor = std::process::Command::new("ip")
-        .args(["netns", "exec", control, VMESH, "doctor"])
-        .output()
-        .unwrap();
+    let doctor = mesh.cli_output(&["doctor"]).unwrap();
     let report = String::from_utf8_lossy(&doctor.stdout);
     assert!(
         !doctor.status.success(),
@@ -166,7 +161,7 @@ fn vms_register_themselves_and_leave_when_they_stop() {
         "{report}"
     );
     let intruder_log =
-        std::fs::read_to_string(dir.path().join(format!("agent-{}.log", intruder.name))).unwrap();
+        std::fs::read_to_string(dir.path().join(format!("agent-{}.log", intruder.name()))).unwrap();
     assert!(
         intruder_log.contains("auto-registration into payment-vms")
             && intruder_log.contains("payment-service-sa"),
@@ -174,15 +169,15 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     );
 
     // The VM stops: its entry is marked, then gone after the 1 s grace period.
-    vm.stop(0);
+    vm.stop(agent).unwrap();
     eventually("the entry marked disconnected", || {
-        let entry = entry(control, &name)?;
+        let entry = mesh.entry("vm-workloads", &name)?;
         entry["metadata"]["annotations"]["istio.io/disconnectedAt"]
             .is_string()
             .then_some(())
     });
     eventually("the entry deleted after the grace period", || {
-        entry(control, &name).is_none().then_some(())
+        mesh.entry("vm-workloads", &name).is_none().then_some(())
     });
     let rules = nat(&vm);
     assert!(!rules.contains("ISTIO"), "capture cleaned up:\n{rules}");

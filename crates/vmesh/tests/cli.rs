@@ -1,65 +1,17 @@
 //! The real `vmesh` binary: a server process and the CLI commands against it.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 
 use vmesh_api::decode_manifests;
 use vmesh_api::testing::{NOT_KUBERNETES, seed_dir};
+use vmesh_testkit::LocalServer;
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
-/// A `vmesh server` process on a free loopback port, killed on drop.
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Server {
-    fn start(data_dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(VMESH)
-            .args(["server", "--data-dir"])
-            .arg(data_dir)
-            .args([
-                "--api-addr",
-                "127.0.0.1:0",
-                "--monitoring-addr",
-                "127.0.0.1:0",
-                "--xds-addr",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line.trim().rsplit(' ').next().unwrap().to_string();
-        assert!(
-            url.starts_with("http://127.0.0.1:"),
-            "unexpected first line {line:?}"
-        );
-        Server { child, url }
-    }
-
-    fn vmesh(&self, args: &[&str]) -> Output {
-        Command::new(VMESH)
-            .args(args)
-            .env("VMESH_SERVER", &self.url)
-            .env_remove("VMESH_TOKEN")
-            .output()
-            .unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `vmesh server` on free loopback ports, stopped when dropped.
+fn start(data_dir: &Path, extra: &[&str]) -> LocalServer {
+    LocalServer::start(Path::new(VMESH), data_dir, extra, &[]).unwrap()
 }
 
 fn stdout(output: &Output) -> String {
@@ -88,7 +40,7 @@ fn seed_files() -> Vec<PathBuf> {
 }
 
 /// Every seed object, read back with `get -o yaml`, equals the manifest in meaning.
-fn assert_seed_objects_served(server: &Server) {
+fn assert_seed_objects_served(server: &LocalServer) {
     for file in seed_files() {
         let text = std::fs::read_to_string(&file).unwrap();
         for located in decode_manifests("seed", &text).objects {
@@ -126,7 +78,7 @@ fn assert_seed_objects_served(server: &Server) {
 #[test]
 fn guide_manifests_apply_read_back_and_survive_restart() {
     let data = tempfile::tempdir().unwrap();
-    let server = Server::start(data.path(), &[]);
+    let server = start(data.path(), &[]);
     let first = server.vmesh(&[
         "apply",
         "-f",
@@ -212,7 +164,7 @@ fn guide_manifests_apply_read_back_and_survive_restart() {
     );
     drop(server);
 
-    let server = Server::start(data.path(), &[]);
+    let server = start(data.path(), &[]);
     assert_seed_objects_served(&server);
 
     let deleted = server.vmesh(&["delete", "se", "vm-database", "-n", "vm-workloads"]);
@@ -241,7 +193,7 @@ fn guide_manifests_apply_read_back_and_survive_restart() {
 #[test]
 fn a_broken_document_applies_nothing_and_says_which() {
     let data = tempfile::tempdir().unwrap();
-    let server = Server::start(data.path(), &[]);
+    let server = start(data.path(), &[]);
     let manifest = data.path().join("mixed.yaml");
     std::fs::write(
         &manifest,
@@ -315,7 +267,7 @@ fn token_protected_server_refuses_the_anonymous() {
     let data = tempfile::tempdir().unwrap();
     let token_file = data.path().join("token");
     std::fs::write(&token_file, "t0ken\n").unwrap();
-    let server = Server::start(
+    let server = start(
         &data.path().join("store"),
         &["--api-token-file", token_file.to_str().unwrap()],
     );
@@ -327,7 +279,7 @@ fn token_protected_server_refuses_the_anonymous() {
     );
     let allowed = Command::new(VMESH)
         .args(["get", "ns"])
-        .env("VMESH_SERVER", &server.url)
+        .env("VMESH_SERVER", server.api())
         .env("VMESH_TOKEN", "t0ken")
         .output()
         .unwrap();

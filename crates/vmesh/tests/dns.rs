@@ -15,36 +15,16 @@
 //! Needs root, `ip`, `iptables`, `curl`, `dig`, `dnsmasq` and Envoy; without
 //! them it fails, it never skips.
 
-use std::path::{Path, PathBuf};
+use vmesh_testkit::netns::link;
+use vmesh_testkit::testing::{PAYMENT_MESH, envoy_binary, eventually};
+use vmesh_testkit::{Mesh, Namespace};
 
-mod common;
-use common::{
-    Namespace, PAYMENT_MESH, VMESH, cli, eventually, link, onboard, start_onboarded_agent, vip_of,
-};
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
 const DATABASE: &str = "vm-database.vm-workloads.svc.cluster.local";
 /// The upstream answers every name under example.test with this address.
 const EXTERNAL_IP: &str = "10.99.0.7";
-
-/// `/etc/netns/<ns>/resolv.conf`, which `ip netns exec` shows the
-/// namespace's processes as /etc/resolv.conf; removed when dropped.
-struct ResolvConf(PathBuf);
-
-impl ResolvConf {
-    fn write(ns: &Namespace, text: &str) -> ResolvConf {
-        let dir = Path::new("/etc/netns").join(&ns.name);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("resolv.conf"), text).unwrap();
-        ResolvConf(dir)
-    }
-}
-
-impl Drop for ResolvConf {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// `dig +short` in `ns`, one line per answer.
 fn dig(ns: &Namespace, args: &[&str]) -> Vec<String> {
@@ -98,41 +78,44 @@ fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let id = std::process::id();
-    let mut server = Namespace::create(&format!("vmesh-ds-{id}"));
-    let mut vm = Namespace::create(&format!("vmesh-dv-{id}"));
-    let mut client = Namespace::create(&format!("vmesh-dc-{id}"));
-    link(&vm, "10.54.1.1", &server, "10.54.1.2", &format!("dv{id}"));
+    let server = Namespace::new(&format!("vmesh-ds-{id}"));
+    let vm = Namespace::new(&format!("vmesh-dv-{id}"));
+    let client = Namespace::new(&format!("vmesh-dc-{id}"));
+    link(&vm, "10.54.1.1", &server, "10.54.1.2", &format!("dv{id}")).unwrap();
     link(
         &client,
         "10.54.3.1",
         &server,
         "10.54.3.2",
         &format!("dc{id}"),
-    );
+    )
+    .unwrap();
     vm.run(&["ip", "route", "add", "default", "via", "10.54.1.2"]);
     client.run(&["ip", "route", "add", "default", "via", "10.54.3.2"]);
     server.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     // Both VMs' resolver: the upstream in the control plane's namespace.
     let resolv = "nameserver 10.54.3.2\nsearch corp.example\n";
-    let _vm_resolv = ResolvConf::write(&vm, resolv);
-    let _client_resolv = ResolvConf::write(&client, resolv);
+    vm.resolv_conf(resolv).unwrap();
+    client.resolv_conf(resolv).unwrap();
     let upstream_log = dir.join("dnsmasq.log");
-    server.spawn(
-        &[
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=10.54.3.2",
-            "--user=root",
-            "--pid-file=",
-            &format!("--address=/example.test/{EXTERNAL_IP}"),
-            "--log-queries",
-            "--log-facility=-",
-        ],
-        &upstream_log,
-    );
+    server
+        .spawn(
+            &[
+                "dnsmasq",
+                "--keep-in-foreground",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=10.54.3.2",
+                "--user=root",
+                "--pid-file=",
+                &format!("--address=/example.test/{EXTERNAL_IP}"),
+                "--log-queries",
+                "--log-facility=-",
+            ],
+            &upstream_log,
+        )
+        .unwrap();
     let before_external = eventually("the upstream answering", || {
         getent(&client, "example.test").filter(|ip| ip == EXTERNAL_IP)
     });
@@ -142,23 +125,23 @@ fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
         "no mesh names before the agent"
     );
 
-    let control = server.name.clone();
-    let control = control.as_str();
-    let server_process = {
-        common::start_server(&mut server, dir, &["--xds-addr", "0.0.0.0:15012"]);
-        1 // dnsmasq is 0
-    };
-    cli(control, &["create", "namespace", "vm-workloads"]);
-    let mesh = dir.join("mesh.yaml");
-    std::fs::write(&mesh, PAYMENT_MESH).unwrap();
-    cli(control, &["apply", "-f", mesh.to_str().unwrap()]);
+    let mesh = Mesh::new(VMESH, &server, dir).with_envoy(&envoy_binary());
+    let server_process = mesh
+        .start_server(&server, &["--xds-addr", "0.0.0.0:15012"])
+        .unwrap();
+    mesh.cli(&["create", "namespace", "vm-workloads"]).unwrap();
+    mesh.apply("mesh.yaml", PAYMENT_MESH).unwrap();
     let database = vmesh_api::testing::seed_dir().join("service-entry-vm-database.yaml");
-    cli(control, &["apply", "-f", database.to_str().unwrap()]);
-    let vip = vip_of(control, HOST);
-    let database_vip = vip_of(control, DATABASE);
+    mesh.apply_file(&database).unwrap();
+    let vip = mesh.vip_of(HOST).unwrap();
+    let database_vip = mesh.vip_of(DATABASE).unwrap();
 
-    let payment_root = onboard(control, dir, "payment-vms", "10.54.1.2");
-    let client_root = onboard(control, dir, "client-vms", "10.54.1.2");
+    let payment_root = mesh
+        .onboard("payment-vms", "vm-workloads", "10.54.1.2")
+        .unwrap();
+    let client_root = mesh
+        .onboard("client-vms", "vm-workloads", "10.54.1.2")
+        .unwrap();
     let cluster_env =
         std::fs::read_to_string(client_root.join("var/lib/istio/envoy/cluster.env")).unwrap();
     assert!(
@@ -175,11 +158,15 @@ fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
             "payment-vm",
         ],
         &dir.join("app.log"),
-    );
+    )
+    .unwrap();
     // From here on, the upstream's log shows what the agents let through.
     let logged_before = std::fs::read_to_string(&upstream_log).unwrap().len();
-    start_onboarded_agent(&mut vm, &payment_root, dir, "10.54.1.1", 95, &[]);
-    let client_agent = start_onboarded_agent(&mut client, &client_root, dir, "10.54.3.1", 96, &[]);
+    mesh.start_onboarded_agent(&vm, &payment_root, vm.name(), "10.54.1.1", 95, &[])
+        .unwrap();
+    let client_agent = mesh
+        .start_onboarded_agent(&client, &client_root, client.name(), "10.54.3.1", 96, &[])
+        .unwrap();
 
     // The name table reaches the client's agent.
     eventually("the client's name table", || {
@@ -190,7 +177,7 @@ fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
         let dump: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
         (dump["names"][HOST][0] == vip.as_str()).then_some(())
     });
-    let table = cli_in(&client, &[VMESH, "proxy-config", "dns"]);
+    let table = client.run(&[VMESH, "proxy-config", "dns"]);
     assert!(
         table
             .lines()
@@ -251,14 +238,11 @@ fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
             .then(|| String::from_utf8_lossy(&output.stdout).to_string())
     });
     assert!(answer.contains("name=payment-vm"), "{answer}");
-    let stats = cli_in(
-        &client,
-        &[
-            "curl",
-            "-s",
-            "http://127.0.0.1:15000/stats?filter=ssl.handshake",
-        ],
-    );
+    let stats = client.run(&[
+        "curl",
+        "-s",
+        "http://127.0.0.1:15000/stats?filter=ssl.handshake",
+    ]);
     assert!(
         stats.lines().any(|l| l
             .starts_with(&format!("cluster.outbound|8080||{HOST}.ssl.handshake: "))
@@ -274,10 +258,7 @@ fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
     }
 
     // The metrics count it.
-    let metrics = cli_in(
-        &client,
-        &["curl", "-s", "http://127.0.0.1:15020/stats/prometheus"],
-    );
+    let metrics = client.run(&["curl", "-s", "http://127.0.0.1:15020/stats/prometheus"]);
     for metric in [
         "vmesh_agent_dns_answered_locally_total",
         "vmesh_agent_dns_forwarded_total",
@@ -291,7 +272,7 @@ fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
     }
 
     // The control plane goes away: the last table still answers.
-    server.stop(server_process);
+    server.stop(server_process).unwrap();
     assert_eq!(
         dig(&client, &["payment-service.vm-workloads"]),
         [vip.as_str()]
@@ -300,14 +281,9 @@ fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
     assert_eq!(dig(&client, &["example.test"]), [EXTERNAL_IP]);
 
     // The agent stops: its capture goes, and resolution is as it was.
-    client.stop(client_agent);
-    let nat = cli_in(&client, &["iptables-save", "-t", "nat"]);
+    client.stop(client_agent).unwrap();
+    let nat = client.run(&["iptables-save", "-t", "nat"]);
     assert!(!nat.contains("ISTIO"), "capture removed:\n{nat}");
     assert_eq!(getent(&client, HOST), None);
     assert_eq!(getent(&client, "example.test"), Some(before_external));
-}
-
-/// Runs `args` in `ns` and returns its standard output.
-fn cli_in(ns: &Namespace, args: &[&str]) -> String {
-    String::from_utf8(ns.run(args).stdout).unwrap()
 }

@@ -13,14 +13,17 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
 
-mod common;
-use common::{Namespace, VMESH, cli, eventually, link, start_onboarded_agent, start_server};
+use vmesh_testkit::netns::link;
+use vmesh_testkit::testing::{envoy_binary, eventually};
+use vmesh_testkit::{Mesh, Namespace};
+
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
 const GROUP: &str = "payment-vms";
 const SERVER: &str = "10.52.0.2:15012";
 
 /// `configure --join` with `flags`: the token and the CA pin it printed.
-fn join_token(control: &str, flags: &[&str]) -> (String, String) {
+fn join_token(mesh: &Mesh, flags: &[&str]) -> (String, String) {
     let mut args = vec![
         "workload",
         "entry",
@@ -35,7 +38,7 @@ fn join_token(control: &str, flags: &[&str]) -> (String, String) {
         "--join",
     ];
     args.extend(flags);
-    let printed = cli(control, &args);
+    let printed = mesh.cli(&args).unwrap();
     let line = printed
         .lines()
         .find(|l| l.trim_start().starts_with("vmesh agent join"))
@@ -80,13 +83,13 @@ fn a_vm_joins_with_one_line_and_spent_revoked_or_expired_tokens_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let id = std::process::id();
-    let mut server = Namespace::create(&format!("vmesh-js-{id}"));
-    let mut vm = Namespace::create(&format!("vmesh-jv-{id}"));
-    link(&vm, "10.52.0.1", &server, "10.52.0.2", &format!("j{id}"));
-    let control = server.name.clone();
-    let control = control.as_str();
-    start_server(&mut server, dir, &["--xds-addr", "0.0.0.0:15012"]);
-    cli(control, &["create", "namespace", "vm-workloads"]);
+    let server = Namespace::new(&format!("vmesh-js-{id}"));
+    let vm = Namespace::new(&format!("vmesh-jv-{id}"));
+    link(&vm, "10.52.0.1", &server, "10.52.0.2", &format!("j{id}")).unwrap();
+    let mesh = Mesh::new(VMESH, &server, dir).with_envoy(&envoy_binary());
+    mesh.start_server(&server, &["--xds-addr", "0.0.0.0:15012"])
+        .unwrap();
+    mesh.cli(&["create", "namespace", "vm-workloads"]).unwrap();
     let group = dir.join("group.yaml");
     std::fs::write(
         &group,
@@ -96,9 +99,9 @@ fn a_vm_joins_with_one_line_and_spent_revoked_or_expired_tokens_are_refused() {
         ),
     )
     .unwrap();
-    cli(control, &["apply", "-f", group.to_str().unwrap()]);
+    mesh.apply_file(&group).unwrap();
 
-    let (token, pin) = join_token(control, &[]);
+    let (token, pin) = join_token(&mesh, &[]);
     assert!(pin.starts_with("sha256:") && pin.len() == 7 + 64, "{pin}");
 
     // A server whose root does not match the pin never sees the token: the
@@ -116,10 +119,10 @@ fn a_vm_joins_with_one_line_and_spent_revoked_or_expired_tokens_are_refused() {
 
     // The printed line, run on the VM: installed, started, registered.
     let root = dir.join("vm-root");
-    start_onboarded_agent(
-        &mut vm,
+    mesh.start_onboarded_agent(
+        &vm,
         &root,
-        dir,
+        vm.name(),
         "10.52.0.1",
         91,
         &[
@@ -131,20 +134,17 @@ fn a_vm_joins_with_one_line_and_spent_revoked_or_expired_tokens_are_refused() {
             "--ca-hash",
             &pin,
         ],
-    );
+    )
+    .unwrap();
     eventually("the joined VM's WorkloadEntry", || {
-        let got = std::process::Command::new("ip")
-            .args(["netns", "exec", control, VMESH])
-            .args([
-                "get",
-                "we",
-                &format!("{GROUP}-10.52.0.1"),
-                "-n",
-                "vm-workloads",
-            ])
-            .output()
-            .unwrap();
-        got.status.success().then_some(())
+        mesh.cli(&[
+            "get",
+            "we",
+            &format!("{GROUP}-10.52.0.1"),
+            "-n",
+            "vm-workloads",
+        ])
+        .ok()
     });
     let token_file = root.join("var/lib/istio/tokens/istio-token");
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
@@ -158,16 +158,15 @@ fn a_vm_joins_with_one_line_and_spent_revoked_or_expired_tokens_are_refused() {
     refused(&join_only(&vm, &dir.join("again"), &token, &pin), "used up");
 
     // Revoking the group's join tokens refuses new joins at once.
-    let (many, _) = join_token(control, &["--join-uses", "5"]);
+    let (many, _) = join_token(&mesh, &["--join-uses", "5"]);
     assert!(
         join_only(&vm, &dir.join("first"), &many, &pin)
             .status
             .success(),
         "a 5-use token joins"
     );
-    let revoked = cli(
-        control,
-        &[
+    let revoked = mesh
+        .cli(&[
             "workload",
             "join-token",
             "revoke",
@@ -175,13 +174,13 @@ fn a_vm_joins_with_one_line_and_spent_revoked_or_expired_tokens_are_refused() {
             GROUP,
             "-n",
             "vm-workloads",
-        ],
-    );
+        ])
+        .unwrap();
     assert!(revoked.contains("revoked"), "{revoked}");
     refused(&join_only(&vm, &dir.join("second"), &many, &pin), "revoked");
 
     // Expired.
-    let (short, _) = join_token(control, &["--join-duration", "1s"]);
+    let (short, _) = join_token(&mesh, &["--join-duration", "1s"]);
     std::thread::sleep(std::time::Duration::from_millis(2100));
     refused(&join_only(&vm, &dir.join("late"), &short, &pin), "expired");
 }

@@ -16,147 +16,105 @@
 //! fails, it never skips.
 
 use std::path::Path;
+use std::time::Duration;
 
 use vmesh_api::testing::seed_dir;
+use vmesh_testkit::mesh::{capture_inbound, capture_service_range};
+use vmesh_testkit::netns::link;
+use vmesh_testkit::testing::{envoy_binary, eventually};
+use vmesh_testkit::{Mesh, Namespace};
 
-mod common;
-use common::{
-    Namespace, VMESH, capture_service_range, cli, eventually, link, start_agent, start_server,
-    vip_of,
-};
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
 const PAYMENT_HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
 
 /// An HTTP request through the client's sidecar: the status code, or `None`
 /// when the connection failed.
 fn request(ns: &Namespace, method: &str, url: &str) -> Option<u16> {
-    let output = ns
-        .command(&[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            method,
-            "--max-time",
-            "3",
-            url,
-        ])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&output.stdout)
-        .parse()
-        .ok()
-        .filter(|code| *code != 0)
-}
-
-fn apply(control: &str, dir: &Path, file: &str, yaml: &str) {
-    let path = dir.join(file);
-    std::fs::write(&path, yaml).unwrap();
-    cli(control, &["apply", "-f", path.to_str().unwrap()]);
+    vmesh_testkit::http::status(ns, method, url, Duration::from_secs(3))
 }
 
 #[test]
 fn mesh_mtls_and_authorization_between_real_sidecars() {
     let dir = tempfile::tempdir().unwrap();
     let id = std::process::id();
-    let mut payment = Namespace::create(&format!("vmesh-pay-{id}"));
-    let mut frontend = Namespace::create(&format!("vmesh-fe-{id}"));
-    let mut orders = Namespace::create(&format!("vmesh-ord-{id}"));
+    let payment = Namespace::new(&format!("vmesh-pay-{id}"));
+    let frontend = Namespace::new(&format!("vmesh-fe-{id}"));
+    let orders = Namespace::new(&format!("vmesh-ord-{id}"));
     link(
         &frontend,
         "10.44.0.1",
         &payment,
         "10.44.0.2",
         &format!("f{id}"),
-    );
+    )
+    .unwrap();
     link(
         &orders,
         "10.45.0.1",
         &payment,
         "10.45.0.2",
         &format!("o{id}"),
-    );
+    )
+    .unwrap();
     // The payment VM's address is 10.44.0.2, on the frontend's link.
     orders.run(&["ip", "route", "add", "10.44.0.0/24", "via", "10.45.0.2"]);
 
     // The control plane and the payment VM's application.
-    start_server(&mut payment, dir.path(), &["--xds-addr", "0.0.0.0:15012"]);
-    payment.spawn(
-        &[
-            VMESH,
-            "demo-app",
-            "--addr",
-            "127.0.0.1:8080",
-            "--name",
-            "payment-vm",
-        ],
-        &dir.path().join("app.log"),
-    );
+    let mesh = Mesh::new(VMESH, &payment, dir.path()).with_envoy(&envoy_binary());
+    mesh.start_server(&payment, &["--xds-addr", "0.0.0.0:15012"])
+        .unwrap();
+    payment
+        .spawn(
+            &[
+                VMESH,
+                "demo-app",
+                "--addr",
+                "127.0.0.1:8080",
+                "--name",
+                "payment-vm",
+            ],
+            &dir.path().join("app.log"),
+        )
+        .unwrap();
     let seed = seed_dir();
-    let control = payment.name.clone();
-    let control = control.as_str();
-    cli(
-        control,
-        &[
-            "apply",
-            "-f",
-            seed.join("complete-vm-integration.yaml").to_str().unwrap(),
-        ],
-    );
+    mesh.apply_file(&seed.join("complete-vm-integration.yaml"))
+        .unwrap();
     for namespace in ["frontend", "orders"] {
-        cli(control, &["create", "namespace", namespace]);
+        mesh.cli(&["create", "namespace", namespace]).unwrap();
     }
-    apply(
-        control,
-        dir.path(),
+    mesh.apply(
         "vm.yaml",
         "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: payment-vm, namespace: vm-workloads}\n\
          spec:\n  address: 10.44.0.2\n  serviceAccount: payment-service-sa\n  \
          labels: {app: payment-service, version: v1, security.istio.io/tlsMode: istio}\n",
-    );
+    )
+    .unwrap();
     for file in [
         "peer-authentication-strict.yaml",
         "authorization-policy-payment.yaml",
     ] {
-        cli(control, &["apply", "-f", seed.join(file).to_str().unwrap()]);
+        mesh.apply_file(&seed.join(file)).unwrap();
     }
 
     // The payment VM's sidecar: inbound 8080 goes to Envoy's 15006.
-    payment.run(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "PREROUTING",
-        "-p",
-        "tcp",
-        "--dport",
-        "8080",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15006",
-    ]);
-    start_agent(
-        &mut payment,
-        control,
-        dir.path(),
+    capture_inbound(&payment, &[8080]).unwrap();
+    mesh.start_agent(
+        &payment,
         "127.0.0.1:15012",
         "vm-workloads",
         "payment-service-sa",
         "10.44.0.2",
         &["--label", "app=payment-service", "--label", "version=v1"],
         51,
-    );
+    )
+    .unwrap();
     // The clients' sidecars: the service range goes to Envoy's 15001.
     for (client, ip, namespace, account, base_id) in [
-        (&mut frontend, "10.44.0.1", "frontend", "frontend-sa", 52),
-        (&mut orders, "10.45.0.1", "orders", "order-service-sa", 53),
+        (&frontend, "10.44.0.1", "frontend", "frontend-sa", 52),
+        (&orders, "10.45.0.1", "orders", "order-service-sa", 53),
     ] {
-        capture_service_range(client, ip);
+        capture_service_range(client, ip).unwrap();
         let server = format!(
             "{}:15012",
             if ip == "10.44.0.1" {
@@ -165,20 +123,19 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
                 "10.45.0.2"
             }
         );
-        start_agent(
+        mesh.start_agent(
             client,
-            control,
-            dir.path(),
             &server,
             namespace,
             account,
             ip,
             &["--label", &format!("app={namespace}")],
             base_id,
-        );
+        )
+        .unwrap();
     }
 
-    let vip = vip_of(control, PAYMENT_HOST);
+    let vip = mesh.vip_of(PAYMENT_HOST).unwrap();
     let url = |path: &str| format!("http://{vip}:8080{path}");
 
     // frontend-sa may GET and POST payments and refunds, nothing else.
@@ -203,12 +160,7 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
     assert_eq!(request(&orders, "POST", &url("/api/refunds/7")), Some(403));
 
     // The mTLS was real: the payment sidecar saw the clients' identities.
-    let stats = String::from_utf8_lossy(
-        &payment
-            .run(&["curl", "-s", "http://127.0.0.1:15000/stats"])
-            .stdout,
-    )
-    .into_owned();
+    let stats = payment.run(&["curl", "-s", "http://127.0.0.1:15000/stats"]);
     let ssl_handshakes: u64 = stats
         .lines()
         .filter(|l| l.starts_with("listener.0.0.0.0_15006.ssl.handshake:"))
@@ -273,7 +225,7 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
     };
     let mesh_certs = dir
         .path()
-        .join("agent-".to_string() + &frontend.name)
+        .join("agent-".to_string() + frontend.name())
         .join("certs");
     assert_eq!(
         mtls_direct(
@@ -290,23 +242,20 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
     );
 
     // PERMISSIVE takes plaintext too, on the same port.
-    apply(
-        control,
-        dir.path(),
+    mesh.apply(
         "permissive.yaml",
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: payment-service-mtls, namespace: vm-workloads}\n\
          spec: {selector: {matchLabels: {app: payment-service}}, mtls: {mode: PERMISSIVE}}\n",
-    );
-    cli(
-        control,
-        &[
-            "delete",
-            "ap",
-            "payment-service-authz",
-            "-n",
-            "vm-workloads",
-        ],
-    );
+    )
+    .unwrap();
+    mesh.cli(&[
+        "delete",
+        "ap",
+        "payment-service-authz",
+        "-n",
+        "vm-workloads",
+    ])
+    .unwrap();
     eventually("plaintext served under PERMISSIVE", || {
         (request(&frontend, "GET", direct) == Some(200)).then_some(())
     });

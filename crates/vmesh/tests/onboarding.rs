@@ -3,100 +3,19 @@
 //! file's content and mode, and `install.sh` run under a `ROOT` prefix.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 use vmesh_api::testing::seed_dir;
+use vmesh_testkit::LocalServer;
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 const NS: &str = "vm-workloads";
 const GROUP: &str = "billing";
 const SA: &str = "billing-sa";
-
-/// A `vmesh server` on free loopback ports, killed on drop. Its stdout stays
-/// open (held here) for as long as it runs.
-struct Server {
-    child: Child,
-    url: String,
-    _stdout: BufReader<ChildStdout>,
-    _data: tempfile::TempDir,
-}
-
-impl Server {
-    fn start() -> Server {
-        let data = tempfile::tempdir().unwrap();
-        let mut child = Command::new(VMESH)
-            .args(["server", "--data-dir"])
-            .arg(data.path())
-            .args([
-                "--api-addr",
-                "127.0.0.1:0",
-                "--monitoring-addr",
-                "127.0.0.1:0",
-                "--xds-addr",
-                "127.0.0.1:0",
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let url = line.trim().rsplit(' ').next().unwrap().to_string();
-        assert!(
-            url.starts_with("http://127.0.0.1:"),
-            "unexpected first line {line:?}"
-        );
-        Server {
-            child,
-            url,
-            _stdout: stdout,
-            _data: data,
-        }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new(VMESH);
-        command
-            .args(args)
-            .env("VMESH_SERVER", &self.url)
-            .env_remove("VMESH_TOKEN");
-        command
-    }
-
-    fn vmesh(&self, args: &[&str]) -> Output {
-        self.command(args).output().unwrap()
-    }
-
-    fn vmesh_with_input(&self, args: &[&str], input: &str) -> Output {
-        let mut child = self
-            .command(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -242,7 +161,8 @@ fn is_root() -> bool {
 
 #[test]
 fn group_create_apply_configure_and_install() {
-    let server = Server::start();
+    let data = tempfile::tempdir().unwrap();
+    let server = LocalServer::start(Path::new(VMESH), data.path(), &[], &[]).unwrap();
     assert_ok(
         &server.vmesh(&["create", "namespace", NS]),
         "create namespace",
@@ -547,7 +467,8 @@ fn assert_installed(files: &Path, root: &Path) {
 
 #[test]
 fn configure_reads_a_group_file_with_its_probe() {
-    let server = Server::start();
+    let data = tempfile::tempdir().unwrap();
+    let server = LocalServer::start(Path::new(VMESH), data.path(), &[], &[]).unwrap();
     assert_ok(
         &server.vmesh(&["create", "namespace", NS]),
         "create namespace",
@@ -592,7 +513,8 @@ fn configure_reads_a_group_file_with_its_probe() {
 
 #[test]
 fn configure_names_what_is_missing() {
-    let server = Server::start();
+    let data = tempfile::tempdir().unwrap();
+    let server = LocalServer::start(Path::new(VMESH), data.path(), &[], &[]).unwrap();
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
     let out = out.to_str().unwrap();

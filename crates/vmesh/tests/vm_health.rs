@@ -23,11 +23,11 @@
 
 use std::time::{Duration, Instant};
 
-mod common;
-use common::{
-    Namespace, PAYMENT_MESH, VMESH, cli, entry, eventually, link, onboard, start_onboarded_agent,
-    vip_of,
-};
+use vmesh_testkit::netns::link;
+use vmesh_testkit::testing::{PAYMENT_MESH, envoy_binary, eventually};
+use vmesh_testkit::{Mesh, Namespace};
+
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
 const PERIOD_SECONDS: u64 = 1;
@@ -41,7 +41,7 @@ struct Vm {
 
 /// A VM on its own link to the control plane's namespace, which routes.
 fn vm(server: &Namespace, index: u8, tag: &str) -> (Namespace, String) {
-    let ns = Namespace::create(&format!("vmesh-h{tag}-{}", std::process::id()));
+    let ns = Namespace::new(&format!("vmesh-h{tag}-{}", std::process::id()));
     let (ip, gateway) = (format!("10.50.{index}.1"), format!("10.50.{index}.2"));
     link(
         &ns,
@@ -49,7 +49,8 @@ fn vm(server: &Namespace, index: u8, tag: &str) -> (Namespace, String) {
         server,
         &gateway,
         &format!("h{tag}{}", std::process::id()),
-    );
+    )
+    .unwrap();
     ns.run(&["ip", "route", "add", "default", "via", &gateway]);
     (ns, ip)
 }
@@ -117,33 +118,34 @@ fn healthy_condition(entry: &serde_json::Value) -> serde_json::Value {
 fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let mut server = Namespace::create(&format!("vmesh-hs-{}", std::process::id()));
+    let server = Namespace::new(&format!("vmesh-hs-{}", std::process::id()));
     let (vm1, ip1) = vm(&server, 1, "a");
     let (vm2, ip2) = vm(&server, 2, "b");
-    let (mut client, client_ip) = vm(&server, 3, "c");
+    let (client, client_ip) = vm(&server, 3, "c");
     server.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    let control = server.name.clone();
-    let control = control.as_str();
-    common::start_server(
-        &mut server,
-        dir,
+    let mesh = Mesh::new(VMESH, &server, dir).with_envoy(&envoy_binary());
+    mesh.start_server(
+        &server,
         &[
             "--xds-addr",
             "0.0.0.0:15012",
             "--auto-registration-grace",
             "2s",
         ],
-    );
-    cli(control, &["create", "namespace", "vm-workloads"]);
-    let mesh = dir.join("mesh.yaml");
-    std::fs::write(&mesh, PAYMENT_MESH).unwrap();
-    cli(control, &["apply", "-f", mesh.to_str().unwrap()]);
-    let payment_root = onboard(control, dir, "payment-vms", "10.50.1.2");
-    let client_root = onboard(control, dir, "client-vms", "10.50.1.2");
+    )
+    .unwrap();
+    mesh.cli(&["create", "namespace", "vm-workloads"]).unwrap();
+    mesh.apply("mesh.yaml", PAYMENT_MESH).unwrap();
+    let payment_root = mesh
+        .onboard("payment-vms", "vm-workloads", "10.50.1.2")
+        .unwrap();
+    let client_root = mesh
+        .onboard("client-vms", "vm-workloads", "10.50.1.2")
+        .unwrap();
 
     let mut vms = Vec::new();
-    for (mut ns, ip, base_id) in [(vm1, ip1, 81), (vm2, ip2, 82)] {
-        let name = ns.name.clone();
+    for (ns, ip, base_id) in [(vm1, ip1, 81), (vm2, ip2, 82)] {
+        let name = ns.name().to_string();
         let unhealthy = dir.join(format!("{name}.unhealthy"));
         // The application answers on 8080 and, as an SSH server would, on 22.
         for port in [8080, 22] {
@@ -159,18 +161,22 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
                     unhealthy.to_str().unwrap(),
                 ],
                 &dir.join(format!("app-{name}-{port}.log")),
-            );
+            )
+            .unwrap();
         }
-        let agent = start_onboarded_agent(&mut ns, &payment_root, dir, &ip, base_id, &[]);
+        let agent = mesh
+            .start_onboarded_agent(&ns, &payment_root, &name, &ip, base_id, &[])
+            .unwrap();
         vms.push(Vm { ns, ip, agent });
     }
-    start_onboarded_agent(&mut client, &client_root, dir, &client_ip, 83, &[]);
+    mesh.start_onboarded_agent(&client, &client_root, client.name(), &client_ip, 83, &[])
+        .unwrap();
 
     // Both register; their probes pass, so both join the client's endpoints.
     for vm in &vms {
         let name = format!("payment-vms-{}", vm.ip);
         eventually("a healthy entry", || {
-            let entry = entry(control, &name)?;
+            let entry = mesh.entry("vm-workloads", &name)?;
             assert_eq!(
                 entry["metadata"]["annotations"]["proxy.istio.io/health-checks-enabled"], "true",
                 "the group has a probe"
@@ -184,13 +190,13 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
     });
 
     // The client's plain request, by name, reaches both through capture.
-    let vip = vip_of(control, HOST);
+    let vip = mesh.vip_of(HOST).unwrap();
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..20 {
         seen.insert(call(&client, &vip).expect("request through the mesh"));
     }
     let names: std::collections::BTreeSet<String> =
-        vms.iter().map(|vm| vm.ns.name.clone()).collect();
+        vms.iter().map(|vm| vm.ns.name().to_string()).collect();
     assert_eq!(seen, names, "both VMs answer");
     // Over mTLS: the client's sidecar made TLS handshakes to them, and STRICT
     // refuses plaintext on the VMs' port.
@@ -240,7 +246,7 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
     // VM 2's application fails its probe: out of the client's endpoints
     // within periodSeconds × failureThreshold + 1 s, the reason on its entry.
     let limit = Duration::from_secs(PERIOD_SECONDS * FAILURE_THRESHOLD + 1);
-    let unhealthy = dir.join(format!("{}.unhealthy", vms[1].ns.name));
+    let unhealthy = dir.join(format!("{}.unhealthy", vms[1].ns.name()));
     let failing_since = Instant::now();
     std::fs::write(&unhealthy, "").unwrap();
     let only_first = vec![both[0].clone()];
@@ -253,8 +259,11 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
         took <= limit,
         "unhealthy VM left EDS after {took:?} (limit {limit:?})"
     );
-    let condition =
-        healthy_condition(&entry(control, &format!("payment-vms-{}", vms[1].ip)).unwrap());
+    let condition = healthy_condition(
+        &mesh
+            .entry("vm-workloads", &format!("payment-vms-{}", vms[1].ip))
+            .unwrap(),
+    );
     assert_eq!(condition["status"], "False");
     assert!(
         condition["message"]
@@ -266,7 +275,7 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
     for _ in 0..10 {
         assert_eq!(
             call(&client, &vip).unwrap(),
-            vms[0].ns.name,
+            vms[0].ns.name(),
             "only VM 1 serves"
         );
     }
@@ -283,12 +292,10 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
 
     // VM 2's agent stops: its entry goes after the 2 s grace period, the
     // client's endpoints follow, and from then on no request fails.
-    let gone = &mut vms[1];
-    let agent = gone.agent;
-    gone.ns.stop(agent);
+    vms[1].ns.stop(vms[1].agent).unwrap();
     let name = format!("payment-vms-{}", vms[1].ip);
     eventually("VM 2's entry deleted", || {
-        entry(control, &name).is_none().then_some(())
+        mesh.entry("vm-workloads", &name).is_none().then_some(())
     });
     eventually("VM 2 out of the client's endpoints", || {
         (client_endpoints(&client) == only_first).then_some(())
@@ -296,15 +303,14 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
     for _ in 0..30 {
         assert_eq!(
             call(&client, &vip).expect("no request fails once EDS caught up"),
-            vms[0].ns.name
+            vms[0].ns.name()
         );
     }
 
     // VM 2's bootstrap token has expired by the time its agent starts again:
     // it comes back on the certificate it keeps on disk.
-    let expired = cli(
-        control,
-        &[
+    let expired = mesh
+        .cli(&[
             "token",
             "create",
             "-n",
@@ -313,8 +319,8 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
             "payment-service-sa",
             "--duration",
             "1s",
-        ],
-    );
+        ])
+        .unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     std::fs::write(
         payment_root.join("var/lib/istio/tokens/istio-token"),
@@ -322,12 +328,13 @@ fn vms_serve_through_capture_and_leave_when_unhealthy_or_gone() {
     )
     .unwrap();
     let back = &mut vms[1];
-    let ip = back.ip.clone();
-    back.agent = start_onboarded_agent(&mut back.ns, &payment_root, dir, &ip, 82, &[]);
+    back.agent = mesh
+        .start_onboarded_agent(&back.ns, &payment_root, back.ns.name(), &back.ip, 82, &[])
+        .unwrap();
     eventually("VM 2 back after a restart with an expired token", || {
         (client_endpoints(&client) == both).then_some(())
     });
-    let log = std::fs::read_to_string(dir.join(format!("agent-{}.log", vms[1].ns.name))).unwrap();
+    let log = std::fs::read_to_string(dir.join(format!("agent-{}.log", vms[1].ns.name()))).unwrap();
     assert!(
         log.contains("using the stored workload certificate")
             && !log.contains("workload certificate issued"),

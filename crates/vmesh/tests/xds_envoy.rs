@@ -12,9 +12,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use vmesh_api::testing::seed_dir;
+use vmesh_testkit::mesh::capture_service_range;
+use vmesh_testkit::testing::{envoy_binary, eventually};
+use vmesh_testkit::{Mesh, Namespace};
 
-mod common;
-use common::{Namespace, VMESH, capture_service_range, envoy_binary, eventually, vip_of};
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
 fn workload_entry(name: &str, address: &str, version: &str, locality: &str) -> String {
     format!(
@@ -49,7 +51,7 @@ fn bootstrap(xds_port: u16, api_type: &str) -> String {
 
 /// `Some` when `vmesh proxy-status` shows the test's proxy SYNCED for CDS, LDS, EDS and RDS.
 fn synced(ns: &Namespace) -> Option<()> {
-    let table = String::from_utf8_lossy(&ns.run(&vmesh(&["proxy-status"])).stdout).into_owned();
+    let table = ns.run(&vmesh(&["proxy-status"]));
     assert!(table.starts_with("NAME"), "{table}");
     let row = table
         .lines()
@@ -66,10 +68,7 @@ fn apply_yaml(ns: &Namespace, dir: &Path, file: &str, yaml: &str) {
 
 /// One of Envoy's counters.
 fn stat(ns: &Namespace, name: &str) -> u64 {
-    let stats = ns
-        .run(&["curl", "-s", "http://127.0.0.1:15000/stats"])
-        .stdout;
-    String::from_utf8_lossy(&stats)
+    ns.run(&["curl", "-s", "http://127.0.0.1:15000/stats"])
         .lines()
         .find_map(|l| {
             l.strip_prefix(name)?
@@ -83,12 +82,7 @@ fn stat(ns: &Namespace, name: &str) -> u64 {
 
 /// Envoy's non-zero `update_rejected` counters.
 fn rejected_updates(ns: &Namespace) -> Vec<String> {
-    let stats = String::from_utf8_lossy(
-        &ns.run(&["curl", "-s", "http://127.0.0.1:15000/stats"])
-            .stdout,
-    )
-    .into_owned();
-    stats
+    ns.run(&["curl", "-s", "http://127.0.0.1:15000/stats"])
         .lines()
         .filter(|l| l.contains("update_rejected") && !l.ends_with(": 0"))
         .map(str::to_string)
@@ -146,7 +140,8 @@ fn envoy_on_delta_ads_routes_the_guides_canary_split() {
 fn canary_split(api_type: &str, base_id: &str) {
     let envoy = envoy_binary();
     let dir = tempfile::tempdir().unwrap();
-    let mut ns = Namespace::create(&format!("vmesh-xds-{}-{base_id}", std::process::id()));
+    let ns = Namespace::new(&format!("vmesh-xds-{}-{base_id}", std::process::id()));
+    let mesh = Mesh::new(VMESH, &ns, dir.path());
 
     for (address, name) in [
         ("127.0.0.2", "v1-a"),
@@ -157,28 +152,11 @@ fn canary_split(api_type: &str, base_id: &str) {
         ns.spawn(
             &[VMESH, "demo-app", "--addr", &listen, "--name", name],
             &dir.path().join(format!("{name}.log")),
-        );
+        )
+        .unwrap();
     }
-    let data = dir.path().join("data");
-    ns.spawn(
-        &[
-            VMESH,
-            "server",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--xds-plaintext-addr",
-            "127.0.0.1:15010",
-        ],
-        &dir.path().join("server.log"),
-    );
-    eventually("the server", || {
-        ns.command(&vmesh(&["get", "ns"]))
-            .output()
-            .unwrap()
-            .status
-            .success()
-            .then_some(())
-    });
+    mesh.start_server(&ns, &["--xds-plaintext-addr", "127.0.0.1:15010"])
+        .unwrap();
 
     let entries = dir.path().join("entries.yaml");
     std::fs::write(
@@ -201,13 +179,15 @@ fn canary_split(api_type: &str, base_id: &str) {
     ] {
         ns.run(&vmesh(&["apply", "-f", file.to_str().unwrap()]));
     }
-    let vip = vip_of(&ns.name, "payment-service.vm-workloads.svc.cluster.local");
+    let vip = mesh
+        .vip_of("payment-service.vm-workloads.svc.cluster.local")
+        .unwrap();
 
     // Only traffic to the service range is captured: full capture is the agent's job.
     // The client needs a source address that is not 127/8 (loopback sources
     // are martians once the destination is rewritten), and a route to the VIPs.
     ns.run(&["ip", "addr", "add", "10.10.0.2/32", "dev", "lo"]);
-    capture_service_range(&ns, "10.10.0.2");
+    capture_service_range(&ns, "10.10.0.2").unwrap();
     let bootstrap_file = dir.path().join("bootstrap.json");
     std::fs::write(&bootstrap_file, bootstrap(15010, api_type)).unwrap();
     ns.spawn(
@@ -221,7 +201,8 @@ fn canary_split(api_type: &str, base_id: &str) {
             "warning",
         ],
         &dir.path().join("envoy.log"),
-    );
+    )
+    .unwrap();
 
     let url = format!("http://{vip}:8080/api/payments/1");
     eventually("Envoy to route", || {
@@ -259,25 +240,9 @@ fn canary_split(api_type: &str, base_id: &str) {
     // The guide's perTryTimeout (2s) cuts a slow answer short with a 504.
     let slow = format!("http://{vip}:8080/slow/4000/api/payments/1");
     let started = tokio::time::Instant::now();
-    let code = ns
-        .run(&[
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "8",
-            &slow,
-        ])
-        .stdout;
+    let code = vmesh_testkit::http::status(&ns, "GET", &slow, Duration::from_secs(8));
     let waited = started.elapsed();
-    assert_eq!(
-        String::from_utf8_lossy(&code),
-        "504",
-        "a slow VM hits the per-try timeout"
-    );
+    assert_eq!(code, Some(504), "a slow VM hits the per-try timeout");
     assert!(
         waited >= Duration::from_millis(1900) && waited < Duration::from_millis(3500),
         "timed out after {waited:?}"
@@ -293,10 +258,7 @@ fn canary_split(api_type: &str, base_id: &str) {
     );
     let stable = "cluster.outbound|8080|stable|payment-service.vm-workloads.svc.cluster.local";
     eventually("the refusing VM to be an endpoint", || {
-        let clusters = ns
-            .run(&["curl", "-s", "http://127.0.0.1:15000/clusters"])
-            .stdout;
-        String::from_utf8_lossy(&clusters)
+        ns.run(&["curl", "-s", "http://127.0.0.1:15000/clusters"])
             .contains("|stable|payment-service.vm-workloads.svc.cluster.local::127.0.0.5:8080")
             .then_some(())
     });
@@ -369,11 +331,7 @@ spec:
     );
     let curl = |path: &str| {
         let target = format!("http://{vip}:8080{path}");
-        String::from_utf8_lossy(
-            &ns.run(&["curl", "-s", "-i", "--max-time", "2", &target])
-                .stdout,
-        )
-        .into_owned()
+        ns.run(&["curl", "-s", "-i", "--max-time", "2", &target])
     };
     eventually("the fault to be injected", || {
         curl("/fault/x").starts_with("HTTP/1.1 418").then_some(())
@@ -400,13 +358,7 @@ spec:
     );
 
     // Removed services leave Envoy too (delta ADS says so with removed_resources).
-    let clusters = || {
-        String::from_utf8_lossy(
-            &ns.run(&["curl", "-s", "http://127.0.0.1:15000/clusters"])
-                .stdout,
-        )
-        .into_owned()
-    };
+    let clusters = || ns.run(&["curl", "-s", "http://127.0.0.1:15000/clusters"]);
     assert!(clusters().contains("outbound|3306||vm-database.vm-workloads.svc.cluster.local"));
     ns.run(&vmesh(&[
         "delete",
@@ -439,7 +391,9 @@ spec:
   trafficPolicy: {loadBalancer: {consistentHash: {httpHeaderName: x-user}}}
 "#,
     );
-    let ledger_vip = vip_of(&ns.name, "ledger.vm-workloads.svc.cluster.local");
+    let ledger_vip = mesh
+        .vip_of("ledger.vm-workloads.svc.cluster.local")
+        .unwrap();
     let ledger_url = format!("http://{ledger_vip}:8080/");
     let first = eventually("ledger to answer", || {
         get(&ns, &ledger_url, Some("x-user: alice"))
@@ -482,7 +436,7 @@ spec:
 "#,
     );
     let refusal = eventually("the NACK to show", || {
-        let table = String::from_utf8_lossy(&ns.run(&vmesh(&["proxy-status"])).stdout).into_owned();
+        let table = ns.run(&vmesh(&["proxy-status"]));
         table.contains("NACKED").then_some(table)
     });
     assert!(
@@ -528,14 +482,12 @@ spec:
 "#,
     );
     eventually("a filter chain matching SNI api.example.test", || {
-        let dump = ns
-            .run(&[
-                "curl",
-                "-s",
-                "http://127.0.0.1:15000/config_dump?resource=dynamic_listeners",
-            ])
-            .stdout;
-        let dump: serde_json::Value = serde_json::from_slice(&dump).ok()?;
+        let dump = ns.run(&[
+            "curl",
+            "-s",
+            "http://127.0.0.1:15000/config_dump?resource=dynamic_listeners",
+        ]);
+        let dump: serde_json::Value = serde_json::from_str(&dump).ok()?;
         has_server_name(&dump, "api.example.test").then_some(())
     });
 

@@ -186,31 +186,15 @@ impl Mesh {
         ));
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (conns, incoming) = tokio::sync::mpsc::channel(16);
-        let acceptor = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else {
-                    return;
-                };
-                let (tls, conns) = (tls.clone(), conns.clone());
-                tokio::spawn(async move {
-                    if let Ok(stream) = tls.accept(tcp).await {
-                        let _ = conns.send(Ok::<_, std::io::Error>(stream)).await;
-                    }
-                });
-            }
-        });
+        let (incoming, acceptor) = vmesh_testkit::tls::incoming(listener, tls);
         let mut server_stop = stop_rx;
         let server = tokio::spawn(
             Server::builder()
                 .add_service(ca.into_server())
                 .add_service(ads)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::ReceiverStream::new(incoming),
-                    async move {
-                        let _ = server_stop.wait_for(|s| *s).await;
-                    },
-                ),
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = server_stop.wait_for(|s| *s).await;
+                }),
         );
         Mesh {
             authority,

@@ -31,3 +31,11 @@ pub fn snapshot(objects: &[Object]) -> Snapshot {
         &mut VipAllocator::default(),
     )
 }
+
+/// A label map from pairs.
+pub fn labels(pairs: &[(&str, &str)]) -> crate::selector::Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

@@ -184,7 +184,7 @@ mod tests {
     use vmesh_api::kinds::destination_rule::SimpleLb;
 
     use super::*;
-    use crate::fixtures::{decode, snapshot};
+    use crate::fixtures::{decode, labels, snapshot};
 
     const SERVICES: &str = r#"
 apiVersion: v1
@@ -368,13 +368,6 @@ spec: {hosts: [pay.shop], http: [{route: [{destination: {host: pay.shop}}]}]}
             .map(|vs| vs.name.as_str())
             .collect();
         assert_eq!(names, ["b-mesh", "d-qualified"]);
-    }
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
     }
 
     #[test]

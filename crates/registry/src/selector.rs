@@ -42,13 +42,7 @@ impl<'a> Selector<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn labels(pairs: &[(&str, &str)]) -> Labels {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::fixtures::labels;
 
     #[test]
     fn every_selector_label_must_be_present_with_its_value() {

@@ -3,9 +3,10 @@
 //!
 //! [`start`] binds both sockets before it returns (so Envoy can be started
 //! right after) and hands back an [`AgentHandle`] with their paths and the
-//! identity. It does not read onboarding files (the caller turns
+//! identity. It does not read onboarding files ([`crate::workload`] turns
 //! `cluster.env` / `mesh.yaml` into an [`AgentConfig`]), write Envoy's
-//! bootstrap (see [`crate::bootstrap`]), start Envoy, or touch iptables.
+//! bootstrap (see [`crate::bootstrap`]), start Envoy ([`crate::envoy`]), or
+//! touch iptables ([`crate::capture`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
+use tonic::service::Routes;
 use vmesh_ca::SpiffeId;
 
 use crate::backoff::BackoffPolicy;
@@ -23,9 +25,10 @@ use crate::identity::{
     CaClient, CertificateManager, CertificateSigner, IdentityConfig, IdentityError, IdentityHandle,
     RenewalPolicy, TrustAnchors,
 };
-use crate::sds::{SdsError, SdsServer};
+use crate::sds::SdsServer;
+use crate::uds::Socket;
 use crate::upstream::{Upstream, UpstreamError};
-use crate::xds_proxy::{XdsProxy, XdsProxyError};
+use crate::xds_proxy::XdsProxy;
 
 /// File name of the ADS socket in the socket directory.
 pub const XDS_SOCKET: &str = "xds.sock";
@@ -51,10 +54,12 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Sds(#[from] SdsError),
-    #[error(transparent)]
-    XdsProxy(#[from] XdsProxyError),
+    #[error("{what} server: {source}")]
+    Serve {
+        what: &'static str,
+        #[source]
+        source: tonic::transport::Error,
+    },
     #[error("the readiness probe: {0}")]
     Probe(#[from] ProbeError),
     #[error(transparent)]
@@ -266,19 +271,14 @@ pub async fn start_with_signer(
     let xds_socket = config.xds_socket();
     let sds_socket = config.sds_socket();
     let bind = |path: &Path| {
-        crate::uds::bind(path, config.socket_mode).map_err(|source| AgentError::Bind {
+        Socket::bind(path, config.socket_mode).map_err(|source| AgentError::Bind {
             path: path.to_path_buf(),
             source,
         })
     };
+    // Should the second fail, the first is removed as it is dropped.
     let sds_listener = bind(&sds_socket)?;
-    let xds_listener = match bind(&xds_socket) {
-        Ok(listener) => listener,
-        Err(e) => {
-            crate::uds::remove(&sds_socket);
-            return Err(e);
-        }
-    };
+    let xds_listener = bind(&xds_socket)?;
 
     let mut tasks = JoinSet::new();
     let s = shutdown.clone();
@@ -287,12 +287,12 @@ pub async fn start_with_signer(
         Ok(())
     });
     let sds = SdsServer::new(identity.subscribe(), root_pem.clone(), shutdown.clone());
-    let path = sds_socket.clone();
-    tasks.spawn(async move {
-        let result = sds.serve(sds_listener).await;
-        crate::uds::remove(&path);
-        Ok(result?)
-    });
+    tasks.spawn(serve(
+        sds_listener,
+        Routes::new(sds.into_service()),
+        "SDS",
+        shutdown.clone(),
+    ));
     let mut proxy = XdsProxy::new(
         upstream,
         identity.subscribe(),
@@ -340,12 +340,12 @@ pub async fn start_with_signer(
             metrics,
         });
     }
-    let path = xds_socket.clone();
-    tasks.spawn(async move {
-        let result = proxy.serve(xds_listener).await;
-        crate::uds::remove(&path);
-        Ok(result?)
-    });
+    tasks.spawn(serve(
+        xds_listener,
+        Routes::new(proxy.into_service()),
+        "xDS proxy",
+        shutdown.clone(),
+    ));
     tracing::info!(identity = %config.identity, server = %config.server_address, xds = %xds_socket.display(), sds = %sds_socket.display(), "agent started");
     Ok(AgentHandle {
         xds_socket,
@@ -356,6 +356,19 @@ pub async fn start_with_signer(
         dns,
         tasks,
     })
+}
+
+/// Serves one of Envoy's sockets until shutdown.
+async fn serve(
+    socket: Socket,
+    routes: Routes,
+    what: &'static str,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    socket
+        .serve(routes, shutdown)
+        .await
+        .map_err(|source| AgentError::Serve { what, source })
 }
 
 /// The name table kept at `path`, if there is a readable one.

@@ -1,5 +1,5 @@
-//! Exponential backoff with jitter, for retrying the CA and reconnecting
-//! to the control plane.
+//! Exponential backoff with jitter, for retrying the CA, reconnecting to
+//! the control plane and restarting Envoy ([`crate::envoy`]).
 //!
 //! This module only computes delays; callers sleep on tokio's clock, so
 //! tests drive retries on a paused clock.

@@ -1,5 +1,5 @@
 //! The agent's DNS proxy (Istio's, on 15053): UDP and TCP, answering mesh
-//! names from the name table the control plane pushes ([`names`]) and
+//! names from the name table the control plane pushes (`names`) and
 //! forwarding everything else, unchanged, to the nameservers of the VM's
 //! `resolv.conf`, with a timeout per try and the next nameserver on failure.
 //!
@@ -99,7 +99,7 @@ impl ResolvConf {
 /// How the DNS proxy runs.
 #[derive(Debug, Clone, Serialize)]
 pub struct DnsConfig {
-    /// Where it listens, UDP and TCP (127.0.0.1:15053 and [::1]:15053; an
+    /// Where it listens, UDP and TCP (`127.0.0.1:15053` and `[::1]:15053`; an
     /// address systemd-resolved can forward `cluster.local` to).
     pub listen: Vec<SocketAddr>,
     pub resolv: ResolvConf,

@@ -218,7 +218,7 @@ impl Prober {
                     .map_err(|e| format!("connecting to {target}: {e}"))
             }
             Check::Exec { command, user } => {
-                let mut run = tokio::process::Command::new(&command[0]);
+                let mut run = crate::child::bound_to_agent(&command[0]);
                 run.args(&command[1..])
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())

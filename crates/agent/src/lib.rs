@@ -1,7 +1,7 @@
 //! The vmesh node agent — what Istio's pilot-agent does
 //! beside Envoy on a VM: it gets and renews the workload's certificate,
 //! serves it to Envoy over SDS, relays Envoy's xDS to the control plane
-//! over mutual TLS, and writes Envoy's bootstrap.
+//! over mutual TLS, writes Envoy's bootstrap and runs Envoy.
 //!
 //! This crate owns:
 //! - [`identity`]: the workload key and certificate — first from the CA
@@ -13,17 +13,27 @@
 //! - [`bootstrap`]: Envoy's bootstrap JSON, Istio-style;
 //! - [`upstream`]: TLS channels to the control plane;
 //! - [`agent`]: all of the above run together ([`agent::start`]);
+//! - [`envoy`]: the Envoy process — found, made runnable by the proxy user,
+//!   started again with [`backoff`] when it dies, drained and stopped;
+//! - [`child`]: processes bound to the agent's life (the kernel kills them
+//!   when it dies) and found again by pid file after a crash;
 //! - [`capture`]: traffic capture with iptables, Istio's rules (apply, clean up);
 //! - [`health`]: the WorkloadGroup's readiness probe, whose verdicts the
 //!   xDS proxy reports to the control plane;
 //! - [`status`]: the status port (15020): readiness and merged metrics;
 //! - [`dns`]: the DNS proxy (15053): mesh names from the name table the
-//!   xDS proxy receives, everything else forwarded to resolv.conf's upstreams.
+//!   xDS proxy receives, everything else forwarded to resolv.conf's upstreams;
+//! - [`onboarding_files`]: the files that bring a VM into the mesh — their
+//!   names, Istio's paths, what they say (written by `vmesh workload entry
+//!   configure`) and reading them back on the VM;
+//! - [`workload`]: the workload, resolved from the operator's options over
+//!   the onboarding files, and what follows from it (the agent's
+//!   configuration, Envoy's bootstrap, the capture rules, its IP).
 //!
-//! It does not own: the `vmesh agent` command line and the onboarding files
-//! it reads, or Envoy supervision — those build on this crate. Nor the control plane's side of port 15012 (the server crate
-//! serves ADS and the CA there and checks that a stream's node matches its
-//! client certificate).
+//! It does not own: the `vmesh agent` command line (flags, signals, the
+//! order things start in: the binary's `agent.rs`), nor the control plane's
+//! side of port 15012 (the server crate serves ADS and the CA there and
+//! checks that a stream's node matches its client certificate).
 //!
 //! ```no_run
 //! use vmesh_agent::agent::{self, AgentConfig};
@@ -60,13 +70,17 @@ pub mod agent;
 pub mod backoff;
 pub mod bootstrap;
 pub mod capture;
+pub mod child;
 pub mod dns;
+pub mod envoy;
 pub mod health;
 pub mod identity;
+pub mod onboarding_files;
 pub mod sds;
 pub mod status;
 mod uds;
 pub mod upstream;
+pub mod workload;
 pub mod xds_proxy;
 
 pub use agent::{AgentConfig, AgentError, AgentHandle};

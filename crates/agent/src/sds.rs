@@ -10,12 +10,12 @@
 //! is not sent again, and requests carrying a stale nonce are ignored.
 //! `default` is withheld until the agent has a certificate (Envoy waits).
 //!
-//! This module does not obtain certificates ([`crate::identity`] does) nor
+//! This module does not obtain certificates ([`crate::identity`] does), nor
+//! bind or serve the socket ([`crate::agent`] does, through `uds`), nor
 //! decide socket paths (the caller does).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::path::Path;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
@@ -30,9 +30,8 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server
 };
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
-use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::identity::Credentials;
@@ -44,19 +43,6 @@ pub const ROOT_SECRET: &str = "ROOTCA";
 /// The type URL of every resource served here.
 pub const SECRET_TYPE: &str =
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
-
-/// Why the SDS server stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum SdsError {
-    #[error("binding the SDS socket {path}: {source}")]
-    Bind {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("SDS server: {0}")]
-    Serve(#[from] tonic::transport::Error),
-}
 
 /// The SDS service. Cloning is cheap; every stream watches the same
 /// credentials.
@@ -91,30 +77,6 @@ impl SdsServer {
     /// The tonic service, for a server of the caller's.
     pub fn into_service(self) -> SecretDiscoveryServiceServer<SdsServer> {
         SecretDiscoveryServiceServer::new(self)
-    }
-
-    /// Binds `path` (mode `mode`, e.g. 0o600) and serves until shutdown;
-    /// the socket file is removed afterwards.
-    pub async fn serve_at(self, path: &Path, mode: u32) -> Result<(), SdsError> {
-        let listener = crate::uds::bind(path, mode).map_err(|source| SdsError::Bind {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let result = self.serve(listener).await;
-        crate::uds::remove(path);
-        result
-    }
-
-    /// Serves on an already bound socket until shutdown.
-    pub async fn serve(self, listener: UnixListener) -> Result<(), SdsError> {
-        let mut shutdown = self.shutdown.clone();
-        tonic::transport::Server::builder()
-            .add_service(self.into_service())
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                crate::stopped(&mut shutdown).await;
-            })
-            .await?;
-        Ok(())
     }
 
     fn catalog(&self) -> Catalog {

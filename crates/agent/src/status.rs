@@ -5,8 +5,11 @@
 //! Envoy's, so one scrape covers both. `GET /debug/dns` dumps the DNS
 //! proxy's names and upstreams as JSON.
 //!
+//! [`wait_ready`] is the other side, for `vmesh agent wait`: it polls the
+//! readiness path until the sidecar is ready.
+//!
 //! This module reads Envoy's admin port; it does not start or watch Envoy
-//! (the `vmesh agent` command does, and counts restarts in [`Metrics`]).
+//! ([`crate::envoy`] does, and counts restarts in [`Metrics`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -50,6 +53,45 @@ pub enum StatusError {
     Serve(#[source] std::io::Error),
     #[error("building the HTTP client: {0}")]
     Client(#[from] reqwest::Error),
+}
+
+/// Why [`wait_ready`] gave up.
+#[derive(Debug, thiserror::Error)]
+pub enum WaitError {
+    #[error("building the HTTP client")]
+    Client(#[source] reqwest::Error),
+    #[error("the sidecar was not ready within {timeout:?}: {last}")]
+    NotReady {
+        timeout: Duration,
+        /// The last answer (or failure to answer).
+        last: String,
+    },
+}
+
+/// Polls the status port at `status_addr` (loopback when it listens on
+/// every address) until its readiness answers 200, or `timeout` passes.
+pub async fn wait_ready(status_addr: SocketAddr, timeout: Duration) -> Result<(), WaitError> {
+    let host = if status_addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], status_addr.port()))
+    } else {
+        status_addr
+    };
+    let url = format!("http://{host}{READY_PATH}");
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .map_err(WaitError::Client)?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = String::from("no answer yet");
+    while tokio::time::Instant::now() < deadline {
+        match client.get(&url).send().await {
+            Ok(response) if response.status().is_success() => return Ok(()),
+            Ok(response) => last = response.text().await.unwrap_or_default().trim().to_string(),
+            Err(e) => last = format!("{url}: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(WaitError::NotReady { timeout, last })
 }
 
 /// The agent's own metrics. Counters are the caller's to increment; gauges

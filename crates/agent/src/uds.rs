@@ -1,20 +1,70 @@
-//! Unix domain sockets for Envoy: bound under a temporary name, given
-//! their mode, then renamed into place, so the socket never appears at its
-//! path with looser permissions than asked.
+//! Unix domain sockets for Envoy (SDS and the xDS proxy): bound under a
+//! temporary name, given their mode, then renamed into place, so the socket
+//! never appears at its path with looser permissions than asked; served with
+//! tonic until shutdown; removed afterwards.
 //!
 //! Who owns the socket (when Envoy runs as another user) is the caller's
-//! business; this module only sets the mode.
+//! business; this module only sets the mode. What is served on it is the
+//! caller's too ([`crate::sds`], [`crate::xds_proxy`]).
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::service::Routes;
+
+/// A bound socket, to be served once. Its file is removed once it has been
+/// served, or when it is dropped unserved.
+#[derive(Debug)]
+pub(crate) struct Socket {
+    listener: UnixListener,
+    file: RemoveOnDrop,
+}
+
+#[derive(Debug)]
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        remove(&self.0);
+    }
+}
+
+impl Socket {
+    /// Binds `path` with file mode `mode` (see [`bind`]).
+    pub(crate) fn bind(path: &Path, mode: u32) -> io::Result<Socket> {
+        Ok(Socket {
+            listener: bind(path, mode)?,
+            file: RemoveOnDrop(path.to_path_buf()),
+        })
+    }
+
+    /// Serves `routes` (tonic services) until `shutdown` turns true, then
+    /// removes the socket file.
+    pub(crate) async fn serve(
+        self,
+        routes: Routes,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), tonic::transport::Error> {
+        let Socket { listener, file } = self;
+        let served = tonic::transport::Server::builder()
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                crate::stopped(&mut shutdown).await;
+            })
+            .await;
+        drop(file);
+        served
+    }
+}
 
 /// Binds `path` with file mode `mode`. A stale socket left at `path` by an
 /// earlier run is replaced; any other kind of file there is an error. The
 /// parent directory is created (0755) when missing.
-pub(crate) fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
+fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
     let parent = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -53,7 +103,7 @@ pub(crate) fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
 }
 
 /// Removes the socket at `path` if it is one (on shutdown).
-pub(crate) fn remove(path: &Path) {
+fn remove(path: &Path) {
     if let Ok(meta) = std::fs::symlink_metadata(path)
         && meta.file_type().is_socket()
     {
@@ -96,5 +146,26 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "data");
         remove(&file);
         assert!(file.exists(), "only sockets are removed");
+    }
+
+    #[tokio::test]
+    async fn a_socket_is_served_until_shutdown_then_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run/health.sock");
+        let (health, service) = tonic_health::server::health_reporter();
+        health
+            .set_service_status("", tonic_health::ServingStatus::Serving)
+            .await;
+        let (stop, shutdown) = watch::channel(false);
+        let socket = Socket::bind(&path, 0o600).unwrap();
+        let served = tokio::spawn(socket.serve(Routes::new(service), shutdown));
+        tokio::net::UnixStream::connect(&path).await.unwrap();
+        stop.send_replace(true);
+        served.await.unwrap().unwrap();
+        assert!(!path.exists(), "removed after serving");
+
+        // Bound but never served: removed all the same.
+        drop(Socket::bind(&path, 0o600).unwrap());
+        assert!(!path.exists(), "removed when dropped");
     }
 }

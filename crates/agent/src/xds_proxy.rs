@@ -33,7 +33,6 @@
 //! does not authenticate Envoy: the socket's file mode is the access control.
 
 use std::future::Future;
-use std::path::Path;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -47,9 +46,8 @@ use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use parking_lot::Mutex;
 use prost::Message;
-use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 pub use vmesh_proto::NAME_TABLE_TYPE;
@@ -72,19 +70,6 @@ const HEALTH_RETRY: BackoffPolicy = BackoffPolicy {
     max: std::time::Duration::from_secs(30),
     jitter: 0.2,
 };
-
-/// Why the xDS proxy stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum XdsProxyError {
-    #[error("binding the xDS socket {path}: {source}")]
-    Bind {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("xDS proxy server: {0}")]
-    Serve(#[from] tonic::transport::Error),
-}
 
 struct Inner {
     upstream: Upstream,
@@ -157,30 +142,6 @@ impl XdsProxy {
         AggregatedDiscoveryServiceServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE)
             .max_encoding_message_size(MAX_MESSAGE)
-    }
-
-    /// Binds `path` (mode `mode`) and serves until shutdown; the socket
-    /// file is removed afterwards.
-    pub async fn serve_at(self, path: &Path, mode: u32) -> Result<(), XdsProxyError> {
-        let listener = crate::uds::bind(path, mode).map_err(|source| XdsProxyError::Bind {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let result = self.serve(listener).await;
-        crate::uds::remove(path);
-        result
-    }
-
-    /// Serves on an already bound socket until shutdown.
-    pub async fn serve(self, listener: UnixListener) -> Result<(), XdsProxyError> {
-        let mut shutdown = self.inner.shutdown.clone();
-        tonic::transport::Server::builder()
-            .add_service(self.into_service())
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-                crate::stopped(&mut shutdown).await;
-            })
-            .await?;
-        Ok(())
     }
 }
 

@@ -53,6 +53,13 @@ pub fn decode_sources<'a>(
     for (file, text) in sources {
         decode_source(file, text, default_namespace, &mut decoded);
     }
+    mark_duplicates(&mut decoded);
+    decoded
+}
+
+/// An object defined twice in one source is refused (the first kept); across
+/// sources it is a warning and both stay, so that the later wins.
+fn mark_duplicates(decoded: &mut Decoded) {
     let mut first_seen: HashMap<ObjectKey, (String, usize)> = HashMap::new();
     let mut duplicates = Vec::new();
     decoded.objects.retain(|located| {
@@ -94,46 +101,105 @@ pub fn decode_sources<'a>(
         }
     });
     decoded.problems.extend(duplicates);
+}
+
+/// Decodes the objects of a JSON or YAML list held in `text` under `field`
+/// (a request body `{"items": [...]}`), each named `field[i]` and its
+/// problems placed in `text` itself, as the client wrote it. A body that is
+/// not such a list is one problem naming `source`.
+pub fn decode_list(source: &str, text: &str, field: &str, default_namespace: &str) -> Decoded {
+    let mut decoded = Decoded::default();
+    let document = match yaml::parse_documents(text).map(|mut docs| (docs.len(), docs.pop())) {
+        Ok((1, Some(document))) => document,
+        Ok(_) => {
+            decoded.problems.push(Problem {
+                severity: Severity::Error,
+                file: source.into(),
+                line: 1,
+                column: 1,
+                object: String::new(),
+                field: String::new(),
+                message: "must be one document".into(),
+            });
+            return decoded;
+        }
+        Err(e) => {
+            decoded.problems.push(syntax_problem(source, &e));
+            return decoded;
+        }
+    };
+    let Some(items) = document.value.get(field).and_then(Value::as_array) else {
+        let pos = document.position("");
+        decoded.problems.push(Problem {
+            severity: Severity::Error,
+            file: source.into(),
+            line: pos.line,
+            column: pos.column,
+            object: String::new(),
+            field: field.into(),
+            message: "must be a list of objects".into(),
+        });
+        return decoded;
+    };
+    for (index, item) in items.iter().enumerate() {
+        let name = format!("{field}[{index}]");
+        let part = document.part(&name, item.clone());
+        decode_document(&name, &part, index, default_namespace, &mut decoded);
+    }
+    mark_duplicates(&mut decoded);
     decoded
+}
+
+fn syntax_problem(file: &str, e: &yaml::SyntaxError) -> Problem {
+    Problem {
+        severity: Severity::Error,
+        file: file.into(),
+        line: e.pos.line,
+        column: e.pos.column,
+        object: String::new(),
+        field: String::new(),
+        message: format!("YAML syntax error: {}", e.message),
+    }
 }
 
 fn decode_source(file: &str, text: &str, default_namespace: &str, out: &mut Decoded) {
     let documents = match yaml::parse_documents(text) {
         Ok(docs) => docs,
         Err(e) => {
-            out.problems.push(Problem {
-                severity: Severity::Error,
-                file: file.into(),
-                line: e.pos.line,
-                column: e.pos.column,
-                object: String::new(),
-                field: String::new(),
-                message: format!("YAML syntax error: {}", e.message),
-            });
+            out.problems.push(syntax_problem(file, &e));
             return;
         }
     };
-    for (index, doc) in documents.into_iter().enumerate() {
-        if doc.value.is_null() {
-            continue;
+    for (index, doc) in documents.iter().enumerate() {
+        if !doc.value.is_null() {
+            decode_document(file, doc, index, default_namespace, out);
         }
-        let mut ctx = DocContext {
-            file,
-            doc: &doc,
-            object: String::new(),
-            problems: Vec::new(),
-        };
-        if let Some(object) = ctx.decode(default_namespace) {
-            let pos = doc.position("");
-            out.objects.push(Located {
-                object,
-                file: file.into(),
-                document: index + 1,
-                line: pos.line,
-            });
-        }
-        out.problems.append(&mut ctx.problems);
     }
+}
+
+fn decode_document(
+    file: &str,
+    doc: &Document,
+    index: usize,
+    default_namespace: &str,
+    out: &mut Decoded,
+) {
+    let mut ctx = DocContext {
+        file,
+        doc,
+        object: String::new(),
+        problems: Vec::new(),
+    };
+    if let Some(object) = ctx.decode(default_namespace) {
+        let pos = doc.position("");
+        out.objects.push(Located {
+            object,
+            file: file.into(),
+            document: index + 1,
+            line: pos.line,
+        });
+    }
+    out.problems.append(&mut ctx.problems);
 }
 
 struct DocContext<'a> {
@@ -482,6 +548,32 @@ mod tests {
         assert_eq!(
             with_hint("unknown field `zzz`, expected `a` or `b`"),
             "unknown field \"zzz\"; expected one of: a, b"
+        );
+    }
+
+    #[test]
+    fn list_items_are_placed_in_the_text_sent() {
+        let body = concat!(
+            "{\"namespace\": \"ns\", \"items\": [\n",
+            " {\"apiVersion\": \"v1\", \"kind\": \"Namespace\", \"metadata\": {\"name\": \"ns\"}},\n",
+            " {\"apiVersion\": \"networking.istio.io/v1\", \"kind\": \"WorkloadEntry\",\n",
+            "  \"metadata\": {\"name\": \"vm1\"},\n",
+            "  \"spec\": {\"address\": \"10.0.0.1\", \"weight\": \"heavy\"}}\n",
+            "]}\n"
+        );
+        let decoded = decode_list("request body", body, "items", "ns");
+        let problems: Vec<String> = decoded.problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with("items[1]:5:35: WorkloadEntry ns/vm1: spec.weight: "),
+            "{problems:?}"
+        );
+        assert_eq!(decoded.objects.len(), 1);
+
+        let not_a_list = decode_list("request body", "{\"items\": 3}", "items", "ns");
+        assert_eq!(
+            not_a_list.problems[0].to_string(),
+            "request body:1:1: items: must be a list of objects"
         );
     }
 }

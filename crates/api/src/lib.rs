@@ -28,7 +28,7 @@ pub mod registry;
 pub mod testing;
 mod yaml;
 
-pub use decode::{Decoded, decode_manifests};
+pub use decode::{Decoded, decode_list, decode_manifests};
 pub use object::{Object, ObjectKey, ObjectMeta};
 pub use problem::{Problem, Severity};
 pub use registry::{KindInfo, find_kind, kind_for, kinds};

@@ -131,11 +131,13 @@ impl ObjectKey {
 
     /// Prefix shared by every object of this key's kind.
     pub fn collection_prefix(&self) -> String {
-        let group = if self.group.is_empty() {
-            "core"
-        } else {
-            &self.group
-        };
-        format!("{group}/{}", self.plural)
+        collection(&self.group, &self.plural)
     }
+}
+
+/// The store's name for the objects of one kind: `group/plural`, with
+/// `core` for the core group (`core/services`).
+pub fn collection(group: &str, plural: &str) -> String {
+    let group = if group.is_empty() { "core" } else { group };
+    format!("{group}/{plural}")
 }

@@ -34,6 +34,26 @@ pub struct Document {
 }
 
 impl Document {
+    /// The document made of the value at `path` (such as `items[2]`), its
+    /// positions still those of the whole text: errors in it point into what
+    /// was written.
+    pub fn part(&self, path: &str, value: Value) -> Document {
+        let nested = |key: &str| {
+            key.strip_prefix(path)
+                .filter(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+                .map(|rest| rest.trim_start_matches('.').to_string())
+        };
+        Document {
+            value,
+            start: self.position(path),
+            positions: self
+                .positions
+                .iter()
+                .filter_map(|(key, pos)| Some((nested(key)?, *pos)))
+                .collect(),
+        }
+    }
+
     /// The position of `path`, or of its nearest ancestor that has one.
     pub fn position(&self, path: &str) -> Pos {
         let mut path = path;

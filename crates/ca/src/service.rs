@@ -129,18 +129,31 @@ impl IstioCertificateService for CertificateService {
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
             Err(e) => {
-                tracing::warn!(identity = %identity, remote = ?remote, error = %e, "certificate request refused");
+                let message = with_causes(&e);
+                tracing::warn!(identity = %identity, remote = ?remote, error = %message, "certificate request refused");
                 Err(match e {
-                    CaError::InvalidCsr(_) | CaError::CsrSignature | CaError::UnsupportedKey(_) => {
-                        Status::invalid_argument(e.to_string())
-                    }
+                    CaError::InvalidCsr { .. }
+                    | CaError::CsrSignature
+                    | CaError::UnsupportedKey(_) => Status::invalid_argument(message),
                     CaError::ForeignTrustDomain { .. } | CaError::Identity(_) => {
-                        Status::permission_denied(e.to_string())
+                        Status::permission_denied(message)
                     }
-                    CaError::CaExpired(_) => Status::failed_precondition(e.to_string()),
-                    _ => Status::internal(e.to_string()),
+                    CaError::CaExpired(_) => Status::failed_precondition(message),
+                    _ => Status::internal(message),
                 })
             }
         }
     }
+}
+
+/// An error and its causes, `: `-separated, for a caller who sees only text.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }

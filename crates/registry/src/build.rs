@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use vmesh_api::Object;
 use vmesh_api::kinds::common::IntOrString;
@@ -9,20 +10,26 @@ use vmesh_api::kinds::service::{ServicePort, ServiceSpec, ServiceType};
 use vmesh_api::kinds::service_entry::{self, Location, ServiceEntrySpec};
 use vmesh_api::kinds::workload_entry::WorkloadEntrySpec;
 
-use crate::inputs::{Inputs, Workload};
+use crate::inputs::{DecodeCache, Inputs, Workload};
 use crate::model::{
-    DOMAIN_SUFFIX, MeshEndpoint, MeshPort, MeshService, Origin, Protocol, Resolution, Scoped,
-    Snapshot,
+    MeshEndpoint, MeshPort, MeshService, Origin, Protocol, Resolution, Scoped, Snapshot,
 };
+use crate::policy::service_hostname;
+use crate::selector::Selector;
 use crate::vip::{Pool, VipAllocator};
 
 impl Snapshot {
-    /// Joins the objects into the mesh model. VIPs that are not written in
+    /// Joins the objects into the mesh model, typed through `decoded` (which
+    /// the caller keeps from one build to the next). VIPs that are not written in
     /// the objects come from `vips`, first brought in line with the objects
     /// (the caller persists [`VipAllocator::allocations`] when they change);
     /// a service the allocator has no room for has no VIP.
-    pub fn build(objects: &[Object], vips: &mut VipAllocator) -> Snapshot {
-        let inputs = Inputs::decode(objects);
+    pub fn build(
+        objects: &[Object],
+        decoded: &mut DecodeCache,
+        vips: &mut VipAllocator,
+    ) -> Snapshot {
+        let inputs = Inputs::decode(objects, decoded);
         let drafts = drafts(&inputs);
         vips.assign(&drafts);
         let services = drafts
@@ -59,7 +66,7 @@ pub(crate) fn drafts(inputs: &Inputs) -> Vec<Draft> {
     let mut drafts: Vec<Draft> = inputs
         .services
         .iter()
-        .map(|s| kube_service(s, &inputs.workloads))
+        .map(|s| kube_service(s, &inputs.workloads, &inputs.mesh.domain_suffix))
         .chain(
             inputs
                 .service_entries
@@ -83,7 +90,11 @@ pub(crate) fn drafts(inputs: &Inputs) -> Vec<Draft> {
     drafts
 }
 
-fn kube_service(svc: &Scoped<ServiceSpec>, workloads: &[Workload]) -> Draft {
+fn kube_service(
+    svc: &Scoped<ServiceSpec>,
+    workloads: &[Arc<Workload>],
+    domain_suffix: &str,
+) -> Draft {
     let spec = &svc.spec;
     let ports: Vec<(&ServicePort, MeshPort)> = spec
         .ports
@@ -122,20 +133,22 @@ fn kube_service(svc: &Scoped<ServiceSpec>, workloads: &[Workload]) -> Draft {
         // Like Istio: a DNS service whose one endpoint is the external name.
         let workload = Workload::written(&svc.namespace, &svc.name, at(external_name));
         for (_, port) in &ports {
-            endpoints.push(endpoint(&workload, port.port, port.port));
+            endpoints.extend(endpoint(&workload, port.port, port.port));
         }
         (Resolution::Dns, None)
     } else {
-        if let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) {
+        // A Service without a selector (or with an empty one) selects no workload.
+        let selector = Selector::new(spec.selector.as_ref());
+        if !selector.is_empty() {
             let selected = workloads
                 .iter()
-                .filter(|w| w.namespace == svc.namespace && w.matches(selector));
+                .filter(|w| w.namespace == svc.namespace && selector.matches(&w.labels));
             for workload in selected {
                 for (port, mesh_port) in &ports {
                     if let Some(target) =
                         kube_target_port(port, mesh_port, workload.spec.ports.as_ref())
                     {
-                        endpoints.push(endpoint(workload, target, mesh_port.port));
+                        endpoints.extend(endpoint(workload, target, mesh_port.port));
                     }
                 }
             }
@@ -152,7 +165,7 @@ fn kube_service(svc: &Scoped<ServiceSpec>, workloads: &[Workload]) -> Draft {
 
     Draft {
         service: finish(MeshService {
-            hostname: format!("{}.{}.svc.{DOMAIN_SUFFIX}", svc.name, svc.namespace),
+            hostname: service_hostname(&svc.name, &svc.namespace, domain_suffix),
             namespace: svc.namespace.clone(),
             name: svc.name.clone(),
             origin: Origin::Service,
@@ -186,7 +199,7 @@ fn kube_target_port(
 }
 
 /// One service per host of a ServiceEntry, all with the same ports and endpoints.
-fn entry_services(entry: &Scoped<ServiceEntrySpec>, workloads: &[Workload]) -> Vec<Draft> {
+fn entry_services(entry: &Scoped<ServiceEntrySpec>, workloads: &[Arc<Workload>]) -> Vec<Draft> {
     let spec = &entry.spec;
     let resolution = match spec.resolution.unwrap_or(service_entry::Resolution::None) {
         service_entry::Resolution::None => Resolution::Passthrough,
@@ -219,17 +232,19 @@ fn entry_services(entry: &Scoped<ServiceEntrySpec>, workloads: &[Workload]) -> V
         .flatten()
         .map(|e| Workload::written(&entry.namespace, &entry.name, e.clone()))
         .collect();
+    // An empty `workloadSelector` selects every workload of the namespace.
     let selected = spec.workload_selector.iter().flat_map(|selector| {
-        let labels = selector.labels.clone().unwrap_or_default();
+        let selector = Selector::new(selector.labels.as_ref());
         workloads
             .iter()
-            .filter(move |w| w.namespace == entry.namespace && w.matches(&labels))
+            .filter(move |w| w.namespace == entry.namespace && selector.matches(&w.labels))
+            .map(Arc::as_ref)
     });
     let mut endpoints = Vec::new();
     for workload in inline.iter().chain(selected) {
         for port in &ports {
             if let Some(target) = entry_target_port(port, workload.spec.ports.as_ref()) {
-                endpoints.push(endpoint(workload, target, port.port));
+                endpoints.extend(endpoint(workload, target, port.port));
             }
         }
     }
@@ -246,7 +261,7 @@ fn entry_services(entry: &Scoped<ServiceEntrySpec>, workloads: &[Workload]) -> V
                 let workload = Workload::written(&entry.namespace, &entry.name, at(host));
                 for port in &ports {
                     let target = port.target_port.unwrap_or(port.port);
-                    endpoints.push(endpoint(&workload, target, port.port));
+                    endpoints.extend(endpoint(&workload, target, port.port));
                 }
             }
             // Every non-wildcard host without written addresses gets a VIP,
@@ -299,10 +314,11 @@ fn at(host: &str) -> WorkloadEntrySpec {
     }
 }
 
-fn endpoint(workload: &Workload, port: u16, service_port: u16) -> MeshEndpoint {
+/// The workload as an endpoint of `service_port` on its `port`, if it has an address.
+fn endpoint(workload: &Workload, port: u16, service_port: u16) -> Option<MeshEndpoint> {
     let spec = &workload.spec;
-    MeshEndpoint {
-        address: spec.address.clone().unwrap_or_default(),
+    Some(MeshEndpoint {
+        address: workload.address.clone()?,
         port,
         service_port,
         weight: spec.weight.filter(|w| *w > 0).unwrap_or(1),
@@ -312,18 +328,19 @@ fn endpoint(workload: &Workload, port: u16, service_port: u16) -> MeshEndpoint {
         service_account: spec.service_account.clone(),
         workload: format!("{}/{}", workload.namespace, workload.name),
         healthy: workload.healthy,
-    }
+    })
 }
 
 /// Sorts the endpoints and collects their service accounts.
 fn finish(mut service: MeshService) -> MeshService {
-    service.endpoints.sort_by(|a, b| {
-        (&a.address, a.port, a.service_port, &a.workload).cmp(&(
-            &b.address,
-            b.port,
-            b.service_port,
-            &b.workload,
-        ))
+    // By the address as written, as they were ordered when addresses were text.
+    service.endpoints.sort_by_cached_key(|e| {
+        (
+            e.address.written().into_owned(),
+            e.port,
+            e.service_port,
+            e.workload.clone(),
+        )
     });
     let mut accounts: Vec<String> = service
         .endpoints
@@ -337,393 +354,4 @@ fn finish(mut service: MeshService) -> MeshService {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::OutboundPolicy;
-    use crate::fixtures::{decode, seed, snapshot};
-
-    fn addresses(service: &MeshService) -> Vec<(&str, u16, u16)> {
-        service
-            .endpoints
-            .iter()
-            .map(|e| (e.address.as_str(), e.port, e.service_port))
-            .collect()
-    }
-
-    #[test]
-    fn guide_payment_service_and_database() {
-        let snapshot = snapshot(&seed(&[
-            "complete-vm-integration.yaml",
-            "workload-entry-payment-vm1.yaml",
-            "service-entry-vm-database.yaml",
-        ]));
-
-        let payment = snapshot
-            .service("payment-service.vm-workloads.svc.cluster.local")
-            .unwrap();
-        let ports: Vec<_> = payment
-            .ports
-            .iter()
-            .map(|p| (p.name.as_str(), p.port, p.protocol))
-            .collect();
-        assert_eq!(
-            ports,
-            [
-                ("http", 8080, Protocol::Http),
-                ("grpc", 9090, Protocol::Grpc)
-            ]
-        );
-        assert_eq!(payment.resolution, Resolution::Static);
-        assert!(!payment.mesh_external);
-        assert_eq!(
-            addresses(payment),
-            [("192.168.1.100", 8080, 8080), ("192.168.1.100", 9090, 9090)]
-        );
-        for endpoint in &payment.endpoints {
-            assert_eq!(
-                endpoint.service_account.as_deref(),
-                Some("payment-service-sa")
-            );
-            assert_eq!(endpoint.locality.as_deref(), Some("us-west1/zone-a"));
-            assert_eq!(endpoint.network.as_deref(), Some("network1"));
-            assert_eq!(endpoint.weight, 100);
-            assert_eq!(endpoint.workload, "vm-workloads/payment-service-vm1");
-            assert!(endpoint.healthy);
-            assert_eq!(endpoint.labels["instance-id"], "vm1");
-            assert_eq!(endpoint.labels["class"], "vm");
-        }
-        assert_eq!(payment.service_accounts, ["payment-service-sa"]);
-        assert_eq!(payment.addresses.len(), 1);
-
-        let database = snapshot
-            .service("vm-database.vm-workloads.svc.cluster.local")
-            .unwrap();
-        let ports: Vec<_> = database
-            .ports
-            .iter()
-            .map(|p| (p.name.as_str(), p.port, p.protocol))
-            .collect();
-        assert_eq!(
-            ports,
-            [
-                ("mysql", 3306, Protocol::Tcp),
-                ("mysql-readonly", 3307, Protocol::Tcp)
-            ]
-        );
-        assert_eq!(
-            addresses(database),
-            [("192.168.1.200", 3306, 3306), ("192.168.1.201", 3307, 3307)]
-        );
-        assert_eq!(database.endpoints[1].labels["role"], "replica");
-        assert_eq!(database.endpoints[1].workload, "vm-workloads/vm-database");
-        assert!(!database.mesh_external);
-        assert_eq!(database.resolution, Resolution::Static);
-        let [IpAddr::V4(vip)] = database.addresses[..] else {
-            panic!("one IPv4 VIP expected: {:?}", database.addresses);
-        };
-        assert_eq!(vip.octets()[..2], [240, 240]);
-
-        let hosts: Vec<_> = snapshot.services.iter().map(|s| &s.hostname).collect();
-        assert_eq!(hosts.len(), 2);
-        assert!(hosts.is_sorted());
-        assert_eq!(snapshot.destination_rules[0].name, "payment-service");
-    }
-
-    #[test]
-    fn target_ports_map_through_workload_ports() {
-        let snapshot = snapshot(&decode(
-            "t.yaml",
-            r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec:
-  selector: {app: web}
-  ports:
-  - {name: http, port: 80, targetPort: app-port}
-  - {name: admin, port: 81, targetPort: 9001}
-  - {name: metrics, port: 82}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {name: a, namespace: shop}
-spec: {address: 10.0.0.1, labels: {app: web}, ports: {app-port: 8080, admin: 9100}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {name: b, namespace: shop}
-spec: {address: 10.0.0.2, labels: {app: web}}
-"#,
-        ));
-        let web = snapshot.service("web.shop.svc.cluster.local").unwrap();
-        assert_eq!(
-            addresses(web),
-            [
-                // a: named target from its ports; admin by port name over targetPort.
-                ("10.0.0.1", 82, 82),
-                ("10.0.0.1", 8080, 80),
-                ("10.0.0.1", 9100, 81),
-                // b: has no app-port, so it does not serve port 80.
-                ("10.0.0.2", 82, 82),
-                ("10.0.0.2", 9001, 81),
-            ]
-        );
-        assert_eq!(web.ports[0].target_port, None);
-        assert_eq!(web.ports[1].target_port, Some(9001));
-        assert!(web.service_accounts.is_empty());
-    }
-
-    #[test]
-    fn selectors_stay_in_their_namespace() {
-        let snapshot = snapshot(&decode(
-            "t.yaml",
-            r#"
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec: {selector: {app: web}, ports: [{name: http, port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: unselected, namespace: shop}
-spec: {ports: [{name: http, port: 80}]}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {name: here, namespace: shop}
-spec: {address: 10.0.0.1, labels: {app: web}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {name: elsewhere, namespace: other}
-spec: {address: 10.0.0.2, labels: {app: web}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {name: labelled-in-metadata, namespace: shop, labels: {app: web}}
-spec: {address: 10.0.0.3}
-"#,
-        ));
-        let web = snapshot.service("web.shop.svc.cluster.local").unwrap();
-        assert_eq!(addresses(web), [("10.0.0.1", 80, 80), ("10.0.0.3", 80, 80)]);
-        let unselected = snapshot
-            .service("unselected.shop.svc.cluster.local")
-            .unwrap();
-        assert!(unselected.endpoints.is_empty());
-    }
-
-    #[test]
-    fn cluster_ips_headless_and_external_name_services() {
-        let snapshot = snapshot(&decode(
-            "t.yaml",
-            r#"
-apiVersion: v1
-kind: Service
-metadata: {name: fixed, namespace: shop}
-spec: {clusterIP: 10.96.7.7, ports: [{name: http, port: 80}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: headless, namespace: shop}
-spec: {clusterIP: None, ports: [{name: tcp, port: 5000}]}
----
-apiVersion: v1
-kind: Service
-metadata: {name: ext, namespace: shop}
-spec: {type: ExternalName, externalName: api.example.com, ports: [{name: https, port: 443}]}
-"#,
-        ));
-        let fixed = snapshot.service("fixed.shop.svc.cluster.local").unwrap();
-        assert_eq!(fixed.addresses, ["10.96.7.7".parse::<IpAddr>().unwrap()]);
-
-        let headless = snapshot.service("headless.shop.svc.cluster.local").unwrap();
-        assert!(headless.addresses.is_empty());
-        assert_eq!(headless.resolution, Resolution::Passthrough);
-
-        let ext = snapshot.service("ext.shop.svc.cluster.local").unwrap();
-        assert!(ext.addresses.is_empty());
-        assert_eq!(ext.resolution, Resolution::Dns);
-        assert!(ext.mesh_external);
-        assert_eq!(addresses(ext), [("api.example.com", 443, 443)]);
-    }
-
-    #[test]
-    fn health_from_conditions_and_annotation() {
-        let entry = |name: &str, annotated: bool, status: Option<&str>| {
-            let annotations = if annotated {
-                "annotations: {proxy.istio.io/health-checks-enabled: \"true\"}"
-            } else {
-                ""
-            };
-            let status = status
-                .map(|s| format!("status: {{conditions: [{{type: Healthy, status: \"{s}\"}}]}}"))
-                .unwrap_or_default();
-            format!(
-                "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata:\n  name: {name}\n  namespace: shop\n  {annotations}\nspec: {{address: 10.0.0.1, labels: {{app: web}}}}\n{status}\n---\n"
-            )
-        };
-        let text = [
-            entry("plain", false, None),
-            entry("failing", false, Some("False")),
-            entry("unprobed", true, None),
-            entry("probed", true, Some("True")),
-            entry("probe-failing", true, Some("False")),
-        ]
-        .concat()
-            + "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {selector: {app: web}, ports: [{name: http, port: 80}]}\n";
-        let snapshot = snapshot(&decode("t.yaml", &text));
-        let web = snapshot.service("web.shop.svc.cluster.local").unwrap();
-        let health: BTreeMap<_, _> = web
-            .endpoints
-            .iter()
-            .map(|e| (e.workload.as_str(), e.healthy))
-            .collect();
-        assert_eq!(
-            health,
-            BTreeMap::from([
-                ("shop/failing", false),
-                ("shop/plain", true),
-                ("shop/probe-failing", false),
-                ("shop/probed", true),
-                ("shop/unprobed", false),
-            ])
-        );
-    }
-
-    #[test]
-    fn service_entry_resolutions_and_vips() {
-        let snapshot = snapshot(&decode(
-            "t.yaml",
-            r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: api, namespace: shop}
-spec:
-  hosts: [api.example.com, "*.cdn.example.com"]
-  ports: [{name: https, number: 443, protocol: HTTPS, targetPort: 8443}]
-  resolution: DNS
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: passthrough, namespace: shop}
-spec:
-  hosts: [db.internal]
-  addresses: [10.1.0.0/16, 10.2.0.5/32, 10.3.0.1]
-  ports: [{name: tcp, number: 5432}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: no-endpoints, namespace: shop}
-spec:
-  hosts: [anything.internal]
-  ports: [{name: tcp, number: 5432}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: selected, namespace: shop}
-spec:
-  hosts: [cache.internal]
-  ports: [{name: redis, number: 6379, protocol: REDIS}]
-  workloadSelector: {labels: {app: cache}}
----
-apiVersion: networking.istio.io/v1
-kind: WorkloadEntry
-metadata: {name: cache-1, namespace: shop}
-spec: {address: 10.0.0.9, labels: {app: cache}, serviceAccount: cache}
-"#,
-        ));
-        let api = snapshot.service("api.example.com").unwrap();
-        assert_eq!(api.resolution, Resolution::Dns);
-        assert!(api.mesh_external);
-        assert_eq!(api.ports[0].protocol, Protocol::Https);
-        assert_eq!(addresses(api), [("api.example.com", 8443, 443)]);
-        assert_eq!(api.addresses.len(), 1);
-
-        let wildcard = snapshot.service("*.cdn.example.com").unwrap();
-        assert!(wildcard.addresses.is_empty());
-
-        let db = snapshot.service("db.internal").unwrap();
-        assert_eq!(db.resolution, Resolution::Passthrough);
-        let written: Vec<IpAddr> = ["10.2.0.5", "10.3.0.1"].map(|a| a.parse().unwrap()).into();
-        assert_eq!(db.addresses, written);
-
-        let bare = snapshot.service("anything.internal").unwrap();
-        assert!(bare.addresses.is_empty() && bare.endpoints.is_empty());
-
-        let cache = snapshot.service("cache.internal").unwrap();
-        assert_eq!(cache.addresses.len(), 1, "NONE with a selector gets a VIP");
-        assert_eq!(addresses(cache), [("10.0.0.9", 6379, 6379)]);
-        assert_eq!(cache.service_accounts, ["cache"]);
-        assert_eq!(cache.endpoints[0].workload, "shop/cache-1");
-    }
-
-    #[test]
-    fn mesh_settings_from_istio_operator() {
-        let operators = |text: &str| snapshot(&decode("t.yaml", text)).mesh;
-        assert_eq!(operators(""), Default::default());
-        let mesh = operators(
-            r#"
-apiVersion: install.istio.io/v1alpha1
-kind: IstioOperator
-metadata: {name: a, namespace: istio-system}
-spec:
-  meshConfig:
-    trustDomain: example.org
-    outboundTrafficPolicy: {mode: REGISTRY_ONLY}
----
-apiVersion: install.istio.io/v1alpha1
-kind: IstioOperator
-metadata: {name: b, namespace: istio-system}
-spec:
-  meshConfig: {trustDomain: ignored.org, rootNamespace: mesh-root}
-"#,
-        );
-        assert_eq!(mesh.trust_domain, "example.org");
-        assert_eq!(mesh.outbound_policy, OutboundPolicy::RegistryOnly);
-        assert_eq!(mesh.root_namespace, "mesh-root");
-        let guide = snapshot(&seed(&["istio-operator-vm.yaml", "mesh-config-dns.yaml"])).mesh;
-        assert_eq!(guide.trust_domain, "cluster.local");
-        assert_eq!(guide.outbound_policy, OutboundPolicy::AllowAny);
-    }
-
-    #[test]
-    fn invalid_bodies_and_unknown_kinds_are_skipped() {
-        let mut objects = decode(
-            "t.yaml",
-            "apiVersion: v1\nkind: Service\nmetadata: {name: ok, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n",
-        );
-        let mut broken = objects[0].clone();
-        broken.metadata.name = Some("broken".into());
-        broken.body["spec"] = serde_json::json!({"ports": "not a list"});
-        let mut unknown = objects[0].clone();
-        unknown.kind = "Gizmo".into();
-        objects.extend([broken, unknown]);
-        let snapshot = snapshot(&objects);
-        let hosts: Vec<_> = snapshot
-            .services
-            .iter()
-            .map(|s| s.hostname.as_str())
-            .collect();
-        assert_eq!(hosts, ["ok.shop.svc.cluster.local"]);
-    }
-
-    #[test]
-    fn a_hostname_defined_twice_keeps_the_service() {
-        let snapshot = snapshot(&decode(
-            "t.yaml",
-            r#"
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: shadow, namespace: aaa}
-spec: {hosts: [web.shop.svc.cluster.local], ports: [{name: http, number: 80}], resolution: DNS}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web, namespace: shop}
-spec: {ports: [{name: http, port: 80}]}
-"#,
-        ));
-        assert_eq!(snapshot.services.len(), 1);
-        assert_eq!(snapshot.services[0].name, "web");
-    }
-}
+mod tests;

@@ -3,7 +3,7 @@
 use vmesh_api::testing::seed_dir;
 use vmesh_api::{Object, decode_manifests};
 
-use crate::{Snapshot, VipAllocator};
+use crate::{DecodeCache, Snapshot, VipAllocator};
 
 /// Decodes manifests, failing the test on any problem.
 pub fn decode(file: &str, text: &str) -> Vec<Object> {
@@ -23,7 +23,11 @@ pub fn seed(files: &[&str]) -> Vec<Object> {
         .collect()
 }
 
-/// Assigns VIPs with a fresh allocator and builds the snapshot.
+/// Builds the snapshot with a fresh cache and VIP allocator.
 pub fn snapshot(objects: &[Object]) -> Snapshot {
-    Snapshot::build(objects, &mut VipAllocator::default())
+    Snapshot::build(
+        objects,
+        &mut DecodeCache::default(),
+        &mut VipAllocator::default(),
+    )
 }

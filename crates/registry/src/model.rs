@@ -1,7 +1,12 @@
-//! The mesh model's types: what the rest of vmesh reads from a [`Snapshot`].
+//! The mesh model's types: what the rest of vmesh reads from a [`Snapshot`],
+//! endpoint addresses among them.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use vmesh_api::kinds::authorization_policy::AuthorizationPolicySpec;
 use vmesh_api::kinds::destination_rule::DestinationRuleSpec;
@@ -9,21 +14,25 @@ use vmesh_api::kinds::peer_authentication::PeerAuthenticationSpec;
 use vmesh_api::kinds::service::{ServicePort, TransportProtocol};
 use vmesh_api::kinds::virtual_service::VirtualServiceSpec;
 
-pub use vmesh_api::mesh::{DEFAULT_DOMAIN_SUFFIX as DOMAIN_SUFFIX, MeshSettings, OutboundPolicy};
+pub use vmesh_api::mesh::{MeshSettings, OutboundPolicy};
 
-/// Everything the data plane is generated from, at one point in time.
+/// Everything the data plane is generated from, at one point in time. Which
+/// of its rules apply to a host or a workload is asked of it through the
+/// lookups of the `policy` module ([`Snapshot::destination_rule_for`] and
+/// the like), not read from these lists.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Snapshot {
     /// Sorted by hostname; one per hostname.
     pub services: Vec<MeshService>,
+    /// Sorted by namespace and name; shared with the [`DecodeCache`](crate::DecodeCache)
+    /// they were decoded in, as the other rules.
+    pub destination_rules: Vec<Arc<Scoped<DestinationRuleSpec>>>,
     /// Sorted by namespace and name.
-    pub destination_rules: Vec<Scoped<DestinationRuleSpec>>,
+    pub virtual_services: Vec<Arc<Scoped<VirtualServiceSpec>>>,
     /// Sorted by namespace and name.
-    pub virtual_services: Vec<Scoped<VirtualServiceSpec>>,
+    pub peer_authentications: Vec<Arc<Scoped<PeerAuthenticationSpec>>>,
     /// Sorted by namespace and name.
-    pub peer_authentications: Vec<Scoped<PeerAuthenticationSpec>>,
-    /// Sorted by namespace and name.
-    pub authorization_policies: Vec<Scoped<AuthorizationPolicySpec>>,
+    pub authorization_policies: Vec<Arc<Scoped<AuthorizationPolicySpec>>>,
     pub mesh: MeshSettings,
 }
 
@@ -48,7 +57,7 @@ pub struct Scoped<T> {
 /// One hostname of the mesh: a Kubernetes Service, or one host of a ServiceEntry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeshService {
-    /// `name.namespace.svc.cluster.local` for Services, the host itself for ServiceEntries.
+    /// `name.namespace.svc.<domain suffix>` for Services, the host itself for ServiceEntries.
     pub hostname: String,
     /// Namespace of the Service or ServiceEntry.
     pub namespace: String,
@@ -177,12 +186,70 @@ impl Protocol {
     }
 }
 
+/// Where a workload is reached, as its WorkloadEntry, the endpoint written in
+/// a ServiceEntry, or a Service's `externalName` says.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum EndpointAddress {
+    Ip(IpAddr),
+    /// A DNS name: only a service with DNS resolution resolves it.
+    Hostname(String),
+    /// A Unix domain socket, written `unix:///path` (`unix://@name` for an
+    /// abstract one); the path without the scheme.
+    Unix(PathBuf),
+    /// No address: a workload on another network, reached through that
+    /// network's gateway.
+    ViaGateway {
+        network: String,
+    },
+}
+
+impl EndpointAddress {
+    /// An entry's address: what `address` says, else (absent or empty) the
+    /// gateway of its `network`; `None` when it has neither.
+    pub fn parse(address: Option<&str>, network: Option<&str>) -> Option<EndpointAddress> {
+        let Some(address) = address.filter(|a| !a.is_empty()) else {
+            return network
+                .filter(|n| !n.is_empty())
+                .map(|network| EndpointAddress::ViaGateway {
+                    network: network.to_string(),
+                });
+        };
+        Some(if let Some(path) = address.strip_prefix("unix://") {
+            EndpointAddress::Unix(path.into())
+        } else if let Ok(ip) = address.parse() {
+            EndpointAddress::Ip(ip)
+        } else {
+            EndpointAddress::Hostname(address.to_string())
+        })
+    }
+
+    /// The address as an entry writes it (empty through a gateway): what
+    /// endpoints are ordered by.
+    pub(crate) fn written(&self) -> Cow<'_, str> {
+        match self {
+            EndpointAddress::Ip(ip) => Cow::Owned(ip.to_string()),
+            EndpointAddress::Hostname(host) => Cow::Borrowed(host),
+            EndpointAddress::Unix(path) => Cow::Owned(format!("unix://{}", path.display())),
+            EndpointAddress::ViaGateway { .. } => Cow::Borrowed(""),
+        }
+    }
+}
+
+impl fmt::Display for EndpointAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EndpointAddress::ViaGateway { network } => {
+                write!(f, "the gateway of network {network}")
+            }
+            other => f.write_str(&other.written()),
+        }
+    }
+}
+
 /// One workload serving one port of a service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeshEndpoint {
-    /// An IP address, a hostname (DNS resolution), `unix://` path, or empty
-    /// for a workload on another network reached through its gateway.
-    pub address: String,
+    pub address: EndpointAddress,
     /// The port traffic for [`service_port`](Self::service_port) goes to on this workload.
     pub port: u16,
     pub service_port: u16,
@@ -234,6 +301,43 @@ mod tests {
         let mut udp = port("http", 53, None);
         udp.protocol = Some(TransportProtocol::Udp);
         assert_eq!(Protocol::of_service_port(&udp), Protocol::Udp);
+    }
+
+    #[test]
+    fn endpoint_addresses_by_what_is_written() {
+        let parse =
+            |address: Option<&str>, network: Option<&str>| EndpointAddress::parse(address, network);
+        assert_eq!(
+            parse(Some("10.0.0.1"), Some("n1")),
+            Some(EndpointAddress::Ip("10.0.0.1".parse().unwrap()))
+        );
+        assert_eq!(
+            parse(Some("2001:db8::1"), None),
+            Some(EndpointAddress::Ip("2001:db8::1".parse().unwrap()))
+        );
+        assert_eq!(
+            parse(Some("db.example.com"), None),
+            Some(EndpointAddress::Hostname("db.example.com".into()))
+        );
+        assert_eq!(
+            parse(Some("unix:///var/run/app.sock"), None),
+            Some(EndpointAddress::Unix("/var/run/app.sock".into()))
+        );
+        let gateway = Some(EndpointAddress::ViaGateway {
+            network: "n2".into(),
+        });
+        assert_eq!(parse(None, Some("n2")), gateway);
+        assert_eq!(parse(Some(""), Some("n2")), gateway);
+        assert_eq!(parse(None, None), None);
+        assert_eq!(parse(Some(""), Some("")), None);
+        for written in ["10.0.0.1", "db.example.com", "unix:///var/run/app.sock"] {
+            let address = parse(Some(written), None).unwrap();
+            assert_eq!(
+                (address.written(), address.to_string()),
+                (written.into(), written.into())
+            );
+        }
+        assert_eq!(gateway.as_ref().unwrap().written(), "");
     }
 
     #[test]

@@ -159,10 +159,10 @@ mod tests {
     use vmesh_api::Object;
 
     use super::*;
-    use crate::Snapshot;
     use crate::build::drafts;
     use crate::fixtures::decode;
     use crate::inputs::Inputs;
+    use crate::{DecodeCache, Snapshot};
 
     fn service(name: &str) -> String {
         format!(
@@ -181,7 +181,10 @@ mod tests {
     }
 
     fn assign(vips: &mut VipAllocator, objects: &[Object]) -> bool {
-        vips.assign(&drafts(&Inputs::decode(objects)))
+        vips.assign(&drafts(&Inputs::decode(
+            objects,
+            &mut DecodeCache::default(),
+        )))
     }
 
     #[test]
@@ -228,10 +231,10 @@ mod tests {
         assert!(!assign(&mut restarted, &later));
         assert_eq!(restarted, vips);
         assert_eq!(
-            Snapshot::build(&later, &mut restarted),
-            Snapshot::build(&later, &mut vips)
+            Snapshot::build(&later, &mut DecodeCache::default(), &mut restarted),
+            Snapshot::build(&later, &mut DecodeCache::default(), &mut vips)
         );
-        let snapshot = Snapshot::build(&later, &mut restarted);
+        let snapshot = Snapshot::build(&later, &mut DecodeCache::default(), &mut restarted);
         assert_eq!(
             snapshot
                 .service("c.shop.svc.cluster.local")
@@ -269,7 +272,7 @@ mod tests {
             Some(&"10.0.0.2".parse().unwrap())
         );
         assert_eq!(vips.get("fixed.shop.svc.cluster.local"), None);
-        let snapshot = Snapshot::build(&objects, &mut vips);
+        let snapshot = Snapshot::build(&objects, &mut DecodeCache::default(), &mut vips);
         let unallocated = snapshot
             .services
             .iter()

@@ -4,8 +4,11 @@
 //! `/apis/{group}/{version}/namespaces/{ns}/{plural}/{name}`, collections for
 //! list and create, `?watch=true` for a stream of newline-delimited events.
 //! Errors are Kubernetes `Status` objects. Every write is decoded and validated
-//! here: the server never trusts that a client did it. One extension,
-//! `POST /apis/vmesh.io/v1/apply`, applies a list of objects atomically.
+//! here: the server never trusts that a client did it. Two extensions:
+//! `POST /apis/vmesh.io/v1/apply` applies a list of objects atomically, and
+//! `GET /v1/mesh?revision=NAME` answers the mesh settings of a revision
+//! ([`MeshSettings`], resolved from the stored IstioOperators by the rule
+//! the registry follows), so clients do not work them out again.
 
 use std::sync::Arc;
 
@@ -14,13 +17,16 @@ use axum::extract::{Query, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use vmesh_api::decode::decode_sources;
+use vmesh_api::mesh::MeshSettings;
 use vmesh_api::{KindInfo, Object, ObjectKey, Problem};
 use vmesh_store::{BatchError, Op, Outcome, Selection, Store, StoreError};
+
+/// The mesh settings, `?revision=NAME` for a revision's.
+pub const MESH_PATH: &str = "/v1/mesh";
 
 #[derive(Clone)]
 struct AppState {
@@ -40,6 +46,7 @@ pub fn router(
     let state = AppState { store, shutdown };
     Router::new()
         .route("/apis/vmesh.io/v1/apply", post(apply))
+        .route(MESH_PATH, get(mesh_settings))
         .route("/api/{*rest}", any(resource))
         .route("/apis/{*rest}", any(resource))
         .route("/healthz", any(|| async { "ok" }))
@@ -146,7 +153,7 @@ fn store_error_with_message(error: StoreError, message: String) -> ApiError {
         StoreError::BadResourceVersion(_) | StoreError::UnknownKind(_) => {
             (StatusCode::BAD_REQUEST, "BadRequest")
         }
-        StoreError::Backend(_) => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
+        StoreError::Backend { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
     };
     let details = match &error {
         StoreError::NotFound(k)
@@ -403,22 +410,11 @@ where
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Decodes and validates request objects as the CLI does, naming each `items[i]`.
-fn decode_items(items: &[Value], default_namespace: &str) -> Result<Vec<Object>, ApiError> {
-    let texts: Vec<(String, String)> = items
-        .iter()
-        .enumerate()
-        .map(|(i, item)| {
-            (
-                format!("items[{i}]"),
-                serde_json::to_string_pretty(item).unwrap_or_default(),
-            )
-        })
-        .collect();
-    let decoded = decode_sources(
-        texts.iter().map(|(n, t)| (n.as_str(), t.as_str())),
-        default_namespace,
-    );
+/// Decodes and validates the objects of a JSON request body under `field` as
+/// the CLI does, each named `field[i]`, problems placed in the body as sent.
+fn decode_body(body: &[u8], field: &str, default_namespace: &str) -> Result<Vec<Object>, ApiError> {
+    let text = std::str::from_utf8(body).expect("the body was parsed as JSON");
+    let decoded = vmesh_api::decode_list("request body", text, field, default_namespace);
     if decoded.has_errors() {
         return Err(invalid(&decoded.problems));
     }
@@ -431,10 +427,20 @@ fn write(
     body: &[u8],
     name: Option<String>,
 ) -> Result<Response, ApiError> {
-    let item: Value = serde_json::from_slice(body)
-        .map_err(|e| bad_request(format!("the request body is not JSON: {e}")))?;
+    serde_json::from_slice::<serde_json::Map<String, Value>>(body)
+        .map_err(|e| bad_request(format!("the request body is not a JSON object: {e}")))?;
+    let text = std::str::from_utf8(body).expect("JSON is UTF-8");
     let default_ns = target.namespace.as_deref().unwrap_or("default");
-    let object = decode_items(std::slice::from_ref(&item), default_ns)?.remove(0);
+    let decoded = vmesh_api::decode::decode_sources([("request body", text)], default_ns);
+    if decoded.has_errors() {
+        return Err(invalid(&decoded.problems));
+    }
+    let object = decoded
+        .objects
+        .into_iter()
+        .next()
+        .ok_or_else(|| bad_request("the request body holds no object".into()))?
+        .object;
     if object.info().map(|i| i.plural) != Some(target.info.plural) {
         return Err(bad_request(format!(
             "a {} cannot be written to {}",
@@ -469,9 +475,9 @@ fn write(
     Ok((code, Json(target.present(outcomes[0].object().clone()))).into_response())
 }
 
+/// An apply request's settings; its `items` are decoded by [`decode_body`].
 #[derive(Debug, Deserialize)]
 struct ApplyRequest {
-    items: Vec<Value>,
     #[serde(default)]
     namespace: Option<String>,
 }
@@ -480,8 +486,9 @@ struct ApplyRequest {
 async fn apply(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
     let request: ApplyRequest = serde_json::from_slice(&body)
         .map_err(|e| bad_request(format!("the request body is not an apply list: {e}")))?;
-    let objects = decode_items(
-        &request.items,
+    let objects = decode_body(
+        &body,
+        "items",
         request.namespace.as_deref().unwrap_or("default"),
     )?;
     let names: Vec<String> = objects.iter().map(Object::display_name).collect();
@@ -505,4 +512,21 @@ async fn apply(State(state): State<AppState>, body: Bytes) -> Result<Response, A
             Err(store_error_with_message(error, message))
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+struct MeshQuery {
+    revision: Option<String>,
+}
+
+/// `GET /v1/mesh`: [`MeshSettings::resolve`] over the stored IstioOperators
+/// (those whose body does not decode are skipped, as the registry skips them).
+async fn mesh_settings(
+    State(state): State<AppState>,
+    Query(query): Query<MeshQuery>,
+) -> Result<Json<MeshSettings>, ApiError> {
+    Ok(Json(crate::mesh::stored_settings(
+        &state.store,
+        query.revision.as_deref(),
+    )?))
 }

@@ -162,18 +162,7 @@ impl Follower {
             }
         }
         for info in kinds() {
-            let selection = Selection {
-                collection: format!(
-                    "{}/{}",
-                    if info.group.is_empty() {
-                        "core"
-                    } else {
-                        info.group
-                    },
-                    info.plural
-                ),
-                namespace: None,
-            };
+            let selection = Selection::of_kind(info, None);
             let Ok((existing, _)) = self.store.list(&selection) else {
                 continue;
             };

@@ -84,6 +84,15 @@ pub enum ServerError {
     Identity(#[from] identity::IdentityError),
     #[error("config dir {path}: {message}")]
     ConfigDir { path: PathBuf, message: String },
+    #[error(
+        "the mesh's trust domain {mesh:?} (meshConfig.trustDomain in IstioOperator {sources}) is not the CA's {ca:?}: \
+         workloads would get certificates no client accepts; start the server with --trust-domain {mesh} or change the IstioOperator"
+    )]
+    TrustDomainMismatch {
+        mesh: String,
+        ca: String,
+        sources: String,
+    },
 }
 
 /// A started server.
@@ -157,6 +166,20 @@ fn serve_http(
     })
 }
 
+/// Refuses a stored mesh configuration whose trust domain is not the CA's:
+/// the identities the CA issues and those clients expect would differ.
+fn check_trust_domain(store: &Store, ca_trust_domain: &str) -> Result<(), ServerError> {
+    let mesh = mesh::stored_settings(store, None)?;
+    if mesh.trust_domain_set && mesh.trust_domain != ca_trust_domain {
+        return Err(ServerError::TrustDomainMismatch {
+            sources: mesh.sources.join(", "),
+            mesh: mesh.trust_domain,
+            ca: ca_trust_domain.to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Opens the store and starts the API, the mesh controller, and the xDS,
 /// monitoring and config-dir services that are asked for.
 pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
@@ -177,6 +200,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         &config.identity,
         store.clone(),
     )?);
+    check_trust_domain(&store, identity.authority.trust_domain())?;
     let router = api::router(
         store.clone(),
         config.api_token.clone(),
@@ -190,7 +214,11 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         "config API",
     )];
 
-    let (controller, mesh) = mesh::MeshController::new(store.clone(), config.debounce)?;
+    let (controller, mesh) = mesh::MeshController::new(
+        store.clone(),
+        config.debounce,
+        identity.authority.trust_domain(),
+    )?;
     tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
     let proxies = Arc::new(vmesh_xds::ads::StatusTable::default());
 

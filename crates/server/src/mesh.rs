@@ -1,7 +1,8 @@
 //! Keeps the mesh model current: after every burst of store changes it lists
 //! the objects, assigns virtual IPs (persisted in the ConfigMap
 //! [`VIP_CONFIG_MAP`] so they survive restarts), builds the registry snapshot
-//! and hands it to the xDS server.
+//! (decoding only the objects whose version changed, through the
+//! [`DecodeCache`] it keeps) and hands it to the xDS server.
 //!
 //! Changes are debounced: a rebuild waits for a quiet period, but never longer
 //! than a maximum delay after the first change, and is computed once for all
@@ -14,8 +15,10 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
-use vmesh_registry::{Snapshot, VipAllocator};
-use vmesh_store::{Op, Store};
+use vmesh_api::kinds::istio_operator::{self, IstioOperator};
+use vmesh_api::mesh::{MeshSettings, OperatorRef};
+use vmesh_registry::{DecodeCache, Snapshot, VipAllocator};
+use vmesh_store::{Op, Selection, Store};
 use vmesh_xds::ads::ConfigSource;
 use vmesh_xds::translate::MeshConfig;
 
@@ -41,9 +44,15 @@ impl Default for Debounce {
 
 pub struct MeshController {
     store: Arc<Store>,
+    /// Typed objects kept from one rebuild to the next: only changed objects are decoded again.
+    decoded: DecodeCache,
     vips: VipAllocator,
     debounce: Debounce,
     publish: watch::Sender<Arc<dyn ConfigSource>>,
+    /// The CA's trust domain, which the mesh's must equal.
+    ca_trust_domain: String,
+    /// The disagreeing trust domain last reported, so it is reported once.
+    reported_trust_domain: Option<String>,
 }
 
 fn vip_key() -> vmesh_api::ObjectKey {
@@ -60,6 +69,7 @@ impl MeshController {
     pub fn new(
         store: Arc<Store>,
         debounce: Debounce,
+        ca_trust_domain: &str,
     ) -> Result<(MeshController, watch::Receiver<Arc<dyn ConfigSource>>), vmesh_store::StoreError>
     {
         let existing: BTreeMap<String, IpAddr> = store
@@ -82,9 +92,12 @@ impl MeshController {
         let (publish, subscribe) = watch::channel(empty);
         let mut controller = MeshController {
             store,
+            decoded: DecodeCache::default(),
             vips,
             debounce,
             publish,
+            ca_trust_domain: ca_trust_domain.to_string(),
+            reported_trust_domain: None,
         };
         controller.rebuild();
         Ok((controller, subscribe))
@@ -99,13 +112,32 @@ impl MeshController {
             }
         };
         let before = self.vips.clone();
-        let snapshot = Snapshot::build(&objects, &mut self.vips);
+        let snapshot = Snapshot::build(&objects, &mut self.decoded, &mut self.vips);
         if self.vips != before {
             self.persist_vips();
         }
+        self.check_trust_domain(&snapshot.mesh);
         tracing::debug!(services = snapshot.services.len(), "mesh rebuilt");
         self.publish
             .send_replace(Arc::new(MeshConfig::new(snapshot)));
+    }
+
+    /// An IstioOperator applied while the server runs can still name another
+    /// trust domain than the CA's (at start the server refuses it): say so
+    /// loudly, once per value, since mTLS between workloads breaks.
+    fn check_trust_domain(&mut self, mesh: &MeshSettings) {
+        let disagreeing = (mesh.trust_domain_set && mesh.trust_domain != self.ca_trust_domain)
+            .then(|| mesh.trust_domain.clone());
+        if disagreeing.is_some() && disagreeing != self.reported_trust_domain {
+            tracing::error!(
+                mesh = %mesh.trust_domain,
+                ca = %self.ca_trust_domain,
+                operators = %mesh.sources.join(", "),
+                "meshConfig.trustDomain is not the CA's trust domain: clients will refuse the certificates the CA issues; restart the server with --trust-domain {} or change the IstioOperator",
+                mesh.trust_domain
+            );
+        }
+        self.reported_trust_domain = disagreeing;
     }
 
     fn persist_vips(&self) {
@@ -145,4 +177,33 @@ impl MeshController {
             self.rebuild();
         }
     }
+}
+
+/// The mesh settings of `revision` (`None`: the default one), resolved with
+/// [`MeshSettings::resolve`] over the stored IstioOperators; those whose body
+/// does not decode are skipped, as the registry skips them.
+pub fn stored_settings(
+    store: &Store,
+    revision: Option<&str>,
+) -> Result<MeshSettings, vmesh_store::StoreError> {
+    let (objects, _) = store.list(&Selection::of_kind(&istio_operator::KIND, None))?;
+    let operators: Vec<(&vmesh_api::Object, IstioOperator)> = objects
+        .iter()
+        .filter_map(|object| match object.typed() {
+            Ok(operator) => Some((object, operator)),
+            Err(error) => {
+                tracing::warn!(object = %object.display_name(), %error, "skipping an IstioOperator with an invalid body");
+                None
+            }
+        })
+        .collect();
+    let refs: Vec<OperatorRef<'_>> = operators
+        .iter()
+        .map(|(object, operator)| OperatorRef {
+            namespace: object.metadata.namespace().unwrap_or("default"),
+            name: object.metadata.name(),
+            spec: &operator.spec,
+        })
+        .collect();
+    Ok(MeshSettings::resolve(&refs, revision))
 }

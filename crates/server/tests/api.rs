@@ -560,3 +560,115 @@ async fn config_dir_is_followed() {
     assert_eq!(get("vm2").await.0, 200);
     server.running.shutdown().await;
 }
+
+fn operator(namespace: &str, name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "install.istio.io/v1alpha1",
+        "kind": "IstioOperator",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    })
+}
+
+#[tokio::test]
+async fn mesh_settings_are_resolved_from_the_stored_operators() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_in(dir.path(), Some("s3cret"), None).await;
+    let get = |path: &str| {
+        server
+            .http
+            .get(format!("{}{path}", server.base))
+            .bearer_auth("s3cret")
+    };
+    // Before any IstioOperator: the defaults.
+    let settings: Value = get("/v1/mesh").send().await.unwrap().json().await.unwrap();
+    assert_eq!(settings["trustDomain"], "cluster.local");
+    assert_eq!(settings["trustDomainSet"], false);
+    assert_eq!(settings["sources"], json!([]));
+
+    let items = json!([
+        operator(
+            "default",
+            "other",
+            json!({
+                "meshConfig": {"trustDomain": "other.example"},
+                "values": {"global": {"meshID": "mesh2", "multiCluster": {"clusterName": "cluster2"}}},
+            })
+        ),
+        operator(
+            "istio-system",
+            "base",
+            json!({
+                "meshConfig": {
+                    "trustDomain": "corp.example",
+                    "defaultConfig": {"holdApplicationUntilProxyStarts": true},
+                },
+                "values": {"global": {"meshID": "mesh1", "network": "network1"}},
+            })
+        ),
+        operator(
+            "istio-system",
+            "canary",
+            json!({
+                "revision": "canary",
+                "meshConfig": {"trustDomain": "canary.example"},
+            })
+        ),
+    ]);
+    let applied = server
+        .http
+        .post(format!("{}/apis/vmesh.io/v1/apply", server.base))
+        .bearer_auth("s3cret")
+        .json(&json!({"items": items}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(applied.status().as_u16(), 200, "{:?}", applied.text().await);
+
+    // The root namespace first, then by namespace and name; the first that
+    // says something wins; other revisions are left out.
+    let settings: Value = get("/v1/mesh").send().await.unwrap().json().await.unwrap();
+    assert_eq!(settings["trustDomain"], "corp.example");
+    assert_eq!(settings["trustDomainSet"], true);
+    assert_eq!(settings["meshId"], "mesh1");
+    assert_eq!(settings["clusterName"], "cluster2");
+    assert_eq!(settings["network"], "network1");
+    assert_eq!(
+        settings["defaultConfig"],
+        json!({"holdApplicationUntilProxyStarts": true})
+    );
+    assert_eq!(
+        settings["sources"],
+        json!(["istio-system/base", "default/other"])
+    );
+    let typed: vmesh_api::mesh::MeshSettings = serde_json::from_value(settings).unwrap();
+    assert_eq!(typed.cluster_name.as_deref(), Some("cluster2"));
+
+    let canary: Value = get("/v1/mesh?revision=canary")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(canary["trustDomain"], "canary.example");
+    assert_eq!(canary["sources"], json!(["istio-system/canary"]));
+    let default: Value = get("/v1/mesh?revision=default")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(default["trustDomain"], "corp.example");
+
+    // Authenticated as the rest of the API is.
+    let refused = server
+        .http
+        .get(format!("{}/v1/mesh", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    server.running.shutdown().await;
+}

@@ -49,26 +49,30 @@ pub enum StoreError {
     Gone(u64),
     #[error("invalid resourceVersion {0:?}")]
     BadResourceVersion(String),
-    #[error("store: {0}")]
-    Backend(String),
+    #[error("store: {context}")]
+    Backend {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 macro_rules! backend_errors {
-    ($($t:ty),*) => {$(
+    ($($t:ty => $context:literal),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Backend(e.to_string())
+                StoreError::Backend { context: $context.into(), source: Box::new(e) }
             }
         }
     )*};
 }
 backend_errors!(
-    redb::DatabaseError,
-    redb::TransactionError,
-    redb::TableError,
-    redb::StorageError,
-    redb::CommitError,
-    serde_json::Error
+    redb::DatabaseError => "opening the database",
+    redb::TransactionError => "starting a transaction",
+    redb::TableError => "opening a table",
+    redb::StorageError => "reading or writing the database",
+    redb::CommitError => "committing a transaction",
+    serde_json::Error => "encoding or decoding a stored object"
 );
 
 /// What happened to an object.
@@ -167,6 +171,14 @@ pub struct Selection {
 }
 
 impl Selection {
+    /// The objects of one kind, in one namespace or (`None`) all.
+    pub fn of_kind(info: &vmesh_api::KindInfo, namespace: Option<String>) -> Selection {
+        Selection {
+            collection: vmesh_api::object::collection(info.group, info.plural),
+            namespace,
+        }
+    }
+
     fn matches(&self, key: &ObjectKey) -> bool {
         key.collection_prefix() == self.collection
             && self
@@ -256,8 +268,10 @@ fn parse_rv(rv: &str) -> Result<u64, StoreError> {
 impl Store {
     /// Opens (or creates) the store in `dir`, creating the built-in namespaces.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StoreError::Backend(format!("{}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend {
+            context: format!("creating {}", dir.display()),
+            source: Box::new(e),
+        })?;
         let db = Database::create(dir.join("store.redb"))?;
         let txn = db.begin_write()?;
         let revision = {

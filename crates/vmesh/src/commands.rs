@@ -8,7 +8,7 @@ use vmesh_api::decode::{Decoded, decode_sources};
 use vmesh_api::{KindInfo, kind_for};
 use vmesh_server::ServerConfig;
 
-use crate::client::Client;
+use crate::client::{Client, proxy_statuses};
 use crate::{CaArgs, Command, CreateCommand, TokenCommand, manifests, output};
 
 pub async fn run(command: Command) -> Result<ExitCode> {
@@ -76,10 +76,16 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                 .iter()
                 .map(|l| serde_json::to_value(&l.object))
                 .collect::<Result<_, _>>()?;
-            let result = Client::new(&connection)
+            let what = format!(
+                "applying {} object{}",
+                items.len(),
+                if items.len() == 1 { "" } else { "s" }
+            );
+            let result = Client::config_api(&connection)?
                 .post(
                     "/apis/vmesh.io/v1/apply",
                     &json!({"items": items, "namespace": namespace}),
+                    &what,
                 )
                 .await?;
             for item in result["items"].as_array().into_iter().flatten() {
@@ -101,14 +107,19 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         } => {
             let info = resolve_kind(&kind)?;
             let namespace = (!all_namespaces).then_some(namespace.as_str());
-            let client = Client::new(&connection);
+            let client = Client::config_api(&connection)?;
             let objects = match &name {
-                Some(name) => vec![
-                    client
-                        .get(&info.path(namespace.or(Some("default")), Some(name)))
-                        .await?,
-                ],
-                None => client.get(&info.path(namespace, None)).await?["items"]
+                Some(name) => {
+                    let namespace = namespace.or(Some("default"));
+                    let what = format!("reading {}", describe(info, namespace, name));
+                    vec![client.get(&info.path(namespace, Some(name)), &what).await?]
+                }
+                None => client
+                    .get(
+                        &info.path(namespace, None),
+                        &format!("listing {}", info.plural),
+                    )
+                    .await?["items"]
                     .as_array()
                     .cloned()
                     .unwrap_or_default(),
@@ -130,7 +141,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             namespace,
             connection,
         } => {
-            let client = Client::new(&connection);
+            let client = Client::config_api(&connection)?;
             let targets: Vec<(&KindInfo, Option<String>, String)> = if files.is_empty() {
                 let (Some(kind), Some(name)) = (kind, name) else {
                     bail!("give -f FILE or KIND NAME")
@@ -158,7 +169,11 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             };
             let mut failed = false;
             for (info, ns, name) in targets {
-                match client.delete(&info.path(ns.as_deref(), Some(&name))).await {
+                let what = format!("deleting {}", describe(info, ns.as_deref(), &name));
+                match client
+                    .delete(&info.path(ns.as_deref(), Some(&name)), &what)
+                    .await
+                {
                     Ok(_) => println!("{}/{name} deleted", info.qualified_name()),
                     Err(e) => {
                         eprintln!("{e}");
@@ -173,12 +188,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             })
         }
         Command::ProxyStatus { monitoring } => {
-            let url = format!("{}/debug/syncz", monitoring.trim_end_matches('/'));
-            let proxies: Vec<Value> = reqwest::get(&url)
-                .await
-                .with_context(|| format!("cannot reach the server's monitoring port at {monitoring} (set VMESH_MONITORING)"))?
-                .json()
-                .await?;
+            let proxies = proxy_statuses(&monitoring).await?;
             print!("{}", output::proxy_status_table(&proxies));
             Ok(ExitCode::SUCCESS)
         }
@@ -229,8 +239,12 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         } => {
             let namespace =
                 json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
-            Client::new(&connection)
-                .post("/api/v1/namespaces", &namespace)
+            Client::config_api(&connection)?
+                .post(
+                    "/api/v1/namespaces",
+                    &namespace,
+                    &format!("creating namespace {name}"),
+                )
                 .await?;
             println!("namespace/{name} created");
             Ok(ExitCode::SUCCESS)
@@ -244,10 +258,11 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                     connection,
                 },
         } => {
-            let issued = Client::new(&connection)
+            let issued = Client::config_api(&connection)?
                 .post(
                     &format!("/apis/vmesh.io/v1/namespaces/{namespace}/serviceaccounts/{service_account}/token"),
                     &json!({"durationSeconds": duration.as_secs()}),
+                    &format!("issuing a token for ServiceAccount {namespace}/{service_account}"),
                 )
                 .await?;
             let token = issued["token"]
@@ -265,10 +280,11 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                     connection,
                 },
         } => {
-            let answer = Client::new(&connection)
+            let answer = Client::config_api(&connection)?
                 .post(
                     &format!("/apis/vmesh.io/v1/namespaces/{namespace}/serviceaccounts/{service_account}/revoke"),
                     &json!({"id": id}),
+                    &format!("revoking tokens of ServiceAccount {namespace}/{service_account}"),
                 )
                 .await?;
             println!("revoked {}", answer["revoked"].as_str().unwrap_or_default());
@@ -350,6 +366,14 @@ fn resolve_kind(name: &str) -> Result<&'static KindInfo> {
             .collect();
         format!("unknown kind {name:?}; known kinds: {}", known.join(", "))
     })
+}
+
+/// `Kind namespace/name` (`Kind name` when cluster-scoped), for messages.
+fn describe(info: &KindInfo, namespace: Option<&str>, name: &str) -> String {
+    match namespace.filter(|_| info.namespaced) {
+        Some(ns) => format!("{} {ns}/{name}", info.kind),
+        None => format!("{} {name}", info.kind),
+    }
 }
 
 /// `workloadentry.networking.istio.io/name` for an object as the server returned it.

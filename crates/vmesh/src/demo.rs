@@ -293,7 +293,7 @@ fn print_keep_instructions(state: &Path) -> Result<()> {
 /// runs the checks.
 fn build_and_check(state: &Path, made: &mut Vec<Namespace>) -> Result<Vec<Check>> {
     let exe = vmesh()?;
-    let envoy = crate::agent::find_envoy()?;
+    let envoy = vmesh_agent::envoy::find_envoy()?;
     {
         use std::os::unix::fs::DirBuilderExt;
         // Fresh (down() removed any) and not listable: it holds tokens and

@@ -8,12 +8,12 @@
 
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::Value;
 use vmesh_api::kinds::{workload_entry, workload_group};
 
 use crate::Connection;
-use crate::client::Client;
+use crate::client::{Client, proxy_statuses};
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Clone, Copy)]
 enum Level {
@@ -134,21 +134,26 @@ fn proxy_findings(proxies: &[Value]) -> Vec<Finding> {
 }
 
 pub async fn run(connection: &Connection, monitoring: &str) -> Result<ExitCode> {
-    let client = Client::new(connection);
+    let client = Client::config_api(connection)?;
     let items =
         |list: Value| -> Vec<Value> { list["items"].as_array().cloned().unwrap_or_default() };
-    let groups = items(client.get(&workload_group::KIND.path(None, None)).await?);
-    let entries = items(client.get(&workload_entry::KIND.path(None, None)).await?);
-    let url = format!("{}/debug/syncz", monitoring.trim_end_matches('/'));
-    let proxies: Vec<Value> = reqwest::get(&url)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot reach the server's monitoring port at {monitoring} (set VMESH_MONITORING)"
+    let groups = items(
+        client
+            .get(
+                &workload_group::KIND.path(None, None),
+                "listing WorkloadGroups",
             )
-        })?
-        .json()
-        .await?;
+            .await?,
+    );
+    let entries = items(
+        client
+            .get(
+                &workload_entry::KIND.path(None, None),
+                "listing WorkloadEntries",
+            )
+            .await?,
+    );
+    let proxies = proxy_statuses(monitoring).await?;
 
     let mut findings = group_findings(&groups);
     findings.extend(entry_findings(&entries));

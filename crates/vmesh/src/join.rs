@@ -3,8 +3,9 @@
 //! It fetches the mesh root from the server without trusting it, checks it
 //! against the `--ca-hash` pin (as `kubeadm join` checks its CA), and only
 //! then sends the join token, over TLS verified with that root, to get the
-//! onboarding files; they are unpacked into a private directory, installed
-//! by their own install.sh, and removed.
+//! onboarding files ([`vmesh_agent::onboarding_files::BUNDLE`], nothing
+//! else); they are unpacked into a private directory, installed by their
+//! own install.sh, and removed.
 //!
 //! Starting the agent afterwards is the caller's (`vmesh agent`).
 
@@ -14,22 +15,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use vmesh_agent::onboarding_files::{self, BundleFile};
 
 use crate::agent::JoinArgs;
 
 const SERVER_NAME: &str = vmesh_ca::ISTIOD_SERVICE_NAME;
 const TIMEOUT: Duration = Duration::from_secs(15);
-/// What a bootstrap archive may hold.
-const FILES: &[&str] = &[
-    "cluster.env",
-    "mesh.yaml",
-    "istio-token",
-    "root-cert.pem",
-    "hosts",
-    "vmesh-agent.service",
-    "install.sh",
-];
-
 /// The mesh root as the server at `server` presents it, checked against `pin`.
 async fn pinned_root(server: &str, pin: &str) -> Result<String> {
     // Unverified on purpose: nothing secret is sent, and what comes back is
@@ -105,14 +96,14 @@ fn unpack(archive: &[u8], dir: &Path) -> Result<()> {
     {
         let mut entry = entry.context("reading the onboarding archive")?;
         let name = entry.path()?.to_string_lossy().into_owned();
-        if !FILES.contains(&name.as_str()) || !entry.header().entry_type().is_file() {
+        if BundleFile::named(&name).is_none() || !entry.header().entry_type().is_file() {
             bail!("the onboarding archive holds {name:?}, which is not an onboarding file");
         }
         entry.unpack(dir.join(&name))?;
     }
-    for name in FILES {
-        if !dir.join(name).is_file() {
-            bail!("the onboarding archive lacks {name}");
+    for file in onboarding_files::BUNDLE {
+        if !dir.join(file.name).is_file() {
+            bail!("the onboarding archive lacks {}", file.name);
         }
     }
     Ok(())
@@ -132,7 +123,7 @@ pub async fn join(args: &JoinArgs, root: Option<&Path>) -> Result<bool> {
     unpack(&archive, dir.path())?;
     let systemd = root.is_none() && Path::new("/run/systemd/system").is_dir();
     let mut install = Command::new("sh");
-    install.arg(dir.path().join("install.sh"));
+    install.arg(dir.path().join(onboarding_files::INSTALL_SH.name));
     if let Some(root) = root {
         install.env("ROOT", root);
     }

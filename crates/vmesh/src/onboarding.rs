@@ -9,56 +9,35 @@
 //!   token) to the server under a join token and prints the one line a VM
 //!   runs, `vmesh agent join …`; `vmesh workload join-token revoke` ends it.
 //!
-//! What the files say is [`render`]'s; this module reads the group, the mesh
-//! settings, a token and the mesh root from the server and writes the files.
-
-mod render;
+//! What the files are called, what they say and where they go on the VM is
+//! [`vmesh_agent::onboarding_files`]'s; this module reads the group, the mesh
+//! settings, a token and the mesh root from the server and has the files
+//! written.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde_json::{Map, Value, json};
-use vmesh_api::kinds::istio_operator::IstioOperatorSpec;
+use vmesh_agent::onboarding_files::{
+    self as files, BundleFile, DEFAULT_CLUSTER_ID, Onboarding, istiod_host, with_port,
+};
 use vmesh_api::kinds::workload_group::{self, WorkloadGroupSpec};
+use vmesh_server::identity::ROOT_CONFIG_MAP;
 
 use crate::Connection;
-use render::{DEFAULT_CLUSTER_ID, Onboarding, istiod_host, with_port};
+use crate::client::Client;
 
 /// The annotation whose YAML ProxyConfig is merged into `defaultConfig`.
 const PROXY_CONFIG_ANNOTATION: &str = "proxy.istio.io/config";
-/// Istio's ConfigMap with the mesh root, in every namespace.
-const ROOT_CONFIG_MAP: &str = "istio-ca-root-cert";
+/// The key of the mesh root in [`ROOT_CONFIG_MAP`] (the server's publisher writes it).
 const ROOT_CERT_KEY: &str = "root-cert.pem";
 /// How long `configure` waits for the server to publish the mesh root in a new namespace.
 const ROOT_CERT_WAIT: Duration = Duration::from_secs(5);
-
-/// The files `configure` writes, their modes, and where install.sh puts them.
-const FILES: &[(&str, u32, &str)] = &[
-    ("cluster.env", 0o644, "/var/lib/istio/envoy/cluster.env"),
-    ("mesh.yaml", 0o644, "/etc/istio/config/mesh"),
-    (
-        "istio-token",
-        0o600,
-        "/var/run/secrets/tokens/istio-token (kept in /var/lib/istio/tokens/)",
-    ),
-    ("root-cert.pem", 0o644, "/etc/certs/root-cert.pem"),
-    ("hosts", 0o644, "added to /etc/hosts"),
-    (
-        "vmesh-agent.service",
-        0o644,
-        "/etc/systemd/system/vmesh-agent.service",
-    ),
-    ("install.sh", 0o755, "run on the VM: sudo sh install.sh"),
-];
-
-const INSTALL_SH: &str = include_str!("onboarding/install.sh");
-const AGENT_UNIT: &str = include_str!("onboarding/vmesh-agent.service");
 
 /// `vmesh workload …`
 #[derive(Debug, clap::Args)]
@@ -299,72 +278,6 @@ fn group_create(args: GroupCreateArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The config API, with "not found" told apart from failure.
-struct Api {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
-}
-
-impl Api {
-    fn new(connection: &Connection) -> Result<Api> {
-        Ok(Api {
-            base: connection.server.trim_end_matches('/').to_string(),
-            token: connection.token.clone(),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(10))
-                .timeout(Duration::from_secs(60))
-                .build()?,
-        })
-    }
-
-    async fn send(&self, request: reqwest::RequestBuilder, what: &str) -> Result<Option<Value>> {
-        let request = match &self.token {
-            Some(token) => request.bearer_auth(token),
-            None => request,
-        };
-        let response = request.send().await.with_context(|| {
-            format!(
-                "{what}: cannot reach the vmesh server at {} (set VMESH_SERVER or --server)",
-                self.base
-            )
-        })?;
-        let code = response.status();
-        if code == reqwest::StatusCode::NOT_FOUND {
-            return Ok(None);
-        }
-        let text = response
-            .text()
-            .await
-            .with_context(|| format!("{what}: reading the server's answer ({code})"))?;
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        if !code.is_success() {
-            let message = body["message"]
-                .as_str()
-                .or(body.as_str())
-                .unwrap_or("no message");
-            bail!(
-                "{what}: the vmesh server at {} answered {code}: {message}",
-                self.base
-            );
-        }
-        Ok(Some(body))
-    }
-
-    async fn get(&self, path: &str, what: &str) -> Result<Option<Value>> {
-        self.send(self.http.get(format!("{}{path}", self.base)), what)
-            .await
-    }
-
-    async fn post(&self, path: &str, body: &Value, what: &str) -> Result<Option<Value>> {
-        self.send(
-            self.http.post(format!("{}{path}", self.base)).json(body),
-            what,
-        )
-        .await
-    }
-}
-
 /// A WorkloadGroup as configure uses it.
 struct Group {
     name: String,
@@ -418,69 +331,6 @@ fn group_from_file(file: &str, namespace: &str) -> Result<Group> {
     }
 }
 
-/// The mesh settings configure takes from the server's IstioOperators.
-#[derive(Default)]
-struct MeshSettings {
-    trust_domain: Option<String>,
-    mesh_id: Option<String>,
-    cluster_name: Option<String>,
-    default_config: Map<String, Value>,
-}
-
-async fn mesh_settings(api: &Api, revision: Option<&str>) -> Result<MeshSettings> {
-    let info = &vmesh_api::kinds::istio_operator::KIND;
-    let listed = api
-        .get(
-            &info.path(None, None),
-            "reading the mesh configuration (IstioOperator)",
-        )
-        .await?
-        .unwrap_or_default();
-    let mut operators: Vec<&Value> = listed["items"].as_array().into_iter().flatten().collect();
-    // istio-system's first, then by name: the first that says something wins.
-    operators.sort_by_key(|o| {
-        (
-            o["metadata"]["namespace"].as_str() != Some(render::ISTIOD_NAMESPACE),
-            o["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        )
-    });
-    let wanted = revision.filter(|r| !r.is_empty() && *r != "default");
-    let mut settings = MeshSettings::default();
-    for operator in operators {
-        let Ok(spec) = serde_json::from_value::<IstioOperatorSpec>(operator["spec"].clone()) else {
-            continue;
-        };
-        if spec
-            .revision
-            .as_deref()
-            .filter(|r| !r.is_empty() && *r != "default")
-            != wanted
-        {
-            continue;
-        }
-        let mesh = spec.mesh_config.unwrap_or_default();
-        let global = spec.values.and_then(|v| v.global).unwrap_or_default();
-        let default_config = mesh.default_config.unwrap_or_default();
-        settings.trust_domain = settings.trust_domain.or(mesh.trust_domain);
-        settings.mesh_id = settings
-            .mesh_id
-            .or(default_config.mesh_id.clone())
-            .or(global.mesh_id);
-        settings.cluster_name = settings
-            .cluster_name
-            .or(global.multi_cluster.and_then(|m| m.cluster_name));
-        if settings.default_config.is_empty()
-            && let Value::Object(config) = serde_json::to_value(&default_config)?
-        {
-            settings.default_config = config;
-        }
-    }
-    Ok(settings)
-}
-
 /// Merges `overlay` into `base`, objects key by key.
 fn merge(base: &mut Map<String, Value>, overlay: Map<String, Value>) {
     for (key, value) in overlay {
@@ -494,7 +344,7 @@ fn merge(base: &mut Map<String, Value>, overlay: Map<String, Value>) {
 }
 
 async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
-    let api = Api::new(&args.connection)?;
+    let api = Client::config_api(&args.connection)?;
     let group = match &args.file {
         Some(file) => group_from_file(file, &args.namespace)?,
         None => {
@@ -502,12 +352,12 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
             ensure_namespace(&api, &args.namespace).await?;
             let what = format!("reading WorkloadGroup {}/{name}", args.namespace);
             let path = workload_group::KIND.path(Some(&args.namespace), Some(name));
-            let Some(object) = api.get(&path, &what).await? else {
+            let Some(object) = api.find(&path, &what).await? else {
                 bail!(
-                    "WorkloadGroup {}/{name} not found on the vmesh server at {}: create it first \
+                    "WorkloadGroup {}/{name} not found on {}: create it first \
                      (vmesh workload group create --name {name} -n {} … | vmesh apply -f -)",
                     args.namespace,
-                    api.base,
+                    api.server(),
                     args.namespace
                 );
             };
@@ -530,7 +380,7 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
         (None, None) => "default".to_string(),
     };
 
-    let mesh = mesh_settings(&api, args.revision.as_deref()).await?;
+    let mesh = api.mesh_settings(args.revision.as_deref()).await?;
     let mut proxy_config = mesh.default_config.clone();
     let spec_annotations = group
         .spec
@@ -579,8 +429,7 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
     let trust_domain = args
         .trust_domain
         .clone()
-        .or(mesh.trust_domain.clone())
-        .unwrap_or_else(|| "cluster.local".into());
+        .unwrap_or_else(|| mesh.trust_domain.clone());
     let discovery_address = match &args.ingress_host {
         Some(host) => {
             let host = host.trim();
@@ -642,16 +491,16 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
     // leaves the directory as it was.
     warn_missing_service_account(&api, &group.namespace, &service_account).await;
     let root_cert = root_cert(&api, &group.namespace).await?;
-    let mut files: Vec<(&str, String)> = vec![
-        ("cluster.env", onboarding.cluster_env()),
-        ("mesh.yaml", onboarding.mesh_yaml()?),
-        ("root-cert.pem", root_cert),
-        ("hosts", onboarding.hosts()),
-        ("vmesh-agent.service", AGENT_UNIT.to_string()),
-        ("install.sh", INSTALL_SH.to_string()),
+    let mut bundle: Vec<(BundleFile, String)> = vec![
+        (files::CLUSTER_ENV, onboarding.cluster_env()),
+        (files::MESH_YAML, onboarding.mesh_yaml()?),
+        (files::ROOT_CERT, root_cert),
+        (files::HOSTS, onboarding.hosts()),
+        (files::AGENT_UNIT, files::AGENT_UNIT_FILE.to_string()),
+        (files::INSTALL_SH, files::install_sh()),
     ];
     let Some(output) = &args.output else {
-        return create_join(&api, &args, &display, &onboarding, files).await;
+        return create_join(&api, &args, &display, &onboarding, bundle).await;
     };
     let (token, expires) = issue_token(
         &api,
@@ -660,21 +509,19 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
         args.token_duration,
     )
     .await?;
-    files.push(("istio-token", token));
-    std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
-    for (name, contents) in &files {
-        let mode = FILES
-            .iter()
-            .find(|(n, _, _)| n == name)
-            .map_or(0o644, |(_, mode, _)| *mode);
-        write_file(output, name, contents.as_bytes(), mode)?;
-    }
+    bundle.push((files::TOKEN, token));
+    files::write_bundle(output, &bundle)?;
 
     let dir = output.display().to_string();
     let dir = dir.trim_end_matches('/');
     println!("{display}: onboarding files written to {dir}/");
-    for (name, mode, place) in FILES {
-        println!("  {name:<20} {mode:04o}  {place}");
+    for file in files::BUNDLE {
+        println!(
+            "  {:<20} {:04o}  {}",
+            file.name,
+            file.mode,
+            file.placement()
+        );
     }
     println!(
         "identity {}/{service_account}, token valid until {expires}{}",
@@ -685,13 +532,16 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
             ""
         }
     );
-    println!("copy {dir} to the VM and run there: sudo sh install.sh");
+    println!(
+        "copy {dir} to the VM and run there: sudo sh {}",
+        files::INSTALL_SH.name
+    );
     if let Some(host) = &args.ingress_host {
         println!(
             "the VM dials {}: the server's xDS certificate must name {} (vmesh server --xds-san {})",
             onboarding.discovery_address,
-            render::host_of(&onboarding.discovery_address),
-            render::host_of(host.trim())
+            files::host_of(&onboarding.discovery_address),
+            files::host_of(host.trim())
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -699,15 +549,15 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
 
 /// Registers the files under a new join token and prints the join line.
 async fn create_join(
-    api: &Api,
+    api: &Client,
     args: &ConfigureArgs,
     display: &str,
     onboarding: &Onboarding,
-    files: Vec<(&str, String)>,
+    bundle: Vec<(BundleFile, String)>,
 ) -> Result<ExitCode> {
-    let files: Map<String, Value> = files
+    let files: Map<String, Value> = bundle
         .into_iter()
-        .map(|(name, contents)| (name.to_string(), Value::String(contents)))
+        .map(|(file, contents)| (file.name.to_string(), Value::String(contents)))
         .collect();
     let what = format!("creating a join token for {display}");
     let created = api
@@ -724,8 +574,7 @@ async fn create_join(
             }),
             &what,
         )
-        .await?
-        .with_context(|| format!("{what}: the server has no join API (404)"))?;
+        .await?;
     let field = |key: &str| {
         created[key]
             .as_str()
@@ -749,7 +598,7 @@ async fn create_join(
 }
 
 async fn revoke_join(args: JoinRevokeArgs) -> Result<ExitCode> {
-    let api = Api::new(&args.connection)?;
+    let api = Client::config_api(&args.connection)?;
     let what = format!(
         "revoking join tokens of WorkloadGroup {}/{}",
         args.namespace, args.name
@@ -767,8 +616,7 @@ async fn revoke_join(args: JoinRevokeArgs) -> Result<ExitCode> {
             &body,
             &what,
         )
-        .await?
-        .with_context(|| format!("{what}: the server has no join API (404)"))?;
+        .await?;
     println!(
         "{} join token(s) of WorkloadGroup {}/{} revoked: new joins with them are refused",
         answer["revoked"], args.namespace, args.name
@@ -776,24 +624,24 @@ async fn revoke_join(args: JoinRevokeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn ensure_namespace(api: &Api, namespace: &str) -> Result<()> {
+async fn ensure_namespace(api: &Client, namespace: &str) -> Result<()> {
     let what = format!("reading namespace {namespace}");
     if api
-        .get(&format!("/api/v1/namespaces/{namespace}"), &what)
+        .find(&format!("/api/v1/namespaces/{namespace}"), &what)
         .await?
         .is_none()
     {
         bail!(
-            "namespace {namespace} does not exist on the vmesh server at {} (vmesh create namespace {namespace})",
-            api.base
+            "namespace {namespace} does not exist on {} (vmesh create namespace {namespace})",
+            api.server()
         );
     }
     Ok(())
 }
 
-async fn warn_missing_service_account(api: &Api, namespace: &str, account: &str) {
+async fn warn_missing_service_account(api: &Client, namespace: &str, account: &str) {
     let path = format!("/api/v1/namespaces/{namespace}/serviceaccounts/{account}");
-    if let Ok(None) = api.get(&path, "reading the service account").await {
+    if let Ok(None) = api.find(&path, "reading the service account").await {
         eprintln!(
             "warning: ServiceAccount {namespace}/{account} does not exist; the token is issued for it anyway"
         );
@@ -802,12 +650,12 @@ async fn warn_missing_service_account(api: &Api, namespace: &str, account: &str)
 
 /// `root-cert.pem` of the namespace's `istio-ca-root-cert`, waiting a little
 /// for a namespace the server has not published the root to yet.
-async fn root_cert(api: &Api, namespace: &str) -> Result<String> {
+async fn root_cert(api: &Client, namespace: &str) -> Result<String> {
     let what = format!("reading ConfigMap {namespace}/{ROOT_CONFIG_MAP}");
     let path = format!("/api/v1/namespaces/{namespace}/configmaps/{ROOT_CONFIG_MAP}");
     let deadline = tokio::time::Instant::now() + ROOT_CERT_WAIT;
     loop {
-        if let Some(map) = api.get(&path, &what).await? {
+        if let Some(map) = api.find(&path, &what).await? {
             let pem = map["data"][ROOT_CERT_KEY].as_str().unwrap_or_default();
             if !pem.contains("BEGIN CERTIFICATE") {
                 bail!(
@@ -818,9 +666,9 @@ async fn root_cert(api: &Api, namespace: &str) -> Result<String> {
         }
         if tokio::time::Instant::now() >= deadline {
             bail!(
-                "ConfigMap {namespace}/{ROOT_CONFIG_MAP} not found on the vmesh server at {}: \
+                "ConfigMap {namespace}/{ROOT_CONFIG_MAP} not found on {}: \
                  the server publishes the mesh root to every namespace; is it running its CA?",
-                api.base
+                api.server()
             );
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -829,7 +677,7 @@ async fn root_cert(api: &Api, namespace: &str) -> Result<String> {
 
 /// A bootstrap token (audience istio-ca) and when it expires.
 async fn issue_token(
-    api: &Api,
+    api: &Client,
     namespace: &str,
     account: &str,
     life: Duration,
@@ -841,34 +689,11 @@ async fn issue_token(
             &json!({"durationSeconds": life.as_secs()}),
             &what,
         )
-        .await?
-        .with_context(|| format!("{what}: the server has no token API (404)"))?;
+        .await?;
     let token = issued["token"]
         .as_str()
         .filter(|t| t.split('.').count() == 3)
         .with_context(|| format!("{what}: the server's answer carries no token"))?;
     let expires = issued["expires"].as_str().unwrap_or("?").to_string();
     Ok((token.to_string(), expires))
-}
-
-/// Writes `dir/name` with `mode` through a temporary file and a rename, so
-/// the file never exists with looser permissions or half written.
-fn write_file(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let path = dir.join(name);
-    let temporary = dir.join(format!(".{name}.vmesh-new"));
-    let _ = std::fs::remove_file(&temporary);
-    let write = || -> std::io::Result<()> {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&temporary)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        // The umask may have taken bits away at creation.
-        std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))?;
-        std::fs::rename(&temporary, &path)
-    };
-    write().with_context(|| format!("writing {}", path.display()))
 }

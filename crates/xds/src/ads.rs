@@ -12,17 +12,24 @@
 //! and, once it has recorded one, answered with a response of that type
 //! whose nonce is the request's `response_nonce`, so the agent can stop
 //! repeating it.
+//!
+//! Both flavours share everything but their bookkeeping per type: the stream
+//! loop (`serve`), who the proxy is, its health reports, its resources and
+//! its status (the `Session`) are written once here; `sotw` and `delta`
+//! keep what each flavour tracks of a subscription, and `grpc` frames the
+//! bytes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -32,7 +39,9 @@ use tonic::Status;
 
 use crate::node::Proxy;
 
+mod delta;
 mod grpc;
+mod sotw;
 
 pub use grpc::AdsServer;
 
@@ -67,7 +76,7 @@ fn wildcard_type(type_url: &str) -> bool {
 pub struct Versioned {
     pub any: Any,
     /// A fingerprint of the bytes: the resource's version. Never
-    /// [`UNKNOWN_VERSION`].
+    /// `UNKNOWN_VERSION`.
     pub version: u64,
 }
 
@@ -246,11 +255,10 @@ pub struct HealthReport {
 }
 
 impl HealthReport {
-    fn from_request(
-        type_url: &str,
-        error: Option<&envoy_types::pb::google::rpc::Status>,
-    ) -> Option<HealthReport> {
-        (type_url == HEALTH_INFORMATION_TYPE).then(|| HealthReport {
+    /// The report a request carries, if it is one.
+    fn from_request(request: &impl Request) -> Option<HealthReport> {
+        let error = request.error_detail();
+        (request.type_url() == HEALTH_INFORMATION_TYPE).then(|| HealthReport {
             healthy: error.is_none(),
             message: error.map(|e| e.message.clone()).unwrap_or_default(),
         })
@@ -384,6 +392,17 @@ impl Session {
         }
     }
 
+    /// The stream ended: the proxy leaves the lifecycle and the status table.
+    fn end(self) {
+        if let Some(proxy) = &self.proxy {
+            tracing::info!(proxy = %proxy.id, "proxy disconnected");
+            if let Some(lifecycle) = &self.lifecycle {
+                lifecycle.disconnected(self.connection, proxy);
+            }
+        }
+        self.status.proxies.lock().remove(&self.connection);
+    }
+
     fn refused(&self, type_url: &str, version: String, message: &str) {
         tracing::warn!(proxy = ?self.proxy.as_ref().map(|p| &p.id), %type_url, "proxy refused config: {message}");
         let message = message.to_string();
@@ -408,31 +427,96 @@ fn version_of(hash: u64) -> String {
     format!("{hash:016x}")
 }
 
-/// One xDS flavour's per-stream state: it turns requests and configuration
-/// changes into responses; [`serve`] does the I/O.
-trait Protocol: Send + 'static {
-    type Request: Send + 'static;
-    type Response: Send + 'static;
-    fn node(request: &Self::Request) -> Option<&Node>;
-    /// The health report a request carries, and the nonce to answer it with.
-    fn health(request: &Self::Request) -> Option<(HealthReport, String)>;
-    /// The acknowledgement of the health report named `nonce`.
-    fn health_ack(nonce: String) -> Self::Response;
-    fn session(&mut self) -> &mut Session;
-    fn on_request(&mut self, request: Self::Request) -> Vec<Self::Response>;
+/// What [`serve`] reads in the requests of both flavours.
+trait Request: prost::Message + Default + Send + 'static {
+    fn node(&self) -> Option<&Node>;
+    fn type_url(&self) -> &str;
+    fn response_nonce(&self) -> &str;
+    fn error_detail(&self) -> Option<&RpcStatus>;
+}
+
+/// What [`serve`] builds of the responses of both flavours.
+trait Response: prost::Message + Send + 'static {
+    /// The acknowledgement of the health report answering `nonce`.
+    fn health_ack(nonce: String) -> Self;
+}
+
+/// Both flavours' messages have these fields under the same names.
+macro_rules! discovery_messages {
+    ($($request:ty => $response:ty),*) => {$(
+        impl Request for $request {
+            fn node(&self) -> Option<&Node> {
+                self.node.as_ref()
+            }
+            fn type_url(&self) -> &str {
+                &self.type_url
+            }
+            fn response_nonce(&self) -> &str {
+                &self.response_nonce
+            }
+            fn error_detail(&self) -> Option<&RpcStatus> {
+                self.error_detail.as_ref()
+            }
+        }
+
+        impl Response for $response {
+            fn health_ack(nonce: String) -> Self {
+                Self {
+                    type_url: HEALTH_INFORMATION_TYPE.into(),
+                    nonce,
+                    ..Default::default()
+                }
+            }
+        }
+    )*};
+}
+
+discovery_messages!(
+    DiscoveryRequest => DiscoveryResponse,
+    DeltaDiscoveryRequest => DeltaDiscoveryResponse
+);
+
+/// One xDS flavour's per-stream subscriptions: it turns requests and
+/// configuration changes into responses. Who the proxy is, its health
+/// reports and its resources are the [`Session`]'s, the same for both;
+/// [`serve`] does the I/O.
+trait Protocol: Default + Send + 'static {
+    type Request: Request;
+    type Response: Response;
+    /// A request that is not a health report, from an identified proxy.
+    fn on_request(&mut self, session: &mut Session, request: Self::Request) -> Vec<Self::Response>;
+    /// The response for `type_url` if the proxy subscribes to it and lacks
+    /// something of it, or always with `force`.
+    fn push(
+        &mut self,
+        session: &mut Session,
+        type_url: &str,
+        force: bool,
+    ) -> Option<Self::Response>;
+    /// Forgets what the proxy refused: after a configuration change it may
+    /// be sent again.
+    fn forget_refusals(&mut self);
+
     /// The session's resources were recomputed: push what changed.
-    fn on_config(&mut self) -> Vec<Self::Response>;
+    fn on_config(&mut self, session: &mut Session) -> Vec<Self::Response> {
+        self.forget_refusals();
+        PUSH_ORDER
+            .iter()
+            .filter_map(|type_url| self.push(session, type_url, false))
+            .collect()
+    }
 }
 
 /// Runs one stream until the proxy hangs up, the server shuts down, or the
 /// proxy's first request does not say who it is.
 fn serve<P: Protocol>(
-    mut protocol: P,
+    mut session: Session,
     mut inbound: impl Stream<Item = Result<P::Request, Status>> + Send + Unpin + 'static,
     mut config: watch::Receiver<Arc<dyn ConfigSource>>,
     mut shutdown: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<P::Response, Status>> {
     let (out, rx) = mpsc::channel(16);
+    let mut protocol = P::default();
     tokio::spawn(async move {
         'stream: loop {
             let responses = tokio::select! {
@@ -441,18 +525,17 @@ fn serve<P: Protocol>(
                         // Not `borrow_and_update`: a change seen here must
                         // still reach `on_config` below.
                         let current = config.borrow().clone();
-                        if let Err(status) = protocol.session().identify(P::node(&request), &current) {
+                        if let Err(status) = session.identify(request.node(), &current) {
                             let _ = out.send(Err(status)).await;
                             break;
                         }
-                        match P::health(&request) {
-                            Some((report, nonce)) => protocol
-                                .session()
+                        match HealthReport::from_request(&request) {
+                            Some(report) => session
                                 .health(&report)
-                                .then(|| P::health_ack(nonce))
+                                .then(|| P::Response::health_ack(request.response_nonce().to_string()))
                                 .into_iter()
                                 .collect(),
-                            None => protocol.on_request(request),
+                            None => protocol.on_request(&mut session, request),
                         }
                     }
                     Some(Err(status)) => {
@@ -468,10 +551,9 @@ fn serve<P: Protocol>(
                         break;
                     }
                     let current = config.borrow_and_update().clone();
-                    let session = protocol.session();
                     let Some(proxy) = &session.proxy else { continue };
                     session.resources = current.resources(proxy);
-                    protocol.on_config()
+                    protocol.on_config(&mut session)
                 }
             };
             for response in responses {
@@ -480,345 +562,9 @@ fn serve<P: Protocol>(
                 }
             }
         }
-        let session = protocol.session();
-        if let Some(proxy) = &session.proxy {
-            tracing::info!(proxy = %proxy.id, "proxy disconnected");
-            if let Some(lifecycle) = &session.lifecycle {
-                lifecycle.disconnected(session.connection, proxy);
-            }
-        }
-        session.status.proxies.lock().remove(&session.connection);
+        session.end();
     });
     ReceiverStream::new(rx)
-}
-
-/// One type's subscription on a state-of-the-world stream.
-#[derive(Default)]
-struct Subscription {
-    /// `None`: every resource of the type (CDS, LDS); otherwise the names asked for.
-    names: Option<BTreeSet<Arc<str>>>,
-    sent_nonce: Option<String>,
-    /// Fingerprint of what was last sent, and of what was last refused.
-    sent_hash: Option<u64>,
-    refused_hash: Option<u64>,
-}
-
-/// State-of-the-world ADS: every response carries the whole set of a type.
-struct StateOfTheWorld {
-    session: Session,
-    subscriptions: BTreeMap<String, Subscription>,
-}
-
-impl StateOfTheWorld {
-    /// The response for `type_url` if what the proxy should have differs from what it has.
-    fn push(&mut self, type_url: &str, force: bool) -> Option<DiscoveryResponse> {
-        let subscription = self.subscriptions.get_mut(type_url)?;
-        let resources = &self.session.resources;
-        let chosen: Vec<(&Arc<str>, &Versioned)> = match &subscription.names {
-            None => resources.of_type(type_url).collect(),
-            Some(names) => names
-                .iter()
-                .filter_map(|n| resources.get(type_url, n))
-                .collect(),
-        };
-        let hash = fingerprint(chosen.iter().copied());
-        let unchanged = subscription.sent_hash == Some(hash) && !force;
-        if unchanged || subscription.refused_hash == Some(hash) {
-            return None;
-        }
-        let chosen: Vec<Any> = chosen.into_iter().map(|(_, r)| r.any.clone()).collect();
-        let nonce = self.session.next_nonce();
-        subscription.sent_hash = Some(hash);
-        subscription.sent_nonce = Some(nonce.clone());
-        self.session.sent(type_url, version_of(hash));
-        Some(DiscoveryResponse {
-            version_info: version_of(hash),
-            resources: chosen,
-            type_url: type_url.to_string(),
-            nonce,
-            ..Default::default()
-        })
-    }
-}
-
-impl Protocol for StateOfTheWorld {
-    type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
-
-    fn node(request: &DiscoveryRequest) -> Option<&Node> {
-        request.node.as_ref()
-    }
-
-    fn health(request: &DiscoveryRequest) -> Option<(HealthReport, String)> {
-        HealthReport::from_request(&request.type_url, request.error_detail.as_ref())
-            .map(|report| (report, request.response_nonce.clone()))
-    }
-
-    fn health_ack(nonce: String) -> DiscoveryResponse {
-        DiscoveryResponse {
-            type_url: HEALTH_INFORMATION_TYPE.into(),
-            nonce,
-            ..Default::default()
-        }
-    }
-
-    fn session(&mut self) -> &mut Session {
-        &mut self.session
-    }
-
-    fn on_request(&mut self, request: DiscoveryRequest) -> Vec<DiscoveryResponse> {
-        let type_url = request.type_url.clone();
-        let wildcard = wildcard_type(&type_url);
-        let subscription = self.subscriptions.entry(type_url.clone()).or_default();
-        // An answer to an older response on this stream is superseded. (A
-        // nonce before anything was sent here comes from an earlier stream.)
-        if !request.response_nonce.is_empty()
-            && subscription
-                .sent_nonce
-                .as_ref()
-                .is_some_and(|sent| *sent != request.response_nonce)
-        {
-            return Vec::new();
-        }
-        if let Some(error) = &request.error_detail {
-            subscription.refused_hash = subscription.sent_hash;
-            // Envoy's `version_info` here is the last version it accepted;
-            // the refused one is what this nonce carried.
-            let version = subscription.sent_hash.map(version_of).unwrap_or_default();
-            self.session.refused(&type_url, version, &error.message);
-            return Vec::new();
-        }
-        if !request.response_nonce.is_empty() {
-            self.session.acked(&type_url, request.version_info.clone());
-        }
-        let resources = &self.session.resources;
-        let names: Option<BTreeSet<Arc<str>>> = (!wildcard).then(|| {
-            request
-                .resource_names
-                .iter()
-                .map(|n| resources.intern(&type_url, n))
-                .collect()
-        });
-        let names_changed = subscription.names != names;
-        subscription.names = names;
-        let first = subscription.sent_nonce.is_none();
-        self.push(&type_url, first || names_changed)
-            .into_iter()
-            .collect()
-    }
-
-    fn on_config(&mut self) -> Vec<DiscoveryResponse> {
-        for subscription in self.subscriptions.values_mut() {
-            subscription.refused_hash = None;
-        }
-        PUSH_ORDER
-            .iter()
-            .filter_map(|type_url| self.push(type_url, false))
-            .collect()
-    }
-}
-
-/// A delta response waiting for its ACK or NACK.
-struct Pending {
-    nonce: String,
-    system_version: String,
-    diff_hash: u64,
-    /// The versions the proxy had of the resources this response changes:
-    /// restored if it refuses.
-    undo: Vec<(Arc<str>, Option<u64>)>,
-}
-
-/// One type's subscription on a delta stream.
-#[derive(Default)]
-struct DeltaSubscription {
-    wildcard: bool,
-    names: BTreeSet<Arc<str>>,
-    /// Resource name → version the proxy has (or has been sent).
-    known: BTreeMap<Arc<str>, u64>,
-    pending: Option<Pending>,
-    refused_hash: Option<u64>,
-    /// The system version the proxy last accepted.
-    acked_version: Option<String>,
-}
-
-/// Incremental ADS: responses carry only what changed and what was removed.
-struct Delta {
-    session: Session,
-    subscriptions: BTreeMap<String, DeltaSubscription>,
-}
-
-impl Delta {
-    fn push(&mut self, type_url: &str, force: bool) -> Option<DeltaDiscoveryResponse> {
-        let subscription = self.subscriptions.get_mut(type_url)?;
-        let resources = &self.session.resources;
-        let wanted = |name: &str| subscription.wildcard || subscription.names.contains(name);
-        let desired: Vec<(&Arc<str>, &Versioned)> = resources
-            .of_type(type_url)
-            .filter(|(name, _)| wanted(name))
-            .collect();
-        let changed: Vec<(&Arc<str>, &Versioned)> = desired
-            .iter()
-            .filter(|(name, r)| subscription.known.get(*name) != Some(&r.version))
-            .copied()
-            .collect();
-        let removed: Vec<Arc<str>> = subscription
-            .known
-            .keys()
-            .filter(|name| !wanted(name) || resources.get(type_url, name).is_none())
-            .cloned()
-            .collect();
-        if changed.is_empty() && removed.is_empty() && !force {
-            // The proxy already has what it should: after a refusal, that is
-            // the version it last accepted.
-            if subscription.pending.is_none()
-                && let Some(accepted) = subscription.acked_version.clone()
-            {
-                self.session.sent(type_url, accepted);
-            }
-            return None;
-        }
-        let mut hasher = DefaultHasher::new();
-        fingerprint(changed.iter().copied()).hash(&mut hasher);
-        removed.hash(&mut hasher);
-        let diff_hash = hasher.finish();
-        if subscription.refused_hash == Some(diff_hash) && !force {
-            return None;
-        }
-        let system_version = version_of(fingerprint(desired));
-        let mut undo = Vec::with_capacity(changed.len() + removed.len());
-        for (name, resource) in &changed {
-            let before = subscription.known.insert((*name).clone(), resource.version);
-            undo.push(((*name).clone(), before));
-        }
-        for name in &removed {
-            undo.push((name.clone(), subscription.known.remove(name)));
-        }
-        let changed: Vec<Resource> = changed
-            .into_iter()
-            .map(|(name, resource)| Resource {
-                name: name.to_string(),
-                version: version_of(resource.version),
-                resource: Some(resource.any.clone()),
-                ..Default::default()
-            })
-            .collect();
-        let removed: Vec<String> = removed.iter().map(|name| name.to_string()).collect();
-        let nonce = self.session.next_nonce();
-        subscription.pending = Some(Pending {
-            nonce: nonce.clone(),
-            system_version: system_version.clone(),
-            diff_hash,
-            undo,
-        });
-        self.session.sent(type_url, system_version.clone());
-        Some(DeltaDiscoveryResponse {
-            system_version_info: system_version,
-            resources: changed,
-            type_url: type_url.to_string(),
-            removed_resources: removed,
-            nonce,
-            ..Default::default()
-        })
-    }
-}
-
-impl Protocol for Delta {
-    type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
-
-    fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
-        request.node.as_ref()
-    }
-
-    fn health(request: &DeltaDiscoveryRequest) -> Option<(HealthReport, String)> {
-        HealthReport::from_request(&request.type_url, request.error_detail.as_ref())
-            .map(|report| (report, request.response_nonce.clone()))
-    }
-
-    fn health_ack(nonce: String) -> DeltaDiscoveryResponse {
-        DeltaDiscoveryResponse {
-            type_url: HEALTH_INFORMATION_TYPE.into(),
-            nonce,
-            ..Default::default()
-        }
-    }
-
-    fn session(&mut self) -> &mut Session {
-        &mut self.session
-    }
-
-    fn on_request(&mut self, request: DeltaDiscoveryRequest) -> Vec<DeltaDiscoveryResponse> {
-        let type_url = request.type_url.clone();
-        let first = !self.subscriptions.contains_key(&type_url);
-        let subscription = self.subscriptions.entry(type_url.clone()).or_default();
-        if first {
-            // An empty first subscription is the legacy wildcard for CDS and LDS.
-            subscription.wildcard =
-                request.resource_names_subscribe.is_empty() && wildcard_type(&type_url);
-            let resources = &self.session.resources;
-            subscription.known = request
-                .initial_resource_versions
-                .iter()
-                .map(|(name, version)| {
-                    let version = u64::from_str_radix(version, 16).unwrap_or(UNKNOWN_VERSION);
-                    (resources.intern(&type_url, name), version)
-                })
-                .collect();
-        }
-        if !request.response_nonce.is_empty() {
-            match subscription.pending.take() {
-                Some(pending) if pending.nonce == request.response_nonce => {
-                    match &request.error_detail {
-                        Some(error) => {
-                            // Envoy keeps what it had: so does our view of it.
-                            for (name, version) in pending.undo {
-                                match version {
-                                    Some(version) => subscription.known.insert(name, version),
-                                    None => subscription.known.remove(&name),
-                                };
-                            }
-                            subscription.refused_hash = Some(pending.diff_hash);
-                            self.session
-                                .refused(&type_url, pending.system_version, &error.message);
-                        }
-                        None => {
-                            subscription.acked_version = Some(pending.system_version.clone());
-                            self.session.acked(&type_url, pending.system_version);
-                        }
-                    }
-                }
-                // An answer to an older response: superseded.
-                other => subscription.pending = other,
-            }
-        }
-        for name in &request.resource_names_subscribe {
-            if name == "*" {
-                subscription.wildcard = true;
-            } else {
-                let name = self.session.resources.intern(&type_url, name);
-                subscription.names.insert(name);
-            }
-        }
-        for name in &request.resource_names_unsubscribe {
-            if name == "*" {
-                subscription.wildcard = false;
-            } else {
-                subscription.names.remove(name.as_str());
-                subscription.known.remove(name.as_str());
-            }
-        }
-        self.push(&type_url, first).into_iter().collect()
-    }
-
-    fn on_config(&mut self) -> Vec<DeltaDiscoveryResponse> {
-        for subscription in self.subscriptions.values_mut() {
-            subscription.refused_hash = None;
-        }
-        PUSH_ORDER
-            .iter()
-            .filter_map(|type_url| self.push(type_url, false))
-            .collect()
-    }
 }
 
 impl Ads {

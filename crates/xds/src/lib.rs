@@ -1,9 +1,12 @@
 //! xDS for vmesh: who a proxy is ([`node`]), what it should run
-//! ([`translate`]), the DNS name table its agent answers from ([`nds`]),
-//! and the ADS stream that delivers them ([`ads`]).
+//! ([`translate`], with its mutual TLS from [`mtls`] and its RBAC from
+//! [`authz`]), the DNS name table its agent answers from ([`nds`]), and the
+//! ADS stream that delivers them ([`ads`]).
 //!
-//! This crate does not own the mesh model (the registry crate does) nor the
-//! gRPC listener's address and authentication (the server does).
+//! This crate translates; it does not own the mesh model nor decide which
+//! rules apply to a host or a workload (the registry crate does, with lookups
+//! on its `Snapshot`), nor the gRPC listener's address and authentication
+//! (the server does).
 
 #![forbid(unsafe_code)]
 
@@ -13,3 +16,6 @@ pub mod mtls;
 pub mod nds;
 pub mod node;
 pub mod translate;
+
+#[cfg(test)]
+mod testing;

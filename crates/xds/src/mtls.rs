@@ -1,11 +1,14 @@
 //! Mutual TLS between sidecars: what a client cluster presents and checks
 //! (Istio's auto-mTLS, overridden by a DestinationRule's `tls`), and what an
-//! inbound port accepts (PeerAuthentication at mesh, namespace and workload
-//! level, with `portLevelMtls`).
+//! inbound port accepts (the mode PeerAuthentication at mesh, namespace and
+//! workload level gives it, with `portLevelMtls`).
 //!
-//! Certificates never travel in xDS: Envoy gets them from its agent over SDS
-//! (secrets `default` and `ROOTCA` on the bootstrap cluster `sds-grpc`); this
-//! module only names them. Who may call what is `authz`'s job.
+//! Which PeerAuthentications speak for a workload is the registry's decision
+//! (`Snapshot::peer_authentications_for`); this module reads the mode they
+//! give a port. Certificates never travel in xDS: Envoy gets them from its
+//! agent over SDS (secrets `default` and `ROOTCA` on the bootstrap cluster
+//! `sds-grpc`); this module only names them. Who may call what is `authz`'s
+//! job.
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster::TransportSocketMatch};
 use envoy_types::pb::envoy::config::core::v3::{
@@ -22,8 +25,8 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher}
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, Value, value::Kind};
 use envoy_types::util::pack_any;
 use vmesh_api::kinds::destination_rule::{ClientTlsMode, ClientTlsSettings};
-use vmesh_api::kinds::peer_authentication::{MtlsMode, MutualTls, PeerAuthenticationSpec};
-use vmesh_registry::{MeshEndpoint, MeshService, Scoped, Snapshot};
+use vmesh_api::kinds::peer_authentication::{MtlsMode, MutualTls};
+use vmesh_registry::{MeshEndpoint, MeshService, Snapshot};
 
 use crate::node::Proxy;
 
@@ -277,39 +280,13 @@ fn mode_of(mtls: Option<&MutualTls>) -> Option<PeerMode> {
     }
 }
 
-/// The PeerAuthentication mode for one of the proxy's ports: the most
-/// specific policy that says something about it wins (workload, then
-/// namespace, then the mesh in the root namespace), a `portLevelMtls` entry
-/// before the policy's own mode; with none, PERMISSIVE.
+/// The PeerAuthentication mode for one of the proxy's ports: the first of
+/// the policies that speak for its workload (most specific first, as the
+/// registry selects them) that says something about the port, a
+/// `portLevelMtls` entry before the policy's own mode; with none, PERMISSIVE.
 pub fn peer_mode(snapshot: &Snapshot, proxy: &Proxy, port: u16) -> PeerMode {
-    fn in_namespace<'a>(
-        snapshot: &'a Snapshot,
-        namespace: &'a str,
-    ) -> impl Iterator<Item = &'a Scoped<PeerAuthenticationSpec>> {
-        snapshot
-            .peer_authentications
-            .iter()
-            .filter(move |p| p.namespace == namespace)
-    }
-    // An empty selector (`selector: {}`) selects every workload, like none.
-    let labels_of = |p: &Scoped<PeerAuthenticationSpec>| {
-        p.spec
-            .selector
-            .as_ref()
-            .and_then(|s| s.match_labels.clone())
-            .filter(|labels| !labels.is_empty())
-    };
-    let selects_proxy = |p: &&Scoped<PeerAuthenticationSpec>| {
-        labels_of(p)
-            .is_some_and(|labels| labels.iter().all(|(k, v)| proxy.labels.get(k) == Some(v)))
-    };
-    let namespace_wide = |p: &&Scoped<PeerAuthenticationSpec>| labels_of(p).is_none();
-    let workload = in_namespace(snapshot, &proxy.namespace).find(selects_proxy);
-    let namespace = in_namespace(snapshot, &proxy.namespace).find(namespace_wide);
-    let mesh = in_namespace(snapshot, &snapshot.mesh.root_namespace).find(namespace_wide);
-    [workload, namespace, mesh]
-        .into_iter()
-        .flatten()
+    snapshot
+        .peer_authentications_for(&proxy.namespace, &proxy.labels)
         .find_map(|policy| {
             let port_level = policy
                 .spec
@@ -346,15 +323,7 @@ mod tests {
     use envoy_types::pb::google::protobuf::Struct;
 
     use super::*;
-
-    fn snapshot(yaml: &str) -> Snapshot {
-        let objects: Vec<_> = vmesh_api::decode_manifests("pa.yaml", yaml)
-            .objects
-            .into_iter()
-            .map(|l| l.object)
-            .collect();
-        Snapshot::build(&objects, &mut vmesh_registry::VipAllocator::default())
-    }
+    use crate::testing::snapshot;
 
     fn proxy(app: &str) -> Proxy {
         let labels = Struct {

@@ -15,7 +15,7 @@ use prost::Message;
 use vmesh_proto::NAME_TABLE_TYPE;
 use vmesh_proto::nds::NameTable;
 use vmesh_proto::nds::name_table::NameInfo;
-use vmesh_registry::{MeshService, Origin, Resolution, Snapshot};
+use vmesh_registry::{EndpointAddress, MeshService, Origin, Resolution, Snapshot};
 
 use crate::ads::ResourceSet;
 
@@ -34,8 +34,10 @@ fn addresses(service: &MeshService) -> Vec<String> {
         service
             .endpoints
             .iter()
-            .filter_map(|e| e.address.parse::<IpAddr>().ok())
-            .map(|ip| ip.to_string())
+            .filter_map(|e| match e.address {
+                EndpointAddress::Ip(ip) => Some(ip.to_string()),
+                _ => None,
+            })
             .collect()
     } else {
         service.addresses.iter().map(IpAddr::to_string).collect()
@@ -94,15 +96,7 @@ pub fn name_table_resources(snapshot: &Snapshot) -> ResourceSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn snapshot(yaml: &str) -> Snapshot {
-        let objects: Vec<_> = vmesh_api::decode_manifests("names.yaml", yaml)
-            .objects
-            .into_iter()
-            .map(|l| l.object)
-            .collect();
-        Snapshot::build(&objects, &mut vmesh_registry::VipAllocator::default())
-    }
+    use crate::testing::snapshot;
 
     #[test]
     fn services_and_service_entries_with_their_addresses() {

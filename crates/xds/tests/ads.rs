@@ -1,7 +1,8 @@
 //! The ADS protocol over a real gRPC connection: a tonic server on a loopback
 //! port serving [`Ads`], and tonic clients speaking state-of-the-world xDS to
 //! it the way Envoy does (first request, ACK, NACK, stale nonces, EDS name
-//! subscriptions).
+//! subscriptions), delta xDS (wildcard, ACK, NACK, removals), and health
+//! reports on both.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,7 +13,9 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LocalityLbEndpoints};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use envoy_types::util::pack_any;
@@ -23,8 +26,8 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
 use tonic::Streaming;
 use vmesh_xds::ads::{
-    Ads, CLUSTER_TYPE, ConfigSource, ENDPOINT_TYPE, ProxyStatus, ResourceSet, Resources,
-    StatusTable, TypeStatus,
+    Ads, CLUSTER_TYPE, ConfigSource, ENDPOINT_TYPE, HEALTH_INFORMATION_TYPE, ProxyStatus,
+    ResourceSet, Resources, StatusTable, TypeStatus,
 };
 use vmesh_xds::node::Proxy;
 
@@ -186,6 +189,25 @@ impl Harness {
             .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
             .await
             .map(tonic::Response::into_inner);
+        (tx, responses)
+    }
+
+    /// Opens a delta ADS stream.
+    async fn open_delta(
+        &self,
+    ) -> (
+        mpsc::UnboundedSender<DeltaDiscoveryRequest>,
+        Streaming<DeltaDiscoveryResponse>,
+    ) {
+        let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let responses = client
+            .delta_aggregated_resources(UnboundedReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
         (tx, responses)
     }
 
@@ -638,5 +660,133 @@ async fn a_change_arriving_with_a_request_is_not_lost() {
         }
         drop(proxy);
     }
+    h.stop().await;
+}
+
+async fn recv_delta(responses: &mut Streaming<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
+    tokio::time::timeout(WAIT, responses.message())
+        .await
+        .expect("a response within the deadline")
+        .expect("no stream error")
+        .expect("the stream is still open")
+}
+
+fn delta_names(response: &DeltaDiscoveryResponse) -> Vec<&str> {
+    response.resources.iter().map(|r| r.name.as_str()).collect()
+}
+
+#[tokio::test]
+async fn delta_sends_changes_and_removals_and_remembers_refusals() {
+    let h = Harness::start(Fixed(resources(&[("a", ""), ("b", "")], &[]))).await;
+    let (requests, mut responses) = h.open_delta().await;
+    let node = Node {
+        id: NODE_1.to_string(),
+        ..Default::default()
+    };
+    // An empty first subscription to CDS is the wildcard.
+    requests
+        .send(DeltaDiscoveryRequest {
+            node: Some(node),
+            type_url: CLUSTER_TYPE.to_string(),
+            ..Default::default()
+        })
+        .unwrap();
+    let first = recv_delta(&mut responses).await;
+    assert_eq!(first.type_url, CLUSTER_TYPE);
+    assert_eq!(delta_names(&first), ["a", "b"]);
+    assert!(first.removed_resources.is_empty());
+    let answer = |response: &DeltaDiscoveryResponse, error: Option<&str>| DeltaDiscoveryRequest {
+        type_url: response.type_url.clone(),
+        response_nonce: response.nonce.clone(),
+        error_detail: error.map(|message| RpcStatus {
+            code: tonic::Code::InvalidArgument as i32,
+            message: message.to_string(),
+            details: Vec::new(),
+        }),
+        ..Default::default()
+    };
+    requests.send(answer(&first, None)).unwrap();
+    h.eventually("the ACK is recorded", |_| {
+        h.type_status(NODE_1, CLUSTER_TYPE).acked_version.as_deref()
+            == Some(first.system_version_info.as_str())
+    })
+    .await;
+
+    // Only what changed, and what is gone.
+    h.set(Fixed(resources(&[("a", "changed"), ("c", "")], &[])));
+    let change = recv_delta(&mut responses).await;
+    assert_eq!(delta_names(&change), ["a", "c"]);
+    assert_eq!(change.removed_resources, ["b"]);
+    requests
+        .send(answer(&change, Some("cluster c: bad config")))
+        .unwrap();
+    h.eventually("the NACK is recorded", |_| {
+        h.type_status(NODE_1, CLUSTER_TYPE).nack
+            == Some((
+                change.system_version_info.clone(),
+                "cluster c: bad config".to_string(),
+            ))
+    })
+    .await;
+    tokio::time::timeout(QUIET, responses.message())
+        .await
+        .expect_err("a refused change is not sent again while nothing changes");
+    // Envoy kept what it had: a fix is sent against that.
+    h.set(Fixed(resources(&[("a", "changed"), ("c", "fixed")], &[])));
+    let fixed = recv_delta(&mut responses).await;
+    assert_eq!(delta_names(&fixed), ["a", "c"]);
+    assert_eq!(fixed.removed_resources, ["b"]);
+
+    drop(requests);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn health_reports_are_acknowledged_on_both_flavours() {
+    let h = Harness::start(Fixed(resources(&[("a", "")], &[]))).await;
+    let node = Node {
+        id: NODE_1.to_string(),
+        ..Default::default()
+    };
+
+    let mut proxy = h.connect(NODE_1).await;
+    proxy.send(DiscoveryRequest {
+        type_url: HEALTH_INFORMATION_TYPE.to_string(),
+        response_nonce: "report-1".to_string(),
+        ..Default::default()
+    });
+    let ack = proxy.recv().await;
+    assert_eq!(
+        (ack.type_url.as_str(), ack.nonce.as_str()),
+        (HEALTH_INFORMATION_TYPE, "report-1")
+    );
+    assert!(ack.resources.is_empty());
+
+    let (requests, mut responses) = h.open_delta().await;
+    requests
+        .send(DeltaDiscoveryRequest {
+            node: Some(node),
+            type_url: HEALTH_INFORMATION_TYPE.to_string(),
+            response_nonce: "report-2".to_string(),
+            error_detail: Some(RpcStatus {
+                code: tonic::Code::Unavailable as i32,
+                message: "probe failed".to_string(),
+                details: Vec::new(),
+            }),
+            ..Default::default()
+        })
+        .unwrap();
+    let ack = recv_delta(&mut responses).await;
+    assert_eq!(
+        (ack.type_url.as_str(), ack.nonce.as_str()),
+        (HEALTH_INFORMATION_TYPE, "report-2")
+    );
+    assert!(ack.resources.is_empty());
+    h.eventually("both proxies are listed", |status| {
+        status.snapshot().len() == 2
+    })
+    .await;
+
+    drop((proxy, requests));
     h.stop().await;
 }

@@ -30,7 +30,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use prost::Message;
 use regex::Regex;
 use vmesh_api::testing::{NOT_KUBERNETES, seed_dir};
-use vmesh_registry::{Snapshot, VipAllocator};
+use vmesh_registry::{DecodeCache, Snapshot, VipAllocator};
 use vmesh_xds::ads::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
 use vmesh_xds::node::Proxy;
 use vmesh_xds::translate::translate;
@@ -158,7 +158,11 @@ fn guide_snapshot() -> Snapshot {
         );
         objects.extend(decoded.objects.into_iter().map(|l| l.object));
     }
-    Snapshot::build(&objects, &mut VipAllocator::default())
+    Snapshot::build(
+        &objects,
+        &mut DecodeCache::default(),
+        &mut VipAllocator::default(),
+    )
 }
 
 /// The guide's VM (`workload-entry-payment-vm1.yaml`) as its own proxy sees itself.

@@ -14,7 +14,6 @@ use std::future::{Ready, ready};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use futures::{Stream, StreamExt};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
@@ -24,7 +23,9 @@ use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
 
-use super::{Ads, Delta, StateOfTheWorld, serve};
+use super::delta::Delta;
+use super::sotw::StateOfTheWorld;
+use super::{Ads, CallerIdentity, Protocol, serve};
 
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 const STATE_OF_THE_WORLD: &str =
@@ -67,24 +68,8 @@ where
             None => None,
         };
         let body = match request.uri().path() {
-            STATE_OF_THE_WORLD => framed(serve(
-                StateOfTheWorld {
-                    session: ads.session(caller),
-                    subscriptions: Default::default(),
-                },
-                requests::<DiscoveryRequest, B>(request.into_body()),
-                ads.config.clone(),
-                ads.shutdown.clone(),
-            )),
-            DELTA => framed(serve(
-                Delta {
-                    session: ads.session(caller),
-                    subscriptions: Default::default(),
-                },
-                requests::<DeltaDiscoveryRequest, B>(request.into_body()),
-                ads.config.clone(),
-                ads.shutdown.clone(),
-            )),
+            STATE_OF_THE_WORLD => stream::<StateOfTheWorld, B>(ads, caller, request.into_body()),
+            DELTA => stream::<Delta, B>(ads, caller, request.into_body()),
             other => {
                 let status = Status::unimplemented(format!("no method {other}"));
                 return ready(Ok(status.into_http()));
@@ -96,6 +81,21 @@ where
             .unwrap_or_default();
         ready(Ok(response))
     }
+}
+
+/// One stream of protocol `P`, from the request body to the response body.
+fn stream<P, B>(ads: &Ads, caller: Option<CallerIdentity>, body: B) -> Body
+where
+    P: Protocol,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError> + Send + 'static,
+{
+    framed(serve::<P>(
+        ads.session(caller),
+        requests::<P::Request, B>(body),
+        ads.config.clone(),
+        ads.shutdown.clone(),
+    ))
 }
 
 /// The proxy's requests, decoded from the body's gRPC frames. The buffer is

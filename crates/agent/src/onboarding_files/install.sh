@@ -42,12 +42,7 @@ HOSTS_MARK='# added by vmesh install.sh'
 # every boot, and a VM must keep its credentials across a reboot. Istio's
 # path becomes a symbolic link to the kept copy, made again at boot by the
 # systemd-tmpfiles rule below.
-CLUSTER_ENV=/var/lib/istio/envoy/cluster.env
-MESH=/etc/istio/config/mesh
-TOKEN=/var/lib/istio/tokens/istio-token
-TOKEN_LINK=/var/run/secrets/tokens/istio-token
-ROOT_CERT=/etc/certs/root-cert.pem
-UNIT=/etc/systemd/system/vmesh-agent.service
+@ISTIO_PATHS@
 TMPFILES=/etc/tmpfiles.d/vmesh-agent.conf
 BINARY=/usr/local/bin/vmesh
 

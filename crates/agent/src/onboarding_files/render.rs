@@ -6,26 +6,32 @@
 //! `mesh.yaml` is `{defaultConfig: ProxyConfig}` whose `proxyMetadata`
 //! carries the workload's identity and placement; `cluster.env` holds the
 //! same keys plus the capture settings, as sorted `KEY='value'` lines.
+//! Reading them back is [`super::Installed`]'s.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use serde_json::{Map, Value};
 
+use super::keys;
+use crate::capture::config::{
+    DEFAULT_EXCLUDE_INBOUND_PORTS, ENV_INBOUND_PORTS, ENV_LOCAL_EXCLUDE_PORTS, ENV_SERVICE_CIDR,
+    SSH_PORT,
+};
+
 /// The control plane's namespace; istiod's name lives in it.
-pub const ISTIOD_NAMESPACE: &str = "istio-system";
+const ISTIOD_NAMESPACE: &str = "istio-system";
 /// xDS and CA over TLS.
 pub const XDS_PORT: u16 = 15012;
 /// `--clusterID` when neither the flag nor the mesh configuration names one (Istio's default).
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
-/// Ports inbound capture never takes: SSH, Envoy's stats, readiness and the agent.
-pub const LOCAL_EXCLUDE_PORTS: &[u16] = &[22, 15090, 15021, 15020];
 
-/// `istiod.istio-system.svc`, or `istiod-<rev>.istio-system.svc` for a revision.
+/// [`vmesh_ca::ISTIOD_SERVICE_NAME`] (`istiod.istio-system.svc`), or
+/// `istiod-<rev>.istio-system.svc` for a revision.
 pub fn istiod_host(revision: Option<&str>) -> String {
     match revision.filter(|r| !r.is_empty() && *r != "default") {
         Some(rev) => format!("istiod-{rev}.{ISTIOD_NAMESPACE}.svc"),
-        None => format!("istiod.{ISTIOD_NAMESPACE}.svc"),
+        None => vmesh_ca::ISTIOD_SERVICE_NAME.to_string(),
     }
 }
 
@@ -128,15 +134,15 @@ impl Onboarding {
         for (key, value) in [
             ("CANONICAL_SERVICE", service),
             ("CANONICAL_REVISION", revision),
-            ("POD_NAMESPACE", self.namespace.clone()),
-            ("SERVICE_ACCOUNT", self.service_account.clone()),
-            ("TRUST_DOMAIN", self.trust_domain.clone()),
+            (keys::POD_NAMESPACE, self.namespace.clone()),
+            (keys::SERVICE_ACCOUNT, self.service_account.clone()),
+            (keys::TRUST_DOMAIN, self.trust_domain.clone()),
             ("ISTIO_META_CLUSTER_ID", self.cluster_id.clone()),
             ("ISTIO_META_MESH_ID", self.mesh_id.clone()),
             ("ISTIO_META_NETWORK", self.network.clone()),
             ("ISTIO_META_WORKLOAD_NAME", self.group.clone()),
-            ("ISTIO_METAJSON_LABELS", labels),
-            ("ISTIO_META_DNS_CAPTURE", self.dns_capture.to_string()),
+            (keys::LABELS, labels),
+            (keys::DNS_CAPTURE, self.dns_capture.to_string()),
         ] {
             md.insert(key.into(), value);
         }
@@ -160,9 +166,13 @@ impl Onboarding {
 
     /// `ISTIO_LOCAL_EXCLUDE_PORTS`: ours, plus any the mesh's metadata adds.
     fn local_exclude_ports(&self, md: &BTreeMap<String, String>) -> String {
-        let mut ports: Vec<String> = LOCAL_EXCLUDE_PORTS.iter().map(u16::to_string).collect();
+        let mut ports: Vec<String> = [SSH_PORT]
+            .iter()
+            .chain(&DEFAULT_EXCLUDE_INBOUND_PORTS)
+            .map(u16::to_string)
+            .collect();
         for extra in md
-            .get("ISTIO_LOCAL_EXCLUDE_PORTS")
+            .get(ENV_LOCAL_EXCLUDE_PORTS)
             .into_iter()
             .flat_map(|v| v.split(','))
             .map(str::trim)
@@ -181,16 +191,16 @@ impl Onboarding {
         let mut env = self.proxy_metadata();
         let exclude = self.local_exclude_ports(&env);
         for (key, value) in [
-            ("ISTIO_INBOUND_PORTS", self.inbound_ports()),
+            (ENV_INBOUND_PORTS, self.inbound_ports()),
             ("ISTIO_NAMESPACE", self.namespace.clone()),
             (
                 "ISTIO_SERVICE",
                 format!("{}.{}", self.group, self.namespace),
             ),
-            ("ISTIO_SERVICE_CIDR", "*".into()),
-            ("ISTIO_LOCAL_EXCLUDE_PORTS", exclude),
-            ("PILOT_ADDRESS", self.discovery_address.clone()),
-            ("CA_ADDR", self.discovery_address.clone()),
+            (ENV_SERVICE_CIDR, "*".into()),
+            (ENV_LOCAL_EXCLUDE_PORTS, exclude),
+            (keys::PILOT_ADDRESS, self.discovery_address.clone()),
+            (keys::CA_ADDR, self.discovery_address.clone()),
         ] {
             env.insert(key.into(), value);
         }
@@ -255,11 +265,11 @@ pub fn shell_quote(value: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn payment() -> Onboarding {
+    pub(crate) fn payment() -> Onboarding {
         Onboarding {
             group: "payment-service".into(),
             namespace: "vm-workloads".into(),

@@ -1,0 +1,199 @@
+//! Incremental (delta) ADS: responses carry only the resources that changed
+//! and the names removed; the server tracks which version of each resource
+//! the proxy has, and puts it back when the proxy refuses a response.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
+
+use super::{
+    Protocol, Session, UNKNOWN_VERSION, Versioned, fingerprint, version_of, wildcard_type,
+};
+
+/// A delta response waiting for its ACK or NACK.
+struct Pending {
+    nonce: String,
+    system_version: String,
+    diff_hash: u64,
+    /// The versions the proxy had of the resources this response changes:
+    /// restored if it refuses.
+    undo: Vec<(Arc<str>, Option<u64>)>,
+}
+
+/// One type's subscription on a delta stream.
+#[derive(Default)]
+struct DeltaSubscription {
+    wildcard: bool,
+    names: BTreeSet<Arc<str>>,
+    /// Resource name → version the proxy has (or has been sent).
+    known: BTreeMap<Arc<str>, u64>,
+    pending: Option<Pending>,
+    refused_hash: Option<u64>,
+    /// The system version the proxy last accepted.
+    acked_version: Option<String>,
+}
+
+/// A delta stream's subscriptions, by type URL.
+#[derive(Default)]
+pub(super) struct Delta {
+    subscriptions: BTreeMap<String, DeltaSubscription>,
+}
+
+impl Protocol for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    fn on_request(
+        &mut self,
+        session: &mut Session,
+        request: DeltaDiscoveryRequest,
+    ) -> Vec<DeltaDiscoveryResponse> {
+        let type_url = request.type_url.clone();
+        let first = !self.subscriptions.contains_key(&type_url);
+        let subscription = self.subscriptions.entry(type_url.clone()).or_default();
+        if first {
+            // An empty first subscription is the legacy wildcard for CDS and LDS.
+            subscription.wildcard =
+                request.resource_names_subscribe.is_empty() && wildcard_type(&type_url);
+            let resources = &session.resources;
+            subscription.known = request
+                .initial_resource_versions
+                .iter()
+                .map(|(name, version)| {
+                    let version = u64::from_str_radix(version, 16).unwrap_or(UNKNOWN_VERSION);
+                    (resources.intern(&type_url, name), version)
+                })
+                .collect();
+        }
+        if !request.response_nonce.is_empty() {
+            match subscription.pending.take() {
+                Some(pending) if pending.nonce == request.response_nonce => {
+                    match &request.error_detail {
+                        Some(error) => {
+                            // Envoy keeps what it had: so does our view of it.
+                            for (name, version) in pending.undo {
+                                match version {
+                                    Some(version) => subscription.known.insert(name, version),
+                                    None => subscription.known.remove(&name),
+                                };
+                            }
+                            subscription.refused_hash = Some(pending.diff_hash);
+                            session.refused(&type_url, pending.system_version, &error.message);
+                        }
+                        None => {
+                            subscription.acked_version = Some(pending.system_version.clone());
+                            session.acked(&type_url, pending.system_version);
+                        }
+                    }
+                }
+                // An answer to an older response: superseded.
+                other => subscription.pending = other,
+            }
+        }
+        for name in &request.resource_names_subscribe {
+            if name == "*" {
+                subscription.wildcard = true;
+            } else {
+                let name = session.resources.intern(&type_url, name);
+                subscription.names.insert(name);
+            }
+        }
+        for name in &request.resource_names_unsubscribe {
+            if name == "*" {
+                subscription.wildcard = false;
+            } else {
+                subscription.names.remove(name.as_str());
+                subscription.known.remove(name.as_str());
+            }
+        }
+        self.push(session, &type_url, first).into_iter().collect()
+    }
+
+    fn push(
+        &mut self,
+        session: &mut Session,
+        type_url: &str,
+        force: bool,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let subscription = self.subscriptions.get_mut(type_url)?;
+        let resources = &session.resources;
+        let wanted = |name: &str| subscription.wildcard || subscription.names.contains(name);
+        let desired: Vec<(&Arc<str>, &Versioned)> = resources
+            .of_type(type_url)
+            .filter(|(name, _)| wanted(name))
+            .collect();
+        let changed: Vec<(&Arc<str>, &Versioned)> = desired
+            .iter()
+            .filter(|(name, r)| subscription.known.get(*name) != Some(&r.version))
+            .copied()
+            .collect();
+        let removed: Vec<Arc<str>> = subscription
+            .known
+            .keys()
+            .filter(|name| !wanted(name) || resources.get(type_url, name).is_none())
+            .cloned()
+            .collect();
+        if changed.is_empty() && removed.is_empty() && !force {
+            // The proxy already has what it should: after a refusal, that is
+            // the version it last accepted.
+            if subscription.pending.is_none()
+                && let Some(accepted) = subscription.acked_version.clone()
+            {
+                session.sent(type_url, accepted);
+            }
+            return None;
+        }
+        let mut hasher = DefaultHasher::new();
+        fingerprint(changed.iter().copied()).hash(&mut hasher);
+        removed.hash(&mut hasher);
+        let diff_hash = hasher.finish();
+        if subscription.refused_hash == Some(diff_hash) && !force {
+            return None;
+        }
+        let system_version = version_of(fingerprint(desired));
+        let mut undo = Vec::with_capacity(changed.len() + removed.len());
+        for (name, resource) in &changed {
+            let before = subscription.known.insert((*name).clone(), resource.version);
+            undo.push(((*name).clone(), before));
+        }
+        for name in &removed {
+            undo.push((name.clone(), subscription.known.remove(name)));
+        }
+        let changed: Vec<Resource> = changed
+            .into_iter()
+            .map(|(name, resource)| Resource {
+                name: name.to_string(),
+                version: version_of(resource.version),
+                resource: Some(resource.any.clone()),
+                ..Default::default()
+            })
+            .collect();
+        let removed: Vec<String> = removed.iter().map(|name| name.to_string()).collect();
+        let nonce = session.next_nonce();
+        subscription.pending = Some(Pending {
+            nonce: nonce.clone(),
+            system_version: system_version.clone(),
+            diff_hash,
+            undo,
+        });
+        session.sent(type_url, system_version.clone());
+        Some(DeltaDiscoveryResponse {
+            system_version_info: system_version,
+            resources: changed,
+            type_url: type_url.to_string(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        })
+    }
+
+    fn forget_refusals(&mut self) {
+        for subscription in self.subscriptions.values_mut() {
+            subscription.refused_hash = None;
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! State-of-the-world ADS: every response carries the whole set of a type
+//! the proxy subscribes to; a request's nonce and `error_detail` say whether
+//! the last response was accepted.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::Any;
+
+use super::{Protocol, Session, Versioned, fingerprint, version_of, wildcard_type};
+
+/// One type's subscription on a state-of-the-world stream.
+#[derive(Default)]
+struct Subscription {
+    /// `None`: every resource of the type (CDS, LDS); otherwise the names asked for.
+    names: Option<BTreeSet<Arc<str>>>,
+    sent_nonce: Option<String>,
+    /// Fingerprint of what was last sent, and of what was last refused.
+    sent_hash: Option<u64>,
+    refused_hash: Option<u64>,
+}
+
+/// A state-of-the-world stream's subscriptions, by type URL.
+#[derive(Default)]
+pub(super) struct StateOfTheWorld {
+    subscriptions: BTreeMap<String, Subscription>,
+}
+
+impl Protocol for StateOfTheWorld {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    fn on_request(
+        &mut self,
+        session: &mut Session,
+        request: DiscoveryRequest,
+    ) -> Vec<DiscoveryResponse> {
+        let type_url = request.type_url.clone();
+        let wildcard = wildcard_type(&type_url);
+        let subscription = self.subscriptions.entry(type_url.clone()).or_default();
+        // An answer to an older response on this stream is superseded. (A
+        // nonce before anything was sent here comes from an earlier stream.)
+        if !request.response_nonce.is_empty()
+            && subscription
+                .sent_nonce
+                .as_ref()
+                .is_some_and(|sent| *sent != request.response_nonce)
+        {
+            return Vec::new();
+        }
+        if let Some(error) = &request.error_detail {
+            subscription.refused_hash = subscription.sent_hash;
+            // Envoy's `version_info` here is the last version it accepted;
+            // the refused one is what this nonce carried.
+            let version = subscription.sent_hash.map(version_of).unwrap_or_default();
+            session.refused(&type_url, version, &error.message);
+            return Vec::new();
+        }
+        if !request.response_nonce.is_empty() {
+            session.acked(&type_url, request.version_info.clone());
+        }
+        let resources = &session.resources;
+        let names: Option<BTreeSet<Arc<str>>> = (!wildcard).then(|| {
+            request
+                .resource_names
+                .iter()
+                .map(|n| resources.intern(&type_url, n))
+                .collect()
+        });
+        let names_changed = subscription.names != names;
+        subscription.names = names;
+        let first = subscription.sent_nonce.is_none();
+        self.push(session, &type_url, first || names_changed)
+            .into_iter()
+            .collect()
+    }
+
+    fn push(
+        &mut self,
+        session: &mut Session,
+        type_url: &str,
+        force: bool,
+    ) -> Option<DiscoveryResponse> {
+        let subscription = self.subscriptions.get_mut(type_url)?;
+        let resources = &session.resources;
+        let chosen: Vec<(&Arc<str>, &Versioned)> = match &subscription.names {
+            None => resources.of_type(type_url).collect(),
+            Some(names) => names
+                .iter()
+                .filter_map(|n| resources.get(type_url, n))
+                .collect(),
+        };
+        let hash = fingerprint(chosen.iter().copied());
+        let unchanged = subscription.sent_hash == Some(hash) && !force;
+        if unchanged || subscription.refused_hash == Some(hash) {
+            return None;
+        }
+        let chosen: Vec<Any> = chosen.into_iter().map(|(_, r)| r.any.clone()).collect();
+        let nonce = session.next_nonce();
+        subscription.sent_hash = Some(hash);
+        subscription.sent_nonce = Some(nonce.clone());
+        session.sent(type_url, version_of(hash));
+        Some(DiscoveryResponse {
+            version_info: version_of(hash),
+            resources: chosen,
+            type_url: type_url.to_string(),
+            nonce,
+            ..Default::default()
+        })
+    }
+
+    fn forget_refusals(&mut self) {
+        for subscription in self.subscriptions.values_mut() {
+            subscription.refused_hash = None;
+        }
+    }
+}

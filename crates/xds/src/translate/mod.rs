@@ -1,0 +1,191 @@
+//! Translation of the mesh into Envoy v3 resources for one sidecar, laid out
+//! as Istio lays it out: `virtualOutbound` on 15001 handing connections to
+//! per-port outbound listeners, `virtualInbound` on 15006, clusters named
+//! `outbound|port|subset|host` fed by EDS, route configurations named by port.
+//!
+//! This module decides *what* Envoy gets; the ADS module decides *when*. It
+//! only translates: which DestinationRule, VirtualServices, PeerAuthentications
+//! and AuthorizationPolicies apply to a host or a workload, and which
+//! endpoints a port or subset has, are the registry's lookups on the
+//! [`Snapshot`]. One submodule per Envoy resource:
+//!
+//! - `cluster`: clusters, with a DestinationRule's traffic policy applied;
+//! - `endpoint`: load assignments, with locality priorities;
+//! - `route`: route configurations, from VirtualServices' HTTP routes;
+//! - `listener`: listeners and filter chains (TCP and TLS routes, inbound
+//!   chains with mTLS and RBAC);
+//! - `proto`: small protobuf builders they share.
+//!
+//! This module puts them together per proxy: `outbound` (shared by the
+//! proxies of a namespace and locality, see [`MeshConfig`]) and `inbound`
+//! (the proxy's own). A new Envoy feature goes in the module of the resource
+//! it configures; when it depends on which rule applies to a host or a
+//! workload, that choice is a lookup in the registry, not here.
+
+mod cluster;
+mod endpoint;
+mod listener;
+mod proto;
+mod route;
+#[cfg(test)]
+mod testing;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
+
+use envoy_types::util::pack_any;
+use parking_lot::Mutex;
+use vmesh_registry::{EndpointAddress, MeshService, Resolution, Snapshot};
+
+pub use cluster::{BLACKHOLE, PASSTHROUGH, cluster_name};
+pub use listener::{INBOUND_PORT, OUTBOUND_PORT};
+
+use crate::ads::{
+    CLUSTER_TYPE, ConfigSource as AdsConfigSource, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE,
+    ResourceSet, Resources,
+};
+use crate::node::Proxy;
+
+/// What a proxy's outbound configuration depends on: proxies that agree on
+/// it share one copy.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct OutboundKey {
+    namespace: String,
+    locality: Option<String>,
+}
+
+impl OutboundKey {
+    fn of(proxy: &Proxy) -> OutboundKey {
+        OutboundKey {
+            namespace: proxy.namespace.clone(),
+            locality: proxy.locality.clone(),
+        }
+    }
+}
+
+/// A snapshot of the mesh, ready to translate for any proxy. Outbound
+/// resources (nearly everything) are computed once per namespace and locality
+/// on first demand and shared; only the inbound side is the proxy's own.
+pub struct MeshConfig {
+    snapshot: Snapshot,
+    outbound: Mutex<HashMap<OutboundKey, Arc<OnceLock<Arc<ResourceSet>>>>>,
+    /// The DNS name table: the same for every proxy.
+    names: OnceLock<Arc<ResourceSet>>,
+}
+
+impl MeshConfig {
+    pub fn new(snapshot: Snapshot) -> MeshConfig {
+        MeshConfig {
+            snapshot,
+            outbound: Mutex::default(),
+            names: OnceLock::new(),
+        }
+    }
+}
+
+impl AdsConfigSource for MeshConfig {
+    fn resources(&self, proxy: &Proxy) -> Resources {
+        let key = OutboundKey::of(proxy);
+        // The map's lock is held only to find the slot: proxies of another
+        // key do not wait while this one is computed.
+        let slot = self.outbound.lock().entry(key.clone()).or_default().clone();
+        let shared = slot
+            .get_or_init(|| Arc::new(outbound(&self.snapshot, &key)))
+            .clone();
+        let names = self
+            .names
+            .get_or_init(|| Arc::new(crate::nds::name_table_resources(&self.snapshot)))
+            .clone();
+        Resources::layered(vec![
+            shared,
+            names,
+            Arc::new(inbound(&self.snapshot, proxy)),
+        ])
+    }
+}
+
+/// Everything a proxy gets, computed for it alone.
+pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
+    Resources::layered(vec![
+        Arc::new(outbound(snapshot, &OutboundKey::of(proxy))),
+        Arc::new(crate::nds::name_table_resources(snapshot)),
+        Arc::new(inbound(snapshot, proxy)),
+    ])
+}
+
+/// The clusters, endpoints, listeners and routes for calling out of a proxy.
+fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
+    let mut set = ResourceSet::default();
+    let mut http_ports: BTreeMap<u16, Vec<&MeshService>> = BTreeMap::new();
+    for service in &snapshot.services {
+        let rule = snapshot.destination_rule_for(service, &proxy.namespace);
+        let locality = endpoint::locality_policy(rule.as_deref(), proxy.locality.as_deref());
+        for port in &service.ports {
+            let clusters = cluster::outbound_clusters(
+                service,
+                port,
+                rule.as_deref(),
+                &snapshot.mesh.trust_domain,
+            );
+            for (cluster, subset) in clusters {
+                if service.resolution == Resolution::Static {
+                    let assignment = endpoint::load_assignment(
+                        &cluster.name,
+                        service,
+                        port.port,
+                        subset,
+                        locality.as_ref(),
+                    );
+                    set.insert(ENDPOINT_TYPE, cluster.name.clone(), pack_any(assignment));
+                }
+                set.insert(CLUSTER_TYPE, cluster.name.clone(), pack_any(cluster));
+            }
+            if port.protocol.is_http() {
+                http_ports.entry(port.port).or_default().push(service);
+            } else {
+                for listener in listener::outbound_tcp(snapshot, service, port.port) {
+                    set.insert(LISTENER_TYPE, listener.name.clone(), pack_any(listener));
+                }
+            }
+        }
+    }
+    for (port, services) in &http_ports {
+        let routes = route::outbound_routes(snapshot, *port, services, &proxy.namespace);
+        set.insert(ROUTE_TYPE, routes.name.clone(), pack_any(routes));
+        let listener = listener::outbound_http(*port);
+        set.insert(LISTENER_TYPE, listener.name.clone(), pack_any(listener));
+    }
+    for cluster in cluster::fallback_clusters() {
+        set.insert(CLUSTER_TYPE, cluster.name.clone(), pack_any(cluster));
+    }
+    let listener = listener::virtual_outbound(cluster::fallback_cluster(snapshot));
+    set.insert(LISTENER_TYPE, listener.name.clone(), pack_any(listener));
+    set
+}
+
+/// The inbound side of a proxy: a cluster and a chain per port its workload
+/// serves, to the local application.
+fn inbound(snapshot: &Snapshot, proxy: &Proxy) -> ResourceSet {
+    let at_proxy = EndpointAddress::Ip(proxy.ip);
+    // Each port the workload serves, and whether it is HTTP (the first
+    // service port that targets it says).
+    let mut served: BTreeMap<u16, bool> = BTreeMap::new();
+    for service in &snapshot.services {
+        for endpoint in service.endpoints.iter().filter(|e| e.address == at_proxy) {
+            let http = service
+                .ports
+                .iter()
+                .find(|p| p.port == endpoint.service_port)
+                .is_some_and(|p| p.protocol.is_http());
+            served.entry(endpoint.port).or_insert(http);
+        }
+    }
+    let mut set = ResourceSet::default();
+    for &port in served.keys() {
+        let cluster = cluster::inbound_cluster(port);
+        set.insert(CLUSTER_TYPE, cluster.name.clone(), pack_any(cluster));
+    }
+    let listener = listener::virtual_inbound(snapshot, proxy, &served);
+    set.insert(LISTENER_TYPE, listener.name.clone(), pack_any(listener));
+    set
+}

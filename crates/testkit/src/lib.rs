@@ -16,9 +16,9 @@
 //! - [`local`]: `vmesh server` on free loopback ports, outside any namespace.
 //!
 //! Feature `testing` (tests and benchmarks only; the demo never sees it):
-//! [`testing`], helpers that fail the test by panicking (polling with a
+//! `testing`, helpers that fail the test by panicking (polling with a
 //! deadline, finding Envoy, commands that must succeed, fixtures), and
-//! [`tls`], the gRPC client and accept loop over the mesh's TLS.
+//! `tls`, the gRPC client and accept loop over the mesh's TLS.
 //!
 //! Not here: fixtures of one test file, assertions about what vmesh does,
 //! and anything the product itself runs (the agent finds its own Envoy).

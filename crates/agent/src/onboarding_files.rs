@@ -46,75 +46,23 @@ pub const HOSTS_PATH: &str = "etc/hosts";
 /// The agent's systemd unit.
 pub const AGENT_UNIT_PATH: &str = "etc/systemd/system/vmesh-agent.service";
 
-/// One file of the bundle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BundleFile {
-    /// Its name in the bundle.
-    pub name: &'static str,
-    /// Its mode there (install.sh gives the installed copy the same).
-    pub mode: u32,
-}
-
-pub const CLUSTER_ENV: BundleFile = BundleFile {
-    name: "cluster.env",
-    mode: 0o644,
-};
-pub const MESH_YAML: BundleFile = BundleFile {
-    name: "mesh.yaml",
-    mode: 0o644,
-};
-pub const TOKEN: BundleFile = BundleFile {
-    name: "istio-token",
-    mode: 0o600,
-};
-pub const ROOT_CERT: BundleFile = BundleFile {
-    name: "root-cert.pem",
-    mode: 0o644,
-};
-pub const HOSTS: BundleFile = BundleFile {
-    name: "hosts",
-    mode: 0o644,
-};
-pub const AGENT_UNIT: BundleFile = BundleFile {
-    name: "vmesh-agent.service",
-    mode: 0o644,
-};
-pub const INSTALL_SH: BundleFile = BundleFile {
-    name: "install.sh",
-    mode: 0o755,
+pub use vmesh_api::onboarding::{
+    AGENT_UNIT, BUNDLE, BundleFile, CLUSTER_ENV, HOSTS, INSTALL_SH, MESH_YAML, ROOT_CERT, TOKEN,
 };
 
-/// Every file of the bundle, in the order `configure` lists them.
-pub const BUNDLE: [BundleFile; 7] = [
-    CLUSTER_ENV,
-    MESH_YAML,
-    TOKEN,
-    ROOT_CERT,
-    HOSTS,
-    AGENT_UNIT,
-    INSTALL_SH,
-];
-
-impl BundleFile {
-    /// The bundle file called `name`, if there is one.
-    pub fn named(name: &str) -> Option<BundleFile> {
-        BUNDLE.into_iter().find(|f| f.name == name)
-    }
-
-    /// Where it goes on the VM, for people.
-    pub fn placement(&self) -> String {
-        match *self {
-            CLUSTER_ENV => format!("/{CLUSTER_ENV_PATH}"),
-            MESH_YAML => format!("/{MESH_CONFIG_PATH}"),
-            TOKEN => format!(
-                "/{TOKEN_PATH} (kept in /{}/)",
-                parent(KEPT_TOKEN_PATH).display()
-            ),
-            ROOT_CERT => format!("/{ROOT_CERT_PATH}"),
-            HOSTS => format!("added to /{HOSTS_PATH}"),
-            AGENT_UNIT => format!("/{AGENT_UNIT_PATH}"),
-            _ => format!("run on the VM: sudo sh {}", INSTALL_SH.name),
-        }
+/// Where a bundle file goes on the VM, for people.
+pub fn placement(file: BundleFile) -> String {
+    match file {
+        CLUSTER_ENV => format!("/{CLUSTER_ENV_PATH}"),
+        MESH_YAML => format!("/{MESH_CONFIG_PATH}"),
+        TOKEN => format!(
+            "/{TOKEN_PATH} (kept in /{}/)",
+            parent(KEPT_TOKEN_PATH).display()
+        ),
+        ROOT_CERT => format!("/{ROOT_CERT_PATH}"),
+        HOSTS => format!("added to /{HOSTS_PATH}"),
+        AGENT_UNIT => format!("/{AGENT_UNIT_PATH}"),
+        _ => format!("run on the VM: sudo sh {}", INSTALL_SH.name),
     }
 }
 
@@ -310,7 +258,7 @@ mod tests {
 
     #[test]
     fn placements_name_istios_paths() {
-        let table: Vec<(&str, String)> = BUNDLE.iter().map(|f| (f.name, f.placement())).collect();
+        let table: Vec<(&str, String)> = BUNDLE.iter().map(|f| (f.name, placement(*f))).collect();
         assert_eq!(
             table,
             [

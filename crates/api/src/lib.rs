@@ -22,6 +22,7 @@ pub mod decode;
 pub mod kinds;
 pub mod mesh;
 pub mod object;
+pub mod onboarding;
 pub mod problem;
 pub mod registry;
 #[cfg(feature = "testing")]

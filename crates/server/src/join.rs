@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Digest;
 use subtle::ConstantTimeEq;
+use vmesh_api::onboarding;
 use vmesh_api::{Object, ObjectKey};
 use vmesh_store::Op;
 
@@ -40,16 +41,16 @@ pub const ROOT_PATH: &str = "/v1/vm/root-cert";
 const RECORD_PREFIX: &str = "vmesh-join-";
 const RECORD_KEY: &str = "record.json";
 const RECORD_NAMESPACE: &str = vmesh_api::mesh::DEFAULT_ROOT_NAMESPACE;
-/// The files a join hands out; `istio-token` is added per join.
-const REQUIRED_FILES: &[&str] = &[
-    "cluster.env",
-    "mesh.yaml",
-    "root-cert.pem",
-    "hosts",
-    "vmesh-agent.service",
-    "install.sh",
-];
-const TOKEN_FILE: &str = "istio-token";
+/// The bootstrap token, the one bundle file a join makes itself, per join.
+const TOKEN_FILE: &str = onboarding::TOKEN.name;
+
+/// The files a join is given: the whole bundle but its token.
+fn required_files() -> impl Iterator<Item = &'static str> {
+    onboarding::BUNDLE
+        .into_iter()
+        .map(|file| file.name)
+        .filter(|name| *name != TOKEN_FILE)
+}
 const MAX_JOIN_LIFE: Duration = Duration::from_secs(30 * 24 * 3600);
 const MAX_USES: u32 = 100_000;
 
@@ -192,9 +193,7 @@ pub async fn create(
             );
         }
     }
-    let missing: Vec<&str> = REQUIRED_FILES
-        .iter()
-        .copied()
+    let missing: Vec<&str> = required_files()
         .filter(|name| !request.files.contains_key(*name))
         .collect();
     if !missing.is_empty() {
@@ -206,7 +205,7 @@ pub async fn create(
     if let Some(extra) = request
         .files
         .keys()
-        .find(|name| !REQUIRED_FILES.contains(&name.as_str()))
+        .find(|name| !required_files().any(|required| required == name.as_str()))
     {
         return problem(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -397,11 +396,7 @@ fn archive(files: &BTreeMap<String, String>) -> std::io::Result<Vec<u8>> {
     for (name, contents) in files {
         let mut header = tar::Header::new_gnu();
         header.set_size(contents.len() as u64);
-        header.set_mode(match name.as_str() {
-            TOKEN_FILE => 0o600,
-            "install.sh" => 0o755,
-            _ => 0o644,
-        });
+        header.set_mode(onboarding::BundleFile::named(name).map_or(0o644, |file| file.mode));
         header.set_mtime(unix_now());
         header.set_cksum();
         tar.append_data(&mut header, name, contents.as_bytes())?;

@@ -7,8 +7,11 @@
 //! earlier run left. [`link`] joins two namespaces with a veth pair.
 //!
 //! Everything needs root and `ip` (iproute2). Processes are started with
-//! `ip netns exec`, which execs them: the pid of the child is the process's
-//! own, so daemons must stay in the foreground (`dnsmasq -k`).
+//! `ip netns exec` and util-linux's `setpriv --pdeathsig KILL`, which both
+//! exec them: the pid of the child is the process's own, so daemons must
+//! stay in the foreground (`dnsmasq -k`), and the kernel kills them if this
+//! process dies without dropping the namespace (unless it is
+//! [outliving](Namespace::outliving)).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -32,6 +35,9 @@ pub struct Namespace {
     /// Start processes in a process group of their own, so that they
     /// outlive this process when it is interrupted or [kept](Self::keep).
     detached: bool,
+    /// Start processes without the parent-death signal, so that they can
+    /// outlive this process.
+    outliving: bool,
     kept: bool,
 }
 
@@ -63,6 +69,7 @@ impl Namespace {
             children: Mutex::default(),
             etc: Mutex::new(false),
             detached: false,
+            outliving: false,
             kept: false,
         };
         ns.exec(&["ip", "link", "set", "lo", "up"])?;
@@ -73,6 +80,15 @@ impl Namespace {
     /// `vmesh demo` wants, so that they can outlive it).
     pub fn detached(mut self) -> Namespace {
         self.detached = true;
+        self
+    }
+
+    /// Processes started from now on may outlive this process: without
+    /// it, [`spawn`](Self::spawn) has the kernel kill them when this
+    /// process dies, however it dies (`setpriv --pdeathsig KILL`), so that
+    /// a killed test run leaves nothing behind.
+    pub fn outliving(mut self) -> Namespace {
+        self.outliving = true;
         self
     }
 
@@ -110,7 +126,13 @@ impl Namespace {
         use std::os::unix::process::CommandExt;
         let log_file =
             std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
-        let mut command = self.command(args);
+        let mut command = if self.outliving {
+            self.command(args)
+        } else {
+            let mut bound = vec!["setpriv", "--pdeathsig", "KILL", "--"];
+            bound.extend_from_slice(args);
+            self.command(&bound)
+        };
         command
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

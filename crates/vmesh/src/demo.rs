@@ -220,7 +220,7 @@ pub async fn run(keep: bool, remove: bool) -> Result<ExitCode> {
         let state = state.clone();
         move || {
             let mut hosts = Vec::new();
-            let outcome = build_and_check(&state, &mut hosts);
+            let outcome = build_and_check(&state, keep, &mut hosts);
             (hosts, outcome)
         }
     });
@@ -291,7 +291,7 @@ fn print_keep_instructions(state: &Path) -> Result<()> {
 /// Builds the topology, its namespaces in `made` (the control plane's
 /// first, then each host's in [`hosts`] order), onboards everything and
 /// runs the checks.
-fn build_and_check(state: &Path, made: &mut Vec<Namespace>) -> Result<Vec<Check>> {
+fn build_and_check(state: &Path, keep: bool, made: &mut Vec<Namespace>) -> Result<Vec<Check>> {
     let exe = vmesh()?;
     let envoy = vmesh_agent::envoy::find_envoy()?;
     {
@@ -312,11 +312,20 @@ fn build_and_check(state: &Path, made: &mut Vec<Namespace>) -> Result<Vec<Check>
     let say = |what: &str| eprintln!("vmesh demo: {what}");
     say("building 6 hosts (network namespaces): a control plane, 3 payment VMs, frontend, orders");
     // The hosts: a namespace each, linked to the control plane's, which
-    // routes. Their processes get process groups of their own, so that
-    // they outlive the demo with --keep.
-    made.push(Namespace::create(&ns(CONTROL))?.detached());
+    // routes. Their processes get process groups of their own, so that an
+    // interrupted demo removes them itself; they die with the demo, however
+    // it dies, unless --keep asks them to outlive it.
+    let create_host = |name: &str| -> Result<Namespace> {
+        let namespace = Namespace::create(&ns(name))?.detached();
+        Ok(if keep {
+            namespace.outliving()
+        } else {
+            namespace
+        })
+    };
+    made.push(create_host(CONTROL)?);
     for host in &hosts {
-        made.push(Namespace::create(&ns(host.name))?.detached());
+        made.push(create_host(host.name)?);
     }
     let made = &*made;
     let control = &made[0];

@@ -520,7 +520,7 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
             "  {:<20} {:04o}  {}",
             file.name,
             file.mode,
-            file.placement()
+            vmesh_agent::onboarding_files::placement(file)
         );
     }
     println!(

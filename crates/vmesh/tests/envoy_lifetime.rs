@@ -2,7 +2,8 @@
 //! in network namespaces of the test's own: an agent killed with SIGKILL
 //! takes its Envoy with it within 2 s, also when it is killed while Envoy
 //! is still starting, and an agent started again in the same work directory
-//! gets a ready sidecar with no port left taken.
+//! gets a ready sidecar with no port left taken; an agent asked to stop
+//! drains, and its Envoy exits promptly on SIGTERM.
 //!
 //! Needs root, `ip`, `iptables`, `curl` and Envoy; without them it fails, it
 //! never skips.
@@ -119,9 +120,16 @@ fn envoy_dies_with_its_agent() {
     });
     assert_no_port_taken(&log);
 
-    // Asked to stop (SIGTERM), the agent drains and Envoy exits with it.
+    // Asked to stop (SIGTERM), the agent drains (2 s by default), then Envoy
+    // exits on SIGTERM at once, and the agent with it.
     let envoy = envoy_pid(&work, None);
+    let stopping = Instant::now();
     vm.stop(agent).unwrap();
+    let stopped = stopping.elapsed();
+    assert!(
+        stopped < Duration::from_secs(4),
+        "the agent took {stopped:?} to stop after a 2 s drain"
+    );
     assert!(
         !process::alive(envoy),
         "Envoy outlived an agent that stopped"

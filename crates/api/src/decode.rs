@@ -128,7 +128,7 @@ pub fn decode_list(source: &str, text: &str, field: &str, default_namespace: &st
             return decoded;
         }
     };
-    let Some(items) = document.value.get(field).and_then(Value::as_array) else {
+    if !document.value.get(field).is_some_and(Value::is_array) {
         let pos = document.position("");
         decoded.problems.push(Problem {
             severity: Severity::Error,
@@ -140,11 +140,10 @@ pub fn decode_list(source: &str, text: &str, field: &str, default_namespace: &st
             message: "must be a list of objects".into(),
         });
         return decoded;
-    };
-    for (index, item) in items.iter().enumerate() {
+    }
+    for (index, element) in document.list_elements(field).iter().enumerate() {
         let name = format!("{field}[{index}]");
-        let part = document.part(&name, item.clone());
-        decode_document(&name, &part, index, default_namespace, &mut decoded);
+        decode_document(&name, element, index, default_namespace, &mut decoded);
     }
     mark_duplicates(&mut decoded);
     decoded

@@ -34,24 +34,41 @@ pub struct Document {
 }
 
 impl Document {
-    /// The document made of the value at `path` (such as `items[2]`), its
-    /// positions still those of the whole text: errors in it point into what
-    /// was written.
-    pub fn part(&self, path: &str, value: Value) -> Document {
-        let nested = |key: &str| {
-            key.strip_prefix(path)
-                .filter(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
-                .map(|rest| rest.trim_start_matches('.').to_string())
+    /// The documents made of the elements of the list at `field` (such as
+    /// `items`), in one pass over the positions, which stay those of the
+    /// whole text: errors in them point into what was written. Empty when
+    /// `field` is not a list.
+    pub fn list_elements(&self, field: &str) -> Vec<Document> {
+        let Some(items) = self.value.get(field).and_then(Value::as_array) else {
+            return Vec::new();
         };
-        Document {
-            value,
-            start: self.position(path),
-            positions: self
-                .positions
-                .iter()
-                .filter_map(|(key, pos)| Some((nested(key)?, *pos)))
-                .collect(),
+        let mut positions: Vec<HashMap<String, Pos>> = vec![HashMap::new(); items.len()];
+        let prefix = format!("{field}[");
+        for (key, pos) in &self.positions {
+            let Some(rest) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some((index, rest)) = rest.split_once(']') else {
+                continue;
+            };
+            if let Some(element) = index
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| positions.get_mut(i))
+            {
+                element.insert(rest.trim_start_matches('.').to_string(), *pos);
+            }
         }
+        items
+            .iter()
+            .zip(positions)
+            .enumerate()
+            .map(|(index, (value, positions))| Document {
+                value: value.clone(),
+                start: self.position(&format!("{field}[{index}]")),
+                positions,
+            })
+            .collect()
     }
 
     /// The position of `path`, or of its nearest ancestor that has one.

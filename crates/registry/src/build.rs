@@ -14,6 +14,7 @@ use crate::inputs::{DecodeCache, Inputs, Workload};
 use crate::model::{
     MeshEndpoint, MeshPort, MeshService, Origin, Protocol, Resolution, Scoped, Snapshot,
 };
+use crate::policy::RulesByHost;
 use crate::policy::service_hostname;
 use crate::selector::Selector;
 use crate::vip::{Pool, VipAllocator};
@@ -42,8 +43,14 @@ impl Snapshot {
                 service
             })
             .collect();
+        let rules_by_host = RulesByHost::new(
+            &inputs.destination_rules,
+            &inputs.virtual_services,
+            &inputs.mesh.domain_suffix,
+        );
         Snapshot {
             services,
+            rules_by_host,
             destination_rules: inputs.destination_rules,
             virtual_services: inputs.virtual_services,
             peer_authentications: inputs.peer_authentications,

@@ -34,6 +34,8 @@ pub struct Snapshot {
     /// Sorted by namespace and name.
     pub authorization_policies: Vec<Arc<Scoped<AuthorizationPolicySpec>>>,
     pub mesh: MeshSettings,
+    /// Built with the rules by [`Snapshot::build`], for the lookups.
+    pub(crate) rules_by_host: crate::policy::RulesByHost,
 }
 
 impl Snapshot {

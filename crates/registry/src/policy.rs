@@ -10,6 +10,7 @@
 //! validate rules (the `api` crate does).
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use vmesh_api::kinds::authorization_policy::AuthorizationPolicySpec;
@@ -26,6 +27,57 @@ pub(crate) fn service_hostname(name: &str, namespace: &str, domain_suffix: &str)
     format!("{name}.{namespace}.svc.{domain_suffix}")
 }
 
+/// A host as written in a rule in `namespace`, made fully qualified with
+/// `domain_suffix` (see [`Snapshot::qualify`]).
+fn qualify(host: &str, namespace: &str, domain_suffix: &str) -> String {
+    match host.split('.').count() {
+        1 => service_hostname(host, namespace, domain_suffix),
+        2 => format!("{host}.svc.{domain_suffix}"),
+        3 if host.ends_with(".svc") => format!("{host}.{domain_suffix}"),
+        _ => host.to_string(),
+    }
+}
+
+/// The DestinationRules and VirtualServices by the qualified host they name,
+/// as positions in the snapshot's sorted lists: hosts are qualified once per
+/// build, not again for every service of every proxy's translation.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct RulesByHost {
+    destination_rules: HashMap<String, Vec<usize>>,
+    virtual_services: HashMap<String, Vec<usize>>,
+}
+
+impl RulesByHost {
+    pub(crate) fn new(
+        destination_rules: &[Arc<Scoped<DestinationRuleSpec>>],
+        virtual_services: &[Arc<Scoped<VirtualServiceSpec>>],
+        domain_suffix: &str,
+    ) -> RulesByHost {
+        let mut index = RulesByHost::default();
+        for (position, dr) in destination_rules.iter().enumerate() {
+            let host = qualify(&dr.spec.host, &dr.namespace, domain_suffix);
+            index
+                .destination_rules
+                .entry(host)
+                .or_default()
+                .push(position);
+        }
+        for (position, vs) in virtual_services.iter().enumerate() {
+            for host in vs.spec.hosts.iter().flatten() {
+                let positions = index
+                    .virtual_services
+                    .entry(qualify(host, &vs.namespace, domain_suffix))
+                    .or_default();
+                // A rule naming a host twice (short and qualified) counts once.
+                if positions.last() != Some(&position) {
+                    positions.push(position);
+                }
+            }
+        }
+        index
+    }
+}
+
 /// The selector of a PeerAuthentication or AuthorizationPolicy.
 fn match_labels(selector: Option<&MatchLabelsSelector>) -> Selector<'_> {
     Selector::new(selector.and_then(|s| s.match_labels.as_ref()))
@@ -37,13 +89,7 @@ impl Snapshot {
     /// made fully qualified with the mesh's domain suffix; a host of four
     /// labels or more is already qualified.
     pub fn qualify(&self, host: &str, namespace: &str) -> String {
-        let suffix = &self.mesh.domain_suffix;
-        match host.split('.').count() {
-            1 => service_hostname(host, namespace, suffix),
-            2 => format!("{host}.svc.{suffix}"),
-            3 if host.ends_with(".svc") => format!("{host}.{suffix}"),
-            _ => host.to_string(),
-        }
+        qualify(host, namespace, &self.mesh.domain_suffix)
     }
 
     /// The destination policy for `service` as seen from a proxy in
@@ -59,10 +105,12 @@ impl Snapshot {
         proxy_namespace: &str,
     ) -> Option<Cow<'_, DestinationRuleSpec>> {
         let candidates: Vec<&Scoped<DestinationRuleSpec>> = self
+            .rules_by_host
             .destination_rules
-            .iter()
-            .map(Arc::as_ref)
-            .filter(|dr| self.qualify(&dr.spec.host, &dr.namespace) == service.hostname)
+            .get(&service.hostname)
+            .into_iter()
+            .flatten()
+            .map(|&position| self.destination_rules[position].as_ref())
             .collect();
         let chosen = [
             proxy_namespace,
@@ -92,21 +140,17 @@ impl Snapshot {
         &'a self,
         hostname: &'a str,
     ) -> impl Iterator<Item = &'a Scoped<VirtualServiceSpec>> {
-        self.virtual_services
-            .iter()
-            .map(Arc::as_ref)
+        self.rules_by_host
+            .virtual_services
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .map(|&position| self.virtual_services[position].as_ref())
             .filter(|vs| {
                 vs.spec
                     .gateways
                     .as_ref()
                     .is_none_or(|g| g.is_empty() || g.iter().any(|g| g == "mesh"))
-            })
-            .filter(move |vs| {
-                vs.spec
-                    .hosts
-                    .iter()
-                    .flatten()
-                    .any(|h| self.qualify(h, &vs.namespace) == hostname)
             })
     }
 

@@ -17,8 +17,9 @@
 //!
 //! Feature `testing` (tests and benchmarks only; the demo never sees it):
 //! `testing`, helpers that fail the test by panicking (polling with a
-//! deadline, finding Envoy, commands that must succeed, fixtures), and
-//! `tls`, the gRPC client and accept loop over the mesh's TLS.
+//! deadline, finding Envoy, commands that must succeed, fixtures),
+//! `sidecar`, a bare Envoy fed by the server's plaintext xDS, and `tls`,
+//! the gRPC client and accept loop over the mesh's TLS.
 //!
 //! Not here: fixtures of one test file, assertions about what vmesh does,
 //! and anything the product itself runs (the agent finds its own Envoy).
@@ -31,6 +32,8 @@ pub mod mesh;
 pub mod netns;
 pub mod poll;
 pub mod process;
+#[cfg(feature = "testing")]
+pub mod sidecar;
 #[cfg(feature = "testing")]
 pub mod testing;
 #[cfg(feature = "testing")]

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use vmesh_api::testing::seed_dir;
 use vmesh_testkit::mesh::capture_service_range;
+use vmesh_testkit::sidecar;
 use vmesh_testkit::testing::{envoy_binary, eventually};
 use vmesh_testkit::{Mesh, Namespace};
 
@@ -26,37 +27,9 @@ fn workload_entry(name: &str, address: &str, version: &str, locality: &str) -> S
     )
 }
 
-fn bootstrap(xds_port: u16, api_type: &str) -> String {
-    format!(
-        r#"{{
-  "node": {{"id": "sidecar~127.0.0.9~frontend.vm-workloads~vm-workloads.svc.cluster.local", "cluster": "frontend.vm-workloads",
-            "locality": {{"region": "us-west1", "zone": "zone-a"}},
-            "metadata": {{"NAMESPACE": "vm-workloads", "SERVICE_ACCOUNT": "frontend-sa"}}}},
-  "dynamic_resources": {{
-    "ads_config": {{"api_type": "{api_type}", "transport_api_version": "V3", "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds-grpc"}}}}]}},
-    "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}},
-    "lds_config": {{"ads": {{}}, "resource_api_version": "V3"}}
-  }},
-  "static_resources": {{"clusters": [{{
-    "name": "xds-grpc", "type": "STATIC", "connect_timeout": "1s",
-    "typed_extension_protocol_options": {{"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {{
-      "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-      "explicit_http_config": {{"http2_protocol_options": {{}}}}}}}},
-    "load_assignment": {{"cluster_name": "xds-grpc", "endpoints": [{{"lb_endpoints": [{{"endpoint": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": {xds_port}}}}}}}}}]}}]}}
-  }}]}},
-  "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": 15000}}}}}}
-}}"#
-    )
-}
-
-/// `Some` when `vmesh proxy-status` shows the test's proxy SYNCED for CDS, LDS, EDS and RDS.
+/// `Some` when `vmesh proxy-status` shows the test's proxy SYNCED.
 fn synced(ns: &Namespace) -> Option<()> {
-    let table = ns.run(&vmesh(&["proxy-status"]));
-    assert!(table.starts_with("NAME"), "{table}");
-    let row = table
-        .lines()
-        .find(|l| l.starts_with("sidecar~127.0.0.9~frontend.vm-workloads"))?;
-    (row.split_whitespace().skip(2).collect::<Vec<_>>() == ["SYNCED"; 4]).then_some(())
+    sidecar::synced(ns, VMESH)
 }
 
 /// Writes `yaml` to `dir/file` and applies it with the CLI inside the namespace.
@@ -111,19 +84,7 @@ fn vmesh<'a>(args: &[&'a str]) -> Vec<&'a str> {
 }
 
 fn get(ns: &Namespace, url: &str, header: Option<&str>) -> Option<String> {
-    let mut args = vec!["curl", "-s", "--max-time", "2"];
-    if let Some(header) = header {
-        args.extend(["-H", header]);
-    }
-    args.push(url);
-    let output = ns.command(&args).output().unwrap();
-    // The application answers `name=N version=V path=P`.
-    let body = String::from_utf8_lossy(&output.stdout).into_owned();
-    let name = body
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("name="))?
-        .to_string();
-    output.status.success().then_some(name)
+    sidecar::demo_app_name(ns, url, header)
 }
 
 #[test]
@@ -189,7 +150,7 @@ fn canary_split(api_type: &str, base_id: &str) {
     ns.run(&["ip", "addr", "add", "10.10.0.2/32", "dev", "lo"]);
     capture_service_range(&ns, "10.10.0.2").unwrap();
     let bootstrap_file = dir.path().join("bootstrap.json");
-    std::fs::write(&bootstrap_file, bootstrap(15010, api_type)).unwrap();
+    std::fs::write(&bootstrap_file, sidecar::bootstrap(15010, api_type)).unwrap();
     ns.spawn(
         &[
             envoy.to_str().unwrap(),

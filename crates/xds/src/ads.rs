@@ -66,6 +66,21 @@ const PUSH_ORDER: [&str; 5] = [
     NAME_TABLE_TYPE,
 ];
 
+/// What Envoy warms a (re)sent resource of `type_url` with: a cluster
+/// waits for its load assignment, a listener for its route configuration,
+/// until they arrive or Envoy's initial-fetch timeout (15 s) passes. They
+/// are sent again after it even when they did not change, as Istio does;
+/// `true` when every resource of that type must be (a listener's routes
+/// are not named after it), `false` for those named alike (a cluster's load
+/// assignment is).
+fn warmed_with(type_url: &str) -> Option<(&'static str, bool)> {
+    match type_url {
+        CLUSTER_TYPE => Some((ENDPOINT_TYPE, false)),
+        LISTENER_TYPE => Some((ROUTE_TYPE, true)),
+        _ => None,
+    }
+}
+
 /// Types whose subscription means every resource of the type.
 fn wildcard_type(type_url: &str) -> bool {
     matches!(type_url, CLUSTER_TYPE | LISTENER_TYPE | NAME_TABLE_TYPE)
@@ -496,13 +511,38 @@ trait Protocol: Default + Send + 'static {
     /// Forgets what the proxy refused: after a configuration change it may
     /// be sent again.
     fn forget_refusals(&mut self);
+    /// The next push of `type_url` sends again what the proxy has: the
+    /// resources named as those in `sent`, or every one with `every`.
+    fn resend(&mut self, type_url: &str, sent: &Self::Response, every: bool);
+
+    /// The response for `type_url` (as [`Protocol::push`]), followed by the
+    /// resources Envoy warms it with (see [`warmed_with`]).
+    fn respond(
+        &mut self,
+        session: &mut Session,
+        type_url: &str,
+        force: bool,
+    ) -> Vec<Self::Response> {
+        let Some(response) = self.push(session, type_url, force) else {
+            return Vec::new();
+        };
+        let mut responses = vec![];
+        if let Some((dependent, every)) = warmed_with(type_url) {
+            self.resend(dependent, &response, every);
+            responses.push(response);
+            responses.extend(self.push(session, dependent, false));
+        } else {
+            responses.push(response);
+        }
+        responses
+    }
 
     /// The session's resources were recomputed: push what changed.
     fn on_config(&mut self, session: &mut Session) -> Vec<Self::Response> {
         self.forget_refusals();
         PUSH_ORDER
             .iter()
-            .filter_map(|type_url| self.push(session, type_url, false))
+            .flat_map(|type_url| self.respond(session, type_url, false))
             .collect()
     }
 }

@@ -543,6 +543,79 @@ async fn eds_sends_only_the_names_asked_for() {
     h.stop().await;
 }
 
+/// Envoy warms a changed cluster until its load assignment arrives, and
+/// waits 15 s for it when it never does: a changed cluster's assignment is
+/// sent again even though it did not change.
+#[tokio::test]
+async fn a_changed_cluster_gets_its_load_assignment_again() {
+    let eds = [("a", 1), ("b", 1)];
+    let h = Harness::start(Fixed(resources(&[("a", ""), ("b", "")], &eds))).await;
+    let mut proxy = h.connect(NODE_1).await;
+    proxy.subscribe(CLUSTER_TYPE, &[]);
+    let cds = proxy.recv().await;
+    proxy.ack(&cds, &[]);
+    proxy.subscribe(ENDPOINT_TYPE, &["a", "b"]);
+    let eds_first = proxy.recv().await;
+    proxy.ack(&eds_first, &["a", "b"]);
+    proxy.assert_silent().await;
+
+    h.set(Fixed(resources(&[("a", "changed"), ("b", "")], &eds)));
+    let cds_second = proxy.recv().await;
+    assert_eq!(cds_second.type_url, CLUSTER_TYPE);
+    let eds_again = proxy.recv().await;
+    assert_eq!(eds_again.type_url, ENDPOINT_TYPE);
+    assert_eq!(
+        names(&eds_again),
+        ["a", "b"],
+        "state of the world: all of them"
+    );
+    assert_eq!(eds_again.version_info, eds_first.version_info, "unchanged");
+    proxy.ack(&cds_second, &[]);
+    proxy.ack(&eds_again, &["a", "b"]);
+    proxy.assert_silent().await;
+    drop(proxy);
+
+    // Delta: the load assignment of the changed cluster only.
+    let (requests, mut responses) = h.open_delta().await;
+    let subscribe = |type_url: &str, names: &[&str], nonce: &str| DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: NODE_2.to_string(),
+            ..Default::default()
+        }),
+        type_url: type_url.to_string(),
+        resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+        response_nonce: nonce.to_string(),
+        ..Default::default()
+    };
+    requests.send(subscribe(CLUSTER_TYPE, &[], "")).unwrap();
+    let clusters = recv_delta(&mut responses).await;
+    requests
+        .send(subscribe(CLUSTER_TYPE, &[], &clusters.nonce))
+        .unwrap();
+    requests
+        .send(subscribe(ENDPOINT_TYPE, &["a", "b"], ""))
+        .unwrap();
+    let assignments = recv_delta(&mut responses).await;
+    assert_eq!(delta_names(&assignments), ["a", "b"]);
+    requests
+        .send(subscribe(ENDPOINT_TYPE, &[], &assignments.nonce))
+        .unwrap();
+    h.set(Fixed(resources(&[("a", "changed"), ("b", "again")], &eds)));
+    let changed = recv_delta(&mut responses).await;
+    assert_eq!(
+        (changed.type_url.as_str(), delta_names(&changed)),
+        (CLUSTER_TYPE, vec!["b"])
+    );
+    let again = recv_delta(&mut responses).await;
+    assert_eq!(
+        (again.type_url.as_str(), delta_names(&again)),
+        (ENDPOINT_TYPE, vec!["b"])
+    );
+
+    drop(requests);
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn only_proxies_whose_resources_changed_are_pushed() {
     let config = |ns1_stat: &str| {

@@ -35,6 +35,10 @@ struct DeltaSubscription {
     refused_hash: Option<u64>,
     /// The system version the proxy last accepted.
     acked_version: Option<String>,
+    /// Names to send again on the next push although the proxy has them,
+    /// or all of them.
+    resend: BTreeSet<Arc<str>>,
+    resend_all: bool,
 }
 
 /// A delta stream's subscriptions, by type URL.
@@ -110,7 +114,7 @@ impl Protocol for Delta {
                 subscription.known.remove(name.as_str());
             }
         }
-        self.push(session, &type_url, first).into_iter().collect()
+        self.respond(session, &type_url, first)
     }
 
     fn push(
@@ -128,9 +132,15 @@ impl Protocol for Delta {
             .collect();
         let changed: Vec<(&Arc<str>, &Versioned)> = desired
             .iter()
-            .filter(|(name, r)| subscription.known.get(*name) != Some(&r.version))
+            .filter(|(name, r)| {
+                subscription.resend_all
+                    || subscription.resend.contains(*name)
+                    || subscription.known.get(*name) != Some(&r.version)
+            })
             .copied()
             .collect();
+        subscription.resend_all = false;
+        subscription.resend.clear();
         let removed: Vec<Arc<str>> = subscription
             .known
             .keys()
@@ -189,6 +199,18 @@ impl Protocol for Delta {
             nonce,
             ..Default::default()
         })
+    }
+
+    fn resend(&mut self, type_url: &str, sent: &DeltaDiscoveryResponse, every: bool) {
+        let Some(subscription) = self.subscriptions.get_mut(type_url) else {
+            return;
+        };
+        subscription.resend_all |= every;
+        for resource in &sent.resources {
+            if let Some((name, _)) = subscription.known.get_key_value(resource.name.as_str()) {
+                subscription.resend.insert(name.clone());
+            }
+        }
     }
 
     fn forget_refusals(&mut self) {

@@ -71,9 +71,7 @@ impl Protocol for StateOfTheWorld {
         let names_changed = subscription.names != names;
         subscription.names = names;
         let first = subscription.sent_nonce.is_none();
-        self.push(session, &type_url, first || names_changed)
-            .into_iter()
-            .collect()
+        self.respond(session, &type_url, first || names_changed)
     }
 
     fn push(
@@ -108,6 +106,14 @@ impl Protocol for StateOfTheWorld {
             nonce,
             ..Default::default()
         })
+    }
+
+    fn resend(&mut self, type_url: &str, _sent: &DiscoveryResponse, _every: bool) {
+        // Every response carries the whole set: forgetting what was sent
+        // sends it all again.
+        if let Some(subscription) = self.subscriptions.get_mut(type_url) {
+            subscription.sent_hash = None;
+        }
     }
 
     fn forget_refusals(&mut self) {

@@ -16,6 +16,8 @@ command -v setpriv >/dev/null || missing+=(util-linux)
 command -v dig >/dev/null || missing+=(bind9-dnsutils)
 command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
+# promtool checks that /metrics parses as Prometheus itself parses it.
+command -v promtool >/dev/null || missing+=(prometheus)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing ${missing[*]}: run as root or install them" >&2

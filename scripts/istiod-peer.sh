@@ -112,11 +112,128 @@ cmd_build() {
   echo "$bin"
 }
 
+# Finds the pilot-discovery binary for `run`, without asking the network:
+# ISTIOD_PEER_BIN if set, else the pinned ISTIO_MODULE_VERSION's build, else
+# the most recently built one under PEER_DIR.
+find_binary() {
+  if [[ -n ${ISTIOD_PEER_BIN:-} ]]; then
+    echo "$ISTIOD_PEER_BIN"
+  elif [[ -n ${ISTIO_MODULE_VERSION:-} ]]; then
+    echo "$PEER_DIR/istio-$ISTIO_MODULE_VERSION/pilot-discovery"
+  else
+    # shellcheck disable=SC2012  # names are ours, no odd characters
+    ls -t "$PEER_DIR"/istio-*/pilot-discovery 2>/dev/null | head -n 1
+  fi
+}
+
+is_port() { [[ $1 =~ ^[0-9]+$ ]] && ((1 <= $1 && $1 <= 65535)); }
+
+cmd_run() {
+  [[ $# -ge 2 ]] || die "usage: $0 run CONFIG_DIR XDS_PORT [MONITORING_PORT] [-- PILOT_DISCOVERY_FLAGS...]"
+  local config_dir=$1 xds_port=$2 mon_port=
+  shift 2
+  if [[ $# -gt 0 && $1 != -- ]]; then
+    mon_port=$1
+    shift
+  fi
+  [[ ${1:-} == -- ]] && shift   # the rest goes to pilot-discovery as is
+  [[ -d $config_dir ]] || die "no such config dir: $config_dir"
+  config_dir=$(cd "$config_dir" && pwd)
+  is_port "$xds_port" || die "bad XDS_PORT: $xds_port"
+  [[ -z $mon_port ]] || is_port "$mon_port" || die "bad MONITORING_PORT: $mon_port"
+
+  local bin
+  bin=$(find_binary)
+  [[ -n $bin && -x $bin ]] || die "pilot-discovery not built (${bin:-none found}): run '$0 build' first"
+
+  # Per-port run dir: the mesh config files, and the working directory, so
+  # that the relative default paths pilot-discovery probes (./etc/cacerts,
+  # ./etc/istio/config/mesh, ./var/lib/istio/inject) find nothing of ours.
+  local run_dir="$PEER_DIR/run-$xds_port"
+  mkdir -p "$run_dir"
+  local mesh_file=${ISTIOD_PEER_MESH_CONFIG:-$run_dir/mesh.yaml}
+  if [[ -z ${ISTIOD_PEER_MESH_CONFIG:-} ]]; then
+    # MeshConfig: Istio's defaults except what is set here. No configSources,
+    # so config comes from --configDir only (a configSource of "k8s://"
+    # would make it want a kube-apiserver).
+    cat >"$mesh_file" <<YAML
+# Written by scripts/istiod-peer.sh; every other field is Istio's default.
+rootNamespace: istio-system
+trustDomain: cluster.local
+defaultConfig:
+  discoveryAddress: 127.0.0.1:$xds_port
+YAML
+  fi
+  printf 'networks: {}\n' >"$run_dir/meshNetworks.yaml"
+
+  # Listeners, all on loopback:
+  #   --grpcAddr        plaintext xDS (ADS, SotW and delta) + gRPC reflection
+  #   --secureGRPCAddr  empty: the TLS xDS port (15012) is off
+  #   --httpsAddr       empty: no webhook server (it only exists with k8s)
+  #   --httpAddr        /ready and debug; port 0 = any free port (logged as
+  #                     "starting HTTP service at ...")
+  #   --monitoringAddr  /metrics and /debug/*: MONITORING_PORT, or shared
+  #                     with --httpAddr when not given
+  #   --ctrlz_*         ControlZ introspection UI, cannot be turned off:
+  #                     loopback, any free port
+  local http_addr=${ISTIOD_PEER_HTTP_ADDR:-127.0.0.1:0}
+  local mon_addr=
+  [[ -n $mon_port ]] && mon_addr=127.0.0.1:$mon_port
+
+  # No Kubernetes:
+  #   --registries=     (empty) no Kubernetes service registry; the
+  #                     ServiceEntry registry is always there
+  #   --configDir       config from YAML files, watched with fsnotify
+  #   KUBECONFIG, KUBERNETES_SERVICE_*  unset, so nothing finds a cluster
+  #   ENABLE_CA_SERVER=false   no built-in CA (it would want k8s secrets)
+  #   PILOT_CERT_PROVIDER=none no istiod serving certificate either
+  # Tunables pass through from the caller's environment, e.g.
+  #   PILOT_DEBOUNCE_AFTER (default 100ms), PILOT_DEBOUNCE_MAX (10s),
+  #   PILOT_ENABLE_EDS_DEBOUNCE (true), PILOT_PUSH_THROTTLE and
+  #   PILOT_MAX_REQUESTS_PER_SECOND (both 15+5*GOMAXPROCS, max 100),
+  #   GOMAXPROCS.
+  log "starting $bin: config $config_dir, xDS 127.0.0.1:$xds_port${mon_addr:+, monitoring $mon_addr}"
+  cd "$run_dir"
+  exec env -u KUBECONFIG -u KUBERNETES_SERVICE_HOST -u KUBERNETES_SERVICE_PORT \
+    ENABLE_CA_SERVER=false \
+    PILOT_CERT_PROVIDER=none \
+    POD_NAMESPACE="${POD_NAMESPACE:-istio-system}" \
+    "$bin" discovery \
+    --registries= \
+    --configDir="$config_dir" \
+    --meshConfig="$mesh_file" \
+    --networksConfig="$run_dir/meshNetworks.yaml" \
+    --clusterID="${CLUSTER_ID:-Kubernetes}" \
+    --domain=cluster.local \
+    --grpcAddr="127.0.0.1:$xds_port" \
+    --secureGRPCAddr= \
+    --httpsAddr= \
+    --httpAddr="$http_addr" \
+    --monitoringAddr="$mon_addr" \
+    --ctrlz_address=127.0.0.1 \
+    --ctrlz_port=0 \
+    "$@"
+}
+
+# Removes what `build` left: binaries, the module cache, build caches.
+cmd_clean() {
+  rm -rf "$PEER_DIR"/istio-* "$PEER_DIR"/run-* "$PEER_DIR/gocache" \
+    /dev/shm/vmesh-istiod-gocache
+  if [[ -d $PEER_DIR/gomod ]]; then
+    chmod -R u+w "$PEER_DIR/gomod"
+    rm -rf "$PEER_DIR/gomod"
+  fi
+  rmdir "$PEER_DIR" 2>/dev/null || true
+  log "removed $PEER_DIR"
+}
+
 main() {
   local sub=${1:-}
   [[ $# -gt 0 ]] && shift
   case $sub in
     build) cmd_build "$@" ;;
+    run) cmd_run "$@" ;;
+    clean) cmd_clean "$@" ;;
     *) die "usage: $0 build | run CONFIG_DIR XDS_PORT [MONITORING_PORT] | clean" ;;
   esac
 }

@@ -50,6 +50,7 @@ mod auth;
 mod authority;
 pub mod files;
 mod identity;
+pub mod metrics;
 mod revocation;
 mod service;
 mod tls;

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::authenticate;
 use crate::authority::{Authority, CaError};
 use crate::identity::PeerIdentity;
+use crate::metrics::CaMetrics;
 use crate::pb::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
@@ -40,6 +41,7 @@ pub struct CertificateService {
     authority: Arc<Authority>,
     issuer: Arc<TokenIssuer>,
     revocations: watch::Receiver<Arc<Revocations>>,
+    metrics: Option<CaMetrics>,
 }
 
 impl std::fmt::Debug for CertificateService {
@@ -62,6 +64,21 @@ impl CertificateService {
             authority,
             issuer,
             revocations,
+            metrics: None,
+        }
+    }
+
+    /// The same service, counting requests and certificates in `metrics`.
+    pub fn with_metrics(self, metrics: CaMetrics) -> Self {
+        CertificateService {
+            metrics: Some(metrics),
+            ..self
+        }
+    }
+
+    fn count(&self, counter: impl Fn(&CaMetrics) -> &prometheus::IntCounter) {
+        if let Some(metrics) = &self.metrics {
+            counter(metrics).inc();
         }
     }
 
@@ -95,6 +112,7 @@ impl IstioCertificateService for CertificateService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
+        self.count(|m| &m.csrs);
         let remote = request.remote_addr();
         let peer = peer_identity(&request, self.authority.trust_domain());
         let revocations = self.revocations.borrow().clone();
@@ -106,6 +124,7 @@ impl IstioCertificateService for CertificateService {
         ) {
             Ok(id) => id,
             Err(e) => {
+                self.count(|m| &m.authentication_failures);
                 tracing::warn!(remote = ?remote, error = %e, "certificate request refused: unauthenticated");
                 return Err(e.into());
             }
@@ -125,10 +144,12 @@ impl IstioCertificateService for CertificateService {
                 .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
         match signed {
             Ok(cert_chain) => {
+                self.count(|m| &m.issued);
                 tracing::info!(identity = %identity, remote = ?remote, ttl_secs = self.authority.effective_ttl(requested).as_secs(), "issued workload certificate");
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
             Err(e) => {
+                self.count(|m| &m.sign_errors);
                 let message = with_causes(&e);
                 tracing::warn!(identity = %identity, remote = ?remote, error = %message, "certificate request refused");
                 Err(match e {

@@ -226,6 +226,7 @@ impl Identity {
         self: &Arc<Self>,
         listener: tokio::net::TcpListener,
         ads: Ads,
+        ca_metrics: vmesh_ca::metrics::CaMetrics,
         shutdown: watch::Receiver<bool>,
     ) -> Result<JoinHandle<()>, IdentityError> {
         let (chain, key) = self.authority.serving_certificate(&self.extra_sans)?;
@@ -240,7 +241,8 @@ impl Identity {
             self.authority.clone(),
             self.issuer.clone(),
             self.revocations(),
-        );
+        )
+        .with_metrics(ca_metrics);
         // The VM join endpoints share the port: a joining VM knows only this address.
         let join = Router::new()
             .route(crate::join::BOOTSTRAP_PATH, get(crate::join::bootstrap))

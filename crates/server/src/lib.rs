@@ -89,6 +89,8 @@ pub enum ServerError {
     RemoteMonitoring(SocketAddr),
     #[error(transparent)]
     Identity(#[from] identity::IdentityError),
+    #[error("cannot set up the metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     #[error("config dir {path}: {message}")]
     ConfigDir { path: PathBuf, message: String },
     #[error(
@@ -221,10 +223,12 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         "config API",
     )];
 
+    let metrics = monitoring::Metrics::new()?;
     let (controller, mesh) = mesh::MeshController::new(
         store.clone(),
         config.debounce,
         identity.authority.trust_domain(),
+        metrics.clone(),
     )?;
     tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
     let proxies = Arc::new(vmesh_xds::ads::StatusTable::default());
@@ -241,7 +245,8 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         let (listener, bound) = bind(addr)?;
         xds_plaintext_addr = Some(bound);
         let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone(), shutdown_rx.clone())
-            .with_lifecycle(lifecycle.clone());
+            .with_lifecycle(lifecycle.clone())
+            .with_metrics(metrics.xds.clone());
         let serve = tonic::transport::Server::builder()
             .add_service(ads.into_service())
             .serve_with_incoming_shutdown(
@@ -262,8 +267,14 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         let (listener, bound) = bind(addr)?;
         xds_addr = Some(bound);
         let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone(), shutdown_rx.clone())
-            .with_lifecycle(lifecycle.clone());
-        tasks.push(identity.serve_secure(listener, ads, shutdown_rx.clone())?);
+            .with_lifecycle(lifecycle.clone())
+            .with_metrics(metrics.xds.clone());
+        tasks.push(identity.serve_secure(
+            listener,
+            ads,
+            metrics.ca.clone(),
+            shutdown_rx.clone(),
+        )?);
         tracing::info!(addr = %bound, "xDS and CA listening over TLS");
     }
 
@@ -273,7 +284,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         monitoring_addr = Some(bound);
         tasks.push(serve_http(
             listener,
-            monitoring::router(proxies.clone()),
+            monitoring::router(proxies.clone(), metrics.clone()),
             shutdown_rx.clone(),
             "monitoring",
         ));

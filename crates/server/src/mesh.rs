@@ -53,6 +53,7 @@ pub struct MeshController {
     ca_trust_domain: String,
     /// The disagreeing trust domain last reported, so it is reported once.
     reported_trust_domain: Option<String>,
+    metrics: crate::monitoring::Metrics,
 }
 
 fn vip_key() -> vmesh_api::ObjectKey {
@@ -70,6 +71,7 @@ impl MeshController {
         store: Arc<Store>,
         debounce: Debounce,
         ca_trust_domain: &str,
+        metrics: crate::monitoring::Metrics,
     ) -> Result<(MeshController, watch::Receiver<Arc<dyn ConfigSource>>), vmesh_store::StoreError>
     {
         let existing: BTreeMap<String, IpAddr> = store
@@ -98,12 +100,15 @@ impl MeshController {
             publish,
             ca_trust_domain: ca_trust_domain.to_string(),
             reported_trust_domain: None,
+            metrics,
         };
-        controller.rebuild();
+        controller.rebuild(None);
         Ok((controller, subscribe))
     }
 
-    fn rebuild(&mut self) {
+    /// Builds the mesh from the store and publishes it, as changed at
+    /// `changed_at` (when its first change was seen).
+    fn rebuild(&mut self, changed_at: Option<Instant>) {
         let objects = match self.store.list_all() {
             Ok(objects) => objects,
             Err(e) => {
@@ -118,8 +123,16 @@ impl MeshController {
         }
         self.check_trust_domain(&snapshot.mesh);
         tracing::debug!(services = snapshot.services.len(), "mesh rebuilt");
-        self.publish
-            .send_replace(Arc::new(MeshConfig::new(snapshot)));
+        self.metrics.services.set(snapshot.services.len() as i64);
+        self.metrics
+            .virtual_services
+            .set(snapshot.virtual_services.len() as i64);
+        let config = MeshConfig::new(snapshot);
+        let config = match changed_at {
+            Some(at) => config.changed_at(at),
+            None => config,
+        };
+        self.publish.send_replace(Arc::new(config));
     }
 
     /// An IstioOperator applied while the server runs can still name another
@@ -174,7 +187,7 @@ impl MeshController {
                     Err(_) => break,
                 }
             }
-            self.rebuild();
+            self.rebuild(Some(first));
         }
     }
 }

@@ -1,15 +1,69 @@
-//! The monitoring port (15014): readiness and the xDS sync status of every
-//! connected proxy (`/debug/syncz`, what `vmesh proxy-status` prints).
+//! The monitoring port (15014): readiness, the xDS sync status of every
+//! connected proxy (`/debug/syncz`, what `vmesh proxy-status` prints), and
+//! `/metrics` in the Prometheus text format: the control plane's figures
+//! under Istio's names (see [`Metrics`]) and the process's own.
 //!
 //! It listens on loopback only: it has no authentication of its own.
 
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
+use prometheus::{IntGauge, Registry, TextEncoder};
 use serde::Serialize;
+use vmesh_ca::metrics::CaMetrics;
 use vmesh_xds::ads::{ProxyStatus, StatusTable, TypeStatus};
+use vmesh_xds::metrics::XdsMetrics;
+
+/// Every metric the server exports, in one registry.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub xds: Arc<XdsMetrics>,
+    pub ca: CaMetrics,
+    /// `pilot_services`: services in the mesh (Services and ServiceEntry hosts).
+    pub services: IntGauge,
+    /// `pilot_virt_services`: VirtualServices known.
+    pub virtual_services: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
+        let services = IntGauge::new("pilot_services", "Total services known to pilot.")?;
+        let virtual_services = IntGauge::new(
+            "pilot_virt_services",
+            "Total virtual services known to pilot.",
+        )?;
+        registry.register(Box::new(services.clone()))?;
+        registry.register(Box::new(virtual_services.clone()))?;
+        Ok(Metrics {
+            xds: Arc::new(XdsMetrics::register(&registry)?),
+            ca: CaMetrics::register(&registry)?,
+            services,
+            virtual_services,
+            registry,
+        })
+    }
+}
+
+async fn metrics(State(metrics): State<Metrics>) -> impl IntoResponse {
+    let encoder = TextEncoder::new();
+    match encoder.encode_to_string(&metrics.registry.gather()) {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding the metrics failed: {e}\n"),
+        )
+            .into_response(),
+    }
+}
 
 /// Where a proxy stands on one resource type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -68,11 +122,16 @@ async fn syncz(State(proxies): State<Arc<StatusTable>>) -> Json<Vec<serde_json::
     Json(rows)
 }
 
-pub fn router(proxies: Arc<StatusTable>) -> Router {
+pub fn router(proxies: Arc<StatusTable>, exported: Metrics) -> Router {
     Router::new()
         .route("/ready", get(|| async { "ok\n" }))
         .route("/debug/syncz", get(syncz))
         .with_state(proxies)
+        .merge(
+            Router::new()
+                .route("/metrics", get(metrics))
+                .with_state(exported),
+        )
 }
 
 #[cfg(test)]

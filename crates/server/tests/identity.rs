@@ -49,6 +49,7 @@ impl Server {
             api_addr: "127.0.0.1:0".parse().unwrap(),
             xds_addr: Some("127.0.0.1:0".parse().unwrap()),
             xds_plaintext_addr: plaintext.then(|| "127.0.0.1:0".parse().unwrap()),
+            monitoring_addr: Some("127.0.0.1:0".parse().unwrap()),
             ..ServerConfig::new(data_dir.to_path_buf())
         })
         .await
@@ -66,6 +67,59 @@ impl Server {
         tokio::time::timeout(WAIT, self.running.shutdown())
             .await
             .expect("the server shuts down cleanly in time");
+    }
+
+    /// `/metrics` from the monitoring port, after Prometheus' own parser
+    /// (`promtool check metrics`) read it without an error. Its linter's
+    /// naming advice is allowed for Istio's names only: Istio's counters
+    /// have no `_total` suffix and some end in `_count`, and dashboards
+    /// query them so.
+    async fn metrics(&self) -> String {
+        let monitoring = self.running.monitoring_addr.expect("monitoring is on");
+        let text = self
+            .http
+            .get(format!("http://{monitoring}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut promtool = std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("promtool (Debian's prometheus package) is installed");
+        use std::io::Write;
+        promtool
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let checked = promtool.wait_with_output().unwrap();
+        let report = String::from_utf8_lossy(&checked.stderr).into_owned()
+            + &String::from_utf8_lossy(&checked.stdout);
+        // 0: clean; 3: lint problems only (1 is a parse error).
+        assert!(
+            matches!(checked.status.code(), Some(0 | 3)),
+            "promtool could not parse /metrics: {report}\n{text}"
+        );
+        for problem in report.lines() {
+            let (metric, advice) = problem.split_once(' ').unwrap_or((problem, ""));
+            assert!(
+                (metric.starts_with("pilot_") || metric.starts_with("citadel_"))
+                    && matches!(
+                        advice,
+                        "counter metrics should have \"_total\" suffix"
+                            | "non-histogram and non-summary metrics should not have \"_count\" suffix"
+                    ),
+                "promtool: {problem}\n{text}"
+            );
+        }
+        text
     }
 
     fn root_file(&self) -> String {
@@ -834,5 +888,139 @@ async fn health_reports_reach_only_the_callers_own_entry() {
     assert_eq!(condition("admin-1").await, None);
 
     drop(channel);
+    server.stop().await;
+}
+
+/// The value of the sample `name` (with its labels, as written) in `/metrics`.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in\n{metrics}"))
+}
+
+#[tokio::test]
+async fn metrics_under_istios_names_count_proxies_pushes_and_certificates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), true).await;
+    server.create_namespace("shop").await;
+    let before = server.metrics().await;
+    assert_eq!(sample(&before, "pilot_xds"), 0.0);
+    assert_eq!(sample(&before, "citadel_server_csr_count"), 0.0);
+    assert!(sample(&before, "process_resident_memory_bytes") > 0.0);
+
+    // One certificate issued, one caller refused.
+    let token = server.token("shop", "web").await;
+    server.mesh_certificate(&token.token, "shop", "web").await;
+    let id = SpiffeId::new(TRUST_DOMAIN, "shop", "web").unwrap();
+    let (_, csr) = new_key_and_csr(&id).unwrap();
+    refusal(server.sign_with_token(&csr, "not-a-token").await);
+
+    // A proxy on plaintext ADS gets its clusters, ACKs them, and then a
+    // pushed change.
+    let plaintext = server.running.xds_plaintext_addr.unwrap();
+    let channel = Endpoint::from_shared(format!("http://{plaintext}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(DiscoveryRequest {
+        node: Some(node("shop", "web")),
+        type_url: CLUSTER_TYPE.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut responses = client
+        .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let next = async |responses: &mut tonic::Streaming<DiscoveryResponse>| {
+        tokio::time::timeout(WAIT, responses.message())
+            .await
+            .expect("a response in time")
+            .unwrap()
+            .expect("the stream is open")
+    };
+    let first = next(&mut responses).await;
+    tx.send(DiscoveryRequest {
+        type_url: CLUSTER_TYPE.into(),
+        version_info: first.version_info.clone(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    let connected = server.metrics().await;
+    assert_eq!(sample(&connected, "pilot_xds"), 1.0);
+    let pushed_before = sample(&connected, "pilot_xds_pushes{type=\"cds\"}");
+    let converged_before = sample(&connected, "pilot_proxy_convergence_time_count");
+
+    let (code, body) = server
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/namespaces/shop/services",
+            Some(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "cart", "namespace": "shop"},
+                "spec": {"ports": [{"name": "http", "port": 8080}], "selector": {"app": "cart"}},
+            })),
+        )
+        .await;
+    assert!(code == 201 || code == 200, "{code} {body}");
+    let pushed = next(&mut responses).await;
+    assert_ne!(pushed.version_info, first.version_info);
+    // The push is counted once its last response is written.
+    let after = loop {
+        let text = server.metrics().await;
+        if sample(&text, "pilot_proxy_convergence_time_count") > converged_before {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(sample(&after, "pilot_xds_pushes{type=\"cds\"}") > pushed_before);
+    assert!(sample(&after, "pilot_proxy_convergence_time_sum") > 0.0);
+    assert!(sample(&after, "pilot_xds_push_time_count{type=\"cds\"}") >= 2.0);
+    assert_eq!(sample(&after, "pilot_services"), 1.0);
+    assert_eq!(sample(&after, "citadel_server_csr_count"), 2.0);
+    assert_eq!(
+        sample(&after, "citadel_server_success_cert_issuance_count"),
+        1.0
+    );
+    assert_eq!(
+        sample(&after, "citadel_server_authentication_failure_count"),
+        1.0
+    );
+
+    // A refusal is counted, and a proxy that leaves is no longer connected.
+    tx.send(DiscoveryRequest {
+        type_url: CLUSTER_TYPE.into(),
+        version_info: first.version_info.clone(),
+        response_nonce: pushed.nonce.clone(),
+        error_detail: Some(envoy_types::pb::google::rpc::Status {
+            message: "cluster cart: refused".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .unwrap();
+    let rejects = "pilot_total_xds_rejects{type=\"cds\"}";
+    tokio::time::timeout(WAIT, async {
+        while !server.metrics().await.contains(rejects) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the refusal is counted");
+    drop((tx, responses));
+    let left = loop {
+        let text = server.metrics().await;
+        if sample(&text, "pilot_xds") == 0.0 {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(sample(&left, rejects), 1.0);
     server.stop().await;
 }

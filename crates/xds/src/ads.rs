@@ -32,11 +32,14 @@ use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
+use prost::Message as _;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use crate::metrics::{XdsMetrics, type_label};
 use crate::node::Proxy;
 
 mod delta;
@@ -165,6 +168,11 @@ impl From<ResourceSet> for Resources {
 /// Computes what a proxy should have from the current mesh.
 pub trait ConfigSource: Send + Sync + 'static {
     fn resources(&self, proxy: &Proxy) -> Resources;
+    /// When the first change this configuration carries was seen: a push
+    /// of it has converged on a proxy when its last response is written.
+    fn changed_at(&self) -> Option<Instant> {
+        None
+    }
 }
 
 /// What one proxy has been sent and has said about one type.
@@ -291,6 +299,7 @@ pub struct Ads {
     /// Every stream must authenticate; without one, the port is trusted (loopback only).
     authenticator: Option<Arc<dyn Authenticator>>,
     lifecycle: Option<Arc<dyn ProxyLifecycle>>,
+    metrics: Arc<XdsMetrics>,
 }
 
 impl Ads {
@@ -306,7 +315,13 @@ impl Ads {
             shutdown,
             authenticator: None,
             lifecycle: None,
+            metrics: Arc::new(XdsMetrics::unregistered()),
         }
+    }
+
+    /// The same service, recording into `metrics`.
+    pub fn with_metrics(self, metrics: Arc<XdsMetrics>) -> Ads {
+        Ads { metrics, ..self }
     }
 
     /// The same service, telling `lifecycle` about every proxy that comes and goes.
@@ -341,6 +356,7 @@ struct Session {
     resources: Resources,
     nonce: u64,
     status: Arc<StatusTable>,
+    metrics: Arc<XdsMetrics>,
 }
 
 impl Session {
@@ -362,6 +378,7 @@ impl Session {
             lifecycle.connected(self.connection, &proxy, self.caller.as_ref())?;
         }
         tracing::info!(proxy = %proxy.id, "proxy connected");
+        self.metrics.connected.inc();
         self.status.proxies.lock().insert(
             self.connection,
             ProxyStatus {
@@ -411,6 +428,7 @@ impl Session {
     fn end(self) {
         if let Some(proxy) = &self.proxy {
             tracing::info!(proxy = %proxy.id, "proxy disconnected");
+            self.metrics.connected.dec();
             if let Some(lifecycle) = &self.lifecycle {
                 lifecycle.disconnected(self.connection, proxy);
             }
@@ -420,6 +438,10 @@ impl Session {
 
     fn refused(&self, type_url: &str, version: String, message: &str) {
         tracing::warn!(proxy = ?self.proxy.as_ref().map(|p| &p.id), %type_url, "proxy refused config: {message}");
+        self.metrics
+            .rejects
+            .with_label_values(&[type_label(type_url)])
+            .inc();
         let message = message.to_string();
         self.status.update(self.connection, type_url, |s| {
             s.nack = Some((version, message))
@@ -452,6 +474,7 @@ trait Request: prost::Message + Default + Send + 'static {
 
 /// What [`serve`] builds of the responses of both flavours.
 trait Response: prost::Message + Send + 'static {
+    fn type_url(&self) -> &str;
     /// The acknowledgement of the health report answering `nonce`.
     fn health_ack(nonce: String) -> Self;
 }
@@ -475,6 +498,9 @@ macro_rules! discovery_messages {
         }
 
         impl Response for $response {
+            fn type_url(&self) -> &str {
+                &self.type_url
+            }
             fn health_ack(nonce: String) -> Self {
                 Self {
                     type_url: HEALTH_INFORMATION_TYPE.into(),
@@ -559,6 +585,10 @@ fn serve<P: Protocol>(
     let mut protocol = P::default();
     tokio::spawn(async move {
         'stream: loop {
+            let started = Instant::now();
+            // When the configuration these responses carry changed, if
+            // they are a push of it.
+            let mut pushed_change = None;
             let responses = tokio::select! {
                 message = inbound.next() => match message {
                     Some(Ok(request)) => {
@@ -593,13 +623,37 @@ fn serve<P: Protocol>(
                     let current = config.borrow_and_update().clone();
                     let Some(proxy) = &session.proxy else { continue };
                     session.resources = current.resources(proxy);
+                    pushed_change = current.changed_at();
                     protocol.on_config(&mut session)
                 }
             };
+            let pushed_any = !responses.is_empty();
             for response in responses {
+                let metrics = &session.metrics;
+                let type_url = type_label(response.type_url());
+                let sending = Instant::now();
+                let size = response.encoded_len();
                 if out.send(Ok(response)).await.is_err() {
                     break 'stream;
                 }
+                if type_url != "other" {
+                    metrics.pushes.with_label_values(&[type_url]).inc();
+                    metrics.send_time.observe(sending.elapsed().as_secs_f64());
+                    metrics
+                        .push_time
+                        .with_label_values(&[type_url])
+                        .observe(started.elapsed().as_secs_f64());
+                    metrics
+                        .config_size
+                        .with_label_values(&[type_url])
+                        .observe(size as f64);
+                }
+            }
+            if let Some(changed_at) = pushed_change.filter(|_| pushed_any) {
+                session
+                    .metrics
+                    .convergence
+                    .observe(changed_at.elapsed().as_secs_f64());
             }
         }
         session.end();
@@ -619,6 +673,7 @@ impl Ads {
             resources: Resources::default(),
             nonce: 0,
             status: self.status.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }

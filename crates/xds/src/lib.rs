@@ -12,6 +12,7 @@
 
 pub mod ads;
 pub mod authz;
+pub mod metrics;
 pub mod mtls;
 pub mod nds;
 pub mod node;

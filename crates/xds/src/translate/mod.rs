@@ -71,6 +71,8 @@ pub struct MeshConfig {
     outbound: Mutex<HashMap<OutboundKey, Arc<OnceLock<Arc<ResourceSet>>>>>,
     /// The DNS name table: the same for every proxy.
     names: OnceLock<Arc<ResourceSet>>,
+    /// When the first change this snapshot carries was seen.
+    changed_at: Option<tokio::time::Instant>,
 }
 
 impl MeshConfig {
@@ -79,11 +81,24 @@ impl MeshConfig {
             snapshot,
             outbound: Mutex::default(),
             names: OnceLock::new(),
+            changed_at: None,
+        }
+    }
+
+    /// The same configuration, built for changes first seen at `changed_at`.
+    pub fn changed_at(self, changed_at: tokio::time::Instant) -> MeshConfig {
+        MeshConfig {
+            changed_at: Some(changed_at),
+            ..self
         }
     }
 }
 
 impl AdsConfigSource for MeshConfig {
+    fn changed_at(&self) -> Option<tokio::time::Instant> {
+        self.changed_at
+    }
+
     fn resources(&self, proxy: &Proxy) -> Resources {
         let key = OutboundKey::of(proxy);
         // The map's lock is held only to find the slot: proxies of another

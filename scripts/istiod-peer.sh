@@ -16,36 +16,36 @@ PEER_DIR=${VMESH_PEER_DIR:-/var/tmp/vmesh-peers}
 # The Go module to build from; the version is resolved through the module
 # proxy unless ISTIO_MODULE_VERSION pins it.
 ISTIO_MODULE=istio.io/istio
-ISTIO_PKG=istio.io/istio/pilot/cmd/pilot-discovery
+ISTIO_PKG=istio.io/istio/pilot/cmd/pilot-discovery   # for messages
 
 log() { printf 'istiod-peer: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# Go environment used for the build: a private module cache under PEER_DIR
-# (the source stays there to read), the machine's own toolchain only.
-#
-# The build cache of a full pilot-discovery build is ~2 GiB and only needed
-# while building, so by default it goes to RAM (/dev/shm) when that has room,
-# which spares a nearly full disk. ISTIOD_PEER_GOCACHE overrides it (and is
-# then left alone); the default one is deleted after a successful build
-# unless ISTIOD_PEER_KEEP_GOCACHE=1.
-OWN_GOCACHE=1
+# Scratch space for the build: the Go module cache (~0.7 GiB, with the
+# istio.io/istio source), a patched copy of that source (~0.3 GiB) and the
+# build cache (~2 GiB). None of it is needed once the binary exists, so it
+# goes to RAM (/dev/shm) when that has room, sparing a nearly full disk, and
+# is deleted after a successful build. ISTIOD_PEER_SCRATCH picks another
+# directory (then kept); ISTIOD_PEER_KEEP_SCRATCH=1 keeps the default one.
+SCRATCH_OWNED=1
 go_env() {
-  export GOMODCACHE="$PEER_DIR/gomod"
-  export GOFLAGS="-modcacherw"   # lets `clean` (or rm -rf) delete the cache
-  export GOTOOLCHAIN=local
-  export CGO_ENABLED=0           # as Istio's own gobuild.sh does
   local shm_free_kb
-  if [[ -n ${ISTIOD_PEER_GOCACHE:-} ]]; then
-    export GOCACHE="$ISTIOD_PEER_GOCACHE"
-    OWN_GOCACHE=0
+  if [[ -n ${ISTIOD_PEER_SCRATCH:-} ]]; then
+    SCRATCH=$ISTIOD_PEER_SCRATCH
+    SCRATCH_OWNED=0
   elif shm_free_kb=$(df -Pk /dev/shm 2>/dev/null | awk 'NR==2 {print $4}') &&
-    [[ ${shm_free_kb:-0} -gt $((4 * 1024 * 1024)) ]]; then
-    export GOCACHE=/dev/shm/vmesh-istiod-gocache
-    export GOTMPDIR=/dev/shm   # the compiler's scratch files too
+    [[ ${shm_free_kb:-0} -gt $((6 * 1024 * 1024)) ]]; then
+    SCRATCH=/dev/shm/vmesh-istiod-build
   else
-    export GOCACHE="$PEER_DIR/gocache"
+    SCRATCH=$PEER_DIR/build
   fi
+  mkdir -p "$SCRATCH/tmp"
+  export GOMODCACHE="$SCRATCH/gomod"
+  export GOCACHE="$SCRATCH/gocache"
+  export GOTMPDIR="$SCRATCH/tmp"
+  export GOFLAGS="-modcacherw"   # module cache files deletable with rm -rf
+  export GOTOOLCHAIN=local       # the machine's Go (istio needs >= go.mod's)
+  export CGO_ENABLED=0           # as Istio's own gobuild.sh does
 }
 
 # Prints the newest istio.io/istio version the module proxy serves. Istio's
@@ -59,8 +59,52 @@ resolve_version() {
   (cd / && go list -m -f '{{.Version}}' "$ISTIO_MODULE@latest")
 }
 
+# Istio's file-only mode (--configDir, no Kubernetes) crashes at start in
+# the versions the module proxy serves (seen in v0.0.0-20260423205519-... and
+# v0.0.0-20260827124520-...): the ServiceEntry registry reads Namespace
+# objects from the multicluster controller, which only exists with a kube
+# client, so NewServer dies with a nil pointer dereference in
+# serviceentry.newController (multicluster.(*Controller).ConfigCluster).
+# This patch gives it an empty Namespace collection instead; Namespaces only
+# feed namespace labels/annotations into ServiceEntry visibility, which file
+# config has no way to set anyway. It is applied to a copy of the source.
+# The patched lines are upstream code: Apache-2.0, Istio Authors.
+NIL_MULTICLUSTER_PATCH='--- a/pilot/pkg/serviceregistry/serviceentry/controller.go
++++ b/pilot/pkg/serviceregistry/serviceentry/controller.go
+@@ -221,7 +221,12 @@
+ 	}
+ 
+ 	if !workloadEntryController {
+-		s.inputs.Namespaces = multiclusterController.ConfigCluster().Namespaces()
++		if multiclusterController != nil {
++			s.inputs.Namespaces = multiclusterController.ConfigCluster().Namespaces()
++		} else {
++			// No Kubernetes (config from --configDir only): no Namespace objects.
++			s.inputs.Namespaces = krt.NewStaticCollection[*v1.Namespace](nil, nil, s.opts.WithName("inputs/Namespaces")...)
++		}
+ 		s.inputs.ServiceEntries = store.KrtCollection(gvk.ServiceEntry)
+ 		s.inputs.ExternalWorkloads = krt.NewStaticCollection[*model.WorkloadInstance](nil, nil, s.opts.WithName("inputs/ExternalWorkloads")...)
+ 		s.inputs.ExternalWorkloadsByIP = krt.NewIndex(s.inputs.ExternalWorkloads, "ip", func(wi *model.WorkloadInstance) []string {
+'
+
+# Applies NIL_MULTICLUSTER_PATCH to the source copy in $1 when that still
+# has the bug, and then sets BUILD_STATUS=Modified.
+BUILD_STATUS=Clean
+patch_source() {
+  local src=$1 rel=pilot/pkg/serviceregistry/serviceentry/controller.go
+  if ! grep -q '^		s.inputs.Namespaces = multiclusterController.ConfigCluster().Namespaces()$' "$src/$rel"; then
+    log "serviceentry controller changed upstream: building without the nil-multicluster patch"
+    return
+  fi
+  printf '%s' "$NIL_MULTICLUSTER_PATCH" |
+    patch --quiet --no-backup-if-mismatch -d "$src" -p1 >&2 ||
+    die "the nil-multicluster patch does not apply to $rel"
+  BUILD_STATUS=Modified
+}
+
 cmd_build() {
   command -v go >/dev/null || die "go is not installed"
+  command -v patch >/dev/null || die "patch is not installed (Debian package patch)"
   go_env
   local version dir bin
   version=$(resolve_version)
@@ -73,12 +117,22 @@ cmd_build() {
   fi
   mkdir -p "$dir"
 
-  # Source of the module (also handy to read: flags are in
-  # pilot/cmd/pilot-discovery/app/cmd.go, pilot/pkg/bootstrap/options.go).
+  # Source of the module. To read it (flags: pilot/cmd/pilot-discovery/app/
+  # cmd.go, pilot/pkg/bootstrap/options.go; env: pilot/pkg/features/), keep
+  # the scratch dir with ISTIOD_PEER_KEEP_SCRATCH=1.
   local src
   src=$(cd / && go mod download -json "$ISTIO_MODULE@$version" |
     sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
   [[ -d $src ]] || die "could not download $ISTIO_MODULE@$version"
+
+  # Build from a writable copy (the module cache is read-only to the go
+  # command: -overlay may not replace files in it either).
+  local work="$SCRATCH/src-$version"
+  rm -rf "$work"
+  cp -r "$src" "$work"
+  chmod -R u+w "$work"
+  patch_source "$work"
+  local status=$BUILD_STATUS
 
   # Version stamping, as Istio's Makefile does: VERSION file + "-dev" for a
   # branch build, git revision = the pseudo-version's commit hash.
@@ -88,26 +142,34 @@ cmd_build() {
   ldflags="-s -w"
   ldflags+=" -X istio.io/istio/pkg/version.buildVersion=$istio_version"
   ldflags+=" -X istio.io/istio/pkg/version.buildGitRevision=$rev"
-  ldflags+=" -X istio.io/istio/pkg/version.buildStatus=Clean"
+  ldflags+=" -X istio.io/istio/pkg/version.buildStatus=$status"
   ldflags+=" -X istio.io/istio/pkg/version.buildTag=$version"
   ldflags+=" -X istio.io/istio/pkg/version.buildHub=local"
   ldflags+=" -X istio.io/istio/pkg/version.buildOS=$(go env GOOS)"
   ldflags+=" -X istio.io/istio/pkg/version.buildArch=$(go env GOARCH)"
 
-  # istio.io/istio's go.mod has no replace/exclude directives, so
-  # `go install pkg@version` builds it with exactly its own go.mod/go.sum.
-  # Tags are Istio's STANDARD_TAGS (Makefile.core.mk). Runs at low priority:
-  # this machine is shared with other builds.
-  log "building $ISTIO_PKG@$version ($istio_version) into $dir"
+  # Built as the main module, so with exactly istio's go.mod/go.sum (it has
+  # no replace directives). Tags are Istio's STANDARD_TAGS
+  # (Makefile.core.mk). Low priority: this machine is shared with other
+  # builds; ISTIOD_PEER_BUILD_JOBS caps parallel compiles (go build -p).
+  log "building $ISTIO_PKG@$version ($istio_version, $status) into $dir"
   local start=$SECONDS
-  (cd / && GOBIN="$dir" nice -n "${ISTIOD_PEER_NICE:-10}" \
-    go install -trimpath -tags vtprotobuf,disable_pgv \
+  (cd "$work" && nice -n "${ISTIOD_PEER_NICE:-10}" \
+    go build -trimpath -tags vtprotobuf,disable_pgv \
     ${ISTIOD_PEER_BUILD_JOBS:+-p "$ISTIOD_PEER_BUILD_JOBS"} \
-    -ldflags "$ldflags" "$ISTIO_PKG@$version") >&2
+    -ldflags "$ldflags" -o "$work/pilot-discovery" ./pilot/cmd/pilot-discovery) >&2
+  mv "$work/pilot-discovery" "$bin"
   log "built in $((SECONDS - start))s"
+  {
+    echo "module: $ISTIO_MODULE@$version"
+    echo "istio version: $istio_version ($status)"
+    [[ $status == Modified ]] && echo "patch: nil-multicluster (scripts/istiod-peer.sh)"
+    echo "go: $(go env GOVERSION)"
+    echo "build seconds: $((SECONDS - start))"
+  } >"$dir/BUILD_INFO"
 
-  if [[ $OWN_GOCACHE == 1 && ${ISTIOD_PEER_KEEP_GOCACHE:-0} != 1 ]]; then
-    rm -rf "$GOCACHE"
+  if [[ $SCRATCH_OWNED == 1 && ${ISTIOD_PEER_KEEP_SCRATCH:-0} != 1 ]]; then
+    rm -rf "$SCRATCH"
   fi
   echo "$bin"
 }
@@ -215,14 +277,10 @@ YAML
     "$@"
 }
 
-# Removes what `build` left: binaries, the module cache, build caches.
+# Removes what `build` and `run` left: binaries, run dirs, build scratch.
 cmd_clean() {
-  rm -rf "$PEER_DIR"/istio-* "$PEER_DIR"/run-* "$PEER_DIR/gocache" \
-    /dev/shm/vmesh-istiod-gocache
-  if [[ -d $PEER_DIR/gomod ]]; then
-    chmod -R u+w "$PEER_DIR/gomod"
-    rm -rf "$PEER_DIR/gomod"
-  fi
+  rm -rf "$PEER_DIR"/istio-* "$PEER_DIR"/run-* "$PEER_DIR/build" \
+    /dev/shm/vmesh-istiod-build
   rmdir "$PEER_DIR" 2>/dev/null || true
   log "removed $PEER_DIR"
 }

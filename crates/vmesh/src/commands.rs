@@ -61,6 +61,12 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Bench {
+            what: crate::BenchCommand::Xds(args),
+        } => {
+            crate::bench::run(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Apply {
             files,
             namespace,

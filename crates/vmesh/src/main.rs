@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod agent;
+mod bench;
 mod client;
 mod commands;
 mod demo;
@@ -229,11 +230,23 @@ enum Command {
     Agent(Box<agent::AgentArgs>),
     /// Onboarding VMs: WorkloadGroups and the files one VM needs (istioctl x workload).
     Workload(onboarding::WorkloadArgs),
+    /// Load harnesses: `bench xds` drives a control plane with simulated proxies.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
     /// Bootstrap tokens for workloads (audience istio-ca).
     Token {
         #[command(subcommand)]
         what: TokenCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Simulated proxies on delta and state-of-the-world ADS, a stream of
+    /// changes of every kind, and how fast each reaches every proxy.
+    Xds(bench::XdsBench),
 }
 
 #[derive(Debug, Subcommand)]

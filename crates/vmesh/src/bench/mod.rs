@@ -1,0 +1,364 @@
+//! `vmesh bench xds`: the xDS load harness. It starts a control plane
+//! (`vmesh server`, and with `--istiod` Istio's as well, on the same
+//! objects), connects N simulated proxies on delta and state-of-the-world
+//! ADS, many streams to an HTTP/2 connection, and makes a stream of changes
+//! of every kind ([`mesh::ChangeKind`]). For each kind it reports the time
+//! from the write to each proxy's ACK of a response carrying it (p50, p99,
+//! max), and for the run the responses per second, the server's CPU
+//! seconds and peak resident memory, and the harness's own CPU.
+//!
+//! The simulated proxies live in [`proxy`], the mesh and its changes in
+//! [`mesh`], the control planes in [`target`].
+
+mod mesh;
+mod proxy;
+mod target;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use mesh::ChangeKind;
+use proxy::{Decoded, Identity, Report};
+use target::Target;
+
+#[derive(Debug, clap::Args)]
+pub struct XdsBench {
+    /// Simulated proxies.
+    #[arg(long, default_value_t = 1000)]
+    proxies: usize,
+    /// Services (ServiceEntries) in the mesh.
+    #[arg(long, default_value_t = 1000)]
+    services: usize,
+    /// WorkloadEntries behind each service.
+    #[arg(long, default_value_t = 3)]
+    endpoints: usize,
+    /// Which share of the proxies speaks delta ADS; the others state of the world.
+    #[arg(long, default_value_t = 0.5)]
+    delta_share: f64,
+    /// ADS streams sharing one HTTP/2 connection.
+    #[arg(long, default_value_t = 100)]
+    streams_per_connection: usize,
+    /// Changes of each kind.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// The kinds of change, in order (a deletion removes the service its round added).
+    #[arg(long, value_delimiter = ',', default_values_t = ChangeKind::ALL)]
+    kinds: Vec<ChangeKind>,
+    /// Also run Istio's pilot-discovery (built by scripts/istiod-peer.sh) on
+    /// the same objects and changes, and print both with their ratio.
+    #[arg(long)]
+    istiod: Option<PathBuf>,
+    /// How long a change may take to reach every proxy before it counts as lost.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    change_timeout: Duration,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    json: bool,
+}
+
+impl std::fmt::Display for ChangeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The latencies of one change kind, sorted.
+#[derive(Debug, Default, serde::Serialize)]
+struct KindResult {
+    samples: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// Proxies that had not ACKed a change when it timed out.
+    lost: usize,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct RunResult {
+    control_plane: &'static str,
+    proxies: usize,
+    connect_ms: f64,
+    kinds: Vec<(String, KindResult)>,
+    responses_per_second: f64,
+    server_cpu_seconds: f64,
+    server_rss_mb_before_proxies: f64,
+    server_rss_mb_synced: f64,
+    server_peak_rss_mb: f64,
+    harness_cpu_seconds: f64,
+}
+
+pub async fn run(args: XdsBench) -> Result<()> {
+    if args.kinds.contains(&ChangeKind::ServiceDelete)
+        && !args.kinds.contains(&ChangeKind::ServiceAdd)
+    {
+        bail!("service-delete removes what service-add added: give both");
+    }
+    if args.proxies == 0 || args.services == 0 || args.streams_per_connection == 0 {
+        bail!("--proxies, --services and --streams-per-connection must be positive");
+    }
+    let objects = mesh::objects(args.services, args.endpoints);
+    println!(
+        "mesh: {} services × {} endpoints; {} proxies ({:.0}% delta ADS), {} streams per HTTP/2 connection; {} rounds of {}",
+        args.services,
+        args.endpoints,
+        args.proxies,
+        args.delta_share * 100.0,
+        args.streams_per_connection,
+        args.rounds,
+        args.kinds
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let mut results = Vec::new();
+    let dir = tempfile::tempdir()?;
+    {
+        let started = Instant::now();
+        let target = Target::vmesh(dir.path(), &objects).await?;
+        println!(
+            "vmesh server: {} objects applied in {:.0} ms",
+            objects.len(),
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        results.push(measure(&args, &target).await?);
+    }
+    if let Some(binary) = &args.istiod {
+        let dir = tempfile::tempdir()?;
+        let target = Target::istiod(binary, dir.path(), &objects).await?;
+        results.push(measure(&args, &target).await?);
+    }
+    print_table(&args, &results);
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    Ok(())
+}
+
+async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
+    // Let the control plane settle on the initial objects first.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = target.pid();
+    let rss_before = memory_mb(pid, "VmRSS")?;
+    let connections = args.proxies.div_ceil(args.streams_per_connection);
+    let mut channels = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let channel = tonic::transport::Endpoint::from_shared(target.xds_url())?
+            .initial_connection_window_size(16 << 20)
+            .initial_stream_window_size(4 << 20)
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", target.xds_url()))?;
+        channels.push(channel);
+    }
+    let decoded = Arc::new(Decoded::default());
+    let (awaited_tx, awaited) = watch::channel(None);
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    let connect = Instant::now();
+    let delta_every = if args.delta_share <= 0.0 {
+        usize::MAX
+    } else {
+        (1.0 / args.delta_share).round().max(1.0) as usize
+    };
+    let mut proxies = tokio::task::JoinSet::new();
+    for index in 0..args.proxies {
+        let identity = Identity {
+            index,
+            delta: index % delta_every == 0,
+            istio_version: target.istio_version(),
+        };
+        proxies.spawn(proxy::run(
+            identity,
+            channels[index / args.streams_per_connection].clone(),
+            decoded.clone(),
+            awaited.clone(),
+            reports_tx.clone(),
+        ));
+    }
+    drop(reports_tx);
+    let mut ready = 0;
+    while ready < args.proxies {
+        match tokio::time::timeout(Duration::from_secs(300), reports.recv()).await {
+            Ok(Some(Report::Ready)) => ready += 1,
+            Ok(Some(Report::Failed(e))) => bail!("{}: {e}", target.name()),
+            Ok(Some(_)) => {}
+            _ => bail!(
+                "{}: only {ready} of {} proxies got their configuration",
+                target.name(),
+                args.proxies
+            ),
+        }
+    }
+    let connect_ms = connect.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "{}: {} proxies connected and configured in {connect_ms:.0} ms",
+        target.name(),
+        args.proxies
+    );
+    let rss_synced = memory_mb(pid, "VmRSS")?;
+
+    let cpu_before = (cpu_seconds(&pid.to_string())?, cpu_seconds("self")?);
+    let changes_started = Instant::now();
+    let mut responses = 0u64;
+    let mut latencies: Vec<(ChangeKind, Vec<Duration>, usize)> = args
+        .kinds
+        .iter()
+        .map(|kind| (*kind, Vec::new(), 0))
+        .collect();
+    let mut change_id = 0u64;
+    for round in 0..args.rounds {
+        for (kind, samples, lost) in latencies.iter_mut() {
+            let change = mesh::change(*kind, round, args.services);
+            change_id += 1;
+            awaited_tx.send_replace(Some((change_id, Arc::new(change.expect.clone()))));
+            // The previous change's debounce window closes first.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let start = Instant::now();
+            if !change.write.is_empty() {
+                target.write(&change.write).await?;
+            }
+            if !change.delete.is_empty() {
+                target.delete(&change.delete).await?;
+            }
+            let deadline = start + args.change_timeout;
+            let mut seen = 0;
+            while seen < args.proxies {
+                match tokio::time::timeout_at(deadline, reports.recv()).await {
+                    Ok(Some(Report::Saw { change, at })) if change == change_id => {
+                        seen += 1;
+                        samples.push(at.duration_since(start));
+                    }
+                    Ok(Some(Report::Response)) => responses += 1,
+                    Ok(Some(Report::Failed(e))) => bail!("{}: {e}", target.name()),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            *lost += args.proxies - seen;
+        }
+    }
+    // Responses still queued count too.
+    while let Ok(report) = reports.try_recv() {
+        if matches!(report, Report::Response) {
+            responses += 1;
+        }
+    }
+    let elapsed = changes_started.elapsed().as_secs_f64();
+    let cpu_after = (cpu_seconds(&pid.to_string())?, cpu_seconds("self")?);
+    let peak = memory_mb(pid, "VmHWM")?;
+    proxies.abort_all();
+    Ok(RunResult {
+        control_plane: target.name(),
+        proxies: args.proxies,
+        connect_ms,
+        kinds: latencies
+            .into_iter()
+            .map(|(kind, mut samples, lost)| (kind.name().to_string(), summarize(&mut samples, lost)))
+            .collect(),
+        responses_per_second: responses as f64 / elapsed,
+        server_cpu_seconds: cpu_after.0 - cpu_before.0,
+        server_rss_mb_before_proxies: rss_before,
+        server_rss_mb_synced: rss_synced,
+        server_peak_rss_mb: peak,
+        harness_cpu_seconds: cpu_after.1 - cpu_before.1,
+    })
+}
+
+fn summarize(samples: &mut [Duration], lost: usize) -> KindResult {
+    samples.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let percentile = |p: f64| {
+        let index = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+        ms(samples[index])
+    };
+    if samples.is_empty() {
+        return KindResult {
+            lost,
+            ..Default::default()
+        };
+    }
+    KindResult {
+        samples: samples.len(),
+        p50_ms: percentile(0.50),
+        p99_ms: percentile(0.99),
+        max_ms: samples.last().map(|d| ms(*d)).unwrap_or_default(),
+        lost,
+    }
+}
+
+fn print_table(args: &XdsBench, results: &[RunResult]) {
+    let vmesh = &results[0];
+    let peer = results.get(1);
+    println!();
+    print!("{:<16} {:>8} {:>9} {:>9} {:>9} {:>5}", "change (vmesh)", "samples", "p50 ms", "p99 ms", "max ms", "lost");
+    if peer.is_some() {
+        print!("   {:>9} {:>9} {:>5}  {:>9}", "istiod p50", "p99 ms", "lost", "p99 ratio");
+    }
+    println!();
+    for (index, (kind, result)) in vmesh.kinds.iter().enumerate() {
+        print!(
+            "{kind:<16} {:>8} {:>9.1} {:>9.1} {:>9.1} {:>5}",
+            result.samples, result.p50_ms, result.p99_ms, result.max_ms, result.lost
+        );
+        if let Some((_, other)) = peer.and_then(|p| p.kinds.get(index)) {
+            print!(
+                "   {:>9.1} {:>9.1} {:>5}  {:>9.3}",
+                other.p50_ms,
+                other.p99_ms,
+                other.lost,
+                result.p99_ms / other.p99_ms.max(f64::MIN_POSITIVE)
+            );
+        }
+        println!();
+    }
+    let row = |name: &str, value: &dyn Fn(&RunResult) -> f64, unit: &str| {
+        print!("{name:<34} {:>10.1} {unit}", value(vmesh));
+        if let Some(peer) = peer {
+            let theirs = value(peer);
+            print!("   istiod {theirs:>10.1} {unit}   ratio {:.3}", value(vmesh) / theirs.max(f64::MIN_POSITIVE));
+        }
+        println!();
+    };
+    println!();
+    row("proxies connected and configured", &|r| r.connect_ms, "ms");
+    row("responses per second (changes)", &|r| r.responses_per_second, "/s");
+    row("server CPU during the changes", &|r| r.server_cpu_seconds, "s");
+    row("server resident before proxies", &|r| r.server_rss_mb_before_proxies, "MB");
+    row("server resident, proxies synced", &|r| r.server_rss_mb_synced, "MB");
+    row("server peak resident", &|r| r.server_peak_rss_mb, "MB");
+    row("harness CPU during the changes", &|r| r.harness_cpu_seconds, "s");
+    let _ = args;
+}
+
+/// A kernel memory figure of process `pid` in MB (`VmRSS`, `VmHWM`).
+fn memory_mb(pid: u32, field: &str) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.trim_start_matches(':').split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("{field} of process {pid}"))?;
+    Ok(kb / 1024.0)
+}
+
+/// User and system CPU seconds of `/proc/<process>` (a pid or `self`).
+fn cpu_seconds(process: &str) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{process}/stat"))?;
+    // Fields after the command name (which may hold spaces): state is 3rd;
+    // utime and stime are the 14th and 15th.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("CPU times of process {process}"))
+    };
+    // USER_HZ is 100 on Linux.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
+}

@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -116,18 +116,34 @@ impl Versioned {
 
 /// A set of resources: type URL → resource name → resource.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ResourceSet(BTreeMap<&'static str, BTreeMap<Arc<str>, Versioned>>);
+pub struct ResourceSet {
+    resources: BTreeMap<&'static str, BTreeMap<Arc<str>, Versioned>>,
+    /// Each type's [`fingerprint`], computed once: thousands of proxies
+    /// share a set, and most changes leave most types alone.
+    fingerprints: OnceLock<BTreeMap<&'static str, u64>>,
+}
 
 impl ResourceSet {
     pub fn insert(&mut self, type_url: &'static str, name: impl Into<Arc<str>>, any: Any) {
-        self.0
+        self.fingerprints = OnceLock::new();
+        self.resources
             .entry(type_url)
             .or_default()
             .insert(name.into(), Versioned::new(any));
     }
 
     pub fn of_type(&self, type_url: &str) -> impl Iterator<Item = (&Arc<str>, &Versioned)> {
-        self.0.get(type_url).into_iter().flatten()
+        self.resources.get(type_url).into_iter().flatten()
+    }
+
+    fn fingerprint(&self, type_url: &str) -> u64 {
+        let fingerprints = self.fingerprints.get_or_init(|| {
+            self.resources
+                .iter()
+                .map(|(type_url, resources)| (*type_url, fingerprint(resources)))
+                .collect()
+        });
+        fingerprints.get(type_url).copied().unwrap_or_default()
     }
 }
 
@@ -148,7 +164,18 @@ impl Resources {
     pub fn get(&self, type_url: &str, name: &str) -> Option<(&Arc<str>, &Versioned)> {
         self.0
             .iter()
-            .find_map(|set| set.0.get(type_url)?.get_key_value(name))
+            .find_map(|set| set.resources.get(type_url)?.get_key_value(name))
+    }
+
+    /// A fingerprint of every resource of `type_url`: when it is the same
+    /// as at a proxy's last push and its subscription did not change, the
+    /// proxy lacks nothing of the type.
+    fn type_fingerprint(&self, type_url: &str) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        for set in &self.0 {
+            set.fingerprint(type_url).hash(&mut hasher);
+        }
+        hasher.finish()
     }
 
     /// The shared copy of a name the proxy sent, so that thousands of

@@ -143,7 +143,11 @@ pub fn change(kind: ChangeKind, round: usize, services: usize) -> Change {
                 "metadata": meta(&target),
                 "spec": {"host": host(&target), "trafficPolicy": {"tls": {"mode": "SIMPLE", "sni": sni}}},
             });
-            (vec![rule], vec![], Expect::Contains(CLUSTER_TYPE, sni.into_bytes()))
+            (
+                vec![rule],
+                vec![],
+                Expect::Contains(CLUSTER_TYPE, sni.into_bytes()),
+            )
         }
         ChangeKind::Route => {
             let value = format!("bench-route-{round}");
@@ -158,7 +162,11 @@ pub fn change(kind: ChangeKind, round: usize, services: usize) -> Change {
                     }],
                 },
             });
-            (vec![service], vec![], Expect::Contains(ROUTE_TYPE, value.into_bytes()))
+            (
+                vec![service],
+                vec![],
+                Expect::Contains(ROUTE_TYPE, value.into_bytes()),
+            )
         }
         ChangeKind::ServiceAdd => {
             let objects = vec![

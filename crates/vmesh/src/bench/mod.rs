@@ -258,7 +258,9 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
         connect_ms,
         kinds: latencies
             .into_iter()
-            .map(|(kind, mut samples, lost)| (kind.name().to_string(), summarize(&mut samples, lost)))
+            .map(|(kind, mut samples, lost)| {
+                (kind.name().to_string(), summarize(&mut samples, lost))
+            })
             .collect(),
         responses_per_second: responses as f64 / elapsed,
         server_cpu_seconds: cpu_after.0 - cpu_before.0,
@@ -295,9 +297,15 @@ fn print_table(args: &XdsBench, results: &[RunResult]) {
     let vmesh = &results[0];
     let peer = results.get(1);
     println!();
-    print!("{:<16} {:>8} {:>9} {:>9} {:>9} {:>5}", "change (vmesh)", "samples", "p50 ms", "p99 ms", "max ms", "lost");
+    print!(
+        "{:<16} {:>8} {:>9} {:>9} {:>9} {:>5}",
+        "change (vmesh)", "samples", "p50 ms", "p99 ms", "max ms", "lost"
+    );
     if peer.is_some() {
-        print!("   {:>9} {:>9} {:>5}  {:>9}", "istiod p50", "p99 ms", "lost", "p99 ratio");
+        print!(
+            "   {:>9} {:>9} {:>5}  {:>9}",
+            "istiod p50", "p99 ms", "lost", "p99 ratio"
+        );
     }
     println!();
     for (index, (kind, result)) in vmesh.kinds.iter().enumerate() {
@@ -320,18 +328,41 @@ fn print_table(args: &XdsBench, results: &[RunResult]) {
         print!("{name:<34} {:>10.1} {unit}", value(vmesh));
         if let Some(peer) = peer {
             let theirs = value(peer);
-            print!("   istiod {theirs:>10.1} {unit}   ratio {:.3}", value(vmesh) / theirs.max(f64::MIN_POSITIVE));
+            print!(
+                "   istiod {theirs:>10.1} {unit}   ratio {:.3}",
+                value(vmesh) / theirs.max(f64::MIN_POSITIVE)
+            );
         }
         println!();
     };
     println!();
     row("proxies connected and configured", &|r| r.connect_ms, "ms");
-    row("responses per second (changes)", &|r| r.responses_per_second, "/s");
-    row("server CPU during the changes", &|r| r.server_cpu_seconds, "s");
-    row("server resident before proxies", &|r| r.server_rss_mb_before_proxies, "MB");
-    row("server resident, proxies synced", &|r| r.server_rss_mb_synced, "MB");
+    row(
+        "responses per second (changes)",
+        &|r| r.responses_per_second,
+        "/s",
+    );
+    row(
+        "server CPU during the changes",
+        &|r| r.server_cpu_seconds,
+        "s",
+    );
+    row(
+        "server resident before proxies",
+        &|r| r.server_rss_mb_before_proxies,
+        "MB",
+    );
+    row(
+        "server resident, proxies synced",
+        &|r| r.server_rss_mb_synced,
+        "MB",
+    );
     row("server peak resident", &|r| r.server_peak_rss_mb, "MB");
-    row("harness CPU during the changes", &|r| r.harness_cpu_seconds, "s");
+    row(
+        "harness CPU during the changes",
+        &|r| r.harness_cpu_seconds,
+        "s",
+    );
     let _ = args;
 }
 
@@ -340,7 +371,12 @@ fn memory_mb(pid: u32, field: &str) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()
-        .find_map(|l| l.strip_prefix(field)?.trim_start_matches(':').split_whitespace().next())
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim_start_matches(':')
+                .split_whitespace()
+                .next()
+        })
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{field} of process {pid}"))?;
     Ok(kb / 1024.0)
@@ -351,7 +387,10 @@ fn cpu_seconds(process: &str) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{process}/stat"))?;
     // Fields after the command name (which may hold spaces): state is 3rd;
     // utime and stime are the 14th and 15th.
-    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or_default();
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
     let fields: Vec<&str> = after.split_whitespace().collect();
     let ticks = |i: usize| -> Result<f64> {
         fields

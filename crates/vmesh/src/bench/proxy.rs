@@ -19,9 +19,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, http_connection_manager::RouteSpecifier,
 };
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DiscoveryRequest,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::protobuf::{Any, Struct, Value, value::Kind};
 use parking_lot::Mutex;
 use prost::Message;
@@ -359,8 +357,8 @@ async fn state_of_the_world(
     awaited: &mut watch::Receiver<Awaited>,
     reports: &mpsc::UnboundedSender<Report>,
 ) -> Result<(), Failure> {
-    let mut client = AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(256 << 20);
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
     let (requests, rx) = mpsc::unbounded_channel();
     let node = identity.node();
     requests.send(DiscoveryRequest {
@@ -423,8 +421,8 @@ async fn delta(
     awaited: &mut watch::Receiver<Awaited>,
     reports: &mpsc::UnboundedSender<Report>,
 ) -> Result<(), Failure> {
-    let mut client = AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(256 << 20);
+    let mut client =
+        AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(256 << 20);
     let (requests, rx) = mpsc::unbounded_channel();
     let node = identity.node();
     requests.send(DeltaDiscoveryRequest {

@@ -39,6 +39,11 @@ struct DeltaSubscription {
     /// or all of them.
     resend: BTreeSet<Arc<str>>,
     resend_all: bool,
+    /// Bumped whenever the names subscribed to change.
+    generation: u64,
+    /// The type's fingerprint and the generation when `known` was last made
+    /// to match the resources: while both stay, there is nothing to send.
+    basis: Option<(u64, u64)>,
 }
 
 /// A delta stream's subscriptions, by type URL.
@@ -86,6 +91,7 @@ impl Protocol for Delta {
                                 };
                             }
                             subscription.refused_hash = Some(pending.diff_hash);
+                            subscription.basis = None;
                             session.refused(&type_url, pending.system_version, &error.message);
                         }
                         None => {
@@ -97,6 +103,11 @@ impl Protocol for Delta {
                 // An answer to an older response: superseded.
                 other => subscription.pending = other,
             }
+        }
+        if !request.resource_names_subscribe.is_empty()
+            || !request.resource_names_unsubscribe.is_empty()
+        {
+            subscription.generation += 1;
         }
         for name in &request.resource_names_subscribe {
             if name == "*" {
@@ -125,6 +136,20 @@ impl Protocol for Delta {
     ) -> Option<DeltaDiscoveryResponse> {
         let subscription = self.subscriptions.get_mut(type_url)?;
         let resources = &session.resources;
+        let basis = (
+            resources.type_fingerprint(type_url),
+            subscription.generation,
+        );
+        let resending = subscription.resend_all || !subscription.resend.is_empty();
+        if !force && !resending && subscription.basis == Some(basis) {
+            if subscription.pending.is_none()
+                && let Some(accepted) = subscription.acked_version.clone()
+            {
+                session.sent(type_url, accepted);
+            }
+            return None;
+        }
+        subscription.basis = Some(basis);
         let wanted = |name: &str| subscription.wildcard || subscription.names.contains(name);
         let desired: Vec<(&Arc<str>, &Versioned)> = resources
             .of_type(type_url)
@@ -215,7 +240,9 @@ impl Protocol for Delta {
 
     fn forget_refusals(&mut self) {
         for subscription in self.subscriptions.values_mut() {
-            subscription.refused_hash = None;
+            if subscription.refused_hash.take().is_some() {
+                subscription.basis = None;
+            }
         }
     }
 }

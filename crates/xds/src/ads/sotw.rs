@@ -19,6 +19,11 @@ struct Subscription {
     /// Fingerprint of what was last sent, and of what was last refused.
     sent_hash: Option<u64>,
     refused_hash: Option<u64>,
+    /// Bumped whenever the names subscribed to change.
+    generation: u64,
+    /// The type's fingerprint and the generation at the last push: while
+    /// both stay, the proxy has what it should.
+    basis: Option<(u64, u64)>,
 }
 
 /// A state-of-the-world stream's subscriptions, by type URL.
@@ -51,6 +56,7 @@ impl Protocol for StateOfTheWorld {
         }
         if let Some(error) = &request.error_detail {
             subscription.refused_hash = subscription.sent_hash;
+            subscription.basis = None;
             // Envoy's `version_info` here is the last version it accepted;
             // the refused one is what this nonce carried.
             let version = subscription.sent_hash.map(version_of).unwrap_or_default();
@@ -69,6 +75,9 @@ impl Protocol for StateOfTheWorld {
                 .collect()
         });
         let names_changed = subscription.names != names;
+        if names_changed {
+            subscription.generation += 1;
+        }
         subscription.names = names;
         let first = subscription.sent_nonce.is_none();
         self.respond(session, &type_url, first || names_changed)
@@ -82,6 +91,14 @@ impl Protocol for StateOfTheWorld {
     ) -> Option<DiscoveryResponse> {
         let subscription = self.subscriptions.get_mut(type_url)?;
         let resources = &session.resources;
+        let basis = (
+            resources.type_fingerprint(type_url),
+            subscription.generation,
+        );
+        if !force && subscription.basis == Some(basis) {
+            return None;
+        }
+        subscription.basis = Some(basis);
         let chosen: Vec<(&Arc<str>, &Versioned)> = match &subscription.names {
             None => resources.of_type(type_url).collect(),
             Some(names) => names
@@ -113,12 +130,15 @@ impl Protocol for StateOfTheWorld {
         // sends it all again.
         if let Some(subscription) = self.subscriptions.get_mut(type_url) {
             subscription.sent_hash = None;
+            subscription.basis = None;
         }
     }
 
     fn forget_refusals(&mut self) {
         for subscription in self.subscriptions.values_mut() {
-            subscription.refused_hash = None;
+            if subscription.refused_hash.take().is_some() {
+                subscription.basis = None;
+            }
         }
     }
 }

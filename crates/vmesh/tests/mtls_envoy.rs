@@ -83,13 +83,13 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
     for namespace in ["frontend", "orders"] {
         mesh.cli(&["create", "namespace", namespace]).unwrap();
     }
-    mesh.apply(
-        "vm.yaml",
-        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: payment-vm, namespace: vm-workloads}\n\
-         spec:\n  address: 10.44.0.2\n  serviceAccount: payment-service-sa\n  \
-         labels: {app: payment-service, version: v1, security.istio.io/tlsMode: istio}\n",
-    )
-    .unwrap();
+    // The guide's hand-written WorkloadEntry as it is, but for the VM's
+    // address: no tlsMode label, a service account, so mTLS by Istio's rule.
+    let guide_entry = std::fs::read_to_string(seed.join("workload-entry-payment-vm1.yaml"))
+        .unwrap()
+        .replace("address: 192.168.1.100", "address: 10.44.0.2");
+    assert!(guide_entry.contains("address: 10.44.0.2") && !guide_entry.contains("tlsMode"));
+    mesh.apply("vm.yaml", &guide_entry).unwrap();
     for file in [
         "peer-authentication-strict.yaml",
         "authorization-policy-payment.yaml",
@@ -142,6 +142,13 @@ fn mesh_mtls_and_authorization_between_real_sidecars() {
     eventually("frontend → payment over mTLS", || {
         (request(&frontend, "GET", &url("/api/payments/1")) == Some(200)).then_some(())
     });
+    let answered = (0..100)
+        .filter(|i| request(&frontend, "GET", &url(&format!("/api/payments/{i}"))) == Some(200))
+        .count();
+    assert_eq!(
+        answered, 100,
+        "the guide's payment-vm-1 answers every request under STRICT mTLS"
+    );
     assert_eq!(
         request(&frontend, "POST", &url("/api/refunds/7")),
         Some(200)

@@ -19,10 +19,12 @@ use vmesh_testkit::{Mesh, Namespace};
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
+/// A VM of the payment service without a sidecar (the demo apps speak plain
+/// HTTP): no service account, so clients send it plaintext.
 fn workload_entry(name: &str, address: &str, version: &str, locality: &str) -> String {
     format!(
         "---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: vm-workloads}}\n\
-         spec:\n  address: {address}\n  labels: {{app: payment-service, version: {version}}}\n  serviceAccount: payment-service-sa\n  \
+         spec:\n  address: {address}\n  labels: {{app: payment-service, version: {version}}}\n  \
          ports: {{http: 8080}}\n  locality: {locality}\n"
     )
 }

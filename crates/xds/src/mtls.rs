@@ -70,9 +70,17 @@ pub fn sds_secret(name: &str) -> SdsSecretConfig {
     }
 }
 
-/// Whether an endpoint runs a sidecar that accepts mesh mTLS.
+/// Whether an endpoint runs a sidecar that accepts mesh mTLS, by Istio's
+/// rule for WorkloadEntries: its `security.istio.io/tlsMode` label when it
+/// has one, else `istio` when it names a service account.
 pub fn is_mesh_endpoint(endpoint: &MeshEndpoint) -> bool {
-    endpoint.labels.get(TLS_MODE_LABEL).map(String::as_str) == Some("istio")
+    match endpoint.labels.get(TLS_MODE_LABEL) {
+        Some(mode) => mode == "istio",
+        None => endpoint
+            .service_account
+            .as_deref()
+            .is_some_and(|account| !account.is_empty()),
+    }
 }
 
 fn string(value: &str) -> Value {

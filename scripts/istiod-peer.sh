@@ -93,6 +93,12 @@ go_env() {
   export CGO_ENABLED=0           # as Istio's own gobuild.sh does
 }
 
+drop_scratch() {
+  if [[ $SCRATCH_OWNED == 1 && ${ISTIOD_PEER_KEEP_SCRATCH:-0} != 1 ]]; then
+    rm -rf "$SCRATCH"
+  fi
+}
+
 # Prints the newest istio.io/istio version the module proxy serves. Istio's
 # release tags (1.x.y, no "v") are not semver module versions, so the proxy
 # only has pseudo-versions of its default branch (`go list -m -versions`
@@ -159,6 +165,7 @@ cmd_build() {
   bin="$dir/pilot-discovery"
   if [[ -x $bin ]]; then
     log "already built: $bin"
+    drop_scratch   # only holds the version lookup now
     echo "$bin"
     return
   fi
@@ -230,9 +237,7 @@ cmd_build() {
   } >"$dir/BUILD_INFO"
   log "built in ${seconds}s"
 
-  if [[ $SCRATCH_OWNED == 1 && ${ISTIOD_PEER_KEEP_SCRATCH:-0} != 1 ]]; then
-    rm -rf "$SCRATCH"
-  fi
+  drop_scratch
   echo "$bin"
 }
 
@@ -247,7 +252,7 @@ find_binary() {
     echo "$PEER_DIR/istio-$ISTIO_MODULE_VERSION/pilot-discovery"
   else
     # shellcheck disable=SC2012  # names are ours, no odd characters
-    ls -t "$PEER_DIR"/istio-*/pilot-discovery 2>/dev/null | head -n 1
+    ls -t "$PEER_DIR"/istio-*/pilot-discovery 2>/dev/null | head -n 1 || true
   fi
 }
 

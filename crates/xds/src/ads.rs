@@ -25,14 +25,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
-use prost::Message as _;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -45,8 +42,10 @@ use crate::node::Proxy;
 mod delta;
 mod grpc;
 mod sotw;
+mod wire;
 
 pub use grpc::AdsServer;
+use wire::Encoded;
 
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str =
@@ -89,13 +88,15 @@ fn wildcard_type(type_url: &str) -> bool {
     matches!(type_url, CLUSTER_TYPE | LISTENER_TYPE | NAME_TABLE_TYPE)
 }
 
-/// One resource, with its version computed once when it is built.
+/// One resource, with its version and its wire encoding computed once when
+/// it is built.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Versioned {
     pub any: Any,
     /// A fingerprint of the bytes: the resource's version. Never
     /// `UNKNOWN_VERSION`.
     pub version: u64,
+    wire: wire::Entries,
 }
 
 /// Stands for a version this server did not write (one Envoy remembers from
@@ -103,13 +104,16 @@ pub struct Versioned {
 const UNKNOWN_VERSION: u64 = 0;
 
 impl Versioned {
-    pub fn new(any: Any) -> Versioned {
+    /// Resource `name`.
+    pub fn new(name: &str, any: Any) -> Versioned {
         let mut hasher = DefaultHasher::new();
         any.type_url.hash(&mut hasher);
         any.value.hash(&mut hasher);
+        let version = hasher.finish().max(UNKNOWN_VERSION + 1);
         Versioned {
+            wire: wire::Entries::new(name, &version_of(version), &any),
             any,
-            version: hasher.finish().max(UNKNOWN_VERSION + 1),
+            version,
         }
     }
 }
@@ -126,10 +130,12 @@ pub struct ResourceSet {
 impl ResourceSet {
     pub fn insert(&mut self, type_url: &'static str, name: impl Into<Arc<str>>, any: Any) {
         self.fingerprints = OnceLock::new();
+        let name = name.into();
+        let resource = Versioned::new(&name, any);
         self.resources
             .entry(type_url)
             .or_default()
-            .insert(name.into(), Versioned::new(any));
+            .insert(name, resource);
     }
 
     pub fn of_type(&self, type_url: &str) -> impl Iterator<Item = (&Arc<str>, &Versioned)> {
@@ -381,7 +387,7 @@ struct Session {
     lifecycle: Option<Arc<dyn ProxyLifecycle>>,
     proxy: Option<Proxy>,
     resources: Resources,
-    nonce: u64,
+    nonces: Nonces,
     status: Arc<StatusTable>,
     metrics: Arc<XdsMetrics>,
 }
@@ -418,11 +424,6 @@ impl Session {
         self.resources = config.resources(&proxy);
         self.proxy = Some(proxy);
         Ok(())
-    }
-
-    fn next_nonce(&mut self) -> String {
-        self.nonce += 1;
-        self.nonce.to_string()
     }
 
     fn sent(&self, type_url: &str, version: String) {
@@ -476,6 +477,17 @@ impl Session {
     }
 }
 
+/// The nonces of a stream's responses.
+#[derive(Default)]
+struct Nonces(u64);
+
+impl Nonces {
+    fn next(&mut self) -> String {
+        self.0 += 1;
+        self.0.to_string()
+    }
+}
+
 /// The version of a set of resources, from their names and versions.
 fn fingerprint<'a>(resources: impl IntoIterator<Item = (&'a Arc<str>, &'a Versioned)>) -> u64 {
     let mut hasher = DefaultHasher::new();
@@ -499,16 +511,9 @@ trait Request: prost::Message + Default + Send + 'static {
     fn error_detail(&self) -> Option<&RpcStatus>;
 }
 
-/// What [`serve`] builds of the responses of both flavours.
-trait Response: prost::Message + Send + 'static {
-    fn type_url(&self) -> &str;
-    /// The acknowledgement of the health report answering `nonce`.
-    fn health_ack(nonce: String) -> Self;
-}
-
 /// Both flavours' messages have these fields under the same names.
 macro_rules! discovery_messages {
-    ($($request:ty => $response:ty),*) => {$(
+    ($($request:ty),*) => {$(
         impl Request for $request {
             fn node(&self) -> Option<&Node> {
                 self.node.as_ref()
@@ -523,26 +528,10 @@ macro_rules! discovery_messages {
                 self.error_detail.as_ref()
             }
         }
-
-        impl Response for $response {
-            fn type_url(&self) -> &str {
-                &self.type_url
-            }
-            fn health_ack(nonce: String) -> Self {
-                Self {
-                    type_url: HEALTH_INFORMATION_TYPE.into(),
-                    nonce,
-                    ..Default::default()
-                }
-            }
-        }
     )*};
 }
 
-discovery_messages!(
-    DiscoveryRequest => DiscoveryResponse,
-    DeltaDiscoveryRequest => DeltaDiscoveryResponse
-);
+discovery_messages!(DiscoveryRequest, DeltaDiscoveryRequest);
 
 /// One xDS flavour's per-stream subscriptions: it turns requests and
 /// configuration changes into responses. Who the proxy is, its health
@@ -550,32 +539,21 @@ discovery_messages!(
 /// [`serve`] does the I/O.
 trait Protocol: Default + Send + 'static {
     type Request: Request;
-    type Response: Response;
     /// A request that is not a health report, from an identified proxy.
-    fn on_request(&mut self, session: &mut Session, request: Self::Request) -> Vec<Self::Response>;
+    fn on_request(&mut self, session: &mut Session, request: Self::Request) -> Vec<Encoded>;
     /// The response for `type_url` if the proxy subscribes to it and lacks
     /// something of it, or always with `force`.
-    fn push(
-        &mut self,
-        session: &mut Session,
-        type_url: &str,
-        force: bool,
-    ) -> Option<Self::Response>;
+    fn push(&mut self, session: &mut Session, type_url: &str, force: bool) -> Option<Encoded>;
     /// Forgets what the proxy refused: after a configuration change it may
     /// be sent again.
     fn forget_refusals(&mut self);
     /// The next push of `type_url` sends again what the proxy has: the
     /// resources named as those in `sent`, or every one with `every`.
-    fn resend(&mut self, type_url: &str, sent: &Self::Response, every: bool);
+    fn resend(&mut self, type_url: &str, sent: &Encoded, every: bool);
 
     /// The response for `type_url` (as [`Protocol::push`]), followed by the
     /// resources Envoy warms it with (see [`warmed_with`]).
-    fn respond(
-        &mut self,
-        session: &mut Session,
-        type_url: &str,
-        force: bool,
-    ) -> Vec<Self::Response> {
+    fn respond(&mut self, session: &mut Session, type_url: &str, force: bool) -> Vec<Encoded> {
         let Some(response) = self.push(session, type_url, force) else {
             return Vec::new();
         };
@@ -591,7 +569,7 @@ trait Protocol: Default + Send + 'static {
     }
 
     /// The session's resources were recomputed: push what changed.
-    fn on_config(&mut self, session: &mut Session) -> Vec<Self::Response> {
+    fn on_config(&mut self, session: &mut Session) -> Vec<Encoded> {
         self.forget_refusals();
         PUSH_ORDER
             .iter()
@@ -607,7 +585,7 @@ fn serve<P: Protocol>(
     mut inbound: impl Stream<Item = Result<P::Request, Status>> + Send + Unpin + 'static,
     mut config: watch::Receiver<Arc<dyn ConfigSource>>,
     mut shutdown: watch::Receiver<bool>,
-) -> ReceiverStream<Result<P::Response, Status>> {
+) -> ReceiverStream<Result<Encoded, Status>> {
     let (out, rx) = mpsc::channel(16);
     let mut protocol = P::default();
     tokio::spawn(async move {
@@ -629,7 +607,7 @@ fn serve<P: Protocol>(
                         match HealthReport::from_request(&request) {
                             Some(report) => session
                                 .health(&report)
-                                .then(|| P::Response::health_ack(request.response_nonce().to_string()))
+                                .then(|| Encoded::bare(HEALTH_INFORMATION_TYPE, request.response_nonce().to_string()))
                                 .into_iter()
                                 .collect(),
                             None => protocol.on_request(&mut session, request),
@@ -657,9 +635,9 @@ fn serve<P: Protocol>(
             let pushed_any = !responses.is_empty();
             for response in responses {
                 let metrics = &session.metrics;
-                let type_url = type_label(response.type_url());
+                let type_url = type_label(&response.type_url);
                 let sending = Instant::now();
-                let size = response.encoded_len();
+                let size = response.len();
                 if out.send(Ok(response)).await.is_err() {
                     break 'stream;
                 }
@@ -698,7 +676,7 @@ impl Ads {
             lifecycle: self.lifecycle.clone(),
             proxy: None,
             resources: Resources::default(),
-            nonce: 0,
+            nonces: Nonces::default(),
             status: self.status.clone(),
             metrics: self.metrics.clone(),
         }

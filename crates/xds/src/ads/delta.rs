@@ -7,11 +7,11 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
 
 use super::{
-    Protocol, Session, UNKNOWN_VERSION, Versioned, fingerprint, version_of, wildcard_type,
+    Encoded, Protocol, Session, UNKNOWN_VERSION, Versioned, fingerprint, version_of, wildcard_type,
 };
 
 /// A delta response waiting for its ACK or NACK.
@@ -54,13 +54,12 @@ pub(super) struct Delta {
 
 impl Protocol for Delta {
     type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
 
     fn on_request(
         &mut self,
         session: &mut Session,
         request: DeltaDiscoveryRequest,
-    ) -> Vec<DeltaDiscoveryResponse> {
+    ) -> Vec<Encoded> {
         let type_url = request.type_url.clone();
         let first = !self.subscriptions.contains_key(&type_url);
         let subscription = self.subscriptions.entry(type_url.clone()).or_default();
@@ -128,12 +127,7 @@ impl Protocol for Delta {
         self.respond(session, &type_url, first)
     }
 
-    fn push(
-        &mut self,
-        session: &mut Session,
-        type_url: &str,
-        force: bool,
-    ) -> Option<DeltaDiscoveryResponse> {
+    fn push(&mut self, session: &mut Session, type_url: &str, force: bool) -> Option<Encoded> {
         let subscription = self.subscriptions.get_mut(type_url)?;
         let resources = &session.resources;
         let basis = (
@@ -198,17 +192,8 @@ impl Protocol for Delta {
         for name in &removed {
             undo.push((name.clone(), subscription.known.remove(name)));
         }
-        let changed: Vec<Resource> = changed
-            .into_iter()
-            .map(|(name, resource)| Resource {
-                name: name.to_string(),
-                version: version_of(resource.version),
-                resource: Some(resource.any.clone()),
-                ..Default::default()
-            })
-            .collect();
         let removed: Vec<String> = removed.iter().map(|name| name.to_string()).collect();
-        let nonce = session.next_nonce();
+        let nonce = session.nonces.next();
         subscription.pending = Some(Pending {
             nonce: nonce.clone(),
             system_version: system_version.clone(),
@@ -216,23 +201,23 @@ impl Protocol for Delta {
             undo,
         });
         session.sent(type_url, system_version.clone());
-        Some(DeltaDiscoveryResponse {
+        let fields = DeltaDiscoveryResponse {
             system_version_info: system_version,
-            resources: changed,
             type_url: type_url.to_string(),
             removed_resources: removed,
             nonce,
             ..Default::default()
-        })
+        };
+        Some(Encoded::delta(&fields, changed.iter().copied()))
     }
 
-    fn resend(&mut self, type_url: &str, sent: &DeltaDiscoveryResponse, every: bool) {
+    fn resend(&mut self, type_url: &str, sent: &Encoded, every: bool) {
         let Some(subscription) = self.subscriptions.get_mut(type_url) else {
             return;
         };
         subscription.resend_all |= every;
-        for resource in &sent.resources {
-            if let Some((name, _)) = subscription.known.get_key_value(resource.name.as_str()) {
+        for name in &sent.names {
+            if let Some((name, _)) = subscription.known.get_key_value(name) {
                 subscription.resend.insert(name.clone());
             }
         }

@@ -25,7 +25,7 @@ use tonic::server::NamedService;
 
 use super::delta::Delta;
 use super::sotw::StateOfTheWorld;
-use super::{Ads, CallerIdentity, Protocol, serve};
+use super::{Ads, CallerIdentity, Encoded, Protocol, serve};
 
 const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 const STATE_OF_THE_WORLD: &str =
@@ -162,16 +162,6 @@ fn next_message(buffer: &mut BytesMut) -> Result<Option<Bytes>, Status> {
     Ok(Some(message.split_off(5)))
 }
 
-/// One length-prefixed gRPC message, uncompressed.
-fn frame<M: Message>(message: &M) -> Bytes {
-    let length = message.encoded_len();
-    let mut buffer = Vec::with_capacity(5 + length);
-    buffer.push(0);
-    buffer.extend_from_slice(&u32::try_from(length).unwrap_or(u32::MAX).to_be_bytes());
-    message.encode(&mut buffer).expect("a Vec grows as needed");
-    Bytes::from(buffer)
-}
-
 /// The gRPC trailers that end a stream with `status`.
 fn trailers(status: &Status) -> Frame<Bytes> {
     let mut headers = http::HeaderMap::new();
@@ -183,11 +173,11 @@ fn trailers(status: &Status) -> Frame<Bytes> {
 }
 
 /// Responses as a gRPC body: one frame per message, then the trailers.
-fn framed<M: Message + 'static>(responses: ReceiverStream<Result<M, Status>>) -> Body {
+fn framed(responses: ReceiverStream<Result<Encoded, Status>>) -> Body {
     let frames = futures::stream::unfold(Some(responses), |state| async move {
         let mut responses = state?;
         let (frame, rest) = match responses.next().await {
-            Some(Ok(message)) => (Frame::data(frame(&message)), Some(responses)),
+            Some(Ok(response)) => (Frame::data(response.frame), Some(responses)),
             Some(Err(status)) => (trailers(&status), None),
             None => (trailers(&Status::ok("")), None),
         };

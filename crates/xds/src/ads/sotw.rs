@@ -6,9 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::Any;
 
-use super::{Protocol, Session, Versioned, fingerprint, version_of, wildcard_type};
+use super::{Encoded, Protocol, Session, Versioned, fingerprint, version_of, wildcard_type};
 
 /// One type's subscription on a state-of-the-world stream.
 #[derive(Default)]
@@ -34,13 +33,8 @@ pub(super) struct StateOfTheWorld {
 
 impl Protocol for StateOfTheWorld {
     type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
 
-    fn on_request(
-        &mut self,
-        session: &mut Session,
-        request: DiscoveryRequest,
-    ) -> Vec<DiscoveryResponse> {
+    fn on_request(&mut self, session: &mut Session, request: DiscoveryRequest) -> Vec<Encoded> {
         let type_url = request.type_url.clone();
         let wildcard = wildcard_type(&type_url);
         let subscription = self.subscriptions.entry(type_url.clone()).or_default();
@@ -83,12 +77,7 @@ impl Protocol for StateOfTheWorld {
         self.respond(session, &type_url, first || names_changed)
     }
 
-    fn push(
-        &mut self,
-        session: &mut Session,
-        type_url: &str,
-        force: bool,
-    ) -> Option<DiscoveryResponse> {
+    fn push(&mut self, session: &mut Session, type_url: &str, force: bool) -> Option<Encoded> {
         let subscription = self.subscriptions.get_mut(type_url)?;
         let resources = &session.resources;
         let basis = (
@@ -111,21 +100,20 @@ impl Protocol for StateOfTheWorld {
         if unchanged || subscription.refused_hash == Some(hash) {
             return None;
         }
-        let chosen: Vec<Any> = chosen.into_iter().map(|(_, r)| r.any.clone()).collect();
-        let nonce = session.next_nonce();
+        let nonce = session.nonces.next();
         subscription.sent_hash = Some(hash);
         subscription.sent_nonce = Some(nonce.clone());
         session.sent(type_url, version_of(hash));
-        Some(DiscoveryResponse {
+        let fields = DiscoveryResponse {
             version_info: version_of(hash),
-            resources: chosen,
             type_url: type_url.to_string(),
             nonce,
             ..Default::default()
-        })
+        };
+        Some(Encoded::state_of_the_world(&fields, chosen.iter().copied()))
     }
 
-    fn resend(&mut self, type_url: &str, _sent: &DiscoveryResponse, _every: bool) {
+    fn resend(&mut self, type_url: &str, _sent: &Encoded, _every: bool) {
         // Every response carries the whole set: forgetting what was sent
         // sends it all again.
         if let Some(subscription) = self.subscriptions.get_mut(type_url) {

@@ -49,9 +49,10 @@ pub struct XdsBench {
     /// The kinds of change, in order (a deletion removes the service its round added).
     #[arg(long, value_delimiter = ',', default_values_t = ChangeKind::ALL)]
     kinds: Vec<ChangeKind>,
-    /// Also run Istio's pilot-discovery (built by scripts/istiod-peer.sh) on
-    /// the same objects and changes, and print both with their ratio.
-    #[arg(long)]
+    /// Also run Istio's pilot-discovery on the same objects and changes, and
+    /// print both with their ratio: the path of the repository's
+    /// scripts/istiod-peer.sh, which builds it and runs it without Kubernetes.
+    #[arg(long, value_name = "ISTIOD_PEER_SCRIPT")]
     istiod: Option<PathBuf>,
     /// How long a change may take to reach every proxy before it counts as lost.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
@@ -89,6 +90,7 @@ struct RunResult {
     server_rss_mb_before_proxies: f64,
     server_rss_mb_synced: f64,
     server_peak_rss_mb: f64,
+    server_rss_mb_settled: f64,
     harness_cpu_seconds: f64,
 }
 
@@ -128,9 +130,9 @@ pub async fn run(args: XdsBench) -> Result<()> {
         );
         results.push(measure(&args, &target).await?);
     }
-    if let Some(binary) = &args.istiod {
+    if let Some(peer) = &args.istiod {
         let dir = tempfile::tempdir()?;
-        let target = Target::istiod(binary, dir.path(), &objects).await?;
+        let target = Target::istiod(peer, dir.path(), &objects).await?;
         results.push(measure(&args, &target).await?);
     }
     print_table(&args, &results);
@@ -148,9 +150,13 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
     let connections = args.proxies.div_ceil(args.streams_per_connection);
     let mut channels = Vec::with_capacity(connections);
     for _ in 0..connections {
+        // Envoy's own windows (256 MiB a stream), and a connection window
+        // as large as HTTP/2 allows: the streams sharing a connection must
+        // not wait for one another's reads, as Envoys on connections of
+        // their own do not, or the server buffers what they cannot take.
         let channel = tonic::transport::Endpoint::from_shared(target.xds_url())?
-            .initial_connection_window_size(16 << 20)
-            .initial_stream_window_size(4 << 20)
+            .initial_connection_window_size(i32::MAX as u32)
+            .initial_stream_window_size(256 << 20)
             .connect()
             .await
             .with_context(|| format!("connecting to {}", target.xds_url()))?;
@@ -251,6 +257,10 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
     let elapsed = changes_started.elapsed().as_secs_f64();
     let cpu_after = (cpu_seconds(&pid.to_string())?, cpu_seconds("self")?);
     let peak = memory_mb(pid, "VmHWM")?;
+    // What stays once the bursts are over and the allocator has given back
+    // what they freed (jemalloc's decay is 10 s).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let settled = memory_mb(pid, "VmRSS")?;
     proxies.abort_all();
     Ok(RunResult {
         control_plane: target.name(),
@@ -267,6 +277,7 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
         server_rss_mb_before_proxies: rss_before,
         server_rss_mb_synced: rss_synced,
         server_peak_rss_mb: peak,
+        server_rss_mb_settled: settled,
         harness_cpu_seconds: cpu_after.1 - cpu_before.1,
     })
 }
@@ -358,6 +369,11 @@ fn print_table(args: &XdsBench, results: &[RunResult]) {
         "MB",
     );
     row("server peak resident", &|r| r.server_peak_rss_mb, "MB");
+    row(
+        "server resident 12 s after",
+        &|r| r.server_rss_mb_settled,
+        "MB",
+    );
     row(
         "harness CPU during the changes",
         &|r| r.harness_cpu_seconds,

@@ -184,21 +184,21 @@ impl Received<'_> {
     fn shows(&self, expect: &Expect) -> bool {
         match expect {
             Expect::Contains(type_url, marker) => {
+                let finder = memchr::memmem::Finder::new(marker);
                 self.type_url == *type_url
-                    && self.resources.iter().any(|r| {
-                        r.value
-                            .windows(marker.len())
-                            .any(|window| window == marker.as_slice())
-                    })
+                    && self
+                        .resources
+                        .iter()
+                        .any(|r| finder.find(&r.value).is_some())
             }
             Expect::ClusterGone(host) => {
+                let finder = memchr::memmem::Finder::new(host);
                 self.type_url == CLUSTER_TYPE
                     && if self.full_state {
-                        !self.resources.iter().any(|r| {
-                            r.value
-                                .windows(host.len())
-                                .any(|window| window == host.as_bytes())
-                        })
+                        !self
+                            .resources
+                            .iter()
+                            .any(|r| finder.find(&r.value).is_some())
                     } else {
                         self.removed.iter().any(|name| name.contains(host.as_str()))
                     }

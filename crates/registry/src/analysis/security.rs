@@ -15,8 +15,14 @@ use crate::policy::PeerMode;
 use crate::selector::Selector;
 
 pub(super) fn analyze(mesh: &Mesh, out: &mut Vec<Message>) {
+    let entries: BTreeSet<String> = mesh
+        .inputs
+        .workloads
+        .iter()
+        .map(|w| format!("{}/{}", w.namespace, w.name))
+        .collect();
     for dr in &mesh.snapshot.destination_rules {
-        plaintext_to_strict(mesh, dr, out);
+        plaintext_to_strict(mesh, &entries, dr, out);
     }
     for policy in &mesh.snapshot.authorization_policies {
         namespaces(mesh, policy, out);
@@ -48,16 +54,16 @@ fn tls_mode(
 /// whose `tls` mode DISABLE reaches a WorkloadEntry of its host on a port
 /// the entry's PeerAuthentication makes STRICT: the entry refuses every
 /// such connection. A subset's own policy counts for the entries it selects.
-fn plaintext_to_strict(mesh: &Mesh, dr: &Scoped<DestinationRuleSpec>, out: &mut Vec<Message>) {
+/// `entries` are the WorkloadEntries as endpoints name them (`namespace/name`).
+fn plaintext_to_strict(
+    mesh: &Mesh,
+    entries: &BTreeSet<String>,
+    dr: &Scoped<DestinationRuleSpec>,
+    out: &mut Vec<Message>,
+) {
     let Host::Service(service) = mesh.host(&dr.spec.host, &dr.namespace) else {
         return;
     };
-    let entries: BTreeSet<String> = mesh
-        .inputs
-        .workloads
-        .iter()
-        .map(|w| format!("{}/{}", w.namespace, w.name))
-        .collect();
     let mut reported = BTreeSet::new();
     for endpoint in &service.endpoints {
         if !entries.contains(&endpoint.workload) || reported.contains(&endpoint.workload) {

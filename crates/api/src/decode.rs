@@ -15,6 +15,33 @@ use crate::problem::{Problem, Severity};
 use crate::registry::{self, KindInfo, closest, kinds};
 use crate::yaml::{self, Document, Pos};
 
+/// How a document that is no object at all is reported.
+const NOT_AN_OBJECT: &str = "not a Kubernetes object";
+/// How an object defined again in a later source is reported.
+const REDEFINED: &str = "also defined at";
+
+impl Problem {
+    /// Whether the document is not a Kubernetes object at all (cloud-init,
+    /// Helm values, a list), rather than an object with a problem.
+    pub fn is_not_an_object(&self) -> bool {
+        self.object.is_empty() && self.message.starts_with(NOT_AN_OBJECT)
+    }
+
+    /// Whether the problem is only that a later source defines the object
+    /// again (a warning: the later definition wins).
+    pub fn is_redefinition(&self) -> bool {
+        self.severity == Severity::Warning && self.message.starts_with(REDEFINED)
+    }
+}
+
+/// The line of the field at `path` (as problems name fields:
+/// `spec.http[0].route`), or of its nearest ancestor, in document
+/// `document` (1-based, as [`Located::document`]) of `text`.
+pub fn field_line(text: &str, document: usize, path: &str) -> Option<usize> {
+    let documents = yaml::parse_documents(text).ok()?;
+    Some(documents.get(document.checked_sub(1)?)?.position(path).line)
+}
+
 /// An object and where it came from.
 #[derive(Debug, Clone)]
 pub struct Located {
@@ -89,7 +116,7 @@ fn mark_duplicates(decoded: &mut Decoded) {
                     column: 1,
                     object: located.object.display_name(),
                     field: String::new(),
-                    message: format!("also defined at {file}:{line}; this later definition wins"),
+                    message: format!("{REDEFINED} {file}:{line}; this later definition wins"),
                 });
                 first_seen.insert(key, (located.file.clone(), located.line));
                 true
@@ -232,14 +259,16 @@ impl DocContext<'_> {
             Value::Array(_) => {
                 self.error(
                     "",
-                    "not a Kubernetes object: the document is a list; write each object as its own document, separated by ---",
+                    format!("{NOT_AN_OBJECT}: the document is a list; write each object as its own document, separated by ---"),
                 );
                 return None;
             }
             _ => {
                 self.error(
                     "",
-                    "not a Kubernetes object: the document is not a mapping with apiVersion and kind",
+                    format!(
+                        "{NOT_AN_OBJECT}: the document is not a mapping with apiVersion and kind"
+                    ),
                 );
                 return None;
             }
@@ -253,7 +282,7 @@ impl DocContext<'_> {
             (None, None) => {
                 self.error(
                     "",
-                    "not a Kubernetes object: no apiVersion and kind (cloud-init, Helm values or other YAML cannot be applied)",
+                    format!("{NOT_AN_OBJECT}: no apiVersion and kind (cloud-init, Helm values or other YAML cannot be applied)"),
                 );
                 return None;
             }

@@ -30,7 +30,11 @@ impl Snapshot {
         decoded: &mut DecodeCache,
         vips: &mut VipAllocator,
     ) -> Snapshot {
-        let inputs = Inputs::decode(objects, decoded);
+        Snapshot::from_inputs(Inputs::decode(objects, decoded), vips)
+    }
+
+    /// The snapshot of inputs already decoded.
+    pub(crate) fn from_inputs(inputs: Inputs, vips: &mut VipAllocator) -> Snapshot {
         let drafts = drafts(&inputs);
         vips.assign(&drafts);
         let services = drafts

@@ -32,7 +32,7 @@ use crate::model::{EndpointAddress, MeshSettings, Scoped};
 pub const HEALTH_CHECKS_ANNOTATION: &str = "proxy.istio.io/health-checks-enabled";
 
 /// The typed objects of one build, shared with the cache they came from.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub(crate) struct Inputs {
     pub services: Vec<Arc<Scoped<ServiceSpec>>>,
     pub service_entries: Vec<Arc<Scoped<ServiceEntrySpec>>>,
@@ -255,7 +255,7 @@ fn typed<B: DeserializeOwned>(object: &Object) -> Option<B> {
 }
 
 /// An object's spec with its namespace and name, if its body decodes.
-fn scoped<B: DeserializeOwned, T>(
+pub(crate) fn scoped<B: DeserializeOwned, T>(
     object: &Object,
     spec: impl Fn(B) -> T,
 ) -> Option<Arc<Scoped<T>>> {

@@ -19,6 +19,10 @@
 //! skipped with a warning), and does not translate anything to Envoy (the
 //! `xds` crate does).
 //!
+//! It also owns [`analysis`], `vmesh analyze`'s analyzers: what is wrong
+//! with a set of objects in Istio's terms (a subset no rule defines, a host
+//! that names no service, …), found with the same join and lookups.
+//!
 //! ```
 //! use vmesh_registry::{DecodeCache, Snapshot, VipAllocator};
 //!
@@ -40,6 +44,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod analysis;
 mod build;
 mod inputs;
 mod model;
@@ -52,6 +57,7 @@ pub use model::{
     EndpointAddress, MeshEndpoint, MeshPort, MeshService, MeshSettings, Origin, OutboundPolicy,
     Protocol, Resolution, Scoped, Snapshot,
 };
+pub use policy::PeerMode;
 pub use selector::Labels;
 pub use vip::{DEFAULT_SERVICE_CIDR, DEFAULT_SERVICE_ENTRY_CIDR, Error, VipAllocator};
 

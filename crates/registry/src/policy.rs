@@ -16,7 +16,7 @@ use std::sync::Arc;
 use vmesh_api::kinds::authorization_policy::AuthorizationPolicySpec;
 use vmesh_api::kinds::common::MatchLabelsSelector;
 use vmesh_api::kinds::destination_rule::DestinationRuleSpec;
-use vmesh_api::kinds::peer_authentication::PeerAuthenticationSpec;
+use vmesh_api::kinds::peer_authentication::{MtlsMode, MutualTls, PeerAuthenticationSpec};
 use vmesh_api::kinds::virtual_service::VirtualServiceSpec;
 
 use crate::model::{MeshEndpoint, MeshService, Scoped, Snapshot};
@@ -78,6 +78,26 @@ impl RulesByHost {
     }
 }
 
+/// What an inbound port of a workload accepts, as its PeerAuthentications decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerMode {
+    /// Only mesh mTLS.
+    Strict,
+    /// Mesh mTLS and plaintext, on the same port.
+    Permissive,
+    /// Only plaintext.
+    Disable,
+}
+
+fn peer_mode_of(mtls: Option<&MutualTls>) -> Option<PeerMode> {
+    match mtls?.mode? {
+        MtlsMode::Unset => None,
+        MtlsMode::Disable => Some(PeerMode::Disable),
+        MtlsMode::Permissive => Some(PeerMode::Permissive),
+        MtlsMode::Strict => Some(PeerMode::Strict),
+    }
+}
+
 /// The selector of a PeerAuthentication or AuthorizationPolicy.
 fn match_labels(selector: Option<&MatchLabelsSelector>) -> Selector<'_> {
     Selector::new(selector.and_then(|s| s.match_labels.as_ref()))
@@ -97,21 +117,16 @@ impl Snapshot {
     /// else in the host's, else in the root namespace, else in the first
     /// namespace that has one (Istio's lookup). Several rules in that
     /// namespace merge as Istio merges them: the first one's traffic policy,
-    /// every rule's subsets (the first definition of a subset name wins).
+    /// every rule's subsets (the first definition of a subset name wins);
+    /// a later rule's traffic policy counts only when no earlier one has one.
     /// Borrowed when one rule applies, merged otherwise.
     pub fn destination_rule_for(
         &self,
         service: &MeshService,
         proxy_namespace: &str,
     ) -> Option<Cow<'_, DestinationRuleSpec>> {
-        let candidates: Vec<&Scoped<DestinationRuleSpec>> = self
-            .rules_by_host
-            .destination_rules
-            .get(&service.hostname)
-            .into_iter()
-            .flatten()
-            .map(|&position| self.destination_rules[position].as_ref())
-            .collect();
+        let candidates: Vec<&Scoped<DestinationRuleSpec>> =
+            self.destination_rules_named(&service.hostname).collect();
         let chosen = [
             proxy_namespace,
             service.namespace.as_str(),
@@ -123,6 +138,9 @@ impl Snapshot {
         let mut rules = candidates.iter().filter(|dr| dr.namespace == chosen);
         let mut merged = Cow::Borrowed(&rules.next()?.spec);
         for rule in rules {
+            if merged.traffic_policy.is_none() && rule.spec.traffic_policy.is_some() {
+                merged.to_mut().traffic_policy = rule.spec.traffic_policy.clone();
+            }
             let subsets = merged.to_mut().subsets.get_or_insert_default();
             for subset in rule.spec.subsets.iter().flatten() {
                 if !subsets.iter().any(|s| s.name == subset.name) {
@@ -131,6 +149,20 @@ impl Snapshot {
             }
         }
         Some(merged)
+    }
+
+    /// Every DestinationRule naming `hostname` (fully qualified), by
+    /// namespace and name, whatever namespace it applies from.
+    pub fn destination_rules_named<'a>(
+        &'a self,
+        hostname: &str,
+    ) -> impl Iterator<Item = &'a Scoped<DestinationRuleSpec>> {
+        self.rules_by_host
+            .destination_rules
+            .get(hostname)
+            .into_iter()
+            .flatten()
+            .map(|&position| self.destination_rules[position].as_ref())
     }
 
     /// The VirtualServices for sidecars (no gateways, or the `mesh` gateway)
@@ -180,6 +212,31 @@ impl Snapshot {
         let namespace_wide = in_namespace(namespace).find(|p| selector(p).is_empty());
         let mesh = in_namespace(&self.mesh.root_namespace).find(|p| selector(p).is_empty());
         [workload, namespace_wide, mesh].into_iter().flatten()
+    }
+
+    /// The mode of `port` of a workload in `namespace` with `labels`, and
+    /// the PeerAuthentication that decides it: the first of
+    /// [`peer_authentications_for`](Self::peer_authentications_for) that
+    /// says something about the port, a `portLevelMtls` entry before the
+    /// policy's own mode; with none, PERMISSIVE.
+    pub fn peer_mode<'a>(
+        &'a self,
+        namespace: &'a str,
+        labels: &'a Labels,
+        port: u16,
+    ) -> (PeerMode, Option<&'a Scoped<PeerAuthenticationSpec>>) {
+        self.peer_authentications_for(namespace, labels)
+            .find_map(|policy| {
+                let port_level = policy
+                    .spec
+                    .port_level_mtls
+                    .as_ref()
+                    .and_then(|ports| ports.get(&port.to_string()));
+                peer_mode_of(port_level)
+                    .or_else(|| peer_mode_of(policy.spec.mtls.as_ref()))
+                    .map(|mode| (mode, Some(policy)))
+            })
+            .unwrap_or((PeerMode::Permissive, None))
     }
 
     /// The AuthorizationPolicies that apply to a sidecar's workload in
@@ -380,6 +437,23 @@ spec: {ports: [{name: http, port: 80}]}
             })
             .collect();
         assert_eq!(subsets, [("v1", "v1"), ("v2", "v2")]);
+
+        // Istio's merge: a later rule's policy counts when the first has none.
+        let text = SERVICES.to_string()
+            + &rule(
+                "shop",
+                "a",
+                "pay",
+                "subsets: [{name: v1, labels: {version: v1}}]",
+            )
+            + &rule(
+                "shop",
+                "b",
+                "pay",
+                "trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}",
+            );
+        let later = crate::fixtures::snapshot(&decode("t.yaml", &text));
+        assert_eq!(chosen(&later, "shop"), Some(SimpleLb::LeastRequest));
     }
 
     #[test]

@@ -93,7 +93,7 @@ impl Client {
             format!("the server's monitoring port at {base}"),
             base,
             None,
-            "set VMESH_MONITORING",
+            "set --monitoring or VMESH_MONITORING",
         )
     }
 

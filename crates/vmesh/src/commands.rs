@@ -226,7 +226,8 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Doctor {
             connection,
             monitoring,
-        } => crate::doctor::run(&connection, &monitoring).await,
+        } => crate::doctor::run(&connection, monitoring.as_deref()).await,
+        Command::Analyze(args) => crate::analyze::run(args).await,
         Command::Demo { keep, down } => crate::demo::run(keep, down).await,
         Command::Agent(args) => crate::agent::run(*args).await,
         Command::Workload(args) => crate::onboarding::run(args).await,

@@ -1,16 +1,18 @@
 //! `vmesh doctor`: what is wrong with the mesh, in one look. It reads what
 //! the server already records — WorkloadGroup refusals, WorkloadEntry health
 //! and disconnections, proxies that refused or have not taken their config —
-//! and prints one line per finding, `ok`, `warn` or `FAIL`; it exits 1 when
-//! anything failed.
+//! and what `vmesh analyze -A` finds in the server's objects, and prints one
+//! line per finding, `ok`, `warn` or `FAIL`; it exits 1 when anything failed
+//! (an analysis error among them).
 //!
 //! It changes nothing and does not reach the VMs themselves.
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::Value;
 use vmesh_api::kinds::{workload_entry, workload_group};
+use vmesh_registry::analysis::{Level as MessageLevel, Message};
 
 use crate::Connection;
 use crate::client::{Client, proxy_statuses};
@@ -133,7 +135,46 @@ fn proxy_findings(proxies: &[Value]) -> Vec<Finding> {
     findings
 }
 
-pub async fn run(connection: &Connection, monitoring: &str) -> Result<ExitCode> {
+/// What the analyzers found: errors fail, warnings warn, information is left out.
+fn analysis_findings(messages: &[Message]) -> Vec<Finding> {
+    messages
+        .iter()
+        .filter_map(|m| {
+            let level = match m.level() {
+                MessageLevel::Error => Level::Fail,
+                MessageLevel::Warning => Level::Warn,
+                MessageLevel::Info => return None,
+            };
+            Some(Finding {
+                level,
+                subject: m
+                    .resource
+                    .as_ref()
+                    .map_or_else(|| "mesh".into(), |r| r.friendly_name()),
+                message: format!("[{}] {}", m.code.code, m.text),
+            })
+        })
+        .collect()
+}
+
+/// The monitoring port of the server at `server`: its host, port 15014.
+fn monitoring_of(server: &str) -> Result<String> {
+    let mut url =
+        reqwest::Url::parse(server).with_context(|| format!("--server {server:?} is not a URL"))?;
+    url.set_port(Some(MONITORING_PORT))
+        .ok()
+        .with_context(|| format!("--server {server:?} has no host"))?;
+    Ok(url.origin().ascii_serialization())
+}
+
+/// The server's monitoring port when `--monitoring` does not say (Istio's 15014).
+const MONITORING_PORT: u16 = 15014;
+
+pub async fn run(connection: &Connection, monitoring: Option<&str>) -> Result<ExitCode> {
+    let (monitoring, derived) = match monitoring {
+        Some(monitoring) => (monitoring.to_string(), false),
+        None => (monitoring_of(&connection.server)?, true),
+    };
     let client = Client::config_api(connection)?;
     let items =
         |list: Value| -> Vec<Value> { list["items"].as_array().cloned().unwrap_or_default() };
@@ -153,20 +194,29 @@ pub async fn run(connection: &Connection, monitoring: &str) -> Result<ExitCode> 
             )
             .await?,
     );
-    let proxies = proxy_statuses(monitoring).await?;
+    let messages = crate::analyze::live_messages(&client).await?;
+    let proxies = proxy_statuses(&monitoring).await.with_context(|| {
+        if derived {
+            format!("the monitoring port tried is {monitoring}: --server's host, port {MONITORING_PORT}; give --monitoring or VMESH_MONITORING if it is elsewhere")
+        } else {
+            format!("the monitoring port tried is {monitoring}")
+        }
+    })?;
 
     let mut findings = group_findings(&groups);
     findings.extend(entry_findings(&entries));
     findings.extend(proxy_findings(&proxies));
+    findings.extend(analysis_findings(&messages));
     findings.sort_by_key(|f| std::cmp::Reverse(f.level));
     findings.push(Finding {
         level: Level::Ok,
         subject: "mesh".into(),
         message: format!(
-            "{} WorkloadGroups, {} WorkloadEntries, {} connected proxies",
+            "{} WorkloadGroups, {} WorkloadEntries, {} connected proxies, {} analysis messages",
             groups.len(),
             entries.len(),
-            proxies.len()
+            proxies.len(),
+            messages.len()
         ),
     });
     for finding in &findings {
@@ -231,5 +281,39 @@ mod tests {
         assert_eq!(found[0].level, Level::Fail);
         assert!(found[0].message.contains("bad cluster"));
         assert_eq!(found[1].message, "EDS is STALE");
+    }
+
+    #[test]
+    fn the_monitoring_port_is_on_the_servers_host() {
+        assert_eq!(
+            monitoring_of("http://10.1.2.3:15080").unwrap(),
+            "http://10.1.2.3:15014"
+        );
+        assert_eq!(
+            monitoring_of("https://istiod.example.com/").unwrap(),
+            "https://istiod.example.com:15014"
+        );
+        assert_eq!(
+            monitoring_of("http://[::1]:15080").unwrap(),
+            "http://[::1]:15014"
+        );
+        assert!(monitoring_of("127.0.0.1:15080").is_err());
+    }
+
+    #[test]
+    fn analysis_errors_fail_and_warnings_warn() {
+        let messages = [
+            Message::schema(true, "VirtualService ns/vs", "spec", "broken"),
+            Message::schema(false, "Telemetry ns/t", "spec", "not applied"),
+        ];
+        let found = analysis_findings(&messages);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].level, Level::Fail);
+        assert_eq!(found[0].subject, "VirtualService ns/vs");
+        assert_eq!(
+            found[0].message,
+            "[IST0106] Schema validation error: spec: broken"
+        );
+        assert_eq!(found[1].level, Level::Warn);
     }
 }

@@ -1,9 +1,10 @@
 //! `vmesh`: one binary for the control plane (`vmesh server`) and the CLI that
-//! drives it (`apply`, `get`, `delete`, `validate`, `create namespace`).
+//! drives it (`apply`, `get`, `delete`, `validate`, `analyze`, `create namespace`).
 
 #![forbid(unsafe_code)]
 
 mod agent;
+mod analyze;
 mod bench;
 mod client;
 mod commands;
@@ -130,18 +131,19 @@ enum Command {
         auto_registration_grace: std::time::Duration,
     },
     /// What is wrong with the mesh: refused registrations, unhealthy or
-    /// disconnected entries, proxies that refused config. Exit 1 on failures.
+    /// disconnected entries, proxies that refused config, and what `vmesh
+    /// analyze -A` finds in the server's objects. Exit 1 on failures.
     Doctor {
         #[command(flatten)]
         connection: Connection,
-        /// The server's monitoring address.
-        #[arg(
-            long,
-            env = "VMESH_MONITORING",
-            default_value = "http://127.0.0.1:15014"
-        )]
-        monitoring: String,
+        /// The server's monitoring address [default: --server's host, port 15014].
+        #[arg(long, env = "VMESH_MONITORING")]
+        monitoring: Option<String>,
     },
+    /// Find configuration mistakes in files or in the server's objects, as
+    /// istioctl analyze does. Exit 1 on errors.
+    #[command(long_about = analyze::ABOUT)]
+    Analyze(analyze::AnalyzeArgs),
     /// What this machine's agent holds (run on the VM).
     ProxyConfig {
         #[command(subcommand)]

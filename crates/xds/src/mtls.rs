@@ -3,12 +3,11 @@
 //! inbound port accepts (the mode PeerAuthentication at mesh, namespace and
 //! workload level gives it, with `portLevelMtls`).
 //!
-//! Which PeerAuthentications speak for a workload is the registry's decision
-//! (`Snapshot::peer_authentications_for`); this module reads the mode they
-//! give a port. Certificates never travel in xDS: Envoy gets them from its
-//! agent over SDS (secrets `default` and `ROOTCA` on the bootstrap cluster
-//! `sds-grpc`); this module only names them. Who may call what is `authz`'s
-//! job.
+//! Which PeerAuthentication decides a port's mode is the registry's decision
+//! (`Snapshot::peer_mode`). Certificates never travel in xDS: Envoy gets
+//! them from its agent over SDS (secrets `default` and `ROOTCA` on the
+//! bootstrap cluster `sds-grpc`); this module only names them. Who may call
+//! what is `authz`'s job.
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster::TransportSocketMatch};
 use envoy_types::pb::envoy::config::core::v3::{
@@ -25,7 +24,6 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher}
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Struct, Value, value::Kind};
 use envoy_types::util::pack_any;
 use vmesh_api::kinds::destination_rule::{ClientTlsMode, ClientTlsSettings};
-use vmesh_api::kinds::peer_authentication::{MtlsMode, MutualTls};
 use vmesh_registry::{MeshEndpoint, MeshService, Snapshot};
 
 use crate::node::Proxy;
@@ -268,42 +266,12 @@ fn plaintext() -> TransportSocket {
     }
 }
 
-/// What an inbound port accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PeerMode {
-    /// Only mesh mTLS.
-    Strict,
-    /// Mesh mTLS and plaintext, on the same port.
-    Permissive,
-    /// Only plaintext.
-    Disable,
-}
+pub use vmesh_registry::PeerMode;
 
-fn mode_of(mtls: Option<&MutualTls>) -> Option<PeerMode> {
-    match mtls?.mode? {
-        MtlsMode::Unset => None,
-        MtlsMode::Disable => Some(PeerMode::Disable),
-        MtlsMode::Permissive => Some(PeerMode::Permissive),
-        MtlsMode::Strict => Some(PeerMode::Strict),
-    }
-}
-
-/// The PeerAuthentication mode for one of the proxy's ports: the first of
-/// the policies that speak for its workload (most specific first, as the
-/// registry selects them) that says something about the port, a
-/// `portLevelMtls` entry before the policy's own mode; with none, PERMISSIVE.
+/// The PeerAuthentication mode for one of the proxy's ports, as the registry
+/// decides it (`Snapshot::peer_mode`).
 pub fn peer_mode(snapshot: &Snapshot, proxy: &Proxy, port: u16) -> PeerMode {
-    snapshot
-        .peer_authentications_for(&proxy.namespace, &proxy.labels)
-        .find_map(|policy| {
-            let port_level = policy
-                .spec
-                .port_level_mtls
-                .as_ref()
-                .and_then(|ports| ports.get(&port.to_string()));
-            mode_of(port_level).or_else(|| mode_of(policy.spec.mtls.as_ref()))
-        })
-        .unwrap_or(PeerMode::Permissive)
+    snapshot.peer_mode(&proxy.namespace, &proxy.labels, port).0
 }
 
 /// What an inbound chain for mesh mTLS presents and requires: our

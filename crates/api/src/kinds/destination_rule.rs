@@ -547,6 +547,10 @@ impl SpecValidate for DestinationRuleSpec {
         }
         if let Some(selector) = &self.workload_selector {
             selector.validate(c, &path.f("workloadSelector"));
+            c.warn(
+                &path.f("workloadSelector"),
+                "accepted but not applied by vmesh yet: the rule applies to every client in scope",
+            );
         }
     }
 }

@@ -55,6 +55,36 @@ pub struct MeshConfig {
     pub discovery_selectors: Option<Vec<Value>>,
 }
 
+impl MeshConfig {
+    /// The fields vmesh reads but does not act on, and whether each is set:
+    /// `vmesh validate` warns about those that are.
+    fn not_applied(&self) -> [(&'static str, bool); 15] {
+        [
+            ("trustDomainAliases", self.trust_domain_aliases.is_some()),
+            ("accessLogFile", self.access_log_file.is_some()),
+            ("accessLogEncoding", self.access_log_encoding.is_some()),
+            ("accessLogFormat", self.access_log_format.is_some()),
+            ("enableAutoMtls", self.enable_auto_mtls == Some(false)),
+            ("enableTracing", self.enable_tracing.is_some()),
+            (
+                "enablePrometheusMerge",
+                self.enable_prometheus_merge == Some(false),
+            ),
+            ("connectTimeout", self.connect_timeout.is_some()),
+            (
+                "protocolDetectionTimeout",
+                self.protocol_detection_timeout.is_some(),
+            ),
+            ("defaultProviders", self.default_providers.is_some()),
+            ("extensionProviders", self.extension_providers.is_some()),
+            ("caCertificates", self.ca_certificates.is_some()),
+            ("localityLbSetting", self.locality_lb_setting.is_some()),
+            ("meshMtls", self.mesh_mtls.is_some()),
+            ("discoverySelectors", self.discovery_selectors.is_some()),
+        ]
+    }
+}
+
 /// The parts of Istio's `ProxyConfig` (`meshConfig.defaultConfig`) vmesh understands.
 #[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -152,6 +182,11 @@ impl SpecValidate for IstioOperatorSpec {
             let mp = path.f("meshConfig");
             if let Some(td) = &mesh.trust_domain {
                 c.dns1123_subdomain(&mp.f("trustDomain"), td);
+            }
+            for (field, set) in mesh.not_applied() {
+                if set {
+                    c.warn(&mp.f(field), "accepted but not applied by vmesh yet");
+                }
             }
             if let Some(proxy) = &mesh.default_config {
                 for (field, port) in [

@@ -114,6 +114,10 @@ pub struct Filter {
 
 impl SpecValidate for TelemetrySpec {
     fn validate(&self, c: &mut Checker, path: &Path) {
+        c.warn(
+            path,
+            "Telemetry resources are accepted but not applied by vmesh yet: no access log, trace or metric is configured from them",
+        );
         if let Some(selector) = &self.selector {
             selector.validate(c, &path.f("selector"));
         }

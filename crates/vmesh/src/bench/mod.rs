@@ -14,6 +14,7 @@ mod mesh;
 mod proxy;
 mod target;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +58,14 @@ pub struct XdsBench {
     /// How long a change may take to reach every proxy before it counts as lost.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     change_timeout: Duration,
+    /// After the rounds: this long at `--rate` changes a second (kinds in
+    /// turn) without waiting for each, then check every proxy's
+    /// configuration against a fresh twin's and the memory's trend.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    soak: Option<Duration>,
+    /// Changes a second during `--soak`.
+    #[arg(long, default_value_t = 10.0)]
+    rate: f64,
     /// Print the results as JSON too.
     #[arg(long)]
     json: bool,
@@ -92,6 +101,7 @@ struct RunResult {
     server_peak_rss_mb: f64,
     server_rss_mb_settled: f64,
     harness_cpu_seconds: f64,
+    soak: Option<SoakResult>,
 }
 
 pub async fn run(args: XdsBench) -> Result<()> {
@@ -147,59 +157,10 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let pid = target.pid();
     let rss_before = memory_mb(pid, "VmRSS")?;
-    let connections = args.proxies.div_ceil(args.streams_per_connection);
-    let mut channels = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        // Envoy's own windows (256 MiB a stream), and a connection window
-        // as large as HTTP/2 allows: the streams sharing a connection must
-        // not wait for one another's reads, as Envoys on connections of
-        // their own do not, or the server buffers what they cannot take.
-        let channel = tonic::transport::Endpoint::from_shared(target.xds_url())?
-            .initial_connection_window_size(i32::MAX as u32)
-            .initial_stream_window_size(256 << 20)
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {}", target.xds_url()))?;
-        channels.push(channel);
-    }
-    let decoded = Arc::new(Decoded::default());
-    let (awaited_tx, awaited) = watch::channel(None);
-    let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let connect = Instant::now();
-    let delta_every = if args.delta_share <= 0.0 {
-        usize::MAX
-    } else {
-        (1.0 / args.delta_share).round().max(1.0) as usize
-    };
-    let mut proxies = tokio::task::JoinSet::new();
-    for index in 0..args.proxies {
-        let identity = Identity {
-            index,
-            delta: index % delta_every == 0,
-            istio_version: target.istio_version(),
-        };
-        proxies.spawn(proxy::run(
-            identity,
-            channels[index / args.streams_per_connection].clone(),
-            decoded.clone(),
-            awaited.clone(),
-            reports_tx.clone(),
-        ));
-    }
-    drop(reports_tx);
-    let mut ready = 0;
-    while ready < args.proxies {
-        match tokio::time::timeout(Duration::from_secs(300), reports.recv()).await {
-            Ok(Some(Report::Ready)) => ready += 1,
-            Ok(Some(Report::Failed(e))) => bail!("{}: {e}", target.name()),
-            Ok(Some(_)) => {}
-            _ => bail!(
-                "{}: only {ready} of {} proxies got their configuration",
-                target.name(),
-                args.proxies
-            ),
-        }
-    }
+    let mut fleet = Fleet::connect(args, target).await?;
+    fleet.spawn(false);
+    fleet.wait_ready(args.proxies).await?;
     let connect_ms = connect.elapsed().as_secs_f64() * 1e3;
     println!(
         "{}: {} proxies connected and configured in {connect_ms:.0} ms",
@@ -221,7 +182,9 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
         for (kind, samples, lost) in latencies.iter_mut() {
             let change = mesh::change(*kind, round, args.services);
             change_id += 1;
-            awaited_tx.send_replace(Some((change_id, Arc::new(change.expect.clone()))));
+            fleet
+                .awaited
+                .send_replace(Some((change_id, Arc::new(change.expect.clone()))));
             // The previous change's debounce window closes first.
             tokio::time::sleep(Duration::from_millis(250)).await;
             let start = Instant::now();
@@ -234,7 +197,7 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
             let deadline = start + args.change_timeout;
             let mut seen = 0;
             while seen < args.proxies {
-                match tokio::time::timeout_at(deadline, reports.recv()).await {
+                match tokio::time::timeout_at(deadline, fleet.reports.recv()).await {
                     Ok(Some(Report::Saw { change, at })) if change == change_id => {
                         seen += 1;
                         samples.push(at.duration_since(start));
@@ -249,7 +212,7 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
         }
     }
     // Responses still queued count too.
-    while let Ok(report) = reports.try_recv() {
+    while let Ok(report) = fleet.reports.try_recv() {
         if matches!(report, Report::Response) {
             responses += 1;
         }
@@ -261,7 +224,11 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
     // what they freed (jemalloc's decay is 10 s).
     tokio::time::sleep(Duration::from_secs(12)).await;
     let settled = memory_mb(pid, "VmRSS")?;
-    proxies.abort_all();
+    let soak = match args.soak {
+        Some(duration) => Some(soak(args, target, &mut fleet, duration).await?),
+        None => None,
+    };
+    fleet.proxies.abort_all();
     Ok(RunResult {
         control_plane: target.name(),
         proxies: args.proxies,
@@ -279,6 +246,186 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
         server_peak_rss_mb: peak,
         server_rss_mb_settled: settled,
         harness_cpu_seconds: cpu_after.1 - cpu_before.1,
+        soak,
+    })
+}
+
+/// The simulated proxies of one run and what they report.
+struct Fleet<'a> {
+    args: &'a XdsBench,
+    istio_version: String,
+    channels: Vec<tonic::transport::Channel>,
+    decoded: Arc<Decoded>,
+    awaited: watch::Sender<proxy::Awaited>,
+    /// Bumped to ask every tracked proxy what it holds.
+    asks: watch::Sender<u64>,
+    reports_tx: mpsc::UnboundedSender<Report>,
+    reports: mpsc::UnboundedReceiver<Report>,
+    proxies: tokio::task::JoinSet<()>,
+}
+
+impl<'a> Fleet<'a> {
+    /// Opens the HTTP/2 connections the proxies share.
+    async fn connect(args: &'a XdsBench, target: &Target) -> Result<Fleet<'a>> {
+        let connections = args.proxies.div_ceil(args.streams_per_connection);
+        let mut channels = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            // Envoy's own windows (256 MiB a stream), and a connection window
+            // as large as HTTP/2 allows: the streams sharing a connection must
+            // not wait for one another's reads, as Envoys on connections of
+            // their own do not.
+            let channel = tonic::transport::Endpoint::from_shared(target.xds_url())?
+                .initial_connection_window_size(i32::MAX as u32)
+                .initial_stream_window_size(256 << 20)
+                .connect()
+                .await
+                .with_context(|| format!("connecting to {}", target.xds_url()))?;
+            channels.push(channel);
+        }
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        Ok(Fleet {
+            args,
+            istio_version: target.istio_version(),
+            channels,
+            decoded: Arc::default(),
+            awaited: watch::channel(None).0,
+            asks: watch::channel(0).0,
+            reports_tx,
+            reports,
+            proxies: tokio::task::JoinSet::new(),
+        })
+    }
+
+    /// Starts `--proxies` proxies; `fresh`: the from-scratch twins of a soak.
+    fn spawn(&mut self, fresh: bool) {
+        let args = self.args;
+        let delta_every = if args.delta_share <= 0.0 {
+            usize::MAX
+        } else {
+            (1.0 / args.delta_share).round().max(1.0) as usize
+        };
+        for index in 0..args.proxies {
+            let identity = Identity {
+                index,
+                delta: index % delta_every == 0,
+                istio_version: self.istio_version.clone(),
+                track: args.soak.is_some().then(|| (self.asks.subscribe(), fresh)),
+            };
+            self.proxies.spawn(proxy::run(
+                identity,
+                self.channels[index / args.streams_per_connection].clone(),
+                self.decoded.clone(),
+                self.awaited.subscribe(),
+                self.reports_tx.clone(),
+            ));
+        }
+    }
+
+    /// Waits for `count` proxies to have their whole configuration.
+    async fn wait_ready(&mut self, count: usize) -> Result<()> {
+        let mut ready = 0;
+        while ready < count {
+            match tokio::time::timeout(Duration::from_secs(300), self.reports.recv()).await {
+                Ok(Some(Report::Ready)) => ready += 1,
+                Ok(Some(Report::Failed(e))) => bail!("{e}"),
+                Ok(Some(_)) => {}
+                _ => bail!("only {ready} of {count} proxies got their configuration"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a soak found.
+#[derive(Debug, serde::Serialize)]
+struct SoakResult {
+    seconds: f64,
+    changes: usize,
+    /// Mean resident memory over the first and the last minute (a tenth of
+    /// the soak when it is shorter than ten minutes).
+    rss_mb_first: f64,
+    rss_mb_last: f64,
+    /// Proxies whose configuration differs from that of a fresh twin
+    /// connected after the last change: pushes lost or wrong.
+    diverged: usize,
+}
+
+/// `--rate` changes a second for `duration`, without waiting for them;
+/// then every proxy must hold what a fresh twin of it gets from scratch.
+async fn soak(
+    args: &XdsBench,
+    target: &Target,
+    fleet: &mut Fleet<'_>,
+    duration: Duration,
+) -> Result<SoakResult> {
+    let pid = target.pid();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
+    let started = Instant::now();
+    let mut rss = Vec::new();
+    let mut changes = 0;
+    while started.elapsed() < duration {
+        ticker.tick().await;
+        let kind = args.kinds[changes % args.kinds.len()];
+        // Rounds after the measured ones: new markers, new services.
+        let round = args.rounds + changes / args.kinds.len();
+        let change = mesh::change(kind, round, args.services);
+        if !change.write.is_empty() {
+            target.write(&change.write).await?;
+        }
+        if !change.delete.is_empty() {
+            target.delete(&change.delete).await?;
+        }
+        changes += 1;
+        if rss.len() < started.elapsed().as_secs() as usize {
+            rss.push(memory_mb(pid, "VmRSS")?);
+        }
+        while let Ok(report) = fleet.reports.try_recv() {
+            if let Report::Failed(e) = report {
+                bail!("{}: {e}", target.name());
+            }
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!(
+        "{}: {changes} changes in {seconds:.0} s; checking every proxy against a fresh twin",
+        target.name()
+    );
+    // The last pushes land; then the twins connect and get the final state.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    fleet.spawn(true);
+    fleet.wait_ready(args.proxies).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    fleet.asks.send_modify(|ask| *ask += 1);
+    let mut held: HashMap<(usize, bool), u64> = HashMap::new();
+    while held.len() < 2 * args.proxies {
+        match tokio::time::timeout(Duration::from_secs(60), fleet.reports.recv()).await {
+            Ok(Some(Report::Holds {
+                index,
+                fresh,
+                fingerprint,
+            })) => {
+                held.insert((index, fresh), fingerprint);
+            }
+            Ok(Some(Report::Failed(e))) => bail!("{}: {e}", target.name()),
+            Ok(Some(_)) => {}
+            _ => bail!(
+                "only {} of {} proxies said what they hold",
+                held.len(),
+                2 * args.proxies
+            ),
+        }
+    }
+    let diverged = (0..args.proxies)
+        .filter(|index| held.get(&(*index, false)) != held.get(&(*index, true)))
+        .count();
+    let window = (rss.len() / 10).clamp(1, 60);
+    let mean = |samples: &[f64]| samples.iter().sum::<f64>() / samples.len().max(1) as f64;
+    Ok(SoakResult {
+        seconds,
+        changes,
+        rss_mb_first: mean(&rss[..window.min(rss.len())]),
+        rss_mb_last: mean(&rss[rss.len().saturating_sub(window)..]),
+        diverged,
     })
 }
 
@@ -379,6 +526,21 @@ fn print_table(args: &XdsBench, results: &[RunResult]) {
         &|r| r.harness_cpu_seconds,
         "s",
     );
+    for result in results {
+        if let Some(soak) = &result.soak {
+            println!(
+                "{} soak: {} changes in {:.0} s; resident {:.0} MB at the start, {:.0} MB at the end ({:+.1} %); {} of {} proxies differ from a fresh twin",
+                result.control_plane,
+                soak.changes,
+                soak.seconds,
+                soak.rss_mb_first,
+                soak.rss_mb_last,
+                (soak.rss_mb_last / soak.rss_mb_first - 1.0) * 100.0,
+                soak.diverged,
+                result.proxies
+            );
+        }
+    }
     let _ = args;
 }
 

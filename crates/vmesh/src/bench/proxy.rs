@@ -46,6 +46,13 @@ pub enum Report {
     Response,
     /// Its stream failed.
     Failed(String),
+    /// What it holds, as asked for with [`Identity::track`]: a fingerprint
+    /// of every resource's bytes, by type.
+    Holds {
+        index: usize,
+        fresh: bool,
+        fingerprint: u64,
+    },
 }
 
 /// What Envoy takes from a resource to subscribe further: its name, whether
@@ -61,12 +68,17 @@ pub struct Resource {
 #[derive(Default)]
 pub struct Decoded(Mutex<HashMap<u64, Arc<Resource>>>);
 
+/// A resource's bytes, fingerprinted.
+fn content(any: &Any) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    any.type_url.hash(&mut hasher);
+    any.value.hash(&mut hasher);
+    hasher.finish()
+}
+
 impl Decoded {
     fn get(&self, any: &Any) -> Arc<Resource> {
-        let mut hasher = DefaultHasher::new();
-        any.type_url.hash(&mut hasher);
-        any.value.hash(&mut hasher);
-        let key = hasher.finish();
+        let key = content(any);
         if let Some(found) = self.0.lock().get(&key) {
             return found.clone();
         }
@@ -131,6 +143,9 @@ pub struct Identity {
     pub delta: bool,
     /// Istio's version to claim (istiod wants one it supports).
     pub istio_version: String,
+    /// Keep what it holds, and report it ([`Report::Holds`]) whenever this
+    /// changes; `fresh` says it is the from-scratch twin of proxy `index`.
+    pub track: Option<(watch::Receiver<u64>, bool)>,
 }
 
 impl Identity {
@@ -169,36 +184,38 @@ struct Subscriptions {
     listeners: bool,
     has: [bool; 4],
     ready: bool,
+    /// When tracked: type → resource (its name, or under state of the
+    /// world its fingerprint) → its fingerprint.
+    held: Option<HashMap<String, HashMap<Arc<str>, u64>>>,
 }
 
 /// A response, flavour aside.
 struct Received<'a> {
     type_url: &'a str,
-    resources: Vec<&'a Any>,
+    /// The resources with their names where the flavour says them (delta).
+    named: Vec<(Option<Arc<str>>, &'a Any)>,
     /// State of the world: the response is the whole set of its type.
     full_state: bool,
     removed: &'a [String],
 }
 
 impl Received<'_> {
+    fn resources(&self) -> impl Iterator<Item = &Any> {
+        self.named.iter().map(|(_, any)| *any)
+    }
+
     fn shows(&self, expect: &Expect) -> bool {
         match expect {
             Expect::Contains(type_url, marker) => {
                 let finder = memchr::memmem::Finder::new(marker);
                 self.type_url == *type_url
-                    && self
-                        .resources
-                        .iter()
-                        .any(|r| finder.find(&r.value).is_some())
+                    && self.resources().any(|r| finder.find(&r.value).is_some())
             }
             Expect::ClusterGone(host) => {
                 let finder = memchr::memmem::Finder::new(host);
                 self.type_url == CLUSTER_TYPE
                     && if self.full_state {
-                        !self
-                            .resources
-                            .iter()
-                            .any(|r| finder.find(&r.value).is_some())
+                        !self.resources().any(|r| finder.find(&r.value).is_some())
                     } else {
                         self.removed.iter().any(|name| name.contains(host.as_str()))
                     }
@@ -237,6 +254,22 @@ struct Follow {
 impl Subscriptions {
     /// Takes in a response as Envoy would; what it must ask for next.
     fn take(&mut self, received: &Received<'_>, decoded: &Decoded) -> Vec<Follow> {
+        if let Some(held) = &mut self.held {
+            let of_type = held.entry(received.type_url.to_string()).or_default();
+            if received.full_state {
+                of_type.clear();
+            }
+            for name in received.removed {
+                of_type.remove(name.as_str());
+            }
+            for (name, any) in &received.named {
+                let fingerprint = content(any);
+                let key = name
+                    .clone()
+                    .unwrap_or_else(|| fingerprint.to_string().into());
+                of_type.insert(key, fingerprint);
+            }
+        }
         let mut follow = Vec::new();
         let slot = match received.type_url {
             CLUSTER_TYPE => 0,
@@ -250,8 +283,7 @@ impl Subscriptions {
         match received.type_url {
             CLUSTER_TYPE => {
                 let eds: BTreeSet<Arc<str>> = received
-                    .resources
-                    .iter()
+                    .resources()
                     .map(|any| decoded.get(any))
                     .filter(|r| r.eds)
                     .map(|r| r.name.clone())
@@ -288,8 +320,7 @@ impl Subscriptions {
             }
             LISTENER_TYPE => {
                 let named: BTreeSet<Arc<str>> = received
-                    .resources
-                    .iter()
+                    .resources()
                     .flat_map(|any| decoded.get(any).routes.clone())
                     .collect();
                 // Delta sends only changed listeners: keep what others named.
@@ -319,6 +350,35 @@ impl Subscriptions {
         first
     }
 
+    fn tracking(identity: &Identity) -> Subscriptions {
+        Subscriptions {
+            held: identity.track.is_some().then(HashMap::new),
+            ..Subscriptions::default()
+        }
+    }
+
+    fn report(&self, index: usize, fresh: bool, reports: &mpsc::UnboundedSender<Report>) {
+        let _ = reports.send(Report::Holds {
+            index,
+            fresh,
+            fingerprint: self.fingerprint(),
+        });
+    }
+
+    /// A fingerprint of everything held: the same for two proxies that
+    /// hold the same resources, whichever flavour brought them.
+    fn fingerprint(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        let mut types: Vec<_> = self.held.iter().flatten().collect();
+        types.sort_by(|a, b| a.0.cmp(b.0));
+        for (type_url, resources) in types {
+            let mut fingerprints: Vec<u64> = resources.values().copied().collect();
+            fingerprints.sort_unstable();
+            (type_url, fingerprints).hash(&mut hasher);
+        }
+        hasher.finish()
+    }
+
     fn names(&self, type_url: &str) -> Vec<String> {
         let set = match type_url {
             ENDPOINT_TYPE => &self.clusters,
@@ -326,6 +386,15 @@ impl Subscriptions {
             _ => return Vec::new(),
         };
         set.iter().map(|n| n.to_string()).collect()
+    }
+}
+
+/// Resolves when the benchmark asks a tracked proxy what it holds (with
+/// whether the proxy is a fresh twin); never for an untracked one.
+async fn asked(track: &mut Option<(watch::Receiver<u64>, bool)>) -> Option<bool> {
+    match track {
+        Some((asks, fresh)) => asks.changed().await.ok().map(|()| *fresh),
+        None => std::future::pending().await,
     }
 }
 
@@ -370,14 +439,25 @@ async fn state_of_the_world(
         .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
         .await?
         .into_inner();
-    let mut subscriptions = Subscriptions::default();
+    let mut subscriptions = Subscriptions::tracking(identity);
+    let mut track = identity.track.clone();
     // The version and nonce last accepted, per type, for the next request.
     let mut accepted: HashMap<String, (String, String)> = HashMap::new();
     let mut seen = 0;
-    while let Some(response) = responses.message().await? {
+    loop {
+        let response = tokio::select! {
+            response = responses.message() => match response? {
+                Some(response) => response,
+                None => break,
+            },
+            Some(fresh) = asked(&mut track) => {
+                subscriptions.report(identity.index, fresh, reports);
+                continue;
+            }
+        };
         let received = Received {
             type_url: &response.type_url,
-            resources: response.resources.iter().collect(),
+            named: response.resources.iter().map(|any| (None, any)).collect(),
             full_state: true,
             removed: &[],
         };
@@ -434,17 +514,28 @@ async fn delta(
         .delta_aggregated_resources(UnboundedReceiverStream::new(rx))
         .await?
         .into_inner();
-    let mut subscriptions = Subscriptions::default();
+    let mut subscriptions = Subscriptions::tracking(identity);
+    let mut track = identity.track.clone();
     let mut seen = 0;
-    while let Some(response) = responses.message().await? {
-        let resources: Vec<&Any> = response
+    loop {
+        let response = tokio::select! {
+            response = responses.message() => match response? {
+                Some(response) => response,
+                None => break,
+            },
+            Some(fresh) = asked(&mut track) => {
+                subscriptions.report(identity.index, fresh, reports);
+                continue;
+            }
+        };
+        let named = response
             .resources
             .iter()
-            .filter_map(|r| r.resource.as_ref())
+            .filter_map(|r| Some((Some(Arc::from(r.name.as_str())), r.resource.as_ref()?)))
             .collect();
         let received = Received {
             type_url: &response.type_url,
-            resources,
+            named,
             full_state: false,
             removed: &response.removed_resources,
         };

@@ -125,11 +125,15 @@ pub struct ResourceSet {
     /// Each type's [`fingerprint`], computed once: thousands of proxies
     /// share a set, and most changes leave most types alone.
     fingerprints: OnceLock<BTreeMap<&'static str, u64>>,
+    /// Each type's resources encoded one after another, per flavour, with
+    /// their count: a response carrying them all shares these bytes.
+    segments: OnceLock<BTreeMap<&'static str, [(usize, bytes::Bytes); 2]>>,
 }
 
 impl ResourceSet {
     pub fn insert(&mut self, type_url: &'static str, name: impl Into<Arc<str>>, any: Any) {
         self.fingerprints = OnceLock::new();
+        self.segments = OnceLock::new();
         let name = name.into();
         let resource = Versioned::new(&name, any);
         self.resources
@@ -140,6 +144,36 @@ impl ResourceSet {
 
     pub fn of_type(&self, type_url: &str) -> impl Iterator<Item = (&Arc<str>, &Versioned)> {
         self.resources.get(type_url).into_iter().flatten()
+    }
+
+    /// All resources of `type_url` encoded for `flavour`, and their count.
+    fn segment(&self, type_url: &str, flavour: wire::Flavour) -> Option<(usize, bytes::Bytes)> {
+        let segments = self.segments.get_or_init(|| {
+            self.resources
+                .iter()
+                .map(|(type_url, resources)| {
+                    let segment = |flavour| {
+                        let mut segment = bytes::BytesMut::new();
+                        for resource in resources.values() {
+                            segment.extend_from_slice(resource.wire.of(flavour));
+                        }
+                        (resources.len(), segment.freeze())
+                    };
+                    (
+                        *type_url,
+                        [
+                            segment(wire::Flavour::StateOfTheWorld),
+                            segment(wire::Flavour::Delta),
+                        ],
+                    )
+                })
+                .collect()
+        });
+        let [state_of_the_world, delta] = segments.get(type_url)?;
+        Some(match flavour {
+            wire::Flavour::StateOfTheWorld => state_of_the_world.clone(),
+            wire::Flavour::Delta => delta.clone(),
+        })
     }
 
     fn fingerprint(&self, type_url: &str) -> u64 {
@@ -171,6 +205,27 @@ impl Resources {
         self.0
             .iter()
             .find_map(|set| set.resources.get(type_url)?.get_key_value(name))
+    }
+
+    /// The resources of `type_url` that `keep` keeps, layer by layer.
+    fn select<'a>(
+        &'a self,
+        type_url: &str,
+        keep: impl Fn(&str, &Versioned) -> bool,
+    ) -> wire::Selected<'a> {
+        wire::Selected {
+            layers: self
+                .0
+                .iter()
+                .map(|set| wire::Layer {
+                    set,
+                    entries: set
+                        .of_type(type_url)
+                        .filter(|(name, resource)| keep(name, resource))
+                        .collect(),
+                })
+                .collect(),
+        }
     }
 
     /// A fingerprint of every resource of `type_url`: when it is the same

@@ -10,9 +10,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
 
-use super::{
-    Encoded, Protocol, Session, UNKNOWN_VERSION, Versioned, fingerprint, version_of, wildcard_type,
-};
+use super::wire::Flavour;
+use super::{Encoded, Protocol, Session, UNKNOWN_VERSION, fingerprint, version_of, wildcard_type};
 
 /// A delta response waiting for its ACK or NACK.
 struct Pending {
@@ -145,19 +144,13 @@ impl Protocol for Delta {
         }
         subscription.basis = Some(basis);
         let wanted = |name: &str| subscription.wildcard || subscription.names.contains(name);
-        let desired: Vec<(&Arc<str>, &Versioned)> = resources
-            .of_type(type_url)
-            .filter(|(name, _)| wanted(name))
-            .collect();
-        let changed: Vec<(&Arc<str>, &Versioned)> = desired
-            .iter()
-            .filter(|(name, r)| {
-                subscription.resend_all
-                    || subscription.resend.contains(*name)
-                    || subscription.known.get(*name) != Some(&r.version)
-            })
-            .copied()
-            .collect();
+        let desired = resources.select(type_url, |name, _| wanted(name));
+        let changed = resources.select(type_url, |name, r| {
+            wanted(name)
+                && (subscription.resend_all
+                    || subscription.resend.contains(name)
+                    || subscription.known.get(name) != Some(&r.version))
+        });
         subscription.resend_all = false;
         subscription.resend.clear();
         let removed: Vec<Arc<str>> = subscription
@@ -177,17 +170,17 @@ impl Protocol for Delta {
             return None;
         }
         let mut hasher = DefaultHasher::new();
-        fingerprint(changed.iter().copied()).hash(&mut hasher);
+        fingerprint(changed.iter()).hash(&mut hasher);
         removed.hash(&mut hasher);
         let diff_hash = hasher.finish();
         if subscription.refused_hash == Some(diff_hash) && !force {
             return None;
         }
-        let system_version = version_of(fingerprint(desired));
-        let mut undo = Vec::with_capacity(changed.len() + removed.len());
-        for (name, resource) in &changed {
-            let before = subscription.known.insert((*name).clone(), resource.version);
-            undo.push(((*name).clone(), before));
+        let system_version = version_of(fingerprint(desired.iter()));
+        let mut undo = Vec::with_capacity(removed.len());
+        for (name, resource) in changed.iter() {
+            let before = subscription.known.insert(name.clone(), resource.version);
+            undo.push((name.clone(), before));
         }
         for name in &removed {
             undo.push((name.clone(), subscription.known.remove(name)));
@@ -208,7 +201,7 @@ impl Protocol for Delta {
             nonce,
             ..Default::default()
         };
-        Some(Encoded::delta(&fields, changed.iter().copied()))
+        Some(Encoded::new(Flavour::Delta, type_url, &fields, &changed))
     }
 
     fn resend(&mut self, type_url: &str, sent: &Encoded, every: bool) {

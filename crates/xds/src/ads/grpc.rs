@@ -176,12 +176,22 @@ fn trailers(status: &Status) -> Frame<Bytes> {
 fn framed(responses: ReceiverStream<Result<Encoded, Status>>) -> Body {
     let frames = futures::stream::unfold(Some(responses), |state| async move {
         let mut responses = state?;
-        let (frame, rest) = match responses.next().await {
-            Some(Ok(response)) => (Frame::data(response.frame), Some(responses)),
-            Some(Err(status)) => (trailers(&status), None),
-            None => (trailers(&Status::ok("")), None),
+        let (frames, rest) = match responses.next().await {
+            // A message's chunks (some shared with other streams) go out as
+            // consecutive data frames: gRPC framing does not care where
+            // HTTP/2 frames split a message.
+            Some(Ok(response)) => (
+                response.chunks.into_iter().map(Frame::data).collect(),
+                Some(responses),
+            ),
+            Some(Err(status)) => (vec![trailers(&status)], None),
+            None => (vec![trailers(&Status::ok(""))], None),
         };
-        Some((Ok::<_, Infallible>(frame), rest))
-    });
+        Some((
+            futures::stream::iter(frames.into_iter().map(Ok::<_, Infallible>)),
+            rest,
+        ))
+    })
+    .flatten();
     Body::new(StreamBody::new(frames))
 }

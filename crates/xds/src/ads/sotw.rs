@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use super::{Encoded, Protocol, Session, Versioned, fingerprint, version_of, wildcard_type};
+use super::wire::Flavour;
+use super::{Encoded, Protocol, Session, fingerprint, version_of, wildcard_type};
 
 /// One type's subscription on a state-of-the-world stream.
 #[derive(Default)]
@@ -88,14 +89,11 @@ impl Protocol for StateOfTheWorld {
             return None;
         }
         subscription.basis = Some(basis);
-        let chosen: Vec<(&Arc<str>, &Versioned)> = match &subscription.names {
-            None => resources.of_type(type_url).collect(),
-            Some(names) => names
-                .iter()
-                .filter_map(|n| resources.get(type_url, n))
-                .collect(),
-        };
-        let hash = fingerprint(chosen.iter().copied());
+        let names = &subscription.names;
+        let chosen = resources.select(type_url, |name, _| {
+            names.as_ref().is_none_or(|names| names.contains(name))
+        });
+        let hash = fingerprint(chosen.iter());
         let unchanged = subscription.sent_hash == Some(hash) && !force;
         if unchanged || subscription.refused_hash == Some(hash) {
             return None;
@@ -110,7 +108,12 @@ impl Protocol for StateOfTheWorld {
             nonce,
             ..Default::default()
         };
-        Some(Encoded::state_of_the_world(&fields, chosen.iter().copied()))
+        Some(Encoded::new(
+            Flavour::StateOfTheWorld,
+            type_url,
+            &fields,
+            &chosen,
+        ))
     }
 
     fn resend(&mut self, type_url: &str, _sent: &Encoded, _every: bool) {

@@ -14,9 +14,7 @@
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryResponse, DiscoveryResponse, Resource,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryResponse, Resource};
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
@@ -24,63 +22,69 @@ use prost::encoding::{WireType, encode_key, encode_varint};
 /// The `resources` field of both response messages.
 const RESOURCES_FIELD: u32 = 2;
 
-/// One response, framed for gRPC (the 5-byte length prefix included).
+/// Which flavour's encoding of a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    StateOfTheWorld,
+    Delta,
+}
+
+/// One response, framed for gRPC: the 5-byte length prefix and the
+/// proxy's own fields, then the resources, a whole layer's in one shared
+/// chunk where the response carries all of that layer's.
 #[derive(Debug, Clone)]
 pub struct Encoded {
     pub type_url: String,
     /// The resources it carries, by name.
     pub names: Vec<Arc<str>>,
-    pub frame: Bytes,
+    pub chunks: Vec<Bytes>,
 }
 
 impl Encoded {
     /// A response of `fields` (a message without resources) followed by
-    /// `entries`, each an encoded entry of its `resources` field.
-    fn new<'a, M: Message>(
+    /// the `selected` resources.
+    pub fn new<M: Message>(
+        flavour: Flavour,
         type_url: &str,
         fields: &M,
-        entries: impl Iterator<Item = (&'a Arc<str>, &'a Bytes)> + Clone,
+        selected: &Selected<'_>,
     ) -> Encoded {
-        let length = fields.encoded_len() + entries.clone().map(|(_, e)| e.len()).sum::<usize>();
-        let mut frame = BytesMut::with_capacity(5 + length);
-        frame.put_u8(0);
-        frame.put_u32(u32::try_from(length).unwrap_or(u32::MAX));
-        // A BytesMut with room for it all: encoding cannot fail.
-        let _ = fields.encode(&mut frame);
+        let mut chunks = Vec::with_capacity(1 + selected.layers.len());
         let mut names = Vec::new();
-        for (name, entry) in entries {
-            frame.extend_from_slice(entry);
-            names.push(name.clone());
+        let mut body_length = 0;
+        for layer in &selected.layers {
+            let chunk = match layer.set.segment(type_url, flavour) {
+                Some((count, segment)) if count == layer.entries.len() => segment,
+                _ => {
+                    let length = layer
+                        .entries
+                        .iter()
+                        .map(|(_, r)| r.wire.of(flavour).len())
+                        .sum();
+                    let mut chunk = BytesMut::with_capacity(length);
+                    for (_, resource) in &layer.entries {
+                        chunk.extend_from_slice(resource.wire.of(flavour));
+                    }
+                    chunk.freeze()
+                }
+            };
+            body_length += chunk.len();
+            names.extend(layer.entries.iter().map(|(name, _)| Arc::clone(name)));
+            chunks.push(chunk);
         }
+        let length = fields.encoded_len() + body_length;
+        let mut head = BytesMut::with_capacity(5 + fields.encoded_len());
+        head.put_u8(0);
+        head.put_u32(u32::try_from(length).unwrap_or(u32::MAX));
+        // A BytesMut with room for it all: encoding cannot fail.
+        let _ = fields.encode(&mut head);
+        chunks.insert(0, head.freeze());
+        chunks.retain(|chunk| !chunk.is_empty());
         Encoded {
             type_url: type_url.to_string(),
             names,
-            frame: frame.freeze(),
+            chunks,
         }
-    }
-
-    /// A state-of-the-world response: `fields` says everything but the resources.
-    pub fn state_of_the_world<'a>(
-        fields: &DiscoveryResponse,
-        resources: impl Iterator<Item = (&'a Arc<str>, &'a super::Versioned)> + Clone,
-    ) -> Encoded {
-        Encoded::new(
-            &fields.type_url,
-            fields,
-            resources.map(|(name, r)| (name, &r.wire.state_of_the_world)),
-        )
-    }
-
-    /// A delta response: `fields` says everything but the resources.
-    pub fn delta<'a>(
-        fields: &DeltaDiscoveryResponse,
-        resources: impl Iterator<Item = (&'a Arc<str>, &'a super::Versioned)> + Clone,
-    ) -> Encoded {
-        Encoded::new(
-            &fields.type_url,
-            fields,
-            resources.map(|(name, r)| (name, &r.wire.delta)),
-        )
     }
 
     /// A response carrying only a type and a nonce (both flavours number
@@ -91,12 +95,41 @@ impl Encoded {
             nonce,
             ..Default::default()
         };
-        Encoded::new(type_url, &fields, std::iter::empty())
+        Encoded::new(
+            Flavour::StateOfTheWorld,
+            type_url,
+            &fields,
+            &Selected::default(),
+        )
     }
 
     /// The size of the message, without the gRPC prefix.
     pub fn len(&self) -> usize {
-        self.frame.len() - 5
+        self.chunks.iter().map(Bytes::len).sum::<usize>() - 5
+    }
+}
+
+/// Resources chosen for a response, layer by layer (see
+/// [`super::Resources::select`]).
+#[derive(Default)]
+pub struct Selected<'a> {
+    pub(super) layers: Vec<Layer<'a>>,
+}
+
+pub(super) struct Layer<'a> {
+    pub(super) set: &'a super::ResourceSet,
+    pub(super) entries: Vec<(&'a Arc<str>, &'a super::Versioned)>,
+}
+
+impl<'a> Selected<'a> {
+    pub fn iter(&self) -> impl Iterator<Item = (&'a Arc<str>, &'a super::Versioned)> + '_ {
+        self.layers
+            .iter()
+            .flat_map(|layer| layer.entries.iter().copied())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.iter().all(|layer| layer.entries.is_empty())
     }
 }
 
@@ -108,6 +141,13 @@ pub struct Entries {
 }
 
 impl Entries {
+    pub fn of(&self, flavour: Flavour) -> &Bytes {
+        match flavour {
+            Flavour::StateOfTheWorld => &self.state_of_the_world,
+            Flavour::Delta => &self.delta,
+        }
+    }
+
     pub fn new(name: &str, version: &str, any: &Any) -> Entries {
         Entries {
             state_of_the_world: entry(any),
@@ -133,8 +173,10 @@ fn entry<M: Message>(message: &M) -> Bytes {
 
 #[cfg(test)]
 mod tests {
+    use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryResponse;
+
     use super::*;
-    use crate::ads::Versioned;
+    use crate::ads::{ResourceSet, Resources};
 
     fn any(value: &[u8]) -> Any {
         Any {
@@ -145,33 +187,47 @@ mod tests {
 
     #[test]
     fn responses_decode_as_prost_encodes_them() {
-        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
-        let resources = [
-            (a.clone(), Versioned::new(&a, any(b"first"))),
-            (b.clone(), Versioned::new(&b, any(&[7; 300]))),
-        ];
-        let sotw = Encoded::state_of_the_world(
+        let mut whole = ResourceSet::default();
+        whole.insert("t", "a", any(b"first"));
+        whole.insert("t", "b", any(&[7; 300]));
+        let mut other = ResourceSet::default();
+        other.insert("t", "c", any(b"inbound"));
+        other.insert("t", "d", any(b"not chosen"));
+        let resources = Resources::layered(vec![Arc::new(whole), Arc::new(other)]);
+        let selected = resources.select("t", |name, _| name != "d");
+        let sotw = Encoded::new(
+            Flavour::StateOfTheWorld,
+            "t",
             &DiscoveryResponse {
                 version_info: "v1".into(),
                 type_url: "t".into(),
                 nonce: "9".into(),
                 ..Default::default()
             },
-            resources.iter().map(|(n, r)| (n, r)),
+            &selected,
         );
-        let decoded = DiscoveryResponse::decode(&sotw.frame[5..]).unwrap();
-        assert_eq!(decoded.resources, vec![any(b"first"), any(&[7; 300])]);
+        // The prefix and fields, the whole first layer shared, the chosen
+        // part of the second.
+        assert_eq!(sotw.chunks.len(), 3);
+        let frame: Vec<u8> = sotw.chunks.concat();
+        let decoded = DiscoveryResponse::decode(&frame[5..]).unwrap();
+        assert_eq!(
+            decoded.resources,
+            vec![any(b"first"), any(&[7; 300]), any(b"inbound")]
+        );
         assert_eq!(
             (decoded.version_info.as_str(), decoded.nonce.as_str()),
             ("v1", "9")
         );
         assert_eq!(sotw.len(), decoded.encoded_len());
         assert_eq!(
-            u32::from_be_bytes(sotw.frame[1..5].try_into().unwrap()) as usize,
+            u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize,
             sotw.len()
         );
 
-        let delta = Encoded::delta(
+        let delta = Encoded::new(
+            Flavour::Delta,
+            "t",
             &DeltaDiscoveryResponse {
                 system_version_info: "s".into(),
                 type_url: "t".into(),
@@ -179,17 +235,20 @@ mod tests {
                 nonce: "10".into(),
                 ..Default::default()
             },
-            resources.iter().map(|(n, r)| (n, r)),
+            &selected,
         );
-        let decoded = DeltaDiscoveryResponse::decode(&delta.frame[5..]).unwrap();
+        let frame: Vec<u8> = delta.chunks.concat();
+        let decoded = DeltaDiscoveryResponse::decode(&frame[5..]).unwrap();
         let names: Vec<_> = decoded.resources.iter().map(|r| r.name.as_str()).collect();
-        assert_eq!(names, ["a", "b"]);
+        assert_eq!(names, ["a", "b", "c"]);
         assert_eq!(decoded.resources[1].resource, Some(any(&[7; 300])));
+        let (_, a) = resources.get("t", "a").unwrap();
         assert_eq!(
             decoded.resources[0].version,
-            super::super::version_of(resources[0].1.version)
+            super::super::version_of(a.version)
         );
         assert_eq!(decoded.removed_resources, ["gone"]);
-        assert_eq!(delta.names, [a, b]);
+        let names: Vec<&str> = delta.names.iter().map(|n| &**n).collect();
+        assert_eq!(names, ["a", "b", "c"]);
     }
 }

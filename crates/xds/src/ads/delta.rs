@@ -144,7 +144,6 @@ impl Protocol for Delta {
         }
         subscription.basis = Some(basis);
         let wanted = |name: &str| subscription.wildcard || subscription.names.contains(name);
-        let desired = resources.select(type_url, |name, _| wanted(name));
         let changed = resources.select(type_url, |name, r| {
             wanted(name)
                 && (subscription.resend_all
@@ -176,7 +175,13 @@ impl Protocol for Delta {
         if subscription.refused_hash == Some(diff_hash) && !force {
             return None;
         }
-        let system_version = version_of(fingerprint(desired.iter()));
+        // The type's resources and the subscription decide what the proxy
+        // should have: their fingerprints make the version.
+        let system_version = {
+            let mut hasher = DefaultHasher::new();
+            basis.hash(&mut hasher);
+            version_of(hasher.finish())
+        };
         let mut undo = Vec::with_capacity(removed.len());
         for (name, resource) in changed.iter() {
             let before = subscription.known.insert(name.clone(), resource.version);

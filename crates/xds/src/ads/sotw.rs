@@ -3,6 +3,7 @@
 //! the last response was accepted.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
@@ -93,7 +94,17 @@ impl Protocol for StateOfTheWorld {
         let chosen = resources.select(type_url, |name, _| {
             names.as_ref().is_none_or(|names| names.contains(name))
         });
-        let hash = fingerprint(chosen.iter());
+        // A wildcard subscription gets every resource of the type: the
+        // type's fingerprint is the version, with no pass over them all for
+        // each proxy. Named ones get a version of what they asked for only.
+        let hash = match names {
+            None => {
+                let mut hasher = DefaultHasher::new();
+                basis.0.hash(&mut hasher);
+                hasher.finish()
+            }
+            Some(_) => fingerprint(chosen.iter()),
+        };
         let unchanged = subscription.sent_hash == Some(hash) && !force;
         if unchanged || subscription.refused_hash == Some(hash) {
             return None;

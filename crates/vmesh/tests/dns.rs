@@ -185,6 +185,28 @@ fn mesh_names_resolve_on_vms_and_nothing_else_breaks() {
         "{table}"
     );
 
+    // A Service that appears later is in the name table, and resolves on
+    // the VM, within a second of `vmesh apply`.
+    let applied = tokio::time::Instant::now();
+    mesh.apply(
+        "ledger.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ledger, namespace: vm-workloads}\n\
+         spec:\n  selector: {app: ledger}\n  ports: [{name: http, port: 8080}]\n",
+    )
+    .unwrap();
+    let ledger_vip = mesh
+        .vip_of("ledger.vm-workloads.svc.cluster.local")
+        .unwrap();
+    let resolved = vmesh_testkit::poll::wait_for(std::time::Duration::from_secs(1), || {
+        (dig(&client, &["ledger.vm-workloads.svc.cluster.local"]) == [ledger_vip.as_str()])
+            .then_some(())
+    });
+    assert!(
+        resolved.is_some(),
+        "the new Service resolved {:?} after vmesh apply (limit 1 s)",
+        applied.elapsed()
+    );
+
     // Mesh names, from the table, through capture of the resolver's own DNS.
     assert_eq!(getent(&client, HOST).as_deref(), Some(vip.as_str()));
     assert_eq!(

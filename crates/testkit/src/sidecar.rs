@@ -3,6 +3,8 @@
 //! bootstrap, its sync state as `vmesh proxy-status` shows it, and requests
 //! through it to `vmesh demo-app` backends.
 
+use std::path::Path;
+
 use crate::netns::Namespace;
 
 /// The sidecar's node id: the frontend VM at 127.0.0.9 in vm-workloads.
@@ -58,4 +60,26 @@ pub fn demo_app_name(ns: &Namespace, url: &str, header: Option<&str>) -> Option<
         .find_map(|w| w.strip_prefix("name="))?
         .to_string();
     output.status.success().then_some(name)
+}
+
+/// Starts the sidecar in `ns`: Envoy (found as the tests find it) with
+/// [`bootstrap`] written to `dir`, its log beside it, `base_id` apart from
+/// other Envoys of the run.
+pub fn start(ns: &Namespace, dir: &Path, xds_port: u16, api_type: &str, base_id: &str) {
+    let envoy = crate::testing::envoy_binary();
+    let config = dir.join("bootstrap.json");
+    std::fs::write(&config, bootstrap(xds_port, api_type)).unwrap();
+    ns.spawn(
+        &[
+            envoy.to_str().unwrap(),
+            "-c",
+            config.to_str().unwrap(),
+            "--base-id",
+            base_id,
+            "-l",
+            "warning",
+        ],
+        &dir.join("envoy.log"),
+    )
+    .unwrap();
 }

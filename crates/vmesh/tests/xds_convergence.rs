@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use vmesh_testkit::mesh::capture_service_range;
 use vmesh_testkit::sidecar::{self, demo_app_name};
-use vmesh_testkit::testing::{envoy_binary, eventually};
+use vmesh_testkit::testing::eventually;
 use vmesh_testkit::{Mesh, Namespace};
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
@@ -166,7 +166,6 @@ fn every_change_kind_takes_effect_within_a_second_on_delta_ads() {
 }
 
 fn every_change_kind(api_type: &str, base_id: &str) {
-    let envoy = envoy_binary();
     let dir = tempfile::tempdir().unwrap();
     let ns = Namespace::new(&format!("vmesh-conv-{}-{base_id}", std::process::id()));
     let mesh = Mesh::new(VMESH, &ns, dir.path());
@@ -196,21 +195,7 @@ fn every_change_kind(api_type: &str, base_id: &str) {
 
     ns.run(&["ip", "addr", "add", "10.10.0.2/32", "dev", "lo"]);
     capture_service_range(&ns, "10.10.0.2").unwrap();
-    let bootstrap = dir.path().join("bootstrap.json");
-    std::fs::write(&bootstrap, sidecar::bootstrap(15010, api_type)).unwrap();
-    ns.spawn(
-        &[
-            envoy.to_str().unwrap(),
-            "-c",
-            bootstrap.to_str().unwrap(),
-            "--base-id",
-            base_id,
-            "-l",
-            "warning",
-        ],
-        &dir.path().join("envoy.log"),
-    )
-    .unwrap();
+    sidecar::start(&ns, dir.path(), 15010, api_type, base_id);
     let sidecar = Sidecar {
         ns: &ns,
         dir: dir.path(),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use vmesh_api::testing::seed_dir;
 use vmesh_testkit::mesh::capture_service_range;
 use vmesh_testkit::sidecar;
-use vmesh_testkit::testing::{envoy_binary, eventually};
+use vmesh_testkit::testing::eventually;
 use vmesh_testkit::{Mesh, Namespace};
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
@@ -101,7 +101,6 @@ fn envoy_on_delta_ads_routes_the_guides_canary_split() {
 
 /// The whole scenario, with Envoy speaking `api_type` ADS.
 fn canary_split(api_type: &str, base_id: &str) {
-    let envoy = envoy_binary();
     let dir = tempfile::tempdir().unwrap();
     let ns = Namespace::new(&format!("vmesh-xds-{}-{base_id}", std::process::id()));
     let mesh = Mesh::new(VMESH, &ns, dir.path());
@@ -151,21 +150,7 @@ fn canary_split(api_type: &str, base_id: &str) {
     // are martians once the destination is rewritten), and a route to the VIPs.
     ns.run(&["ip", "addr", "add", "10.10.0.2/32", "dev", "lo"]);
     capture_service_range(&ns, "10.10.0.2").unwrap();
-    let bootstrap_file = dir.path().join("bootstrap.json");
-    std::fs::write(&bootstrap_file, sidecar::bootstrap(15010, api_type)).unwrap();
-    ns.spawn(
-        &[
-            envoy.to_str().unwrap(),
-            "-c",
-            bootstrap_file.to_str().unwrap(),
-            "--base-id",
-            base_id,
-            "-l",
-            "warning",
-        ],
-        &dir.path().join("envoy.log"),
-    )
-    .unwrap();
+    sidecar::start(&ns, dir.path(), 15010, api_type, base_id);
 
     let url = format!("http://{vip}:8080/api/payments/1");
     eventually("Envoy to route", || {

@@ -398,6 +398,23 @@ async fn asked(track: &mut Option<(watch::Receiver<u64>, bool)>) -> Option<bool>
     }
 }
 
+/// The next response on the stream (`None` once it ends), telling the
+/// benchmark what the proxy holds whenever it asks meanwhile.
+async fn next_response<M: prost::Message + Default>(
+    responses: &mut tonic::Streaming<M>,
+    track: &mut Option<(watch::Receiver<u64>, bool)>,
+    subscriptions: &Subscriptions,
+    index: usize,
+    reports: &mpsc::UnboundedSender<Report>,
+) -> Result<Option<M>, Failure> {
+    loop {
+        tokio::select! {
+            response = responses.message() => return Ok(response?),
+            Some(fresh) = asked(track) => subscriptions.report(index, fresh, reports),
+        }
+    }
+}
+
 /// After taking in a response: says whether it carried the awaited change.
 fn check(
     received: &Received<'_>,
@@ -444,17 +461,15 @@ async fn state_of_the_world(
     // The version and nonce last accepted, per type, for the next request.
     let mut accepted: HashMap<String, (String, String)> = HashMap::new();
     let mut seen = 0;
-    loop {
-        let response = tokio::select! {
-            response = responses.message() => match response? {
-                Some(response) => response,
-                None => break,
-            },
-            Some(fresh) = asked(&mut track) => {
-                subscriptions.report(identity.index, fresh, reports);
-                continue;
-            }
-        };
+    while let Some(response) = next_response(
+        &mut responses,
+        &mut track,
+        &subscriptions,
+        identity.index,
+        reports,
+    )
+    .await?
+    {
         let received = Received {
             type_url: &response.type_url,
             named: response.resources.iter().map(|any| (None, any)).collect(),
@@ -517,17 +532,15 @@ async fn delta(
     let mut subscriptions = Subscriptions::tracking(identity);
     let mut track = identity.track.clone();
     let mut seen = 0;
-    loop {
-        let response = tokio::select! {
-            response = responses.message() => match response? {
-                Some(response) => response,
-                None => break,
-            },
-            Some(fresh) = asked(&mut track) => {
-                subscriptions.report(identity.index, fresh, reports);
-                continue;
-            }
-        };
+    while let Some(response) = next_response(
+        &mut responses,
+        &mut track,
+        &subscriptions,
+        identity.index,
+        reports,
+    )
+    .await?
+    {
         let named = response
             .resources
             .iter()

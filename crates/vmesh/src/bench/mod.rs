@@ -163,9 +163,10 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
     fleet.wait_ready(args.proxies).await?;
     let connect_ms = connect.elapsed().as_secs_f64() * 1e3;
     println!(
-        "{}: {} proxies connected and configured in {connect_ms:.0} ms",
+        "{}: {} proxies connected and configured in {connect_ms:.0} ms ({} streams opened again)",
         target.name(),
-        args.proxies
+        args.proxies,
+        fleet.reconnects
     );
     let rss_synced = memory_mb(pid, "VmRSS")?;
 
@@ -197,7 +198,7 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
             let deadline = start + args.change_timeout;
             let mut seen = 0;
             while seen < args.proxies {
-                match tokio::time::timeout_at(deadline, fleet.reports.recv()).await {
+                match tokio::time::timeout_at(deadline, fleet.next()).await {
                     Ok(Some(Report::Saw { change, at })) if change == change_id => {
                         seen += 1;
                         samples.push(at.duration_since(start));
@@ -212,7 +213,7 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
         }
     }
     // Responses still queued count too.
-    while let Ok(report) = fleet.reports.try_recv() {
+    while let Some(report) = fleet.try_next() {
         if matches!(report, Report::Response) {
             responses += 1;
         }
@@ -262,6 +263,30 @@ struct Fleet<'a> {
     reports_tx: mpsc::UnboundedSender<Report>,
     reports: mpsc::UnboundedReceiver<Report>,
     proxies: tokio::task::JoinSet<()>,
+    /// Streams that failed and were opened again.
+    reconnects: usize,
+}
+
+impl Fleet<'_> {
+    /// The next report; streams opened again are counted on the way.
+    async fn next(&mut self) -> Option<Report> {
+        loop {
+            match self.reports.recv().await? {
+                Report::Reconnected => self.reconnects += 1,
+                report => return Some(report),
+            }
+        }
+    }
+
+    /// The next report already there, if any (counting reconnections).
+    fn try_next(&mut self) -> Option<Report> {
+        loop {
+            match self.reports.try_recv().ok()? {
+                Report::Reconnected => self.reconnects += 1,
+                report => return Some(report),
+            }
+        }
+    }
 }
 
 impl<'a> Fleet<'a> {
@@ -293,6 +318,7 @@ impl<'a> Fleet<'a> {
             reports_tx,
             reports,
             proxies: tokio::task::JoinSet::new(),
+            reconnects: 0,
         })
     }
 
@@ -325,7 +351,7 @@ impl<'a> Fleet<'a> {
     async fn wait_ready(&mut self, count: usize) -> Result<()> {
         let mut ready = 0;
         while ready < count {
-            match tokio::time::timeout(Duration::from_secs(300), self.reports.recv()).await {
+            match tokio::time::timeout(Duration::from_secs(300), self.next()).await {
                 Ok(Some(Report::Ready)) => ready += 1,
                 Ok(Some(Report::Failed(e))) => bail!("{e}"),
                 Ok(Some(_)) => {}
@@ -379,7 +405,7 @@ async fn soak(
         if rss.len() < started.elapsed().as_secs() as usize {
             rss.push(memory_mb(pid, "VmRSS")?);
         }
-        while let Ok(report) = fleet.reports.try_recv() {
+        while let Some(report) = fleet.try_next() {
             if let Report::Failed(e) = report {
                 bail!("{}: {e}", target.name());
             }
@@ -398,7 +424,7 @@ async fn soak(
     fleet.asks.send_modify(|ask| *ask += 1);
     let mut held: HashMap<(usize, bool), u64> = HashMap::new();
     while held.len() < 2 * args.proxies {
-        match tokio::time::timeout(Duration::from_secs(60), fleet.reports.recv()).await {
+        match tokio::time::timeout(Duration::from_secs(60), fleet.next()).await {
             Ok(Some(Report::Holds {
                 index,
                 fresh,

@@ -44,7 +44,9 @@ pub enum Report {
     Saw { change: u64, at: Instant },
     /// It got a response (of any type).
     Response,
-    /// Its stream failed.
+    /// Its stream failed and it opens it again.
+    Reconnected,
+    /// Its stream failed again and again.
     Failed(String),
     /// What it holds, as asked for with [`Identity::track`]: a fingerprint
     /// of every resource's bytes, by type.
@@ -224,7 +226,12 @@ impl Received<'_> {
     }
 }
 
-/// Runs one proxy until its stream ends; reports what it sees.
+/// How often a proxy opens its stream again after it failed, as Envoy
+/// does, before the benchmark gives up on it.
+const ATTEMPTS: usize = 20;
+
+/// Runs one proxy until its stream ends; reports what it sees. A failed
+/// stream is opened again after a pause, as Envoy does.
 pub async fn run(
     identity: Identity,
     channel: Channel,
@@ -232,13 +239,25 @@ pub async fn run(
     mut awaited: watch::Receiver<Awaited>,
     reports: mpsc::UnboundedSender<Report>,
 ) {
-    let result = if identity.delta {
-        delta(&identity, channel, &decoded, &mut awaited, &reports).await
-    } else {
-        state_of_the_world(&identity, channel, &decoded, &mut awaited, &reports).await
-    };
-    if let Err(e) = result {
-        let _ = reports.send(Report::Failed(format!("proxy {}: {e}", identity.index)));
+    for attempt in 1..=ATTEMPTS {
+        let result = if identity.delta {
+            delta(&identity, channel.clone(), &decoded, &mut awaited, &reports).await
+        } else {
+            state_of_the_world(&identity, channel.clone(), &decoded, &mut awaited, &reports).await
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) if attempt == ATTEMPTS => {
+                let _ = reports.send(Report::Failed(format!(
+                    "proxy {} failed {ATTEMPTS} times, last: {e}",
+                    identity.index
+                )));
+            }
+            Err(_) => {
+                let _ = reports.send(Report::Reconnected);
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
     }
 }
 

@@ -805,3 +805,52 @@ impl Ads {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn find_by_id_name_namespace_or_a_unique_part() {
+        let table = StatusTable::default();
+        for (connection, id) in [
+            "sidecar~10.0.0.1~pay-1.vm~vm.svc.cluster.local",
+            "sidecar~10.0.0.2~pay-12.vm~vm.svc.cluster.local",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let status = ProxyStatus {
+                id: id.into(),
+                namespace: "vm".into(),
+                connected_at: String::new(),
+                types: BTreeMap::new(),
+            };
+            let proxy = ConnectedProxy {
+                status,
+                node: Node::default(),
+                resources: Resources::default(),
+            };
+            table.proxies.lock().insert(connection as u64, proxy);
+        }
+        let found = |query: &str| table.find(query).map(|p| p.status.id);
+        assert_eq!(
+            found("sidecar~10.0.0.2~pay-12.vm~vm.svc.cluster.local").unwrap(),
+            "sidecar~10.0.0.2~pay-12.vm~vm.svc.cluster.local"
+        );
+        // pay-1.vm is also part of pay-12's id: the name wins.
+        assert_eq!(
+            found("pay-1.vm").unwrap(),
+            "sidecar~10.0.0.1~pay-1.vm~vm.svc.cluster.local"
+        );
+        assert_eq!(
+            found("10.0.0.2").unwrap(),
+            "sidecar~10.0.0.2~pay-12.vm~vm.svc.cluster.local"
+        );
+        assert!(matches!(found("pay"), Err(FindError::Ambiguous { .. })));
+        assert_eq!(
+            found("nobody.vm"),
+            Err(FindError::NotConnected("nobody.vm".into()))
+        );
+    }
+}

@@ -101,20 +101,19 @@ pub fn config_dump(proxy: &ConnectedProxy, include_eds: bool) -> ConfigDump {
             let assignment = Cluster::decode(r.any.value.as_slice())
                 .ok()?
                 .load_assignment?;
-            Some(endpoints_config_dump::DynamicEndpointConfig {
-                version_info: resource_version(r),
-                endpoint_config: Some(pack_any(assignment)),
-                ..Default::default()
-            })
+            Some((r, pack_any(assignment)))
         });
         configs.push(pack_any(EndpointsConfigDump {
             dynamic_endpoint_configs: resources(ENDPOINT_TYPE)
-                .map(|(_, r)| endpoints_config_dump::DynamicEndpointConfig {
-                    version_info: resource_version(r),
-                    endpoint_config: Some(r.any.clone()),
-                    ..Default::default()
-                })
+                .map(|(_, r)| (r, r.any.clone()))
                 .chain(inline)
+                .map(
+                    |(r, assignment)| endpoints_config_dump::DynamicEndpointConfig {
+                        version_info: resource_version(r),
+                        endpoint_config: Some(assignment),
+                        ..Default::default()
+                    },
+                )
                 .collect(),
             ..Default::default()
         }));

@@ -16,10 +16,16 @@ pub fn section<'a>(dump: &'a Value, kind: &str) -> Option<&'a Value> {
         .find(|c| c["@type"].as_str().and_then(|t| t.rsplit('.').next()) == Some(kind))
 }
 
-/// `section[list][*][field]` (and the same nested one level under
-/// `nested`, for listeners' `active_state`), for each list in `lists`.
-fn resources<'a>(section: Option<&'a Value>, lists: &[(&str, &[&str])]) -> Vec<&'a Value> {
-    let Some(section) = section else {
+/// The resources of the dump's `kind` section that `keep` admits: for each
+/// `(list, path)`, the value at `path` in every item of `section[list]`
+/// (`["active_state", "listener"]` for a dynamic listener).
+fn listed<'a>(
+    dump: &'a Value,
+    kind: &str,
+    lists: &[(&str, &[&str])],
+    keep: impl Fn(&Value) -> bool,
+) -> Vec<&'a Value> {
+    let Some(section) = section(dump, kind) else {
         return Vec::new();
     };
     lists
@@ -29,11 +35,9 @@ fn resources<'a>(section: Option<&'a Value>, lists: &[(&str, &[&str])]) -> Vec<&
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|item| {
-                    let found = path.iter().fold(item, |v, key| &v[*key]);
-                    (!found.is_null()).then_some(found)
-                })
+                .map(|item| path.iter().fold(item, |v, key| &v[*key]))
         })
+        .filter(|found| !found.is_null() && keep(found))
         .collect()
 }
 
@@ -107,17 +111,15 @@ fn by_subset_key<'a>(items: &mut [&'a Value], name: impl Fn(&'a Value) -> &'a st
 /// Every cluster of the dump (dynamic active, then static) that `filter`
 /// admits, in istioctl's order.
 pub fn clusters<'a>(dump: &'a Value, filter: &ClusterFilter) -> Vec<&'a Value> {
-    let section = section(dump, "ClustersConfigDump");
-    let mut clusters: Vec<&Value> = resources(
-        section,
+    let mut clusters = listed(
+        dump,
+        "ClustersConfigDump",
         &[
             ("dynamic_active_clusters", &["cluster"]),
             ("static_clusters", &["cluster"]),
         ],
-    )
-    .into_iter()
-    .filter(|c| filter.admits(str_of(&c["name"])))
-    .collect();
+        |c| filter.admits(str_of(&c["name"])),
+    );
     by_subset_key(&mut clusters, |c| str_of(&c["name"]));
     clusters
 }
@@ -268,17 +270,15 @@ fn listener_type(listener: &Value) -> &'static str {
 /// Every listener (dynamic active, then static) `filter` admits, sorted by
 /// port, address and type.
 pub fn listeners<'a>(dump: &'a Value, filter: &ListenerFilter) -> Vec<&'a Value> {
-    let section = section(dump, "ListenersConfigDump");
-    let mut listeners: Vec<&Value> = resources(
-        section,
+    let mut listeners = listed(
+        dump,
+        "ListenersConfigDump",
         &[
             ("dynamic_listeners", &["active_state", "listener"]),
             ("static_listeners", &["listener"]),
         ],
-    )
-    .into_iter()
-    .filter(|l| filter.admits(l))
-    .collect();
+        |l| filter.admits(l),
+    );
     listeners.sort_by(|a, b| {
         (
             listener_port(a),
@@ -490,17 +490,15 @@ pub fn listener_table(listeners: &[&Value]) -> String {
 /// Every route configuration (dynamic, then static) named `name` (all
 /// without one), numeric names first in numeric order, as istioctl sorts.
 pub fn routes<'a>(dump: &'a Value, name: Option<&str>) -> Vec<&'a Value> {
-    let section = section(dump, "RoutesConfigDump");
-    let mut routes: Vec<&Value> = resources(
-        section,
+    let mut routes = listed(
+        dump,
+        "RoutesConfigDump",
         &[
             ("dynamic_route_configs", &["route_config"]),
             ("static_route_configs", &["route_config"]),
         ],
-    )
-    .into_iter()
-    .filter(|r| name.is_none_or(|name| str_of(&r["name"]) == name))
-    .collect();
+        |r| name.is_none_or(|name| str_of(&r["name"]) == name),
+    );
     routes.sort_by_key(|r| {
         let number: Option<u64> = str_of(&r["name"]).parse().ok();
         (number.is_none(), number)
@@ -678,17 +676,15 @@ pub fn endpoints_of_clusters(clusters: &Value, filter: &EndpointFilter) -> Vec<E
 /// The load assignments of a config dump (with EDS) that keep an endpoint
 /// after `filter`, in istioctl's order.
 pub fn load_assignments<'a>(dump: &'a Value, filter: &EndpointFilter) -> Vec<&'a Value> {
-    let section = section(dump, "EndpointsConfigDump");
-    let mut assignments: Vec<&Value> = resources(
-        section,
+    let mut assignments = listed(
+        dump,
+        "EndpointsConfigDump",
         &[
             ("dynamic_endpoint_configs", &["endpoint_config"]),
             ("static_endpoint_configs", &["endpoint_config"]),
         ],
-    )
-    .into_iter()
-    .filter(|a| !assignment_rows(a, filter).is_empty())
-    .collect();
+        |a| !assignment_rows(a, filter).is_empty(),
+    );
     by_subset_key(&mut assignments, |a| str_of(&a["cluster_name"]));
     assignments
 }

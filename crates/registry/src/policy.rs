@@ -125,17 +125,7 @@ impl Snapshot {
         service: &MeshService,
         proxy_namespace: &str,
     ) -> Option<Cow<'_, DestinationRuleSpec>> {
-        let candidates: Vec<&Scoped<DestinationRuleSpec>> =
-            self.destination_rules_named(&service.hostname).collect();
-        let chosen = [
-            proxy_namespace,
-            service.namespace.as_str(),
-            self.mesh.root_namespace.as_str(),
-        ]
-        .into_iter()
-        .find(|ns| candidates.iter().any(|dr| dr.namespace == *ns))
-        .or_else(|| candidates.first().map(|dr| dr.namespace.as_str()))?;
-        let mut rules = candidates.iter().filter(|dr| dr.namespace == chosen);
+        let mut rules = self.destination_rules_applying(service, proxy_namespace);
         let mut merged = Cow::Borrowed(&rules.next()?.spec);
         for rule in rules {
             if merged.traffic_policy.is_none() && rule.spec.traffic_policy.is_some() {
@@ -149,6 +139,41 @@ impl Snapshot {
             }
         }
         Some(merged)
+    }
+
+    /// The DestinationRule that [`Snapshot::destination_rule_for`] starts
+    /// from (the first one of the namespace it chooses): the one Istio names
+    /// in a cluster's `istio` metadata, as istioctl's DESTINATION RULE.
+    pub fn destination_rule_origin(
+        &self,
+        service: &MeshService,
+        proxy_namespace: &str,
+    ) -> Option<&Scoped<DestinationRuleSpec>> {
+        self.destination_rules_applying(service, proxy_namespace)
+            .next()
+    }
+
+    /// The rules for `service` in the namespace Istio's lookup chooses for
+    /// a proxy in `proxy_namespace`, in order.
+    fn destination_rules_applying<'a>(
+        &'a self,
+        service: &MeshService,
+        proxy_namespace: &str,
+    ) -> impl Iterator<Item = &'a Scoped<DestinationRuleSpec>> {
+        let candidates: Vec<&Scoped<DestinationRuleSpec>> =
+            self.destination_rules_named(&service.hostname).collect();
+        let chosen = [
+            proxy_namespace,
+            service.namespace.as_str(),
+            self.mesh.root_namespace.as_str(),
+        ]
+        .into_iter()
+        .find(|ns| candidates.iter().any(|dr| dr.namespace == *ns))
+        .or_else(|| candidates.first().map(|dr| dr.namespace.as_str()))
+        .map(str::to_string);
+        candidates
+            .into_iter()
+            .filter(move |dr| chosen.as_deref() == Some(dr.namespace.as_str()))
     }
 
     /// Every DestinationRule naming `hostname` (fully qualified), by

@@ -1,21 +1,24 @@
 //! The monitoring port (15014): readiness, the xDS sync status of every
-//! connected proxy (`/debug/syncz`, what `vmesh proxy-status` prints), and
-//! `/metrics` in the Prometheus text format: the control plane's figures
-//! under Istio's names (see [`Metrics`]) and the process's own.
+//! connected proxy (`/debug/syncz`, what `vmesh proxy-status` prints), what
+//! one proxy was sent as Envoy's admin would dump it
+//! (`/debug/config_dump?proxyID=ID[&include_eds]`, Istio's, what `vmesh
+//! proxy-config` reads), and `/metrics` in the Prometheus text format: the
+//! control plane's figures under Istio's names (see [`Metrics`]) and the
+//! process's own.
 //!
 //! It listens on loopback only: it has no authentication of its own.
 
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::header;
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::{IntGauge, Registry, TextEncoder};
 use serde::Serialize;
 use vmesh_ca::metrics::CaMetrics;
-use vmesh_xds::ads::{ProxyStatus, StatusTable, TypeStatus};
+use vmesh_xds::ads::{FindError, ProxyStatus, StatusTable, TypeStatus};
 use vmesh_xds::metrics::XdsMetrics;
 
 /// Every metric the server exports, in one registry.
@@ -122,10 +125,53 @@ async fn syncz(State(proxies): State<Arc<StatusTable>>) -> Json<Vec<serde_json::
     Json(rows)
 }
 
+/// Where one proxy's configuration is dumped.
+pub const CONFIG_DUMP_PATH: &str = "/debug/config_dump";
+
+#[derive(serde::Deserialize)]
+struct DumpQuery {
+    #[serde(rename = "proxyID")]
+    proxy_id: Option<String>,
+    include_eds: Option<String>,
+}
+
+async fn config_dump(
+    State(proxies): State<Arc<StatusTable>>,
+    Query(query): Query<DumpQuery>,
+) -> axum::response::Response {
+    let Some(proxy_id) = query.proxy_id.filter(|id| !id.is_empty()) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "You must provide a proxyID in the query string\n",
+        )
+            .into_response();
+    };
+    let proxy = match proxies.find(&proxy_id) {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            let code = match e {
+                FindError::NotConnected(_) => StatusCode::NOT_FOUND,
+                FindError::Ambiguous { .. } => StatusCode::BAD_REQUEST,
+            };
+            return (code, format!("{e}\n")).into_response();
+        }
+    };
+    let dump = vmesh_xds::config_dump::config_dump(&proxy, query.include_eds.is_some());
+    match vmesh_xds::config_dump::to_json(&dump) {
+        Ok(json) => Json(json).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("dumping {}: {e}\n", proxy.status.id),
+        )
+            .into_response(),
+    }
+}
+
 pub fn router(proxies: Arc<StatusTable>, exported: Metrics) -> Router {
     Router::new()
         .route("/ready", get(|| async { "ok\n" }))
         .route("/debug/syncz", get(syncz))
+        .route(CONFIG_DUMP_PATH, get(config_dump))
         .with_state(proxies)
         .merge(
             Router::new()

@@ -198,31 +198,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             print!("{}", output::proxy_status_table(&proxies));
             Ok(ExitCode::SUCCESS)
         }
-        Command::ProxyConfig {
-            what: crate::ProxyConfigCommand::Dns { status, json },
-        } => {
-            let url = format!(
-                "{}{}",
-                status.trim_end_matches('/'),
-                vmesh_agent::status::DNS_DUMP_PATH
-            );
-            let response = reqwest::get(&url).await.with_context(|| {
-                format!("cannot reach the agent's status port at {status} (set VMESH_AGENT_STATUS)")
-            })?;
-            if !response.status().is_success() {
-                bail!(
-                    "{url}: {}",
-                    response.text().await.unwrap_or_default().trim()
-                );
-            }
-            let dump: Value = response.json().await?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&dump)?);
-            } else {
-                print!("{}", output::dns_table(&dump));
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::ProxyConfig { what } => crate::proxy_config::run(what).await,
         Command::Doctor {
             connection,
             monitoring,

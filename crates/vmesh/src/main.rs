@@ -16,6 +16,7 @@ mod load;
 mod manifests;
 mod onboarding;
 mod output;
+mod proxy_config;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,23 +39,6 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum ProxyConfigCommand {
-    /// The DNS proxy's mesh names and addresses, upstreams and search domains.
-    Dns {
-        /// The agent's status port.
-        #[arg(
-            long,
-            env = "VMESH_AGENT_STATUS",
-            default_value = "http://127.0.0.1:15020"
-        )]
-        status: String,
-        /// Print the agent's JSON as it is.
-        #[arg(long)]
-        json: bool,
-    },
 }
 
 /// Where the CLI finds the server.
@@ -144,10 +128,13 @@ enum Command {
     /// istioctl analyze does. Exit 1 on errors.
     #[command(long_about = analyze::ABOUT)]
     Analyze(analyze::AnalyzeArgs),
-    /// What this machine's agent holds (run on the VM).
+    /// A proxy's clusters, listeners, routes, endpoints, secrets and
+    /// bootstrap, as the server sent them (PROXY) or as Envoy runs them
+    /// (--local, on the VM); Envoy's log levels; the agent's DNS table.
+    #[command(visible_alias = "pc")]
     ProxyConfig {
         #[command(subcommand)]
-        what: ProxyConfigCommand,
+        what: proxy_config::ProxyConfigCommand,
     },
     /// Show every connected proxy and whether it runs the latest config.
     ProxyStatus {

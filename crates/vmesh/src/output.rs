@@ -127,7 +127,7 @@ pub fn dns_table(dump: &Value) -> String {
 }
 
 /// Left-aligned columns three spaces apart, as kubectl prints them.
-fn align(headers: &[&str], rows: &[Vec<String>]) -> String {
+pub fn align(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, c) in widths.iter_mut().zip(row) {

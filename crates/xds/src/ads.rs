@@ -281,20 +281,76 @@ pub struct ProxyStatus {
     pub types: BTreeMap<String, TypeStatus>,
 }
 
-/// Every connected proxy's status.
+/// What the server holds of one connected proxy: its status, the node it
+/// announced, and the resources computed for it at its last configuration
+/// change (shared sets: keeping them costs reference counts).
+#[derive(Debug, Clone)]
+pub struct ConnectedProxy {
+    pub status: ProxyStatus,
+    pub node: Node,
+    pub resources: Resources,
+}
+
+/// Why no single proxy answers to a name.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum FindError {
+    #[error("proxy {0:?} is not connected to this server")]
+    NotConnected(String),
+    #[error("{query:?} names several proxies: {}", .matches.join(", "))]
+    Ambiguous { query: String, matches: Vec<String> },
+}
+
+/// Every connected proxy's status and configuration.
 #[derive(Debug, Default)]
 pub struct StatusTable {
-    proxies: Mutex<BTreeMap<u64, ProxyStatus>>,
+    proxies: Mutex<BTreeMap<u64, ConnectedProxy>>,
 }
 
 impl StatusTable {
     pub fn snapshot(&self) -> Vec<ProxyStatus> {
-        self.proxies.lock().values().cloned().collect()
+        self.proxies
+            .lock()
+            .values()
+            .map(|p| p.status.clone())
+            .collect()
+    }
+
+    /// The proxy `query` names: its node id, its `name.namespace` (as
+    /// istioctl names a pod), or a part of one node id (as Istio's
+    /// `proxyID=`), in that order of preference.
+    pub fn find(&self, query: &str) -> Result<ConnectedProxy, FindError> {
+        let proxies = self.proxies.lock();
+        let name_namespace = |id: &str| id.split('~').nth(2).map(str::to_string);
+        let tiers: [&dyn Fn(&ConnectedProxy) -> bool; 3] = [
+            &|p| p.status.id == query,
+            &|p| name_namespace(&p.status.id).as_deref() == Some(query),
+            &|p| p.status.id.contains(query),
+        ];
+        for tier in tiers {
+            let found: Vec<&ConnectedProxy> = proxies.values().filter(|p| tier(p)).collect();
+            match found.as_slice() {
+                [] => continue,
+                [one] => return Ok((*one).clone()),
+                many => {
+                    return Err(FindError::Ambiguous {
+                        query: query.to_string(),
+                        matches: many.iter().map(|p| p.status.id.clone()).collect(),
+                    });
+                }
+            }
+        }
+        Err(FindError::NotConnected(query.to_string()))
     }
 
     fn update(&self, connection: u64, type_url: &str, change: impl FnOnce(&mut TypeStatus)) {
-        if let Some(status) = self.proxies.lock().get_mut(&connection) {
-            change(status.types.entry(type_url.to_string()).or_default());
+        if let Some(proxy) = self.proxies.lock().get_mut(&connection) {
+            change(proxy.status.types.entry(type_url.to_string()).or_default());
+        }
+    }
+
+    fn set_resources(&self, connection: u64, resources: &Resources) {
+        if let Some(proxy) = self.proxies.lock().get_mut(&connection) {
+            proxy.resources = resources.clone();
         }
     }
 }
@@ -467,18 +523,29 @@ impl Session {
         }
         tracing::info!(proxy = %proxy.id, "proxy connected");
         self.metrics.connected.inc();
+        let resources = config.resources(&proxy);
         self.status.proxies.lock().insert(
             self.connection,
-            ProxyStatus {
-                id: proxy.id.clone(),
-                namespace: proxy.namespace.clone(),
-                connected_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-                types: BTreeMap::new(),
+            ConnectedProxy {
+                status: ProxyStatus {
+                    id: proxy.id.clone(),
+                    namespace: proxy.namespace.clone(),
+                    connected_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                    types: BTreeMap::new(),
+                },
+                node: node.cloned().unwrap_or_default(),
+                resources: resources.clone(),
             },
         );
-        self.resources = config.resources(&proxy);
+        self.resources = resources;
         self.proxy = Some(proxy);
         Ok(())
+    }
+
+    /// The proxy's resources were recomputed.
+    fn reconfigure(&mut self, resources: Resources) {
+        self.status.set_resources(self.connection, &resources);
+        self.resources = resources;
     }
 
     fn sent(&self, type_url: &str, version: String) {
@@ -554,7 +621,7 @@ fn fingerprint<'a>(resources: impl IntoIterator<Item = (&'a Arc<str>, &'a Versio
 }
 
 /// The version Envoy is told for a set of resources: its fingerprint.
-fn version_of(hash: u64) -> String {
+pub(crate) fn version_of(hash: u64) -> String {
     format!("{hash:016x}")
 }
 
@@ -682,7 +749,8 @@ fn serve<P: Protocol>(
                     }
                     let current = config.borrow_and_update().clone();
                     let Some(proxy) = &session.proxy else { continue };
-                    session.resources = current.resources(proxy);
+                    let resources = current.resources(proxy);
+                    session.reconfigure(resources);
                     pushed_change = current.changed_at();
                     protocol.on_config(&mut session)
                 }
@@ -735,5 +803,54 @@ impl Ads {
             status: self.status.clone(),
             metrics: self.metrics.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn find_by_id_name_namespace_or_a_unique_part() {
+        let table = StatusTable::default();
+        for (connection, id) in [
+            "sidecar~10.0.0.1~pay-1.vm~vm.svc.cluster.local",
+            "sidecar~10.0.0.2~pay-12.vm~vm.svc.cluster.local",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let status = ProxyStatus {
+                id: id.into(),
+                namespace: "vm".into(),
+                connected_at: String::new(),
+                types: BTreeMap::new(),
+            };
+            let proxy = ConnectedProxy {
+                status,
+                node: Node::default(),
+                resources: Resources::default(),
+            };
+            table.proxies.lock().insert(connection as u64, proxy);
+        }
+        let found = |query: &str| table.find(query).map(|p| p.status.id);
+        assert_eq!(
+            found("sidecar~10.0.0.2~pay-12.vm~vm.svc.cluster.local").unwrap(),
+            "sidecar~10.0.0.2~pay-12.vm~vm.svc.cluster.local"
+        );
+        // pay-1.vm is also part of pay-12's id: the name wins.
+        assert_eq!(
+            found("pay-1.vm").unwrap(),
+            "sidecar~10.0.0.1~pay-1.vm~vm.svc.cluster.local"
+        );
+        assert_eq!(
+            found("10.0.0.2").unwrap(),
+            "sidecar~10.0.0.2~pay-12.vm~vm.svc.cluster.local"
+        );
+        assert!(matches!(found("pay"), Err(FindError::Ambiguous { .. })));
+        assert_eq!(
+            found("nobody.vm"),
+            Err(FindError::NotConnected("nobody.vm".into()))
+        );
     }
 }

@@ -1,7 +1,8 @@
 //! xDS for vmesh: who a proxy is ([`node`]), what it should run
 //! ([`translate`], with its mutual TLS from [`mtls`] and its RBAC from
 //! [`authz`]), the DNS name table its agent answers from ([`nds`]), and the
-//! ADS stream that delivers them ([`ads`]).
+//! ADS stream that delivers them ([`ads`]), and what a proxy was sent in
+//! the shape of Envoy's admin config dump ([`config_dump`]).
 //!
 //! This crate translates; it does not own the mesh model nor decide which
 //! rules apply to a host or a workload (the registry crate does, with lookups
@@ -12,6 +13,7 @@
 
 pub mod ads;
 pub mod authz;
+pub mod config_dump;
 pub mod metrics;
 pub mod mtls;
 pub mod nds;

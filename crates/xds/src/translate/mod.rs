@@ -134,6 +134,9 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
     let mut http_ports: BTreeMap<u16, Vec<&MeshService>> = BTreeMap::new();
     for service in &snapshot.services {
         let rule = snapshot.destination_rule_for(service, &proxy.namespace);
+        let origin = snapshot
+            .destination_rule_origin(service, &proxy.namespace)
+            .map(|dr| proto::config_metadata("destination-rule", &dr.namespace, &dr.name));
         let locality = endpoint::locality_policy(rule.as_deref(), proxy.locality.as_deref());
         for port in &service.ports {
             let clusters = cluster::outbound_clusters(
@@ -142,7 +145,8 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
                 rule.as_deref(),
                 &snapshot.mesh.trust_domain,
             );
-            for (cluster, subset) in clusters {
+            for (mut cluster, subset) in clusters {
+                cluster.metadata.clone_from(&origin);
                 if service.resolution == Resolution::Static {
                     let assignment = endpoint::load_assignment(
                         &cluster.name,

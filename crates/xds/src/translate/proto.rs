@@ -1,5 +1,6 @@
 //! Small protobuf builders the resource modules share: durations, wrapped
-//! integers, socket and pipe addresses, and the ADS config source.
+//! integers, socket and pipe addresses, the ADS config source, and the
+//! metadata naming the Istio config a resource came from.
 
 use std::path::Path;
 use std::time::Duration;
@@ -8,7 +9,7 @@ use envoy_types::pb::envoy::config::core::v3::{
     self as core, Address, AggregatedConfigSource, ConfigSource, Pipe, SocketAddress, address,
     config_source, socket_address,
 };
-use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value, value::Kind};
 
 /// A protobuf duration.
 pub(super) fn duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
@@ -53,4 +54,27 @@ pub(super) fn ads() -> ConfigSource {
 /// A wrapped `u32`, as optional protobuf fields take it.
 pub(super) fn u32_value(v: u32) -> Option<UInt32Value> {
     Some(UInt32Value { value: v })
+}
+
+/// `filter_metadata.istio.config`: the path of the Istio object a cluster
+/// or route came from (`/apis/networking.istio.io/v1/namespaces/NS/KIND/NAME`,
+/// KIND as `destination-rule`), as Istio writes it and istioctl reads it.
+pub(super) fn config_metadata(kind: &str, namespace: &str, name: &str) -> core::Metadata {
+    let path = format!("/apis/networking.istio.io/v1/namespaces/{namespace}/{kind}/{name}");
+    core::Metadata {
+        filter_metadata: [(
+            "istio".to_string(),
+            Struct {
+                fields: [(
+                    "config".to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue(path)),
+                    },
+                )]
+                .into(),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    }
 }

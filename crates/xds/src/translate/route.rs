@@ -539,8 +539,16 @@ fn virtual_host(
     let mut routes = Vec::new();
     // Istio uses only the first VirtualService for a host.
     if let Some(vs) = snapshot.virtual_services_for(&service.hostname).next() {
+        let origin = super::proto::config_metadata("virtual-service", &vs.namespace, &vs.name);
         for http in vs.spec.http.iter().flatten() {
-            routes.extend(http_routes(snapshot, http, &vs.namespace, port));
+            routes.extend(
+                http_routes(snapshot, http, &vs.namespace, port)
+                    .into_iter()
+                    .map(|route| Route {
+                        metadata: Some(origin.clone()),
+                        ..route
+                    }),
+            );
         }
     }
     if routes.is_empty() {

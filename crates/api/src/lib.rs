@@ -32,4 +32,4 @@ mod yaml;
 pub use decode::{Decoded, decode_list, decode_manifests};
 pub use object::{Object, ObjectKey, ObjectMeta};
 pub use problem::{Problem, Severity};
-pub use registry::{KindInfo, find_kind, kind_for, kinds};
+pub use registry::{KindInfo, find_kind, kind_for, kinds, view_for, views};

@@ -140,6 +140,14 @@ pub fn kinds() -> &'static [&'static KindInfo] {
     KINDS
 }
 
+/// Kinds the server computes from the mesh and serves read-only (Endpoints):
+/// `vmesh get` reads them, nothing writes them.
+static VIEWS: &[&KindInfo] = &[&k::endpoints::KIND];
+
+pub fn views() -> &'static [&'static KindInfo] {
+    VIEWS
+}
+
 /// The kind for an `apiVersion` and `kind` pair, if that version is served.
 pub fn find_kind(api_version: &str, kind: &str) -> Option<&'static KindInfo> {
     let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
@@ -152,17 +160,22 @@ pub fn find_kind(api_version: &str, kind: &str) -> Option<&'static KindInfo> {
 /// The kind a user means by a name on the command line: kind, plural, singular,
 /// short name, or any of those qualified by group (`workloadentries.networking.istio.io`).
 pub fn kind_for(name: &str) -> Option<&'static KindInfo> {
+    KINDS.iter().copied().find(|k| names(k, name))
+}
+
+/// The read-only view ([`views`]) a user means by a name, as [`kind_for`] reads it.
+pub fn view_for(name: &str) -> Option<&'static KindInfo> {
+    VIEWS.iter().copied().find(|k| names(k, name))
+}
+
+/// Whether `name` (kind, plural, short name, maybe qualified by group) names `kind`.
+fn names(kind: &KindInfo, name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    let (base, group) = match lower.split_once('.') {
-        Some((base, group)) => (base.to_string(), Some(group.to_string())),
-        None => (lower, None),
-    };
-    KINDS.iter().copied().find(|k| {
-        let names_match = k.kind.eq_ignore_ascii_case(&base)
-            || k.plural == base
-            || k.short_names.contains(&base.as_str());
-        names_match && group.as_deref().is_none_or(|g| g == k.group)
-    })
+    let (base, group) = lower.split_once('.').unwrap_or((&lower, ""));
+    let names_match = kind.kind.eq_ignore_ascii_case(base)
+        || kind.plural == base
+        || kind.short_names.contains(&base);
+    names_match && (!lower.contains('.') || group == kind.group)
 }
 
 /// The closest known name to a misspelt one, for "did you mean" hints.

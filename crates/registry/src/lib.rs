@@ -19,6 +19,9 @@
 //! skipped with a warning), and does not translate anything to Envoy (the
 //! `xds` crate does).
 //!
+//! It also computes the Kubernetes view of a Service ([`kube_view`]: its
+//! cluster IP and Endpoints) that `vmesh get svc` and `get endpoints` show.
+//!
 //! It also owns [`analysis`], `vmesh analyze`'s analyzers: what is wrong
 //! with a set of objects in Istio's terms (a subset no rule defines, a host
 //! that names no service, …), found with the same join and lookups.
@@ -47,6 +50,7 @@
 pub mod analysis;
 mod build;
 mod inputs;
+pub mod kube_view;
 mod model;
 mod policy;
 mod selector;

@@ -9,11 +9,16 @@
 //! `GET /v1/mesh?revision=NAME` answers the mesh settings of a revision
 //! ([`MeshSettings`], resolved from the stored IstioOperators by the rule
 //! the registry follows), so clients do not work them out again.
+//!
+//! What Kubernetes computes rather than stores is computed from the mesh
+//! ([`crate::views`]): a Service read with `GET` shows its `type` and the
+//! cluster IP the mesh gave it, and Endpoints are served read-only at
+//! `/api/v1/[namespaces/{ns}/]endpoints[/{name}]`.
 
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -24,29 +29,46 @@ use serde_json::{Value, json};
 use vmesh_api::mesh::MeshSettings;
 use vmesh_api::{KindInfo, Object, ObjectKey, Problem};
 use vmesh_store::{BatchError, Op, Outcome, Selection, Store, StoreError};
+use vmesh_xds::ads::ConfigSource;
 
 /// The mesh settings, `?revision=NAME` for a revision's.
 pub const MESH_PATH: &str = "/v1/mesh";
+
+/// The mesh the controller last published.
+pub type MeshWatch = tokio::sync::watch::Receiver<Arc<dyn ConfigSource>>;
 
 #[derive(Clone)]
 struct AppState {
     store: Arc<Store>,
     /// Watches end when this turns true, so graceful shutdown can finish.
     shutdown: tokio::sync::watch::Receiver<bool>,
+    mesh: MeshWatch,
 }
 
-/// The API router, with `extra` routes served alongside; with `token`, every
-/// request must carry `Authorization: Bearer <token>`.
+/// The API router over `store` and the published `mesh`, with `extra`
+/// routes served alongside; with `token`, every request must carry
+/// `Authorization: Bearer <token>`.
 pub fn router(
     store: Arc<Store>,
+    mesh: MeshWatch,
     token: Option<String>,
     shutdown: tokio::sync::watch::Receiver<bool>,
     extra: Router,
 ) -> Router {
-    let state = AppState { store, shutdown };
+    let state = AppState {
+        store,
+        shutdown,
+        mesh,
+    };
     Router::new()
         .route("/apis/vmesh.io/v1/apply", post(apply))
         .route(MESH_PATH, get(mesh_settings))
+        .route("/api/v1/endpoints", any(endpoints))
+        .route("/api/v1/namespaces/{namespace}/endpoints", any(endpoints))
+        .route(
+            "/api/v1/namespaces/{namespace}/endpoints/{name}",
+            any(endpoints),
+        )
         .route("/api/{*rest}", any(resource))
         .route("/apis/{*rest}", any(resource))
         .route("/healthz", any(|| async { "ok" }))
@@ -297,11 +319,19 @@ async fn resource(
         .watch
         .as_deref()
         .is_some_and(|w| w == "true" || w == "1");
+    let mesh = state.mesh.borrow().clone();
+    let present = |object: Object| {
+        let mut object = target.present(object);
+        if target.info.kind == vmesh_api::kinds::service::KIND.kind {
+            crate::views::present_service(&mut object, mesh.snapshot());
+        }
+        object
+    };
     match (method, target.name.clone()) {
         (Method::GET, None) if watching => watch(store, target, params.resource_version, shutdown),
-        (Method::GET, None) => list(&store, &target),
+        (Method::GET, None) => list(&store, &target, present),
         (Method::GET, Some(name)) => match store.get(&target.key(&name))? {
-            Some(object) => Ok(Json(target.present(object)).into_response()),
+            Some(object) => Ok(Json(present(object)).into_response()),
             None => Err(StoreError::NotFound(Box::new(target.key(&name))).into()),
         },
         (Method::POST, None) => write(&store, &target, &body, None),
@@ -335,15 +365,63 @@ impl From<BatchError> for ApiError {
     }
 }
 
-fn list(store: &Store, target: &Target) -> Result<Response, ApiError> {
+fn list(
+    store: &Store,
+    target: &Target,
+    present: impl Fn(Object) -> Object,
+) -> Result<Response, ApiError> {
     let (objects, revision) = store.list(&target.selection())?;
     Ok(Json(json!({
         "apiVersion": target.info.api_version(&target.version),
         "kind": format!("{}List", target.info.kind),
         "metadata": {"resourceVersion": revision.to_string()},
-        "items": objects.into_iter().map(|o| target.present(o)).collect::<Vec<_>>(),
+        "items": objects.into_iter().map(present).collect::<Vec<_>>(),
     }))
     .into_response())
+}
+
+/// `GET` of Endpoints, one or a list, computed from the mesh; anything
+/// else is refused: they are not stored.
+async fn endpoints(
+    State(state): State<AppState>,
+    method: Method,
+    Path(path): Path<std::collections::HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    if method != Method::GET {
+        return Err(status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "Endpoints are computed from the workloads each Service selects; they cannot be written"
+                .into(),
+            None,
+        ));
+    }
+    let (namespace, name) = (path.get("namespace"), path.get("name"));
+    let mesh = state.mesh.borrow().clone();
+    let mut found = crate::views::endpoints(
+        &state.store,
+        mesh.snapshot(),
+        namespace.map(String::as_str),
+        name.map(String::as_str),
+    )?;
+    match name {
+        Some(name) => match found.pop() {
+            Some(object) => Ok(Json(object).into_response()),
+            None => Err(status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                format!("endpoints \"{name}\" not found"),
+                Some(json!({"name": name, "kind": "endpoints"})),
+            )),
+        },
+        None => Ok(Json(json!({
+            "apiVersion": "v1",
+            "kind": "EndpointsList",
+            "metadata": {},
+            "items": found,
+        }))
+        .into_response()),
+    }
 }
 
 fn watch(

@@ -2,8 +2,9 @@
 //! store ([`api`]), the mesh controller that rebuilds the registry snapshot
 //! and hands it to xDS ([`mesh`]), the CA, token API and TLS port 15012
 //! ([`identity`]), VM joins ([`join`]), auto-registration and health
-//! ([`registration`]), the config-dir follower ([`config_dir`]) and the
-//! monitoring port ([`monitoring`]).
+//! ([`registration`]), the config-dir follower ([`config_dir`]), the
+//! monitoring port ([`monitoring`]) and the Kubernetes views computed from
+//! the mesh ([`views`]: Endpoints, Services' cluster IPs).
 //!
 //! This crate wires those together and owns their listeners; it does not
 //! translate to Envoy (`xds`), build the mesh model (`registry`) or sign
@@ -21,6 +22,7 @@ pub mod join;
 pub mod mesh;
 pub mod monitoring;
 pub mod registration;
+pub mod views;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -210,8 +212,16 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         store.clone(),
     )?);
     check_trust_domain(&store, identity.authority.trust_domain())?;
+    let metrics = monitoring::Metrics::new()?;
+    let (controller, mesh) = mesh::MeshController::new(
+        store.clone(),
+        config.debounce,
+        identity.authority.trust_domain(),
+        metrics.clone(),
+    )?;
     let router = api::router(
         store.clone(),
+        mesh.clone(),
         config.api_token.clone(),
         shutdown_rx.clone(),
         identity.router(),
@@ -222,14 +232,6 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         shutdown_rx.clone(),
         "config API",
     )];
-
-    let metrics = monitoring::Metrics::new()?;
-    let (controller, mesh) = mesh::MeshController::new(
-        store.clone(),
-        config.debounce,
-        identity.authority.trust_domain(),
-        metrics.clone(),
-    )?;
     tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
     let proxies = Arc::new(vmesh_xds::ads::StatusTable::default());
 

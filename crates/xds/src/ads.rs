@@ -261,6 +261,11 @@ pub trait ConfigSource: Send + Sync + 'static {
     fn changed_at(&self) -> Option<Instant> {
         None
     }
+    /// The mesh this configuration was translated from, when it was (the
+    /// server answers Kubernetes views such as Endpoints from it).
+    fn snapshot(&self) -> Option<&vmesh_registry::Snapshot> {
+        None
+    }
 }
 
 /// What one proxy has been sent and has said about one type.

@@ -99,6 +99,10 @@ impl AdsConfigSource for MeshConfig {
         self.changed_at
     }
 
+    fn snapshot(&self) -> Option<&Snapshot> {
+        Some(&self.snapshot)
+    }
+
     fn resources(&self, proxy: &Proxy) -> Resources {
         let key = OutboundKey::of(proxy);
         // The map's lock is held only to find the slot: proxies of another

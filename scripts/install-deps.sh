@@ -18,6 +18,8 @@ command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 # promtool checks that /metrics parses as Prometheus itself parses it.
 command -v promtool >/dev/null || missing+=(prometheus)
+# systemctl --root and systemd-analyze check the VM's units offline (no systemd needs to run).
+{ command -v systemctl && command -v systemd-analyze; } >/dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then
     echo "missing ${missing[*]}: run as root or install them" >&2

@@ -7,11 +7,13 @@
 //! - Istio's paths on the VM, relative to the root the agent is given
 //!   (`--root`, `/` on a VM): [`CLUSTER_ENV_PATH`], [`MESH_CONFIG_PATH`],
 //!   [`TOKEN_PATH`] (and [`KEPT_TOKEN_PATH`]), [`ROOT_CERT_PATH`],
-//!   [`HOSTS_PATH`], [`AGENT_UNIT_PATH`] — install.sh takes them from here
+//!   [`HOSTS_PATH`], [`AGENT_UNIT_PATH`] and the guide's name for it,
+//!   [`ISTIO_UNIT_LINK_PATH`] — install.sh takes them from here
 //!   ([`install_sh`]);
 //! - the `cluster.env` keys the agent reads back ([`keys`]);
 //! - their contents ([`render`]: `cluster.env`, `mesh.yaml`, `hosts`, and
-//!   `install.sh` and `vmesh-agent.service`, which place and run them) and
+//!   `install.sh` and `vmesh-agent.service` ([`agent_unit`]), which place
+//!   and run them) and
 //!   writing the bundle ([`write_bundle`]);
 //! - reading them where they are installed ([`Installed`]: cluster.env's
 //!   values, mesh.yaml's `readinessProbe`, the root certificate and token).
@@ -28,7 +30,9 @@ use std::path::{Path, PathBuf};
 
 use vmesh_api::kinds::workload_group::ReadinessProbe;
 
-pub use render::{DEFAULT_CLUSTER_ID, Onboarding, host_of, istiod_host, shell_quote, with_port};
+pub use render::{
+    DEFAULT_CLUSTER_ID, Onboarding, WorkloadIp, host_of, istiod_host, shell_quote, with_port,
+};
 
 /// `cluster.env`: the workload's identity, placement and capture settings.
 pub const CLUSTER_ENV_PATH: &str = "var/lib/istio/envoy/cluster.env";
@@ -45,6 +49,18 @@ pub const ROOT_CERT_PATH: &str = "etc/certs/root-cert.pem";
 pub const HOSTS_PATH: &str = "etc/hosts";
 /// The agent's systemd unit.
 pub const AGENT_UNIT_PATH: &str = "etc/systemd/system/vmesh-agent.service";
+/// The guide's name for the agent's unit (`systemctl start istio`,
+/// `journalctl -u istio`): an alias of [`AGENT_UNIT_PATH`].
+pub const ISTIO_UNIT: &str = "istio.service";
+/// Where install.sh links [`ISTIO_UNIT`] to the agent's unit. Not in
+/// /etc/systemd/system: systemctl refuses to `enable` a unit by a name
+/// linked there ("linked unit file"), and follows links elsewhere in its
+/// search path as aliases.
+pub const ISTIO_UNIT_LINK_PATH: &str = "usr/local/lib/systemd/system/istio.service";
+/// How long the agent's unit waits for its sidecar to be ready when the
+/// mesh holds applications until the proxy starts (systemd's start timeout
+/// is set a little longer).
+pub const HOLD_APPLICATION_TIMEOUT_SECS: u64 = 120;
 
 pub use vmesh_api::onboarding::{
     AGENT_UNIT, BUNDLE, BundleFile, CLUSTER_ENV, HOSTS, INSTALL_SH, MESH_YAML, ROOT_CERT, TOKEN,
@@ -61,7 +77,7 @@ pub fn placement(file: BundleFile) -> String {
         ),
         ROOT_CERT => format!("/{ROOT_CERT_PATH}"),
         HOSTS => format!("added to /{HOSTS_PATH}"),
-        AGENT_UNIT => format!("/{AGENT_UNIT_PATH}"),
+        AGENT_UNIT => format!("/{AGENT_UNIT_PATH} (also {ISTIO_UNIT})"),
         _ => format!("run on the VM: sudo sh {}", INSTALL_SH.name),
     }
 }
@@ -83,6 +99,9 @@ pub mod keys {
     pub const PILOT_ADDRESS: &str = "PILOT_ADDRESS";
     /// The workload's labels, a JSON object.
     pub const LABELS: &str = "ISTIO_METAJSON_LABELS";
+    /// The workload's address (`configure --internalIP|--externalIP`): the
+    /// proxy's IP, and so its WorkloadEntry's address.
+    pub const SVC_IP: &str = "ISTIO_SVC_IP";
     pub use crate::capture::config::ENV_DNS_CAPTURE as DNS_CAPTURE;
 }
 
@@ -130,14 +149,35 @@ pub fn install_sh() -> String {
         ("TOKEN_LINK", TOKEN_PATH),
         ("ROOT_CERT", ROOT_CERT_PATH),
         ("UNIT", AGENT_UNIT_PATH),
+        ("UNIT_ALIAS", ISTIO_UNIT_LINK_PATH),
     ]
     .map(|(variable, path)| format!("{variable}=/{path}\n"))
     .concat();
     include_str!("onboarding_files/install.sh").replacen("@ISTIO_PATHS@\n", &paths, 1)
 }
 
-/// `vmesh-agent.service`, the systemd unit that runs `vmesh agent --root / --capture`.
-pub const AGENT_UNIT_FILE: &str = include_str!("onboarding_files/vmesh-agent.service");
+/// `vmesh-agent.service`, the systemd unit that runs `vmesh agent --root /
+/// --capture`. With `hold_application` (the mesh's
+/// `holdApplicationUntilProxyStarts`) the unit counts as started only once
+/// the sidecar is ready (`ExecStartPost=vmesh agent wait`), so an
+/// application's unit ordered after it starts after its sidecar, as
+/// Istio's injector orders a pod's containers.
+pub fn agent_unit(hold_application: bool) -> String {
+    let hold = if hold_application {
+        format!(
+            "# holdApplicationUntilProxyStarts: started (and the units ordered After= it\n\
+             # may start) only once the sidecar is ready on the status port.\n\
+             ExecStartPost=/usr/local/bin/vmesh agent wait --timeout {HOLD_APPLICATION_TIMEOUT_SECS}s\n\
+             TimeoutStartSec={}\n",
+            HOLD_APPLICATION_TIMEOUT_SECS + 30
+        )
+    } else {
+        String::new()
+    };
+    include_str!("onboarding_files/vmesh-agent.service")
+        .replacen("@HOLD_APPLICATION@", &hold, 1)
+        .replacen("@ISTIO_UNIT@", ISTIO_UNIT, 1)
+}
 
 /// Writes the bundle into `dir` (created if missing), each file with its
 /// mode, atomically: a file is the old one or the new one, never half
@@ -240,6 +280,7 @@ mod tests {
             "TOKEN_LINK=/var/run/secrets/tokens/istio-token\n",
             "ROOT_CERT=/etc/certs/root-cert.pem\n",
             "UNIT=/etc/systemd/system/vmesh-agent.service\n",
+            "UNIT_ALIAS=/usr/local/lib/systemd/system/istio.service\n",
         ] {
             assert!(script.contains(line), "{line} missing");
         }
@@ -272,7 +313,7 @@ mod tests {
                 ("hosts", "added to /etc/hosts".into()),
                 (
                     "vmesh-agent.service",
-                    "/etc/systemd/system/vmesh-agent.service".into()
+                    "/etc/systemd/system/vmesh-agent.service (also istio.service)".into()
                 ),
                 ("install.sh", "run on the VM: sudo sh install.sh".into()),
             ]

@@ -59,6 +59,8 @@ pub enum WorkloadError {
     },
     #[error("{server} has no address (give --ip)")]
     NoAddress { server: String },
+    #[error("cluster.env's {key} {value:?} is not an IP address", key = keys::SVC_IP)]
+    SvcIp { value: String },
     #[error("finding the local address towards {server}")]
     LocalAddress {
         server: String,
@@ -98,7 +100,7 @@ pub struct WorkloadOptions {
     pub trust_domain: Option<String>,
     pub root_cert: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
-    /// Else the local address that reaches the server.
+    /// Else cluster.env's `ISTIO_SVC_IP`, else the local address that reaches the server.
     pub ip: Option<IpAddr>,
     /// Else the host name.
     pub name: Option<String>,
@@ -232,7 +234,12 @@ impl WorkloadOptions {
         labels.extend(self.labels.iter().cloned());
         let ip = match self.ip {
             Some(ip) => ip,
-            None => address_towards(&server)?,
+            None => match env.get(keys::SVC_IP).filter(|v| !v.trim().is_empty()) {
+                Some(text) => text.trim().parse().map_err(|_| WorkloadError::SvcIp {
+                    value: text.clone(),
+                })?,
+                None => address_towards(&server)?,
+            },
         };
         let name = match &self.name {
             Some(name) => name.clone(),
@@ -447,6 +454,18 @@ mod tests {
         let workload = flags.resolve().unwrap();
         assert_eq!(workload.identity.namespace, "other");
         assert_eq!(workload.server, "10.0.0.1:15012");
+
+        // The address configure's --internalIP/--externalIP wrote, unless --ip says.
+        let mut svc_ip = std::fs::read_to_string(&env).unwrap();
+        svc_ip.push_str("ISTIO_SVC_IP='203.0.113.7'\n");
+        std::fs::write(&env, svc_ip).unwrap();
+        assert_eq!(
+            options(Some(dir.path())).resolve().unwrap().ip.to_string(),
+            "10.0.0.5"
+        );
+        let mut unsaid = options(Some(dir.path()));
+        unsaid.ip = None;
+        assert_eq!(unsaid.resolve().unwrap().ip.to_string(), "203.0.113.7");
 
         let mut dns = options(Some(dir.path()));
         dns.dns = true;

@@ -83,6 +83,22 @@ spec:
   mtls: {mode: STRICT}
 ";
 
+/// Text of a command's output, lossily.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Fails with the command's output unless it succeeded.
+#[track_caller]
+pub fn assert_ok(output: &std::process::Output, what: &str) {
+    assert!(
+        output.status.success(),
+        "{what} failed:\nstdout: {}\nstderr: {}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
+}
+
 impl crate::LocalServer {
     /// `vmesh args…` against this server, as it ended (it must start).
     #[track_caller]

@@ -71,7 +71,7 @@ pub struct AgentArgs {
     /// Where the agent keeps its certificate, sockets and Envoy's bootstrap.
     #[arg(long, default_value = "/var/lib/vmesh/agent")]
     work_dir: PathBuf,
-    /// The workload's IP address (default: the address that reaches the server).
+    /// The workload's IP address (default: cluster.env's ISTIO_SVC_IP, else the address that reaches the server).
     #[arg(long)]
     ip: Option<IpAddr>,
     /// The workload's name (default: the host name).

@@ -190,6 +190,12 @@ impl Client {
             .await
     }
 
+    /// `PUT path` with a JSON body (a whole object, replaced).
+    pub async fn put(&self, path: &str, body: &Value, what: &str) -> Result<Value, ApiError> {
+        self.send(self.request(Method::PUT, path).json(body), what)
+            .await
+    }
+
     /// `DELETE path`.
     pub async fn delete(&self, path: &str, what: &str) -> Result<Value, ApiError> {
         self.send(self.request(Method::DELETE, path), what).await

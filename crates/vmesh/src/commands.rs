@@ -111,7 +111,10 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             output: format,
             connection,
         } => {
-            let info = resolve_kind(&kind)?;
+            let info = match vmesh_api::view_for(&kind) {
+                Some(view) => view,
+                None => resolve_kind(&kind)?,
+            };
             let namespace = (!all_namespaces).then_some(namespace.as_str());
             let client = Client::config_api(&connection)?;
             let objects = match &name {
@@ -206,7 +209,10 @@ pub async fn run(command: Command) -> Result<ExitCode> {
         Command::Analyze(args) => crate::analyze::run(args).await,
         Command::Demo { keep, down } => crate::demo::run(keep, down).await,
         Command::Agent(args) => crate::agent::run(*args).await,
-        Command::Workload(args) => crate::onboarding::run(args).await,
+        Command::Workload(args)
+        | Command::Experimental {
+            what: crate::ExperimentalCommand::Workload(args),
+        } => crate::onboarding::run(args).await,
         Command::Load(args) => crate::load::run(args).await,
         Command::DemoApp {
             addr,
@@ -217,21 +223,40 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             crate::demo_app::run(addr, name, version, unhealthy_file).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Create {
-            what: CreateCommand::Namespace { name, connection },
-        } => {
-            let namespace =
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+        Command::Create { what } => {
+            let (info, namespace, name, connection) = match what {
+                CreateCommand::Namespace { name, connection } => {
+                    (&vmesh_api::kinds::namespace::KIND, None, name, connection)
+                }
+                CreateCommand::Serviceaccount {
+                    name,
+                    namespace,
+                    connection,
+                } => (
+                    &vmesh_api::kinds::service_account::KIND,
+                    Some(namespace),
+                    name,
+                    connection,
+                ),
+            };
+            let object = json!({
+                "apiVersion": info.preferred_api_version(),
+                "kind": info.kind,
+                "metadata": {"name": name, "namespace": namespace},
+            });
+            let what = format!("creating {}", describe(info, namespace.as_deref(), &name));
             Client::config_api(&connection)?
-                .post(
-                    "/api/v1/namespaces",
-                    &namespace,
-                    &format!("creating namespace {name}"),
-                )
+                .post(&info.path(namespace.as_deref(), None), &object, &what)
                 .await?;
-            println!("namespace/{name} created");
+            println!("{}/{name} created", info.qualified_name());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Label {
+            args,
+            namespace,
+            overwrite,
+            connection,
+        } => label(&args, &namespace, overwrite, &connection).await,
         Command::Token {
             what:
                 TokenCommand::Create {
@@ -274,6 +299,43 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `vmesh label`: reads the object, changes its labels, writes it back
+/// with the resourceVersion it was read at.
+async fn label(
+    args: &[String],
+    namespace: &str,
+    overwrite: bool,
+    connection: &crate::Connection,
+) -> Result<ExitCode> {
+    let (kind, name, rest) = match args[0].split_once('/') {
+        Some((kind, name)) => (kind, name, &args[1..]),
+        None => (args[0].as_str(), args[1].as_str(), &args[2..]),
+    };
+    let changes = crate::label::Changes::parse(rest)?;
+    let info = resolve_kind(kind)?;
+    let namespace = info.namespaced.then_some(namespace);
+    let path = info.path(namespace, Some(name));
+    let client = Client::config_api(connection)?;
+    let described = describe(info, namespace, name);
+    let mut object = client.get(&path, &format!("reading {described}")).await?;
+    let mut labels = crate::label::labels_of(&object);
+    let (changed, missing) = changes.apply(&mut labels, overwrite)?;
+    for key in missing {
+        eprintln!("label {key:?} not found.");
+    }
+    let shown = format!("{}/{name}", info.qualified_name());
+    if !changed {
+        println!("{shown} not labeled");
+        return Ok(ExitCode::SUCCESS);
+    }
+    crate::label::set_labels(&mut object, labels);
+    client
+        .put(&path, &object, &format!("labeling {described}"))
+        .await?;
+    println!("{shown} labeled");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Prints where the server listens. Whoever started it may stop reading

@@ -1,5 +1,6 @@
 //! `vmesh`: one binary for the control plane (`vmesh server`) and the CLI that
-//! drives it (`apply`, `get`, `delete`, `validate`, `analyze`, `create namespace`).
+//! drives it (`apply`, `get`, `delete`, `label`, `validate`, `analyze`,
+//! `create namespace|serviceaccount`).
 
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ mod demo;
 mod demo_app;
 mod doctor;
 mod join;
+mod label;
 mod load;
 mod manifests;
 mod onboarding;
@@ -162,9 +164,9 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
-    /// Show objects.
+    /// Show objects, and the Endpoints the server computes for each Service.
     Get {
-        /// Kind: name, plural or short name (we, wg, se, dr, vs, pa, ap, …).
+        /// Kind: name, plural or short name (we, wg, se, dr, vs, pa, ap, ep, …).
         kind: String,
         name: Option<String>,
         #[arg(short = 'n', long, default_value = "default")]
@@ -188,6 +190,20 @@ enum Command {
         name: Option<String>,
         #[arg(short = 'n', long, default_value = "default")]
         namespace: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Add, change (--overwrite) or remove labels of an object, as kubectl
+    /// label does: `vmesh label namespace vm-workloads istio-injection=enabled`.
+    Label {
+        /// `KIND NAME` or `KIND/NAME`, then `key=value` to set and `key-` to remove.
+        #[arg(required = true, num_args = 2..)]
+        args: Vec<String>,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        /// Change a label that already has another value.
+        #[arg(long)]
+        overwrite: bool,
         #[command(flatten)]
         connection: Connection,
     },
@@ -225,6 +241,13 @@ enum Command {
     Agent(Box<agent::AgentArgs>),
     /// Onboarding VMs: WorkloadGroups and the files one VM needs (istioctl x workload).
     Workload(onboarding::WorkloadArgs),
+    /// istioctl's experimental commands under their istioctl path: `vmesh x
+    /// workload entry configure …` is `vmesh workload entry configure …`.
+    #[command(visible_alias = "x")]
+    Experimental {
+        #[command(subcommand)]
+        what: ExperimentalCommand,
+    },
     /// Load harnesses: `bench xds` drives a control plane with simulated proxies.
     Bench {
         #[command(subcommand)]
@@ -235,6 +258,12 @@ enum Command {
         #[command(subcommand)]
         what: TokenCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ExperimentalCommand {
+    /// Onboarding VMs (`vmesh workload`).
+    Workload(onboarding::WorkloadArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -275,15 +304,60 @@ enum TokenCommand {
 #[derive(Debug, Subcommand)]
 enum CreateCommand {
     /// Create a namespace.
+    #[command(visible_alias = "ns")]
     Namespace {
         name: String,
         #[command(flatten)]
         connection: Connection,
     },
+    /// Create a service account: the identity a WorkloadGroup's VMs get.
+    #[command(visible_alias = "sa")]
+    Serviceaccount {
+        name: String,
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+/// clap suggests the closest spelling of a mistyped flag, aliases included,
+/// so `--ingressip` drew `--ingress-ip`, an alias kept for habit, rather
+/// than istioctl's documented `--ingressIP`: the suggestion is replaced by
+/// the flag's own name.
+fn prefer_documented_spelling(mut error: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(suggested)) = error.get(ContextKind::SuggestedArg).cloned()
+    else {
+        return error;
+    };
+    let Some(alias) = suggested.strip_prefix("--") else {
+        return error;
+    };
+    fn primary(command: &clap::Command, alias: &str) -> Option<String> {
+        command
+            .get_arguments()
+            .find(|a| {
+                a.get_all_aliases()
+                    .into_iter()
+                    .flatten()
+                    .any(|n| n == alias)
+            })
+            .and_then(|a| a.get_long())
+            .map(str::to_string)
+            .or_else(|| command.get_subcommands().find_map(|c| primary(c, alias)))
+    }
+    if let Some(long) = primary(&<Cli as clap::CommandFactory>::command(), alias) {
+        error.insert(
+            ContextKind::SuggestedArg,
+            ContextValue::String(format!("--{long}")),
+        );
+    }
+    error
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|e| prefer_documented_spelling(e).exit());
     // The demo prints its own report; only problems should interrupt it.
     let default_level = if matches!(cli.command, Command::Demo { .. }) {
         "warn"

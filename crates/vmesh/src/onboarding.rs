@@ -24,9 +24,10 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde_json::{Map, Value, json};
 use vmesh_agent::onboarding_files::{
-    self as files, BundleFile, DEFAULT_CLUSTER_ID, Onboarding, istiod_host, with_port,
+    self as files, BundleFile, DEFAULT_CLUSTER_ID, Onboarding, WorkloadIp, istiod_host, with_port,
 };
 use vmesh_api::kinds::workload_group::{self, WorkloadGroupSpec};
+use vmesh_api::mesh::MeshSettings;
 use vmesh_server::identity::ROOT_CONFIG_MAP;
 
 use crate::Connection;
@@ -158,13 +159,35 @@ struct ConfigureArgs {
     /// The VM's network (default: the group template's).
     #[arg(long)]
     network: Option<String>,
-    /// The gateway's (or server's) IP: `hosts` maps istiod.istio-system.svc to it.
+    /// The gateway's (or server's) IP: `hosts` maps istiod.istio-system.svc
+    /// to it. Empty: the address of --ingressService, as istioctl does.
     #[arg(
         long = "ingressIP",
         alias = "ingress-ip",
         conflicts_with = "ingress_host"
     )]
-    ingress_ip: Option<IpAddr>,
+    ingress_ip: Option<String>,
+    /// The Service whose address `hosts` uses when --ingressIP gives none,
+    /// `name[.namespace]` (namespace istio-system): its load balancer's IP,
+    /// else its first `externalIPs` entry [default: istio-eastwestgateway].
+    #[arg(
+        long = "ingressService",
+        alias = "ingress-service",
+        conflicts_with = "ingress_host"
+    )]
+    ingress_service: Option<String>,
+    /// The VM's own address (cluster.env's ISTIO_SVC_IP): the proxy's IP and
+    /// its WorkloadEntry's address [default: the address that reaches the server].
+    #[arg(
+        long = "internalIP",
+        alias = "internal-ip",
+        conflicts_with = "external_ip"
+    )]
+    internal_ip: Option<IpAddr>,
+    /// An address in front of the VM (NAT) that others reach it at: as
+    /// --internalIP, and probes stay on localhost.
+    #[arg(long = "externalIP", alias = "external-ip")]
+    external_ip: Option<IpAddr>,
     /// The gateway's (or server's) host name, `host[:port]`: the VM dials it
     /// directly (the server's xDS certificate must name it: `vmesh server --xds-san`).
     #[arg(long = "ingressHost", alias = "ingress-host")]
@@ -381,6 +404,16 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
     };
 
     let mesh = api.mesh_settings(args.revision.as_deref()).await?;
+    if let Some(revision) = args.revision.as_deref()
+        && istiod_host(Some(revision)) != istiod_host(None)
+        && mesh.sources.is_empty()
+    {
+        let default = api.mesh_settings(None).await?;
+        eprintln!(
+            "{}",
+            revision_fallback(revision, &mesh, &default, args.cluster_id.as_deref())
+        );
+    }
     let mut proxy_config = mesh.default_config.clone();
     let spec_annotations = group
         .spec
@@ -454,6 +487,7 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
             .and_then(Value::as_str)
             .is_none_or(|v| v == "true")
     });
+    let ingress = ingress_address(&api, &args).await?;
     let onboarding = Onboarding {
         group: group.name.clone(),
         namespace: group.namespace.clone(),
@@ -478,12 +512,35 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
             .map(serde_json::to_value)
             .transpose()?,
         proxy_config,
-        ingress_ip: args.ingress_ip,
+        ingress_ip: ingress.ip,
+        workload_ip: match (args.internal_ip, args.external_ip) {
+            (Some(ip), _) => Some(WorkloadIp::Internal(ip)),
+            (None, Some(ip)) => Some(WorkloadIp::External(ip)),
+            (None, None) => None,
+        },
     };
-    if args.ingress_ip.is_some() && onboarding.hosts().is_empty() {
+    let discovery_host = files::host_of(&onboarding.discovery_address).to_string();
+    if onboarding.ingress_ip.is_some() && onboarding.hosts().is_empty() {
         eprintln!(
             "warning: the discovery address {} is an IP: --ingressIP adds nothing to hosts",
             onboarding.discovery_address
+        );
+    } else if onboarding.hosts().is_empty()
+        && args.ingress_host.is_none()
+        && discovery_host.parse::<IpAddr>().is_err()
+    {
+        // istioctl warns too ("Could not auto-detect IP for …") and writes the empty file.
+        eprintln!(
+            "WARNING: {} is empty: nothing maps {discovery_host} to an address, so the VM \
+             cannot find the control plane (unless its own DNS resolves that name).\n\
+             WARNING: {}.\n\
+             WARNING: give --ingressIP with the server's (or gateway's) IP, --ingressHost with \
+             a name the VM resolves, or --ingressService with a Service that has an external IP.",
+            files::HOSTS.name,
+            ingress
+                .why_none
+                .as_deref()
+                .unwrap_or("no address was given")
         );
     }
 
@@ -496,7 +553,10 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
         (files::MESH_YAML, onboarding.mesh_yaml()?),
         (files::ROOT_CERT, root_cert),
         (files::HOSTS, onboarding.hosts()),
-        (files::AGENT_UNIT, files::AGENT_UNIT_FILE.to_string()),
+        (
+            files::AGENT_UNIT,
+            files::agent_unit(onboarding.hold_application()),
+        ),
         (files::INSTALL_SH, files::install_sh()),
     ];
     let Some(output) = &args.output else {
@@ -536,6 +596,14 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
         "copy {dir} to the VM and run there: sudo sh {}",
         files::INSTALL_SH.name
     );
+    if onboarding.hold_application() {
+        println!(
+            "holdApplicationUntilProxyStarts: the agent's unit ({}) counts as started once \
+             its sidecar is ready; order your application after it: sudo APP_UNIT=<app>.service sh {}",
+            files::ISTIO_UNIT,
+            files::INSTALL_SH.name
+        );
+    }
     if let Some(host) = &args.ingress_host {
         println!(
             "the VM dials {}: the server's xDS certificate must name {} (vmesh server --xds-san {})",
@@ -545,6 +613,130 @@ async fn configure(args: ConfigureArgs) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// istioctl's default `--ingressService`.
+const DEFAULT_INGRESS_SERVICE: &str = "istio-eastwestgateway";
+
+/// The address `hosts` maps the control plane's name to, and why there is
+/// none when there is none.
+struct Ingress {
+    ip: Option<IpAddr>,
+    why_none: Option<String>,
+}
+
+/// `--ingressIP`, else (unless `--ingressHost` names the server) the
+/// address of `--ingressService`, as istioctl finds it: the Service's load
+/// balancer IP, else its first `externalIPs` entry.
+async fn ingress_address(api: &Client, args: &ConfigureArgs) -> Result<Ingress> {
+    let none = |why: String| Ingress {
+        ip: None,
+        why_none: Some(why),
+    };
+    if let Some(text) = args.ingress_ip.as_deref().map(str::trim)
+        && !text.is_empty()
+    {
+        let ip = text.parse().with_context(|| {
+            format!("--ingressIP {text:?} is not an IP address (a host name goes in --ingressHost)")
+        })?;
+        return Ok(Ingress {
+            ip: Some(ip),
+            why_none: None,
+        });
+    }
+    if args.ingress_host.is_some() {
+        return Ok(none("--ingressHost names the server".into()));
+    }
+    let given = args.ingress_service.as_deref();
+    let service = given.unwrap_or(DEFAULT_INGRESS_SERVICE);
+    // istioctl: `name.namespace`, or a name alone in the control plane's namespace.
+    let (name, namespace) = match service.split('.').collect::<Vec<_>>().as_slice() {
+        [name, namespace] => (*name, *namespace),
+        _ => (service, vmesh_api::mesh::DEFAULT_ROOT_NAMESPACE),
+    };
+    let flag = if given.is_some() {
+        "--ingressService"
+    } else {
+        "--ingressService's default"
+    };
+    let what = format!("reading Service {namespace}/{name}");
+    let path = vmesh_api::kinds::service::KIND.path(Some(namespace), Some(name));
+    let Some(object) = api.find(&path, &what).await? else {
+        return Ok(none(format!(
+            "Service {namespace}/{name} ({flag}) does not exist, and no --ingressIP was given"
+        )));
+    };
+    let address = object["status"]["loadBalancer"]["ingress"][0]["ip"]
+        .as_str()
+        .or(object["spec"]["externalIPs"][0].as_str())
+        .and_then(|a| a.parse::<IpAddr>().ok());
+    Ok(match address {
+        Some(ip) => {
+            eprintln!("hosts: the address of Service {namespace}/{name} ({flag}): {ip}");
+            Ingress {
+                ip: Some(ip),
+                why_none: None,
+            }
+        }
+        None => none(format!(
+            "Service {namespace}/{name} ({flag}) has no load balancer address and no externalIPs"
+        )),
+    })
+}
+
+/// What `--revision` without an IstioOperator of that revision leaves:
+/// the defaults, named, and the default revision's settings that are not used.
+fn revision_fallback(
+    revision: &str,
+    used: &MeshSettings,
+    default_revision: &MeshSettings,
+    cluster_id_flag: Option<&str>,
+) -> String {
+    let cluster_id = cluster_id_flag.map_or_else(
+        || format!("{DEFAULT_CLUSTER_ID} (give --clusterID)"),
+        |id| format!("{id} (--clusterID)"),
+    );
+    let mesh_id = used.mesh_id.clone().unwrap_or(used.trust_domain.clone());
+    let mut message = format!(
+        "WARNING: no IstioOperator has revision {revision:?} (spec.revision): its mesh settings \
+         are the defaults: trust domain {}, cluster ID {cluster_id}, mesh ID {mesh_id}, and no \
+         meshConfig.defaultConfig (no proxyMetadata such as ISTIO_META_DNS_AUTO_ALLOCATE, no \
+         holdApplicationUntilProxyStarts).",
+        used.trust_domain
+    );
+    if !default_revision.sources.is_empty() {
+        let mut unused: Vec<String> = Vec::new();
+        if let Some(name) = &default_revision.cluster_name {
+            unused.push(format!("cluster ID {name}"));
+        }
+        if let Some(id) = &default_revision.mesh_id {
+            unused.push(format!("mesh ID {id}"));
+        }
+        if default_revision.trust_domain_set {
+            unused.push(format!("trust domain {}", default_revision.trust_domain));
+        }
+        let keys: Vec<&str> = default_revision
+            .default_config
+            .keys()
+            .map(String::as_str)
+            .collect();
+        if !keys.is_empty() {
+            unused.push(format!("meshConfig.defaultConfig {}", keys.join(", ")));
+        }
+        message.push_str(&format!(
+            "\nWARNING: the default revision's IstioOperator {} is not used{}.",
+            default_revision.sources.join(", "),
+            if unused.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", unused.join("; "))
+            }
+        ));
+    }
+    message.push_str(&format!(
+        "\nWARNING: apply an IstioOperator with spec.revision: {revision}, or leave --revision out."
+    ));
+    message
 }
 
 /// Registers the files under a new join token and prints the join line.

@@ -156,6 +156,8 @@ fn table(info: &KindInfo, objects: &[Value], wide: bool, all_namespaces: bool) -
     }
     headers.push("NAME");
     headers.extend(info.columns.iter().map(|(h, _)| *h));
+    let computed = computed_columns(info);
+    headers.extend(computed.iter().map(|(h, _)| *h));
     headers.push("AGE");
     if wide {
         headers.push("LABELS");
@@ -182,6 +184,9 @@ fn table(info: &KindInfo, objects: &[Value], wide: bool, all_namespaces: bool) -
             for (_, pointer) in info.columns {
                 row.push(cell(o.pointer(pointer)));
             }
+            for (_, compute) in computed {
+                row.push(compute(o));
+            }
             row.push(age(o["metadata"]["creationTimestamp"].as_str(), now));
             if wide {
                 let labels = o["metadata"]["labels"].as_object().map(|m| {
@@ -200,6 +205,107 @@ fn table(info: &KindInfo, objects: &[Value], wide: bool, all_namespaces: bool) -
         })
         .collect();
     align(&headers, &rows)
+}
+
+/// Columns kubectl computes from several fields, after the kind's own.
+type Computed = (&'static str, fn(&Value) -> String);
+
+fn computed_columns(info: &KindInfo) -> &'static [Computed] {
+    match info.kind {
+        "Service" => &[
+            ("EXTERNAL-IP", service_external_ip),
+            ("PORT(S)", service_ports),
+        ],
+        "Endpoints" => &[("ENDPOINTS", endpoints_summary)],
+        _ => &[],
+    }
+}
+
+fn strings(value: &Value) -> impl Iterator<Item = &str> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+}
+
+/// kubectl's EXTERNAL-IP: the external name, the load balancer's addresses
+/// and `externalIPs`; `<pending>` for a load balancer without one.
+fn service_external_ip(service: &Value) -> String {
+    let spec = &service["spec"];
+    if spec["type"] == "ExternalName" {
+        return cell(spec.get("externalName"));
+    }
+    let mut addresses: Vec<&str> = Vec::new();
+    if spec["type"] == "LoadBalancer" {
+        for ingress in service["status"]["loadBalancer"]["ingress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            addresses.extend(ingress["ip"].as_str().or(ingress["hostname"].as_str()));
+        }
+    }
+    addresses.extend(strings(&spec["externalIPs"]));
+    match addresses.is_empty() {
+        false => addresses.join(","),
+        true if spec["type"] == "LoadBalancer" => "<pending>".into(),
+        true => "<none>".into(),
+    }
+}
+
+/// kubectl's PORT(S): `8080/TCP,80:30080/TCP` (`port:nodePort` when there is a node port).
+fn service_ports(service: &Value) -> String {
+    let ports: Vec<String> = service["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let protocol = p["protocol"].as_str().unwrap_or("TCP");
+            match p["nodePort"].as_u64() {
+                Some(node) => format!("{}:{node}/{protocol}", p["port"]),
+                None => format!("{}/{protocol}", p["port"]),
+            }
+        })
+        .collect();
+    if ports.is_empty() {
+        "<none>".into()
+    } else {
+        ports.join(",")
+    }
+}
+
+/// kubectl's ENDPOINTS: the first three ready `ip:port`s, then how many more.
+fn endpoints_summary(endpoints: &Value) -> String {
+    const SHOWN: usize = 3;
+    let subsets = endpoints["subsets"].as_array().into_iter().flatten();
+    let mut all: Vec<String> = Vec::new();
+    for subset in subsets {
+        let ips: Vec<&str> = subset["addresses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["ip"].as_str())
+            .collect();
+        match subset["ports"].as_array().filter(|p| !p.is_empty()) {
+            None => all.extend(ips.iter().map(|ip| ip.to_string())),
+            Some(ports) => {
+                for port in ports {
+                    for ip in &ips {
+                        all.push(match ip.contains(':') {
+                            true => format!("[{ip}]:{}", port["port"]),
+                            false => format!("{ip}:{}", port["port"]),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    match all.len() {
+        0 => "<none>".into(),
+        n if n <= SHOWN => all.join(","),
+        n => format!("{} + {} more...", all[..SHOWN].join(","), n - SHOWN),
+    }
 }
 
 fn cell(value: Option<&Value>) -> String {
@@ -248,6 +354,45 @@ mod tests {
             "NAMESPACE   NAME           ADDRESS    AGE\n\
              a           vm1            10.0.0.1   <unknown>\n\
              b           long-name-vm   <none>     <unknown>\n"
+        );
+    }
+
+    #[test]
+    fn services_and_endpoints_read_like_kubectl() {
+        let svc = vmesh_api::kind_for("svc").unwrap();
+        let services = vec![
+            json!({"metadata": {"name": "payment-service"}, "spec": {"type": "ClusterIP", "clusterIP": "10.96.92.5",
+                "ports": [{"name": "http", "port": 8080}, {"name": "grpc", "port": 9090, "protocol": "TCP"}]}}),
+            json!({"metadata": {"name": "istio-eastwestgateway"}, "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.9",
+                "externalIPs": ["192.0.2.10"], "ports": [{"port": 15012, "nodePort": 31012}]}}),
+            json!({"metadata": {"name": "lb"}, "spec": {"type": "LoadBalancer", "ports": [{"port": 53, "protocol": "UDP"}]}}),
+            json!({"metadata": {"name": "db"}, "spec": {"type": "ExternalName", "externalName": "db.example.com"}}),
+        ];
+        assert_eq!(
+            table(svc, &services, false, false),
+            "NAME                    TYPE           CLUSTER-IP   EXTERNAL-IP      PORT(S)             AGE\n\
+             payment-service         ClusterIP      10.96.92.5   <none>           8080/TCP,9090/TCP   <unknown>\n\
+             istio-eastwestgateway   LoadBalancer   10.96.0.9    192.0.2.10       15012:31012/TCP     <unknown>\n\
+             lb                      LoadBalancer   <none>       <pending>        53/UDP              <unknown>\n\
+             db                      ExternalName   <none>       db.example.com   <none>              <unknown>\n"
+        );
+
+        let ep = vmesh_api::view_for("ep").unwrap();
+        let subset = |ips: &[&str], ports: &[u16]| {
+            json!({"addresses": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+                   "ports": ports.iter().map(|p| json!({"port": p})).collect::<Vec<_>>()})
+        };
+        let endpoints = vec![
+            json!({"metadata": {"name": "payment-service"}, "subsets": [subset(&["10.0.0.1", "10.0.0.2"], &[8080, 9090])]}),
+            json!({"metadata": {"name": "one"}, "subsets": [subset(&["2001:db8::1"], &[80])]}),
+            json!({"metadata": {"name": "none"}}),
+        ];
+        assert_eq!(
+            table(ep, &endpoints, false, false),
+            "NAME              ENDPOINTS                                               AGE\n\
+             payment-service   10.0.0.1:8080,10.0.0.2:8080,10.0.0.1:9090 + 1 more...   <unknown>\n\
+             one               [2001:db8::1]:80                                        <unknown>\n\
+             none              <none>                                                  <unknown>\n"
         );
     }
 

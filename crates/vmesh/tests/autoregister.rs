@@ -2,7 +2,8 @@
 //! in network namespaces of the test's own: a VM onboarded the guide's way
 //! (`vmesh workload entry configure --autoregister`, the generated
 //! `install.sh`, then `vmesh agent --root`) gets a WorkloadEntry from its
-//! group within a second, another VM whose token is for a
+//! group within a second (and is in its Service's Endpoints, as the
+//! guide checks with `kubectl get endpoints`), another VM whose token is for a
 //! different service account is refused (and the refusal shows on the
 //! group, in `vmesh doctor` and in that VM's agent log), and a stopped VM's entry is deleted after the grace period.
 //!
@@ -106,6 +107,30 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     assert_eq!(annotations["team"], "payments");
     assert!(annotations["istio.io/connectedAt"].is_string());
 
+    // The guide's check that its Service found the VM: `kubectl get
+    // endpoints payment-service -n vm-workloads`, the registered address
+    // on the group's port.
+    mesh.apply(
+        "service.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: payment-service, namespace: vm-workloads}\n\
+         spec:\n  selector: {app: payment-service}\n  ports:\n  - {name: http, port: 80, targetPort: http}\n",
+    )
+    .unwrap();
+    let subsets = eventually("the VM in the Service's endpoints", || {
+        let endpoints = mesh.get_json(&["endpoints", "payment-service", "-n", "vm-workloads"])?;
+        endpoints.get("subsets").cloned()
+    });
+    assert_eq!(
+        subsets,
+        serde_json::json!([{
+            "addresses": [{"ip": "10.47.0.1", "targetRef": {
+                "kind": "WorkloadEntry", "namespace": "vm-workloads", "name": name,
+                "apiVersion": "networking.istio.io/v1",
+            }}],
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        }])
+    );
+
     // The VM's traffic is captured while the agent runs (SSH never), and
     // Envoy, as the proxy user, still reached the agent's sockets: it is
     // what registered.
@@ -178,6 +203,10 @@ fn vms_register_themselves_and_leave_when_they_stop() {
     });
     eventually("the entry deleted after the grace period", || {
         mesh.entry("vm-workloads", &name).is_none().then_some(())
+    });
+    eventually("the VM gone from the Service's endpoints", || {
+        let endpoints = mesh.get_json(&["ep", "payment-service", "-n", "vm-workloads"])?;
+        endpoints.get("subsets").is_none().then_some(())
     });
     let rules = nat(&vm);
     assert!(!rules.contains("ISTIO"), "capture cleaned up:\n{rules}");

@@ -11,24 +11,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 use vmesh_api::testing::seed_dir;
 use vmesh_testkit::LocalServer;
+use vmesh_testkit::testing::{assert_ok, text};
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 const NS: &str = "vm-workloads";
 const GROUP: &str = "billing";
 const SA: &str = "billing-sa";
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn assert_ok(output: &Output, what: &str) {
-    assert!(
-        output.status.success(),
-        "{what} failed:\nstdout: {}\nstderr: {}",
-        text(&output.stdout),
-        text(&output.stderr)
-    );
-}
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
@@ -329,6 +317,11 @@ fn group_create_apply_configure_and_install() {
         "{unit}"
     );
     assert!(unit.contains("\n[Install]\nWantedBy=multi-user.target\n"));
+    assert!(unit.contains("\nLogExtraFields=OBJECT_SYSTEMD_UNIT=istio.service\n"));
+    assert!(
+        !unit.contains("ExecStartPost"),
+        "no holdApplicationUntilProxyStarts, no wait"
+    );
 
     // install.sh: valid POSIX sh, places the files, and is idempotent.
     let syntax = Command::new("sh")
@@ -433,6 +426,11 @@ fn assert_installed(files: &Path, root: &Path) {
         assert_eq!(read(&placed), read(&files.join(name)), "{path}");
         assert_eq!(mode(&placed), expected, "{path}");
     }
+    // The guide's name for the unit, istio.service, links to it.
+    assert_eq!(
+        std::fs::read_link(root.join("usr/local/lib/systemd/system/istio.service")).unwrap(),
+        Path::new("/etc/systemd/system/vmesh-agent.service")
+    );
     // Istio's token path is a link to the copy that survives a reboot.
     let link = root.join("var/run/secrets/tokens/istio-token");
     assert!(
@@ -488,6 +486,18 @@ fn configure_reads_a_group_file_with_its_probe() {
     ]);
     assert_ok(&configured, "configure -f");
     assert_files_and_modes(&files);
+    // No --ingressIP, no Service istio-system/istio-eastwestgateway: said loudly.
+    assert_eq!(read(&files.join("hosts")), "");
+    let stderr = text(&configured.stderr);
+    assert!(
+        stderr.contains(
+            "WARNING: hosts is empty: nothing maps istiod.istio-system.svc to an address, \
+             so the VM cannot find the control plane"
+        ) && stderr.contains(
+            "Service istio-system/istio-eastwestgateway (--ingressService's default) does not exist"
+        ),
+        "{stderr}"
+    );
     let env = cluster_env(&files);
     assert_eq!(env["ISTIO_META_WORKLOAD_NAME"], "payment-service");
     assert_eq!(env["ISTIO_META_AUTO_REGISTER_GROUP"], "payment-service");
@@ -597,5 +607,183 @@ fn configure_names_what_is_missing() {
         text(&bad_port.stderr).contains("1 to 65535"),
         "{}",
         text(&bad_port.stderr)
+    );
+}
+
+/// `configure` in the guide's terms: istioctl's address flags
+/// (`--ingressService`, `--internalIP`, `--externalIP`), a revision with no
+/// IstioOperator of its own said out loud, and the guide's
+/// `holdApplicationUntilProxyStarts` carried into the agent's unit.
+#[test]
+fn configure_takes_istioctls_flags_and_the_operators_settings() {
+    let data = tempfile::tempdir().unwrap();
+    let server = LocalServer::start(Path::new(VMESH), data.path(), &[], &[]).unwrap();
+    let guide = |file: &str| seed_dir().join(file).to_str().unwrap().to_string();
+    assert_ok(
+        &server.vmesh(&["apply", "-f", &guide("complete-vm-integration.yaml")]),
+        "apply the complete example",
+    );
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("out");
+    let configure = |extra: &[&str]| {
+        let mut args = vec![
+            "x",
+            "workload",
+            "entry",
+            "configure",
+            "--name",
+            "payment-service",
+            "-n",
+            NS,
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        server.vmesh(&args)
+    };
+
+    // --ingressService: the Service's externalIPs, when --ingressIP gives no address.
+    assert_ok(
+        &server.vmesh_with_input(
+            &["apply", "-f", "-"],
+            "apiVersion: v1\nkind: Service\nmetadata: {name: vm-gateway, namespace: vm-workloads}\n\
+             spec:\n  type: LoadBalancer\n  externalIPs: [192.0.2.44]\n  selector: {istio: eastwestgateway}\n  \
+             ports: [{name: tls-istiod, port: 15012}]\n",
+        ),
+        "apply the gateway Service",
+    );
+    let configured = configure(&[
+        "--ingressIP",
+        "",
+        "--ingressService",
+        "vm-gateway.vm-workloads",
+        "--internalIP",
+        "10.1.2.3",
+    ]);
+    assert_ok(&configured, "configure --ingressService --internalIP");
+    assert_eq!(
+        read(&out.join("hosts")),
+        "192.0.2.44 istiod.istio-system.svc\n"
+    );
+    let env = cluster_env(&out);
+    assert_eq!(env["ISTIO_SVC_IP"], "10.1.2.3");
+    assert!(!env.contains_key("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION"));
+    assert!(!text(&configured.stderr).contains("WARNING"));
+
+    // A Service without an external address: nothing for hosts, said loudly.
+    let configured = configure(&[
+        "--ingressService",
+        "payment-service.vm-workloads",
+        "--externalIP",
+        "203.0.113.7",
+    ]);
+    assert_ok(&configured, "configure --externalIP");
+    let stderr = text(&configured.stderr);
+    assert!(
+        stderr.contains("WARNING: hosts is empty")
+            && stderr.contains(
+                "Service vm-workloads/payment-service (--ingressService) has no load balancer address and no externalIPs"
+            ),
+        "{stderr}"
+    );
+    let env = cluster_env(&out);
+    assert_eq!(env["ISTIO_SVC_IP"], "203.0.113.7");
+    assert_eq!(env["REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION"], "true");
+    let refused = configure(&["--internalIP", "10.1.2.3", "--externalIP", "203.0.113.7"]);
+    assert!(
+        !refused.status.success(),
+        "the two addresses exclude each other"
+    );
+    let refused = configure(&["--ingressIP", "gw.example.com"]);
+    assert!(
+        text(&refused.stderr).contains("--ingressIP \"gw.example.com\" is not an IP address"),
+        "{}",
+        text(&refused.stderr)
+    );
+
+    // A misspelt flag is answered with istioctl's spelling, not an alias.
+    let misspelt = configure(&["--ingressip", "10.0.0.1"]);
+    let stderr = text(&misspelt.stderr);
+    assert!(
+        stderr.contains("tip: a similar argument exists: '--ingressIP'"),
+        "{stderr}"
+    );
+
+    // The guide's IstioOperator: its holdApplicationUntilProxyStarts makes
+    // the agent's unit wait for the sidecar before it counts as started.
+    assert_ok(
+        &server.vmesh(&["apply", "-f", &guide("istio-operator-vm.yaml")]),
+        "apply the IstioOperator",
+    );
+    let configured = configure(&["--ingressIP", "192.0.2.10"]);
+    assert_ok(&configured, "configure with the operator");
+    assert_eq!(
+        mesh_yaml(&out)["defaultConfig"]["holdApplicationUntilProxyStarts"],
+        true
+    );
+    let unit = read(&out.join("vmesh-agent.service"));
+    assert!(
+        unit.contains(
+            "\nExecStart=/usr/local/bin/vmesh agent --root / --capture\n\
+             # holdApplicationUntilProxyStarts: started (and the units ordered After= it\n\
+             # may start) only once the sidecar is ready on the status port.\n\
+             ExecStartPost=/usr/local/bin/vmesh agent wait --timeout 120s\n\
+             TimeoutStartSec=150\n"
+        ),
+        "{unit}"
+    );
+    assert!(
+        text(&configured.stdout).contains("sudo APP_UNIT=<app>.service sh install.sh"),
+        "{}",
+        text(&configured.stdout)
+    );
+    // install.sh's APP_UNIT orders the application's unit after the sidecar.
+    let root = work.path().join("root");
+    let installed = Command::new("sh")
+        .arg(out.join("install.sh"))
+        .env("ROOT", &root)
+        .env("APP_UNIT", "payment-app")
+        .output()
+        .unwrap();
+    assert_ok(&installed, "install.sh with APP_UNIT");
+    assert_eq!(
+        read(&root.join("etc/systemd/system/payment-app.service.d/10-vmesh-sidecar.conf")),
+        "# Written by vmesh install.sh (APP_UNIT): payment-app.service starts after its sidecar,\n\
+         # and not without it (after it is ready when the mesh holds applications\n\
+         # until the proxy starts).\n\
+         [Unit]\nRequires=vmesh-agent.service\nAfter=vmesh-agent.service\n"
+    );
+
+    // --revision without an IstioOperator of that revision: the defaults, named.
+    let configured = configure(&["--ingressIP", "192.0.2.10", "--revision", "canary"]);
+    assert_ok(&configured, "configure --revision canary");
+    let stderr = text(&configured.stderr);
+    assert!(
+        stderr.contains(
+            "WARNING: no IstioOperator has revision \"canary\" (spec.revision): its mesh settings \
+             are the defaults: trust domain cluster.local, cluster ID Kubernetes (give --clusterID), \
+             mesh ID cluster.local"
+        ) && stderr.contains(
+            "WARNING: the default revision's IstioOperator istio-system/istio-vm-enabled is not used \
+             (cluster ID cluster1; mesh ID mesh1; trust domain cluster.local; \
+             meshConfig.defaultConfig holdApplicationUntilProxyStarts)."
+        ),
+        "{stderr}"
+    );
+    let env = cluster_env(&out);
+    assert_eq!(
+        (
+            env["ISTIO_META_CLUSTER_ID"].as_str(),
+            env["CA_ADDR"].as_str()
+        ),
+        ("Kubernetes", "istiod-canary.istio-system.svc:15012")
+    );
+    assert!(!read(&out.join("vmesh-agent.service")).contains("ExecStartPost"));
+    // With the default revision, or one that has an operator, no such warning.
+    let configured = configure(&["--ingressIP", "192.0.2.10", "--revision", "default"]);
+    assert!(
+        !text(&configured.stderr).contains("WARNING"),
+        "{}",
+        text(&configured.stderr)
     );
 }

@@ -16,6 +16,8 @@
 #   root-cert.pem       -> /etc/certs/root-cert.pem                  0644
 #   hosts               -> added to /etc/hosts, once per line
 #   vmesh-agent.service -> /etc/systemd/system/vmesh-agent.service   0644
+#                          linked as istio.service, the guide's name, from
+#                          /usr/local/lib/systemd/system/istio.service
 #   vmesh (if present)  -> /usr/local/bin/vmesh                      0755
 #
 # Environment:
@@ -23,6 +25,13 @@
 #                    building): the proxy user goes into $ROOT/etc/passwd and
 #                    $ROOT/etc/group, and systemd is left alone.
 #   VMESH_NO_START=1 install and enable the unit but do not (re)start it.
+#   APP_UNIT=app.service
+#                    order the application's unit after the sidecar: a
+#                    drop-in, /etc/systemd/system/app.service.d/10-vmesh-sidecar.conf,
+#                    with Requires= and After= the agent's unit. When the mesh
+#                    sets holdApplicationUntilProxyStarts, the agent's unit
+#                    counts as started only once the sidecar is ready, so the
+#                    application starts after its sidecar, as in Istio's pods.
 
 set -eu
 
@@ -168,6 +177,31 @@ cmp -s "$next" "$hosts_file" || cat "$next" >"$hosts_file"
 rm -f -- "$next"
 
 place "$SRC/vmesh-agent.service" "$UNIT" 0644
+# The guide's name for the unit. The link names the unit's path on the VM,
+# also under ROOT: systemctl --root and systemd-analyze --root read it there.
+mkdir -p -- "$ROOT$(dirname -- "$UNIT_ALIAS")"
+ln -sfn -- "$UNIT" "$ROOT$UNIT_ALIAS"
+AGENT_UNIT=$(basename -- "$UNIT")
+ALIAS_UNIT=$(basename -- "$UNIT_ALIAS")
+
+if [ -n "${APP_UNIT:-}" ]; then
+    case $APP_UNIT in *.service) ;; *) APP_UNIT=$APP_UNIT.service ;; esac
+    case $APP_UNIT in
+        */* | .* | *[!A-Za-z0-9:_.@-]*) die "APP_UNIT=$APP_UNIT is not a unit name" ;;
+    esac
+    dropin=$ROOT/etc/systemd/system/$APP_UNIT.d/10-vmesh-sidecar.conf
+    mkdir -p -- "$(dirname -- "$dropin")"
+    printf '%s\n' \
+        "# Written by vmesh install.sh (APP_UNIT): $APP_UNIT starts after its sidecar," \
+        "# and not without it (after it is ready when the mesh holds applications" \
+        "# until the proxy starts)." \
+        '[Unit]' \
+        "Requires=$AGENT_UNIT" \
+        "After=$AGENT_UNIT" >"$dropin.vmesh-new"
+    chmod 0644 "$dropin.vmesh-new"
+    mv -f -- "$dropin.vmesh-new" "$dropin"
+    say "$APP_UNIT is ordered after $AGENT_UNIT ($dropin)"
+fi
 mkdir -p -- "$ROOT$(dirname -- "$TMPFILES")"
 printf '%s\n' \
     '# Istio'\''s token path, on tmpfs, links to the copy kept on disk (vmesh install.sh).' \
@@ -188,13 +222,13 @@ elif [ ! -d /run/systemd/system ] || ! command -v systemctl >/dev/null 2>&1; the
 else
     systemctl daemon-reload
     systemd-tmpfiles --create "$TMPFILES" >/dev/null 2>&1 || true
-    systemctl enable vmesh-agent.service
+    systemctl enable "$AGENT_UNIT"
     if [ "${VMESH_NO_START:-}" = 1 ]; then
-        say "VMESH_NO_START=1: start it with: systemctl start vmesh-agent"
+        say "VMESH_NO_START=1: start it with: systemctl start $ALIAS_UNIT (or $AGENT_UNIT)"
     elif [ ! -x "$BINARY" ]; then
-        say "install the vmesh binary at $BINARY, then: systemctl start vmesh-agent"
+        say "install the vmesh binary at $BINARY, then: systemctl start $ALIAS_UNIT"
     else
-        systemctl restart vmesh-agent.service
-        say "vmesh-agent (re)started; follow it with: journalctl -u vmesh-agent -f"
+        systemctl restart "$AGENT_UNIT"
+        say "$AGENT_UNIT (alias $ALIAS_UNIT) (re)started; follow it with: journalctl -u ${ALIAS_UNIT%.service} -f"
     fi
 fi

@@ -87,6 +87,19 @@ pub struct Onboarding {
     pub proxy_config: Map<String, Value>,
     /// The gateway address `hosts` maps the discovery host to.
     pub ingress_ip: Option<IpAddr>,
+    /// The VM's own address, when given (`--internalIP`, `--externalIP`).
+    pub workload_ip: Option<WorkloadIp>,
+}
+
+/// The address the VM is reached at, as istioctl's flags give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadIp {
+    /// `--internalIP`: an address of the VM itself.
+    Internal(IpAddr),
+    /// `--externalIP`: an address in front of the VM (NAT): the agent
+    /// announces it, and probes stay on localhost, where vmesh's probes go
+    /// anyway.
+    External(IpAddr),
 }
 
 impl Onboarding {
@@ -204,9 +217,32 @@ impl Onboarding {
         ] {
             env.insert(key.into(), value);
         }
+        // Not proxy metadata: istioctl writes these into cluster.env alone.
+        match self.workload_ip {
+            Some(WorkloadIp::Internal(ip)) => {
+                env.insert(keys::SVC_IP.into(), ip.to_string());
+            }
+            Some(WorkloadIp::External(ip)) => {
+                env.insert(keys::SVC_IP.into(), ip.to_string());
+                env.insert(
+                    "REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION".into(),
+                    "true".into(),
+                );
+            }
+            None => {}
+        }
         env.iter()
             .map(|(k, v)| format!("{k}={}\n", shell_quote(v)))
             .collect()
+    }
+
+    /// `holdApplicationUntilProxyStarts` of the proxy config (the mesh's
+    /// `defaultConfig`, then the group's `proxy.istio.io/config`).
+    pub fn hold_application(&self) -> bool {
+        self.proxy_config
+            .get("holdApplicationUntilProxyStarts")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
     }
 
     /// `mesh.yaml`: `{defaultConfig: ProxyConfig}`, keys sorted.
@@ -344,6 +380,31 @@ pub(crate) mod tests {
             back["defaultConfig"]["discoveryAddress"],
             "istiod.istio-system.svc:15012"
         );
+    }
+
+    #[test]
+    fn workload_addresses_go_to_cluster_env_only() {
+        let mut o = payment();
+        o.workload_ip = Some(WorkloadIp::Internal("10.1.2.3".parse().unwrap()));
+        let env = o.cluster_env();
+        assert!(env.contains("ISTIO_SVC_IP='10.1.2.3'\n"), "{env}");
+        assert!(!env.contains("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION"));
+        assert!(!o.mesh_yaml().unwrap().contains("ISTIO_SVC_IP"));
+        o.workload_ip = Some(WorkloadIp::External("203.0.113.7".parse().unwrap()));
+        let env = o.cluster_env();
+        assert!(env.contains("ISTIO_SVC_IP='203.0.113.7'\n"), "{env}");
+        assert!(env.contains("REWRITE_PROBE_LEGACY_LOCALHOST_DESTINATION='true'\n"));
+    }
+
+    #[test]
+    fn hold_application_comes_from_the_proxy_config() {
+        let mut o = payment();
+        assert!(!o.hold_application());
+        o.proxy_config = json!({"holdApplicationUntilProxyStarts": true})
+            .as_object()
+            .unwrap()
+            .clone();
+        assert!(o.hold_application());
     }
 
     #[test]

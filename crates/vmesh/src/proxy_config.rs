@@ -43,6 +43,10 @@ pub struct Source {
     /// The proxy, from the server's view: its node id or NAME.NAMESPACE
     /// (`vmesh proxy-status` lists them).
     proxy: Option<String>,
+    /// The proxy's namespace, as istioctl's `PROXY -n NAMESPACE` gives it
+    /// (NAME becomes NAME.NAMESPACE).
+    #[arg(short = 'n', long, requires = "proxy")]
+    namespace: Option<String>,
     /// What Envoy on this machine runs, from its admin interface (on the VM).
     #[arg(long, conflicts_with_all = ["proxy", "file"])]
     local: bool,
@@ -314,7 +318,7 @@ impl Source {
             let url = format!("{}/config_dump?include_eds", self.admin_base());
             return local_json(&url, "Envoy's admin interface", "VMESH_ENVOY_ADMIN").await;
         }
-        let Some(proxy) = &self.proxy else {
+        let Some(proxy) = self.proxy_query() else {
             bail!(
                 "which proxy? Give PROXY (its id or NAME.NAMESPACE, as `vmesh proxy-status` \
                  lists them) for the server's view, --local on the VM for what its Envoy runs, \
@@ -324,7 +328,7 @@ impl Source {
         let mut query = reqwest::Url::parse("http://localhost/")?;
         query
             .query_pairs_mut()
-            .append_pair("proxyID", proxy)
+            .append_pair("proxyID", &proxy)
             .append_pair("include_eds", "true");
         let path = format!(
             "{}?{}",
@@ -337,6 +341,16 @@ impl Source {
                 &format!("reading the configuration of proxy {proxy}"),
             )
             .await?)
+    }
+
+    /// The proxy as the server finds it: `PROXY -n NAMESPACE` is
+    /// `PROXY.NAMESPACE` unless PROXY is a node id or names its namespace.
+    fn proxy_query(&self) -> Option<String> {
+        let proxy = self.proxy.as_deref()?;
+        Some(match &self.namespace {
+            Some(ns) if !proxy.contains('.') && !proxy.contains('~') => format!("{proxy}.{ns}"),
+            _ => proxy.to_string(),
+        })
     }
 
     fn admin_base(&self) -> &str {
@@ -542,6 +556,31 @@ async fn log(admin: &str, level: Option<&str>, reset: bool) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namespace_flag_names_the_proxy_as_istioctl_does() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            source: Source,
+        }
+        let query = |args: &[&str]| {
+            <Cli as clap::Parser>::parse_from(std::iter::once("pc").chain(args.iter().copied()))
+                .source
+                .proxy_query()
+        };
+        assert_eq!(
+            query(&["payment-vm", "-n", "vm-workloads"]).as_deref(),
+            Some("payment-vm.vm-workloads")
+        );
+        assert_eq!(
+            query(&["payment-vm.vm-workloads", "-n", "other"]).as_deref(),
+            Some("payment-vm.vm-workloads")
+        );
+        let id = "sidecar~10.0.0.1~vm1.ns~ns.svc.cluster.local";
+        assert_eq!(query(&[id, "-n", "ns"]).as_deref(), Some(id));
+        assert_eq!(query(&["--local"]), None);
+    }
 
     const LOGGERS: &str = "active loggers:\n  admin: info\n  http: info\n  upstream: info\n";
 

@@ -7,8 +7,9 @@
 //! all, with why. README.md's "The guide's commands" is the same list, and
 //! this test keeps the two equal.
 //!
-//! Needs `systemctl` and `systemd-analyze` (Debian's systemd package,
-//! `scripts/install-deps.sh`); without them it fails, it never skips.
+//! Needs Envoy, `systemctl` and `systemd-analyze` (Debian's systemd
+//! package; `scripts/install-deps.sh` installs both); without them it
+//! fails, it never skips.
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
@@ -31,13 +32,11 @@ enum Answer {
     Substituted(&'static str),
     /// On the VM: checked against the installed files, as said.
     OnVm(&'static str),
-    /// Answered by a command another branch builds; not run here.
-    Elsewhere(&'static str),
     /// No vmesh counterpart, and why.
     Outside(&'static str),
 }
 
-use Answer::{Elsewhere, OnVm, Outside, Runs, Substituted};
+use Answer::{OnVm, Outside, Runs, Substituted};
 
 /// The guide's command lines in its order (a line continued over several
 /// lines with comments between is joined; `sudo` kept as written).
@@ -142,7 +141,11 @@ const GUIDE: &[(&str, Answer)] = &[
     ),
     (
         "istioctl pc secret <pod> -n <namespace>",
-        Elsewhere("`vmesh proxy-config secret`, issue 17's first item, built on its own branch"),
+        Substituted(
+            "`<pod>` and `<namespace>` name a connected proxy (here an Envoy connected as \
+             frontend.vm-workloads); the server sends no secrets, so on the VM `vmesh pc secret --local` \
+             shows the certificates its Envoy holds",
+        ),
     ),
     ("kubectl get workloadgroup -n vm-workloads -o yaml", Runs),
     ("kubectl get workloadentry -n vm-workloads", Runs),
@@ -156,7 +159,6 @@ impl Answer {
             Runs => "runs as written".to_string(),
             Substituted(how) => format!("runs: {how}"),
             OnVm(how) => format!("on the VM: {how}"),
-            Elsewhere(how) => format!("not run here: {how}"),
             Outside(why) => format!("no counterpart: {why}"),
         };
         format!("| `{line}` | {how} |")
@@ -222,7 +224,13 @@ impl Guide<'_> {
 #[test]
 fn the_guides_commands_work_with_vmesh_for_the_program() {
     let data = tempfile::tempdir().unwrap();
-    let server = LocalServer::start(Path::new(VMESH), data.path(), &[], &[]).unwrap();
+    let server = LocalServer::start(
+        Path::new(VMESH),
+        data.path(),
+        &["--xds-plaintext-addr", "127.0.0.1:0"],
+        &[],
+    )
+    .unwrap();
     // The guide's files, where its commands are run.
     let work = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(seed_dir()).unwrap() {
@@ -354,8 +362,22 @@ fn the_guides_commands_work_with_vmesh_for_the_program() {
             {"name": "grpc", "port": 9090, "protocol": "TCP"},
         ])
     );
-    let status = guide.run("istioctl proxy-status");
+    // A proxy connects (a bare Envoy standing for a VM's sidecar): it shows
+    // in proxy-status, and proxy-config answers for it by name and namespace.
+    let _envoy = Envoy::start(&server, work.path());
+    // (Its CDS may stay STALE: a bare Envoy has no SDS for the mTLS clusters.)
+    let status = eventually("the proxy in proxy-status", || {
+        let status = guide.run("istioctl proxy-status");
+        status
+            .lines()
+            .any(|l| l.contains("~frontend.vm-workloads~") && l.contains("   vm-workloads   "))
+            .then_some(status)
+    });
     assert!(status.starts_with("NAME"), "{status}");
+    let secret = answer_line(|l| l.starts_with("istioctl pc secret"));
+    let secrets =
+        guide.run_substituted(secret, &["pc", "secret", "frontend", "-n", "vm-workloads"]);
+    assert_eq!(secrets, "No active or warming secrets found.\n");
 
     // The services as kubectl shows them: type, the allocated cluster IP, ports.
     let vip = eventually("payment-service's cluster IP", || {
@@ -461,6 +483,44 @@ fn the_guides_commands_work_with_vmesh_for_the_program() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+}
+
+/// Envoy on this machine, connected to the server's plaintext xDS as the
+/// proxy `frontend.vm-workloads`; stopped when dropped (and with the test,
+/// by its parent-death signal).
+struct Envoy(std::process::Child);
+
+impl Envoy {
+    fn start(server: &LocalServer, dir: &Path) -> Envoy {
+        let xds_port: u16 = server
+            .xds_plaintext()
+            .and_then(|a| a.rsplit_once(':')?.1.parse().ok())
+            .expect("the server's plaintext xDS port");
+        // Admin on a port of the kernel's choosing: other Envoys may run here.
+        let bootstrap = vmesh_testkit::sidecar::bootstrap(xds_port, "DELTA_GRPC")
+            .replace("\"port_value\": 15000", "\"port_value\": 0");
+        let config = dir.join("envoy.json");
+        std::fs::write(&config, bootstrap).unwrap();
+        let log = std::fs::File::create(dir.join("envoy.log")).unwrap();
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--"])
+            .arg(vmesh_testkit::testing::envoy_binary())
+            .arg("-c")
+            .arg(&config)
+            .args(["--use-dynamic-base-id", "-l", "warning"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting Envoy");
+        Envoy(child)
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The one guide line that starts so.

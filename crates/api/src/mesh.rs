@@ -175,6 +175,19 @@ mod tests {
     }
 
     #[test]
+    fn mesh_mtls_is_read_as_istio_spells_it() {
+        let operator = spec(serde_json::json!({
+            "meshConfig": {"meshMTLS": {"minProtocolVersion": "TLSV1_3"}},
+        }));
+        let mesh = operator.mesh_config.expect("meshConfig");
+        assert!(mesh.mesh_mtls.is_some());
+        assert_eq!(
+            serde_json::to_value(&mesh).unwrap()["meshMTLS"]["minProtocolVersion"],
+            "TLSV1_3"
+        );
+    }
+
+    #[test]
     fn root_namespace_first_then_by_name_and_revision_filtered() {
         let other = spec(serde_json::json!({
             "meshConfig": {"trustDomain": "other.example"},

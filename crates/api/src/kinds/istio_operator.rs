@@ -51,6 +51,8 @@ pub struct MeshConfig {
     pub extension_providers: Option<Vec<Value>>,
     pub ca_certificates: Option<Vec<Value>>,
     pub locality_lb_setting: Option<Value>,
+    /// Istio spells it `meshMTLS` (proto field `mesh_mTLS`).
+    #[serde(rename = "meshMTLS", alias = "meshMtls")]
     pub mesh_mtls: Option<Value>,
     pub discovery_selectors: Option<Vec<Value>>,
 }
@@ -79,7 +81,7 @@ impl MeshConfig {
             ("extensionProviders", self.extension_providers.is_some()),
             ("caCertificates", self.ca_certificates.is_some()),
             ("localityLbSetting", self.locality_lb_setting.is_some()),
-            ("meshMtls", self.mesh_mtls.is_some()),
+            ("meshMTLS", self.mesh_mtls.is_some()),
             ("discoverySelectors", self.discovery_selectors.is_some()),
         ]
     }

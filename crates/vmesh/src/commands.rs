@@ -8,7 +8,7 @@ use vmesh_api::decode::{Decoded, decode_sources};
 use vmesh_api::{KindInfo, kind_for};
 use vmesh_server::ServerConfig;
 
-use crate::client::{Client, proxy_statuses};
+use crate::client::Client;
 use crate::{CaArgs, Command, CreateCommand, TokenCommand, manifests, output};
 
 pub async fn run(command: Command) -> Result<ExitCode> {
@@ -196,8 +196,12 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
-        Command::ProxyStatus { monitoring } => {
-            let proxies = proxy_statuses(&monitoring).await?;
+        Command::ProxyStatus {
+            connection,
+            monitoring,
+        } => {
+            let proxies =
+                crate::doctor::proxy_statuses_of(&connection, monitoring.as_deref()).await?;
             print!("{}", output::proxy_status_table(&proxies));
             Ok(ExitCode::SUCCESS)
         }

@@ -170,11 +170,27 @@ fn monitoring_of(server: &str) -> Result<String> {
 /// The server's monitoring port when `--monitoring` does not say (Istio's 15014).
 const MONITORING_PORT: u16 = 15014;
 
-pub async fn run(connection: &Connection, monitoring: Option<&str>) -> Result<ExitCode> {
+/// Every connected proxy's sync status, from `monitoring` or, when it is
+/// not given, from the monitoring port on the host of the server the CLI
+/// was pointed at; an error names the address it tried.
+pub async fn proxy_statuses_of(
+    connection: &Connection,
+    monitoring: Option<&str>,
+) -> Result<Vec<Value>> {
     let (monitoring, derived) = match monitoring {
         Some(monitoring) => (monitoring.to_string(), false),
         None => (monitoring_of(&connection.server)?, true),
     };
+    proxy_statuses(&monitoring).await.with_context(|| {
+        if derived {
+            format!("the monitoring port tried is {monitoring}: --server's host, port {MONITORING_PORT}; give --monitoring or VMESH_MONITORING if it is elsewhere")
+        } else {
+            format!("the monitoring port tried is {monitoring}")
+        }
+    })
+}
+
+pub async fn run(connection: &Connection, monitoring: Option<&str>) -> Result<ExitCode> {
     let client = Client::config_api(connection)?;
     let items =
         |list: Value| -> Vec<Value> { list["items"].as_array().cloned().unwrap_or_default() };
@@ -195,13 +211,7 @@ pub async fn run(connection: &Connection, monitoring: Option<&str>) -> Result<Ex
             .await?,
     );
     let messages = crate::analyze::live_messages(&client).await?;
-    let proxies = proxy_statuses(&monitoring).await.with_context(|| {
-        if derived {
-            format!("the monitoring port tried is {monitoring}: --server's host, port {MONITORING_PORT}; give --monitoring or VMESH_MONITORING if it is elsewhere")
-        } else {
-            format!("the monitoring port tried is {monitoring}")
-        }
-    })?;
+    let proxies = proxy_statuses_of(connection, monitoring).await?;
 
     let mut findings = group_findings(&groups);
     findings.extend(entry_findings(&entries));

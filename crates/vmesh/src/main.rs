@@ -140,13 +140,11 @@ enum Command {
     },
     /// Show every connected proxy and whether it runs the latest config.
     ProxyStatus {
-        /// The server's monitoring address.
-        #[arg(
-            long,
-            env = "VMESH_MONITORING",
-            default_value = "http://127.0.0.1:15014"
-        )]
-        monitoring: String,
+        #[command(flatten)]
+        connection: Connection,
+        /// The server's monitoring address [default: --server's host, port 15014].
+        #[arg(long, env = "VMESH_MONITORING")]
+        monitoring: Option<String>,
     },
     /// Check manifests without a server: exit 0 only when all are valid.
     Validate {

@@ -145,7 +145,7 @@ pub async fn run(args: XdsBench) -> Result<()> {
         let target = Target::istiod(peer, dir.path(), &objects).await?;
         results.push(measure(&args, &target).await?);
     }
-    print_table(&args, &results);
+    print_table(&results);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     }
@@ -477,7 +477,7 @@ fn summarize(samples: &mut [Duration], lost: usize) -> KindResult {
     }
 }
 
-fn print_table(args: &XdsBench, results: &[RunResult]) {
+fn print_table(results: &[RunResult]) {
     let vmesh = &results[0];
     let peer = results.get(1);
     println!();
@@ -567,7 +567,6 @@ fn print_table(args: &XdsBench, results: &[RunResult]) {
             );
         }
     }
-    let _ = args;
 }
 
 /// A kernel memory figure of process `pid` in MB (`VmRSS`, `VmHWM`).

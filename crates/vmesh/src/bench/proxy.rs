@@ -597,3 +597,74 @@ async fn delta(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn any(value: &[u8]) -> Any {
+        Any {
+            type_url: ROUTE_TYPE.into(),
+            value: value.to_vec(),
+        }
+    }
+
+    fn tracked() -> Subscriptions {
+        Subscriptions {
+            held: Some(HashMap::new()),
+            ..Subscriptions::default()
+        }
+    }
+
+    /// The soak's check compares fingerprints: proxies holding the same
+    /// resources must agree whichever flavour brought them, and a missed
+    /// removal must show.
+    #[test]
+    fn fingerprints_agree_across_flavours_and_see_a_missed_removal() {
+        let decoded = Decoded::default();
+        let (a, b) = (any(b"route a"), any(b"route b"));
+        let mut sotw = tracked();
+        sotw.take(
+            &Received {
+                type_url: ROUTE_TYPE,
+                named: vec![(None, &a), (None, &b)],
+                full_state: true,
+                removed: &[],
+            },
+            &decoded,
+        );
+        let mut delta = tracked();
+        delta.take(
+            &Received {
+                type_url: ROUTE_TYPE,
+                named: vec![(Some("a".into()), &a), (Some("b".into()), &b)],
+                full_state: false,
+                removed: &[],
+            },
+            &decoded,
+        );
+        assert_eq!(sotw.fingerprint(), delta.fingerprint());
+
+        // State of the world drops b; delta misses the removal of b.
+        sotw.take(
+            &Received {
+                type_url: ROUTE_TYPE,
+                named: vec![(None, &a)],
+                full_state: true,
+                removed: &[],
+            },
+            &decoded,
+        );
+        assert_ne!(sotw.fingerprint(), delta.fingerprint());
+        delta.take(
+            &Received {
+                type_url: ROUTE_TYPE,
+                named: Vec::new(),
+                full_state: false,
+                removed: &["b".to_string()],
+            },
+            &decoded,
+        );
+        assert_eq!(sotw.fingerprint(), delta.fingerprint());
+    }
+}

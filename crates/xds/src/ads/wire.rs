@@ -35,7 +35,10 @@ pub enum Flavour {
 #[derive(Debug, Clone)]
 pub struct Encoded {
     pub type_url: String,
-    /// The resources it carries, by name.
+    /// The resources a delta response carries, by name: what Envoy warms
+    /// next (see `Protocol::resend`). State-of-the-world responses leave it
+    /// empty: they carry the whole set, and collecting thousands of names
+    /// for every proxy on every push would be work for nothing.
     pub names: Vec<Arc<str>>,
     pub chunks: Vec<Bytes>,
 }
@@ -69,7 +72,9 @@ impl Encoded {
                 }
             };
             body_length += chunk.len();
-            names.extend(layer.entries.iter().map(|(name, _)| Arc::clone(name)));
+            if flavour == Flavour::Delta {
+                names.extend(layer.entries.iter().map(|(name, _)| Arc::clone(name)));
+            }
             chunks.push(chunk);
         }
         let length = fields.encoded_len() + body_length;

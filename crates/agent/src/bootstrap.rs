@@ -178,6 +178,37 @@ impl Bootstrap {
         format!("{service}.{}", self.namespace)
     }
 
+    /// The workload as Istio's metrics name it (`principal` being its SPIFFE
+    /// URI): the `WORKLOAD_NAME` and `CLUSTER_ID` metadata win over the
+    /// fields, as they do in [`metadata`](Self::metadata).
+    pub fn workload_attributes(&self, principal: String) -> vmesh_api::peer::WorkloadAttributes {
+        let metadata = self.metadata();
+        let text = |key: &str| metadata.get(key).and_then(Value::as_str).map(str::to_string);
+        vmesh_api::peer::WorkloadAttributes {
+            workload: text("WORKLOAD_NAME").unwrap_or_else(|| self.name.clone()),
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            cluster: text("CLUSTER_ID").unwrap_or_default(),
+            principal,
+        }
+    }
+
+    /// Envoy's environment: the workload's attributes for the metrics its
+    /// configuration reads with `%ENVIRONMENT(…)%`, and the service name
+    /// OpenTelemetry spans carry.
+    pub fn envoy_env(&self, principal: String) -> Vec<(String, String)> {
+        let attributes = self.workload_attributes(principal);
+        let mut env: Vec<(String, String)> = vmesh_api::peer::env_for(&attributes)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        env.push((
+            "OTEL_RESOURCE_ATTRIBUTES".into(),
+            format!("service.name={}", self.service_cluster()),
+        ));
+        env
+    }
+
     /// The node metadata.
     pub fn metadata(&self) -> Map<String, Value> {
         let mut m = Map::new();
@@ -228,8 +259,15 @@ impl Bootstrap {
         }
         let ads_source =
             json!({"ads": {}, "initial_fetch_timeout": "0s", "resource_api_version": "V3"});
+        // Istio's size metrics count bytes, not milliseconds: powers of ten.
+        let byte_buckets = json!([1, 10, 100, 1000, 10000, 100000, 1000000, 10000000]);
+        let bucket_settings: Vec<Value> = ["istio.request_bytes", "istio.response_bytes"]
+            .iter()
+            .map(|name| json!({"match": {"prefix": name}, "buckets": byte_buckets}))
+            .collect();
         json!({
             "node": node,
+            "stats_config": {"histogram_bucket_settings": bucket_settings},
             "admin": {
                 "address": socket_address(self.admin.ip(), self.admin.port()),
             },

@@ -201,6 +201,9 @@ pub struct EnvoyProcess {
     pub drain: Duration,
     /// How restarts space out.
     pub restart: BackoffPolicy,
+    /// Variables added to its environment (the workload's attributes,
+    /// [`Bootstrap::envoy_env`](crate::bootstrap::Bootstrap::envoy_env)).
+    pub env: Vec<(String, String)>,
 }
 
 impl EnvoyProcess {
@@ -278,6 +281,7 @@ impl EnvoyProcess {
             .args(["--base-id", &self.base_id.to_string(), "-l", "warning"])
             // The agent restarts Envoy itself; no shared memory left behind.
             .arg("--disable-hot-restart")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .kill_on_drop(true);
         if let Some(uid) = self.user {
             command.uid(uid).gid(uid);
@@ -321,6 +325,7 @@ mod tests {
             admin_port: 15000,
             drain: Duration::ZERO,
             restart: RESTART_BACKOFF,
+            env: Vec::new(),
         }
     }
 

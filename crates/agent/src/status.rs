@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -233,8 +233,13 @@ impl BoundStatus {
 
     /// Serves until `shutdown` turns true.
     pub async fn serve(self, mut shutdown: watch::Receiver<bool>) -> Result<(), StatusError> {
-        axum::serve(self.listener, self.server.router())
-            .with_graceful_shutdown(async move { crate::stopped(&mut shutdown).await })
+        axum::serve(
+            self.listener,
+            self.server
+                .router()
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { crate::stopped(&mut shutdown).await })
             .await
             .map_err(StatusError::Serve)
     }
@@ -251,7 +256,18 @@ async fn ready(State(server): State<StatusServer>) -> Response {
     }
 }
 
-async fn dns_dump(State(server): State<StatusServer>) -> Response {
+/// The DNS proxy's names are for the VM's own operator: loopback callers only.
+async fn dns_dump(
+    State(server): State<StatusServer>,
+    ConnectInfo(caller): ConnectInfo<SocketAddr>,
+) -> Response {
+    if !caller.ip().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            "the DNS dump answers loopback callers only\n",
+        )
+            .into_response();
+    }
     let Some(dns) = &server.inner.dns else {
         return (StatusCode::NOT_FOUND, "the DNS proxy is off\n").into_response();
     };
@@ -276,6 +292,26 @@ async fn dns_dump(State(server): State<StatusServer>) -> Response {
         "names": names,
     }))
     .into_response()
+}
+
+/// Envoy exports every stat it makes under `envoy_`; Istio's standard
+/// metrics (made in the `istio` scope, see the xds crate's telemetry) are
+/// served under Istio's own names, `istio_requests_total` and the rest.
+fn istio_names(envoy: &str) -> String {
+    const ENVOY_PREFIX: &str = "envoy_istio_";
+    let mut out = String::with_capacity(envoy.len());
+    for line in envoy.lines() {
+        let renamed = line
+            .strip_prefix(ENVOY_PREFIX)
+            .map(|rest| format!("istio_{rest}"))
+            .or_else(|| {
+                line.strip_prefix("# TYPE envoy_istio_")
+                    .map(|rest| format!("# TYPE istio_{rest}"))
+            });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
 }
 
 async fn metrics(State(server): State<StatusServer>) -> Response {
@@ -304,7 +340,7 @@ async fn metrics(State(server): State<StatusServer>) -> Response {
     let url = format!("http://{}/stats/prometheus", inner.envoy_admin);
     match inner.client.get(&url).send().await {
         Ok(response) if response.status().is_success() => {
-            body.push_str(&response.text().await.unwrap_or_default());
+            body.push_str(&istio_names(&response.text().await.unwrap_or_default()));
         }
         Ok(response) => {
             body.push_str(&format!("# Envoy's metrics: HTTP {}\n", response.status()));

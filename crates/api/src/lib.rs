@@ -23,6 +23,7 @@ pub mod kinds;
 pub mod mesh;
 pub mod object;
 pub mod onboarding;
+pub mod peer;
 pub mod problem;
 pub mod registry;
 #[cfg(feature = "testing")]

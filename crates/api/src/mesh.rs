@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::kinds::istio_operator::IstioOperatorSpec;
+use crate::kinds::istio_operator::{DefaultProviders, ExtensionProvider, IstioOperatorSpec};
 use crate::kinds::sidecar::OutboundMode;
 
 /// Istio's root namespace: mesh-wide policies and the control plane's own objects.
@@ -62,6 +62,43 @@ pub struct MeshSettings {
     pub default_config: serde_json::Map<String, Value>,
     /// `namespace/name` of the operators the settings came from, in precedence order.
     pub sources: Vec<String>,
+    /// What Telemetry resources build on: access log defaults, providers, tracing defaults.
+    #[serde(default)]
+    pub telemetry: MeshTelemetry,
+}
+
+/// The mesh-wide telemetry settings of `meshConfig`, each from the first
+/// operator that sets it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshTelemetry {
+    /// `accessLogFile`: every sidecar logs there unless a Telemetry says otherwise.
+    pub access_log_file: Option<String>,
+    /// `accessLogEncoding: JSON`.
+    pub access_log_json: bool,
+    /// `accessLogFormat`: a text format, or for JSON a JSON object of labels.
+    pub access_log_format: Option<String>,
+    pub extension_providers: Vec<ExtensionProvider>,
+    pub default_providers: DefaultProviders,
+    /// `enableTracing` (default true): false turns every tracer off.
+    pub enable_tracing: bool,
+    /// `defaultConfig.tracing.sampling`: the percentage sampled where a
+    /// Telemetry does not say (Istio's default 1%).
+    pub default_sampling: f64,
+}
+
+impl Default for MeshTelemetry {
+    fn default() -> Self {
+        MeshTelemetry {
+            access_log_file: None,
+            access_log_json: false,
+            access_log_format: None,
+            extension_providers: Vec::new(),
+            default_providers: DefaultProviders::default(),
+            enable_tracing: true,
+            default_sampling: 1.0,
+        }
+    }
 }
 
 impl Default for MeshSettings {
@@ -77,6 +114,7 @@ impl Default for MeshSettings {
             network: None,
             default_config: serde_json::Map::new(),
             sources: Vec::new(),
+            telemetry: MeshTelemetry::default(),
         }
     }
 }
@@ -138,6 +176,27 @@ impl MeshSettings {
                 .iter()
                 .map(|o| format!("{}/{}", o.namespace, o.name))
                 .collect(),
+            telemetry: MeshTelemetry {
+                access_log_file: meshes().find_map(|m| m.access_log_file.clone()),
+                access_log_json: meshes()
+                    .find_map(|m| m.access_log_encoding.as_deref())
+                    .is_some_and(|e| e == "JSON"),
+                access_log_format: meshes().find_map(|m| m.access_log_format.clone()),
+                extension_providers: meshes()
+                    .find_map(|m| m.extension_providers.clone())
+                    .unwrap_or_default(),
+                default_providers: meshes()
+                    .find_map(|m| m.default_providers.clone())
+                    .unwrap_or_default(),
+                enable_tracing: meshes().find_map(|m| m.enable_tracing).unwrap_or(true),
+                default_sampling: meshes()
+                    .find_map(|m| {
+                        m.default_config.as_ref()?.tracing.as_ref()?.get("sampling")?.as_f64()
+                    })
+                    // Istio reads 0 as unset, and anything over 100 as its default.
+                    .filter(|pct| *pct > 0.0 && *pct <= 100.0)
+                    .unwrap_or(defaults.telemetry.default_sampling),
+            },
         }
     }
 }

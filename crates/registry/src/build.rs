@@ -59,6 +59,7 @@ impl Snapshot {
             virtual_services: inputs.virtual_services,
             peer_authentications: inputs.peer_authentications,
             authorization_policies: inputs.authorization_policies,
+            telemetries: inputs.telemetries,
             mesh: inputs.mesh,
         }
     }
@@ -338,6 +339,7 @@ fn endpoint(workload: &Workload, port: u16, service_port: u16) -> Option<MeshEnd
         labels: workload.labels.clone(),
         service_account: spec.service_account.clone(),
         workload: format!("{}/{}", workload.namespace, workload.name),
+        workload_name: workload.workload_name.clone(),
         healthy: workload.healthy,
     })
 }

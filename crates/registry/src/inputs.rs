@@ -20,6 +20,7 @@ use vmesh_api::kinds::istio_operator::{self, IstioOperator, IstioOperatorSpec};
 use vmesh_api::kinds::peer_authentication::{self, PeerAuthentication, PeerAuthenticationSpec};
 use vmesh_api::kinds::service::{self, Service, ServiceSpec};
 use vmesh_api::kinds::service_entry::{self, ServiceEntry, ServiceEntrySpec};
+use vmesh_api::kinds::telemetry::{self, Telemetry, TelemetrySpec};
 use vmesh_api::kinds::virtual_service::{self, VirtualService, VirtualServiceSpec};
 use vmesh_api::kinds::workload_entry::{self, WorkloadEntry, WorkloadEntrySpec};
 use vmesh_api::mesh::OperatorRef;
@@ -30,6 +31,9 @@ use crate::model::{EndpointAddress, MeshSettings, Scoped};
 /// Set on WorkloadEntries whose group has a readiness probe: such an entry is
 /// healthy only once a `Healthy=True` condition says so.
 pub const HEALTH_CHECKS_ANNOTATION: &str = "proxy.istio.io/health-checks-enabled";
+/// Set on WorkloadEntries that auto-registration made: the WorkloadGroup
+/// they came from, which is also their workload's name in metrics.
+pub const GROUP_ANNOTATION: &str = "istio.io/autoRegistrationGroup";
 
 /// The typed objects of one build, shared with the cache they came from.
 #[derive(Clone, Default)]
@@ -41,6 +45,7 @@ pub(crate) struct Inputs {
     pub virtual_services: Vec<Arc<Scoped<VirtualServiceSpec>>>,
     pub peer_authentications: Vec<Arc<Scoped<PeerAuthenticationSpec>>>,
     pub authorization_policies: Vec<Arc<Scoped<AuthorizationPolicySpec>>>,
+    pub telemetries: Vec<Arc<Scoped<TelemetrySpec>>>,
     pub mesh: MeshSettings,
 }
 
@@ -53,6 +58,9 @@ pub(crate) struct Workload {
     /// The labels selectors match: Istio merges `metadata.labels` over `spec.labels`.
     pub labels: BTreeMap<String, String>,
     pub healthy: bool,
+    /// The workload's name in metrics: its WorkloadGroup's for auto-registered
+    /// entries (as the VM's agent names itself), else the entry's.
+    pub workload_name: String,
     /// `None` for an entry with neither an address nor a network: it serves nothing.
     pub address: Option<EndpointAddress>,
 }
@@ -88,6 +96,7 @@ enum Typed {
     VirtualService(Arc<Scoped<VirtualServiceSpec>>),
     PeerAuthentication(Arc<Scoped<PeerAuthenticationSpec>>),
     AuthorizationPolicy(Arc<Scoped<AuthorizationPolicySpec>>),
+    Telemetry(Arc<Scoped<TelemetrySpec>>),
     Operator(Arc<Scoped<IstioOperatorSpec>>),
 }
 
@@ -109,6 +118,8 @@ impl Typed {
             scoped(object, |b: PeerAuthentication| b.spec).map(Typed::PeerAuthentication)
         } else if is(&authorization_policy::KIND) {
             scoped(object, |b: AuthorizationPolicy| b.spec).map(Typed::AuthorizationPolicy)
+        } else if is(&telemetry::KIND) {
+            scoped(object, |b: Telemetry| b.spec).map(Typed::Telemetry)
         } else if is(&istio_operator::KIND) {
             scoped(object, |b: IstioOperator| b.spec).map(Typed::Operator)
         } else if is(&workload_entry::KIND) {
@@ -162,6 +173,7 @@ impl Inputs {
                 Some(Typed::VirtualService(s)) => inputs.virtual_services.push(s),
                 Some(Typed::PeerAuthentication(s)) => inputs.peer_authentications.push(s),
                 Some(Typed::AuthorizationPolicy(s)) => inputs.authorization_policies.push(s),
+                Some(Typed::Telemetry(s)) => inputs.telemetries.push(s),
                 Some(Typed::Operator(s)) => operators.push(s),
                 None => {}
             }
@@ -174,6 +186,7 @@ impl Inputs {
         sort(&mut inputs.virtual_services);
         sort(&mut inputs.peer_authentications);
         sort(&mut inputs.authorization_policies);
+        sort(&mut inputs.telemetries);
         sort(&mut operators);
         inputs
             .workloads
@@ -188,22 +201,24 @@ impl Workload {
         let meta = &object.metadata;
         let mut labels = entry.spec.labels.clone().unwrap_or_default();
         labels.extend(meta.labels.clone().unwrap_or_default());
-        let checked = meta
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(HEALTH_CHECKS_ANNOTATION))
-            .is_some_and(|v| v == "true");
+        let annotation = |key: &str| meta.annotations.as_ref().and_then(|a| a.get(key));
+        let checked = annotation(HEALTH_CHECKS_ANNOTATION).is_some_and(|v| v == "true");
+        let group = annotation(GROUP_ANNOTATION).cloned();
         let healthy = match healthy_condition(entry.status.as_ref()) {
             Some(status) => status == "True",
             None => !checked,
         };
-        Workload::new(
+        let mut workload = Workload::new(
             namespace(object),
             meta.name().to_string(),
             entry.spec,
             labels,
             healthy,
-        )
+        );
+        if let Some(group) = group {
+            workload.workload_name = group;
+        }
+        workload
     }
 
     /// An endpoint written inside a ServiceEntry or Service: always healthy.
@@ -224,6 +239,7 @@ impl Workload {
             tracing::warn!(workload = %format!("{namespace}/{name}"), "a workload without address or network serves nothing");
         }
         Workload {
+            workload_name: name.clone(),
             namespace,
             name,
             spec,

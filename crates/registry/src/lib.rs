@@ -54,9 +54,10 @@ pub mod kube_view;
 mod model;
 mod policy;
 mod selector;
+pub mod telemetry;
 mod vip;
 
-pub use inputs::{DecodeCache, HEALTH_CHECKS_ANNOTATION};
+pub use inputs::{DecodeCache, GROUP_ANNOTATION, HEALTH_CHECKS_ANNOTATION};
 pub use model::{
     EndpointAddress, MeshEndpoint, MeshPort, MeshService, MeshSettings, Origin, OutboundPolicy,
     Protocol, Resolution, Scoped, Snapshot,

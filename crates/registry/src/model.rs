@@ -12,6 +12,7 @@ use vmesh_api::kinds::authorization_policy::AuthorizationPolicySpec;
 use vmesh_api::kinds::destination_rule::DestinationRuleSpec;
 use vmesh_api::kinds::peer_authentication::PeerAuthenticationSpec;
 use vmesh_api::kinds::service::{ServicePort, TransportProtocol};
+use vmesh_api::kinds::telemetry::TelemetrySpec;
 use vmesh_api::kinds::virtual_service::VirtualServiceSpec;
 
 pub use vmesh_api::mesh::{MeshSettings, OutboundPolicy};
@@ -33,6 +34,8 @@ pub struct Snapshot {
     pub peer_authentications: Vec<Arc<Scoped<PeerAuthenticationSpec>>>,
     /// Sorted by namespace and name.
     pub authorization_policies: Vec<Arc<Scoped<AuthorizationPolicySpec>>>,
+    /// Sorted by namespace and name.
+    pub telemetries: Vec<Arc<Scoped<TelemetrySpec>>>,
     pub mesh: MeshSettings,
     /// Built with the rules by [`Snapshot::build`], for the lookups.
     pub(crate) rules_by_host: crate::policy::RulesByHost,
@@ -266,6 +269,8 @@ pub struct MeshEndpoint {
     /// `namespace/name` of the WorkloadEntry, or of the ServiceEntry or Service
     /// for endpoints written inside them.
     pub workload: String,
+    /// The workload's name in metrics (an auto-registered entry's WorkloadGroup).
+    pub workload_name: String,
     pub healthy: bool,
 }
 

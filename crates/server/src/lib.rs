@@ -20,6 +20,7 @@ pub mod config_dir;
 pub mod identity;
 pub mod join;
 pub mod mesh;
+pub mod discovery;
 pub mod monitoring;
 pub mod registration;
 pub mod views;
@@ -219,12 +220,13 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         identity.authority.trust_domain(),
         metrics.clone(),
     )?;
+    let proxies = Arc::new(vmesh_xds::ads::StatusTable::default());
     let router = api::router(
         store.clone(),
         mesh.clone(),
         config.api_token.clone(),
         shutdown_rx.clone(),
-        identity.router(),
+        identity.router().merge(discovery::router(proxies.clone())),
     );
     let mut tasks = vec![serve_http(
         listener,
@@ -233,7 +235,6 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         "config API",
     )];
     tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
-    let proxies = Arc::new(vmesh_xds::ads::StatusTable::default());
 
     let registration = Arc::new(registration::AutoRegistration::new(
         store.clone(),

@@ -26,7 +26,7 @@ use vmesh_store::{Op, Store};
 use vmesh_xds::ads::{CallerIdentity, HealthReport, ProxyLifecycle};
 use vmesh_xds::node::Proxy;
 
-pub const GROUP_ANNOTATION: &str = "istio.io/autoRegistrationGroup";
+pub use vmesh_registry::GROUP_ANNOTATION;
 pub const CONTROLLER_ANNOTATION: &str = "istio.io/workloadController";
 pub const CONNECTED_AT_ANNOTATION: &str = "istio.io/connectedAt";
 pub const DISCONNECTED_AT_ANNOTATION: &str = "istio.io/disconnectedAt";

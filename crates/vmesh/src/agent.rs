@@ -99,9 +99,10 @@ pub struct AgentArgs {
     /// State-of-the-world ADS instead of delta.
     #[arg(long)]
     state_of_the_world: bool,
-    /// The status port: /healthz/ready and merged metrics (/stats/prometheus).
-    /// Loopback unless opened to a scraper with 0.0.0.0:15020.
-    #[arg(long, default_value = "127.0.0.1:15020")]
+    /// The status port: /healthz/ready and merged metrics (/stats/prometheus),
+    /// open to Prometheus as Istio's is; the server lists it for Prometheus'
+    /// service discovery unless it is on loopback.
+    #[arg(long, default_value = "0.0.0.0:15020")]
     status_addr: SocketAddr,
     /// On SIGTERM, how long the workload is given to leave clients'
     /// endpoints and Envoy to finish its requests before it is stopped
@@ -233,7 +234,11 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         Some(AgentAction::Wait { timeout }) => {
-            return match status::wait_ready(args.status_addr, *timeout).await {
+            let mut status_addr = args.status_addr;
+            if status_addr.ip().is_unspecified() {
+                status_addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            return match status::wait_ready(status_addr, *timeout).await {
                 Ok(()) => {
                     println!("sidecar ready");
                     Ok(ExitCode::SUCCESS)
@@ -278,7 +283,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     .await?;
     tracing::info!("status port on {}", status.local_addr()?);
     let status_task = tokio::spawn(status.serve(stopped));
-    let bootstrap = workload.bootstrap(
+    let mut bootstrap = workload.bootstrap(
         &agent,
         &BootstrapOptions {
             locality: args.locality.as_deref().map(Locality::parse),
@@ -287,6 +292,13 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             state_of_the_world: args.state_of_the_world,
         },
     )?;
+    // Prometheus' service discovery lists the status port when others can reach it.
+    if !args.status_addr.ip().is_loopback() {
+        bootstrap.extra_metadata.insert(
+            vmesh_api::peer::STATUS_PORT_METADATA.into(),
+            args.status_addr.port().to_string().into(),
+        );
+    }
     let bootstrap_file = args.work_dir.join(workload::BOOTSTRAP_FILE);
     std::fs::write(&bootstrap_file, bootstrap.render())
         .with_context(|| format!("writing {}", bootstrap_file.display()))?;
@@ -298,6 +310,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         admin_port: args.admin_port,
         drain: args.drain_duration,
         restart: RESTART_BACKOFF,
+        env: bootstrap.envoy_env(workload.identity.uri()),
     };
     if args.capture {
         envoy.binary =

@@ -1,7 +1,8 @@
 //! The demo's workload: a small HTTP application that answers with its own
 //! name and version, as the guide's payment VMs do. It speaks HTTP/1.1 and
 //! HTTP/2 (prior knowledge), so a proxy may upgrade connections to it.
-//! `/slow/{ms}/…` answers after a delay, to show timeouts at work.
+//! `/slow/{ms}/…` answers after a delay, to show timeouts at work, and
+//! `/status/{code}` with that status, to show what the mesh does with errors.
 //! `/health` answers 503 while the `--unhealthy-file` exists, so a test or
 //! the demo can fail the readiness probe without stopping the application.
 
@@ -52,12 +53,19 @@ pub async fn run(
                 if let Some(ms) = delay {
                     tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                 }
-                format!(
+                // `/status/503` answers 503, for trying what a mesh does with errors.
+                let code = uri
+                    .path()
+                    .strip_prefix("/status/")
+                    .and_then(|code| StatusCode::from_u16(code.parse().ok()?).ok())
+                    .unwrap_or(StatusCode::OK);
+                let body = format!(
                     "name={} version={} path={}\n",
                     id.name,
                     id.version,
                     uri.path()
-                )
+                );
+                (code, body)
             },
         )
         .with_state(identity);

@@ -312,6 +312,11 @@ pub struct StatusTable {
 }
 
 impl StatusTable {
+    /// The node each connected proxy announced.
+    pub fn nodes(&self) -> Vec<Node> {
+        self.proxies.lock().values().map(|p| p.node.clone()).collect()
+    }
+
     pub fn snapshot(&self) -> Vec<ProxyStatus> {
         self.proxies
             .lock()

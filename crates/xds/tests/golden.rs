@@ -1,6 +1,7 @@
 //! Golden tests: the Envoy resources generated for the guide's manifests,
-//! rendered readably (every `Any` decoded in place) and compared with
-//! `tests/golden/*.txt`, so a change in translation shows in the diff.
+//! in Envoy's JSON (every `Any` decoded in place, map keys sorted, defaults
+//! left out) and compared with `tests/golden/*.json`, so a change in
+//! translation shows in the diff.
 //!
 //! After an intended change: `UPDATE_GOLDEN=1 cargo test -p vmesh-xds --test golden`,
 //! then read the diff before committing it.
@@ -12,115 +13,45 @@ use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
-use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
-use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
-use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
-use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
-use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
-use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
-use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
-use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
-use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    DownstreamTlsContext, UpstreamTlsContext,
-};
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use prost::Message;
-use regex::Regex;
+use prost::{Message, Name};
 use vmesh_api::testing::{NOT_KUBERNETES, seed_dir};
 use vmesh_registry::{DecodeCache, Snapshot, VipAllocator};
 use vmesh_xds::ads::{CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE};
+use vmesh_xds::config_dump::to_json;
 use vmesh_xds::node::Proxy;
 use vmesh_xds::translate::translate;
 
-/// The `Debug` rendering of a message of a known type.
-fn render(type_url: &str, bytes: &[u8]) -> Option<String> {
-    fn debug<M: Message + Default + std::fmt::Debug>(bytes: &[u8]) -> Option<String> {
-        M::decode(bytes).ok().map(|m| format!("{m:#?}"))
+/// A resource of a known type in Envoy's JSON.
+fn render(type_url: &str, bytes: &[u8]) -> serde_json::Value {
+    fn json<M: Message + Name + Default>(bytes: &[u8]) -> serde_json::Value {
+        to_json(&M::decode(bytes).expect("a resource that decodes")).expect("Envoy's JSON")
     }
-    let name = type_url.rsplit('/').next()?;
-    match name {
-        "envoy.config.cluster.v3.Cluster" => debug::<Cluster>(bytes),
-        "envoy.config.endpoint.v3.ClusterLoadAssignment" => debug::<ClusterLoadAssignment>(bytes),
-        "envoy.config.listener.v3.Listener" => debug::<Listener>(bytes),
-        "envoy.config.route.v3.RouteConfiguration" => debug::<RouteConfiguration>(bytes),
-        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager" => {
-            debug::<HttpConnectionManager>(bytes)
-        }
-        "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy" => debug::<TcpProxy>(bytes),
-        "envoy.extensions.filters.http.router.v3.Router" => debug::<Router>(bytes),
-        "envoy.extensions.filters.http.fault.v3.HTTPFault" => debug::<HttpFault>(bytes),
-        "envoy.extensions.filters.listener.original_dst.v3.OriginalDst" => {
-            debug::<OriginalDst>(bytes)
-        }
-        "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector" => {
-            debug::<TlsInspector>(bytes)
-        }
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions" => {
-            debug::<HttpProtocolOptions>(bytes)
-        }
-        "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate" => {
-            debug::<PreviousHostsPredicate>(bytes)
-        }
-        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" => {
-            debug::<UpstreamTlsContext>(bytes)
-        }
-        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext" => {
-            debug::<DownstreamTlsContext>(bytes)
-        }
-        "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer" => debug::<RawBuffer>(bytes),
-        "envoy.extensions.filters.http.rbac.v3.RBAC" => {
-            HttpRbac::decode(bytes).ok().map(|r| rbac_rules(r.rules))
-        }
-        "envoy.extensions.filters.network.rbac.v3.RBAC" => {
-            NetworkRbac::decode(bytes).ok().map(|r| rbac_rules(r.rules))
-        }
-        _ => None,
+    match type_url.rsplit('/').next().unwrap_or_default() {
+        "envoy.config.cluster.v3.Cluster" => json::<Cluster>(bytes),
+        "envoy.config.endpoint.v3.ClusterLoadAssignment" => json::<ClusterLoadAssignment>(bytes),
+        "envoy.config.listener.v3.Listener" => json::<Listener>(bytes),
+        "envoy.config.route.v3.RouteConfiguration" => json::<RouteConfiguration>(bytes),
+        other => panic!("no golden rendering for {other}"),
     }
 }
 
-/// RBAC rules with their policies in name order (Envoy's type keeps them in a HashMap).
-fn rbac_rules(rules: Option<envoy_types::pb::envoy::config::rbac::v3::Rbac>) -> String {
-    let rules = rules.unwrap_or_default();
-    let policies: std::collections::BTreeMap<_, _> = rules.policies.into_iter().collect();
-    format!("RBAC action {:?} {policies:#?}", rules.action)
+/// `value` with every object's keys in order: Envoy's map fields come out
+/// of hash maps.
+fn sorted(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut entries: Vec<_> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            serde_json::Value::Object(entries.into_iter().map(|(k, v)| (k, sorted(v))).collect())
+        }
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.into_iter().map(sorted).collect())
+        }
+        other => other,
+    }
 }
 
-/// Replaces every `Any { type_url, value: [bytes] }` in a `Debug` rendering
-/// by the decoded message, indented where the `Any` was.
-fn expand_anys(text: &str) -> String {
-    let any = Regex::new(
-        r#"(?m)^( *)(.*)Any \{\n *type_url: "([^"]+)",\n *value: \[([0-9,\s]*)\],\n *\}"#,
-    )
-    .unwrap();
-    any.replace_all(text, |captures: &regex::Captures| {
-        let indent = &captures[1];
-        let bytes: Vec<u8> = captures[4]
-            .split(',')
-            .filter_map(|b| b.trim().parse().ok())
-            .collect();
-        let inner = match render(&captures[3], &bytes) {
-            Some(decoded) => expand_anys(&decoded),
-            None => format!("<{} bytes of {}>", bytes.len(), &captures[3]),
-        };
-        let inner = inner.replace('\n', &format!("\n{indent}"));
-        format!("{indent}{}Any<{}> {inner}", &captures[2], &captures[3])
-    })
-    .into_owned()
-}
-
-/// Drops the lines of fields left at their default, which are most of them.
-fn without_defaults(text: &str) -> String {
-    let default = Regex::new(r#"^ *[a-z_0-9]+: (None|\[\]|\{\}|0|false|""),$"#).unwrap();
-    text.lines()
-        .filter(|line| !default.is_match(line))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// Every resource a proxy gets, one block per resource, in type then name order.
 fn golden_text(proxy: &Proxy, snapshot: &Snapshot) -> String {
     let resources = translate(snapshot, proxy);
     let mut out = String::new();
@@ -128,11 +59,11 @@ fn golden_text(proxy: &Proxy, snapshot: &Snapshot) -> String {
         let mut named: Vec<_> = resources.of_type(type_url).collect();
         named.sort_by(|a, b| a.0.cmp(b.0));
         for (name, resource) in named {
-            let rendered = render(type_url, &resource.any.value).expect("a known type");
+            let rendered = sorted(render(type_url, &resource.any.value));
             out += &format!(
                 "### {} {name}\n{}\n\n",
                 type_url.rsplit('.').next().unwrap_or(""),
-                without_defaults(&expand_anys(&rendered))
+                serde_json::to_string_pretty(&rendered).expect("JSON")
             );
         }
     }
@@ -231,7 +162,7 @@ fn check(name: &str, actual: &str) {
 #[test]
 fn the_guides_payment_vm_gets_these_resources() {
     check(
-        "payment-vm.txt",
+        "payment-vm.json",
         &golden_text(&payment_vm(), &guide_snapshot()),
     );
 }
@@ -239,6 +170,10 @@ fn the_guides_payment_vm_gets_these_resources() {
 #[test]
 fn rendering_decodes_nested_anys() {
     let text = golden_text(&payment_vm(), &guide_snapshot());
-    assert!(!text.contains("value: ["), "an Any was left undecoded");
-    assert!(text.contains("Any<type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager>"));
+    assert!(
+        text.contains(r#""@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager""#)
+    );
+    assert!(
+        text.contains(r#""@type": "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config""#)
+    );
 }

@@ -47,8 +47,8 @@ pub struct MeshConfig {
     pub root_namespace: Option<String>,
     pub connect_timeout: Option<Duration>,
     pub protocol_detection_timeout: Option<Duration>,
-    pub default_providers: Option<Value>,
-    pub extension_providers: Option<Vec<Value>>,
+    pub default_providers: Option<DefaultProviders>,
+    pub extension_providers: Option<Vec<ExtensionProvider>>,
     pub ca_certificates: Option<Vec<Value>>,
     pub locality_lb_setting: Option<Value>,
     /// Istio spells it `meshMTLS` (proto field `mesh_mTLS`).
@@ -60,14 +60,10 @@ pub struct MeshConfig {
 impl MeshConfig {
     /// The fields vmesh reads but does not act on, and whether each is set:
     /// `vmesh validate` warns about those that are.
-    fn not_applied(&self) -> [(&'static str, bool); 15] {
+    fn not_applied(&self) -> [(&'static str, bool); 9] {
         [
             ("trustDomainAliases", self.trust_domain_aliases.is_some()),
-            ("accessLogFile", self.access_log_file.is_some()),
-            ("accessLogEncoding", self.access_log_encoding.is_some()),
-            ("accessLogFormat", self.access_log_format.is_some()),
             ("enableAutoMtls", self.enable_auto_mtls == Some(false)),
-            ("enableTracing", self.enable_tracing.is_some()),
             (
                 "enablePrometheusMerge",
                 self.enable_prometheus_merge == Some(false),
@@ -77,13 +73,168 @@ impl MeshConfig {
                 "protocolDetectionTimeout",
                 self.protocol_detection_timeout.is_some(),
             ),
-            ("defaultProviders", self.default_providers.is_some()),
-            ("extensionProviders", self.extension_providers.is_some()),
             ("caCertificates", self.ca_certificates.is_some()),
             ("localityLbSetting", self.locality_lb_setting.is_some()),
             ("meshMTLS", self.mesh_mtls.is_some()),
             ("discoverySelectors", self.discovery_selectors.is_some()),
         ]
+    }
+}
+
+/// `meshConfig.extensionProviders[]`: a named provider of access logs,
+/// traces or metrics that Telemetry resources refer to. vmesh applies the
+/// kinds it has fields for; any other kind (`envoyExtAuthzHttp`,
+/// `stackdriver`, …) is kept as written and `vmesh validate` says it is not
+/// applied.
+#[skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ExtensionProvider {
+    pub name: String,
+    pub envoy_file_access_log: Option<FileAccessLogProvider>,
+    pub zipkin: Option<ZipkinProvider>,
+    pub opentelemetry: Option<OpenTelemetryProvider>,
+    pub prometheus: Option<BTreeMap<String, Value>>,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, Value>,
+}
+
+/// `envoyFileAccessLog`: Envoy's file access logger.
+#[skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileAccessLogProvider {
+    pub path: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// A log line's shape: a text format, or JSON with these labels (each a
+/// command operator such as `%RESPONSE_CODE%`).
+#[skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogFormat {
+    pub text: Option<String>,
+    pub labels: Option<BTreeMap<String, Value>>,
+}
+
+/// `zipkin`: spans sent to a Zipkin collector (Zipkin's JSON v2 API).
+#[skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ZipkinProvider {
+    /// The collector's service host, as in `zipkin.istio-system.svc.cluster.local`.
+    pub service: String,
+    pub port: u32,
+    pub max_tag_length: Option<u32>,
+    #[serde(rename = "enable64bitTraceId")]
+    pub enable_64bit_trace_id: Option<bool>,
+    pub path: Option<String>,
+    pub trace_context_option: Option<String>,
+    pub timeout: Option<Duration>,
+    pub headers: Option<Vec<Value>>,
+}
+
+/// `opentelemetry`: spans sent over OTLP, gRPC unless `http` is given.
+#[skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OpenTelemetryProvider {
+    pub service: String,
+    pub port: u32,
+    pub max_tag_length: Option<u32>,
+    pub http: Option<OtlpHttp>,
+    pub grpc: Option<Value>,
+    pub resource_detectors: Option<Value>,
+    pub dynamic_sampler: Option<Value>,
+}
+
+#[skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OtlpHttp {
+    pub path: Option<String>,
+    pub timeout: Option<Duration>,
+    pub headers: Option<Vec<Value>>,
+}
+
+/// `meshConfig.defaultProviders`: the providers used where no Telemetry names one.
+#[skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DefaultProviders {
+    pub tracing: Option<Vec<String>>,
+    pub metrics: Option<Vec<String>>,
+    pub access_logging: Option<Vec<String>>,
+}
+
+impl ExtensionProvider {
+    /// The kinds written beside `name` that vmesh applies.
+    fn applied_kinds(&self) -> usize {
+        [
+            self.envoy_file_access_log.is_some(),
+            self.zipkin.is_some(),
+            self.opentelemetry.is_some(),
+            self.prometheus.is_some(),
+        ]
+        .into_iter()
+        .filter(|set| *set)
+        .count()
+    }
+
+    fn validate(&self, c: &mut Checker, path: &Path) {
+        c.required_str(&path.f("name"), &self.name);
+        for kind in self.other.keys() {
+            c.warn(
+                &path.f(kind),
+                format!("provider kind {kind} is accepted but not applied by vmesh yet"),
+            );
+        }
+        if self.applied_kinds() + self.other.len() != 1 {
+            c.error(path, "exactly one provider kind must be set beside name");
+        }
+        if let Some(zipkin) = &self.zipkin {
+            c.hostname(&path.f("zipkin").f("service"), &zipkin.service);
+            c.port(&path.f("zipkin").f("port"), zipkin.port);
+            for (field, set) in [
+                ("traceContextOption", zipkin.trace_context_option.is_some()),
+                ("timeout", zipkin.timeout.is_some()),
+                ("headers", zipkin.headers.is_some()),
+            ] {
+                if set {
+                    c.warn(&path.f("zipkin").f(field), "accepted but not applied by vmesh yet");
+                }
+            }
+        }
+        if let Some(otel) = &self.opentelemetry {
+            let p = path.f("opentelemetry");
+            c.hostname(&p.f("service"), &otel.service);
+            c.port(&p.f("port"), otel.port);
+            for (field, set) in [
+                ("resourceDetectors", otel.resource_detectors.is_some()),
+                ("dynamicSampler", otel.dynamic_sampler.is_some()),
+            ] {
+                if set {
+                    c.warn(&p.f(field), "accepted but not applied by vmesh yet");
+                }
+            }
+            if let Some(http) = &otel.http
+                && http.headers.is_some()
+            {
+                c.warn(&p.f("http").f("headers"), "accepted but not applied by vmesh yet");
+            }
+        }
+        if let Some(format) = self.envoy_file_access_log.as_ref().and_then(|f| f.log_format.as_ref()) {
+            let p = path.f("envoyFileAccessLog").f("logFormat");
+            if format.text.is_some() && format.labels.is_some() {
+                c.error(&p, "set text or labels, not both");
+            }
+            for (key, value) in format.labels.iter().flatten() {
+                if !value.is_string() {
+                    c.error(&p.f("labels").f(key), "a label's value must be a string (a command operator such as %RESPONSE_CODE%)");
+                }
+            }
+        }
     }
 }
 
@@ -190,6 +341,24 @@ impl SpecValidate for IstioOperatorSpec {
                     c.warn(&mp.f(field), "accepted but not applied by vmesh yet");
                 }
             }
+            if let Some(encoding) = &mesh.access_log_encoding
+                && !matches!(encoding.as_str(), "TEXT" | "JSON")
+            {
+                c.error(
+                    &mp.f("accessLogEncoding"),
+                    format!("accessLogEncoding must be TEXT or JSON, not {encoding:?}"),
+                );
+            }
+            for (i, provider) in mesh.extension_providers.iter().flatten().enumerate() {
+                provider.validate(c, &mp.f("extensionProviders").i(i));
+            }
+            let providers = mesh.extension_providers.as_deref().unwrap_or_default();
+            c.unique_names(
+                &mp.f("extensionProviders"),
+                "name",
+                "provider name",
+                providers.iter().map(|p| p.name.as_str()).enumerate(),
+            );
             if let Some(proxy) = &mesh.default_config {
                 for (field, port) in [
                     ("proxyAdminPort", proxy.proxy_admin_port),

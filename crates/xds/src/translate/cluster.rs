@@ -305,6 +305,10 @@ fn outbound_cluster(
     }
     let tls = policies.iter().rev().find_map(|p| p.tls.as_ref());
     mtls::secure_cluster(&mut cluster, service, port.port, tls, trust_domain);
+    super::telemetry::add_metadata(
+        &mut cluster.metadata,
+        super::telemetry::service_metadata(&service.hostname, &service.name, &service.namespace),
+    );
     if let Some(options) = upstream.options() {
         cluster.typed_extension_protocol_options = HashMap::from([(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_string(),
@@ -334,6 +338,7 @@ pub(super) fn fallback_clusters() -> [Cluster; 2] {
             cluster::cluster::DiscoveryType::OriginalDst as i32,
         )),
         lb_policy: cluster::cluster::LbPolicy::ClusterProvided as i32,
+        metadata: named_for_metrics(PASSTHROUGH),
         ..Default::default()
     };
     let blackhole = Cluster {
@@ -342,16 +347,35 @@ pub(super) fn fallback_clusters() -> [Cluster; 2] {
         cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
             cluster::cluster::DiscoveryType::Static as i32,
         )),
+        metadata: named_for_metrics(BLACKHOLE),
         ..Default::default()
     };
     [passthrough, blackhole]
 }
 
-/// `inbound|port||`: the local application's `port`, on 127.0.0.1.
-pub(super) fn inbound_cluster(port: u16) -> Cluster {
+/// A fallback cluster's metadata: Istio's metrics name its destination
+/// service after the cluster.
+fn named_for_metrics(name: &str) -> Option<envoy_types::pb::envoy::config::core::v3::Metadata> {
+    let mut metadata = None;
+    super::telemetry::add_metadata(
+        &mut metadata,
+        super::telemetry::service_metadata(name, name, "unknown"),
+    );
+    metadata
+}
+
+/// `inbound|port||`: the local application's `port`, on 127.0.0.1, which
+/// `service` (the first that targets the port) names in metrics.
+pub(super) fn inbound_cluster(port: u16, service: &MeshService) -> Cluster {
     let name = inbound_cluster_name(port);
+    let mut metadata = None;
+    super::telemetry::add_metadata(
+        &mut metadata,
+        super::telemetry::service_metadata(&service.hostname, &service.name, &service.namespace),
+    );
     Cluster {
         name: name.clone(),
+        metadata,
         connect_timeout: Some(duration(Duration::from_secs(10))),
         cluster_discovery_type: Some(cluster::cluster::ClusterDiscoveryType::Type(
             cluster::cluster::DiscoveryType::Static as i32,

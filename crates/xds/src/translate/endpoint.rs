@@ -146,7 +146,14 @@ pub(super) fn load_assignment(
                     address: Some(address),
                     ..Default::default()
                 })),
-                metadata: mtls::is_mesh_endpoint(endpoint).then(mtls::mesh_endpoint_metadata),
+                metadata: mtls::is_mesh_endpoint(endpoint).then(|| {
+                    let mut metadata = Some(mtls::mesh_endpoint_metadata());
+                    super::telemetry::add_metadata(
+                        &mut metadata,
+                        super::telemetry::endpoint_metadata(endpoint, service),
+                    );
+                    metadata.unwrap_or_default()
+                }),
                 load_balancing_weight: u32_value(endpoint.weight.max(1)),
                 ..Default::default()
             });

@@ -24,12 +24,15 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::google::protobuf::{Any, BoolValue};
 use envoy_types::util::pack_any;
+use envoy_types::pb::envoy::config::accesslog::v3::AccessLog;
 use vmesh_api::kinds::virtual_service::RouteDestination;
+use vmesh_registry::telemetry::SideTelemetry;
 use vmesh_registry::{MeshService, Snapshot};
 
 use super::cluster::{BLACKHOLE, cluster_name, inbound_cluster_name};
 use super::proto::{ads, socket, u32_value};
 use super::route::{destination_cluster, inbound_routes};
+use super::telemetry::{self, Direction};
 use crate::node::Proxy;
 use crate::{authz, mtls};
 
@@ -42,7 +45,13 @@ pub(super) const FAULT_FILTER: &str = "envoy.filters.http.fault";
 
 /// The listeners of a non-HTTP port of `service`, one per virtual IP: TLS
 /// routes by SNI, else its TCP route.
-pub(super) fn outbound_tcp(snapshot: &Snapshot, service: &MeshService, port: u16) -> Vec<Listener> {
+pub(super) fn outbound_tcp(
+    snapshot: &Snapshot,
+    service: &MeshService,
+    port: u16,
+    telemetry: &SideTelemetry,
+) -> Vec<Listener> {
+    let logs = tcp_logs(telemetry, Direction::Outbound);
     service
         .addresses
         .iter()
@@ -50,9 +59,9 @@ pub(super) fn outbound_tcp(snapshot: &Snapshot, service: &MeshService, port: u16
             name: format!("{vip}_{port}"),
             address: Some(socket(&vip.to_string(), port.into())),
             bind_to_port: Some(BoolValue { value: false }),
-            filter_chains: tls_chains(snapshot, service, port),
+            filter_chains: tls_chains(snapshot, service, port, &logs),
             default_filter_chain: Some(FilterChain {
-                filters: vec![tcp_route(snapshot, service, port)],
+                filters: vec![tcp_route(snapshot, service, port, &logs)],
                 ..Default::default()
             }),
             listener_filters: vec![tls_inspector()],
@@ -61,8 +70,33 @@ pub(super) fn outbound_tcp(snapshot: &Snapshot, service: &MeshService, port: u16
         .collect()
 }
 
+/// The access loggers of a TCP proxy on one side.
+fn tcp_logs(telemetry: &SideTelemetry, direction: Direction) -> Vec<AccessLog> {
+    telemetry::access_loggers(telemetry, direction, telemetry::Protocol::Tcp)
+}
+
+/// What an HTTP connection manager reports: access logs and metrics, and
+/// its tracer.
+struct HttpTelemetry {
+    access_log: Vec<AccessLog>,
+    tracing: Option<http_connection_manager::Tracing>,
+}
+
+impl HttpTelemetry {
+    fn new(snapshot: &Snapshot, telemetry: &SideTelemetry, direction: Direction) -> Self {
+        HttpTelemetry {
+            access_log: telemetry::access_loggers(
+                telemetry,
+                direction,
+                telemetry::Protocol::Http,
+            ),
+            tracing: telemetry::http_tracing(snapshot, telemetry),
+        }
+    }
+}
+
 /// The listener of outbound HTTP port `port`: routes from RDS (named by the port).
-pub(super) fn outbound_http(port: u16) -> Listener {
+pub(super) fn outbound_http(snapshot: &Snapshot, port: u16, telemetry: &SideTelemetry) -> Listener {
     Listener {
         name: format!("0.0.0.0_{port}"),
         address: Some(socket("0.0.0.0", port.into())),
@@ -75,6 +109,7 @@ pub(super) fn outbound_http(port: u16) -> Listener {
                     route_config_name: port.to_string(),
                 }),
                 Vec::new(),
+                HttpTelemetry::new(snapshot, telemetry, Direction::Outbound),
             )],
             ..Default::default()
         }],
@@ -84,14 +119,18 @@ pub(super) fn outbound_http(port: u16) -> Listener {
 
 /// `virtualOutbound`: hands each captured connection to the listener of its
 /// original destination, or to `fallback` when there is none.
-pub(super) fn virtual_outbound(fallback: &str) -> Listener {
+pub(super) fn virtual_outbound(fallback: &str, telemetry: &SideTelemetry) -> Listener {
     Listener {
         name: "virtualOutbound".into(),
         address: Some(socket("0.0.0.0", OUTBOUND_PORT)),
         use_original_dst: Some(BoolValue { value: true }),
         filter_chains: vec![FilterChain {
             name: fallback.into(),
-            filters: vec![tcp_proxy(fallback, cluster(fallback))],
+            filters: vec![tcp_proxy(
+                fallback,
+                cluster(fallback),
+                tcp_logs(telemetry, Direction::Outbound),
+            )],
             ..Default::default()
         }],
         ..Default::default()
@@ -105,24 +144,37 @@ pub(super) fn virtual_inbound(
     snapshot: &Snapshot,
     proxy: &Proxy,
     served: &BTreeMap<u16, bool>,
+    telemetry: &SideTelemetry,
 ) -> Listener {
     let access = authz::authorization(snapshot, proxy);
     let mut inbound_chains = Vec::new();
     for (&port, &http) in served {
         let name = inbound_cluster_name(port);
-        let filters: Vec<Filter> = if http {
-            vec![http_manager(
-                &name,
-                http_connection_manager::RouteSpecifier::RouteConfig(inbound_routes(&name)),
-                access.http_filters.clone(),
-            )]
-        } else {
-            access
-                .network_filters
-                .iter()
-                .cloned()
-                .chain([tcp_proxy(&name, cluster(&name))])
-                .collect()
+        // The client's attributes are read before anything else; metrics
+        // say whether the connection was mutual TLS.
+        let filters = |mtls: bool| -> Vec<Filter> {
+            let direction = Direction::Inbound { mtls };
+            if http {
+                vec![http_manager(
+                    &name,
+                    http_connection_manager::RouteSpecifier::RouteConfig(inbound_routes(&name)),
+                    std::iter::once(telemetry::peer_metadata_filter())
+                        .chain(access.http_filters.iter().cloned())
+                        .collect(),
+                    HttpTelemetry::new(snapshot, telemetry, direction),
+                )]
+            } else {
+                access
+                    .network_filters
+                    .iter()
+                    .cloned()
+                    .chain([tcp_proxy(
+                        &name,
+                        cluster(&name),
+                        tcp_logs(telemetry, direction),
+                    )])
+                    .collect()
+            }
         };
         // What PeerAuthentication lets in: mTLS chains present our
         // certificate and require one from the mesh; plaintext falls through
@@ -139,7 +191,7 @@ pub(super) fn virtual_inbound(
                 },
                 ..Default::default()
             }),
-            filters: filters.clone(),
+            filters: filters(tls),
             transport_socket: tls.then(mtls::inbound_tls),
             ..Default::default()
         };
@@ -155,7 +207,7 @@ pub(super) fn virtual_inbound(
         listener_filters: vec![original_dst_filter(), tls_inspector()],
         filter_chains: inbound_chains,
         default_filter_chain: Some(FilterChain {
-            filters: vec![tcp_proxy("InboundPassthrough", cluster(BLACKHOLE))],
+            filters: vec![tcp_proxy("InboundPassthrough", cluster(BLACKHOLE), Vec::new())],
             ..Default::default()
         }),
         ..Default::default()
@@ -169,13 +221,24 @@ fn typed(name: &str, config: Any) -> Filter {
     }
 }
 
-/// A TCP proxy to where `specifier` says.
-fn tcp_proxy(stat_prefix: &str, specifier: tcp_proxy::ClusterSpecifier) -> Filter {
+/// A TCP proxy to where `specifier` says, with `access_log` told when the
+/// upstream connection is made and when the connection ends.
+fn tcp_proxy(
+    stat_prefix: &str,
+    specifier: tcp_proxy::ClusterSpecifier,
+    access_log: Vec<AccessLog>,
+) -> Filter {
+    let access_log_options = (!access_log.is_empty()).then(|| tcp_proxy::TcpAccessLogOptions {
+        flush_access_log_on_connected: true,
+        ..Default::default()
+    });
     typed(
         "envoy.filters.network.tcp_proxy",
         pack_any(TcpProxy {
             stat_prefix: stat_prefix.to_string(),
             cluster_specifier: Some(specifier),
+            access_log,
+            access_log_options,
             ..Default::default()
         }),
     )
@@ -191,12 +254,15 @@ fn http_manager(
     stat_prefix: &str,
     routes: http_connection_manager::RouteSpecifier,
     access: Vec<HttpFilter>,
+    telemetry: HttpTelemetry,
 ) -> Filter {
     typed(
         "envoy.filters.network.http_connection_manager",
         pack_any(HttpConnectionManager {
             stat_prefix: stat_prefix.to_string(),
             route_specifier: Some(routes),
+            access_log: telemetry.access_log,
+            tracing: telemetry.tracing,
             // The fault filter does nothing unless a route configures it.
             http_filters: access
                 .into_iter()
@@ -245,7 +311,12 @@ fn original_dst_filter() -> ListenerFilter {
 
 /// Filter chains for a VirtualService's `tls` routes on this port: one per
 /// match, selected by the SNI the client sends (read by the TLS inspector).
-fn tls_chains(snapshot: &Snapshot, service: &MeshService, port: u16) -> Vec<FilterChain> {
+fn tls_chains(
+    snapshot: &Snapshot,
+    service: &MeshService,
+    port: u16,
+    logs: &[AccessLog],
+) -> Vec<FilterChain> {
     let mut chains = Vec::new();
     for vs in snapshot.virtual_services_for(&service.hostname) {
         for route in vs.spec.tls.iter().flatten() {
@@ -266,6 +337,7 @@ fn tls_chains(snapshot: &Snapshot, service: &MeshService, port: u16) -> Vec<Filt
                     filters: vec![tcp_proxy(
                         &cluster_name(port, "", &service.hostname),
                         specifier,
+                        logs.to_vec(),
                     )],
                     ..Default::default()
                 });
@@ -278,7 +350,12 @@ fn tls_chains(snapshot: &Snapshot, service: &MeshService, port: u16) -> Vec<Filt
 /// The TCP proxy for a non-HTTP service port: the first VirtualService `tcp`
 /// route for the host whose match names this port (or no port), else the
 /// service's own cluster.
-fn tcp_route(snapshot: &Snapshot, service: &MeshService, port: u16) -> Filter {
+fn tcp_route(
+    snapshot: &Snapshot,
+    service: &MeshService,
+    port: u16,
+    logs: &[AccessLog],
+) -> Filter {
     let route = snapshot
         .virtual_services_for(&service.hostname)
         .flat_map(|vs| vs.spec.tcp.iter().flatten().map(move |r| (vs, r)))
@@ -295,7 +372,11 @@ fn tcp_route(snapshot: &Snapshot, service: &MeshService, port: u16) -> Filter {
         Some((vs, destinations)) => tcp_destinations(snapshot, destinations, &vs.namespace, port),
         None => cluster(&cluster_name(port, "", &service.hostname)),
     };
-    tcp_proxy(&cluster_name(port, "", &service.hostname), specifier)
+    tcp_proxy(
+        &cluster_name(port, "", &service.hostname),
+        specifier,
+        logs.to_vec(),
+    )
 }
 
 /// Where a TCP or TLS route sends connections: one cluster, or several by weight.
@@ -342,7 +423,7 @@ mod tests {
         );
         let snapshot = snapshot(&text);
         let db = snapshot.service("db.shop.svc.cluster.local").unwrap();
-        let filter = tcp_route(&snapshot, db, 5432);
+        let filter = tcp_route(&snapshot, db, 5432, &[]);
         let Some(filter::ConfigType::TypedConfig(any)) = filter.config_type else {
             panic!("typed config")
         };

@@ -27,6 +27,7 @@ mod endpoint;
 mod listener;
 mod proto;
 mod route;
+mod telemetry;
 #[cfg(test)]
 mod testing;
 
@@ -35,6 +36,7 @@ use std::sync::{Arc, OnceLock};
 
 use envoy_types::util::pack_any;
 use parking_lot::Mutex;
+use vmesh_registry::telemetry::{SideTelemetry, WorkloadTelemetry};
 use vmesh_registry::{EndpointAddress, MeshService, Resolution, Snapshot};
 
 pub use cluster::{BLACKHOLE, PASSTHROUGH, cluster_name};
@@ -52,15 +54,27 @@ use crate::node::Proxy;
 struct OutboundKey {
     namespace: String,
     locality: Option<String>,
+    /// The Telemetry resources that apply to the proxy (namespace, name).
+    telemetry: Vec<(String, String)>,
 }
 
 impl OutboundKey {
-    fn of(proxy: &Proxy) -> OutboundKey {
+    fn of(snapshot: &Snapshot, proxy: &Proxy) -> OutboundKey {
         OutboundKey {
             namespace: proxy.namespace.clone(),
             locality: proxy.locality.clone(),
+            telemetry: snapshot
+                .telemetries_for(&proxy.namespace, &proxy.labels)
+                .into_iter()
+                .map(|t| (t.namespace.clone(), t.name.clone()))
+                .collect(),
         }
     }
+}
+
+/// The telemetry of a proxy's workload.
+fn telemetry_of(snapshot: &Snapshot, proxy: &Proxy) -> WorkloadTelemetry {
+    snapshot.telemetry_for(&proxy.namespace, &proxy.labels)
 }
 
 /// A snapshot of the mesh, ready to translate for any proxy. Outbound
@@ -104,12 +118,15 @@ impl AdsConfigSource for MeshConfig {
     }
 
     fn resources(&self, proxy: &Proxy) -> Resources {
-        let key = OutboundKey::of(proxy);
+        let key = OutboundKey::of(&self.snapshot, proxy);
         // The map's lock is held only to find the slot: proxies of another
         // key do not wait while this one is computed.
         let slot = self.outbound.lock().entry(key.clone()).or_default().clone();
         let shared = slot
-            .get_or_init(|| Arc::new(outbound(&self.snapshot, &key)))
+            .get_or_init(|| {
+                let telemetry = telemetry_of(&self.snapshot, proxy);
+                Arc::new(outbound(&self.snapshot, &key, &telemetry.client))
+            })
             .clone();
         let names = self
             .names
@@ -125,15 +142,20 @@ impl AdsConfigSource for MeshConfig {
 
 /// Everything a proxy gets, computed for it alone.
 pub fn translate(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
+    let telemetry = telemetry_of(snapshot, proxy);
     Resources::layered(vec![
-        Arc::new(outbound(snapshot, &OutboundKey::of(proxy))),
+        Arc::new(outbound(
+            snapshot,
+            &OutboundKey::of(snapshot, proxy),
+            &telemetry.client,
+        )),
         Arc::new(crate::nds::name_table_resources(snapshot)),
         Arc::new(inbound(snapshot, proxy)),
     ])
 }
 
 /// The clusters, endpoints, listeners and routes for calling out of a proxy.
-fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
+fn outbound(snapshot: &Snapshot, proxy: &OutboundKey, telemetry: &SideTelemetry) -> ResourceSet {
     let mut set = ResourceSet::default();
     let mut http_ports: BTreeMap<u16, Vec<&MeshService>> = BTreeMap::new();
     for service in &snapshot.services {
@@ -150,7 +172,10 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
                 &snapshot.mesh.trust_domain,
             );
             for (mut cluster, subset) in clusters {
-                cluster.metadata.clone_from(&origin);
+                if let Some(origin) = &origin {
+                    let metadata = cluster.metadata.get_or_insert_with(Default::default);
+                    metadata.filter_metadata.extend(origin.filter_metadata.clone());
+                }
                 if service.resolution == Resolution::Static {
                     let assignment = endpoint::load_assignment(
                         &cluster.name,
@@ -166,7 +191,7 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
             if port.protocol.is_http() {
                 http_ports.entry(port.port).or_default().push(service);
             } else {
-                for listener in listener::outbound_tcp(snapshot, service, port.port) {
+                for listener in listener::outbound_tcp(snapshot, service, port.port, telemetry) {
                     set.insert(LISTENER_TYPE, listener.name.clone(), pack_any(listener));
                 }
             }
@@ -175,13 +200,13 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
     for (port, services) in &http_ports {
         let routes = route::outbound_routes(snapshot, *port, services, &proxy.namespace);
         set.insert(ROUTE_TYPE, routes.name.clone(), pack_any(routes));
-        let listener = listener::outbound_http(*port);
+        let listener = listener::outbound_http(snapshot, *port, telemetry);
         set.insert(LISTENER_TYPE, listener.name.clone(), pack_any(listener));
     }
     for cluster in cluster::fallback_clusters() {
         set.insert(CLUSTER_TYPE, cluster.name.clone(), pack_any(cluster));
     }
-    let listener = listener::virtual_outbound(cluster::fallback_cluster(snapshot));
+    let listener = listener::virtual_outbound(cluster::fallback_cluster(snapshot), telemetry);
     set.insert(LISTENER_TYPE, listener.name.clone(), pack_any(listener));
     set
 }
@@ -190,9 +215,9 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey) -> ResourceSet {
 /// serves, to the local application.
 fn inbound(snapshot: &Snapshot, proxy: &Proxy) -> ResourceSet {
     let at_proxy = EndpointAddress::Ip(proxy.ip);
-    // Each port the workload serves, and whether it is HTTP (the first
-    // service port that targets it says).
-    let mut served: BTreeMap<u16, bool> = BTreeMap::new();
+    // Each port the workload serves, the first service port that targets
+    // it, and whether that is HTTP.
+    let mut served: BTreeMap<u16, (&MeshService, bool)> = BTreeMap::new();
     for service in &snapshot.services {
         for endpoint in service.endpoints.iter().filter(|e| e.address == at_proxy) {
             let http = service
@@ -200,15 +225,17 @@ fn inbound(snapshot: &Snapshot, proxy: &Proxy) -> ResourceSet {
                 .iter()
                 .find(|p| p.port == endpoint.service_port)
                 .is_some_and(|p| p.protocol.is_http());
-            served.entry(endpoint.port).or_insert(http);
+            served.entry(endpoint.port).or_insert((service, http));
         }
     }
     let mut set = ResourceSet::default();
-    for &port in served.keys() {
-        let cluster = cluster::inbound_cluster(port);
+    for (&port, (service, _)) in &served {
+        let cluster = cluster::inbound_cluster(port, service);
         set.insert(CLUSTER_TYPE, cluster.name.clone(), pack_any(cluster));
     }
-    let listener = listener::virtual_inbound(snapshot, proxy, &served);
+    let http: BTreeMap<u16, bool> = served.iter().map(|(&p, (_, http))| (p, *http)).collect();
+    let telemetry = telemetry_of(snapshot, proxy);
+    let listener = listener::virtual_inbound(snapshot, proxy, &http, &telemetry.server);
     set.insert(LISTENER_TYPE, listener.name.clone(), pack_any(listener));
     set
 }

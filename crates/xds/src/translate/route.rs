@@ -559,6 +559,13 @@ fn virtual_host(
         name: format!("{}:{port}", service.hostname),
         domains: domains(service, port, &snapshot.mesh.domain_suffix),
         routes,
+        // The client's attributes for the server side's metrics; never sent
+        // out of the mesh.
+        request_headers_to_add: if service.mesh_external {
+            Vec::new()
+        } else {
+            super::telemetry::peer_headers()
+        },
         ..Default::default()
     }
 }

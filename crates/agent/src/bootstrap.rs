@@ -183,7 +183,12 @@ impl Bootstrap {
     /// fields, as they do in [`metadata`](Self::metadata).
     pub fn workload_attributes(&self, principal: String) -> vmesh_api::peer::WorkloadAttributes {
         let metadata = self.metadata();
-        let text = |key: &str| metadata.get(key).and_then(Value::as_str).map(str::to_string);
+        let text = |key: &str| {
+            metadata
+                .get(key)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
         vmesh_api::peer::WorkloadAttributes {
             workload: text("WORKLOAD_NAME").unwrap_or_else(|| self.name.clone()),
             namespace: self.namespace.clone(),

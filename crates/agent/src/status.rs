@@ -240,8 +240,8 @@ impl BoundStatus {
                 .into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move { crate::stopped(&mut shutdown).await })
-            .await
-            .map_err(StatusError::Serve)
+        .await
+        .map_err(StatusError::Serve)
     }
 }
 

@@ -191,7 +191,12 @@ impl MeshSettings {
                 enable_tracing: meshes().find_map(|m| m.enable_tracing).unwrap_or(true),
                 default_sampling: meshes()
                     .find_map(|m| {
-                        m.default_config.as_ref()?.tracing.as_ref()?.get("sampling")?.as_f64()
+                        m.default_config
+                            .as_ref()?
+                            .tracing
+                            .as_ref()?
+                            .get("sampling")?
+                            .as_f64()
                     })
                     // Istio reads 0 as unset, and anything over 100 as its default.
                     .filter(|pct| *pct > 0.0 && *pct <= 100.0)

@@ -32,8 +32,11 @@ const fn field(key: &'static str, env: &'static str, header: &'static str) -> Pe
 }
 
 pub const WORKLOAD: PeerField = field("workload", "VMESH_WORKLOAD_NAME", "x-vmesh-peer-workload");
-pub const NAMESPACE: PeerField =
-    field("namespace", "VMESH_WORKLOAD_NAMESPACE", "x-vmesh-peer-namespace");
+pub const NAMESPACE: PeerField = field(
+    "namespace",
+    "VMESH_WORKLOAD_NAMESPACE",
+    "x-vmesh-peer-namespace",
+);
 pub const CANONICAL_SERVICE: PeerField = field(
     "canonical_service",
     "VMESH_CANONICAL_SERVICE",
@@ -92,11 +95,15 @@ impl WorkloadAttributes {
     /// Istio's canonical service: the `service.istio.io/canonical-name`
     /// label, else `app.kubernetes.io/name`, else `app`, else the workload name.
     pub fn canonical_service(&self) -> String {
-        ["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]
-            .iter()
-            .find_map(|l| self.labels.get(*l))
-            .cloned()
-            .unwrap_or_else(|| self.workload.clone())
+        [
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]
+        .iter()
+        .find_map(|l| self.labels.get(*l))
+        .cloned()
+        .unwrap_or_else(|| self.workload.clone())
     }
 
     /// Istio's canonical revision: `service.istio.io/canonical-revision`,
@@ -123,7 +130,10 @@ impl WorkloadAttributes {
         vec![
             (WORKLOAD, or_unknown(Some(self.workload.clone()))),
             (NAMESPACE, or_unknown(Some(self.namespace.clone()))),
-            (CANONICAL_SERVICE, or_unknown(Some(self.canonical_service()))),
+            (
+                CANONICAL_SERVICE,
+                or_unknown(Some(self.canonical_service())),
+            ),
             (CANONICAL_REVISION, self.canonical_revision()),
             (APP, or_unknown(label("app"))),
             (VERSION, or_unknown(label("version"))),

@@ -206,12 +206,21 @@ impl Snapshot {
                 .collect::<Vec<_>>()
         };
         fn selector(t: &Scoped<TelemetrySpec>) -> Selector<'_> {
-            Selector::new(t.spec.selector.as_ref().and_then(|s| s.match_labels.as_ref()))
+            Selector::new(
+                t.spec
+                    .selector
+                    .as_ref()
+                    .and_then(|s| s.match_labels.as_ref()),
+            )
         }
         let root = &self.mesh.root_namespace;
         let mut chosen = Vec::new();
         if namespace != root {
-            chosen.extend(in_namespace(root).into_iter().find(|t| selector(t).is_empty()));
+            chosen.extend(
+                in_namespace(root)
+                    .into_iter()
+                    .find(|t| selector(t).is_empty()),
+            );
         }
         let own = in_namespace(namespace);
         chosen.extend(own.iter().find(|t| selector(t).is_empty()).copied());
@@ -249,7 +258,11 @@ fn access_logs(
     applied: &[&Scoped<TelemetrySpec>],
     side: Side,
 ) -> Vec<AccessLog> {
-    let defaults = mesh.default_providers.access_logging.clone().unwrap_or_default();
+    let defaults = mesh
+        .default_providers
+        .access_logging
+        .clone()
+        .unwrap_or_default();
     let configured = applied.iter().any(|t| t.spec.access_logging.is_some());
     if !configured {
         if defaults.is_empty() {
@@ -274,7 +287,11 @@ fn access_logs(
                 .flatten()
                 .map(|p| p.name.clone())
                 .collect();
-            let names = if named.is_empty() { parent.clone() } else { named.clone() };
+            let names = if named.is_empty() {
+                parent.clone()
+            } else {
+                named.clone()
+            };
             parent.clone_from(&names);
             if !Side::of(entry.match_.as_ref(), side) {
                 continue;
@@ -366,15 +383,32 @@ fn mesh_format(mesh: &MeshTelemetry) -> AccessLogFormat {
 }
 
 /// The tracer of one side: each field from the last level that sets it.
-fn tracing(mesh: &MeshTelemetry, applied: &[&Scoped<TelemetrySpec>], side: Side) -> Option<Tracing> {
+fn tracing(
+    mesh: &MeshTelemetry,
+    applied: &[&Scoped<TelemetrySpec>],
+    side: Side,
+) -> Option<Tracing> {
     if !mesh.enable_tracing {
         return None;
     }
-    let default = mesh.default_providers.tracing.iter().flatten().next().cloned();
+    let default = mesh
+        .default_providers
+        .tracing
+        .iter()
+        .flatten()
+        .next()
+        .cloned();
     let mut sampling = None;
     let mut disabled = false;
     let mut tags = BTreeMap::new();
-    let name = resolve_tracing_fields(applied, side, default, &mut sampling, &mut disabled, &mut tags);
+    let name = resolve_tracing_fields(
+        applied,
+        side,
+        default,
+        &mut sampling,
+        &mut disabled,
+        &mut tags,
+    );
     tracer(mesh, name?, sampling, disabled, tags)
 }
 
@@ -521,4 +555,177 @@ fn metric_rules(
     }
     rules.retain(|_, rule| *rule != MetricRule::default());
     rules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::{decode, labels, seed, snapshot};
+
+    fn telemetry(namespace: &str, name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n{spec}\n"
+        )
+    }
+
+    fn providers(side: &SideTelemetry) -> Vec<(&str, Option<&str>)> {
+        side.access_logs
+            .iter()
+            .map(|l| (l.provider.as_str(), l.filter.as_deref()))
+            .collect()
+    }
+
+    #[test]
+    fn the_guides_access_logging_selects_class_vm_in_its_namespace() {
+        let snapshot = snapshot(&seed(&["telemetry-access-log.yaml"]));
+        let vm = labels(&[("app", "payment-service"), ("class", "vm")]);
+        let selected = snapshot.telemetry_for("vm-workloads", &vm);
+        assert_eq!(providers(&selected.server), [("envoy", None)]);
+        assert_eq!(providers(&selected.client), [("envoy", None)]);
+        let log = &selected.server.access_logs[0];
+        assert_eq!(log.path, "/dev/stdout");
+        assert_eq!(log.format, AccessLogFormat::IstioText);
+        let other = snapshot.telemetry_for("vm-workloads", &labels(&[("app", "x")]));
+        assert!(other.server.access_logs.is_empty());
+        assert!(
+            snapshot
+                .telemetry_for("frontend", &vm)
+                .server
+                .access_logs
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_namespace_disables_what_the_root_enables_and_a_workload_filters() {
+        let text = [
+            telemetry("istio-system", "mesh", "  accessLogging: [{providers: [{name: envoy}]}]"),
+            telemetry("shop", "quiet", "  accessLogging: [{disabled: true}]"),
+            telemetry(
+                "shop",
+                "errors",
+                "  selector: {matchLabels: {app: pay}}\n  accessLogging: [{filter: {expression: 'response.code >= 400'}}]",
+            ),
+        ]
+        .concat();
+        let snapshot = snapshot(&decode("t.yaml", &text));
+        let none = labels(&[]);
+        assert_eq!(
+            providers(&snapshot.telemetry_for("web", &none).server),
+            [("envoy", None)]
+        );
+        assert!(
+            snapshot
+                .telemetry_for("shop", &none)
+                .server
+                .access_logs
+                .is_empty()
+        );
+        // No providers named: the entry speaks for the inherited ones, enabled again.
+        assert_eq!(
+            providers(
+                &snapshot
+                    .telemetry_for("shop", &labels(&[("app", "pay")]))
+                    .server
+            ),
+            [("envoy", Some("response.code >= 400"))]
+        );
+    }
+
+    #[test]
+    fn legacy_access_log_file_and_json_encoding() {
+        let text = "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata: {name: vm, namespace: istio-system}\n\
+                    spec:\n  meshConfig: {accessLogFile: /dev/stdout, accessLogEncoding: JSON}\n";
+        let snapshot = snapshot(&decode("iop.yaml", text));
+        let side = snapshot.telemetry_for("shop", &labels(&[])).client;
+        assert_eq!(side.access_logs.len(), 1);
+        assert_eq!(side.access_logs[0].format, AccessLogFormat::IstioJson);
+    }
+
+    #[test]
+    fn tracing_from_the_mesh_provider_with_the_most_specific_settings() {
+        let text = [
+            "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata: {name: vm, namespace: istio-system}\n\
+             spec:\n  meshConfig:\n    extensionProviders:\n    - name: zipkin\n      zipkin: {service: zipkin.tracing.svc.cluster.local, port: 9411}\n".to_string(),
+            telemetry("istio-system", "mesh", "  tracing: [{providers: [{name: zipkin}], randomSamplingPercentage: 100, customTags: {a: {literal: {value: x}}}}]"),
+            telemetry("shop", "ns", "  tracing: [{randomSamplingPercentage: 0, customTags: {b: {header: {name: x-b}}}}]"),
+            telemetry("shop", "client-only", "  selector: {matchLabels: {app: pay}}\n  tracing: [{match: {mode: SERVER}, disableSpanReporting: true}]"),
+        ]
+        .concat();
+        let snapshot = snapshot(&decode("t.yaml", &text));
+        let mesh = snapshot
+            .telemetry_for("web", &labels(&[]))
+            .server
+            .tracing
+            .unwrap();
+        assert_eq!(mesh.sampling, 100.0);
+        assert_eq!(mesh.provider.port, 9411);
+        assert!(matches!(
+            mesh.provider.kind,
+            TracerKind::Zipkin {
+                trace_id_128bit: true,
+                ..
+            }
+        ));
+        let shop = snapshot
+            .telemetry_for("shop", &labels(&[]))
+            .client
+            .tracing
+            .unwrap();
+        assert_eq!(shop.sampling, 0.0);
+        // Custom tags are replaced as a whole, not merged.
+        assert_eq!(shop.custom_tags.keys().collect::<Vec<_>>(), ["b"]);
+        let pay = snapshot.telemetry_for("shop", &labels(&[("app", "pay")]));
+        assert!(pay.server.tracing.unwrap().span_reporting_disabled);
+        assert!(!pay.client.tracing.unwrap().span_reporting_disabled);
+        // An unknown provider traces nothing.
+        let unknown = snapshot_with_unknown_provider();
+        assert!(
+            unknown
+                .telemetry_for("web", &labels(&[]))
+                .client
+                .tracing
+                .is_none()
+        );
+    }
+
+    fn snapshot_with_unknown_provider() -> Snapshot {
+        snapshot(&decode(
+            "t.yaml",
+            &telemetry(
+                "istio-system",
+                "mesh",
+                "  tracing: [{providers: [{name: nope}]}]",
+            ),
+        ))
+    }
+
+    #[test]
+    fn metric_overrides_apply_root_first_per_side() {
+        let text = [
+            telemetry(
+                "istio-system",
+                "mesh",
+                "  metrics:\n  - overrides:\n    - match: {metric: REQUEST_COUNT}\n      tagOverrides: {request_protocol: {operation: REMOVE}, path: {value: request.path}}",
+            ),
+            telemetry(
+                "shop",
+                "ns",
+                "  metrics:\n  - overrides:\n    - match: {metric: ALL_METRICS, mode: CLIENT}\n      disabled: true\n    - match: {metric: REQUEST_COUNT}\n      tagOverrides: {request_protocol: {value: \"'h'\"}}",
+            ),
+        ]
+        .concat();
+        let snapshot = snapshot(&decode("t.yaml", &text));
+        let web = snapshot.telemetry_for("web", &labels(&[]));
+        let count = web.server.metric(IstioMetric::RequestCount);
+        assert_eq!(count.removed, ["request_protocol"]);
+        assert_eq!(count.upserts["path"], "request.path");
+        assert!(!web.server.metric(IstioMetric::RequestDuration).disabled);
+        let shop = snapshot.telemetry_for("shop", &labels(&[]));
+        assert!(shop.client.metric(IstioMetric::TcpSentBytes).disabled);
+        assert!(!shop.server.metric(IstioMetric::TcpSentBytes).disabled);
+        let count = shop.server.metric(IstioMetric::RequestCount);
+        assert!(count.removed.is_empty());
+        assert_eq!(count.upserts["request_protocol"], "'h'");
+    }
 }

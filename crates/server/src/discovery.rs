@@ -14,8 +14,8 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use vmesh_xds::ads::StatusTable;
 use vmesh_api::peer::STATUS_PORT_METADATA;
+use vmesh_xds::ads::StatusTable;
 use vmesh_xds::node::Proxy;
 
 /// Where Prometheus asks.

@@ -17,10 +17,10 @@
 
 pub mod api;
 pub mod config_dir;
+pub mod discovery;
 pub mod identity;
 pub mod join;
 pub mod mesh;
-pub mod discovery;
 pub mod monitoring;
 pub mod registration;
 pub mod views;

@@ -124,8 +124,18 @@ impl Namespace {
     /// its index for [`stop`](Self::stop) and [`pid`](Self::pid).
     pub fn spawn(&self, args: &[&str], log: &Path) -> Result<usize> {
         use std::os::unix::process::CommandExt;
-        let log_file =
-            std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        // In append mode: a child that reopens /dev/stdout (Envoy's access
+        // log) writes at the end too, not over the process's own lines.
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(log)
+            .and_then(|file| {
+                drop(file);
+                std::fs::OpenOptions::new().append(true).open(log)
+            })
+            .with_context(|| format!("creating {}", log.display()))?;
         let mut command = if self.outliving {
             self.command(args)
         } else {

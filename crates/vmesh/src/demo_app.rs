@@ -2,7 +2,7 @@
 //! name and version, as the guide's payment VMs do. It speaks HTTP/1.1 and
 //! HTTP/2 (prior knowledge), so a proxy may upgrade connections to it.
 //! `/slow/{ms}/…` answers after a delay, to show timeouts at work, and
-//! `/status/{code}` with that status, to show what the mesh does with errors.
+//! `…/status/{code}/…` with that status, to show what the mesh does with errors.
 //! `/health` answers 503 while the `--unhealthy-file` exists, so a test or
 //! the demo can fail the readiness probe without stopping the application.
 
@@ -56,7 +56,8 @@ pub async fn run(
                 // `/status/503` answers 503, for trying what a mesh does with errors.
                 let code = uri
                     .path()
-                    .strip_prefix("/status/")
+                    .split_once("/status/")
+                    .and_then(|(_, rest)| rest.split('/').next())
                     .and_then(|code| StatusCode::from_u16(code.parse().ok()?).ok())
                     .unwrap_or(StatusCode::OK);
                 let body = format!(

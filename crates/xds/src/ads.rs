@@ -314,7 +314,11 @@ pub struct StatusTable {
 impl StatusTable {
     /// The node each connected proxy announced.
     pub fn nodes(&self) -> Vec<Node> {
-        self.proxies.lock().values().map(|p| p.node.clone()).collect()
+        self.proxies
+            .lock()
+            .values()
+            .map(|p| p.node.clone())
+            .collect()
     }
 
     pub fn snapshot(&self) -> Vec<ProxyStatus> {

@@ -173,7 +173,7 @@ fn rendering_decodes_nested_anys() {
     assert!(
         text.contains(r#""@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager""#)
     );
-    assert!(
-        text.contains(r#""@type": "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config""#)
-    );
+    assert!(text.contains(
+        r#""@type": "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config""#
+    ));
 }

@@ -202,7 +202,10 @@ impl ExtensionProvider {
                 ("headers", zipkin.headers.is_some()),
             ] {
                 if set {
-                    c.warn(&path.f("zipkin").f(field), "accepted but not applied by vmesh yet");
+                    c.warn(
+                        &path.f("zipkin").f(field),
+                        "accepted but not applied by vmesh yet",
+                    );
                 }
             }
         }
@@ -221,10 +224,17 @@ impl ExtensionProvider {
             if let Some(http) = &otel.http
                 && http.headers.is_some()
             {
-                c.warn(&p.f("http").f("headers"), "accepted but not applied by vmesh yet");
+                c.warn(
+                    &p.f("http").f("headers"),
+                    "accepted but not applied by vmesh yet",
+                );
             }
         }
-        if let Some(format) = self.envoy_file_access_log.as_ref().and_then(|f| f.log_format.as_ref()) {
+        if let Some(format) = self
+            .envoy_file_access_log
+            .as_ref()
+            .and_then(|f| f.log_format.as_ref())
+        {
             let p = path.f("envoyFileAccessLog").f("logFormat");
             if format.text.is_some() && format.labels.is_some() {
                 c.error(&p, "set text or labels, not both");

@@ -249,8 +249,9 @@ impl SpecValidate for TelemetrySpec {
                         "custom metrics are not applied by vmesh yet",
                     );
                 }
-                if let Some(metric @ (IstioMetric::GrpcRequestMessages | IstioMetric::GrpcResponseMessages)) =
-                    selector.and_then(|m| m.metric)
+                if let Some(
+                    metric @ (IstioMetric::GrpcRequestMessages | IstioMetric::GrpcResponseMessages),
+                ) = selector.and_then(|m| m.metric)
                 {
                     c.warn(
                         &op.f("match").f("metric"),

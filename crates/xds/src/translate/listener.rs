@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 
+use envoy_types::pb::envoy::config::accesslog::v3::AccessLog;
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
 };
@@ -24,7 +25,6 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::google::protobuf::{Any, BoolValue};
 use envoy_types::util::pack_any;
-use envoy_types::pb::envoy::config::accesslog::v3::AccessLog;
 use vmesh_api::kinds::virtual_service::RouteDestination;
 use vmesh_registry::telemetry::SideTelemetry;
 use vmesh_registry::{MeshService, Snapshot};
@@ -85,11 +85,7 @@ struct HttpTelemetry {
 impl HttpTelemetry {
     fn new(snapshot: &Snapshot, telemetry: &SideTelemetry, direction: Direction) -> Self {
         HttpTelemetry {
-            access_log: telemetry::access_loggers(
-                telemetry,
-                direction,
-                telemetry::Protocol::Http,
-            ),
+            access_log: telemetry::access_loggers(telemetry, direction, telemetry::Protocol::Http),
             tracing: telemetry::http_tracing(snapshot, telemetry),
         }
     }
@@ -207,7 +203,11 @@ pub(super) fn virtual_inbound(
         listener_filters: vec![original_dst_filter(), tls_inspector()],
         filter_chains: inbound_chains,
         default_filter_chain: Some(FilterChain {
-            filters: vec![tcp_proxy("InboundPassthrough", cluster(BLACKHOLE), Vec::new())],
+            filters: vec![tcp_proxy(
+                "InboundPassthrough",
+                cluster(BLACKHOLE),
+                Vec::new(),
+            )],
             ..Default::default()
         }),
         ..Default::default()
@@ -350,12 +350,7 @@ fn tls_chains(
 /// The TCP proxy for a non-HTTP service port: the first VirtualService `tcp`
 /// route for the host whose match names this port (or no port), else the
 /// service's own cluster.
-fn tcp_route(
-    snapshot: &Snapshot,
-    service: &MeshService,
-    port: u16,
-    logs: &[AccessLog],
-) -> Filter {
+fn tcp_route(snapshot: &Snapshot, service: &MeshService, port: u16, logs: &[AccessLog]) -> Filter {
     let route = snapshot
         .virtual_services_for(&service.hostname)
         .flat_map(|vs| vs.spec.tcp.iter().flatten().map(move |r| (vs, r)))

@@ -174,7 +174,9 @@ fn outbound(snapshot: &Snapshot, proxy: &OutboundKey, telemetry: &SideTelemetry)
             for (mut cluster, subset) in clusters {
                 if let Some(origin) = &origin {
                     let metadata = cluster.metadata.get_or_insert_with(Default::default);
-                    metadata.filter_metadata.extend(origin.filter_metadata.clone());
+                    metadata
+                        .filter_metadata
+                        .extend(origin.filter_metadata.clone());
                 }
                 if service.resolution == Resolution::Static {
                     let assignment = endpoint::load_assignment(

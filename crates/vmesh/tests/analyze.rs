@@ -70,7 +70,7 @@ fn every_analyzer_reports_its_case_and_errors_exit_1() {
             file("strict.yaml")
         ),
         format!(
-            "Warning [IST0133] (Telemetry shop/logs {}:7) Schema validation warning: spec: Telemetry resources are accepted but not applied by vmesh yet: no access log, trace or metric is configured from them",
+            "Warning [IST0133] (Telemetry shop/logs {}:16) Schema validation warning: spec.metrics[0].reportingInterval: accepted but not applied by vmesh yet: TCP metrics are reported when a connection closes",
             file("telemetry.yaml")
         ),
         format!(
@@ -84,6 +84,10 @@ fn every_analyzer_reports_its_case_and_errors_exit_1() {
         format!(
             "Warning [VM0002] (WorkloadGroup shop/billing {}:21) No Service selects the labels of this WorkloadGroup (app=bill), so its VMs receive no traffic; Service shop/billing selects app=billing.",
             file("group.yaml")
+        ),
+        format!(
+            "Warning [VM0004] (Telemetry shop/logs {}:14) provider \"jaeger\" is not defined in meshConfig.extensionProviders: the workloads it selects are not traced",
+            file("telemetry.yaml")
         ),
         format!(
             "Info [IST0118] (Service shop/db {}:9) Port name postgres (port: 5432, targetPort: 5432) doesn't follow the naming convention of Istio port.",
@@ -107,7 +111,7 @@ fn every_analyzer_reports_its_case_and_errors_exit_1() {
         "{}",
         text(&warnings.stdout)
     );
-    assert_eq!(text(&warnings.stdout).lines().count(), 2);
+    assert_eq!(text(&warnings.stdout).lines().count(), 3);
     let strict = offline(&["--failure-threshold", "Warning", "-f", path(&dir)]);
     assert_eq!(strict.status.code(), Some(1));
 
@@ -158,10 +162,11 @@ fn the_guides_manifests_are_quiet_where_the_guide_is_right() {
     );
 
     // Every manifest of the guide: no error. What remains is true of vmesh
-    // and of the guide: Telemetry is not applied, the namespace-wide
-    // PeerAuthentication's portLevelMtls (which Istio refuses), and the
-    // guide's two DestinationRules for the payment service, whose second
-    // traffic policy (locality failover, connect timeout) no merge applies.
+    // and of the guide: the namespace-wide PeerAuthentication's
+    // portLevelMtls (which Istio refuses), the guide's two DestinationRules
+    // for the payment service, whose second traffic policy (locality
+    // failover, connect timeout) no merge applies, and vm-tracing's provider
+    // `zipkin`, which the guide's mesh config never defines.
     let output = offline(&["-f", path(&seed_dir()), "-f", path(&cluster)]);
     let stdout = text(&output.stdout);
     assert_eq!(output.status.code(), Some(0), "{stdout}");
@@ -177,13 +182,10 @@ fn the_guides_manifests_are_quiet_where_the_guide_is_right() {
                 "Warning [IST0133] (PeerAuthentication vm-workloads/strict-mtls {guide}/peer-authentication-strict.yaml:20"
             ),
             format!(
-                "Warning [IST0133] (Telemetry vm-workloads/vm-access-logging {guide}/telemetry-access-log.yaml:9"
-            ),
-            format!(
-                "Warning [IST0133] (Telemetry vm-workloads/vm-tracing {guide}/telemetry-tracing.yaml:8"
-            ),
-            format!(
                 "Warning [VM0001] (DestinationRule vm-workloads/payment-service-dr {guide}/destination-rule-payment.yaml:14"
+            ),
+            format!(
+                "Warning [VM0004] (Telemetry vm-workloads/vm-tracing {guide}/telemetry-tracing.yaml:13"
             ),
         ],
         "{stdout}"

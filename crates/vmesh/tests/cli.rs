@@ -348,3 +348,34 @@ fn demo_passes_every_check_again_and_cleans_up() {
     );
     assert!(!tmp.path().join("vmesh-demo").exists(), "state left");
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Command::new(VMESH)
+        .args(["--log-format", "json", "server", "--data-dir"])
+        .arg(dir.path())
+        .args(["--api-addr", "127.0.0.1:0", "--xds-addr", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = server.stderr.take().unwrap();
+    let lines: Vec<String> = BufReader::new(stderr)
+        .lines()
+        .take(3)
+        .map(Result::unwrap)
+        .collect();
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert_eq!(lines.len(), 3);
+    for line in &lines {
+        let object: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        for field in ["timestamp", "level", "message", "target"] {
+            assert!(object.get(field).is_some(), "{field} missing: {line}");
+        }
+    }
+    assert!(lines.iter().any(|l| l.contains("\"message\":\"config API listening\"")));
+}

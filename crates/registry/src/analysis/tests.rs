@@ -322,3 +322,23 @@ fn the_guides_complete_example_is_quiet_where_its_namespaces_exist() {
     ));
     assert_eq!(analyze(&objects), Vec::<Message>::new());
 }
+
+#[test]
+fn telemetry_providers_that_do_nothing() {
+    let text = with(
+        "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nmetadata: {name: vm, namespace: istio-system}\n\
+         spec:\n  meshConfig:\n    extensionProviders:\n    - {name: zipkin, zipkin: {service: zipkin.tracing.svc.cluster.local, port: 9411}}\n    - {name: shop-zipkin, zipkin: {service: pay.shop.svc.cluster.local, port: 80}}\n---\n\
+         apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: shop}\n\
+         spec:\n  accessLogging: [{providers: [{name: envoy}, {name: zipkin}]}]\n  tracing: [{providers: [{name: nope}]}, {providers: [{name: zipkin}]}, {providers: [{name: shop-zipkin}]}]\n  metrics: [{providers: [{name: prometheus}]}]\n",
+    );
+    assert_eq!(
+        lines(&text),
+        [
+            "Warning [VM0004] (Telemetry shop/t) provider \"nope\" is not defined in meshConfig.extensionProviders: the workloads it selects are not traced",
+            "Warning [VM0004] (Telemetry shop/t) provider \"zipkin\" is not of a kind vmesh applies to accessLogging: nothing is logged to it",
+            "Warning [VM0004] (Telemetry shop/t) provider \"zipkin\" sends spans to zipkin.tracing.svc.cluster.local:9411, which is not a service of the mesh: the workloads it selects are not traced",
+        ]
+    );
+    let messages = analyze(&decode("t.yaml", &text));
+    assert_eq!(messages[0].field, "spec.tracing[0].providers[0].name");
+}

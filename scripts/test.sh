@@ -3,7 +3,8 @@
 # formatting, lints and every test. CI runs exactly this (.ci/run).
 #
 # It fails, too, when the tests leave anything behind: a process they started
-# (Envoy, a vmesh server, agent or demo application, dnsmasq) still running,
+# (Envoy, a vmesh server, agent or demo application, dnsmasq, Prometheus,
+# Zipkin) still running,
 # or a network namespace that was not there before. Whatever is left is listed
 # and then removed, so that one bad run does not spoil the next.
 set -euo pipefail
@@ -17,7 +18,7 @@ scripts/install-deps.sh
 
 # The processes tests start, by command name, with their pids.
 started_processes() {
-  ps -eo pid=,comm= | awk '$2 == "envoy" || $2 == "vmesh" || $2 == "dnsmasq" { print $1 }' | sort
+  ps -eo pid=,comm= | awk '$2 == "envoy" || $2 == "vmesh" || $2 == "dnsmasq" || $2 == "prometheus" || $2 == "java" { print $1 }' | sort
 }
 network_namespaces() {
   { ip netns list 2>/dev/null | awk '{ print $1 }'; ls /etc/netns 2>/dev/null | sed 's|^|/etc/netns/|'; } | sort -u

@@ -75,6 +75,7 @@ pub mod dns;
 pub mod envoy;
 pub mod health;
 pub mod identity;
+pub mod istio_metrics;
 pub mod onboarding_files;
 pub mod sds;
 pub mod status;

@@ -294,26 +294,6 @@ async fn dns_dump(
     .into_response()
 }
 
-/// Envoy exports every stat it makes under `envoy_`; Istio's standard
-/// metrics (made in the `istio` scope, see the xds crate's telemetry) are
-/// served under Istio's own names, `istio_requests_total` and the rest.
-fn istio_names(envoy: &str) -> String {
-    const ENVOY_PREFIX: &str = "envoy_istio_";
-    let mut out = String::with_capacity(envoy.len());
-    for line in envoy.lines() {
-        let renamed = line
-            .strip_prefix(ENVOY_PREFIX)
-            .map(|rest| format!("istio_{rest}"))
-            .or_else(|| {
-                line.strip_prefix("# TYPE envoy_istio_")
-                    .map(|rest| format!("# TYPE istio_{rest}"))
-            });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
 async fn metrics(State(server): State<StatusServer>) -> Response {
     let inner = &server.inner;
     inner.metrics.scrapes.inc();
@@ -340,7 +320,9 @@ async fn metrics(State(server): State<StatusServer>) -> Response {
     let url = format!("http://{}/stats/prometheus", inner.envoy_admin);
     match inner.client.get(&url).send().await {
         Ok(response) if response.status().is_success() => {
-            body.push_str(&istio_names(&response.text().await.unwrap_or_default()));
+            body.push_str(&crate::istio_metrics::rewrite(
+                &response.text().await.unwrap_or_default(),
+            ));
         }
         Ok(response) => {
             body.push_str(&format!("# Envoy's metrics: HTTP {}\n", response.status()));

@@ -30,6 +30,7 @@ pub mod http;
 pub mod local;
 pub mod mesh;
 pub mod netns;
+pub mod pair;
 pub mod poll;
 pub mod process;
 #[cfg(feature = "testing")]

@@ -5,6 +5,8 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use anyhow::Context;
+
 use tokio::time::Instant;
 
 /// How long a process gets between SIGTERM and SIGKILL when it is cleaned
@@ -93,4 +95,24 @@ pub fn stop(child: &mut Child, limit: Duration) -> anyhow::Result<std::process::
         "process {} did not stop within {limit:?} of SIGTERM; killed",
         child.id()
     )
+}
+
+/// User and system CPU seconds of `/proc/<process>` (a pid or `self`).
+pub fn cpu_seconds(process: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{process}/stat"))?;
+    // Fields after the command name (which may hold spaces): state is 3rd;
+    // utime and stime are the 14th and 15th.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .unwrap_or_default();
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("CPU times of process {process}"))
+    };
+    // USER_HZ is 100 on Linux.
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }

@@ -12,8 +12,7 @@
 
 use std::time::Duration;
 
-use vmesh_testkit::mesh::{capture_inbound, capture_service_range};
-use vmesh_testkit::netns::link;
+use vmesh_testkit::pair::SidecarPair;
 use vmesh_testkit::testing::{envoy_binary, eventually};
 use vmesh_testkit::{Mesh, Namespace};
 
@@ -49,34 +48,12 @@ fn measure(mesh: &Mesh, client: &Namespace, url: &str) -> serde_json::Value {
 
 fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let id = std::process::id();
-    let payment = Namespace::new(&format!("vmesh-bpay-{id}"));
-    let client = Namespace::new(&format!("vmesh-bcli-{id}"));
-    link(
-        &client,
-        "10.46.0.1",
-        &payment,
-        "10.46.0.2",
-        &format!("b{id}"),
-    )
-    .unwrap();
-    let mesh = Mesh::new(VMESH, &payment, dir.path()).with_envoy(&envoy_binary());
-    mesh.start_server(&payment, &["--xds-addr", "0.0.0.0:15012"])
-        .unwrap();
-    for port in [8080, 8081] {
-        let addr = format!("127.0.0.1:{port}");
-        payment
-            .spawn(
-                &[VMESH, "demo-app", "--addr", &addr, "--name", "payment-vm"],
-                &dir.path().join(format!("app-{port}.log")),
-            )
-            .unwrap();
-    }
-    for namespace in ["vm-workloads", "frontend"] {
-        mesh.cli(&["create", "namespace", namespace]).unwrap();
-    }
-    mesh.apply(
-        "mesh.yaml",
+    let pair = SidecarPair::start(
+        VMESH,
+        &envoy_binary(),
+        dir.path(),
+        "b",
+        &[8080, 8081],
         "apiVersion: v1\nkind: Service\nmetadata: {name: payment-service, namespace: vm-workloads}\n\
          spec: {selector: {app: payment-service}, ports: [{name: http, port: 8080}]}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {name: payment-plain, namespace: vm-workloads}\n\
@@ -89,35 +66,14 @@ fn main() {
          spec: {mtls: {mode: STRICT}, portLevelMtls: {8081: {mode: DISABLE}}}\n",
     )
     .unwrap();
-    capture_inbound(&payment, &[8080, 8081]).unwrap();
-    mesh.start_agent(
-        &payment,
-        "127.0.0.1:15012",
-        "vm-workloads",
-        "payment-service-sa",
-        "10.46.0.2",
-        &["--label", "app=payment-service"],
-        61,
-    )
-    .unwrap();
-    capture_service_range(&client, "10.46.0.1").unwrap();
-    mesh.start_agent(
-        &client,
-        "10.46.0.2:15012",
-        "frontend",
-        "frontend-sa",
-        "10.46.0.1",
-        &["--label", "app=frontend"],
-        62,
-    )
-    .unwrap();
+    let (mesh, client) = (&pair.mesh, &pair.client);
     let mtls_url = format!("http://{}:8080/api/payments/1", mesh.vip_of(HOST).unwrap());
     let plain_url = format!(
         "http://{}:8081/api/payments/1",
         mesh.vip_of(PLAIN_HOST).unwrap()
     );
     let ok = |url: &str| {
-        let status = vmesh_testkit::http::status(&client, "GET", url, Duration::from_secs(10));
+        let status = vmesh_testkit::http::status(client, "GET", url, Duration::from_secs(10));
         (status == Some(200)).then_some(())
     };
     eventually("mTLS between the sidecars", || ok(&mtls_url));
@@ -125,14 +81,14 @@ fn main() {
 
     let mtls_cluster = format!("outbound|8080||{HOST}");
     let plain_cluster = format!("outbound|8081||{PLAIN_HOST}");
-    let mtls = measure(&mesh, &client, &mtls_url);
+    let mtls = measure(mesh, client, &mtls_url);
     assert!(
-        client_handshakes(&client, &mtls_cluster) > 0,
+        client_handshakes(client, &mtls_cluster) > 0,
         "mTLS requests used TLS"
     );
-    let plaintext = measure(&mesh, &client, &plain_url);
+    let plaintext = measure(mesh, client, &plain_url);
     assert_eq!(
-        client_handshakes(&client, &plain_cluster),
+        client_handshakes(client, &plain_cluster),
         0,
         "plaintext requests used no TLS"
     );

@@ -97,6 +97,11 @@ const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
 /// How long a stopped VM's entry outlives it here (the server's default is 10 s).
 const GRACE: &str = "3s";
 const SPLIT_REQUESTS: usize = 200;
+/// Where the demo's Prometheus listens, in the control plane's namespace.
+const PROMETHEUS: &str = "127.0.0.1:9090";
+/// The canary split as Prometheus sees it: requests the payment VMs
+/// received, by the version that answered.
+const SPLIT_QUERY: &str = r#"sum by (destination_version) (istio_requests_total{destination_service_name="payment-service",reporter="destination"})"#;
 
 /// One machine of the demo: a network namespace linked to the control plane's.
 struct Host {
@@ -284,8 +289,64 @@ fn print_keep_instructions(state: &Path) -> Result<()> {
         "  sudo ip netns exec {} curl -s -H 'x-canary: true' http://payment-service.vm-workloads:8080/api/payments/1",
         ns("frontend")
     );
+    println!(
+        "  Prometheus (its UI and API on {PROMETHEUS} in the control plane's namespace, the sidecars found through the server's service discovery):"
+    );
+    println!(
+        "  sudo ip netns exec {} curl -s http://{PROMETHEUS}/api/v1/query --data-urlencode 'query={SPLIT_QUERY}'",
+        ns(CONTROL)
+    );
     println!("  logs: {}", state.join("logs").display());
     Ok(())
+}
+
+/// Prometheus in the control plane's namespace, configured as
+/// `examples/prometheus/prometheus.yml` says, scraping every second.
+fn start_prometheus(control: &Namespace, state: &Path, logs: &Path) -> Result<()> {
+    let example = include_str!("../../../examples/prometheus/prometheus.yml");
+    let config = example
+        .replace("SERVER:15080", "127.0.0.1:15080")
+        .replace("scrape_interval: 15s", "scrape_interval: 1s")
+        .replace("refresh_interval: 15s", "refresh_interval: 1s");
+    let path = state.join("prometheus.yml");
+    std::fs::write(&path, config)?;
+    control
+        .spawn(
+            &[
+                "prometheus",
+                &format!("--config.file={}", path.display()),
+                &format!("--storage.tsdb.path={}", state.join("prometheus").display()),
+                &format!("--web.listen-address={PROMETHEUS}"),
+            ],
+            &logs.join("prometheus.log"),
+        )
+        .context("starting Prometheus (scripts/install-deps.sh installs it)")?;
+    Ok(())
+}
+
+/// Requests the payment VMs received by version, as Prometheus says.
+fn split_in_prometheus(control: &Namespace) -> Option<BTreeMap<String, u64>> {
+    let out = control
+        .exec(&[
+            "curl",
+            "-sf",
+            &format!("http://{PROMETHEUS}/api/v1/query"),
+            "--data-urlencode",
+            &format!("query={SPLIT_QUERY}"),
+        ])
+        .ok()?;
+    let body: Value = serde_json::from_str(&out).ok()?;
+    body["data"]["result"]
+        .as_array()?
+        .iter()
+        .map(|series| {
+            let version = series["metric"]["destination_version"]
+                .as_str()?
+                .to_string();
+            let value = series["value"][1].as_str()?.parse::<f64>().ok()? as u64;
+            Some((version, value))
+        })
+        .collect()
 }
 
 /// Builds the topology, its namespaces in `made` (the control plane's
@@ -358,6 +419,7 @@ fn build_and_check(state: &Path, keep: bool, made: &mut Vec<Namespace>) -> Resul
         ],
     )
     .context("the control plane did not start")?;
+    start_prometheus(control, state, &logs)?;
 
     // The guide's manifests, unchanged, in the guide's order; the clients' groups.
     let manifests = state.join("manifests");
@@ -537,7 +599,15 @@ fn build_and_check(state: &Path, keep: bool, made: &mut Vec<Namespace>) -> Resul
         ),
     });
 
-    // 5. The VirtualService's 90/10 split.
+    // 5. The VirtualService's 90/10 split, and the same split in Prometheus.
+    // What Prometheus has counted so far (the first requests), once two
+    // scrapes agree: the split is what it counts on top.
+    let before = wait_for(Duration::from_secs(15), || {
+        let first = split_in_prometheus(control).filter(|s| !s.is_empty())?;
+        std::thread::sleep(Duration::from_millis(2500));
+        (split_in_prometheus(control)? == first).then_some(first)
+    })
+    .unwrap_or_default();
     let split = load(&[
         "--requests",
         &SPLIT_REQUESTS.to_string(),
@@ -557,6 +627,35 @@ fn build_and_check(state: &Path, keep: bool, made: &mut Vec<Namespace>) -> Resul
             canary as f64 * 100.0 / SPLIT_REQUESTS as f64
         ),
     });
+
+    let counted = |seen: &BTreeMap<String, u64>, version: &str| {
+        seen.get(version).copied().unwrap_or(0) - before.get(version).copied().unwrap_or(0)
+    };
+    let seen = wait_for(Duration::from_secs(15), || {
+        let seen = split_in_prometheus(control)?;
+        (counted(&seen, "v1") == stable && counted(&seen, "v2") == canary).then_some(seen)
+    });
+    checks.push(Check {
+        name: "the split in Prometheus",
+        passed: seen.is_some(),
+        detail: match &seen {
+            Some(seen) => format!(
+                "istio_requests_total by destination_version: v1 +{}, v2 +{}",
+                counted(seen, "v1"),
+                counted(seen, "v2")
+            ),
+            None => format!(
+                "Prometheus did not count {stable} v1 and {canary} v2 within 15 s: {:?}",
+                split_in_prometheus(control)
+            ),
+        },
+    });
+    if let Some(seen) = &seen {
+        println!("Prometheus: {SPLIT_QUERY}");
+        for (version, total) in seen {
+            println!("  destination_version={version}  {total}");
+        }
+    }
 
     // 6. x-canary: true goes to v2 only.
     let header = load(&["--requests", "20", "--header", "x-canary: true"])?;

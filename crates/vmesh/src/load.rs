@@ -50,7 +50,8 @@ pub async fn run(args: LoadArgs) -> Result<ExitCode> {
         .timeout(Duration::from_secs(10))
         .build()?;
     let workers = args.concurrency.max(1);
-    let deadline = args.duration.map(|d| Instant::now() + d);
+    let started = Instant::now();
+    let deadline = args.duration.map(|d| started + d);
     let mut tasks = tokio::task::JoinSet::new();
     for worker in 0..workers {
         let count = args.requests / workers + usize::from(worker < args.requests % workers);
@@ -84,11 +85,11 @@ pub async fn run(args: LoadArgs) -> Result<ExitCode> {
     while let Some(done) = tasks.join_next().await {
         samples.extend(done?);
     }
-    println!("{}", summary(&samples));
+    println!("{}", summary(&samples, started.elapsed()));
     Ok(ExitCode::SUCCESS)
 }
 
-fn summary(samples: &[Sample]) -> serde_json::Value {
+fn summary(samples: &[Sample], elapsed: Duration) -> serde_json::Value {
     let mut codes: BTreeMap<u16, usize> = BTreeMap::new();
     let mut answered_by: BTreeMap<&str, usize> = BTreeMap::new();
     for (status, name, _) in samples {
@@ -110,5 +111,7 @@ fn summary(samples: &[Sample]) -> serde_json::Value {
         "codes": codes,
         "answered_by": answered_by,
         "latency_us": {"mean": mean, "p50": micros(0.5), "p90": micros(0.9), "p99": micros(0.99)},
+        "seconds": elapsed.as_secs_f64(),
+        "per_second": samples.len() as f64 / elapsed.as_secs_f64().max(f64::EPSILON),
     })
 }

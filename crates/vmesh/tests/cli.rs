@@ -328,17 +328,25 @@ fn demo_passes_every_check_again_and_cleans_up() {
             .output()
             .unwrap()
     };
-    let checks = 9;
+    let checks = 10;
     for args in [&["--keep"][..], &[]] {
         let output = demo(args);
         assert_ok(&output, "vmesh demo");
         let text = stdout(&output);
         assert_eq!(text.matches("  PASS  ").count(), checks, "{text}");
         assert!(!text.contains("FAIL"), "{text}");
+        // The canary split as Prometheus counted it, query and totals.
+        assert!(text.contains("Prometheus: sum by (destination_version) (istio_requests_total{destination_service_name=\"payment-service\",reporter=\"destination\"})"), "{text}");
+        assert!(text.contains("  destination_version=v2  "), "{text}");
     }
     let output = demo(&["--keep"]);
     assert_ok(&output, "vmesh demo --keep");
-    assert!(stdout(&output).contains("vmesh demo --down"));
+    let text = stdout(&output);
+    assert!(text.contains("vmesh demo --down"));
+    assert!(
+        text.contains("http://127.0.0.1:9090/api/v1/query"),
+        "where Prometheus is: {text}"
+    );
     assert_ok(&demo(&["--down"]), "vmesh demo --down");
     let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
     assert!(
@@ -371,11 +379,15 @@ fn log_format_json_writes_one_object_per_line() {
     server.wait().unwrap();
     assert_eq!(lines.len(), 3);
     for line in &lines {
-        let object: serde_json::Value = serde_json::from_str(line)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let object: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         for field in ["timestamp", "level", "message", "target"] {
             assert!(object.get(field).is_some(), "{field} missing: {line}");
         }
     }
-    assert!(lines.iter().any(|l| l.contains("\"message\":\"config API listening\"")));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"message\":\"config API listening\""))
+    );
 }

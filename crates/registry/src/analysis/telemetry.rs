@@ -36,7 +36,8 @@ impl Use {
 
 fn providers(mesh: &Mesh, telemetry: &Scoped<TelemetrySpec>, out: &mut Vec<Message>) {
     let spec = &telemetry.spec;
-    let named = |entries: Vec<Option<&Vec<vmesh_api::kinds::telemetry::ProviderRef>>>, what: Use| {
+    let named = |entries: Vec<Option<&Vec<vmesh_api::kinds::telemetry::ProviderRef>>>,
+                 what: Use| {
         entries
             .into_iter()
             .enumerate()
@@ -50,15 +51,27 @@ fn providers(mesh: &Mesh, telemetry: &Scoped<TelemetrySpec>, out: &mut Vec<Messa
             .collect::<Vec<_>>()
     };
     let mut all = named(
-        spec.access_logging.iter().flatten().map(|e| e.providers.as_ref()).collect(),
+        spec.access_logging
+            .iter()
+            .flatten()
+            .map(|e| e.providers.as_ref())
+            .collect(),
         Use::AccessLogging,
     );
     all.extend(named(
-        spec.tracing.iter().flatten().map(|e| e.providers.as_ref()).collect(),
+        spec.tracing
+            .iter()
+            .flatten()
+            .map(|e| e.providers.as_ref())
+            .collect(),
         Use::Tracing,
     ));
     all.extend(named(
-        spec.metrics.iter().flatten().map(|e| e.providers.as_ref()).collect(),
+        spec.metrics
+            .iter()
+            .flatten()
+            .map(|e| e.providers.as_ref())
+            .collect(),
         Use::Metrics,
     ));
     let resource = Resource::new("Telemetry", &telemetry.namespace, &telemetry.name);

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use vmesh_testkit::process::cpu_seconds;
 
 use anyhow::{Context, Result, bail};
 use tokio::sync::{mpsc, watch};
@@ -583,24 +584,4 @@ fn memory_mb(pid: u32, field: &str) -> Result<f64> {
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("{field} of process {pid}"))?;
     Ok(kb / 1024.0)
-}
-
-/// User and system CPU seconds of `/proc/<process>` (a pid or `self`).
-fn cpu_seconds(process: &str) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{process}/stat"))?;
-    // Fields after the command name (which may hold spaces): state is 3rd;
-    // utime and stime are the 14th and 15th.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .unwrap_or_default();
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .with_context(|| format!("CPU times of process {process}"))
-    };
-    // USER_HZ is 100 on Linux.
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }

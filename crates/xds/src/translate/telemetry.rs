@@ -5,9 +5,12 @@
 //!
 //! Upstream Envoy has no Istio stats filter. Istio's metrics are made by
 //! Envoy's stats access logger (`envoy.access_loggers.stats`): once per
-//! request (or TCP connection) it counts into native Envoy stats whose tags
-//! are command operators, so that they reach Prometheus with Istio's names
-//! and labels, at native stats' cost. The labels come from:
+//! request (or TCP connection) it counts into native Envoy stats tagged by
+//! command operators. All of a metric's labels are one tag
+//! (`vmesh_api::peer::METRIC_LABELS_TAG`, `name=value|…`): Envoy formats one
+//! string and finds one stat per request rather than one per label, which
+//! is what keeps the cost low; the agent's merged endpoint expands the tag
+//! into Istio's labels. The labels come from:
 //! - the proxy's own workload: `%ENVIRONMENT(…)%` of the variables the agent
 //!   puts in Envoy's environment (`vmesh_api::peer`), so that configuration
 //!   shared by many proxies still names each;
@@ -421,8 +424,9 @@ fn measures(protocol: Protocol) -> Vec<(IstioMetric, &'static str, Measure, Acce
     }
 }
 
-/// The labels of a metric after a Telemetry's overrides: removed ones
-/// dropped, upserted ones set to their CEL expression.
+/// The labels of a metric after a Telemetry's overrides (removed ones
+/// dropped, upserted ones set to their CEL expression), as the one tag
+/// [`peer::METRIC_LABELS_TAG`] holding every `name=value` pair.
 fn labels_with(rule: &MetricRule, standard: &[(&'static str, String)]) -> Vec<stats::Tag> {
     let mut labels: Vec<(String, String)> = standard
         .iter()
@@ -436,14 +440,15 @@ fn labels_with(rule: &MetricRule, standard: &[(&'static str, String)]) -> Vec<st
             None => labels.push((name.clone(), value)),
         }
     }
-    labels
+    let joined: Vec<String> = labels
         .into_iter()
-        .map(|(name, value_format)| stats::Tag {
-            name,
-            value_format,
-            rules: None,
-        })
-        .collect()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect();
+    vec![stats::Tag {
+        name: peer::METRIC_LABELS_TAG.into(),
+        value_format: joined.join(&peer::LABEL_SEPARATOR.to_string()),
+        rules: None,
+    }]
 }
 
 /// The stats loggers of Istio's metrics for one side and protocol, one per

@@ -1,0 +1,156 @@
+//! What Istio's metrics cost, measured in one run with real Envoy: HTTP
+//! requests from a client through its sidecar to a VM's sidecar and
+//! application over mutual TLS, with Istio's standard metrics on (the
+//! default: both sidecars count every request into `istio_*` stats with
+//! their 25 labels) and off (a root-namespace Telemetry disabling
+//! ALL_METRICS), alternating, three rounds each. Reported: requests per
+//! second, mean and p99 latency, and the two Envoys' CPU per request.
+//! Target: under 5 % fewer requests per second with metrics on.
+//!
+//! Needs root (network namespaces), like the end-to-end tests.
+//! Run with `cargo bench -p vmesh --bench telemetry`.
+
+// A benchmark measures wall-clock time, across processes.
+#![allow(clippy::disallowed_types)]
+
+use std::time::Duration;
+
+use vmesh_testkit::pair::SidecarPair;
+use vmesh_testkit::testing::{envoy_binary, eventually};
+
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
+const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
+const ROUNDS: usize = 3;
+/// Each measurement: this long, at this many requests in flight.
+const SECONDS: &str = "8s";
+const CONCURRENCY: &str = "8";
+
+const MESH: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: payment-service, namespace: vm-workloads}
+spec: {selector: {app: payment-service}, ports: [{name: http, port: 8080}]}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: payment-vm, namespace: vm-workloads}
+spec: {address: 10.46.0.2, serviceAccount: payment-service-sa, labels: {app: payment-service, version: v1}}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+";
+
+fn metrics(on: bool) -> String {
+    format!(
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh-default, namespace: istio-system}}\n\
+         spec:\n  metrics:\n  - overrides:\n    - match: {{metric: ALL_METRICS}}\n      disabled: {}\n",
+        !on
+    )
+}
+
+/// The client sidecar's count of Istio's requests metric (0 when off).
+fn counted(pair: &SidecarPair) -> u64 {
+    let stats = pair
+        .client
+        .run(&["curl", "-s", "http://127.0.0.1:15020/stats/prometheus"]);
+    stats
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+struct Run {
+    per_second: f64,
+    mean_us: f64,
+    p99_us: f64,
+    envoy_cpu_us_per_request: f64,
+}
+
+fn measure(pair: &SidecarPair, url: &str) -> Run {
+    let cpu = pair.envoy_cpu_seconds();
+    let report = pair
+        .mesh
+        .load(
+            &pair.client,
+            url,
+            &["--duration", SECONDS, "--concurrency", CONCURRENCY],
+        )
+        .unwrap();
+    let cpu = pair.envoy_cpu_seconds() - cpu;
+    let requests = report["requests"].as_f64().unwrap();
+    assert_eq!(
+        report["codes"]["200"].as_f64(),
+        Some(requests),
+        "every request answered: {report}"
+    );
+    Run {
+        per_second: report["per_second"].as_f64().unwrap(),
+        mean_us: report["latency_us"]["mean"].as_f64().unwrap(),
+        p99_us: report["latency_us"]["p99"].as_f64().unwrap(),
+        envoy_cpu_us_per_request: cpu * 1e6 / requests,
+    }
+}
+
+fn mean(runs: &[Run], field: impl Fn(&Run) -> f64) -> f64 {
+    runs.iter().map(field).sum::<f64>() / runs.len() as f64
+}
+
+fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    let pair = SidecarPair::start(VMESH, &envoy_binary(), dir.path(), "t", &[8080], MESH).unwrap();
+    let url = format!(
+        "http://{}:8080/api/payments/1",
+        pair.mesh.vip_of(HOST).unwrap()
+    );
+    eventually("mTLS between the sidecars", || {
+        let status =
+            vmesh_testkit::http::status(&pair.client, "GET", &url, Duration::from_secs(10));
+        (status == Some(200)).then_some(())
+    });
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        for metrics_on in [true, false] {
+            pair.mesh
+                .apply("metrics.yaml", &metrics(metrics_on))
+                .unwrap();
+            // The new listeners in place and the old connections gone.
+            std::thread::sleep(Duration::from_secs(2));
+            pair.mesh
+                .load(
+                    &pair.client,
+                    &url,
+                    &["--requests", "500", "--concurrency", CONCURRENCY],
+                )
+                .unwrap();
+            let before = counted(&pair);
+            let run = measure(&pair, &url);
+            let delta = counted(&pair) - before;
+            if metrics_on {
+                assert!(delta > 0, "metrics on: the client counted requests");
+                on.push(run);
+            } else {
+                assert_eq!(delta, 0, "metrics off: nothing counted");
+                off.push(run);
+            }
+        }
+    }
+    for (name, runs) in [("metrics on", &on), ("metrics off", &off)] {
+        println!(
+            "{name:<12} {:>8.0} requests/s   mean {:>6.0} µs   p99 {:>6.0} µs   Envoy CPU {:>5.1} µs/request (both sidecars)",
+            mean(runs, |r| r.per_second),
+            mean(runs, |r| r.mean_us),
+            mean(runs, |r| r.p99_us),
+            mean(runs, |r| r.envoy_cpu_us_per_request),
+        );
+    }
+    let loss = 1.0 - mean(&on, |r| r.per_second) / mean(&off, |r| r.per_second);
+    println!(
+        "throughput lost to metrics: {:.1} %   added latency: {:+.0} µs mean   added Envoy CPU: {:+.1} µs/request   target < 5 %",
+        loss * 100.0,
+        mean(&on, |r| r.mean_us) - mean(&off, |r| r.mean_us),
+        mean(&on, |r| r.envoy_cpu_us_per_request) - mean(&off, |r| r.envoy_cpu_us_per_request),
+    );
+}

@@ -378,6 +378,17 @@ impl SpecValidate for IstioOperatorSpec {
                         c.port(&mp.f("defaultConfig").f(field), port);
                     }
                 }
+                // Only the sampling percentage is read; tracers come from
+                // extensionProviders and Telemetry.
+                let tracing = proxy.tracing.as_ref().and_then(Value::as_object);
+                for key in tracing.into_iter().flatten().map(|(k, _)| k) {
+                    if key != "sampling" {
+                        c.warn(
+                            &mp.f("defaultConfig").f("tracing").f(key),
+                            "accepted but not applied by vmesh: configure tracers with meshConfig.extensionProviders and a Telemetry resource",
+                        );
+                    }
+                }
                 for (key, value) in proxy.proxy_metadata.iter().flatten() {
                     let is_flag = key.ends_with("_CAPTURE") || key.ends_with("_AUTO_ALLOCATE");
                     if is_flag && !matches!(value.as_str(), "true" | "false") {
@@ -426,3 +437,49 @@ pub static KIND: KindInfo = KindInfo {
     columns: &[("PROFILE", "/spec/profile")],
     decode: decode_body::<IstioOperator>,
 };
+
+#[cfg(test)]
+mod tests {
+    /// The problems `vmesh validate` reports for an operator with this meshConfig, with their fields.
+    fn problems(mesh_config: &str) -> Vec<String> {
+        let text = format!(
+            "apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\n\
+             metadata: {{name: vm, namespace: istio-system}}\nspec:\n  meshConfig:\n{mesh_config}"
+        );
+        crate::decode_manifests("iop.yaml", &text)
+            .problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect()
+    }
+
+    #[test]
+    fn telemetry_settings_applied_quietly_the_rest_warned() {
+        assert!(
+            problems(
+                "    accessLogFile: /dev/stdout\n    accessLogEncoding: JSON\n    enableTracing: true\n\
+                 \x20   defaultConfig: {tracing: {sampling: 10}}\n\
+                 \x20   extensionProviders:\n    - {name: zipkin, zipkin: {service: zipkin.tracing.svc.cluster.local, port: 9411}}\n\
+                 \x20   - {name: otel, opentelemetry: {service: otel.tracing.svc.cluster.local, port: 4317}}\n\
+                 \x20   - {name: logs, envoyFileAccessLog: {path: /var/log/envoy.log, logFormat: {labels: {code: '%RESPONSE_CODE%'}}}}\n"
+            )
+            .is_empty()
+        );
+        let found = problems(
+            "    accessLogEncoding: YAML\n    defaultConfig: {tracing: {zipkin: {address: z:9411}}}\n\
+             \x20   extensionProviders:\n    - {name: a, envoyExtAuthzHttp: {service: authz, port: 80}}\n    - {name: a, zipkin: {service: z.t.svc.cluster.local, port: 9411}}\n",
+        );
+        let expect = [
+            "spec.meshConfig.accessLogEncoding: accessLogEncoding must be TEXT or JSON, not \"YAML\"",
+            "spec.meshConfig.defaultConfig.tracing.zipkin: accepted but not applied by vmesh",
+            "spec.meshConfig.extensionProviders[0].envoyExtAuthzHttp: provider kind envoyExtAuthzHttp is accepted but not applied by vmesh yet",
+            "spec.meshConfig.extensionProviders[1].name: duplicate provider name \"a\"",
+        ];
+        for prefix in expect {
+            assert!(
+                found.iter().any(|p| p.starts_with(prefix)),
+                "{prefix}: {found:?}"
+            );
+        }
+    }
+}

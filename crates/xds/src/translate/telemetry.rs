@@ -472,8 +472,12 @@ fn metric_loggers(
         let logger = by_moment
             .entry(moment as i32)
             .or_insert_with(|| StatsLogger {
+                // One scope for every logger of the proxy, old listeners'
+                // included: one set of stats to look up, merge and flush,
+                // not a set per listener and configuration version.
                 stats_scope: Some(envoy_types::pb::envoy::r#type::v3::Scope {
                     prefix: METRICS_SCOPE.into(),
+                    sharing_name: METRICS_SCOPE.into(),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -22,12 +22,14 @@ impl SidecarPair {
     /// The payment VM (`payment-service-sa` in vm-workloads, labels `app:
     /// payment-service`) serving the demo application on `ports`, the
     /// client (`frontend-sa` in frontend), `objects` applied before either
-    /// agent starts; `tag` keeps namespaces and Envoys' base ids apart.
+    /// agent starts; `tag` keeps namespaces apart from other pairs', and the
+    /// two Envoys take base ids `base_id` and `base_id + 1`.
     pub fn start(
         vmesh: &str,
         envoy: &Path,
         dir: &Path,
         tag: &str,
+        base_id: u32,
         ports: &[u16],
         objects: &str,
     ) -> Result<SidecarPair> {
@@ -62,7 +64,7 @@ impl SidecarPair {
             "payment-service-sa",
             "10.46.0.2",
             &["--label", "app=payment-service"],
-            61,
+            base_id,
         )?;
         capture_service_range(&client, "10.46.0.1")?;
         mesh.start_agent(
@@ -72,7 +74,7 @@ impl SidecarPair {
             "frontend-sa",
             "10.46.0.1",
             &["--label", "app=frontend"],
-            62,
+            base_id + 1,
         )?;
         Ok(SidecarPair {
             payment,

@@ -53,6 +53,7 @@ fn main() {
         &envoy_binary(),
         dir.path(),
         "b",
+        61,
         &[8080, 8081],
         "apiVersion: v1\nkind: Service\nmetadata: {name: payment-service, namespace: vm-workloads}\n\
          spec: {selector: {app: payment-service}, ports: [{name: http, port: 8080}]}\n---\n\

@@ -1,13 +1,15 @@
 //! What Istio's metrics cost, measured in one run with real Envoy: HTTP
 //! requests from a client through its sidecar to a VM's sidecar and
-//! application over mutual TLS, with Istio's standard metrics on (the
-//! default: both sidecars count every request into `istio_*` stats with
-//! their 25 labels) and off (a root-namespace Telemetry disabling
-//! ALL_METRICS), in rounds of on-off-off-on (so that drift on this shared
-//! machine falls on both alike). Reported: requests per second, mean and
-//! p99 latency, the two Envoys' CPU per request, and the median over the
-//! rounds of each round's throughput loss. Target: under 5 % fewer requests
-//! per second with metrics on.
+//! application over mutual TLS, through two such pairs side by side, one
+//! with Istio's standard metrics on (the default: both sidecars count every
+//! request into `istio_*` stats with their 25 labels) and one with them off
+//! (a root-namespace Telemetry disabling ALL_METRICS), in rounds of
+//! on-off-off-on (8 rounds of 4 s each) so that drift on this shared
+//! machine falls on both alike;
+//! neither pair's configuration changes while it is measured. Reported:
+//! requests per second, mean and p99 latency, the two Envoys' CPU per
+//! request, and the median over the rounds of each round's throughput loss.
+//! Target: under 5 % fewer requests per second with metrics on.
 //!
 //! Needs root (network namespaces), like the end-to-end tests.
 //! Run with `cargo bench -p vmesh --bench telemetry`.
@@ -22,9 +24,9 @@ use vmesh_testkit::testing::{envoy_binary, eventually};
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
-const ROUNDS: usize = 4;
+const ROUNDS: usize = 8;
 /// Each measurement: this long, at this many requests in flight.
-const SECONDS: &str = "5s";
+const SECONDS: &str = "4s";
 const CONCURRENCY: &str = "8";
 
 const MESH: &str = "\
@@ -44,13 +46,18 @@ metadata: {name: default, namespace: istio-system}
 spec: {mtls: {mode: STRICT}}
 ";
 
-fn metrics(on: bool) -> String {
-    format!(
-        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: mesh-default, namespace: istio-system}}\n\
-         spec:\n  metrics:\n  - overrides:\n    - match: {{metric: ALL_METRICS}}\n      disabled: {}\n",
-        !on
-    )
-}
+/// Istio's metrics off for the whole mesh.
+const METRICS_OFF: &str = "\
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  metrics:
+  - overrides:
+    - match: {metric: ALL_METRICS}
+      disabled: true
+";
 
 /// The client sidecar's count of Istio's requests metric (0 when off).
 fn counted(pair: &SidecarPair) -> u64 {
@@ -102,34 +109,47 @@ fn mean(runs: &[Run], field: impl Fn(&Run) -> f64) -> f64 {
 
 fn main() {
     let dir = tempfile::tempdir().unwrap();
-    let pair = SidecarPair::start(VMESH, &envoy_binary(), dir.path(), "t", &[8080], MESH).unwrap();
-    let url = format!(
-        "http://{}:8080/api/payments/1",
-        pair.mesh.vip_of(HOST).unwrap()
-    );
-    eventually("mTLS between the sidecars", || {
-        let status =
-            vmesh_testkit::http::status(&pair.client, "GET", &url, Duration::from_secs(10));
-        (status == Some(200)).then_some(())
-    });
+    let start = |tag: &str, base_id: u32, objects: &str| {
+        let work = dir.path().join(tag);
+        std::fs::create_dir_all(&work).unwrap();
+        let pair = SidecarPair::start(
+            VMESH,
+            &envoy_binary(),
+            &work,
+            tag,
+            base_id,
+            &[8080],
+            objects,
+        )
+        .unwrap();
+        let url = format!(
+            "http://{}:8080/api/payments/1",
+            pair.mesh.vip_of(HOST).unwrap()
+        );
+        eventually("mTLS between the sidecars", || {
+            let status =
+                vmesh_testkit::http::status(&pair.client, "GET", &url, Duration::from_secs(10));
+            (status == Some(200)).then_some(())
+        });
+        // Connections made, pools filled.
+        pair.mesh
+            .load(
+                &pair.client,
+                &url,
+                &["--requests", "1000", "--concurrency", CONCURRENCY],
+            )
+            .unwrap();
+        (pair, url)
+    };
+    let with = start("tn", 71, MESH);
+    let without = start("tf", 73, &format!("{MESH}{METRICS_OFF}"));
     let (mut on, mut off) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         for metrics_on in [true, false, false, true] {
-            pair.mesh
-                .apply("metrics.yaml", &metrics(metrics_on))
-                .unwrap();
-            // The new listeners in place and the old connections gone.
-            std::thread::sleep(Duration::from_secs(2));
-            pair.mesh
-                .load(
-                    &pair.client,
-                    &url,
-                    &["--requests", "500", "--concurrency", CONCURRENCY],
-                )
-                .unwrap();
-            let before = counted(&pair);
-            let run = measure(&pair, &url);
-            let delta = counted(&pair) - before;
+            let (pair, url) = if metrics_on { &with } else { &without };
+            let before = counted(pair);
+            let run = measure(pair, url);
+            let delta = counted(pair) - before;
             if metrics_on {
                 assert!(delta > 0, "metrics on: the client counted requests");
                 on.push(run);

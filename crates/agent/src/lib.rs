@@ -20,7 +20,8 @@
 //! - [`capture`]: traffic capture with iptables, Istio's rules (apply, clean up);
 //! - [`health`]: the WorkloadGroup's readiness probe, whose verdicts the
 //!   xDS proxy reports to the control plane;
-//! - [`status`]: the status port (15020): readiness and merged metrics;
+//! - [`status`]: the status port (15020): readiness and merged metrics,
+//!   with Istio's metrics under Istio's names and labels ([`istio_metrics`]);
 //! - [`dns`]: the DNS proxy (15053): mesh names from the name table the
 //!   xDS proxy receives, everything else forwarded to resolv.conf's upstreams;
 //! - [`onboarding_files`]: the files that bring a VM into the mesh — their

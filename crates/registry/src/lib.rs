@@ -22,6 +22,9 @@
 //! It also computes the Kubernetes view of a Service ([`kube_view`]: its
 //! cluster IP and Endpoints) that `vmesh get svc` and `get endpoints` show.
 //!
+//! It decides which Telemetry resources apply to a workload and what they
+//! resolve to over the mesh's providers ([`telemetry`]).
+//!
 //! It also owns [`analysis`], `vmesh analyze`'s analyzers: what is wrong
 //! with a set of objects in Istio's terms (a subset no rule defines, a host
 //! that names no service, …), found with the same join and lookups.

@@ -3,7 +3,8 @@
 //! and hands it to xDS ([`mesh`]), the CA, token API and TLS port 15012
 //! ([`identity`]), VM joins ([`join`]), auto-registration and health
 //! ([`registration`]), the config-dir follower ([`config_dir`]), the
-//! monitoring port ([`monitoring`]) and the Kubernetes views computed from
+//! monitoring port ([`monitoring`]), Prometheus service discovery of the
+//! connected sidecars ([`discovery`]) and the Kubernetes views computed from
 //! the mesh ([`views`]: Endpoints, Services' cluster IPs).
 //!
 //! This crate wires those together and owns their listeners; it does not

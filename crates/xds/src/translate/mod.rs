@@ -14,10 +14,13 @@
 //! - `route`: route configurations, from VirtualServices' HTTP routes;
 //! - `listener`: listeners and filter chains (TCP and TLS routes, inbound
 //!   chains with mTLS and RBAC);
+//! - `telemetry`: what listeners report: access logs, tracers and Istio's
+//!   metrics, and the metadata those read;
 //! - `proto`: small protobuf builders they share.
 //!
 //! This module puts them together per proxy: `outbound` (shared by the
-//! proxies of a namespace and locality, see [`MeshConfig`]) and `inbound`
+//! proxies of a namespace, locality and Telemetry resources, see
+//! [`MeshConfig`]) and `inbound`
 //! (the proxy's own). A new Envoy feature goes in the module of the resource
 //! it configures; when it depends on which rule applies to a host or a
 //! workload, that choice is a lookup in the registry, not here.

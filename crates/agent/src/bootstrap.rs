@@ -178,10 +178,10 @@ impl Bootstrap {
         format!("{service}.{}", self.namespace)
     }
 
-    /// The workload as Istio's metrics name it (`principal` being its SPIFFE
-    /// URI): the `WORKLOAD_NAME` and `CLUSTER_ID` metadata win over the
-    /// fields, as they do in [`metadata`](Self::metadata).
-    pub fn workload_attributes(&self, principal: String) -> vmesh_api::peer::WorkloadAttributes {
+    /// The workload as Istio's metrics name it: the `WORKLOAD_NAME` and
+    /// `CLUSTER_ID` metadata win over the fields, as they do in
+    /// [`metadata`](Self::metadata).
+    pub fn workload_attributes(&self) -> vmesh_api::peer::WorkloadAttributes {
         let metadata = self.metadata();
         let text = |key: &str| {
             metadata
@@ -194,16 +194,15 @@ impl Bootstrap {
             namespace: self.namespace.clone(),
             labels: self.labels.clone(),
             cluster: text("CLUSTER_ID").unwrap_or_default(),
-            principal,
         }
     }
 
     /// Envoy's environment: the workload's attributes for the metrics its
     /// configuration reads with `%ENVIRONMENT(…)%`, and the service name
     /// OpenTelemetry spans carry.
-    pub fn envoy_env(&self, principal: String) -> Vec<(String, String)> {
-        let attributes = self.workload_attributes(principal);
-        let mut env: Vec<(String, String)> = vmesh_api::peer::env_for(&attributes)
+    pub fn envoy_env(&self, principal: &str) -> Vec<(String, String)> {
+        let attributes = self.workload_attributes();
+        let mut env: Vec<(String, String)> = vmesh_api::peer::env_for(&attributes, principal)
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();

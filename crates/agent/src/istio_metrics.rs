@@ -1,13 +1,15 @@
 //! Istio's standard metrics as Prometheus should see them. Envoy exports
 //! the stats its stats access logger makes (see the xds crate's
 //! `translate/telemetry.rs`) as `envoy_istio_<name>{labels="a=1|b=2"}`: one
-//! tag holding every label, which is what keeps them cheap in Envoy. The
+//! tag holding every label (workloads' attributes encoded in its `source`
+//! and `destination` pairs), which is what keeps them cheap in Envoy. The
 //! agent's merged endpoint serves them as `istio_<name>{a="1",b="2"}`,
-//! Istio's names and labels; every other line passes through unchanged.
+//! Istio's names and labels (`vmesh_api::peer::expand_labels`); every other
+//! line passes through unchanged.
 //!
 //! This module rewrites text; it does not fetch or serve it (`status` does).
 
-use vmesh_api::peer::{LABEL_SEPARATOR, METRIC_LABELS_TAG};
+use vmesh_api::peer::{METRIC_LABELS_TAG, expand_labels};
 
 const ENVOY_PREFIX: &str = "envoy_istio_";
 
@@ -41,10 +43,7 @@ fn rewrite_line(line: &str) -> Option<String> {
     let mut expanded: Vec<(String, String)> = Vec::new();
     for (label, text) in labels {
         if label == METRIC_LABELS_TAG {
-            for pair in text.split(LABEL_SEPARATOR).filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                expanded.push((k.to_string(), v.to_string()));
-            }
+            expanded.extend(expand_labels(&text));
         } else {
             expanded.push((label, text));
         }
@@ -98,17 +97,28 @@ mod tests {
     #[test]
     fn istio_metrics_get_istio_names_and_their_labels() {
         let envoy = "# TYPE envoy_istio_requests_total counter\n\
-            envoy_istio_requests_total{labels=\"reporter=source|source_workload=web|destination_principal=spiffe://td/ns/a/sa/b|response_flags=-\"} 7\n\
+            envoy_istio_requests_total{labels=\"reporter=source|destination_principal=spiffe://td/ns/a/sa/b|response_flags=-\"} 7\n\
             # TYPE envoy_istio_request_duration_milliseconds histogram\n\
             envoy_istio_request_duration_milliseconds_bucket{labels=\"reporter=destination|response_code=200\",le=\"0.5\"} 3\n\
             envoy_cluster_upstream_rq{envoy_cluster_name=\"x\"} 2\n";
         assert_eq!(
             rewrite(envoy),
             "# TYPE istio_requests_total counter\n\
-             istio_requests_total{reporter=\"source\",source_workload=\"web\",destination_principal=\"spiffe://td/ns/a/sa/b\",response_flags=\"-\"} 7\n\
+             istio_requests_total{reporter=\"source\",destination_principal=\"spiffe://td/ns/a/sa/b\",response_flags=\"-\"} 7\n\
              # TYPE istio_request_duration_milliseconds histogram\n\
              istio_request_duration_milliseconds_bucket{reporter=\"destination\",response_code=\"200\",le=\"0.5\"} 3\n\
              envoy_cluster_upstream_rq{envoy_cluster_name=\"x\"} 2\n"
+        );
+    }
+
+    #[test]
+    fn encoded_workloads_become_istios_labels() {
+        let line = "envoy_istio_requests_total{labels=\"reporter=source|source=web;shop;web;v1;web;v1;c|destination=unknown\"} 2";
+        let rewritten = rewrite(line);
+        assert!(rewritten.starts_with("istio_requests_total{reporter=\"source\",source_workload=\"web\",source_workload_namespace=\"shop\",source_canonical_service=\"web\",source_canonical_revision=\"v1\",source_app=\"web\",source_version=\"v1\",source_cluster=\"c\",destination_workload=\"unknown\","), "{rewritten}");
+        assert!(
+            rewritten.ends_with("destination_cluster=\"unknown\"} 2\n"),
+            "{rewritten}"
         );
     }
 

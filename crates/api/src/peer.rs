@@ -1,90 +1,74 @@
-//! How a sidecar's own workload is named for Istio's metrics, to its Envoy
-//! and to its peers. The agent puts [`PeerField::env`] variables in Envoy's
-//! environment ([`env_for`]); the xDS translation reads them with Envoy's
-//! `%ENVIRONMENT(…)%`, so that configuration shared by many proxies still
-//! labels each one's metrics with its own workload; client sidecars send them
-//! to server sidecars as [`PeerField::header`] request headers, which the
-//! server side moves into dynamic metadata under [`PEER_METADATA`] (and
-//! strips) before the application sees the request.
+//! How workloads are named in Istio's metrics, and how those names travel:
+//! to a sidecar's own Envoy, to its peers, and back out to Prometheus.
 //!
-//! This module owns the names; it does no I/O.
+//! A workload's seven attributes (workload, namespace, canonical service and
+//! revision, app, version, cluster) travel as one string, [`encode`]d with
+//! [`ATTRIBUTE_SEPARATOR`] as Istio's endpoint metadata does:
+//! - the agent puts the proxy's own in Envoy's environment ([`WORKLOAD_ENV`],
+//!   its principal in [`PRINCIPAL_ENV`]); Envoy reads them with
+//!   `%ENVIRONMENT(…)%`, so configuration shared by many proxies still
+//!   labels each one's metrics with its own workload;
+//! - client sidecars send theirs to server sidecars in the [`PEER_HEADER`]
+//!   request header, which the server side moves into dynamic metadata
+//!   ([`PEER_METADATA`]) and strips before the application sees it;
+//! - a destination's are its endpoint's metadata ([`ENDPOINT_METADATA`]).
+//!
+//! Envoy reports a metric with all its labels in one tag
+//! ([`METRIC_LABELS_TAG`]: `name=value|…`, the `source` and `destination`
+//! pairs holding encoded attributes); the agent turns that into Istio's
+//! labels ([`expand_labels`]).
+//!
+//! This module owns the names and encodings; it does no I/O.
 
 use std::collections::BTreeMap;
 
-/// One attribute of a workload.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerField {
-    /// The key in the [`PEER_METADATA`] namespace and in endpoint metadata.
-    pub key: &'static str,
-    /// The variable in Envoy's environment holding the proxy's own value.
-    pub env: &'static str,
-    /// The request header carrying it to the server side (`None`: the server
-    /// side learns it otherwise, as the principal from the TLS handshake).
-    pub header: Option<&'static str>,
-}
-
-const fn field(key: &'static str, env: &'static str, header: &'static str) -> PeerField {
-    PeerField {
-        key,
-        env,
-        header: Some(header),
-    }
-}
-
-pub const WORKLOAD: PeerField = field("workload", "VMESH_WORKLOAD_NAME", "x-vmesh-peer-workload");
-pub const NAMESPACE: PeerField = field(
-    "namespace",
-    "VMESH_WORKLOAD_NAMESPACE",
-    "x-vmesh-peer-namespace",
-);
-pub const CANONICAL_SERVICE: PeerField = field(
+/// The attributes, as the suffixes of Istio's `source_*` and
+/// `destination_*` labels, in the order [`encode`] writes them.
+pub const ATTRIBUTES: [&str; 7] = [
+    "workload",
+    "workload_namespace",
     "canonical_service",
-    "VMESH_CANONICAL_SERVICE",
-    "x-vmesh-peer-canonical-service",
-);
-pub const CANONICAL_REVISION: PeerField = field(
     "canonical_revision",
-    "VMESH_CANONICAL_REVISION",
-    "x-vmesh-peer-canonical-revision",
-);
-pub const APP: PeerField = field("app", "VMESH_WORKLOAD_APP", "x-vmesh-peer-app");
-pub const VERSION: PeerField = field("version", "VMESH_WORKLOAD_VERSION", "x-vmesh-peer-version");
-pub const CLUSTER: PeerField = field("cluster", "VMESH_CLUSTER_ID", "x-vmesh-peer-cluster");
-pub const PRINCIPAL: PeerField = PeerField {
-    key: "principal",
-    env: "VMESH_WORKLOAD_PRINCIPAL",
-    header: None,
-};
-
-/// Every attribute, in the order of Istio's labels.
-pub const FIELDS: [PeerField; 8] = [
-    WORKLOAD,
-    NAMESPACE,
-    CANONICAL_SERVICE,
-    CANONICAL_REVISION,
-    APP,
-    VERSION,
-    CLUSTER,
-    PRINCIPAL,
+    "app",
+    "version",
+    "cluster",
 ];
 
-/// The dynamic metadata namespace the server side keeps a client's attributes in.
+/// Between two attributes of an encoded workload.
+pub const ATTRIBUTE_SEPARATOR: char = ';';
+
+/// Envoy's environment: the proxy's own encoded attributes.
+pub const WORKLOAD_ENV: &str = "VMESH_WORKLOAD";
+/// Envoy's environment: the proxy's own SPIFFE identity.
+pub const PRINCIPAL_ENV: &str = "VMESH_WORKLOAD_PRINCIPAL";
+/// The request header carrying the client's encoded attributes.
+pub const PEER_HEADER: &str = "x-vmesh-peer";
+/// The dynamic metadata namespace the server side keeps the client's
+/// attributes in, under [`ATTRIBUTES_KEY`].
 pub const PEER_METADATA: &str = "vmesh.peer";
-/// The metadata namespace of endpoints and clusters (the destination's attributes).
+/// The metadata namespace of endpoints (their attributes, under
+/// [`ATTRIBUTES_KEY`]) and clusters (the service they are for).
 pub const ENDPOINT_METADATA: &str = "vmesh";
+/// The key of encoded attributes in [`PEER_METADATA`] and [`ENDPOINT_METADATA`].
+pub const ATTRIBUTES_KEY: &str = "workload";
+
+/// Istio's metrics leave Envoy with all their labels in this one tag, as
+/// `name=value` pairs joined by [`LABEL_SEPARATOR`]: Envoy then formats one
+/// string and finds one stat per request, not one per label. The agent's
+/// merged endpoint expands it ([`expand_labels`]).
+pub const METRIC_LABELS_TAG: &str = "labels";
+/// Between two `name=value` pairs of [`METRIC_LABELS_TAG`].
+pub const LABEL_SEPARATOR: char = '|';
+/// The pairs named `source` and `destination` hold encoded attributes.
+pub const LABEL_GROUPS: [&str; 2] = ["source", "destination"];
+/// A pair naming, comma-separated, labels a Telemetry override removes
+/// from the expanded ones.
+pub const REMOVED_LABELS: &str = "removed";
 
 /// The node metadata key under which an agent announces its status port
 /// (merged metrics), when other hosts can reach it: the server lists it for
 /// Prometheus' service discovery.
 pub const STATUS_PORT_METADATA: &str = "STATUS_PORT";
-
-/// Istio's metrics leave Envoy with all their labels in this one tag, as
-/// `name=value` pairs joined by [`LABEL_SEPARATOR`]: Envoy then formats one
-/// string and finds one stat per request, not one per label (a fifth of the
-/// cost). The agent's merged endpoint expands it into Prometheus labels.
-pub const METRIC_LABELS_TAG: &str = "labels";
-/// Between two `name=value` pairs of [`METRIC_LABELS_TAG`].
-pub const LABEL_SEPARATOR: char = '|';
 
 /// What Istio reports for an attribute nobody knows.
 pub const UNKNOWN: &str = "unknown";
@@ -96,7 +80,6 @@ pub struct WorkloadAttributes {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
     pub cluster: String,
-    pub principal: String,
 }
 
 impl WorkloadAttributes {
@@ -128,36 +111,69 @@ impl WorkloadAttributes {
         .unwrap_or_else(|| "latest".into())
     }
 
-    /// The value of each field, `unknown` where there is none.
-    pub fn values(&self) -> Vec<(PeerField, String)> {
-        let label = |name: &str| self.labels.get(name).cloned();
-        let or_unknown = |v: Option<String>| {
+    /// The attributes in [`ATTRIBUTES`] order, `unknown` where there is none.
+    pub fn encode(&self) -> String {
+        let known = |v: Option<&String>| {
             v.filter(|v| !v.is_empty())
-                .unwrap_or_else(|| UNKNOWN.to_string())
+                .map_or(UNKNOWN.to_string(), |v| v.replace(ATTRIBUTE_SEPARATOR, "_"))
         };
-        vec![
-            (WORKLOAD, or_unknown(Some(self.workload.clone()))),
-            (NAMESPACE, or_unknown(Some(self.namespace.clone()))),
-            (
-                CANONICAL_SERVICE,
-                or_unknown(Some(self.canonical_service())),
-            ),
-            (CANONICAL_REVISION, self.canonical_revision()),
-            (APP, or_unknown(label("app"))),
-            (VERSION, or_unknown(label("version"))),
-            (CLUSTER, or_unknown(Some(self.cluster.clone()))),
-            (PRINCIPAL, or_unknown(Some(self.principal.clone()))),
+        [
+            known(Some(&self.workload)),
+            known(Some(&self.namespace)),
+            known(Some(&self.canonical_service())),
+            self.canonical_revision(),
+            known(self.labels.get("app")),
+            known(self.labels.get("version")),
+            known(Some(&self.cluster)),
         ]
+        .join(&ATTRIBUTE_SEPARATOR.to_string())
     }
 }
 
-/// The environment variables naming a proxy's own workload to its Envoy.
-pub fn env_for(workload: &WorkloadAttributes) -> Vec<(&'static str, String)> {
-    workload
-        .values()
-        .into_iter()
-        .map(|(field, value)| (field.env, value))
-        .collect()
+/// Envoy's environment for a proxy of `workload` whose identity is `principal`.
+pub fn env_for(workload: &WorkloadAttributes, principal: &str) -> Vec<(&'static str, String)> {
+    vec![
+        (WORKLOAD_ENV, workload.encode()),
+        (PRINCIPAL_ENV, principal.to_string()),
+    ]
+}
+
+/// Istio's labels from the pairs of [`METRIC_LABELS_TAG`]: `source` and
+/// `destination` expanded into `source_workload`… (missing attributes
+/// `unknown`), explicit pairs winning over expanded ones, removed labels
+/// dropped.
+pub fn expand_labels(tag: &str) -> Vec<(String, String)> {
+    let pairs: Vec<(&str, &str)> = tag
+        .split(LABEL_SEPARATOR)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').unwrap_or((p, "")))
+        .collect();
+    let removed: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, _)| *k == REMOVED_LABELS)
+        .flat_map(|(_, v)| v.split(','))
+        .collect();
+    let explicit = |name: &str| pairs.iter().any(|(k, _)| *k == name);
+    let mut labels = Vec::new();
+    for (key, value) in &pairs {
+        if *key == REMOVED_LABELS {
+            continue;
+        }
+        if LABEL_GROUPS.contains(key) {
+            let mut values = value.split(ATTRIBUTE_SEPARATOR);
+            for attribute in ATTRIBUTES {
+                let name = format!("{key}_{attribute}");
+                let value = values.next().filter(|v| !v.is_empty()).unwrap_or(UNKNOWN);
+                if !explicit(&name) {
+                    labels.push((name, value.to_string()));
+                }
+            }
+        } else {
+            labels.push((key.to_string(), value.to_string()));
+        }
+    }
+    labels.retain(|(name, _)| !removed.contains(&name.as_str()));
+    labels
 }
 
 #[cfg(test)]
@@ -171,13 +187,39 @@ mod tests {
             namespace: "vm-workloads".into(),
             labels: [("app".to_string(), "payment".to_string())].into(),
             cluster: String::new(),
-            principal: "spiffe://cluster.local/ns/vm-workloads/sa/payment".into(),
         };
-        let env: BTreeMap<_, _> = env_for(&w).into_iter().collect();
-        assert_eq!(env["VMESH_CANONICAL_SERVICE"], "payment");
-        assert_eq!(env["VMESH_CANONICAL_REVISION"], "latest");
-        assert_eq!(env["VMESH_WORKLOAD_VERSION"], "unknown");
-        assert_eq!(env["VMESH_CLUSTER_ID"], "unknown");
-        assert_eq!(env.len(), FIELDS.len());
+        assert_eq!(
+            w.encode(),
+            "payment-vm;vm-workloads;payment;latest;payment;unknown;unknown"
+        );
+        let env: BTreeMap<_, _> = env_for(&w, "spiffe://td/ns/a/sa/b").into_iter().collect();
+        assert_eq!(env[WORKLOAD_ENV], w.encode());
+        assert_eq!(env[PRINCIPAL_ENV], "spiffe://td/ns/a/sa/b");
+    }
+
+    #[test]
+    fn labels_expand_with_overrides_and_removals() {
+        let labels = expand_labels(
+            "reporter=destination|source=web;shop;web;v2;web;v2;c1|source_principal=spiffe://x\
+             |destination=unknown|source_app=upserted|removed=source_version,destination_cluster",
+        );
+        let get = |name: &str| {
+            labels
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("reporter"), Some("destination"));
+        assert_eq!(get("source_workload"), Some("web"));
+        assert_eq!(get("source_workload_namespace"), Some("shop"));
+        assert_eq!(get("source_cluster"), Some("c1"));
+        assert_eq!(get("source_app"), Some("upserted"));
+        assert_eq!(get("source_version"), None);
+        assert_eq!(get("destination_workload"), Some("unknown"));
+        assert_eq!(get("destination_version"), Some("unknown"));
+        assert_eq!(get("destination_cluster"), None);
+        assert_eq!(get("source_principal"), Some("spiffe://x"));
+        assert_eq!(get("removed"), None);
+        assert_eq!(labels.len(), 1 + 6 + 1 + 6);
     }
 }

@@ -310,7 +310,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         admin_port: args.admin_port,
         drain: args.drain_duration,
         restart: RESTART_BACKOFF,
-        env: bootstrap.envoy_env(workload.identity.uri()),
+        env: bootstrap.envoy_env(&workload.identity.uri()),
     };
     if args.capture {
         envoy.binary =

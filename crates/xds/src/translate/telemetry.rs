@@ -16,10 +16,14 @@
 //!   shared by many proxies still names each;
 //! - the destination, on the client side: the endpoint's metadata
 //!   ([`endpoint_metadata`]) and the cluster's ([`service_metadata`]);
-//! - the source, on the server side: request headers the client side adds
-//!   ([`peer_headers`]) moved into dynamic metadata by
+//! - the source, on the server side: the request header the client side
+//!   adds ([`peer_headers`]) moved into dynamic metadata by
 //!   [`peer_metadata_filter`] (and stripped before the application), and the
 //!   peer certificate's URI SAN.
+//!
+//! A workload's seven attributes travel as one encoded string everywhere
+//! (environment, header, metadata, the `source`/`destination` pairs): one
+//! lookup per request rather than seven, and endpoints stay small in EDS.
 //!
 //! Which Telemetry applies is the registry's decision (`telemetry_for`).
 
@@ -56,7 +60,7 @@ use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::util::pack_any;
 use vmesh_api::kinds::telemetry::IstioMetric;
-use vmesh_api::peer::{self, PeerField};
+use vmesh_api::peer;
 use vmesh_registry::telemetry::{
     AccessLog as LogSpec, AccessLogFormat, CustomTag, MetricRule, SideTelemetry, TracerKind,
     Tracing,
@@ -244,95 +248,65 @@ fn and(first: AccessLogFilter, second: Option<AccessLogFilter>) -> AccessLogFilt
     }
 }
 
-/// `%ENVIRONMENT(…)%` of the proxy's own value of `field`.
-fn own(field: PeerField) -> String {
-    format!("%ENVIRONMENT({})%", field.env)
+/// The proxy's own encoded attributes.
+fn own_attributes() -> String {
+    format!("%ENVIRONMENT({})%", peer::WORKLOAD_ENV)
 }
 
-/// The client's value of `field`, as the server side received it.
-fn peer(field: PeerField) -> String {
-    format!("%DYNAMIC_METADATA({}:{})%", peer::PEER_METADATA, field.key)
-}
-
-/// The destination endpoint's value of `field`, as the client side knows it.
-fn upstream(field: PeerField) -> String {
-    format!(
-        "%UPSTREAM_METADATA({}:{})%",
-        peer::ENDPOINT_METADATA,
-        field.key
-    )
+fn own_principal() -> String {
+    format!("%ENVIRONMENT({})%", peer::PRINCIPAL_ENV)
 }
 
 fn cluster_value(key: &str) -> String {
     format!("%CLUSTER_METADATA({}:{key})%", peer::ENDPOINT_METADATA)
 }
 
-/// Istio's standard labels of a metric, in Istio's order, as Envoy command operators.
+/// Istio's standard labels of a metric as Envoy command operators; the
+/// `source` and `destination` pairs hold encoded attributes that the agent
+/// expands into Istio's `source_workload`… (`vmesh_api::peer::expand_labels`).
 fn standard_labels(direction: Direction, protocol: Protocol) -> Vec<(&'static str, String)> {
-    use vmesh_api::peer::{
-        APP, CANONICAL_REVISION, CANONICAL_SERVICE, CLUSTER, NAMESPACE, PRINCIPAL, VERSION,
-        WORKLOAD,
-    };
     let inbound = matches!(direction, Direction::Inbound { .. });
     let http = protocol == Protocol::Http;
-    // The source's attributes: the proxy's own on the client side; on the
-    // server side the client's headers (HTTP), or only its certificate (TCP).
-    let source = |field: PeerField| -> String {
-        match (inbound, http) {
-            (false, _) => own(field),
-            (true, true) => peer(field),
-            (true, false) => peer::UNKNOWN.into(),
-        }
+    // The source: the proxy itself on the client side; on the server side
+    // the client's header (HTTP), or nothing but its certificate (TCP).
+    let source = match (inbound, http) {
+        (false, _) => own_attributes(),
+        (true, true) => format!(
+            "%DYNAMIC_METADATA({}:{})%",
+            peer::PEER_METADATA,
+            peer::ATTRIBUTES_KEY
+        ),
+        (true, false) => peer::UNKNOWN.into(),
     };
-    let destination =
-        |field: PeerField| -> String { if inbound { own(field) } else { upstream(field) } };
+    let destination = if inbound {
+        own_attributes()
+    } else {
+        format!(
+            "%UPSTREAM_METADATA({}:{})%",
+            peer::ENDPOINT_METADATA,
+            peer::ATTRIBUTES_KEY
+        )
+    };
+    let (source_principal, destination_principal) = if inbound {
+        ("%DOWNSTREAM_PEER_URI_SAN%".to_string(), own_principal())
+    } else {
+        (own_principal(), "%UPSTREAM_PEER_URI_SAN%".to_string())
+    };
     let mut labels = vec![
         (
             "reporter",
             if inbound { "destination" } else { "source" }.to_string(),
         ),
-        ("source_workload", source(WORKLOAD)),
-        ("source_canonical_service", source(CANONICAL_SERVICE)),
-        ("source_canonical_revision", source(CANONICAL_REVISION)),
-        ("source_workload_namespace", source(NAMESPACE)),
-        (
-            "source_principal",
-            if inbound {
-                "%DOWNSTREAM_PEER_URI_SAN%".to_string()
-            } else {
-                own(PRINCIPAL)
-            },
-        ),
-        ("source_app", source(APP)),
-        ("source_version", source(VERSION)),
-        ("source_cluster", source(CLUSTER)),
-        ("destination_workload", destination(WORKLOAD)),
-        ("destination_workload_namespace", destination(NAMESPACE)),
-        (
-            "destination_principal",
-            if inbound {
-                own(PRINCIPAL)
-            } else {
-                "%UPSTREAM_PEER_URI_SAN%".to_string()
-            },
-        ),
-        ("destination_app", destination(APP)),
-        ("destination_version", destination(VERSION)),
+        ("source", source),
+        ("source_principal", source_principal),
+        ("destination", destination),
+        ("destination_principal", destination_principal),
         ("destination_service", cluster_value(SERVICE_HOST)),
-        (
-            "destination_canonical_service",
-            destination(CANONICAL_SERVICE),
-        ),
-        (
-            "destination_canonical_revision",
-            destination(CANONICAL_REVISION),
-        ),
         ("destination_service_name", cluster_value(SERVICE_NAME)),
         (
             "destination_service_namespace",
             cluster_value(SERVICE_NAMESPACE),
         ),
-        ("destination_cluster", destination(CLUSTER)),
     ];
     if http {
         labels.extend([
@@ -439,6 +413,16 @@ fn labels_with(rule: &MetricRule, standard: &[(&'static str, String)]) -> Vec<st
             Some(slot) => slot.1 = value,
             None => labels.push((name.clone(), value)),
         }
+    }
+    // Removed labels that the agent expands from `source`/`destination`.
+    let expanded: Vec<&str> = rule
+        .removed
+        .iter()
+        .map(String::as_str)
+        .filter(|name| !standard.iter().any(|(n, _)| n == name))
+        .collect();
+    if !expanded.is_empty() {
+        labels.push((peer::REMOVED_LABELS.into(), expanded.join(",")));
     }
     let joined: Vec<String> = labels
         .into_iter()
@@ -628,34 +612,28 @@ fn custom_tags(tracing: &Tracing) -> Vec<EnvoyTag> {
         .collect()
 }
 
-/// The server side's first HTTP filter: moves the client's attributes from
-/// its request headers into dynamic metadata (`unknown` when absent) and
-/// strips the headers before the application sees the request.
+/// The server side's first HTTP filter: moves the client's encoded
+/// attributes from its request header into dynamic metadata (`unknown` when
+/// absent) and strips the header before the application sees the request.
 pub(super) fn peer_metadata_filter() -> HttpFilter {
-    let rules = peer::FIELDS
-        .iter()
-        .filter_map(|field| {
-            let header = field.header?;
-            let pair = |value: &str| header_to_metadata::KeyValuePair {
-                metadata_namespace: peer::PEER_METADATA.into(),
-                key: field.key.into(),
-                value: value.into(),
-                ..Default::default()
-            };
-            Some(header_to_metadata::Rule {
-                header: header.into(),
-                on_header_present: Some(pair("")),
-                on_header_missing: Some(pair(peer::UNKNOWN)),
-                remove: true,
-                ..Default::default()
-            })
-        })
-        .collect();
+    let pair = |value: &str| header_to_metadata::KeyValuePair {
+        metadata_namespace: peer::PEER_METADATA.into(),
+        key: peer::ATTRIBUTES_KEY.into(),
+        value: value.into(),
+        ..Default::default()
+    };
+    let rule = header_to_metadata::Rule {
+        header: peer::PEER_HEADER.into(),
+        on_header_present: Some(pair("")),
+        on_header_missing: Some(pair(peer::UNKNOWN)),
+        remove: true,
+        ..Default::default()
+    };
     HttpFilter {
         name: "envoy.filters.http.header_to_metadata".into(),
         config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
             HeaderToMetadata {
-                request_rules: rules,
+                request_rules: vec![rule],
                 ..Default::default()
             },
         ))),
@@ -663,27 +641,21 @@ pub(super) fn peer_metadata_filter() -> HttpFilter {
     }
 }
 
-/// The request headers a client side adds for a mesh destination: its own
-/// attributes, read from its environment.
+/// The request header a client side adds for a mesh destination: its own
+/// encoded attributes, read from its environment.
 pub(super) fn peer_headers() -> Vec<HeaderValueOption> {
-    peer::FIELDS
-        .iter()
-        .filter_map(|field| {
-            Some(HeaderValueOption {
-                header: Some(HeaderValue {
-                    key: field.header?.into(),
-                    value: own(*field),
-                    ..Default::default()
-                }),
-                append_action: header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd
-                    as i32,
-                ..Default::default()
-            })
-        })
-        .collect()
+    vec![HeaderValueOption {
+        header: Some(HeaderValue {
+            key: peer::PEER_HEADER.into(),
+            value: own_attributes(),
+            ..Default::default()
+        }),
+        append_action: header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }]
 }
 
-/// The metadata of a destination endpoint: its workload's attributes.
+/// The metadata of a destination endpoint: its workload's encoded attributes.
 pub(super) fn endpoint_metadata(
     endpoint: &vmesh_registry::MeshEndpoint,
     service: &MeshService,
@@ -697,14 +669,12 @@ pub(super) fn endpoint_metadata(
         namespace: namespace.to_string(),
         labels: endpoint.labels.clone(),
         cluster: String::new(),
-        principal: String::new(),
     };
-    let fields = attributes
-        .values()
-        .into_iter()
-        .filter(|(field, _)| field.header.is_some())
-        .map(|(field, value)| (field.key.to_string(), string_value(&value)))
-        .collect();
+    let fields = [(
+        peer::ATTRIBUTES_KEY.to_string(),
+        string_value(&attributes.encode()),
+    )]
+    .into();
     (peer::ENDPOINT_METADATA.to_string(), Struct { fields })
 }
 

@@ -4,9 +4,9 @@
 //! with Istio's standard metrics on (the default: both sidecars count every
 //! request into `istio_*` stats with their 25 labels) and one with them off
 //! (a root-namespace Telemetry disabling ALL_METRICS), in rounds of
-//! on-off-off-on (8 rounds of 4 s each) so that drift on this shared
-//! machine falls on both alike;
-//! neither pair's configuration changes while it is measured. Reported:
+//! on-off-off-on (12 rounds of 4 s each) so that drift on this shared
+//! machine falls on both alike; halfway the pairs swap roles, so that each
+//! pair's own luck falls on both sides too. Reported:
 //! requests per second, mean and p99 latency, the two Envoys' CPU per
 //! request, and the median over the rounds of each round's throughput loss.
 //! Target: under 5 % fewer requests per second with metrics on.
@@ -24,7 +24,7 @@ use vmesh_testkit::testing::{envoy_binary, eventually};
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 const HOST: &str = "payment-service.vm-workloads.svc.cluster.local";
-const ROUNDS: usize = 8;
+const ROUNDS: usize = 12;
 /// Each measurement: this long, at this many requests in flight.
 const SECONDS: &str = "4s";
 const CONCURRENCY: &str = "8";
@@ -141,21 +141,48 @@ fn main() {
             .unwrap();
         (pair, url)
     };
-    let with = start("tn", 71, MESH);
-    let without = start("tf", 73, &format!("{MESH}{METRICS_OFF}"));
+    let first = start("ta", 71, MESH);
+    let second = start("tb", 73, &format!("{MESH}{METRICS_OFF}"));
     let (mut on, mut off) = (Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        for metrics_on in [true, false, false, true] {
-            let (pair, url) = if metrics_on { &with } else { &without };
-            let before = counted(pair);
-            let run = measure(pair, url);
-            let delta = counted(pair) - before;
-            if metrics_on {
-                assert!(delta > 0, "metrics on: the client counted requests");
-                on.push(run);
-            } else {
-                assert_eq!(delta, 0, "metrics off: nothing counted");
-                off.push(run);
+    for half in 0..2 {
+        if half == 1 {
+            // The pairs swap roles, so that neither pair's own luck on this
+            // machine counts for one side only.
+            first.0.mesh.apply("metrics.yaml", METRICS_OFF).unwrap();
+            second
+                .0
+                .mesh
+                .cli(&["delete", "telemetry", "mesh-default", "-n", "istio-system"])
+                .unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+            for (pair, url) in [&first, &second] {
+                pair.mesh
+                    .load(
+                        &pair.client,
+                        url,
+                        &["--requests", "1000", "--concurrency", CONCURRENCY],
+                    )
+                    .unwrap();
+            }
+        }
+        let (with, without) = if half == 0 {
+            (&first, &second)
+        } else {
+            (&second, &first)
+        };
+        for _ in 0..ROUNDS / 2 {
+            for metrics_on in [true, false, false, true] {
+                let (pair, url) = if metrics_on { with } else { without };
+                let before = counted(pair);
+                let run = measure(pair, url);
+                let delta = counted(pair) - before;
+                if metrics_on {
+                    assert!(delta > 0, "metrics on: the client counted requests");
+                    on.push(run);
+                } else {
+                    assert_eq!(delta, 0, "metrics off: nothing counted");
+                    off.push(run);
+                }
             }
         }
     }

@@ -71,15 +71,6 @@ pub struct WorkloadTelemetry {
     pub server: SideTelemetry,
 }
 
-impl WorkloadTelemetry {
-    pub fn side(&self, side: Side) -> &SideTelemetry {
-        match side {
-            Side::Client => &self.client,
-            Side::Server => &self.server,
-        }
-    }
-}
-
 /// The telemetry of one side of a workload's traffic.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SideTelemetry {

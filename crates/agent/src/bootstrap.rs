@@ -197,12 +197,11 @@ impl Bootstrap {
         }
     }
 
-    /// Envoy's environment: the workload's attributes for the metrics its
-    /// configuration reads with `%ENVIRONMENT(…)%`, and the service name
-    /// OpenTelemetry spans carry.
-    pub fn envoy_env(&self, principal: &str) -> Vec<(String, String)> {
-        let attributes = self.workload_attributes();
-        let mut env: Vec<(String, String)> = vmesh_api::peer::env_for(&attributes, principal)
+    /// Envoy's environment: the workload's attributes, which its
+    /// configuration reads with `%ENVIRONMENT(…)%` to tell peers who is
+    /// calling, and the service name OpenTelemetry spans carry.
+    pub fn envoy_env(&self) -> Vec<(String, String)> {
+        let mut env: Vec<(String, String)> = vmesh_api::peer::env_for(&self.workload_attributes())
             .into_iter()
             .map(|(k, v)| (k.to_string(), v))
             .collect();
@@ -211,6 +210,15 @@ impl Bootstrap {
             format!("service.name={}", self.service_cluster()),
         ));
         env
+    }
+
+    /// The proxy's own workload as its metrics name it, for the agent to
+    /// fill into Istio's metrics (`vmesh_api::peer::OWN_VALUE`).
+    pub fn own_workload(&self, principal: &str) -> vmesh_api::peer::OwnWorkload {
+        vmesh_api::peer::OwnWorkload {
+            attributes: self.workload_attributes().encode(),
+            principal: principal.to_string(),
+        }
     }
 
     /// The node metadata.

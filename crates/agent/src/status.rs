@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use crate::agent::{AgentHandle, RunningDns};
 use crate::health::HealthReport;
 use crate::identity::IdentityHandle;
+use vmesh_api::peer::OwnWorkload;
 
 /// Where `vmesh agent wait` and an application's unit look.
 pub const READY_PATH: &str = "/healthz/ready";
@@ -113,6 +114,8 @@ struct Inner {
     metrics: Metrics,
     registry: Registry,
     client: reqwest::Client,
+    /// Filled into Istio's metrics where Envoy leaves the proxy's own.
+    own: OwnWorkload,
 }
 
 /// The status port's state.
@@ -130,11 +133,13 @@ impl std::fmt::Debug for StatusServer {
 }
 
 impl StatusServer {
-    /// Reports on `agent` and the Envoy whose admin port is `envoy_admin`.
+    /// Reports on `agent` and the Envoy whose admin port is `envoy_admin`,
+    /// a proxy of workload `own`.
     pub fn new(
         envoy_admin: SocketAddr,
         agent: &AgentHandle,
         metrics: Metrics,
+        own: OwnWorkload,
     ) -> Result<StatusServer, StatusError> {
         let identity = agent.identity().clone();
         let health = agent.health();
@@ -175,6 +180,7 @@ impl StatusServer {
                 metrics,
                 registry,
                 client,
+                own,
             }),
         })
     }
@@ -322,6 +328,7 @@ async fn metrics(State(server): State<StatusServer>) -> Response {
         Ok(response) if response.status().is_success() => {
             body.push_str(&crate::istio_metrics::rewrite(
                 &response.text().await.unwrap_or_default(),
+                &inner.own,
             ));
         }
         Ok(response) => {

@@ -4,19 +4,21 @@
 //! A workload's seven attributes (workload, namespace, canonical service and
 //! revision, app, version, cluster) travel as one string, [`encode`]d with
 //! [`ATTRIBUTE_SEPARATOR`] as Istio's endpoint metadata does:
-//! - the agent puts the proxy's own in Envoy's environment ([`WORKLOAD_ENV`],
-//!   its principal in [`PRINCIPAL_ENV`]); Envoy reads them with
-//!   `%ENVIRONMENT(…)%`, so configuration shared by many proxies still
-//!   labels each one's metrics with its own workload;
+//! - the agent puts the proxy's own in Envoy's environment ([`WORKLOAD_ENV`]),
+//!   which Envoy reads with `%ENVIRONMENT(…)%` for the header below, so that
+//!   configuration shared by many proxies still names each one;
 //! - client sidecars send theirs to server sidecars in the [`PEER_HEADER`]
 //!   request header, which the server side moves into dynamic metadata
 //!   ([`PEER_METADATA`]) and strips before the application sees it;
 //! - a destination's are its endpoint's metadata ([`ENDPOINT_METADATA`]).
 //!
 //! Envoy reports a metric with all its labels in one tag
-//! ([`METRIC_LABELS_TAG`]: `name=value|…`, the `source` and `destination`
-//! pairs holding encoded attributes); the agent turns that into Istio's
-//! labels ([`expand_labels`]).
+//! ([`METRIC_LABELS_TAG`]), as short as it can be, because Envoy formats,
+//! copies and hashes it for every request and every metric: Istio's
+//! standard labels by position ([`POSITIONAL_LABELS`]), workloads and the
+//! service encoded, the proxy's own workload and principal left to the
+//! agent ([`OWN_VALUE`]), then `name=value` pairs for anything else. The
+//! agent turns that into Istio's labels ([`expand_labels`]).
 //!
 //! This module owns the names and encodings; it does no I/O.
 
@@ -39,8 +41,6 @@ pub const ATTRIBUTE_SEPARATOR: char = ';';
 
 /// Envoy's environment: the proxy's own encoded attributes.
 pub const WORKLOAD_ENV: &str = "VMESH_WORKLOAD";
-/// Envoy's environment: the proxy's own SPIFFE identity.
-pub const PRINCIPAL_ENV: &str = "VMESH_WORKLOAD_PRINCIPAL";
 /// The request header carrying the client's encoded attributes.
 pub const PEER_HEADER: &str = "x-vmesh-peer";
 /// The dynamic metadata namespace the server side keeps the client's
@@ -52,18 +52,50 @@ pub const ENDPOINT_METADATA: &str = "vmesh";
 /// The key of encoded attributes in [`PEER_METADATA`] and [`ENDPOINT_METADATA`].
 pub const ATTRIBUTES_KEY: &str = "workload";
 
-/// Istio's metrics leave Envoy with all their labels in this one tag, as
-/// `name=value` pairs joined by [`LABEL_SEPARATOR`]: Envoy then formats one
-/// string and finds one stat per request, not one per label. The agent's
-/// merged endpoint expands it ([`expand_labels`]).
+/// Istio's metrics leave Envoy with all their labels in this one tag
+/// (what it holds: the module's documentation). Envoy then formats one
+/// string and finds one stat per request and metric, not one per label.
 pub const METRIC_LABELS_TAG: &str = "labels";
-/// Between two `name=value` pairs of [`METRIC_LABELS_TAG`].
+/// Between two fields of [`METRIC_LABELS_TAG`].
 pub const LABEL_SEPARATOR: char = '|';
-/// The pairs named `source` and `destination` hold encoded attributes.
-pub const LABEL_GROUPS: [&str; 2] = ["source", "destination"];
-/// A pair naming, comma-separated, labels a Telemetry override removes
-/// from the expanded ones.
+/// Istio's standard labels that [`METRIC_LABELS_TAG`] holds by position,
+/// in this order, before any `name=value` pair. `source` and `destination`
+/// hold encoded workload attributes, `destination_service` an encoded
+/// service ([`SERVICE_KEY`]).
+pub const POSITIONAL_LABELS: [&str; 11] = [
+    "reporter",
+    "source",
+    "source_principal",
+    "destination",
+    "destination_principal",
+    "destination_service",
+    "request_protocol",
+    "response_code",
+    "grpc_response_status",
+    "response_flags",
+    "connection_security_policy",
+];
+/// The value of a `source`/`destination` position (or its `_principal`)
+/// that stands for the reporting proxy itself: the agent knows its own
+/// workload and principal ([`OwnWorkload`]), so Envoy need not copy them
+/// into every request's tag.
+pub const OWN_VALUE: &str = "@";
+/// A pair naming, comma-separated, labels a Telemetry override removes (or
+/// a metric does not have).
 pub const REMOVED_LABELS: &str = "removed";
+/// The cluster metadata key (in [`ENDPOINT_METADATA`]) of the service a
+/// cluster is for, encoded as `host;name;namespace`.
+pub const SERVICE_KEY: &str = "service";
+/// The labels an encoded service expands into, in its order.
+pub const SERVICE_LABELS: [&str; 3] = [
+    "destination_service",
+    "destination_service_name",
+    "destination_service_namespace",
+];
+/// The stat of Istio's request duration histogram whose count also serves
+/// as `requests_total` (when both metrics have the same labels): one stat
+/// fewer for Envoy to find and update per request.
+pub const COUNTING_DURATION_STAT: &str = "request_duration_milliseconds_counting_requests";
 
 /// The node metadata key under which an agent announces its status port
 /// (merged metrics), when other hosts can reach it: the server lists it for
@@ -130,21 +162,29 @@ impl WorkloadAttributes {
     }
 }
 
-/// Envoy's environment for a proxy of `workload` whose identity is `principal`.
-pub fn env_for(workload: &WorkloadAttributes, principal: &str) -> Vec<(&'static str, String)> {
-    vec![
-        (WORKLOAD_ENV, workload.encode()),
-        (PRINCIPAL_ENV, principal.to_string()),
-    ]
+/// Envoy's environment for a proxy of `workload`.
+pub fn env_for(workload: &WorkloadAttributes) -> Vec<(&'static str, String)> {
+    vec![(WORKLOAD_ENV, workload.encode())]
 }
 
-/// Istio's labels from the pairs of [`METRIC_LABELS_TAG`]: `source` and
-/// `destination` expanded into `source_workload`… (missing attributes
-/// `unknown`), explicit pairs winning over expanded ones, removed labels
-/// dropped.
-pub fn expand_labels(tag: &str) -> Vec<(String, String)> {
-    let pairs: Vec<(&str, &str)> = tag
-        .split(LABEL_SEPARATOR)
+/// What the agent knows of its own proxy, for the [`OWN_VALUE`] positions.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OwnWorkload {
+    /// Encoded attributes ([`WorkloadAttributes::encode`]).
+    pub attributes: String,
+    /// SPIFFE identity.
+    pub principal: String,
+}
+
+/// Istio's labels from a [`METRIC_LABELS_TAG`] value: the positional
+/// fields named, [`OWN_VALUE`]s filled in from `own`, workloads and the
+/// service expanded into `source_workload`… (missing attributes
+/// `unknown`), `name=value` pairs winning over expanded labels, removed
+/// labels dropped.
+pub fn expand_labels(tag: &str, own: &OwnWorkload) -> Vec<(String, String)> {
+    let mut fields = tag.split(LABEL_SEPARATOR);
+    let positional: Vec<&str> = fields.by_ref().take(POSITIONAL_LABELS.len()).collect();
+    let pairs: Vec<(&str, &str)> = fields
         .filter(|p| !p.is_empty())
         .map(|p| p.split_once('=').unwrap_or((p, "")))
         .collect();
@@ -153,25 +193,35 @@ pub fn expand_labels(tag: &str) -> Vec<(String, String)> {
         .filter(|(k, _)| *k == REMOVED_LABELS)
         .flat_map(|(_, v)| v.split(','))
         .collect();
-    let explicit = |name: &str| pairs.iter().any(|(k, _)| *k == name);
-    let mut labels = Vec::new();
-    for (key, value) in &pairs {
-        if *key == REMOVED_LABELS {
-            continue;
-        }
-        if LABEL_GROUPS.contains(key) {
-            let mut values = value.split(ATTRIBUTE_SEPARATOR);
-            for attribute in ATTRIBUTES {
-                let name = format!("{key}_{attribute}");
-                let value = values.next().filter(|v| !v.is_empty()).unwrap_or(UNKNOWN);
-                if !explicit(&name) {
-                    labels.push((name, value.to_string()));
-                }
+    let mut labels: Vec<(String, String)> = Vec::new();
+    for (name, value) in POSITIONAL_LABELS.into_iter().zip(positional) {
+        let value = match (name, value) {
+            ("source" | "destination", OWN_VALUE) => own.attributes.as_str(),
+            ("source_principal" | "destination_principal", OWN_VALUE) => own.principal.as_str(),
+            _ => value,
+        };
+        let names: Vec<String> = match name {
+            "source" | "destination" => ATTRIBUTES.iter().map(|a| format!("{name}_{a}")).collect(),
+            "destination_service" => SERVICE_LABELS.iter().map(|l| l.to_string()).collect(),
+            _ => {
+                labels.push((name.to_string(), value.to_string()));
+                continue;
             }
-        } else {
-            labels.push((key.to_string(), value.to_string()));
+        };
+        // An encoded value: missing parts are unknown.
+        let mut values = value.split(ATTRIBUTE_SEPARATOR);
+        for name in names {
+            let value = values.next().filter(|v| !v.is_empty()).unwrap_or(UNKNOWN);
+            labels.push((name, value.to_string()));
         }
     }
+    labels.retain(|(name, _)| !pairs.iter().any(|(k, _)| k == name));
+    labels.extend(
+        pairs
+            .iter()
+            .filter(|(k, _)| *k != REMOVED_LABELS)
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     labels.retain(|(name, _)| !removed.contains(&name.as_str()));
     labels
 }
@@ -192,34 +242,79 @@ mod tests {
             w.encode(),
             "payment-vm;vm-workloads;payment;latest;payment;unknown;unknown"
         );
-        let env: BTreeMap<_, _> = env_for(&w, "spiffe://td/ns/a/sa/b").into_iter().collect();
+        let env: BTreeMap<_, _> = env_for(&w).into_iter().collect();
         assert_eq!(env[WORKLOAD_ENV], w.encode());
-        assert_eq!(env[PRINCIPAL_ENV], "spiffe://td/ns/a/sa/b");
+    }
+
+    fn own() -> OwnWorkload {
+        OwnWorkload {
+            attributes: "pay;vm-workloads;pay;v1;pay;v1;".into(),
+            principal: "spiffe://td/ns/vm-workloads/sa/pay".into(),
+        }
+    }
+
+    fn get<'a>(labels: &'a [(String, String)], name: &str) -> Option<&'a str> {
+        labels
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 
     #[test]
-    fn labels_expand_with_overrides_and_removals() {
+    fn positions_expand_into_istios_labels_with_the_proxys_own_filled_in() {
         let labels = expand_labels(
-            "reporter=destination|source=web;shop;web;v2;web;v2;c1|source_principal=spiffe://x\
-             |destination=unknown|source_app=upserted|removed=source_version,destination_cluster",
+            "destination|web;shop;web;v2;web;v2;c1|spiffe://td/ns/shop/sa/web|@|@\
+             |pay.vm-workloads.svc.cluster.local;pay;vm-workloads|http|200|-|-|mutual_tls",
+            &own(),
         );
-        let get = |name: &str| {
-            labels
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
-        assert_eq!(get("reporter"), Some("destination"));
-        assert_eq!(get("source_workload"), Some("web"));
-        assert_eq!(get("source_workload_namespace"), Some("shop"));
-        assert_eq!(get("source_cluster"), Some("c1"));
-        assert_eq!(get("source_app"), Some("upserted"));
-        assert_eq!(get("source_version"), None);
-        assert_eq!(get("destination_workload"), Some("unknown"));
-        assert_eq!(get("destination_version"), Some("unknown"));
-        assert_eq!(get("destination_cluster"), None);
-        assert_eq!(get("source_principal"), Some("spiffe://x"));
-        assert_eq!(get("removed"), None);
-        assert_eq!(labels.len(), 1 + 6 + 1 + 6);
+        assert_eq!(get(&labels, "reporter"), Some("destination"));
+        assert_eq!(get(&labels, "source_workload"), Some("web"));
+        assert_eq!(get(&labels, "source_workload_namespace"), Some("shop"));
+        assert_eq!(get(&labels, "source_cluster"), Some("c1"));
+        assert_eq!(
+            get(&labels, "source_principal"),
+            Some("spiffe://td/ns/shop/sa/web")
+        );
+        assert_eq!(get(&labels, "destination_workload"), Some("pay"));
+        assert_eq!(get(&labels, "destination_cluster"), Some("unknown"));
+        assert_eq!(
+            get(&labels, "destination_principal"),
+            Some("spiffe://td/ns/vm-workloads/sa/pay")
+        );
+        assert_eq!(
+            get(&labels, "destination_service"),
+            Some("pay.vm-workloads.svc.cluster.local")
+        );
+        assert_eq!(get(&labels, "destination_service_name"), Some("pay"));
+        assert_eq!(
+            get(&labels, "destination_service_namespace"),
+            Some("vm-workloads")
+        );
+        assert_eq!(get(&labels, "response_code"), Some("200"));
+        assert_eq!(
+            get(&labels, "connection_security_policy"),
+            Some("mutual_tls")
+        );
+        // Istio's 25 standard labels.
+        assert_eq!(labels.len(), 25);
+    }
+
+    #[test]
+    fn pairs_override_and_removals_drop() {
+        let labels = expand_labels(
+            "source|@|@|unknown|-|unknown|tcp|||-|unknown\
+             |source_app=upserted|custom=x|removed=source_version,response_code,grpc_response_status",
+            &own(),
+        );
+        assert_eq!(get(&labels, "reporter"), Some("source"));
+        assert_eq!(get(&labels, "source_workload"), Some("pay"));
+        assert_eq!(get(&labels, "source_app"), Some("upserted"));
+        assert_eq!(get(&labels, "custom"), Some("x"));
+        assert_eq!(get(&labels, "source_version"), None);
+        assert_eq!(get(&labels, "response_code"), None);
+        assert_eq!(get(&labels, "destination_workload"), Some("unknown"));
+        assert_eq!(get(&labels, "destination_service_name"), Some("unknown"));
+        assert_eq!(get(&labels, "removed"), None);
+        assert_eq!(labels.len(), 25 - 3 + 1);
     }
 }

@@ -273,16 +273,6 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     )
     .await
     .context("starting the agent")?;
-    let metrics = Metrics::default();
-    let status = StatusServer::new(
-        SocketAddr::from(([127, 0, 0, 1], args.admin_port)),
-        &agent,
-        metrics.clone(),
-    )?
-    .bind(args.status_addr)
-    .await?;
-    tracing::info!("status port on {}", status.local_addr()?);
-    let status_task = tokio::spawn(status.serve(stopped));
     let mut bootstrap = workload.bootstrap(
         &agent,
         &BootstrapOptions {
@@ -299,6 +289,17 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
             args.status_addr.port().to_string().into(),
         );
     }
+    let metrics = Metrics::default();
+    let status = StatusServer::new(
+        SocketAddr::from(([127, 0, 0, 1], args.admin_port)),
+        &agent,
+        metrics.clone(),
+        bootstrap.own_workload(&workload.identity.uri()),
+    )?
+    .bind(args.status_addr)
+    .await?;
+    tracing::info!("status port on {}", status.local_addr()?);
+    let status_task = tokio::spawn(status.serve(stopped));
     let bootstrap_file = args.work_dir.join(workload::BOOTSTRAP_FILE);
     std::fs::write(&bootstrap_file, bootstrap.render())
         .with_context(|| format!("writing {}", bootstrap_file.display()))?;
@@ -310,7 +311,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         admin_port: args.admin_port,
         drain: args.drain_duration,
         restart: RESTART_BACKOFF,
-        env: bootstrap.envoy_env(&workload.identity.uri()),
+        env: bootstrap.envoy_env(),
     };
     if args.capture {
         envoy.binary =

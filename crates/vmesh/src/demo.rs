@@ -601,10 +601,12 @@ fn build_and_check(state: &Path, keep: bool, made: &mut Vec<Namespace>) -> Resul
 
     // 5. The VirtualService's 90/10 split, and the same split in Prometheus.
     // What Prometheus has counted so far (the first requests), once two
-    // scrapes agree: the split is what it counts on top.
-    let before = wait_for(Duration::from_secs(15), || {
+    // scrapes further apart than Envoy's stats flush (5 s: histograms, and
+    // the request counts taken from one, reach the merged metrics then)
+    // agree: the split is what it counts on top.
+    let before = wait_for(Duration::from_secs(30), || {
         let first = split_in_prometheus(control).filter(|s| !s.is_empty())?;
-        std::thread::sleep(Duration::from_millis(2500));
+        std::thread::sleep(Duration::from_millis(6500));
         (split_in_prometheus(control)? == first).then_some(first)
     })
     .unwrap_or_default();
@@ -631,7 +633,7 @@ fn build_and_check(state: &Path, keep: bool, made: &mut Vec<Namespace>) -> Resul
     let counted = |seen: &BTreeMap<String, u64>, version: &str| {
         seen.get(version).copied().unwrap_or(0) - before.get(version).copied().unwrap_or(0)
     };
-    let seen = wait_for(Duration::from_secs(15), || {
+    let seen = wait_for(Duration::from_secs(20), || {
         let seen = split_in_prometheus(control)?;
         (counted(&seen, "v1") == stable && counted(&seen, "v2") == canary).then_some(seen)
     });
@@ -645,7 +647,7 @@ fn build_and_check(state: &Path, keep: bool, made: &mut Vec<Namespace>) -> Resul
                 counted(seen, "v2")
             ),
             None => format!(
-                "Prometheus did not count {stable} v1 and {canary} v2 within 15 s: {:?}",
+                "Prometheus did not count {stable} v1 and {canary} v2 within 20 s: {:?}",
                 split_in_prometheus(control)
             ),
         },

@@ -6,24 +6,25 @@
 //! Upstream Envoy has no Istio stats filter. Istio's metrics are made by
 //! Envoy's stats access logger (`envoy.access_loggers.stats`): once per
 //! request (or TCP connection) it counts into native Envoy stats tagged by
-//! command operators. All of a metric's labels are one tag
-//! (`vmesh_api::peer::METRIC_LABELS_TAG`, `name=value|…`): Envoy formats one
-//! string and finds one stat per request rather than one per label, which
-//! is what keeps the cost low; the agent's merged endpoint expands the tag
-//! into Istio's labels. The labels come from:
-//! - the proxy's own workload: `%ENVIRONMENT(…)%` of the variables the agent
-//!   puts in Envoy's environment (`vmesh_api::peer`), so that configuration
-//!   shared by many proxies still names each;
+//! command operators. All of a metric's labels are one short tag
+//! (`vmesh_api::peer::METRIC_LABELS_TAG`: positions, not names; the
+//! proxy's own workload and principal left to the agent): Envoy formats,
+//! copies and hashes that tag for every request and metric, which is most
+//! of what the metrics cost, so it is kept short; and the duration
+//! histogram's count serves as the request counter
+//! (`peer::COUNTING_DURATION_STAT`). The agent's merged endpoint expands
+//! the tag into Istio's labels. The peer's labels come from:
 //! - the destination, on the client side: the endpoint's metadata
-//!   ([`endpoint_metadata`]) and the cluster's ([`service_metadata`]);
+//!   ([`endpoint_metadata`]), the cluster's ([`service_metadata`]) and the
+//!   upstream certificate's URI SAN;
 //! - the source, on the server side: the request header the client side
-//!   adds ([`peer_headers`]) moved into dynamic metadata by
-//!   [`peer_metadata_filter`] (and stripped before the application), and the
-//!   peer certificate's URI SAN.
+//!   adds ([`peer_headers`], its own attributes from `%ENVIRONMENT(…)%`)
+//!   moved into dynamic metadata by [`peer_metadata_filter`] (and stripped
+//!   before the application), and the peer certificate's URI SAN.
 //!
 //! A workload's seven attributes travel as one encoded string everywhere
-//! (environment, header, metadata, the `source`/`destination` pairs): one
-//! lookup per request rather than seven, and endpoints stay small in EDS.
+//! (environment, header, metadata, the `source`/`destination` positions):
+//! one lookup per request rather than seven, and endpoints stay small in EDS.
 //!
 //! Which Telemetry applies is the registry's decision (`telemetry_for`).
 
@@ -114,11 +115,6 @@ const ISTIO_JSON_LABELS: [(&str, &str); 24] = [
 /// `envoy_istio_<name>`; the agent's merged endpoint serves them under
 /// Istio's own names (`istio_<name>`).
 pub const METRICS_SCOPE: &str = "istio";
-
-/// Cluster metadata keys naming the service a cluster is for.
-const SERVICE_HOST: &str = "service_host";
-const SERVICE_NAME: &str = "service_name";
-const SERVICE_NAMESPACE: &str = "service_namespace";
 
 /// Which traffic a listener carries, as its metrics report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,86 +244,73 @@ fn and(first: AccessLogFilter, second: Option<AccessLogFilter>) -> AccessLogFilt
     }
 }
 
-/// The proxy's own encoded attributes.
+/// The proxy's own encoded attributes, from its environment.
 fn own_attributes() -> String {
     format!("%ENVIRONMENT({})%", peer::WORKLOAD_ENV)
 }
 
-fn own_principal() -> String {
-    format!("%ENVIRONMENT({})%", peer::PRINCIPAL_ENV)
-}
-
-fn cluster_value(key: &str) -> String {
-    format!("%CLUSTER_METADATA({}:{key})%", peer::ENDPOINT_METADATA)
-}
-
-/// Istio's standard labels of a metric as Envoy command operators; the
-/// `source` and `destination` pairs hold encoded attributes that the agent
-/// expands into Istio's `source_workload`… (`vmesh_api::peer::expand_labels`).
-fn standard_labels(direction: Direction, protocol: Protocol) -> Vec<(&'static str, String)> {
+/// Istio's standard labels of a metric as Envoy command operators, by
+/// position (`peer::POSITIONAL_LABELS`), and the standard labels the
+/// metric does not have.
+fn standard_labels(
+    direction: Direction,
+    protocol: Protocol,
+) -> (
+    [String; peer::POSITIONAL_LABELS.len()],
+    &'static [&'static str],
+) {
     let inbound = matches!(direction, Direction::Inbound { .. });
     let http = protocol == Protocol::Http;
-    // The source: the proxy itself on the client side; on the server side
-    // the client's header (HTTP), or nothing but its certificate (TCP).
-    let source = match (inbound, http) {
-        (false, _) => own_attributes(),
-        (true, true) => format!(
-            "%DYNAMIC_METADATA({}:{})%",
-            peer::PEER_METADATA,
-            peer::ATTRIBUTES_KEY
-        ),
-        (true, false) => peer::UNKNOWN.into(),
-    };
-    let destination = if inbound {
-        own_attributes()
+    let own = || peer::OWN_VALUE.to_string();
+    // The peer: on the client side the endpoint; on the server side the
+    // client's header (HTTP), or nothing but its certificate (TCP).
+    let (source, source_principal, destination, destination_principal) = if inbound {
+        let source = if http {
+            format!(
+                "%DYNAMIC_METADATA({}:{})%",
+                peer::PEER_METADATA,
+                peer::ATTRIBUTES_KEY
+            )
+        } else {
+            peer::UNKNOWN.into()
+        };
+        (source, "%DOWNSTREAM_PEER_URI_SAN%".into(), own(), own())
     } else {
-        format!(
+        let destination = format!(
             "%UPSTREAM_METADATA({}:{})%",
             peer::ENDPOINT_METADATA,
             peer::ATTRIBUTES_KEY
-        )
+        );
+        (own(), own(), destination, "%UPSTREAM_PEER_URI_SAN%".into())
     };
-    let (source_principal, destination_principal) = if inbound {
-        ("%DOWNSTREAM_PEER_URI_SAN%".to_string(), own_principal())
+    let (response_code, grpc_status, missing): (&str, &str, &'static [&'static str]) = if http {
+        ("%RESPONSE_CODE%", "%GRPC_STATUS_NUMBER%", &[])
     } else {
-        (own_principal(), "%UPSTREAM_PEER_URI_SAN%".to_string())
+        ("", "", &["response_code", "grpc_response_status"])
     };
-    let mut labels = vec![
-        (
-            "reporter",
-            if inbound { "destination" } else { "source" }.to_string(),
+    let values = [
+        if inbound { "destination" } else { "source" }.to_string(),
+        source,
+        source_principal,
+        destination,
+        destination_principal,
+        format!(
+            "%CLUSTER_METADATA({}:{})%",
+            peer::ENDPOINT_METADATA,
+            peer::SERVICE_KEY
         ),
-        ("source", source),
-        ("source_principal", source_principal),
-        ("destination", destination),
-        ("destination_principal", destination_principal),
-        ("destination_service", cluster_value(SERVICE_HOST)),
-        ("destination_service_name", cluster_value(SERVICE_NAME)),
-        (
-            "destination_service_namespace",
-            cluster_value(SERVICE_NAMESPACE),
-        ),
-    ];
-    if http {
-        labels.extend([
-            ("request_protocol", "http".to_string()),
-            ("response_code", "%RESPONSE_CODE%".to_string()),
-            ("grpc_response_status", "%GRPC_STATUS_NUMBER%".to_string()),
-        ]);
-    } else {
-        labels.push(("request_protocol", "tcp".to_string()));
-    }
-    labels.push(("response_flags", "%RESPONSE_FLAGS%".to_string()));
-    labels.push((
-        "connection_security_policy",
+        if http { "http" } else { "tcp" }.to_string(),
+        response_code.to_string(),
+        grpc_status.to_string(),
+        "%RESPONSE_FLAGS%".to_string(),
         match direction {
             Direction::Outbound => "unknown",
             Direction::Inbound { mtls: true } => "mutual_tls",
             Direction::Inbound { mtls: false } => "none",
         }
         .to_string(),
-    ));
-    labels
+    ];
+    (values, missing)
 }
 
 /// One of Istio's metrics: its name (under [`METRICS_SCOPE`]) and what it counts.
@@ -398,39 +381,37 @@ fn measures(protocol: Protocol) -> Vec<(IstioMetric, &'static str, Measure, Acce
     }
 }
 
-/// The labels of a metric after a Telemetry's overrides (removed ones
-/// dropped, upserted ones set to their CEL expression), as the one tag
-/// [`peer::METRIC_LABELS_TAG`] holding every `name=value` pair.
-fn labels_with(rule: &MetricRule, standard: &[(&'static str, String)]) -> Vec<stats::Tag> {
-    let mut labels: Vec<(String, String)> = standard
-        .iter()
-        .filter(|(name, _)| !rule.removed.iter().any(|r| r == name))
-        .map(|(name, value)| (name.to_string(), value.clone()))
-        .collect();
+/// The one tag ([`peer::METRIC_LABELS_TAG`]) of a metric after a
+/// Telemetry's overrides: standard labels by position (removed ones
+/// empty), upserted ones set to their CEL expression (in their position,
+/// or as `name=value` pairs), and the removed ones named.
+fn labels_with(
+    rule: &MetricRule,
+    (standard, missing): &([String; peer::POSITIONAL_LABELS.len()], &[&str]),
+) -> Vec<stats::Tag> {
+    let mut fields = standard.to_vec();
+    let mut pairs = Vec::new();
     for (name, expression) in &rule.upserts {
         let value = format!("%CEL({expression})%");
-        match labels.iter_mut().find(|(n, _)| n == name) {
-            Some(slot) => slot.1 = value,
-            None => labels.push((name.clone(), value)),
+        match peer::POSITIONAL_LABELS.iter().position(|l| l == name) {
+            Some(position) => fields[position] = value,
+            None => pairs.push(format!("{name}={value}")),
         }
     }
-    // Removed labels that the agent expands from `source`/`destination`.
-    let expanded: Vec<&str> = rule
-        .removed
-        .iter()
-        .map(String::as_str)
-        .filter(|name| !standard.iter().any(|(n, _)| n == name))
-        .collect();
-    if !expanded.is_empty() {
-        labels.push((peer::REMOVED_LABELS.into(), expanded.join(",")));
+    let mut removed: Vec<&str> = missing.to_vec();
+    for name in &rule.removed {
+        if let Some(position) = peer::POSITIONAL_LABELS.iter().position(|l| l == name) {
+            fields[position].clear();
+        }
+        removed.push(name);
     }
-    let joined: Vec<String> = labels
-        .into_iter()
-        .map(|(name, value)| format!("{name}={value}"))
-        .collect();
+    if !removed.is_empty() {
+        pairs.push(format!("{}={}", peer::REMOVED_LABELS, removed.join(",")));
+    }
+    fields.extend(pairs);
     vec![stats::Tag {
         name: peer::METRIC_LABELS_TAG.into(),
-        value_format: joined.join(&peer::LABEL_SEPARATOR.to_string()),
+        value_format: fields.join(&peer::LABEL_SEPARATOR.to_string()),
         rules: None,
     }]
 }
@@ -443,12 +424,25 @@ fn metric_loggers(
     protocol: Protocol,
 ) -> Vec<AccessLog> {
     let standard = standard_labels(direction, protocol);
+    // The duration histogram counts requests too when their labels agree.
+    let counting = protocol == Protocol::Http && {
+        let (count, duration) = (
+            side.metric(IstioMetric::RequestCount),
+            side.metric(IstioMetric::RequestDuration),
+        );
+        !count.disabled && count == duration
+    };
     let mut by_moment: BTreeMap<i32, StatsLogger> = BTreeMap::new();
     for (metric, name, measure, moment) in measures(protocol) {
         let rule = side.metric(metric);
-        if rule.disabled {
+        if rule.disabled || (counting && metric == IstioMetric::RequestCount) {
             continue;
         }
+        let name = if counting && metric == IstioMetric::RequestDuration {
+            peer::COUNTING_DURATION_STAT
+        } else {
+            name
+        };
         let stat = Some(stats::Stat {
             name: name.to_string(),
             tags: labels_with(&rule, &standard),
@@ -678,16 +672,15 @@ pub(super) fn endpoint_metadata(
     (peer::ENDPOINT_METADATA.to_string(), Struct { fields })
 }
 
-/// The metadata of a cluster for `service`: its host, name and namespace.
+/// The metadata of a cluster for `service`: its host, name and namespace,
+/// encoded as one value (`peer::SERVICE_KEY`).
 pub(super) fn service_metadata(host: &str, name: &str, namespace: &str) -> (String, Struct) {
-    let fields = [
-        (SERVICE_HOST, host),
-        (SERVICE_NAME, name),
-        (SERVICE_NAMESPACE, namespace),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), string_value(v)))
-    .collect();
+    let separator = peer::ATTRIBUTE_SEPARATOR.to_string();
+    let fields = [(
+        peer::SERVICE_KEY.to_string(),
+        string_value(&[host, name, namespace].join(&separator)),
+    )]
+    .into();
     (peer::ENDPOINT_METADATA.to_string(), Struct { fields })
 }
 
@@ -697,4 +690,111 @@ pub(super) fn add_metadata(metadata: &mut Option<core::Metadata>, entry: (String
         .get_or_insert_with(Default::default)
         .filter_metadata
         .insert(entry.0, entry.1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each stats logger's stats: (name, tag value).
+    fn stats_of(side: &SideTelemetry, direction: Direction) -> Vec<(String, String)> {
+        let mut stats = Vec::new();
+        for log in metric_loggers(side, direction, Protocol::Http) {
+            let Some(access_log::ConfigType::TypedConfig(any)) = log.config_type else {
+                panic!("a typed stats logger");
+            };
+            let logger: StatsLogger = prost::Message::decode(any.value.as_slice()).unwrap();
+            let counters = logger.counters.into_iter().map(|c| c.stat);
+            let histograms = logger.histograms.into_iter().map(|h| h.stat);
+            for stat in counters.chain(histograms).flatten() {
+                stats.push((stat.name, stat.tags[0].value_format.clone()));
+            }
+        }
+        stats
+    }
+
+    #[test]
+    fn the_duration_histogram_counts_requests_unless_their_labels_differ() {
+        let side = SideTelemetry::default();
+        let names: Vec<String> = stats_of(&side, Direction::Inbound { mtls: true })
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                peer::COUNTING_DURATION_STAT,
+                "request_bytes",
+                "response_bytes"
+            ]
+        );
+        let mut differing = SideTelemetry::default();
+        differing.metrics.insert(
+            IstioMetric::RequestCount,
+            MetricRule {
+                removed: vec!["response_flags".into()],
+                ..Default::default()
+            },
+        );
+        let names: Vec<String> = stats_of(&differing, Direction::Outbound)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "requests_total",
+                "request_duration_milliseconds",
+                "request_bytes",
+                "response_bytes"
+            ]
+        );
+    }
+
+    #[test]
+    fn tags_hold_positions_own_markers_and_overrides() {
+        let stats = stats_of(&SideTelemetry::default(), Direction::Inbound { mtls: true });
+        let fields: Vec<&str> = stats[0].1.split(peer::LABEL_SEPARATOR).collect();
+        assert_eq!(fields.len(), peer::POSITIONAL_LABELS.len());
+        assert_eq!(fields[0], "destination");
+        assert_eq!(fields[1], "%DYNAMIC_METADATA(vmesh.peer:workload)%");
+        assert_eq!(fields[3], peer::OWN_VALUE);
+        assert_eq!(fields[4], peer::OWN_VALUE);
+        assert_eq!(fields[10], "mutual_tls");
+
+        let mut side = SideTelemetry::default();
+        side.metrics.insert(
+            IstioMetric::RequestSize,
+            MetricRule {
+                disabled: false,
+                upserts: [
+                    ("response_code".to_string(), "response.code".to_string()),
+                    ("route".to_string(), "xds.route_name".to_string()),
+                ]
+                .into(),
+                removed: vec!["response_flags".into(), "source_app".into()],
+            },
+        );
+        let stats = stats_of(&side, Direction::Outbound);
+        let (_, tag) = stats.iter().find(|(n, _)| n == "request_bytes").unwrap();
+        let fields: Vec<&str> = tag.split(peer::LABEL_SEPARATOR).collect();
+        assert_eq!(fields[7], "%CEL(response.code)%");
+        assert_eq!(fields[9], "", "a removed position is left empty");
+        assert_eq!(
+            &fields[11..],
+            [
+                "route=%CEL(xds.route_name)%",
+                "removed=response_flags,source_app"
+            ]
+        );
+        // And the agent reads it back as Istio's labels.
+        let own = peer::OwnWorkload::default();
+        let labels = peer::expand_labels(tag, &own);
+        assert!(labels.iter().any(|(k, _)| k == "route"));
+        assert!(
+            !labels
+                .iter()
+                .any(|(k, _)| k == "response_flags" || k == "source_app")
+        );
+    }
 }

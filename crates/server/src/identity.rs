@@ -20,9 +20,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use vmesh_api::mesh::config_map;
 use vmesh_api::{Object, ObjectKey};
@@ -221,10 +220,12 @@ impl Identity {
         })
     }
 
-    /// Serves the CA and authenticated xDS over TLS on `listener` until shutdown.
+    /// Serves the CA and authenticated xDS over TLS on `listener` until
+    /// shutdown, connections admitted by `gate`.
     pub fn serve_secure(
         self: &Arc<Self>,
         listener: tokio::net::TcpListener,
+        gate: Arc<crate::connections::Gate>,
         ads: Ads,
         ca_metrics: vmesh_ca::metrics::CaMetrics,
         shutdown: watch::Receiver<bool>,
@@ -232,7 +233,29 @@ impl Identity {
         let (chain, key) = self.authority.serving_certificate(&self.extra_sans)?;
         let tls = vmesh_ca::server_tls_config(&chain, &key, self.authority.root_pem())?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let connections = accept_tls(listener, acceptor, shutdown.clone());
+        let keepalive = crate::connections::keepalive_interval(gate.limits());
+        let connections = crate::connections::incoming(
+            listener,
+            gate,
+            shutdown.clone(),
+            "xDS and CA",
+            move |tcp, peer| {
+                let acceptor = acceptor.clone();
+                async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => Some(tls),
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, "TLS handshake refused: {e}");
+                            None
+                        }
+                        Err(_) => {
+                            tracing::info!(%peer, "TLS handshake timed out");
+                            None
+                        }
+                    }
+                }
+            },
+        );
         let authenticator = Arc::new(MeshAuthenticator {
             issuer: self.issuer.clone(),
             revocations: self.revocations(),
@@ -252,6 +275,8 @@ impl Identity {
             .add_service(ca.into_server())
             .add_service(ads.authenticated(authenticator).into_service());
         let serve = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(keepalive))
             .add_routes(routes)
             .serve_with_incoming_shutdown(connections, crate::stopped(shutdown));
         Ok(tokio::spawn(async move {
@@ -304,45 +329,6 @@ fn publish_root_once(store: &Store, root: &str) -> Result<(), IdentityError> {
         store.commit(ops)?;
     }
     Ok(())
-}
-
-/// TLS connections from `listener`, each handshake on its own task so a slow
-/// or silent client holds up no one else.
-fn accept_tls(
-    listener: tokio::net::TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    mut shutdown: watch::Receiver<bool>,
-) -> ReceiverStream<Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>>
-{
-    let (ready, connections) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!("accepting on the xDS port: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                // The guard `wait_for` returns is not Send: drop it inside.
-                () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
-            };
-            let acceptor = acceptor.clone();
-            let ready = ready.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = ready.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::info!(%peer, "TLS handshake refused: {e}"),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(connections)
 }
 
 /// Authenticates xDS callers as the CA does: a bearer token, else the mesh

@@ -18,6 +18,7 @@
 
 pub mod api;
 pub mod config_dir;
+pub mod connections;
 pub mod discovery;
 pub mod identity;
 pub mod join;
@@ -53,6 +54,9 @@ pub struct ServerConfig {
     /// Readiness and proxy sync status, loopback only; off unless given.
     pub monitoring_addr: Option<SocketAddr>,
     pub debounce: mesh::Debounce,
+    /// Connections every listener admits, and how long they may be silent
+    /// (lowered to what the process's file descriptors allow).
+    pub connections: connections::ConnectionLimits,
 }
 
 impl ServerConfig {
@@ -70,6 +74,7 @@ impl ServerConfig {
             auto_registration_grace: std::time::Duration::from_secs(10),
             monitoring_addr: None,
             debounce: mesh::Debounce::default(),
+            connections: connections::ConnectionLimits::default(),
         }
     }
 }
@@ -157,24 +162,113 @@ fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), Serve
     Ok((listener, bound))
 }
 
+/// Each listener's gate: the connections the process's file descriptors
+/// allow, shared out so that a crowd on one port leaves room on the others.
+struct Gates {
+    api: Arc<connections::Gate>,
+    xds: Arc<connections::Gate>,
+    xds_plaintext: Arc<connections::Gate>,
+    monitoring: Arc<connections::Gate>,
+}
+
+impl Gates {
+    fn new(limits: connections::ConnectionLimits) -> Gates {
+        let fd_limit = connections::raise_fd_limit();
+        let limits = limits.within_fd_limit(fd_limit);
+        tracing::info!(
+            fd_limit,
+            connections = limits.total,
+            per_source = limits.per_source,
+            idle = ?limits.idle,
+            "connection limits"
+        );
+        let share = |sixteenths: usize, what| {
+            let total = (limits.total * sixteenths / 16).max(16);
+            connections::Gate::new(
+                connections::ConnectionLimits {
+                    total,
+                    per_source: limits.per_source.min(total),
+                    ..limits
+                },
+                what,
+            )
+        };
+        Gates {
+            xds: share(10, "xDS and CA"),
+            api: share(4, "config API"),
+            xds_plaintext: share(1, "plaintext xDS"),
+            monitoring: share(1, "monitoring"),
+        }
+    }
+}
+
 /// Resolves when shutdown is asked.
 pub(crate) async fn stopped(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// Serves an HTTP router until shutdown.
+/// Serves an HTTP router until shutdown, HTTP/1 and HTTP/2 (prior
+/// knowledge): connections admitted by `gate`, closed when the client is
+/// silent for the idle limit with no request in flight or takes longer
+/// than it to send a request head (slowloris); HTTP/2 peers are pinged. Returns once every connection
+/// has finished (or been given up on, a few seconds after shutdown).
 fn serve_http(
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    gate: Arc<connections::Gate>,
     shutdown: watch::Receiver<bool>,
     what: &'static str,
 ) -> JoinHandle<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router)
-            .with_graceful_shutdown(stopped(shutdown))
+        let limits = gate.limits();
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.idle);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(connections::keepalive_interval(limits))
+            .keep_alive_timeout(connections::keepalive_interval(limits));
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of descriptors, most likely: wait, never spin.
+                        tracing::warn!("{what}: accepting: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                () = stopped(shutdown.clone()) => break,
+            };
+            let Some(pass) = gate.admit(peer.ip()) else {
+                continue;
+            };
+            let in_flight = connections::InFlight::default();
+            let service =
+                hyper_util::service::TowerToHyperService::new(in_flight.counting(router.clone()));
+            let tcp = connections::Silence::new(tcp, limits.idle, pass).with_in_flight(in_flight);
+            let connection = graceful.watch(
+                builder
+                    .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                    .into_owned(),
+            );
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(%peer, "{what}: connection ended: {e}");
+                }
+            });
+        }
+        if tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown())
             .await
+            .is_err()
         {
-            tracing::error!("{what} stopped: {e}");
+            tracing::warn!("{what}: connections still open 5 s after shutdown; leaving them");
         }
     })
 }
@@ -206,6 +300,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         return Err(ServerError::RemoteMonitoring(addr));
     }
     let store = Arc::new(Store::open(&config.data_dir)?);
+    let gates = Gates::new(config.connections);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (listener, api_addr) = bind(config.api_addr)?;
     let identity = Arc::new(identity::Identity::open(
@@ -232,6 +327,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     let mut tasks = vec![serve_http(
         listener,
         router,
+        gates.api.clone(),
         shutdown_rx.clone(),
         "config API",
     )];
@@ -251,12 +347,19 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         let ads = vmesh_xds::ads::Ads::new(mesh.clone(), proxies.clone(), shutdown_rx.clone())
             .with_lifecycle(lifecycle.clone())
             .with_metrics(metrics.xds.clone());
+        let keepalive = connections::keepalive_interval(gates.xds_plaintext.limits());
+        let incoming = connections::incoming(
+            listener,
+            gates.xds_plaintext.clone(),
+            shutdown_rx.clone(),
+            "plaintext xDS",
+            |tcp, _| async move { Some(tcp) },
+        );
         let serve = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(keepalive))
             .add_service(ads.into_service())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                stopped(shutdown_rx.clone()),
-            );
+            .serve_with_incoming_shutdown(incoming, stopped(shutdown_rx.clone()));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = serve.await {
                 tracing::error!("xDS server stopped: {e}");
@@ -275,6 +378,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
             .with_metrics(metrics.xds.clone());
         tasks.push(identity.serve_secure(
             listener,
+            gates.xds.clone(),
             ads,
             metrics.ca.clone(),
             shutdown_rx.clone(),
@@ -289,6 +393,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         tasks.push(serve_http(
             listener,
             monitoring::router(proxies.clone(), metrics.clone()),
+            gates.monitoring.clone(),
             shutdown_rx.clone(),
             "monitoring",
         ));

@@ -25,6 +25,7 @@ use tonic::{Code, Request, Status};
 use vmesh_agent::identity::{CaAuth, CaClient, CertificateSigner, SignError, new_key_and_csr};
 use vmesh_agent::upstream::Upstream;
 use vmesh_ca::SpiffeId;
+use vmesh_server::connections::ConnectionLimits;
 use vmesh_server::{Running, ServerConfig, start};
 use vmesh_xds::ads::{CLUSTER_TYPE, HEALTH_INFORMATION_TYPE};
 use x509_parser::extensions::GeneralName;
@@ -45,11 +46,16 @@ struct Server {
 
 impl Server {
     async fn start(data_dir: &Path, plaintext: bool) -> Server {
+        Server::start_with(data_dir, plaintext, ConnectionLimits::default()).await
+    }
+
+    async fn start_with(data_dir: &Path, plaintext: bool, connections: ConnectionLimits) -> Server {
         let running = start(ServerConfig {
             api_addr: "127.0.0.1:0".parse().unwrap(),
             xds_addr: Some("127.0.0.1:0".parse().unwrap()),
             xds_plaintext_addr: plaintext.then(|| "127.0.0.1:0".parse().unwrap()),
             monitoring_addr: Some("127.0.0.1:0".parse().unwrap()),
+            connections,
             ..ServerConfig::new(data_dir.to_path_buf())
         })
         .await
@@ -1022,5 +1028,256 @@ async fn metrics_under_istios_names_count_proxies_pushes_and_certificates() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(sample(&left, rejects), 1.0);
+    server.stop().await;
+}
+
+/// What became of a connection a crowd held: how long after it was made
+/// the server closed it (`None`: still open when the test stopped looking).
+async fn closed_after(
+    mut connection: impl tokio::io::AsyncRead + Unpin,
+    opened: Instant,
+    deadline: Instant,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout_at(deadline, connection.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(opened.elapsed()),
+            // The server's own opening frames (HTTP/2 settings, pings).
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crowds_of_idle_and_slow_connections_leave_room_for_real_clients() {
+    use tokio::io::AsyncWriteExt;
+    const IDLE_TLS: usize = 20_000;
+    const SLOWLORIS: usize = 2_000;
+    const IDLE: Duration = Duration::from_secs(30);
+    // The test holds both ends of every connection in one process.
+    vmesh_server::connections::raise_fd_limit();
+    let tmp = tempfile::tempdir().unwrap();
+    let limits = ConnectionLimits {
+        idle: IDLE,
+        ..ConnectionLimits::default()
+    };
+    let server = Server::start_with(tmp.path(), false, limits).await;
+    let root = server.root_file();
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(&root) {
+        roots.add(cert).unwrap();
+    }
+    let tls = Arc::new(
+        tokio_rustls::rustls::ClientConfig::builder_with_provider(Arc::new(
+            tokio_rustls::rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    );
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let xds = server.xds;
+    let api: SocketAddr = server.base.trim_start_matches("http://").parse().unwrap();
+    // The crowds come from hosts of their own; the real clients from 127.0.0.1.
+    let connect_from = |from: &str, to: SocketAddr| {
+        let from: std::net::IpAddr = from.parse().unwrap();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(from, 0)).unwrap();
+            socket.connect(to).await
+        }
+    };
+
+    // 2,000 slowloris clients on the config API: half a request head each.
+    let started = Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..SLOWLORIS {
+        let mut tcp = connect_from("127.0.0.3", api).await.unwrap();
+        tcp.write_all(b"GET /api/v1/namespaces HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        slow.push((tcp, Instant::now()));
+    }
+    // 20,000 TLS connections to the xDS port from one host, each to
+    // complete the handshake and say nothing, 200 at a time: the server
+    // holds as many as one source may have and turns the rest away.
+    let mut idle = Vec::new();
+    let mut refused = 0;
+    let mut opening = tokio::task::JoinSet::new();
+    let mut settle = |opened: Option<_>| match opened {
+        Some(held) => idle.push(held),
+        None => refused += 1,
+    };
+    for _ in 0..IDLE_TLS {
+        if opening.len() >= 200 {
+            settle(opening.join_next().await.unwrap().unwrap());
+        }
+        let connector = connector.clone();
+        let tcp = connect_from("127.0.0.2", xds);
+        opening.spawn(async move {
+            let tcp = tcp.await.ok()?;
+            let name = tokio_rustls::rustls::pki_types::ServerName::try_from(
+                vmesh_ca::ISTIOD_SERVICE_NAME,
+            )
+            .unwrap();
+            let tls = connector.connect(name, tcp).await.ok()?;
+            Some((tls, Instant::now()))
+        });
+    }
+    while let Some(opened) = opening.join_next().await {
+        settle(opened.unwrap());
+    }
+    println!(
+        "held {} idle TLS connections ({refused} turned away) and {} slowloris after {:?}",
+        idle.len(),
+        slow.len(),
+        started.elapsed()
+    );
+    assert_eq!(idle.len(), limits.per_source, "one source's share held");
+    assert_eq!(refused, IDLE_TLS - limits.per_source);
+    assert!(
+        started.elapsed() < IDLE,
+        "the crowd gathered before the first were closed"
+    );
+
+    // Meanwhile a real client applies objects and a workload renews its certificate.
+    let busy = Instant::now();
+    server.create_namespace("crowded").await;
+    let (code, body) = server
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/namespaces/crowded/configmaps",
+            Some(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}, "data": {"k": "v"}})),
+        )
+        .await;
+    assert_eq!(code, 201, "apply while crowded: {body}");
+    let token = server.token("crowded", "app").await;
+    let first = server
+        .mesh_certificate(&token.token, "crowded", "app")
+        .await;
+    let id = SpiffeId::new(TRUST_DOMAIN, "crowded", "app").unwrap();
+    let (_, csr) = new_key_and_csr(&id).unwrap();
+    let credentials = vmesh_agent::Credentials::new(
+        &first.chain,
+        first.key.clone(),
+        &vmesh_agent::identity::TrustAnchors::from_pem(&root).unwrap(),
+        TRUST_DOMAIN,
+        std::time::SystemTime::now(),
+    )
+    .unwrap();
+    let renewed = server
+        .ca_client(&root)
+        .sign(&csr, None, CaAuth::Certificate(&credentials))
+        .await
+        .expect("renewed with the current certificate");
+    assert_eq!(sans(&renewed[0]), vec![id.uri()]);
+    assert!(
+        busy.elapsed() < Duration::from_secs(5),
+        "apply, token, certificate and renewal took {:?}",
+        busy.elapsed()
+    );
+
+    // Every crowd connection is closed once it has been silent for the
+    // idle limit: not before, not long after.
+    let deadline = Instant::now() + IDLE + Duration::from_secs(20);
+    let mut closing = tokio::task::JoinSet::new();
+    for (tls, opened) in idle {
+        closing.spawn(closed_after(tls, opened, deadline));
+    }
+    for (tcp, opened) in slow {
+        closing.spawn(closed_after(tcp, opened, deadline));
+    }
+    let mut lives = Vec::new();
+    while let Some(life) = closing.join_next().await {
+        lives.push(life.unwrap());
+    }
+    let open = lives.iter().filter(|l| l.is_none()).count();
+    assert_eq!(
+        open,
+        0,
+        "{open} crowd connections still open {:?} after the idle limit",
+        Duration::from_secs(20)
+    );
+    let shortest = lives.iter().flatten().min().unwrap();
+    let longest = lives.iter().flatten().max().unwrap();
+    assert!(
+        *shortest >= IDLE - Duration::from_secs(1) && *longest <= IDLE + Duration::from_secs(15),
+        "closed between {shortest:?} and {longest:?} after opening; the limit is {IDLE:?}"
+    );
+    server.stop().await;
+}
+
+fn rustls_pemfile_certs(
+    pem: &str,
+) -> Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    tokio_rustls::rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// The idle limit closes silent connections, not quiet ones: an ADS stream
+/// with nothing to say for three idle limits still gets the next change,
+/// because the server pings its peers and their answers are traffic.
+#[tokio::test]
+async fn a_quiet_xds_stream_outlives_the_idle_limit() {
+    const IDLE: Duration = Duration::from_secs(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(
+        tmp.path(),
+        false,
+        ConnectionLimits {
+            idle: IDLE,
+            ..ConnectionLimits::default()
+        },
+    )
+    .await;
+    server.create_namespace("shop").await;
+    let root = server.root_file();
+    let token = server.token("shop", "web").await;
+    let cert = server.mesh_certificate(&token.token, "shop", "web").await;
+    let channel = tls_channel(server.xds, &root, Some(&cert)).await.unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(DiscoveryRequest {
+        node: Some(node("shop", "web")),
+        type_url: CLUSTER_TYPE.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let mut responses = client
+        .stream_aggregated_resources(Request::new(UnboundedReceiverStream::new(rx)))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = responses.message().await.unwrap().expect("clusters");
+    tx.send(DiscoveryRequest {
+        type_url: CLUSTER_TYPE.into(),
+        version_info: first.version_info.clone(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    tokio::time::sleep(IDLE * 3).await;
+    let (code, body) = server
+        .call(
+            reqwest::Method::POST,
+            "/api/v1/namespaces/shop/services",
+            Some(json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "late"},
+                "spec": {"ports": [{"name": "http", "port": 8080}]}})),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let next = tokio::time::timeout(WAIT, responses.message())
+        .await
+        .expect("a push in time")
+        .expect("the stream is still open")
+        .expect("a response");
+    assert_ne!(next.version_info, first.version_info);
+    drop(tx);
     server.stop().await;
 }

@@ -23,6 +23,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             ca,
             monitoring_addr,
             auto_registration_grace,
+            connections,
         } => {
             let api_token = match api_token_file {
                 Some(path) => {
@@ -45,6 +46,11 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                 identity: identity_config(*ca),
                 auto_registration_grace,
                 monitoring_addr: Some(monitoring_addr),
+                connections: vmesh_server::connections::ConnectionLimits {
+                    total: connections.max_connections,
+                    per_source: connections.max_connections_per_source,
+                    idle: connections.idle_timeout,
+                },
                 ..ServerConfig::new(data_dir)
             })
             .await?;

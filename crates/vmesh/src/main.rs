@@ -102,6 +102,23 @@ struct CaArgs {
     xds_sans: Vec<String>,
 }
 
+/// How many connections the server's listeners admit, and for how long.
+#[derive(Debug, clap::Args)]
+struct ConnectionArgs {
+    /// Connections open at once on all listeners together (lowered to what
+    /// the open-file limit allows; the xDS port gets 10/16 of them, the
+    /// config API 4/16).
+    #[arg(long, default_value_t = 50_000)]
+    max_connections: usize,
+    /// Connections open at once from one source address, per listener.
+    #[arg(long, default_value_t = 4_096)]
+    max_connections_per_source: usize,
+    /// A connection that sends nothing for this long is closed (a request
+    /// head must arrive within it; HTTP/2 peers are pinged every third of it).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    idle_timeout: std::time::Duration,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the control plane.
@@ -132,6 +149,8 @@ enum Command {
         /// How long an auto-registered WorkloadEntry outlives its VM's last connection.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         auto_registration_grace: std::time::Duration,
+        #[command(flatten)]
+        connections: ConnectionArgs,
     },
     /// What is wrong with the mesh: refused registrations, unhealthy or
     /// disconnected entries, proxies that refused config, and what `vmesh

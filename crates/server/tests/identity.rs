@@ -1057,7 +1057,12 @@ async fn crowds_of_idle_and_slow_connections_leave_room_for_real_clients() {
     const SLOWLORIS: usize = 2_000;
     const IDLE: Duration = Duration::from_secs(30);
     // The test holds both ends of every connection in one process.
-    vmesh_server::connections::raise_fd_limit();
+    let fd_limit = vmesh_server::connections::raise_fd_limit();
+    assert!(
+        fd_limit >= 16_384,
+        "this test needs 16,384 open files (both ends of 6,096 connections and \
+         the server's share-out); the limit is {fd_limit}"
+    );
     let tmp = tempfile::tempdir().unwrap();
     let limits = ConnectionLimits {
         idle: IDLE,

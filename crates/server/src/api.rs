@@ -61,7 +61,10 @@ pub fn router(
         mesh,
     };
     Router::new()
-        .route("/apis/vmesh.io/v1/apply", post(apply))
+        .route(
+            "/apis/vmesh.io/v1/apply",
+            post(apply).layer(axum::extract::DefaultBodyLimit::max(MAX_APPLY_BYTES)),
+        )
         .route(MESH_PATH, get(mesh_settings))
         .route("/api/v1/endpoints", any(endpoints))
         .route("/api/v1/namespaces/{namespace}/endpoints", any(endpoints))
@@ -175,6 +178,7 @@ fn store_error_with_message(error: StoreError, message: String) -> ApiError {
         StoreError::BadResourceVersion(_) | StoreError::UnknownKind(_) => {
             (StatusCode::BAD_REQUEST, "BadRequest")
         }
+        StoreError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge"),
         StoreError::Backend { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
     };
     let details = match &error {
@@ -302,6 +306,30 @@ struct Params {
     resource_version: Option<String>,
 }
 
+/// The largest request body of a single-object write: room for the
+/// largest object the store keeps (`vmesh_store::MAX_OBJECT_BYTES`) in JSON
+/// however it is laid out; larger bodies are refused before they are read.
+const MAX_BODY_BYTES: usize = 3 << 20;
+/// The largest apply list.
+const MAX_APPLY_BYTES: usize = 8 << 20;
+
+/// A request body that could not be read: 413 when it is too large.
+fn body_error(error: axum::Error) -> ApiError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(e) = source {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return status(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+                None,
+            );
+        }
+        source = e.source();
+    }
+    bad_request(format!("cannot read the request body: {error}"))
+}
+
 async fn resource(
     State(state): State<AppState>,
     method: Method,
@@ -310,9 +338,9 @@ async fn resource(
 ) -> Result<Response, ApiError> {
     let path = request.uri().path().to_string();
     let target = Target::parse(&path)?;
-    let body = axum::body::to_bytes(request.into_body(), 64 << 20)
+    let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
         .await
-        .map_err(|e| bad_request(format!("cannot read the request body: {e}")))?;
+        .map_err(body_error)?;
     let store = state.store;
     let shutdown = state.shutdown;
     let watching = params

@@ -79,12 +79,21 @@ impl ServerConfig {
     }
 }
 
+/// The shortest admin API token the server accepts: anything shorter can
+/// be guessed.
+pub const MIN_API_TOKEN_CHARS: usize = 16;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(
         "the config API on {0} is reachable from other hosts: give it a token with --api-token-file"
     )]
     UnauthenticatedRemoteApi(SocketAddr),
+    #[error(
+        "the API token has {0} characters; it must have at least {MIN_API_TOKEN_CHARS} \
+         (make one with: openssl rand -hex 32)"
+    )]
+    WeakApiToken(usize),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -292,6 +301,11 @@ fn check_trust_domain(store: &Store, ca_trust_domain: &str) -> Result<(), Server
 pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     if !config.api_addr.ip().is_loopback() && config.api_token.is_none() {
         return Err(ServerError::UnauthenticatedRemoteApi(config.api_addr));
+    }
+    if let Some(token) = &config.api_token
+        && token.chars().count() < MIN_API_TOKEN_CHARS
+    {
+        return Err(ServerError::WeakApiToken(token.chars().count()));
     }
     if let Some(addr) = config.xds_plaintext_addr.filter(|a| !a.ip().is_loopback()) {
         return Err(ServerError::RemotePlaintextXds(addr));

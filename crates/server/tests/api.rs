@@ -64,6 +64,8 @@ fn entry(name: &str, address: &str) -> Value {
 }
 
 const ENTRIES: &str = "/apis/networking.istio.io/v1/namespaces/default/workloadentries";
+/// An admin token long enough for the server to accept.
+const TOKEN: &str = "s3cret-s3cret-s3cret";
 
 #[tokio::test]
 async fn create_get_list_replace_delete() {
@@ -470,7 +472,7 @@ async fn objects_survive_a_restart() {
 #[tokio::test]
 async fn token_is_required_when_configured_and_off_loopback() {
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_in(dir.path(), Some("s3cret"), None).await;
+    let server = serve_in(dir.path(), Some(TOKEN), None).await;
     let url = format!("{}{ENTRIES}", server.base);
     let refused = server.http.get(&url).send().await.unwrap();
     assert_eq!(refused.status().as_u16(), 401);
@@ -492,7 +494,7 @@ async fn token_is_required_when_configured_and_off_loopback() {
         server
             .http
             .get(&url)
-            .bearer_auth("s3cret")
+            .bearer_auth(TOKEN)
             .send()
             .await
             .unwrap()
@@ -509,6 +511,16 @@ async fn token_is_required_when_configured_and_off_loopback() {
     .await;
     let err = open.unwrap_err().to_string();
     assert!(err.contains("--api-token-file"), "{err}");
+
+    // A token that could be guessed is no token.
+    let weak = start(ServerConfig {
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        api_token: Some("x".into()),
+        ..ServerConfig::new(dir.path().join("weak"))
+    })
+    .await;
+    let err = weak.unwrap_err().to_string();
+    assert!(err.contains("at least 16"), "{err}");
 }
 
 async fn eventually<F, Fut>(what: &str, mut check: F)
@@ -573,12 +585,12 @@ fn operator(namespace: &str, name: &str, spec: Value) -> Value {
 #[tokio::test]
 async fn mesh_settings_are_resolved_from_the_stored_operators() {
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_in(dir.path(), Some("s3cret"), None).await;
+    let server = serve_in(dir.path(), Some(TOKEN), None).await;
     let get = |path: &str| {
         server
             .http
             .get(format!("{}{path}", server.base))
-            .bearer_auth("s3cret")
+            .bearer_auth(TOKEN)
     };
     // Before any IstioOperator: the defaults.
     let settings: Value = get("/v1/mesh").send().await.unwrap().json().await.unwrap();
@@ -618,7 +630,7 @@ async fn mesh_settings_are_resolved_from_the_stored_operators() {
     let applied = server
         .http
         .post(format!("{}/apis/vmesh.io/v1/apply", server.base))
-        .bearer_auth("s3cret")
+        .bearer_auth(TOKEN)
         .json(&json!({"items": items}))
         .send()
         .await
@@ -670,5 +682,61 @@ async fn mesh_settings_are_resolved_from_the_stored_operators() {
         .await
         .unwrap();
     assert_eq!(refused.status().as_u16(), 401);
+    server.running.shutdown().await;
+}
+
+/// Objects over Kubernetes' 1.5 MiB are refused whole, whichever way they
+/// come, and a body too large to hold one is refused before it is read.
+#[tokio::test]
+async fn oversized_objects_and_bodies_are_refused_with_413() {
+    let server = serve().await;
+    let config_map = |size: usize| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": format!("cm-{size}"), "namespace": "default"},
+            "data": {"k": "x".repeat(size)}})
+    };
+    let path = "/api/v1/namespaces/default/configmaps";
+    let (code, status) = server
+        .call(reqwest::Method::POST, path, Some(config_map(1_000_000)))
+        .await;
+    assert_eq!(code, 201, "a 1 MB object is fine: {status}");
+    let (code, status) = server
+        .call(reqwest::Method::POST, path, Some(config_map(2_000_000)))
+        .await;
+    assert_eq!(code, 413, "{status}");
+    assert_eq!(status["reason"], "RequestEntityTooLarge");
+    assert!(
+        status["message"]
+            .as_str()
+            .unwrap()
+            .contains("ConfigMap default/cm-2000000 is 2000"),
+        "{status}"
+    );
+    // The same object in an apply list: nothing of the list is applied.
+    let (code, status) = server
+        .call(
+            reqwest::Method::POST,
+            "/apis/vmesh.io/v1/apply",
+            Some(json!({"items": [config_map(10), config_map(2_000_000)]})),
+        )
+        .await;
+    assert_eq!(code, 413, "{status}");
+    let (code, _) = server
+        .call(reqwest::Method::GET, &format!("{path}/cm-10"), None)
+        .await;
+    assert_eq!(code, 404, "nothing of the list was applied");
+    // 100 MB is not read at all.
+    let response = server
+        .http
+        .post(format!("{}{path}", server.base))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 100 << 20])
+        .send()
+        .await;
+    match response {
+        Ok(response) => assert_eq!(response.status().as_u16(), 413),
+        // The server may answer and close before the client has sent it all.
+        Err(e) => assert!(e.is_request() || e.is_body(), "{e}"),
+    }
     server.running.shutdown().await;
 }

@@ -27,6 +27,11 @@ const HISTORY: usize = 16_384;
 /// Namespaces that always exist: `default` and the mesh root namespace.
 pub const BUILTIN_NAMESPACES: &[&str] = &["default", "istio-system"];
 
+/// The largest object the store keeps, encoded: Kubernetes' limit (etcd's
+/// default request size), so that what fits here fits there, and one
+/// object cannot cost the server memory out of all proportion.
+pub const MAX_OBJECT_BYTES: usize = 1_572_864;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{} {:?} not found", .0.plural, .0.name)]
@@ -49,6 +54,8 @@ pub enum StoreError {
     Gone(u64),
     #[error("invalid resourceVersion {0:?}")]
     BadResourceVersion(String),
+    #[error("{name} is {size} bytes encoded; the limit is {MAX_OBJECT_BYTES}")]
+    TooLarge { name: String, size: usize },
     #[error("store: {context}")]
     Backend {
         context: String,
@@ -470,6 +477,12 @@ fn read(txn: &WriteTransaction, key: &str) -> Result<Option<Object>, StoreError>
 
 fn write(txn: &WriteTransaction, key: &str, object: &Object) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec(object)?;
+    if bytes.len() > MAX_OBJECT_BYTES {
+        return Err(StoreError::TooLarge {
+            name: object.display_name(),
+            size: bytes.len(),
+        });
+    }
     txn.open_table(OBJECTS)?.insert(key, bytes.as_slice())?;
     Ok(())
 }

@@ -277,7 +277,7 @@ fn validate_reports_and_exits() {
 fn token_protected_server_refuses_the_anonymous() {
     let data = tempfile::tempdir().unwrap();
     let token_file = data.path().join("token");
-    std::fs::write(&token_file, "t0ken\n").unwrap();
+    std::fs::write(&token_file, "t0ken-t0ken-t0ken\n").unwrap();
     let server = start(
         &data.path().join("store"),
         &["--api-token-file", token_file.to_str().unwrap()],
@@ -291,7 +291,7 @@ fn token_protected_server_refuses_the_anonymous() {
     let allowed = Command::new(VMESH)
         .args(["get", "ns"])
         .env("VMESH_SERVER", server.api())
-        .env("VMESH_TOKEN", "t0ken")
+        .env("VMESH_TOKEN", "t0ken-t0ken-t0ken")
         .output()
         .unwrap();
     assert_ok(&allowed, "get ns with a token");

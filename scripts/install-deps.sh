@@ -23,6 +23,8 @@ command -v python3 >/dev/null || missing+=(python3 python3-pip)
 { command -v promtool && command -v prometheus; } >/dev/null || missing+=(prometheus)
 # Zipkin's server (3.x) runs on Java 17 or newer.
 command -v java >/dev/null || missing+=(default-jre-headless)
+# GNU time measures a command's peak memory (the alias-bomb test).
+[ -x /usr/bin/time ] || missing+=(time)
 # systemctl --root and systemd-analyze check the VM's units offline (no systemd needs to run).
 { command -v systemctl && command -v systemd-analyze; } >/dev/null || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -94,17 +94,26 @@ pub struct SyntaxError {
     pub message: String,
 }
 
+/// The most values (scalars and collections, aliases counted at their
+/// full size) one document may hold: far above any real object (the
+/// store's limit is 1.5 MiB), far below what a "billion laughs" of aliases
+/// would expand to in a few hundred bytes.
+pub const MAX_DOCUMENT_VALUES: usize = 1_000_000;
+
 enum Frame {
     Seq {
         path: String,
         items: Vec<Value>,
         anchor: usize,
+        /// [`Builder::values`] when it opened.
+        opened_at: usize,
     },
     Map {
         path: String,
         entries: Map<String, Value>,
         pending_key: Option<String>,
         anchor: usize,
+        opened_at: usize,
     },
 }
 
@@ -112,7 +121,10 @@ struct Builder {
     docs: Vec<Document>,
     stack: Vec<Frame>,
     positions: HashMap<String, Pos>,
-    anchors: HashMap<usize, Value>,
+    /// Anchored values and how many values each holds.
+    anchors: HashMap<usize, (Value, usize)>,
+    /// Values in the document so far, aliases at their full size.
+    values: usize,
     doc_start: Pos,
     root: Option<Value>,
 }
@@ -127,6 +139,22 @@ fn child_path(parent: &str, key: &str) -> String {
 }
 
 impl Builder {
+    /// Counts `more` values into the document, refusing what would pass
+    /// [`MAX_DOCUMENT_VALUES`].
+    fn count(&mut self, more: usize, pos: Pos) -> Result<(), SyntaxError> {
+        self.values = self.values.saturating_add(more);
+        if self.values > MAX_DOCUMENT_VALUES {
+            return Err(SyntaxError {
+                pos,
+                message: format!(
+                    "the document holds more than {MAX_DOCUMENT_VALUES} values once its \
+                     aliases are expanded"
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// The path the next value will take, or `None` when that value is a map key.
     fn next_path(&self) -> Option<String> {
         match self.stack.last() {
@@ -192,6 +220,7 @@ impl Builder {
                 self.doc_start = pos;
                 self.positions.clear();
                 self.anchors.clear();
+                self.values = 0;
                 self.root = None;
             }
             Event::DocumentEnd => {
@@ -213,16 +242,24 @@ impl Builder {
                 } else {
                     resolve_plain(&text)
                 };
+                self.count(1, pos)?;
                 if anchor > 0 {
-                    self.anchors.insert(anchor, value.clone());
+                    self.anchors.insert(anchor, (value.clone(), 1));
                 }
                 self.push_value(value, pos)?;
             }
             Event::Alias(anchor) => {
-                let value = self.anchors.get(&anchor).cloned().ok_or(SyntaxError {
-                    pos,
-                    message: "alias to an unknown anchor".into(),
-                })?;
+                let size = self
+                    .anchors
+                    .get(&anchor)
+                    .map(|(_, size)| *size)
+                    .ok_or(SyntaxError {
+                        pos,
+                        message: "alias to an unknown anchor".into(),
+                    })?;
+                // Counted before it is copied: a bomb is refused, not built.
+                self.count(size, pos)?;
+                let value = self.anchors[&anchor].0.clone();
                 self.push_value(value, pos)?;
             }
             Event::SequenceStart(anchor, _) => {
@@ -231,6 +268,7 @@ impl Builder {
                     path,
                     items: Vec::new(),
                     anchor,
+                    opened_at: self.values,
                 });
             }
             Event::MappingStart(anchor, _) => {
@@ -240,18 +278,29 @@ impl Builder {
                     entries: Map::new(),
                     pending_key: None,
                     anchor,
+                    opened_at: self.values,
                 });
             }
             Event::SequenceEnd | Event::MappingEnd => {
-                let (value, anchor) = match self.stack.pop() {
-                    Some(Frame::Seq { items, anchor, .. }) => (Value::Array(items), anchor),
+                let (value, anchor, opened_at) = match self.stack.pop() {
+                    Some(Frame::Seq {
+                        items,
+                        anchor,
+                        opened_at,
+                        ..
+                    }) => (Value::Array(items), anchor, opened_at),
                     Some(Frame::Map {
-                        entries, anchor, ..
-                    }) => (Value::Object(entries), anchor),
+                        entries,
+                        anchor,
+                        opened_at,
+                        ..
+                    }) => (Value::Object(entries), anchor, opened_at),
                     None => return Ok(()),
                 };
+                self.count(1, pos)?;
                 if anchor > 0 {
-                    self.anchors.insert(anchor, value.clone());
+                    self.anchors
+                        .insert(anchor, (value.clone(), self.values - opened_at));
                 }
                 self.push_value(value, pos)?;
             }
@@ -323,6 +372,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<Document>, SyntaxError> {
         stack: Vec::new(),
         positions: HashMap::new(),
         anchors: HashMap::new(),
+        values: 0,
         doc_start: Pos { line: 1, column: 1 },
         root: None,
     };
@@ -420,5 +470,27 @@ mod tests {
         let docs = parse_documents("{\n  \"a\": {\"b\": [1, 2]}\n}").unwrap();
         assert_eq!(docs[0].value["a"]["b"][1], 2);
         assert_eq!(docs[0].position("a.b").line, 2);
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_before_it_is_built() {
+        let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
+        for level in 1..10 {
+            let previous = format!("*a{}", level - 1);
+            let items = [previous.as_str(); 9].join(", ");
+            text.push_str(&format!("a{level}: &a{level} [{items}]\n"));
+        }
+        assert!(text.len() < 600, "a small file: {} bytes", text.len());
+        let error = parse_documents(&text).unwrap_err();
+        assert!(
+            error.message.contains("aliases are expanded"),
+            "{}",
+            error.message
+        );
+        assert_eq!(error.pos.line, 7, "where the expansion passes the limit");
+        // Aliases within reason are fine.
+        let fine = "base: &b {app: web, version: v1}\nfirst: *b\nsecond: *b\n";
+        let docs = parse_documents(fine).unwrap();
+        assert_eq!(docs[0].value["second"]["app"], "web");
     }
 }

@@ -229,6 +229,41 @@ fn a_broken_document_applies_nothing_and_says_which() {
     );
 }
 
+/// A "billion laughs" of YAML aliases (a few hundred bytes) is refused at
+/// the line where it grows too large, in bounded memory, not expanded.
+#[test]
+fn validate_refuses_an_alias_bomb() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bomb}\ndata:\n");
+    text.push_str("  a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for level in 1..12 {
+        let items = vec![format!("*a{}", level - 1); 9].join(", ");
+        text.push_str(&format!("  a{level}: &a{level} [{items}]\n"));
+    }
+    let file = dir.path().join("bomb.yaml");
+    std::fs::write(&file, &text).unwrap();
+    let output = Command::new("/usr/bin/time")
+        .args(["-f", "peak %M KB"])
+        .arg(VMESH)
+        .args(["validate", "-f"])
+        .arg(&file)
+        .output()
+        .expect("GNU time (Debian's time package)");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        stdout(&output).contains("bomb.yaml:11:")
+            && stdout(&output).contains("aliases are expanded"),
+        "{}",
+        stdout(&output)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let peak_kb: u64 = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("peak ")?.strip_suffix(" KB")?.parse().ok())
+        .unwrap_or_else(|| panic!("no peak in {stderr}"));
+    assert!(peak_kb < 300 * 1024, "validate peaked at {peak_kb} KB");
+}
+
 #[test]
 fn validate_reports_and_exits() {
     for file in seed_files() {

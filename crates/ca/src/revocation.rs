@@ -106,6 +106,7 @@ mod tests {
             sub: sub.into(),
             iat,
             exp: iat + 3600,
+            nbf: None,
             jti: jti.into(),
         }
     }

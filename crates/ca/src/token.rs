@@ -52,6 +52,8 @@ pub enum TokenError {
     BadSignature,
     #[error("token expired at {expired_at} (Unix time)")]
     Expired { expired_at: u64 },
+    #[error("token is not valid before {valid_from} (Unix time)")]
+    NotYetValid { valid_from: u64 },
     #[error("token audience is not {TOKEN_AUDIENCE:?}")]
     WrongAudience,
     #[error("token issuer is not {TOKEN_ISSUER:?}")]
@@ -79,6 +81,10 @@ pub struct TokenClaims {
     pub iat: u64,
     /// Expiry, Unix seconds.
     pub exp: u64,
+    /// Not valid before, Unix seconds (RFC 7519 `nbf`; vmesh never sets it,
+    /// but honours it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// Token id (UUID v4), the handle for revoking one token.
     pub jti: String,
 }
@@ -253,6 +259,7 @@ impl TokenIssuer {
             sub: format!("{SUBJECT_PREFIX}{namespace}:{service_account}"),
             iat,
             exp: iat.saturating_add(ttl),
+            nbf: None,
             jti: uuid::Uuid::new_v4().to_string(),
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.encoding)
@@ -285,10 +292,17 @@ impl TokenIssuer {
         let data = jsonwebtoken::decode::<TokenClaims>(token, &self.decoding, &self.validation)
             .map_err(map_jwt_error)?;
         let claims = data.claims;
-        if claims.exp.saturating_add(TOKEN_LEEWAY.as_secs()) <= unix_secs(now) {
+        let now = unix_secs(now);
+        if claims.exp.saturating_add(TOKEN_LEEWAY.as_secs()) <= now {
             return Err(TokenError::Expired {
                 expired_at: claims.exp,
             });
+        }
+        // Issued (or valid) only in the future: someone's clock is wrong,
+        // and the token is not good yet.
+        let valid_from = claims.nbf.unwrap_or(0).max(claims.iat);
+        if valid_from > now.saturating_add(TOKEN_LEEWAY.as_secs()) {
+            return Err(TokenError::NotYetValid { valid_from });
         }
         claims.account()?;
         if revocations.is_revoked(&claims) {
@@ -489,6 +503,18 @@ mod tests {
                 "{sub}"
             );
         }
+        // Not valid yet: a future `nbf`, or issued in the future.
+        assert!(matches!(
+            issuer.verify(&with("nbf", (now + 600).into()), &none),
+            Err(TokenError::NotYetValid { .. })
+        ));
+        assert!(matches!(
+            issuer.verify(&with("iat", (now + 600).into()), &none),
+            Err(TokenError::NotYetValid { .. })
+        ));
+        issuer
+            .verify(&with("nbf", (now - 10).into()), &none)
+            .unwrap();
         let mut no_exp = base.clone();
         no_exp.as_object_mut().unwrap().remove("exp");
         let err = issuer

@@ -178,6 +178,7 @@ fn store_error_with_message(error: StoreError, message: String) -> ApiError {
         StoreError::BadResourceVersion(_) | StoreError::UnknownKind(_) => {
             (StatusCode::BAD_REQUEST, "BadRequest")
         }
+        StoreError::Immutable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid"),
         StoreError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge"),
         StoreError::Backend { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
     };

@@ -54,6 +54,8 @@ pub enum StoreError {
     Gone(u64),
     #[error("invalid resourceVersion {0:?}")]
     BadResourceVersion(String),
+    #[error("{name}: {field} cannot change: the object is immutable (delete and recreate it)")]
+    Immutable { name: String, field: &'static str },
     #[error("{name} is {size} bytes encoded; the limit is {MAX_OBJECT_BYTES}")]
     TooLarge { name: String, size: usize },
     #[error("store: {context}")]
@@ -574,6 +576,7 @@ fn write_one(
             if object.same_content(&current) {
                 return Ok(Outcome::Unchanged(current));
             }
+            check_immutable(&current, &object)?;
             *revision += 1;
             let spec_changed = {
                 let strip = |o: &Object| {
@@ -630,6 +633,25 @@ fn set_status(
         key,
     });
     Ok(Outcome::Configured(updated))
+}
+
+/// A ConfigMap or Secret marked `immutable: true` keeps its data (and the
+/// mark) until it is deleted, as in Kubernetes.
+fn check_immutable(current: &Object, update: &Object) -> Result<(), StoreError> {
+    if !matches!(current.kind.as_str(), "ConfigMap" | "Secret")
+        || current.body.get("immutable") != Some(&serde_json::Value::Bool(true))
+    {
+        return Ok(());
+    }
+    for field in ["immutable", "data", "binaryData", "stringData"] {
+        if current.body.get(field) != update.body.get(field) {
+            return Err(StoreError::Immutable {
+                name: current.display_name(),
+                field,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A write that names a resourceVersion must name the current one.

@@ -285,3 +285,41 @@ fn status_is_set_only_by_set_status_and_kept_by_other_writes() {
     let missing = entry("vm2", "default", "10.0.0.3");
     assert!(store.commit(vec![Op::SetStatus(missing)]).is_err());
 }
+
+#[test]
+fn immutable_config_maps_keep_their_data_until_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let config_map = |data: &str, immutable: bool| {
+        objects(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: fixed, namespace: default}}\nimmutable: {immutable}\ndata: {{k: {data}}}\n"
+        ))
+        .remove(0)
+    };
+    store
+        .commit(vec![Op::Apply(config_map("a", true))])
+        .unwrap();
+    for change in [config_map("b", true), config_map("a", false)] {
+        let err = store.commit(vec![Op::Apply(change)]).unwrap_err();
+        assert!(
+            matches!(err.error, StoreError::Immutable { .. }),
+            "{}",
+            err.error
+        );
+    }
+    // Labels may change; deleting and recreating is the way to new data.
+    let mut labelled = config_map("a", true);
+    labelled.metadata.labels = Some([("team".to_string(), "x".to_string())].into());
+    store.commit(vec![Op::Apply(labelled)]).unwrap();
+    let key = config_map("a", true).key().unwrap();
+    store
+        .commit(vec![Op::Delete {
+            key: key.clone(),
+            expected: None,
+        }])
+        .unwrap();
+    store
+        .commit(vec![Op::Apply(config_map("b", true))])
+        .unwrap();
+    assert_eq!(store.get(&key).unwrap().unwrap().body["data"]["k"], "b");
+}

@@ -104,6 +104,8 @@ pub struct Identity {
     revoking: parking_lot::Mutex<()>,
     /// Joins spend join-token uses one at a time.
     pub(crate) joining: tokio::sync::Mutex<()>,
+    /// Failed joins by source: guessing join tokens is slowed to a crawl.
+    pub(crate) join_failures: crate::throttle::FailureThrottle,
     extra_sans: Vec<String>,
 }
 
@@ -163,6 +165,7 @@ impl Identity {
             revocations: watch::channel(Arc::new(revocations)).0,
             revoking: parking_lot::Mutex::new(()),
             joining: tokio::sync::Mutex::new(()),
+            join_failures: crate::throttle::FailureThrottle::default(),
             extra_sans: config.extra_sans.clone(),
         })
     }

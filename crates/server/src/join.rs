@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::Digest;
 use subtle::ConstantTimeEq;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use vmesh_api::onboarding;
 use vmesh_api::{Object, ObjectKey};
 use vmesh_store::Op;
@@ -309,7 +310,41 @@ fn refuse(why: &str) -> Response {
     problem(StatusCode::UNAUTHORIZED, format!("join refused: {why}"))
 }
 
-pub async fn bootstrap(State(identity): State<Arc<Identity>>, headers: HeaderMap) -> Response {
+/// `GET` of a VM's onboarding files with a join token. A source that keeps
+/// presenting bad tokens is turned away (429) before its guesses are
+/// checked ([`crate::throttle`]).
+pub async fn bootstrap(
+    State(identity): State<Arc<Identity>>,
+    extensions: axum::http::Extensions,
+    headers: HeaderMap,
+) -> Response {
+    let source = extensions
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|info| info.get_ref().remote_addr())
+        .map(|addr| addr.ip());
+    if let Some(source) = source
+        && let Err(wait) = identity.join_failures.admit(source, "VM joins")
+    {
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, wait.as_secs().max(1).to_string())],
+            format!(
+                "join refused: too many failed joins from {source}; try again in {} s\n",
+                wait.as_secs().max(1)
+            ),
+        )
+            .into_response();
+    }
+    let response = join(&identity, &headers).await;
+    if let Some(source) = source
+        && response.status() == StatusCode::UNAUTHORIZED
+    {
+        identity.join_failures.failed(source);
+    }
+    response
+}
+
+async fn join(identity: &Arc<Identity>, headers: &HeaderMap) -> Response {
     let Some(token) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -25,6 +25,7 @@ pub mod join;
 pub mod mesh;
 pub mod monitoring;
 pub mod registration;
+pub mod throttle;
 pub mod views;
 
 use std::net::SocketAddr;

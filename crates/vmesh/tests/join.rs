@@ -183,4 +183,16 @@ fn a_vm_joins_with_one_line_and_spent_revoked_or_expired_tokens_are_refused() {
     let (short, _) = join_token(&mesh, &["--join-duration", "1s"]);
     std::thread::sleep(std::time::Duration::from_millis(2100));
     refused(&join_only(&vm, &dir.join("late"), &short, &pin), "expired");
+
+    // Guessing: after ten failures in a minute the VM's address is turned
+    // away without its guesses being checked, and a good token waits too.
+    let guesses = (0..12)
+        .map(|_| join_only(&vm, &dir.join("never"), "0123456789abcdef.guess", &pin))
+        .collect::<Vec<_>>();
+    refused(guesses.last().unwrap(), "too many failed joins");
+    let (fresh, _) = join_token(&mesh, &[]);
+    refused(
+        &join_only(&vm, &dir.join("fresh"), &fresh, &pin),
+        "429 Too Many Requests",
+    );
 }

@@ -330,6 +330,34 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
     }
 }
 
+/// The next connection of `listener` that `gate` admits, or `None` once
+/// shutdown is asked. Accept errors (out of descriptors, most likely) are
+/// waited out, never spun on.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    gate: &Arc<Gate>,
+    shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr, Pass)> {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!("{what}: accepting: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            // The guard `wait_for` returns is not Send: drop it inside.
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return None,
+        };
+        if let Some(pass) = gate.admit(peer.ip()) {
+            return Some((tcp, peer, pass));
+        }
+    }
+}
+
 /// The connections of `listener` for a gRPC server, until `shutdown`: each
 /// admitted by `gate`, made ready by `upgrade` on a task of its own (a TLS
 /// handshake, say, under its own timeout; `None` drops the connection), so
@@ -349,23 +377,7 @@ where
     let (ready, connections) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         let idle = gate.limits().idle;
-        loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of descriptors, most likely: wait, never spin.
-                        tracing::warn!("{what}: accepting: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                // The guard `wait_for` returns is not Send: drop it inside.
-                () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
-            };
-            let Some(pass) = gate.admit(peer.ip()) else {
-                continue;
-            };
+        while let Some((tcp, peer, pass)) = accept(&listener, &gate, &mut shutdown, what).await {
             let upgraded = upgrade(tcp, peer);
             let ready = ready.clone();
             tokio::spawn(async move {

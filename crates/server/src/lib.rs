@@ -243,22 +243,10 @@ fn serve_http(
             .keep_alive_interval(connections::keepalive_interval(limits))
             .keep_alive_timeout(connections::keepalive_interval(limits));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        loop {
-            let (tcp, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of descriptors, most likely: wait, never spin.
-                        tracing::warn!("{what}: accepting: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-                () = stopped(shutdown.clone()) => break,
-            };
-            let Some(pass) = gate.admit(peer.ip()) else {
-                continue;
-            };
+        let mut shutdown = shutdown;
+        while let Some((tcp, peer, pass)) =
+            connections::accept(&listener, &gate, &mut shutdown, what).await
+        {
             let in_flight = connections::InFlight::default();
             let service =
                 hyper_util::service::TowerToHyperService::new(in_flight.counting(router.clone()));

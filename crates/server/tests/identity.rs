@@ -375,6 +375,31 @@ async fn first_cds(
     result
 }
 
+/// A state-of-the-world ADS stream asking for clusters as `node`: the
+/// requests' sender and the responses.
+async fn cluster_stream(
+    channel: Channel,
+    node: Node,
+) -> (
+    mpsc::UnboundedSender<DiscoveryRequest>,
+    tonic::Streaming<DiscoveryResponse>,
+) {
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(DiscoveryRequest {
+        node: Some(node),
+        type_url: CLUSTER_TYPE.into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let responses = client
+        .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, responses)
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -930,19 +955,7 @@ async fn metrics_under_istios_names_count_proxies_pushes_and_certificates() {
         .connect()
         .await
         .unwrap();
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(DiscoveryRequest {
-        node: Some(node("shop", "web")),
-        type_url: CLUSTER_TYPE.into(),
-        ..Default::default()
-    })
-    .unwrap();
-    let mut responses = client
-        .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut responses) = cluster_stream(channel, node("shop", "web")).await;
     let next = async |responses: &mut tonic::Streaming<DiscoveryResponse>| {
         tokio::time::timeout(WAIT, responses.message())
             .await
@@ -1245,19 +1258,7 @@ async fn a_quiet_xds_stream_outlives_the_idle_limit() {
     let token = server.token("shop", "web").await;
     let cert = server.mesh_certificate(&token.token, "shop", "web").await;
     let channel = tls_channel(server.xds, &root, Some(&cert)).await.unwrap();
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(DiscoveryRequest {
-        node: Some(node("shop", "web")),
-        type_url: CLUSTER_TYPE.into(),
-        ..Default::default()
-    })
-    .unwrap();
-    let mut responses = client
-        .stream_aggregated_resources(Request::new(UnboundedReceiverStream::new(rx)))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut responses) = cluster_stream(channel, node("shop", "web")).await;
     let first = responses.message().await.unwrap().expect("clusters");
     tx.send(DiscoveryRequest {
         type_url: CLUSTER_TYPE.into(),

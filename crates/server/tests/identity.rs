@@ -346,6 +346,30 @@ async fn first_cds(
     node: Node,
     token: Option<&str>,
 ) -> Result<DiscoveryResponse, Status> {
+    let call = async {
+        let (_requests, mut responses) = cluster_stream(channel, node, token).await?;
+        let first = responses.message().await?;
+        first.ok_or_else(|| Status::unknown("the stream ended without a response"))
+    };
+    tokio::time::timeout(WAIT, call)
+        .await
+        .expect("an answer on the ADS stream in time")
+}
+
+/// A state-of-the-world ADS stream asking for clusters as `node`, with
+/// `token` as its bearer token if given: the requests' sender and the
+/// responses.
+async fn cluster_stream(
+    channel: Channel,
+    node: Node,
+    token: Option<&str>,
+) -> Result<
+    (
+        mpsc::UnboundedSender<DiscoveryRequest>,
+        tonic::Streaming<DiscoveryResponse>,
+    ),
+    Status,
+> {
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::unbounded_channel();
     tx.send(DiscoveryRequest {
@@ -360,44 +384,11 @@ async fn first_cds(
             .metadata_mut()
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
     }
-    let call = async {
-        let mut responses = client
-            .stream_aggregated_resources(request)
-            .await?
-            .into_inner();
-        let first = responses.message().await?;
-        first.ok_or_else(|| Status::unknown("the stream ended without a response"))
-    };
-    let result = tokio::time::timeout(WAIT, call)
-        .await
-        .expect("an answer on the ADS stream in time");
-    drop(tx);
-    result
-}
-
-/// A state-of-the-world ADS stream asking for clusters as `node`: the
-/// requests' sender and the responses.
-async fn cluster_stream(
-    channel: Channel,
-    node: Node,
-) -> (
-    mpsc::UnboundedSender<DiscoveryRequest>,
-    tonic::Streaming<DiscoveryResponse>,
-) {
-    let mut client = AggregatedDiscoveryServiceClient::new(channel);
-    let (tx, rx) = mpsc::unbounded_channel();
-    tx.send(DiscoveryRequest {
-        node: Some(node),
-        type_url: CLUSTER_TYPE.into(),
-        ..Default::default()
-    })
-    .unwrap();
     let responses = client
-        .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
+        .stream_aggregated_resources(request)
+        .await?
         .into_inner();
-    (tx, responses)
+    Ok((tx, responses))
 }
 
 fn mode(path: &Path) -> u32 {
@@ -955,7 +946,9 @@ async fn metrics_under_istios_names_count_proxies_pushes_and_certificates() {
         .connect()
         .await
         .unwrap();
-    let (tx, mut responses) = cluster_stream(channel, node("shop", "web")).await;
+    let (tx, mut responses) = cluster_stream(channel, node("shop", "web"), None)
+        .await
+        .unwrap();
     let next = async |responses: &mut tonic::Streaming<DiscoveryResponse>| {
         tokio::time::timeout(WAIT, responses.message())
             .await
@@ -1258,7 +1251,9 @@ async fn a_quiet_xds_stream_outlives_the_idle_limit() {
     let token = server.token("shop", "web").await;
     let cert = server.mesh_certificate(&token.token, "shop", "web").await;
     let channel = tls_channel(server.xds, &root, Some(&cert)).await.unwrap();
-    let (tx, mut responses) = cluster_stream(channel, node("shop", "web")).await;
+    let (tx, mut responses) = cluster_stream(channel, node("shop", "web"), None)
+        .await
+        .unwrap();
     let first = responses.message().await.unwrap().expect("clusters");
     tx.send(DiscoveryRequest {
         type_url: CLUSTER_TYPE.into(),

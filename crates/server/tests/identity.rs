@@ -391,6 +391,16 @@ async fn cluster_stream(
     Ok((tx, responses))
 }
 
+/// The ACK of a cluster response.
+fn ack(response: &DiscoveryResponse) -> DiscoveryRequest {
+    DiscoveryRequest {
+        type_url: CLUSTER_TYPE.into(),
+        version_info: response.version_info.clone(),
+        response_nonce: response.nonce.clone(),
+        ..Default::default()
+    }
+}
+
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
@@ -957,13 +967,7 @@ async fn metrics_under_istios_names_count_proxies_pushes_and_certificates() {
             .expect("the stream is open")
     };
     let first = next(&mut responses).await;
-    tx.send(DiscoveryRequest {
-        type_url: CLUSTER_TYPE.into(),
-        version_info: first.version_info.clone(),
-        response_nonce: first.nonce.clone(),
-        ..Default::default()
-    })
-    .unwrap();
+    tx.send(ack(&first)).unwrap();
     let connected = server.metrics().await;
     assert_eq!(sample(&connected, "pilot_xds"), 1.0);
     let pushed_before = sample(&connected, "pilot_xds_pushes{type=\"cds\"}");
@@ -1255,13 +1259,7 @@ async fn a_quiet_xds_stream_outlives_the_idle_limit() {
         .await
         .unwrap();
     let first = responses.message().await.unwrap().expect("clusters");
-    tx.send(DiscoveryRequest {
-        type_url: CLUSTER_TYPE.into(),
-        version_info: first.version_info.clone(),
-        response_nonce: first.nonce.clone(),
-        ..Default::default()
-    })
-    .unwrap();
+    tx.send(ack(&first)).unwrap();
     tokio::time::sleep(IDLE * 3).await;
     let (code, body) = server
         .call(

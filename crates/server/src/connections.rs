@@ -97,6 +97,11 @@ impl Gate {
         self.limits
     }
 
+    /// The listener's name in logs.
+    pub fn what(&self) -> &'static str {
+        self.what
+    }
+
     /// Admits a connection from `source`, or refuses it (`None`) when the
     /// source or the listener is full. The pass frees its place when dropped.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Pass> {
@@ -337,14 +342,13 @@ pub async fn accept(
     listener: &tokio::net::TcpListener,
     gate: &Arc<Gate>,
     shutdown: &mut tokio::sync::watch::Receiver<bool>,
-    what: &str,
 ) -> Option<(tokio::net::TcpStream, std::net::SocketAddr, Pass)> {
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!("{what}: accepting: {e}");
+                    tracing::warn!("{}: accepting: {e}", gate.what());
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -366,7 +370,6 @@ pub fn incoming<S, F, Fut>(
     listener: tokio::net::TcpListener,
     gate: Arc<Gate>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
-    what: &'static str,
     upgrade: F,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<Silence<S>>>
 where
@@ -377,7 +380,7 @@ where
     let (ready, connections) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         let idle = gate.limits().idle;
-        while let Some((tcp, peer, pass)) = accept(&listener, &gate, &mut shutdown, what).await {
+        while let Some((tcp, peer, pass)) = accept(&listener, &gate, &mut shutdown).await {
             let upgraded = upgrade(tcp, peer);
             let ready = ready.clone();
             tokio::spawn(async move {

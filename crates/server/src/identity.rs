@@ -237,12 +237,8 @@ impl Identity {
         let tls = vmesh_ca::server_tls_config(&chain, &key, self.authority.root_pem())?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let keepalive = crate::connections::keepalive_interval(gate.limits());
-        let connections = crate::connections::incoming(
-            listener,
-            gate,
-            shutdown.clone(),
-            "xDS and CA",
-            move |tcp, peer| {
+        let connections =
+            crate::connections::incoming(listener, gate, shutdown.clone(), move |tcp, peer| {
                 let acceptor = acceptor.clone();
                 async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -257,8 +253,7 @@ impl Identity {
                         }
                     }
                 }
-            },
-        );
+            });
         let authenticator = Arc::new(MeshAuthenticator {
             issuer: self.issuer.clone(),
             revocations: self.revocations(),

@@ -227,10 +227,10 @@ fn serve_http(
     router: axum::Router,
     gate: Arc<connections::Gate>,
     shutdown: watch::Receiver<bool>,
-    what: &'static str,
 ) -> JoinHandle<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     tokio::spawn(async move {
+        let what = gate.what();
         let limits = gate.limits();
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
@@ -245,7 +245,7 @@ fn serve_http(
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut shutdown = shutdown;
         while let Some((tcp, peer, pass)) =
-            connections::accept(&listener, &gate, &mut shutdown, what).await
+            connections::accept(&listener, &gate, &mut shutdown).await
         {
             let in_flight = connections::InFlight::default();
             let service =
@@ -332,7 +332,6 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         router,
         gates.api.clone(),
         shutdown_rx.clone(),
-        "config API",
     )];
     tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
 
@@ -355,7 +354,6 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
             listener,
             gates.xds_plaintext.clone(),
             shutdown_rx.clone(),
-            "plaintext xDS",
             |tcp, _| async move { Some(tcp) },
         );
         let serve = tonic::transport::Server::builder()
@@ -398,7 +396,6 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
             monitoring::router(proxies.clone(), metrics.clone()),
             gates.monitoring.clone(),
             shutdown_rx.clone(),
-            "monitoring",
         ));
     }
 

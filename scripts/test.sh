@@ -15,6 +15,9 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 scripts/install-deps.sh
+# A clean build with its tests takes about 5 GB; say what there is, since a full
+# disk otherwise shows up only as a compiler's I/O error.
+df -h --output=avail,target . | sed 's/^/test.sh: disk /'
 
 # The processes tests start, by command name, with their pids.
 started_processes() {

@@ -22,6 +22,17 @@ pub enum AuthError {
     ForeignPeer { id: SpiffeId, trust_domain: String },
     #[error("client certificate of {id} was issued before its account was revoked")]
     PeerRevoked { id: SpiffeId },
+    #[error("client certificate of {id} descends from revoked token {lineage}")]
+    LineageRevoked { id: SpiffeId, lineage: String },
+}
+
+/// An authenticated caller: who it is, and the lineage of the credential it
+/// proved it with (the token's id, or the certificate's lineage), which
+/// every certificate issued to it carries on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub id: SpiffeId,
+    pub lineage: Option<String>,
 }
 
 impl From<AuthError> for tonic::Status {
@@ -63,12 +74,17 @@ pub fn authenticate(
     peer: Option<&PeerIdentity>,
     issuer: &TokenIssuer,
     revocations: &Revocations,
-) -> Result<SpiffeId, AuthError> {
+) -> Result<Caller, AuthError> {
     let token_result = match bearer_token(metadata) {
         Ok(Some(token)) => Some(
             issuer
                 .verify(token, revocations)
-                .and_then(|claims| issuer.identity_of(&claims))
+                .and_then(|claims| {
+                    Ok(Caller {
+                        id: issuer.identity_of(&claims)?,
+                        lineage: Some(claims.jti),
+                    })
+                })
                 .map_err(AuthError::Token),
         ),
         Ok(None) => None,
@@ -98,14 +114,25 @@ pub fn authenticate(
                 id: peer.id.clone(),
             });
         }
-        Ok(peer.id.clone())
+        if let Some(lineage) = &peer.lineage
+            && revocations.is_lineage_revoked(lineage)
+        {
+            return Err(AuthError::LineageRevoked {
+                id: peer.id.clone(),
+                lineage: lineage.clone(),
+            });
+        }
+        Ok(Caller {
+            id: peer.id.clone(),
+            lineage: peer.lineage.clone(),
+        })
     });
     match (peer_result, token_error) {
-        (Some(Ok(id)), token_error) => {
+        (Some(Ok(caller)), token_error) => {
             if let Some(e) = token_error {
-                tracing::debug!(identity = %id, error = %e, "token refused; caller authenticated by its client certificate");
+                tracing::debug!(identity = %caller.id, error = %e, "token refused; caller authenticated by its client certificate");
             }
-            Ok(id)
+            Ok(caller)
         }
         (_, Some(token_error)) => Err(token_error),
         (Some(Err(peer_error)), None) => Err(peer_error),
@@ -136,11 +163,17 @@ mod tests {
         let peer = PeerIdentity {
             id: SpiffeId::new("cluster.local", "vm", "cert").unwrap(),
             issued_at: SystemTime::now() - Duration::from_secs(100),
+            lineage: Some("enrolment".into()),
         };
 
         let bearer = format!("Bearer {}", t.token);
         let id = authenticate(&md(Some(&bearer)), Some(&peer), &issuer, &none).unwrap();
-        assert_eq!(id.service_account, "pay", "a valid token comes first");
+        assert_eq!(id.id.service_account, "pay", "a valid token comes first");
+        assert_eq!(
+            id.lineage.as_deref(),
+            Some(t.id.as_str()),
+            "the token's id is the lineage"
+        );
         let lower = format!("bearer {}", t.token);
         assert_eq!(
             authenticate(&md(Some(&lower)), None, &issuer, &none).unwrap(),
@@ -148,10 +181,15 @@ mod tests {
         );
 
         let id = authenticate(&md(None), Some(&peer), &issuer, &none).unwrap();
-        assert_eq!(id.service_account, "cert");
+        assert_eq!(id.id.service_account, "cert");
+        assert_eq!(
+            id.lineage.as_deref(),
+            Some("enrolment"),
+            "the certificate's lineage carries on"
+        );
         let id = authenticate(&md(Some("Bearer garbage")), Some(&peer), &issuer, &none).unwrap();
         assert_eq!(
-            id.service_account, "cert",
+            id.id.service_account, "cert",
             "a bad token falls back to the certificate"
         );
 
@@ -176,12 +214,13 @@ mod tests {
     }
 
     #[test]
-    fn certificate_refused_when_foreign_or_account_revoked() {
+    fn certificate_refused_when_foreign_or_account_or_lineage_revoked() {
         let dir = tempfile::tempdir().unwrap();
         let issuer = TokenIssuer::load_or_create(dir.path(), "cluster.local").unwrap();
         let foreign = PeerIdentity {
             id: SpiffeId::new("other.td", "vm", "cert").unwrap(),
             issued_at: SystemTime::now(),
+            lineage: None,
         };
         assert!(matches!(
             authenticate(&md(None), Some(&foreign), &issuer, &Revocations::new()),
@@ -191,6 +230,7 @@ mod tests {
         let old = PeerIdentity {
             id: SpiffeId::new("cluster.local", "vm", "cert").unwrap(),
             issued_at: now - Duration::from_secs(10),
+            lineage: Some("join1.abc".into()),
         };
         let newer = PeerIdentity {
             issued_at: now + Duration::from_secs(10),
@@ -203,5 +243,13 @@ mod tests {
             Err(AuthError::PeerRevoked { .. })
         ));
         authenticate(&md(None), Some(&newer), &issuer, &revoked).unwrap();
+
+        // Revoking the token a certificate descends from refuses it, however
+        // recently it was issued.
+        revoked.revoke_token("join1");
+        assert!(matches!(
+            authenticate(&md(None), Some(&newer), &issuer, &revoked),
+            Err(AuthError::LineageRevoked { .. })
+        ));
     }
 }

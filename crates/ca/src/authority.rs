@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
+    SerialNumber, SignatureAlgorithm,
 };
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -80,6 +81,8 @@ pub enum CaError {
     CaExpired(SystemTime),
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("lineage {0:?} cannot be written into a certificate")]
+    Lineage(String),
 }
 
 /// Lifetimes the authority works with. The defaults are Istio's.
@@ -364,6 +367,19 @@ impl Authority {
         identity: &SpiffeId,
         requested: Option<Duration>,
     ) -> Result<Vec<String>, CaError> {
+        self.sign_workload_in_lineage(csr_pem, identity, requested, None)
+    }
+
+    /// [`Authority::sign_workload`], the certificate carrying `lineage`
+    /// (the id of the token it descends from; see
+    /// [`crate::PeerIdentity::lineage`]).
+    pub fn sign_workload_in_lineage(
+        &self,
+        csr_pem: &str,
+        identity: &SpiffeId,
+        requested: Option<Duration>,
+        lineage: Option<&str>,
+    ) -> Result<Vec<String>, CaError> {
         identity.validate()?;
         if identity.trust_domain != self.trust_domain {
             return Err(CaError::ForeignTrustDomain {
@@ -378,6 +394,16 @@ impl Authority {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
+        if let Some(lineage) = lineage {
+            params.distinguished_name.push(
+                DnType::CustomDnType(crate::identity::LINEAGE_ATTRIBUTE.to_vec()),
+                DnValue::PrintableString(
+                    format!("{}{lineage}", crate::identity::LINEAGE_PREFIX)
+                        .try_into()
+                        .map_err(|_| CaError::Lineage(lineage.to_string()))?,
+                ),
+            );
+        }
         let leaf = params.signed_by(&public_key, &self.issuer)?;
         let mut out = Vec::with_capacity(self.chain.len() + 1);
         out.push(leaf.pem());

@@ -254,7 +254,19 @@ pub struct PeerIdentity {
     /// When the certificate was issued: its `notBefore` plus
     /// [`CERT_BACKDATE`].
     pub issued_at: SystemTime,
+    /// The id of the token this certificate descends from, through any
+    /// number of renewals: revoking that token refuses its renewals. Kept
+    /// in the subject's `serialNumber` attribute as `vmesh-lineage:<id>`
+    /// (the enrolment the subject came from); `None` for certificates from
+    /// elsewhere.
+    pub lineage: Option<String>,
 }
+
+/// The subject attribute that carries a certificate's lineage:
+/// `serialNumber` (2.5.4.5).
+pub const LINEAGE_ATTRIBUTE: &[u64] = &[2, 5, 4, 5];
+/// What a lineage's value starts with.
+pub const LINEAGE_PREFIX: &str = "vmesh-lineage:";
 
 impl PeerIdentity {
     /// Reads identity and issue time from a verified leaf certificate (see
@@ -297,7 +309,17 @@ impl PeerIdentity {
         let issued_at = SystemTime::UNIX_EPOCH
             + Duration::from_secs(u64::try_from(not_before).unwrap_or(0))
             + CERT_BACKDATE;
-        Ok(PeerIdentity { id, issued_at })
+        let lineage = cert
+            .subject()
+            .iter_by_oid(&x509_parser::oid_registry::OID_X509_SERIALNUMBER)
+            .filter_map(|attribute| attribute.as_str().ok())
+            .find_map(|value| value.strip_prefix(LINEAGE_PREFIX))
+            .map(str::to_string);
+        Ok(PeerIdentity {
+            id,
+            issued_at,
+            lineage,
+        })
     }
 }
 

@@ -64,7 +64,7 @@ pub mod pb {
     tonic::include_proto!("istio.v1.auth");
 }
 
-pub use auth::{AuthError, authenticate, bearer_token};
+pub use auth::{AuthError, Caller, authenticate, bearer_token};
 pub use authority::{
     Authority, AuthorityOptions, CaError, ISTIOD_SERVICE_NAME, ROOT_CERT_FILE, ROOT_KEY_FILE,
 };
@@ -76,7 +76,7 @@ pub use pb::istio_certificate_service_client::IstioCertificateServiceClient;
 pub use pb::istio_certificate_service_server::IstioCertificateServiceServer;
 pub use pb::{IstioCertificateRequest, IstioCertificateResponse};
 pub use revocation::Revocations;
-pub use service::{CertificateService, peer_identity};
+pub use service::{CertificateService, IssuanceCheck, peer_identity};
 pub use tls::{TlsError, client_tls_config, root_hash, server_tls_config};
 pub use token::{
     IssuedToken, TOKEN_AUDIENCE, TOKEN_ISSUER, TOKEN_KEY_FILE, TOKEN_LEEWAY, TokenClaims,

@@ -1,5 +1,10 @@
 //! Revoked bootstrap tokens and accounts: plain data that the server
 //! persists in its store and hands to the CA service at every call.
+//!
+//! A token's id is also the lineage of every certificate issued with it and
+//! of every renewal of those (see [`crate::PeerIdentity::lineage`]); ids are
+//! dot-separated, a token minted from a join token being `<join id>.<uuid>`.
+//! Revoking an id revokes every lineage below it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime};
@@ -17,13 +22,24 @@ use crate::token::TokenClaims;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Revocations {
-    /// Ids (`jti`) of single revoked tokens.
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
-    pub tokens: BTreeSet<String>,
+    /// Ids (`jti`) of revoked tokens and lineages → Unix time (seconds) of
+    /// the revocation.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "tokens_of_either_form"
+    )]
+    pub tokens: BTreeMap<String, u64>,
     /// `"<namespace>/<service-account>"` → Unix time (seconds): every token
     /// and certificate of that account issued at or before it is revoked.
+    /// `"<namespace>/*"` stands for every account of a namespace.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub accounts: BTreeMap<String, u64>,
+    /// Accounts (`"<namespace>/<service-account>"`) and namespaces
+    /// (`"<namespace>/*"`) deleted and not created again: nothing is issued
+    /// to them.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub deleted: BTreeSet<String>,
 }
 
 impl Revocations {
@@ -32,9 +48,32 @@ impl Revocations {
         Self::default()
     }
 
-    /// Revokes the token whose id (`jti`) is `id`.
+    /// Revokes the token whose id (`jti`) is `id`, and the lineage of
+    /// certificates issued with it.
     pub fn revoke_token(&mut self, id: impl Into<String>) {
-        self.tokens.insert(id.into());
+        self.tokens
+            .entry(id.into())
+            .or_insert_with(|| unix_secs(SystemTime::now()));
+    }
+
+    /// Whether a lineage (a token id, or a certificate's lineage) is revoked,
+    /// itself or through an ancestor.
+    pub fn is_lineage_revoked(&self, lineage: &str) -> bool {
+        lineage
+            .match_indices('.')
+            .map(|(end, _)| &lineage[..end])
+            .chain(std::iter::once(lineage))
+            .any(|ancestor| self.tokens.contains_key(ancestor))
+    }
+
+    /// Forgets token revocations older than `keep_for`: by then every token
+    /// of the lineage has expired and, its renewals having been refused,
+    /// every certificate too. Returns how many were forgotten.
+    pub fn expire(&mut self, now: SystemTime, keep_for: Duration) -> usize {
+        let horizon = unix_secs(now).saturating_sub(keep_for.as_secs());
+        let before = self.tokens.len();
+        self.tokens.retain(|_, revoked| *revoked >= horizon);
+        before - self.tokens.len()
     }
 
     /// Revokes every token and certificate of `namespace/service_account`
@@ -48,6 +87,33 @@ impl Revocations {
         *entry = (*entry).max(secs);
     }
 
+    /// Records that an account (or with `None`, a whole namespace) was
+    /// deleted, which revokes everything issued to it so far, or created
+    /// again, which lets issuance resume.
+    pub fn set_deleted(
+        &mut self,
+        namespace: &str,
+        service_account: Option<&str>,
+        deleted: bool,
+        now: SystemTime,
+    ) {
+        let account = service_account.unwrap_or(ALL_ACCOUNTS);
+        let key = account_key(namespace, account);
+        if deleted {
+            self.revoke_account(namespace, account, now);
+            self.deleted.insert(key);
+        } else {
+            self.deleted.remove(&key);
+        }
+    }
+
+    /// Whether the account or its namespace was deleted (and not created again).
+    pub fn is_deleted(&self, namespace: &str, service_account: &str) -> bool {
+        self.deleted
+            .contains(&account_key(namespace, service_account))
+            || self.deleted.contains(&account_key(namespace, ALL_ACCOUNTS))
+    }
+
     /// When the account was last revoked, if ever.
     pub fn account_revoked_at(&self, namespace: &str, service_account: &str) -> Option<SystemTime> {
         self.accounts
@@ -58,7 +124,7 @@ impl Revocations {
     /// Whether a token is revoked, by its id or through its account. A
     /// token whose subject is not a service account is treated as revoked.
     pub fn is_revoked(&self, claims: &TokenClaims) -> bool {
-        if self.tokens.contains(&claims.jti) {
+        if self.is_lineage_revoked(&claims.jti) {
             return true;
         }
         match claims.account() {
@@ -79,11 +145,36 @@ impl Revocations {
     }
 
     fn is_account_revoked(&self, namespace: &str, service_account: &str, issued_at: u64) -> bool {
-        self.accounts
-            .get(&account_key(namespace, service_account))
-            .is_some_and(|revoked| issued_at <= *revoked)
+        [service_account, ALL_ACCOUNTS].iter().any(|account| {
+            self.accounts
+                .get(&account_key(namespace, account))
+                .is_some_and(|revoked| issued_at <= *revoked)
+        })
     }
 }
+
+/// Token revocations as a list of ids (the form before they had times) or
+/// as ids with times.
+fn tokens_of_either_form<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Tokens {
+        Ids(BTreeSet<String>),
+        Timed(BTreeMap<String, u64>),
+    }
+    Ok(match Tokens::deserialize(d)? {
+        Tokens::Ids(ids) => {
+            let now = unix_secs(SystemTime::now());
+            ids.into_iter().map(|id| (id, now)).collect()
+        }
+        Tokens::Timed(timed) => timed,
+    })
+}
+
+/// The account name that stands for all of a namespace's.
+const ALL_ACCOUNTS: &str = "*";
 
 fn account_key(namespace: &str, service_account: &str) -> String {
     format!("{namespace}/{service_account}")
@@ -141,12 +232,61 @@ mod tests {
     }
 
     #[test]
+    fn deleted_accounts_and_namespaces_are_revoked_until_created_again() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let before = claims("a", "system:serviceaccount:ns:sa", 999_000);
+        let after = claims("b", "system:serviceaccount:ns:sa", 1_000_100);
+        let mut r = Revocations::new();
+        r.set_deleted("ns", Some("sa"), true, t0);
+        assert!(r.is_deleted("ns", "sa") && !r.is_deleted("ns", "other"));
+        assert!(r.is_revoked(&before) && !r.is_revoked(&after));
+        r.set_deleted("ns", Some("sa"), false, t0);
+        assert!(!r.is_deleted("ns", "sa"));
+        assert!(
+            r.is_revoked(&before),
+            "created again: the old credentials stay revoked"
+        );
+
+        r.set_deleted("ns", None, true, t0);
+        assert!(r.is_deleted("ns", "other"));
+        assert!(r.is_identity_revoked("ns", "other", t0));
+        assert!(!r.is_identity_revoked("elsewhere", "other", t0));
+        r.set_deleted("ns", None, false, t0);
+        assert!(!r.is_deleted("ns", "other"));
+    }
+
+    #[test]
+    fn lineages_are_revoked_with_their_ancestors_and_expire() {
+        let mut r = Revocations::new();
+        r.revoke_token("join1");
+        assert!(r.is_lineage_revoked("join1"));
+        assert!(r.is_lineage_revoked("join1.0c1d"));
+        assert!(r.is_lineage_revoked("join1.0c1d.more"));
+        assert!(
+            !r.is_lineage_revoked("join10.0c1d"),
+            "a prefix that is not an ancestor"
+        );
+        assert!(!r.is_lineage_revoked("join"));
+        assert!(r.is_revoked(&claims("join1.77", "system:serviceaccount:ns:sa", 5)));
+
+        let now = SystemTime::now();
+        assert_eq!(r.expire(now, Duration::from_secs(3600)), 0);
+        assert_eq!(
+            r.expire(now + Duration::from_secs(7200), Duration::from_secs(3600)),
+            1
+        );
+        assert!(!r.is_lineage_revoked("join1.0c1d"));
+    }
+
+    #[test]
     fn serde_round_trip() {
         let mut r = Revocations::new();
-        r.revoke_token("abc");
+        r.tokens.insert("abc".into(), 7);
         r.revoke_account("ns", "sa", SystemTime::UNIX_EPOCH + Duration::from_secs(42));
         let json = serde_json::to_string(&r).unwrap();
-        assert_eq!(json, r#"{"tokens":["abc"],"accounts":{"ns/sa":42}}"#);
+        assert_eq!(json, r#"{"tokens":{"abc":7},"accounts":{"ns/sa":42}}"#);
+        let legacy: Revocations = serde_json::from_str(r#"{"tokens":["abc"]}"#).unwrap();
+        assert!(legacy.is_lineage_revoked("abc"));
         assert_eq!(serde_json::from_str::<Revocations>(&json).unwrap(), r);
         assert_eq!(
             serde_json::from_str::<Revocations>("{}").unwrap(),

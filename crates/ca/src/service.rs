@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::authenticate;
 use crate::authority::{Authority, CaError};
-use crate::identity::PeerIdentity;
+use crate::identity::{PeerIdentity, SpiffeId};
 use crate::metrics::CaMetrics;
 use crate::pb::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
@@ -42,7 +42,12 @@ pub struct CertificateService {
     issuer: Arc<TokenIssuer>,
     revocations: watch::Receiver<Arc<Revocations>>,
     metrics: Option<CaMetrics>,
+    issuance: Option<IssuanceCheck>,
 }
+
+/// Whether an authenticated identity may still be issued certificates (its
+/// namespace still exists, say): `Err` says why not.
+pub type IssuanceCheck = Arc<dyn Fn(&SpiffeId) -> Result<(), String> + Send + Sync>;
 
 impl std::fmt::Debug for CertificateService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -65,6 +70,15 @@ impl CertificateService {
             issuer,
             revocations,
             metrics: None,
+            issuance: None,
+        }
+    }
+
+    /// The same service, asking `check` before signing for anyone.
+    pub fn with_issuance_check(self, check: IssuanceCheck) -> Self {
+        CertificateService {
+            issuance: Some(check),
+            ..self
         }
     }
 
@@ -116,32 +130,45 @@ impl IstioCertificateService for CertificateService {
         let remote = request.remote_addr();
         let peer = peer_identity(&request, self.authority.trust_domain());
         let revocations = self.revocations.borrow().clone();
-        let identity = match authenticate(
+        let caller = match authenticate(
             request.metadata(),
             peer.as_ref(),
             &self.issuer,
             &revocations,
         ) {
-            Ok(id) => id,
+            Ok(caller) => caller,
             Err(e) => {
                 self.count(|m| &m.authentication_failures);
                 tracing::warn!(remote = ?remote, error = %e, "certificate request refused: unauthenticated");
                 return Err(e.into());
             }
         };
+        if let Some(check) = &self.issuance
+            && let Err(why) = check(&caller.id)
+        {
+            self.count(|m| &m.authentication_failures);
+            tracing::warn!(identity = %caller.id, remote = ?remote, "certificate request refused: {why}");
+            return Err(Status::permission_denied(why));
+        }
         let body = request.into_inner();
         let requested = u64::try_from(body.validity_duration)
             .ok()
             .filter(|secs| *secs > 0)
             .map(Duration::from_secs);
         let authority = self.authority.clone();
-        let id = identity.clone();
+        let identity = caller.id.clone();
         // Signing is CPU work (a signature check and a signature): keep it
         // off the async workers.
-        let signed =
-            tokio::task::spawn_blocking(move || authority.sign_workload(&body.csr, &id, requested))
-                .await
-                .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
+        let signed = tokio::task::spawn_blocking(move || {
+            authority.sign_workload_in_lineage(
+                &body.csr,
+                &caller.id,
+                requested,
+                caller.lineage.as_deref(),
+            )
+        })
+        .await
+        .map_err(|e| Status::internal(format!("signing task failed: {e}")))?;
         match signed {
             Ok(cert_chain) => {
                 self.count(|m| &m.issued);

@@ -238,6 +238,20 @@ impl TokenIssuer {
         self.issue_at(namespace, service_account, ttl, SystemTime::now())
     }
 
+    /// A token minted from another credential (a join token): its id is
+    /// `<parent>.<uuid>`, so revoking `parent` revokes it and every
+    /// certificate of its lineage.
+    pub fn issue_from(
+        &self,
+        parent: &str,
+        namespace: &str,
+        service_account: &str,
+        ttl: Duration,
+    ) -> Result<IssuedToken, TokenError> {
+        let id = format!("{parent}.{}", uuid::Uuid::new_v4().simple());
+        self.sign(namespace, service_account, ttl, SystemTime::now(), id)
+    }
+
     /// [`TokenIssuer::issue`] as if it were `now`.
     pub fn issue_at(
         &self,
@@ -245,6 +259,18 @@ impl TokenIssuer {
         service_account: &str,
         ttl: Duration,
         now: SystemTime,
+    ) -> Result<IssuedToken, TokenError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.sign(namespace, service_account, ttl, now, id)
+    }
+
+    fn sign(
+        &self,
+        namespace: &str,
+        service_account: &str,
+        ttl: Duration,
+        now: SystemTime,
+        jti: String,
     ) -> Result<IssuedToken, TokenError> {
         validate_namespace(namespace)?;
         validate_service_account(service_account)?;
@@ -260,7 +286,7 @@ impl TokenIssuer {
             iat,
             exp: iat.saturating_add(ttl),
             nbf: None,
-            jti: uuid::Uuid::new_v4().to_string(),
+            jti,
         };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.encoding)
             .map_err(|e| TokenError::Sign(e.to_string()))?;

@@ -25,8 +25,8 @@ use tonic::transport::{Channel, Server};
 use tonic::{Code, Request};
 use vmesh_ca::{
     Authority, AuthorityOptions, CertificateService, IstioCertificateRequest,
-    IstioCertificateServiceClient, ROOT_CERT_FILE, ROOT_KEY_FILE, Revocations, SpiffeId,
-    TOKEN_KEY_FILE, TokenIssuer, server_tls_config,
+    IstioCertificateServiceClient, PeerIdentity, ROOT_CERT_FILE, ROOT_KEY_FILE, Revocations,
+    SpiffeId, TOKEN_KEY_FILE, TokenIssuer, server_tls_config,
 };
 use vmesh_testkit::tls;
 use x509_parser::extensions::GeneralName;
@@ -224,10 +224,15 @@ async fn token_gets_a_certificate_for_its_own_identity_only() {
         uris(&leaf),
         vec!["spiffe://cluster.local/ns/vm-ns/sa/payment".to_string()]
     );
+    let subject: Vec<String> = leaf
+        .subject()
+        .iter_attributes()
+        .map(|a| format!("{}={}", a.attr_type(), a.as_str().unwrap()))
+        .collect();
     assert_eq!(
-        leaf.subject().iter().count(),
-        0,
-        "the CSR's subject is ignored"
+        subject,
+        [format!("2.5.4.5=vmesh-lineage:{}", token.id)],
+        "the CSR's subject is ignored; the subject names the token the certificate descends from"
     );
     assert!(!leaf.is_ca());
     assert_eq!(
@@ -457,6 +462,53 @@ async fn revocation_takes_effect_on_the_next_call() {
         uris(&X509Certificate::from_der(&d).unwrap().1),
         vec!["spiffe://cluster.local/ns/vm/sa/web".to_string()]
     );
+    mesh.stop().await;
+}
+
+#[tokio::test]
+async fn revoking_a_token_refuses_renewals_of_everything_issued_from_it() {
+    let mesh = Mesh::start().await;
+    let token = mesh.issuer.issue("vm", "web", HOUR).unwrap();
+    let other = mesh.issuer.issue("vm", "web", HOUR).unwrap();
+    let issue = |chain: Option<(Vec<String>, String)>, token: Option<String>| {
+        let mesh = &mesh;
+        async move {
+            let (key, csr) = greedy_csr();
+            let mut client = match &chain {
+                Some((chain, key)) => mesh.client(Some((chain.as_slice(), key.as_str()))).await,
+                None => mesh.client(None).await,
+            };
+            client
+                .create_certificate(request(&csr, 0, token.as_deref()))
+                .await
+                .map(|r| (r.into_inner().cert_chain, key.serialize_pem()))
+        }
+    };
+    // A certificate from the token, its renewal, and the renewal's renewal:
+    // each carries the token's id.
+    let first = issue(None, Some(token.token.clone())).await.unwrap();
+    let second = issue(Some(first.clone()), None).await.unwrap();
+    let third = issue(Some(second.clone()), None).await.unwrap();
+    for (chain, _) in [&first, &second, &third] {
+        let peer = PeerIdentity::from_certificate(&der(&chain[0]), "cluster.local").unwrap();
+        assert_eq!(peer.lineage.as_deref(), Some(token.id.as_str()));
+    }
+    let unrelated = issue(None, Some(other.token.clone())).await.unwrap();
+
+    mesh.revoke(|r| r.revoke_token(&token.id));
+    for chain in [first, second, third] {
+        let status = issue(Some(chain), None).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert!(
+            status
+                .message()
+                .contains(&format!("revoked token {}", token.id)),
+            "{}",
+            status.message()
+        );
+    }
+    // The same account's other lineage renews on.
+    issue(Some(unrelated), None).await.unwrap();
     mesh.stop().await;
 }
 

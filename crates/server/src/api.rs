@@ -163,11 +163,11 @@ fn status(
 
 fn store_error(error: StoreError) -> ApiError {
     let message = error.to_string();
-    store_error_with_message(error, message)
+    store_error_with_message(&error, message)
 }
 
-fn store_error_with_message(error: StoreError, message: String) -> ApiError {
-    let (code, reason) = match &error {
+fn store_error_with_message(error: &StoreError, message: String) -> ApiError {
+    let (code, reason) = match error {
         StoreError::NotFound(_) | StoreError::NamespaceNotFound(_) => {
             (StatusCode::NOT_FOUND, "NotFound")
         }
@@ -180,15 +180,25 @@ fn store_error_with_message(error: StoreError, message: String) -> ApiError {
         }
         StoreError::Immutable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid"),
         StoreError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge"),
-        StoreError::Backend { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
+        StoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),
+        StoreError::Backend { .. }
+        | StoreError::Damaged { .. }
+        | StoreError::InUse(_)
+        | StoreError::NoBackup { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "InternalError"),
     };
-    let details = match &error {
+    let details = match error {
         StoreError::NotFound(k)
         | StoreError::AlreadyExists(k)
         | StoreError::Conflict { key: k, .. } => Some(json!({"name": k.name, "kind": k.plural})),
         _ => None,
     };
     status(code, reason, message, details)
+}
+
+/// A store error as the config API answers it, for the server's other
+/// HTTP handlers.
+pub(crate) fn store_problem(error: &StoreError) -> Response {
+    store_error_with_message(error, error.to_string()).into_response()
 }
 
 fn invalid(problems: &[Problem]) -> ApiError {
@@ -616,7 +626,7 @@ async fn apply(State(state): State<AppState>, body: Bytes) -> Result<Response, A
         Err(BatchError { index, error }) => {
             let name = names.get(index).cloned().unwrap_or_default();
             let message = format!("items[{index}] ({name}): {error}; nothing was applied");
-            Err(store_error_with_message(error, message))
+            Err(store_error_with_message(&error, message))
         }
     }
 }

@@ -1,9 +1,14 @@
 //! The mesh's identity services inside the server: the CA and the token
-//! issuer (keys in `<data-dir>/ca`), token revocations (kept in the store so
-//! they survive restarts), the mesh root published to every namespace as
-//! Istio's `istio-ca-root-cert` ConfigMap, the token API, and the TLS port
-//! (15012) that carries the CA service and xDS for callers that prove who they
-//! are, and the VM join endpoints ([`crate::join`]).
+//! issuer (keys in `<data-dir>/ca`), token revocations (a server-owned record
+//! in the store, out of the config API's reach), the mesh root published to
+//! every namespace as Istio's `istio-ca-root-cert` ConfigMap, the token API,
+//! and the TLS port (15012) that carries the CA service and xDS for callers
+//! that prove who they are, and the VM join endpoints ([`crate::join`]).
+//!
+//! The store remembers the root it was set up with: a server whose `ca/`
+//! went missing, or whose root changed, refuses to start rather than make a
+//! new root that no VM trusts. Deleting a namespace or a ServiceAccount
+//! revokes what was issued to it and stops issuance until it exists again.
 //!
 //! Signing, token formats and caller authentication are `vmesh-ca`'s; what a
 //! proxy is sent is `vmesh-xds`'s.
@@ -34,9 +39,14 @@ use vmesh_xds::ads::{Ads, Authenticator, CallerIdentity};
 /// Istio's ConfigMap holding the mesh root in every namespace.
 pub const ROOT_CONFIG_MAP: &str = "istio-ca-root-cert";
 const ROOT_CERT_KEY: &str = "root-cert.pem";
-/// Where revocations are kept: a ConfigMap in the root namespace.
-const REVOCATIONS_CONFIG_MAP: &str = "vmesh-token-revocations";
-const REVOCATIONS_KEY: &str = "revocations.json";
+/// The store record of revocations.
+const REVOCATIONS_RECORD: &str = "revocations";
+/// Where revocations were kept before they were a record: a ConfigMap in
+/// the root namespace, moved into the record at start.
+const LEGACY_REVOCATIONS_CONFIG_MAP: &str = "vmesh-token-revocations";
+const LEGACY_REVOCATIONS_KEY: &str = "revocations.json";
+/// The store record of the SHA-256 of the root the mesh was set up with.
+const ROOT_RECORD: &str = "ca/root-sha256";
 const ROOT_NAMESPACE: &str = vmesh_api::mesh::DEFAULT_ROOT_NAMESPACE;
 /// The longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +72,9 @@ pub struct IdentityConfig {
     /// Names the serving certificate of 15012 carries besides
     /// `istiod.istio-system.svc` (a gateway hostname, an IP).
     pub extra_sans: Vec<String>,
+    /// Start even though the root is not the one the store was set up with
+    /// (a deliberate root change: every VM must then be given the new root).
+    pub accept_new_root: bool,
 }
 
 impl Default for IdentityConfig {
@@ -71,6 +84,7 @@ impl Default for IdentityConfig {
             plugged: None,
             options: AuthorityOptions::default(),
             extra_sans: Vec::new(),
+            accept_new_root: false,
         }
     }
 }
@@ -87,10 +101,21 @@ pub enum IdentityError {
     Store(#[from] vmesh_store::StoreError),
     #[error("store: {0}")]
     Batch(#[from] vmesh_store::BatchError),
-    #[error(
-        "the revocations in ConfigMap {ROOT_NAMESPACE}/{REVOCATIONS_CONFIG_MAP} are unreadable: {0}"
-    )]
+    #[error("the store's token revocations are unreadable: {0}")]
     Revocations(serde_json::Error),
+    #[error(
+        "{} is missing, but this store was set up with CA root {recorded}: a new root would break \
+         every VM's trust. Restore {} from a backup (it holds the root key and the token-signing \
+         key); if it is lost for good, start with --accept-new-root and onboard every VM again",
+        dir.display(), dir.display()
+    )]
+    CaMissing { dir: PathBuf, recorded: String },
+    #[error(
+        "the CA root (SHA-256 {found}) is not the one this store was set up with ({recorded}): \
+         check --data-dir and --ca-cert; to change roots deliberately, start with --accept-new-root \
+         and give every VM the new root"
+    )]
+    RootChanged { found: String, recorded: String },
 }
 
 /// The CA, the token issuer and the current revocations.
@@ -132,13 +157,24 @@ fn data_of<'a>(object: &'a Object, key: &str) -> Option<&'a str> {
 
 impl Identity {
     /// Loads (or on first start creates) the CA and token keys, and the
-    /// revocations from the store.
+    /// revocations from the store. Refuses a missing `ca/` or a changed
+    /// root when the store remembers another one.
     pub fn open(
         data_dir: &std::path::Path,
         config: &IdentityConfig,
         store: Arc<Store>,
     ) -> Result<Identity, IdentityError> {
         let dir = data_dir.join("ca");
+        let recorded_root = recorded_root(&store)?;
+        if let Some(recorded) = &recorded_root
+            && !dir.exists()
+            && !config.accept_new_root
+        {
+            return Err(IdentityError::CaMissing {
+                dir,
+                recorded: recorded.clone(),
+            });
+        }
         let authority = match &config.plugged {
             Some(plugged) => Authority::from_files(
                 &plugged.cert,
@@ -149,15 +185,19 @@ impl Identity {
             )?,
             None => Authority::load_or_create(&dir, &config.trust_domain, config.options.clone())?,
         };
+        let root = sha256_hex(authority.root_pem());
+        match recorded_root {
+            Some(recorded) if recorded == root => {}
+            Some(recorded) if !config.accept_new_root => {
+                return Err(IdentityError::RootChanged {
+                    found: root,
+                    recorded,
+                });
+            }
+            _ => store.write_records(vec![(ROOT_RECORD.into(), Some(root.into_bytes()))])?,
+        }
         let issuer = TokenIssuer::load_or_create(&dir, &config.trust_domain)?;
-        let revocations =
-            match store.get(&config_map_key(ROOT_NAMESPACE, REVOCATIONS_CONFIG_MAP))? {
-                Some(object) => match data_of(&object, REVOCATIONS_KEY) {
-                    Some(text) => serde_json::from_str(text).map_err(IdentityError::Revocations)?,
-                    None => Revocations::new(),
-                },
-                None => Revocations::new(),
-            };
+        let revocations = load_revocations(&store)?;
         Ok(Identity {
             authority: Arc::new(authority),
             issuer: Arc::new(issuer),
@@ -178,7 +218,8 @@ impl Identity {
         self.revocations.subscribe()
     }
 
-    /// Revokes one token, or every token issued to the account so far. The
+    /// Revokes one token (and the lineage of certificates issued with it),
+    /// or every token and certificate issued to the account so far. The
     /// revocation is stored before it takes effect, and takes effect at once.
     pub fn revoke(
         &self,
@@ -186,20 +227,107 @@ impl Identity {
         service_account: &str,
         id: Option<&str>,
     ) -> Result<(), IdentityError> {
+        self.change_revocations(|revocations| match id {
+            Some(id) => revocations.revoke_token(id),
+            None => revocations.revoke_account(namespace, service_account, SystemTime::now()),
+        })
+    }
+
+    /// Changes the revocations under the lock, stores them (forgetting token
+    /// revocations old enough that nothing of their lineage can be alive),
+    /// then makes them current.
+    pub(crate) fn change_revocations(
+        &self,
+        change: impl FnOnce(&mut Revocations),
+    ) -> Result<(), IdentityError> {
         let _revoking = self.revoking.lock();
         let mut next = (**self.revocations.borrow()).clone();
-        match id {
-            Some(id) => next.revoke_token(id),
-            None => next.revoke_account(namespace, service_account, SystemTime::now()),
-        }
-        let text = serde_json::to_string(&next).map_err(IdentityError::Revocations)?;
-        self.store.commit(vec![Op::Apply(config_map(
-            ROOT_NAMESPACE,
-            REVOCATIONS_CONFIG_MAP,
-            BTreeMap::from([(REVOCATIONS_KEY, text)]),
-        ))])?;
+        change(&mut next);
+        let keep_for = MAX_TOKEN_LIFE
+            .max(crate::join::MAX_JOIN_LIFE)
+            .max(self.authority.options().max_workload_ttl);
+        next.expire(SystemTime::now(), keep_for);
+        let bytes = serde_json::to_vec(&next).map_err(IdentityError::Revocations)?;
+        self.store
+            .write_records(vec![(REVOCATIONS_RECORD.into(), Some(bytes))])?;
         self.revocations.send_replace(Arc::new(next));
         Ok(())
+    }
+
+    /// Whether `id` may be issued certificates: its namespace exists, and
+    /// neither it nor its ServiceAccount was deleted.
+    pub(crate) fn may_issue(&self, id: &vmesh_ca::SpiffeId) -> Result<(), String> {
+        match self.store.get(&namespace_key(&id.namespace)) {
+            Ok(Some(_)) => {}
+            Ok(None) => return Err(format!("namespace {:?} does not exist", id.namespace)),
+            Err(e) => return Err(e.to_string()),
+        }
+        if self
+            .revocations
+            .borrow()
+            .is_deleted(&id.namespace, &id.service_account)
+        {
+            return Err(format!(
+                "service account {}/{} was deleted",
+                id.namespace, id.service_account
+            ));
+        }
+        Ok(())
+    }
+
+    /// Revokes what was issued to ServiceAccounts and namespaces as they are
+    /// deleted, and lifts the stop on issuance when they are created again,
+    /// until shutdown.
+    pub fn follow_deletions(
+        self: &Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> JoinHandle<()> {
+        let identity = self.clone();
+        tokio::spawn(async move {
+            let mut changes = identity.store.changes();
+            loop {
+                let event = tokio::select! {
+                    event = changes.recv() => event,
+                    () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+                };
+                let event = match event {
+                    Ok(event) => event,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        tracing::error!(
+                            missed,
+                            "deletions of namespaces and service accounts may have been missed"
+                        );
+                        continue;
+                    }
+                };
+                let object = &event.object;
+                if object.api_version != "v1" {
+                    continue;
+                }
+                let (namespace, account) = match object.kind.as_str() {
+                    "ServiceAccount" => (
+                        object.metadata.namespace().unwrap_or_default(),
+                        Some(object.metadata.name()),
+                    ),
+                    "Namespace" => (object.metadata.name(), None),
+                    _ => continue,
+                };
+                let deleted = event.event_type == vmesh_store::EventType::Deleted;
+                let (namespace, account) = (namespace.to_string(), account.map(str::to_string));
+                let changed = identity.change_revocations(|revocations| {
+                    revocations.set_deleted(
+                        &namespace,
+                        account.as_deref(),
+                        deleted,
+                        SystemTime::now(),
+                    );
+                });
+                if let Err(e) = changed {
+                    tracing::error!(%namespace, ?account, "cannot record a deletion's revocation: {e}");
+                }
+            }
+        })
     }
 
     /// Keeps `istio-ca-root-cert` right in every namespace, as namespaces
@@ -258,12 +386,14 @@ impl Identity {
             issuer: self.issuer.clone(),
             revocations: self.revocations(),
         });
+        let gatekeeper = self.clone();
         let ca = CertificateService::new(
             self.authority.clone(),
             self.issuer.clone(),
             self.revocations(),
         )
-        .with_metrics(ca_metrics);
+        .with_metrics(ca_metrics)
+        .with_issuance_check(Arc::new(move |id| gatekeeper.may_issue(id)));
         // The VM join endpoints share the port: a joining VM knows only this address.
         let join = Router::new()
             .route(crate::join::BOOTSTRAP_PATH, get(crate::join::bootstrap))
@@ -305,6 +435,72 @@ impl Identity {
             )
             .with_state(self.clone())
     }
+}
+
+fn namespace_key(name: &str) -> ObjectKey {
+    ObjectKey {
+        group: String::new(),
+        plural: "namespaces".into(),
+        namespace: String::new(),
+        name: name.into(),
+    }
+}
+
+pub(crate) fn sha256_hex(text: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The root the store was set up with: its record, or for a store from
+/// before the record, the root it published.
+fn recorded_root(store: &Store) -> Result<Option<String>, IdentityError> {
+    if let Some(bytes) = store.record(ROOT_RECORD)? {
+        return Ok(Some(String::from_utf8_lossy(&bytes).into_owned()));
+    }
+    let published = store.get(&config_map_key(ROOT_NAMESPACE, ROOT_CONFIG_MAP))?;
+    Ok(published
+        .as_ref()
+        .and_then(|object| data_of(object, ROOT_CERT_KEY))
+        .map(sha256_hex))
+}
+
+/// The revocations record. A store without one gets one at once, with the
+/// revocations of the ConfigMap that held them before records existed
+/// moved in (junk there is logged and dropped); from then on that
+/// ConfigMap means nothing, so the config API cannot reach revocations.
+fn load_revocations(store: &Store) -> Result<Revocations, IdentityError> {
+    if let Some(bytes) = store.record(REVOCATIONS_RECORD)? {
+        return serde_json::from_slice(&bytes).map_err(IdentityError::Revocations);
+    }
+    let legacy_key = config_map_key(ROOT_NAMESPACE, LEGACY_REVOCATIONS_CONFIG_MAP);
+    let legacy = store.get(&legacy_key)?;
+    let revocations = match legacy
+        .as_ref()
+        .and_then(|object| data_of(object, LEGACY_REVOCATIONS_KEY))
+        .map(serde_json::from_str::<Revocations>)
+    {
+        Some(Ok(old)) => old,
+        Some(Err(e)) => {
+            tracing::error!(
+                "ConfigMap {ROOT_NAMESPACE}/{LEGACY_REVOCATIONS_CONFIG_MAP} held unreadable revocations, dropped: {e}"
+            );
+            Revocations::new()
+        }
+        None => Revocations::new(),
+    };
+    let bytes = serde_json::to_vec(&revocations).map_err(IdentityError::Revocations)?;
+    store.write_records(vec![(REVOCATIONS_RECORD.into(), Some(bytes))])?;
+    if legacy.is_some() {
+        store.commit(vec![Op::Delete {
+            key: legacy_key,
+            expected: None,
+        }])?;
+        tracing::info!("token revocations moved from a ConfigMap into the store's own records");
+    }
+    Ok(revocations)
 }
 
 fn publish_root_once(store: &Store, root: &str) -> Result<(), IdentityError> {
@@ -355,7 +551,8 @@ impl Authenticator for MeshAuthenticator {
             .map_err(|e| {
                 tracing::warn!("xDS caller refused: {e}");
                 tonic::Status::from(e)
-            })?;
+            })?
+            .id;
         Ok(CallerIdentity {
             namespace: id.namespace,
             service_account: id.service_account,
@@ -384,13 +581,7 @@ pub(crate) fn problem(code: StatusCode, message: String) -> Response {
 }
 
 fn namespace_exists(identity: &Identity, namespace: &str) -> Result<(), (StatusCode, String)> {
-    let key = ObjectKey {
-        group: String::new(),
-        plural: "namespaces".into(),
-        namespace: String::new(),
-        name: namespace.into(),
-    };
-    match identity.store.get(&key) {
+    match identity.store.get(&namespace_key(namespace)) {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err((
             StatusCode::NOT_FOUND,
@@ -407,6 +598,16 @@ async fn create_token(
 ) -> Response {
     if let Err((code, message)) = namespace_exists(&identity, &namespace) {
         return problem(code, message);
+    }
+    if identity
+        .revocations
+        .borrow()
+        .is_deleted(&namespace, &account)
+    {
+        return problem(
+            StatusCode::NOT_FOUND,
+            format!("service account {namespace}/{account} was deleted; create it again first"),
+        );
     }
     let seconds = request.and_then(|r| r.duration_seconds).unwrap_or(3600);
     let life = Duration::from_secs(seconds);

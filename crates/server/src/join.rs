@@ -11,10 +11,15 @@
 //! this mesh.
 //!
 //! A join token is `<id>.<secret>`: the store keeps its id, a SHA-256 of the
-//! secret, its expiry, how many joins it has left, and whether it was
-//! revoked (ConfigMaps `istio-system/vmesh-join-<id>`). Each join spends one
-//! use; expired, spent and revoked tokens are refused. The service account
-//! is the group's, read by the server, never the caller's word.
+//! secret, its expiry and how many joins it has left, as a server-owned
+//! record (`join/<id>`) that the config API can neither read nor write. Each
+//! join spends one use; spent, expired and revoked tokens are refused, each
+//! with its reason, and their records are deleted a day after they expire
+//! (an unknown token is refused too). The bootstrap token a join mints
+//! descends from the join token (its id is `<join id>.<uuid>`), and so does
+//! every certificate issued with it: revoking a join token revokes all of
+//! them. The service account is the group's, read by the server, never the
+//! caller's word.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,22 +31,19 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sha2::Digest;
 use subtle::ConstantTimeEq;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use vmesh_api::ObjectKey;
 use vmesh_api::onboarding;
-use vmesh_api::{Object, ObjectKey};
-use vmesh_store::Op;
+use vmesh_store::{Store, StoreError};
 
-use crate::identity::{Identity, problem};
+use crate::identity::{Identity, problem, sha256_hex};
 
 /// The bootstrap endpoint on the TLS port.
 pub const BOOTSTRAP_PATH: &str = "/v1/vm/bootstrap";
 /// The mesh root, public, for pinning before the token is sent.
 pub const ROOT_PATH: &str = "/v1/vm/root-cert";
-const RECORD_PREFIX: &str = "vmesh-join-";
-const RECORD_KEY: &str = "record.json";
-const RECORD_NAMESPACE: &str = vmesh_api::mesh::DEFAULT_ROOT_NAMESPACE;
+const RECORD_PREFIX: &str = "join/";
 /// The bootstrap token, the one bundle file a join makes itself, per join.
 const TOKEN_FILE: &str = onboarding::TOKEN.name;
 
@@ -52,7 +54,7 @@ fn required_files() -> impl Iterator<Item = &'static str> {
         .map(|file| file.name)
         .filter(|name| *name != TOKEN_FILE)
 }
-const MAX_JOIN_LIFE: Duration = Duration::from_secs(30 * 24 * 3600);
+pub(crate) const MAX_JOIN_LIFE: Duration = Duration::from_secs(30 * 24 * 3600);
 const MAX_USES: u32 = 100_000;
 
 /// What the store keeps about one join token.
@@ -67,7 +69,6 @@ struct JoinRecord {
     expires: u64,
     uses_left: u32,
     token_seconds: u64,
-    revoked: bool,
     files: BTreeMap<String, String>,
 }
 
@@ -91,46 +92,65 @@ pub struct RevokeJoinRequest {
     id: Option<String>,
 }
 
-fn record_key(id: &str) -> ObjectKey {
-    ObjectKey {
-        group: String::new(),
-        plural: "configmaps".into(),
-        namespace: RECORD_NAMESPACE.into(),
-        name: format!("{RECORD_PREFIX}{id}"),
-    }
-}
-
-fn sha256_hex(text: &str) -> String {
-    sha2::Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-fn record_object(id: &str, record: &JoinRecord, version: Option<String>) -> Object {
-    let record_text = serde_json::to_string(record).expect("a record serialises");
-    let mut object = vmesh_api::mesh::config_map(
-        RECORD_NAMESPACE,
-        &format!("{RECORD_PREFIX}{id}"),
-        [(RECORD_KEY, record_text)],
-    );
-    object.metadata.labels = Some(BTreeMap::from([
-        ("vmesh.io/join-namespace".into(), record.namespace.clone()),
-        ("vmesh.io/join-group".into(), record.group.clone()),
-    ]));
-    object.metadata.resource_version = version;
-    object
+/// The live join records, by id. A record that does not decode is logged
+/// and skipped: it can only be damage.
+fn records(store: &Store) -> Result<Vec<(String, JoinRecord)>, StoreError> {
+    Ok(store
+        .records(RECORD_PREFIX)?
+        .into_iter()
+        .filter_map(|(name, bytes)| {
+            let id = name.strip_prefix(RECORD_PREFIX)?.to_string();
+            match serde_json::from_slice(&bytes) {
+                Ok(record) => Some((id, record)),
+                Err(e) => {
+                    tracing::error!(%id, "join record unreadable, ignored: {e}");
+                    None
+                }
+            }
+        })
+        .collect())
 }
 
-fn record_of(object: &Object) -> Option<JoinRecord> {
-    let text = object.body.get("data")?.get(RECORD_KEY)?.as_str()?;
-    serde_json::from_str(text).ok()
+fn record(store: &Store, id: &str) -> Result<Option<JoinRecord>, StoreError> {
+    let Some(bytes) = store.record(&format!("{RECORD_PREFIX}{id}"))? else {
+        return Ok(None);
+    };
+    Ok(serde_json::from_slice(&bytes)
+        .inspect_err(|e| tracing::error!(%id, "join record unreadable, ignored: {e}"))
+        .ok())
+}
+
+/// A record written (`Some`) or deleted (`None`).
+fn record_write(id: &str, record: Option<&JoinRecord>) -> (String, Option<Vec<u8>>) {
+    (
+        format!("{RECORD_PREFIX}{id}"),
+        record.map(|r| serde_json::to_vec(r).expect("a join record serialises")),
+    )
+}
+
+/// How long a join token's record outlives the token, so that a late VM
+/// hears "expired" rather than "unknown".
+const EXPIRED_RECORD_KEPT: Duration = Duration::from_secs(24 * 3600);
+
+/// Deletes the records of tokens expired for more than [`EXPIRED_RECORD_KEPT`].
+fn expire_records(store: &Store) -> Result<(), StoreError> {
+    let horizon = unix_now().saturating_sub(EXPIRED_RECORD_KEPT.as_secs());
+    let expired: Vec<_> = records(store)?
+        .into_iter()
+        .filter(|(_, record)| record.expires <= horizon)
+        .map(|(id, _)| record_write(&id, None))
+        .collect();
+    if !expired.is_empty() {
+        tracing::info!(count = expired.len(), "expired join tokens forgotten");
+        store.write_records(expired)?;
+    }
+    Ok(())
 }
 
 /// The group's service account, from the store.
@@ -225,14 +245,15 @@ pub async fn create(
         expires: unix_now() + life,
         uses_left: uses,
         token_seconds: token_life,
-        revoked: false,
         files: request.files,
     };
-    if let Err(e) = identity
-        .store()
-        .commit(vec![Op::Create(record_object(&id, &record, None))])
-    {
-        return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let stored = expire_records(identity.store()).and_then(|()| {
+        identity
+            .store()
+            .write_records(vec![record_write(&id, Some(&record))])
+    });
+    if let Err(e) = stored {
+        return crate::api::store_problem(&e);
     }
     let ca_hash = match vmesh_ca::root_hash(identity.authority.root_pem()) {
         Ok(hash) => hash,
@@ -258,41 +279,40 @@ pub async fn revoke(
         return problem(code, message);
     }
     let id = request.and_then(|r| r.0.id);
-    let objects = match identity.store().list_all() {
-        Ok(objects) => objects,
-        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    let revocations = identity.revocations().borrow().clone();
+    let chosen: Vec<String> = match records(identity.store()) {
+        Ok(records) => records
+            .into_iter()
+            .filter(|(record_id, record)| {
+                id.as_deref().is_none_or(|id| id == record_id)
+                    && record.namespace == namespace
+                    && record.group == group
+                    && !revocations.is_lineage_revoked(record_id)
+            })
+            .map(|(record_id, _)| record_id)
+            .collect(),
+        Err(e) => return crate::api::store_problem(&e),
     };
-    let mut ops = Vec::new();
-    for object in objects.iter().filter(|o| o.kind == "ConfigMap") {
-        let Some(record_id) = object.metadata.name().strip_prefix(RECORD_PREFIX) else {
-            continue;
-        };
-        let Some(mut record) = record_of(object) else {
-            continue;
-        };
-        let chosen = id.as_deref().is_none_or(|id| id == record_id);
-        if chosen && record.namespace == namespace && record.group == group && !record.revoked {
-            record.revoked = true;
-            ops.push(Op::Update(record_object(
-                record_id,
-                &record,
-                object.metadata.resource_version.clone(),
-            )));
-        }
-    }
-    let count = ops.len();
     if let Some(id) = &id
-        && count == 0
+        && chosen.is_empty()
     {
         return problem(
             StatusCode::NOT_FOUND,
             format!("no live join token {id} for WorkloadGroup {namespace}/{group}"),
         );
     }
-    if let Err(e) = identity.store().commit(ops) {
-        return problem(StatusCode::CONFLICT, e.to_string());
+    // Revoking the ids revokes their lineage: the tokens joins minted from
+    // them and every certificate issued with those.
+    let revoked = identity.change_revocations(|revocations| {
+        for record_id in &chosen {
+            revocations.revoke_token(record_id.clone());
+        }
+    });
+    if let Err(e) = revoked {
+        return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
-    tracing::info!(%namespace, %group, count, "join tokens revoked");
+    let count = chosen.len();
+    tracing::info!(%namespace, %group, count, "join tokens revoked with everything issued from them");
     Json(json!({"revoked": count})).into_response()
 }
 
@@ -360,19 +380,16 @@ async fn join(identity: &Arc<Identity>, headers: &HeaderMap) -> Response {
     }
     // One join at a time spends uses, so two VMs cannot share the last one.
     let _spending = identity.joining.lock().await;
-    let object = match identity.store().get(&record_key(id)) {
-        Ok(Some(object)) => object,
+    let mut record = match record(identity.store(), id) {
+        Ok(Some(record)) => record,
         Ok(None) => return refuse("unknown join token"),
-        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    };
-    let Some(mut record) = record_of(&object) else {
-        return refuse("unknown join token");
+        Err(e) => return crate::api::store_problem(&e),
     };
     let presented = sha256_hex(secret);
     if !bool::from(presented.as_bytes().ct_eq(record.secret_sha256.as_bytes())) {
         return refuse("unknown join token");
     }
-    if record.revoked {
+    if identity.revocations().borrow().is_lineage_revoked(id) {
         return refuse("the join token was revoked");
     }
     if unix_now() >= record.expires {
@@ -381,7 +398,8 @@ async fn join(identity: &Arc<Identity>, headers: &HeaderMap) -> Response {
     if record.uses_left == 0 {
         return refuse("the join token is used up");
     }
-    let issued = match identity.issuer.issue(
+    let issued = match identity.issuer.issue_from(
+        id,
         &record.namespace,
         &record.service_account,
         Duration::from_secs(record.token_seconds),
@@ -390,13 +408,11 @@ async fn join(identity: &Arc<Identity>, headers: &HeaderMap) -> Response {
         Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     };
     record.uses_left -= 1;
-    let spent = Op::Update(record_object(
-        id,
-        &record,
-        object.metadata.resource_version.clone(),
-    ));
-    if let Err(e) = identity.store().commit(vec![spent]) {
-        return problem(StatusCode::CONFLICT, e.to_string());
+    if let Err(e) = identity
+        .store()
+        .write_records(vec![record_write(id, Some(&record))])
+    {
+        return crate::api::store_problem(&e);
     }
     let mut files = record.files.clone();
     files.insert(TOKEN_FILE.into(), issued.token);

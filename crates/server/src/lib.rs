@@ -58,6 +58,9 @@ pub struct ServerConfig {
     /// Connections every listener admits, and how long they may be silent
     /// (lowered to what the process's file descriptors allow).
     pub connections: connections::ConnectionLimits,
+    /// How often the store is backed up into `<data-dir>/backups` when it
+    /// changed (it is also backed up at every start).
+    pub backup_interval: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -76,6 +79,7 @@ impl ServerConfig {
             monitoring_addr: None,
             debounce: mesh::Debounce::default(),
             connections: connections::ConnectionLimits::default(),
+            backup_interval: std::time::Duration::from_secs(3600),
         }
     }
 }
@@ -102,6 +106,12 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Store(#[from] vmesh_store::StoreError),
+    #[error(
+        "the store {} is missing, but {} exists: this server has run here before and its mesh \
+         would start empty. Restore the newest good backup with: vmesh store restore --data-dir {}",
+        .0.join(vmesh_store::STORE_FILE).display(), .0.join("ca").display(), .0.display()
+    )]
+    StoreMissing(PathBuf),
     #[error("plaintext xDS must listen on loopback, not {0}: it has no authentication")]
     RemotePlaintextXds(SocketAddr),
     #[error("the monitoring port must listen on loopback, not {0}: it has no authentication")]
@@ -121,6 +131,51 @@ pub enum ServerError {
         ca: String,
         sources: String,
     },
+}
+
+/// How often a store whose writes failed tries again.
+const STORE_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keeps the store healthy until shutdown: after a failed write (a full
+/// disk) it retries every [`STORE_RETRY`] so that readiness comes back
+/// once the cause is gone, whether or not anyone writes; and it backs the
+/// store up every `backup_interval` when it changed.
+async fn store_upkeep(
+    store: Arc<Store>,
+    backup_interval: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut retry = tokio::time::interval(STORE_RETRY);
+    let mut backup = tokio::time::interval(backup_interval);
+    backup.tick().await;
+    let mut backed_up = store.revision();
+    loop {
+        tokio::select! {
+            _ = retry.tick() => {
+                if store.fault().is_some() {
+                    let store = store.clone();
+                    if let Ok(Ok(())) = tokio::task::spawn_blocking(move || store.check_writable()).await {
+                        tracing::info!("the store writes again");
+                    }
+                }
+            }
+            _ = backup.tick() => {
+                let revision = store.revision();
+                if revision != backed_up {
+                    let store = store.clone();
+                    match tokio::task::spawn_blocking(move || store.take_backup()).await {
+                        Ok(Ok(path)) => {
+                            backed_up = revision;
+                            tracing::info!(backup = %path.display(), "store backed up");
+                        }
+                        Ok(Err(e)) => tracing::error!("store backup failed: {e}"),
+                        Err(e) => tracing::error!("store backup task failed: {e}"),
+                    }
+                }
+            }
+            () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+        }
+    }
 }
 
 /// A started server.
@@ -302,6 +357,11 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     if let Some(addr) = config.monitoring_addr.filter(|a| !a.ip().is_loopback()) {
         return Err(ServerError::RemoteMonitoring(addr));
     }
+    if !config.data_dir.join(vmesh_store::STORE_FILE).exists()
+        && config.data_dir.join("ca").exists()
+    {
+        return Err(ServerError::StoreMissing(config.data_dir.clone()));
+    }
     let store = Arc::new(Store::open(&config.data_dir)?);
     let gates = Gates::new(config.connections);
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -312,6 +372,9 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         store.clone(),
     )?);
     check_trust_domain(&store, identity.authority.trust_domain())?;
+    // A store that just passed its checks is the best backup there is.
+    let backup = store.take_backup()?;
+    tracing::info!(backup = %backup.display(), "store checked and backed up");
     let metrics = monitoring::Metrics::new()?;
     let (controller, mesh) = mesh::MeshController::new(
         store.clone(),
@@ -370,6 +433,12 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     }
 
     tasks.push(identity.publish_root(shutdown_rx.clone()));
+    tasks.push(identity.follow_deletions(shutdown_rx.clone()));
+    tasks.push(tokio::spawn(store_upkeep(
+        store.clone(),
+        config.backup_interval,
+        shutdown_rx.clone(),
+    )));
     let mut xds_addr = None;
     if let Some(addr) = config.xds_addr {
         let (listener, bound) = bind(addr)?;
@@ -393,7 +462,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         monitoring_addr = Some(bound);
         tasks.push(serve_http(
             listener,
-            monitoring::router(proxies.clone(), metrics.clone()),
+            monitoring::router(proxies.clone(), metrics.clone(), store.clone()),
             gates.monitoring.clone(),
             shutdown_rx.clone(),
         ));

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use prometheus::{IntGauge, Registry, TextEncoder};
@@ -167,9 +167,26 @@ async fn config_dump(
     }
 }
 
-pub fn router(proxies: Arc<StatusTable>, exported: Metrics) -> Router {
+/// `/ready`: ok, or 503 with the reason while the store cannot write (a
+/// full disk): the server is up but cannot take changes.
+pub async fn ready(store: Arc<vmesh_store::Store>) -> Response {
+    match store.fault() {
+        None => "ok\n".into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the store cannot write its file: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
+pub fn router(
+    proxies: Arc<StatusTable>,
+    exported: Metrics,
+    store: Arc<vmesh_store::Store>,
+) -> Router {
     Router::new()
-        .route("/ready", get(|| async { "ok\n" }))
+        .route("/ready", get(move || ready(store)))
         .route("/debug/syncz", get(syncz))
         .route(CONFIG_DUMP_PATH, get(config_dump))
         .with_state(proxies)

@@ -11,17 +11,19 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backup;
+mod file;
+
 use std::collections::{BTreeMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::broadcast;
 use vmesh_api::{Object, ObjectKey};
 
-const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-const REVISION: &str = "revision";
+pub use file::STORE_FILE;
+use file::{META, OBJECTS, RECORDS, REVISION, StoreFile};
 /// Changes kept in memory for watches that resume from a resource version.
 const HISTORY: usize = 16_384;
 /// Namespaces that always exist: `default` and the mesh root namespace.
@@ -58,31 +60,57 @@ pub enum StoreError {
     Immutable { name: String, field: &'static str },
     #[error("{name} is {size} bytes encoded; the limit is {MAX_OBJECT_BYTES}")]
     TooLarge { name: String, size: usize },
-    #[error("store: {context}")]
+    #[error("store: {context}: {source}")]
     Backend {
         context: String,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The file cannot be written (a full disk, an I/O error). The store
+    /// reopens it at the next operation, so this lasts as long as its cause.
+    #[error("the store cannot write its file: {0}")]
+    Unavailable(String),
+    #[error(
+        "the store {} is damaged: {problem}. The server will not run on it. Restore the newest \
+         good backup with: vmesh store restore --data-dir {} (the damaged file is kept beside it)",
+        path.display(),
+        path.parent().map_or_else(|| ".".into(), |p| p.display().to_string())
+    )]
+    Damaged { path: PathBuf, problem: String },
+    #[error("{} is open in a running server: stop it first", .0.display())]
+    InUse(PathBuf),
+    #[error(
+        "no good backup in {}{}: move the damaged store aside to start an empty mesh, then apply your configuration again",
+        dir.display(),
+        if refused.is_empty() { String::new() } else { format!(" ({})", refused.join("; ")) }
+    )]
+    NoBackup { dir: PathBuf, refused: Vec<String> },
 }
 
 macro_rules! backend_errors {
     ($($t:ty => $context:literal),*) => {$(
         impl From<$t> for StoreError {
             fn from(e: $t) -> Self {
-                StoreError::Backend { context: $context.into(), source: Box::new(e) }
+                file::backend($context, e)
             }
         }
     )*};
 }
 backend_errors!(
-    redb::DatabaseError => "opening the database",
     redb::TransactionError => "starting a transaction",
     redb::TableError => "opening a table",
     redb::StorageError => "reading or writing the database",
-    redb::CommitError => "committing a transaction",
-    serde_json::Error => "encoding or decoding a stored object"
+    redb::CommitError => "committing a transaction"
 );
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Backend {
+            context: "encoding or decoding a stored object".into(),
+            source: Box::new(e),
+        }
+    }
+}
 
 /// What happened to an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,7 +242,7 @@ struct State {
 
 /// The store. Cheap to share behind an `Arc`.
 pub struct Store {
-    db: Database,
+    file: StoreFile,
     state: Mutex<State>,
     events: broadcast::Sender<WatchEvent>,
 }
@@ -275,23 +303,29 @@ fn parse_rv(rv: &str) -> Result<u64, StoreError> {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`, creating the built-in namespaces.
+    /// Opens (or creates) the store in `dir`, creating the built-in
+    /// namespaces. A damaged store file is [`StoreError::Damaged`], never
+    /// replaced by an empty one.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend {
             context: format!("creating {}", dir.display()),
             source: Box::new(e),
         })?;
-        let db = Database::create(dir.join("store.redb"))?;
-        let txn = db.begin_write()?;
-        let revision = {
-            txn.open_table(OBJECTS)?;
-            let meta = txn.open_table(META)?;
-            meta.get(REVISION)?.map(|v| v.value()).unwrap_or(0)
-        };
-        txn.commit()?;
+        let file = StoreFile::open_checked(&dir.join(STORE_FILE))?;
+        let revision = file.with(|db| {
+            let txn = db.begin_write()?;
+            let revision = {
+                txn.open_table(OBJECTS)?;
+                txn.open_table(RECORDS)?;
+                let meta = txn.open_table(META)?;
+                meta.get(REVISION)?.map(|v| v.value()).unwrap_or(0)
+            };
+            txn.commit()?;
+            Ok(revision)
+        })?;
         let (events, _) = broadcast::channel(HISTORY);
         let store = Store {
-            db,
+            file,
             state: Mutex::new(State {
                 revision,
                 history: VecDeque::new(),
@@ -334,13 +368,38 @@ impl Store {
         self.state.lock().revision
     }
 
+    /// Why writes fail, while they do (a full disk): the server reports it
+    /// as not ready.
+    pub fn fault(&self) -> Option<String> {
+        self.file.fault()
+    }
+
+    /// Tries a write that changes nothing a reader sees, so that a store
+    /// whose writes failed finds out when they work again.
+    pub fn check_writable(&self) -> Result<(), StoreError> {
+        let _state = self.state.lock();
+        self.file.with(|db| {
+            let txn = db.begin_write()?;
+            let unix = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            txn.open_table(META)?.insert("checked", unix)?;
+            txn.commit()?;
+            Ok(())
+        })?;
+        self.file.wrote();
+        Ok(())
+    }
+
     pub fn get(&self, key: &ObjectKey) -> Result<Option<Object>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(OBJECTS)?;
-        match table.get(key.storage_key().as_str())? {
-            Some(bytes) => Ok(Some(serde_json::from_slice(bytes.value())?)),
-            None => Ok(None),
-        }
+        self.file.with(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OBJECTS)?;
+            match table.get(key.storage_key().as_str())? {
+                Some(bytes) => Ok(Some(serde_json::from_slice(bytes.value())?)),
+                None => Ok(None),
+            }
+        })
     }
 
     /// Objects in a selection, sorted by namespace and name, with the revision they were read at.
@@ -350,43 +409,52 @@ impl Store {
     }
 
     fn read_selection(&self, selection: &Selection) -> Result<Vec<Object>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(OBJECTS)?;
-        let prefix = selection.prefix();
-        let mut objects = Vec::new();
-        for entry in table.range(prefix.as_str()..)? {
-            let (key, value) = entry?;
-            if !key.value().starts_with(&prefix) {
-                break;
+        self.file.with(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OBJECTS)?;
+            let prefix = selection.prefix();
+            let mut objects = Vec::new();
+            for entry in table.range(prefix.as_str()..)? {
+                let (key, value) = entry?;
+                if !key.value().starts_with(&prefix) {
+                    break;
+                }
+                objects.push(serde_json::from_slice(value.value())?);
             }
-            objects.push(serde_json::from_slice(value.value())?);
-        }
-        Ok(objects)
+            Ok(objects)
+        })
     }
 
     /// Applies a batch of writes atomically: all of them, or none and the error
     /// of the first that failed.
     pub fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, BatchError> {
         let mut state = self.state.lock();
-        let fail = |index| move |error: StoreError| BatchError { index, error };
-        let txn = self.db.begin_write().map_err(|e| fail(0)(e.into()))?;
-        let mut revision = state.revision;
-        let mut outcomes: Vec<Option<Outcome>> = vec![None; ops.len()];
-        let mut events = Vec::new();
-        // Namespaces are written first, so a batch may create a namespace and
-        // objects in it in any order.
-        let mut ordered: Vec<(usize, Op)> = ops.into_iter().enumerate().collect();
-        ordered.sort_by_key(|(_, op)| !creates_namespace(op));
-        for (index, op) in ordered {
-            let outcome = write_one(&txn, op, &mut revision, &mut events).map_err(fail(index))?;
-            outcomes[index] = Some(outcome);
-        }
-        let persisted = (|| -> Result<(), StoreError> {
+        let count = ops.len();
+        // The index of the op that failed, when one did.
+        let mut failed_at = 0;
+        let written = self.file.with(|db| {
+            let txn = db.begin_write()?;
+            let mut revision = state.revision;
+            let mut outcomes: Vec<Option<Outcome>> = vec![None; count];
+            let mut events = Vec::new();
+            // Namespaces are written first, so a batch may create a namespace and
+            // objects in it in any order.
+            let mut ordered: Vec<(usize, Op)> = ops.into_iter().enumerate().collect();
+            ordered.sort_by_key(|(_, op)| !creates_namespace(op));
+            for (index, op) in ordered {
+                failed_at = index;
+                outcomes[index] = Some(write_one(&txn, op, &mut revision, &mut events)?);
+            }
+            failed_at = 0;
             txn.open_table(META)?.insert(REVISION, revision)?;
             txn.commit()?;
-            Ok(())
-        })();
-        persisted.map_err(fail(0))?;
+            Ok((revision, outcomes, events))
+        });
+        let (revision, outcomes, events) = written.map_err(|error| BatchError {
+            index: failed_at,
+            error,
+        })?;
+        self.file.wrote();
         state.revision = revision;
         for event in events {
             if state.history.len() == HISTORY
@@ -403,13 +471,65 @@ impl Store {
 
     /// Every object of every kind.
     pub fn list_all(&self) -> Result<Vec<Object>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(OBJECTS)?;
-        let mut objects = Vec::new();
-        for entry in table.iter()? {
-            objects.push(serde_json::from_slice(entry?.1.value())?);
-        }
-        Ok(objects)
+        self.file.with(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(OBJECTS)?;
+            let mut objects = Vec::new();
+            for entry in table.iter()? {
+                objects.push(serde_json::from_slice(entry?.1.value())?);
+            }
+            Ok(objects)
+        })
+    }
+
+    /// A server-owned record: state of the server's own (token revocations,
+    /// join records) kept in the store's file but apart from the objects, so
+    /// that nothing of the config API (no list, watch, write or namespace
+    /// deletion) can read or change it.
+    pub fn record(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.file.with(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(RECORDS)?;
+            Ok(table.get(name)?.map(|v| v.value().to_vec()))
+        })
+    }
+
+    /// The records whose names start with `prefix`, in name order.
+    pub fn records(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.file.with(|db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(RECORDS)?;
+            let mut found = Vec::new();
+            for entry in table.range(prefix..)? {
+                let (name, value) = entry?;
+                if !name.value().starts_with(prefix) {
+                    break;
+                }
+                found.push((name.value().to_string(), value.value().to_vec()));
+            }
+            Ok(found)
+        })
+    }
+
+    /// Writes (`Some`) and deletes (`None`) records, all or none.
+    pub fn write_records(&self, writes: Vec<(String, Option<Vec<u8>>)>) -> Result<(), StoreError> {
+        let _state = self.state.lock();
+        self.file.with(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(RECORDS)?;
+                for (name, value) in &writes {
+                    match value {
+                        Some(bytes) => table.insert(name.as_str(), bytes.as_slice())?,
+                        None => table.remove(name.as_str())?,
+                    };
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })?;
+        self.file.wrote();
+        Ok(())
     }
 
     /// Every future change of any object, for controllers that react to all of them.

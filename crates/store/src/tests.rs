@@ -2,6 +2,7 @@ use serde_json::json;
 use vmesh_api::decode_manifests;
 
 use super::*;
+use backup::restore;
 
 fn objects(yaml: &str) -> Vec<Object> {
     let decoded = decode_manifests("test.yaml", yaml);
@@ -322,4 +323,197 @@ fn immutable_config_maps_keep_their_data_until_deleted() {
         .commit(vec![Op::Apply(config_map("b", true))])
         .unwrap();
     assert_eq!(store.get(&key).unwrap().unwrap().body["data"]["k"], "b");
+}
+
+/// A store with enough objects to fill several pages, closed.
+fn filled_store(dir: &Path) -> u64 {
+    let store = Store::open(dir).unwrap();
+    let ops = (0..400)
+        .map(|i| {
+            Op::Create(entry(
+                &format!("vm{i}"),
+                "default",
+                &format!("10.0.{}.{}", i / 200, i % 200),
+            ))
+        })
+        .collect();
+    store.commit(ops).unwrap();
+    store.revision()
+}
+
+fn damage_of(dir: &Path) -> String {
+    match Store::open(dir) {
+        Err(e @ StoreError::Damaged { .. }) => e.to_string(),
+        Err(e) => panic!("not reported as damage: {e}"),
+        Ok(_) => panic!("a damaged store opened"),
+    }
+}
+
+#[test]
+fn an_emptied_store_file_is_refused_not_started_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    filled_store(dir.path());
+    std::fs::File::create(dir.path().join(STORE_FILE)).unwrap();
+    let message = damage_of(dir.path());
+    assert!(message.contains("empty (0 bytes)"), "{message}");
+    assert!(
+        message.contains(&format!(
+            "vmesh store restore --data-dir {}",
+            dir.path().display()
+        )),
+        "{message}"
+    );
+    assert_eq!(
+        std::fs::metadata(dir.path().join(STORE_FILE))
+            .unwrap()
+            .len(),
+        0,
+        "the refused file is left as it was"
+    );
+}
+
+/// Overwrites `len` bytes at `offset` of the store file with `byte`, or
+/// flips every bit there when `byte` is `None`.
+fn damage(dir: &Path, offset: u64, len: usize, byte: Option<u8>) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join(STORE_FILE))
+        .unwrap();
+    let mut bytes = vec![0; len];
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.read_exact(&mut bytes).unwrap();
+    for b in &mut bytes {
+        *b = byte.unwrap_or(!*b);
+    }
+    file.seek(SeekFrom::Start(offset)).unwrap();
+    file.write_all(&bytes).unwrap();
+}
+
+#[test]
+fn zeroed_pages_and_flipped_bytes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    filled_store(dir.path());
+    let size = std::fs::metadata(dir.path().join(STORE_FILE))
+        .unwrap()
+        .len();
+    let pristine = std::fs::read(dir.path().join(STORE_FILE)).unwrap();
+    // Pages in the middle and at the start (the header), zeroed or flipped:
+    // every case is found, whichever structure it hits.
+    let cases = [
+        (0, 4096, Some(0)),
+        (4096, 4096, Some(0)),
+        (size / 2 - size / 2 % 4096, 8192, Some(0)),
+        (size / 3, 64, None),
+        (4096 + 100, 1, None),
+    ];
+    for (offset, len, byte) in cases {
+        std::fs::write(dir.path().join(STORE_FILE), &pristine).unwrap();
+        damage(dir.path(), offset, len, byte);
+        let message = damage_of(dir.path());
+        assert!(message.contains("is damaged"), "{offset}+{len}: {message}");
+    }
+    std::fs::write(dir.path().join(STORE_FILE), &pristine).unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.list(&entries_in(None)).unwrap().0.len(), 400);
+}
+
+#[test]
+fn restore_puts_the_newest_good_backup_in_place_and_keeps_the_damaged_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .commit(vec![Op::Create(entry("first", "default", "10.0.0.1"))])
+        .unwrap();
+    let older = store.take_backup().unwrap();
+    store
+        .commit(vec![Op::Create(entry("second", "default", "10.0.0.2"))])
+        .unwrap();
+    let newer = store.take_backup().unwrap();
+    assert_ne!(older, newer);
+    let revision = store.revision();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&newer).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    match restore(dir.path(), None) {
+        Err(StoreError::InUse(_)) => {}
+        other => panic!("restore ran beside an open store: {other:?}"),
+    }
+    drop(store);
+
+    // The newest backup is itself damaged: the one before it is chosen.
+    std::fs::write(&newer, b"").unwrap();
+    std::fs::write(dir.path().join(STORE_FILE), b"").unwrap();
+    let restored = restore(dir.path(), None).unwrap();
+    assert_eq!(restored.from.path, older);
+    assert_eq!(restored.from.objects, 3, "two namespaces and one entry");
+    let kept = restored.kept.unwrap();
+    assert_eq!(std::fs::metadata(&kept).unwrap().len(), 0);
+    let store = Store::open(dir.path()).unwrap();
+    let names: Vec<String> = store
+        .list(&entries_in(None))
+        .unwrap()
+        .0
+        .iter()
+        .map(|o| o.metadata.name().to_string())
+        .collect();
+    assert_eq!(names, ["first"]);
+    assert!(store.revision() < revision);
+    drop(store);
+
+    for path in backup::backups(dir.path()) {
+        std::fs::remove_file(path).unwrap();
+    }
+    let message = restore(dir.path(), None).unwrap_err().to_string();
+    assert!(message.contains("no good backup"), "{message}");
+}
+
+#[test]
+fn backups_keep_the_newest_few() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    for i in 0..5 {
+        store
+            .commit(vec![Op::Create(entry(
+                &format!("vm{i}"),
+                "default",
+                "10.0.0.1",
+            ))])
+            .unwrap();
+        store.take_backup().unwrap();
+        // The same revision twice is one backup.
+        store.take_backup().unwrap();
+    }
+    let kept = backup::backups(dir.path());
+    assert_eq!(kept.len(), backup::KEEP_BACKUPS);
+    assert!(kept[0].ends_with(format!("store-r{}.redb", store.revision())));
+    assert_eq!(backup::check(&kept[0]).unwrap().revision, store.revision());
+}
+
+#[test]
+fn records_are_apart_from_objects_and_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let revision = store.revision();
+    store
+        .write_records(vec![
+            ("join/a".into(), Some(b"one".to_vec())),
+            ("join/b".into(), Some(b"two".to_vec())),
+            ("other".into(), Some(b"three".to_vec())),
+        ])
+        .unwrap();
+    assert_eq!(store.revision(), revision, "records are not object changes");
+    assert_eq!(store.list_all().unwrap().len(), 2, "only the namespaces");
+    store.write_records(vec![("join/a".into(), None)]).unwrap();
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.records("join/").unwrap(),
+        [("join/b".to_string(), b"two".to_vec())]
+    );
+    assert_eq!(store.record("other").unwrap(), Some(b"three".to_vec()));
+    assert_eq!(store.record("join/a").unwrap(), None);
 }

@@ -24,6 +24,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             monitoring_addr,
             auto_registration_grace,
             connections,
+            backup_interval,
         } => {
             let api_token = match api_token_file {
                 Some(path) => {
@@ -51,6 +52,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                     per_source: connections.max_connections_per_source,
                     idle: connections.idle_timeout,
                 },
+                backup_interval,
                 ..ServerConfig::new(data_dir)
             })
             .await?;
@@ -66,6 +68,42 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Store {
+            what: crate::StoreCommand::Check { data_dir, file },
+        } => {
+            let path = file.unwrap_or_else(|| data_dir.join(vmesh_store::STORE_FILE));
+            match vmesh_store::backup::check(&path) {
+                Ok(checked) => {
+                    println!(
+                        "{}: intact, {} objects, revision {}",
+                        checked.path.display(),
+                        checked.objects,
+                        checked.revision
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    Ok(ExitCode::FAILURE)
+                }
+            }
+        }
+        Command::Store {
+            what: crate::StoreCommand::Restore { data_dir, from },
+        } => {
+            let restored = vmesh_store::backup::restore(&data_dir, from.as_deref())?;
+            if let Some(kept) = &restored.kept {
+                println!("kept the replaced store as {}", kept.display());
+            }
+            println!(
+                "restored {} ({} objects, revision {}) as {}",
+                restored.from.path.display(),
+                restored.from.objects,
+                restored.from.revision,
+                data_dir.join(vmesh_store::STORE_FILE).display()
+            );
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
             what: crate::BenchCommand::Xds(args),
@@ -394,6 +432,7 @@ fn identity_config(ca: CaArgs) -> vmesh_server::identity::IdentityConfig {
             ..Default::default()
         },
         extra_sans: ca.xds_sans,
+        accept_new_root: ca.accept_new_root,
     }
 }
 

@@ -100,6 +100,10 @@ struct CaArgs {
     /// Extra names for the xDS port's certificate (a gateway hostname or IP); repeatable.
     #[arg(long = "xds-san")]
     xds_sans: Vec<String>,
+    /// Start even though the CA root is not the one the store was set up
+    /// with, or <data-dir>/ca is gone: every VM must then get the new root.
+    #[arg(long)]
+    accept_new_root: bool,
 }
 
 /// How many connections the server's listeners admit, and for how long.
@@ -151,6 +155,10 @@ enum Command {
         auto_registration_grace: std::time::Duration,
         #[command(flatten)]
         connections: ConnectionArgs,
+        /// How often the store is backed up into <data-dir>/backups when it
+        /// changed (also at every start; the newest 3 are kept).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        backup_interval: std::time::Duration,
     },
     /// What is wrong with the mesh: refused registrations, unhealthy or
     /// disconnected entries, proxies that refused config, and what `vmesh
@@ -282,6 +290,12 @@ enum Command {
         #[command(subcommand)]
         what: ExperimentalCommand,
     },
+    /// Check the server's store, or restore it from a backup (with the
+    /// server stopped).
+    Store {
+        #[command(subcommand)]
+        what: StoreCommand,
+    },
     /// Load harnesses: `bench xds` drives a control plane with simulated proxies.
     Bench {
         #[command(subcommand)]
@@ -298,6 +312,30 @@ enum Command {
 enum ExperimentalCommand {
     /// Onboarding VMs (`vmesh workload`).
     Workload(onboarding::WorkloadArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum StoreCommand {
+    /// Check a store file (or a backup) as the server does at start: every
+    /// page and every object. Exit 1 if it is damaged.
+    Check {
+        /// The server's data directory; its store.redb is checked.
+        #[arg(long, default_value = "/var/lib/vmesh", conflicts_with = "file")]
+        data_dir: PathBuf,
+        /// A store file or backup to check instead.
+        #[arg(long)]
+        file: Option<PathBuf>,
+    },
+    /// Put the newest good backup (from <data-dir>/backups, taken at every
+    /// start and hourly), or --from, in place of the store. The replaced
+    /// file is kept as store.redb.damaged-<time>. The server must be stopped.
+    Restore {
+        #[arg(long, default_value = "/var/lib/vmesh")]
+        data_dir: PathBuf,
+        /// A backup to restore instead of the newest good one.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -128,6 +128,27 @@ fn leaf_names_only_the_given_identity() {
 }
 
 #[test]
+fn a_leaf_carries_its_lineage_and_reads_back_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Authority::load_or_create(dir.path(), "cluster.local", AuthorityOptions::default())
+        .unwrap();
+    let key = KeyPair::generate().unwrap();
+    let request = csr(&key, &[]);
+    let id = SpiffeId::new("cluster.local", "vm", "payment").unwrap();
+    let lineage = "0123abcd.5f6e7d";
+    let chain = ca
+        .sign_workload_in_lineage(&request, &id, None, Some(lineage))
+        .unwrap();
+    let peer = crate::PeerIdentity::from_certificate(&der_of(&chain[0]), "cluster.local").unwrap();
+    assert_eq!(peer.id, id);
+    assert_eq!(peer.lineage.as_deref(), Some(lineage));
+
+    let plain = ca.sign_workload(&request, &id, None).unwrap();
+    let peer = crate::PeerIdentity::from_certificate(&der_of(&plain[0]), "cluster.local").unwrap();
+    assert_eq!(peer.lineage, None);
+}
+
+#[test]
 fn ttl_defaults_and_clamps() {
     let dir = tempfile::tempdir().unwrap();
     let options = AuthorityOptions {

@@ -1,0 +1,197 @@
+//! The redb file under the store: opened only after it proves intact, and
+//! reopened after an I/O failure.
+//!
+//! This module owns the database handle and what can go wrong with the file
+//! itself: damage found at open (an emptied file, zeroed pages, flipped
+//! bytes, objects that no longer decode) and write failures such as a full
+//! disk. redb latches an I/O failure and fails every later operation until
+//! the database is closed, so a failure here is recorded as the store's
+//! fault and the next operation reopens the file; writes resume by
+//! themselves once the cause is gone. What the tables hold is `lib.rs`'s
+//! business; backups and restores are [`crate::backup`]'s.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+
+use parking_lot::{Mutex, RwLock};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use vmesh_api::Object;
+
+use crate::StoreError;
+
+pub(crate) const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Server-owned records, out of the config API's reach (see [`crate::Store::record`]).
+pub(crate) const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+pub(crate) const REVISION: &str = "revision";
+/// The store file's name inside the data directory.
+pub const STORE_FILE: &str = "store.redb";
+
+/// Converts redb's errors: I/O failures make the store unavailable until
+/// reopened, anything else is a backend error with its context.
+pub(crate) fn backend(context: &str, error: impl Into<redb::Error>) -> StoreError {
+    match error.into() {
+        redb::Error::Io(e) => StoreError::Unavailable(e.to_string()),
+        redb::Error::PreviousIo | redb::Error::DatabaseClosed => {
+            StoreError::Unavailable("an earlier write to the store file failed".into())
+        }
+        other => StoreError::Backend {
+            context: context.into(),
+            source: Box::new(other),
+        },
+    }
+}
+
+/// The open database, or none while it waits to be reopened.
+pub(crate) struct StoreFile {
+    path: PathBuf,
+    db: RwLock<Option<Database>>,
+    /// Why the last write failed, until one succeeds again.
+    fault: Mutex<Option<String>>,
+}
+
+impl StoreFile {
+    /// Opens `path`, creating it when it does not exist, and checks every
+    /// page and every object. A damaged file is an error naming the damage,
+    /// never a fresh empty store.
+    pub(crate) fn open_checked(path: &Path) -> Result<StoreFile, StoreError> {
+        let db = open_verified(path)?;
+        Ok(StoreFile {
+            path: path.to_path_buf(),
+            db: RwLock::new(Some(db)),
+            fault: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Why writes are failing, if they are.
+    pub(crate) fn fault(&self) -> Option<String> {
+        self.fault.lock().clone()
+    }
+
+    /// Runs `f` on the database, reopening it first if an earlier I/O
+    /// failure closed it, and recording the fault if `f` fails on I/O.
+    pub(crate) fn with<T>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        if self.db.read().is_none() {
+            self.reopen()?;
+        }
+        let result = {
+            let db = self.db.read();
+            let db = db
+                .as_ref()
+                .ok_or_else(|| StoreError::Unavailable("the store file is closed".into()))?;
+            f(db)
+        };
+        if let Err(StoreError::Unavailable(why)) = &result {
+            tracing::error!(path = %self.path.display(), "store write failed: {why}; the file will be reopened");
+            *self.fault.lock() = Some(why.clone());
+            // Closing now frees redb's latched state; the next call reopens.
+            self.db.write().take();
+        }
+        result
+    }
+
+    /// Records that a write went through: whatever failed before is over.
+    pub(crate) fn wrote(&self) {
+        if self.fault.lock().take().is_some() {
+            tracing::info!(path = %self.path.display(), "store writes work again");
+        }
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.db.write();
+        if slot.is_some() {
+            return Ok(());
+        }
+        match Database::create(&self.path) {
+            Ok(db) => {
+                *slot = Some(db);
+                tracing::info!(path = %self.path.display(), "store file reopened");
+                Ok(())
+            }
+            Err(e) => Err(backend("reopening the store file", e)),
+        }
+    }
+}
+
+/// What is wrong with a store file, for [`StoreError::Damaged`].
+fn damaged(path: &Path, problem: impl Into<String>) -> StoreError {
+    StoreError::Damaged {
+        path: path.to_path_buf(),
+        problem: problem.into(),
+    }
+}
+
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "a panic".into())
+}
+
+/// Opens and verifies a store file: not emptied, readable by redb, every
+/// page's checksum right, every object decodable.
+pub(crate) fn open_verified(path: &Path) -> Result<Database, StoreError> {
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.len() == 0
+    {
+        return Err(damaged(
+            path,
+            "the file is empty (0 bytes); a store vmesh wrote never is",
+        ));
+    }
+    // redb may panic on pages it cannot make sense of; that is damage too.
+    let opened = catch_unwind(AssertUnwindSafe(|| -> Result<Database, StoreError> {
+        let mut db = Database::create(path).map_err(|e| match e {
+            redb::DatabaseError::Storage(redb::StorageError::Corrupted(why)) => {
+                damaged(path, format!("redb cannot read it: {why}"))
+            }
+            other => backend("opening the store file", other),
+        })?;
+        match db.check_integrity() {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(path = %path.display(), "redb repaired the store file"),
+            Err(e) => return Err(damaged(path, format!("its integrity check failed: {e}"))),
+        }
+        check_contents(&db).map_err(|why| damaged(path, why))?;
+        Ok(db)
+    }));
+    opened.unwrap_or_else(|panic| {
+        Err(damaged(
+            path,
+            format!("redb failed reading it: {}", panic_text(panic.as_ref())),
+        ))
+    })
+}
+
+/// Every stored object decodes and sits under its own key.
+fn check_contents(db: &Database) -> Result<(), String> {
+    let txn = db.begin_read().map_err(|e| e.to_string())?;
+    let table = match txn.open_table(OBJECTS) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
+    for entry in table.iter().map_err(|e| e.to_string())? {
+        let (key, value) = entry.map_err(|e| e.to_string())?;
+        let key = key.value();
+        let object: Object = serde_json::from_slice(value.value())
+            .map_err(|e| format!("the object stored at {key:?} does not decode: {e}"))?;
+        let own_key = object.key().map(|k| k.storage_key());
+        if own_key.as_deref() != Some(key) {
+            return Err(format!(
+                "the object stored at {key:?} is {} {}",
+                object.kind,
+                object.display_name()
+            ));
+        }
+    }
+    Ok(())
+}

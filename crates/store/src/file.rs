@@ -153,6 +153,12 @@ pub(crate) fn open_verified(path: &Path) -> Result<Database, StoreError> {
             redb::DatabaseError::Storage(redb::StorageError::Corrupted(why)) => {
                 damaged(path, format!("redb cannot read it: {why}"))
             }
+            redb::DatabaseError::Storage(redb::StorageError::Io(e))
+                if e.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                damaged(path, format!("redb cannot read it: {e}"))
+            }
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
             other => backend("opening the store file", other),
         })?;
         match db.check_integrity() {

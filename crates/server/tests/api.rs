@@ -740,3 +740,131 @@ async fn oversized_objects_and_bodies_are_refused_with_413() {
     }
     server.running.shutdown().await;
 }
+
+/// A tmpfs of `size` at a fresh directory, unmounted when dropped. Mounting
+/// needs root, as CI has; without it the test fails, saying so.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> SmallDisk {
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "mounting a tmpfs (needs root)");
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn config_map(name: &str, bytes: usize) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": name, "namespace": "default"},
+        "data": {"blob": "x".repeat(bytes)},
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_fails_writes_clearly_and_they_resume_when_space_returns() {
+    const CONFIG_MAPS: &str = "/api/v1/namespaces/default/configmaps";
+    let disk = SmallDisk::mount("24m");
+    let running = start(ServerConfig {
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        monitoring_addr: Some("127.0.0.1:0".parse().unwrap()),
+        ..ServerConfig::new(disk.dir.path().join("data"))
+    })
+    .await
+    .unwrap();
+    let server = Server {
+        base: format!("http://{}", running.api_addr),
+        http: reqwest::Client::new(),
+        running,
+        _dir: None,
+    };
+    let ready_url = format!("http://{}/ready", server.running.monitoring_addr.unwrap());
+    let ready = || async {
+        let response = reqwest::get(&ready_url).await.unwrap();
+        (response.status().as_u16(), response.text().await.unwrap())
+    };
+    assert_eq!(ready().await.0, 200);
+
+    // Fill the disk to the last byte.
+    let filler = disk.dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let small = [0u8; 512];
+        while file.write_all(&small).is_ok() {}
+    }
+    // Writes go through while redb has room of its own, then fail: with 503
+    // and the reason, and /ready says so too.
+    let mut acknowledged = Vec::new();
+    let mut refusal = None;
+    for i in 0..400 {
+        let name = format!("blob-{i}");
+        let (code, body) = server
+            .call(
+                reqwest::Method::POST,
+                CONFIG_MAPS,
+                Some(config_map(&name, 64 * 1024)),
+            )
+            .await;
+        match code {
+            201 => acknowledged.push(name),
+            _ => {
+                refusal = Some((code, body));
+                break;
+            }
+        }
+    }
+    let (code, body) = refusal.expect("a full disk refuses writes");
+    assert_eq!(code, 503, "{body}");
+    let message = body["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("No space left on device"), "{message}");
+    let (code, text) = ready().await;
+    assert_eq!(code, 503, "{text}");
+    assert!(text.contains("No space left on device"), "{text}");
+
+    // Space comes back: readiness and writes return without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ready().await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still not ready 10 s after space returned: {}",
+            ready().await.1
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, body) = server
+        .call(
+            reqwest::Method::POST,
+            CONFIG_MAPS,
+            Some(config_map("after", 1024)),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    // Nothing acknowledged was lost.
+    for name in &acknowledged {
+        let (code, body) = server
+            .call(reqwest::Method::GET, &format!("{CONFIG_MAPS}/{name}"), None)
+            .await;
+        assert_eq!(code, 200, "{name}: {body}");
+    }
+    server.running.shutdown().await;
+}

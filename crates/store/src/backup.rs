@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use crate::file::{META, OBJECTS, RECORDS, REVISION, STORE_FILE, backend, open_verified};
+use crate::file::{META, OBJECTS, RECORDS, REVISION, STORE_FILE, backend, check_copy, lock};
 use crate::{Store, StoreError};
 
 /// The folder of backups inside a data directory.
@@ -137,19 +137,21 @@ pub fn check(path: &Path) -> Result<Checked, StoreError> {
             problem: "the file does not exist".into(),
         });
     }
-    let db = open_verified(path)?;
-    let txn = db.begin_read().map_err(|e| backend("reading", e))?;
-    let revision = match txn.open_table(META) {
-        Ok(meta) => meta
-            .get(REVISION)
-            .map_err(|e| backend("reading", e))?
-            .map_or(0, |v| v.value()),
-        Err(_) => 0,
-    };
-    let objects = match txn.open_table(OBJECTS) {
-        Ok(table) => table.len().map_err(|e| backend("reading", e))?,
-        Err(_) => 0,
-    };
+    let (revision, objects) = check_copy(path, |db| {
+        let txn = db.begin_read().map_err(|e| backend("reading", e))?;
+        let revision = match txn.open_table(META) {
+            Ok(meta) => meta
+                .get(REVISION)
+                .map_err(|e| backend("reading", e))?
+                .map_or(0, |v| v.value()),
+            Err(_) => 0,
+        };
+        let objects = match txn.open_table(OBJECTS) {
+            Ok(table) => table.len().map_err(|e| backend("reading", e))?,
+            Err(_) => 0,
+        };
+        Ok((revision, objects))
+    })?;
     Ok(Checked {
         path: path.to_path_buf(),
         revision,
@@ -171,12 +173,8 @@ pub struct Restored {
 /// the store open.
 pub fn restore(data_dir: &Path, from: Option<&Path>) -> Result<Restored, StoreError> {
     let target = data_dir.join(STORE_FILE);
-    if target.exists() {
-        // redb holds a lock on an open store: a running server refuses this.
-        if let Err(redb::DatabaseError::DatabaseAlreadyOpen) = Database::open(&target) {
-            return Err(StoreError::InUse(target));
-        }
-    }
+    // Held until the restored file is in place: no server opens it meanwhile.
+    let _lock = lock(&target)?;
     let chosen = match from {
         Some(path) => check(path)?,
         None => {

@@ -48,6 +48,31 @@ pub(crate) struct StoreFile {
     db: RwLock<Option<Database>>,
     /// Why the last write failed, until one succeeds again.
     fault: Mutex<Option<String>>,
+    /// Held while the store is open: one process at a time (see [`lock`]).
+    _lock: std::fs::File,
+}
+
+/// Takes `<store file>.lock` for this process, so that a second server or a
+/// restore on the same directory is refused before it touches the file.
+pub(crate) fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
+    let lock_path = path.with_extension("redb.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Backend {
+            context: format!("opening {}", lock_path.display()),
+            source: Box::new(e),
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse(path.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Backend {
+            context: format!("locking {}", lock_path.display()),
+            source: Box::new(e),
+        }),
+    }
 }
 
 impl StoreFile {
@@ -55,11 +80,13 @@ impl StoreFile {
     /// page and every object. A damaged file is an error naming the damage,
     /// never a fresh empty store.
     pub(crate) fn open_checked(path: &Path) -> Result<StoreFile, StoreError> {
+        let lock = lock(path)?;
         let db = open_verified(path)?;
         Ok(StoreFile {
             path: path.to_path_buf(),
             db: RwLock::new(Some(db)),
             fault: Mutex::new(None),
+            _lock: lock,
         })
     }
 
@@ -137,16 +164,45 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Opens and verifies a store file: not emptied, readable by redb, every
-/// page's checksum right, every object decodable.
+/// page's checksum right, every object decodable. The checks run on a copy,
+/// because redb repairs what it can as it opens a file: a store that is
+/// refused stays exactly as it was found, for the operator (or a restore) to
+/// deal with.
 pub(crate) fn open_verified(path: &Path) -> Result<Database, StoreError> {
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.len() == 0
-    {
+    if path.exists() {
+        check_copy(path, |_| Ok(()))?;
+    }
+    Database::create(path).map_err(|e| backend("opening the store file", e))
+}
+
+/// Checks a copy of `path` through (see [`check_file`]) and reads what
+/// `read` wants of it, leaving `path` untouched whatever is found.
+pub(crate) fn check_copy<T>(
+    path: &Path,
+    read: impl FnOnce(&Database) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if std::fs::metadata(path).is_ok_and(|meta| meta.len() == 0) {
         return Err(damaged(
             path,
             "the file is empty (0 bytes); a store vmesh wrote never is",
         ));
     }
+    let copy = path.with_extension("redb.checking");
+    std::fs::copy(path, &copy).map_err(|e| StoreError::Backend {
+        context: format!("copying {} to check it", path.display()),
+        source: Box::new(e),
+    })?;
+    let checked = check_file(&copy).and_then(|db| read(&db));
+    let _ = std::fs::remove_file(&copy);
+    checked.map_err(|e| match e {
+        StoreError::Damaged { problem, .. } => damaged(path, problem),
+        other => other,
+    })
+}
+
+/// Opens `path` and checks it through: whatever redb would have to repair
+/// is damage. redb may change the file as it opens it: check copies.
+fn check_file(path: &Path) -> Result<Database, StoreError> {
     // redb may panic on pages it cannot make sense of; that is damage too.
     let opened = catch_unwind(AssertUnwindSafe(|| -> Result<Database, StoreError> {
         let mut db = Database::create(path).map_err(|e| match e {
@@ -158,12 +214,18 @@ pub(crate) fn open_verified(path: &Path) -> Result<Database, StoreError> {
             {
                 damaged(path, format!("redb cannot read it: {e}"))
             }
-            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::InUse(path.to_path_buf()),
             other => backend("opening the store file", other),
         })?;
         match db.check_integrity() {
             Ok(true) => {}
-            Ok(false) => tracing::warn!(path = %path.display(), "redb repaired the store file"),
+            // redb repairs a bad page by going back to an older commit:
+            // acknowledged writes would be gone.
+            Ok(false) => {
+                return Err(damaged(
+                    path,
+                    "its pages fail their checksums, and redb could only go back to an earlier state",
+                ));
+            }
             Err(e) => return Err(damaged(path, format!("its integrity check failed: {e}"))),
         }
         check_contents(&db).map_err(|why| damaged(path, why))?;

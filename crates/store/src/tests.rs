@@ -395,7 +395,9 @@ fn damage(dir: &Path, offset: u64, len: usize, byte: Option<u8>) {
 fn zeroed_pages_and_flipped_bytes_are_refused_or_harmless() {
     let dir = tempfile::tempdir().unwrap();
     filled_store(dir.path());
-    let size = std::fs::metadata(dir.path().join(STORE_FILE)).unwrap().len();
+    let size = std::fs::metadata(dir.path().join(STORE_FILE))
+        .unwrap()
+        .len();
     let pristine = std::fs::read(dir.path().join(STORE_FILE)).unwrap();
     // Where an object lives, every kind of damage is found.
     let object_at = pristine
@@ -540,4 +542,3 @@ fn records_are_apart_from_objects_and_survive_reopen() {
     assert_eq!(store.record("other").unwrap(), Some(b"three".to_vec()));
     assert_eq!(store.record("join/a").unwrap(), None);
 }
-

@@ -246,6 +246,23 @@ impl Server {
             .await
     }
 
+    /// Asks the CA to sign `csr`, authenticated by the mesh certificate `cert`
+    /// alone (a renewal).
+    async fn sign_with_certificate(&self, csr: &str, cert: &Pem) -> Result<Vec<String>, SignError> {
+        let root = self.root_file();
+        let credentials = vmesh_agent::Credentials::new(
+            &cert.chain,
+            cert.key.clone(),
+            &vmesh_agent::identity::TrustAnchors::from_pem(&root).unwrap(),
+            TRUST_DOMAIN,
+            std::time::SystemTime::now(),
+        )
+        .unwrap();
+        self.ca_client(&root)
+            .sign(csr, None, CaAuth::Certificate(&credentials))
+            .await
+    }
+
     /// A fresh key and certificate chain for `namespace/account`, from the
     /// CA with a token.
     async fn mesh_certificate(&self, token: &str, namespace: &str, account: &str) -> Pem {
@@ -549,23 +566,7 @@ async fn revocations_take_effect_at_once_and_survive_a_restart() {
         Code::Unauthenticated
     );
     // …and the certificates issued before it (no renewal with them)…
-    let by_cert = server
-        .ca_client(&server.root_file())
-        .sign(
-            &csr,
-            None,
-            CaAuth::Certificate(
-                &vmesh_agent::Credentials::new(
-                    &cert_before.chain,
-                    cert_before.key.clone(),
-                    &vmesh_agent::identity::TrustAnchors::from_pem(&server.root_file()).unwrap(),
-                    TRUST_DOMAIN,
-                    std::time::SystemTime::now(),
-                )
-                .unwrap(),
-            ),
-        )
-        .await;
+    let by_cert = server.sign_with_certificate(&csr, &cert_before).await;
     assert_eq!(refusal(by_cert), Code::Unauthenticated);
     // …but not another account's tokens.
     let (_, db_csr) = new_key_and_csr(&SpiffeId::new(TRUST_DOMAIN, "shop", "db").unwrap()).unwrap();
@@ -1293,4 +1294,275 @@ async fn a_quiet_xds_stream_outlives_the_idle_limit() {
     assert_ne!(next.version_info, first.version_info);
     drop(tx);
     server.stop().await;
+}
+
+/// Polls `check` until it holds, for the changes the server makes after
+/// an event (a deletion's revocation).
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check().await {
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn deleting_a_service_account_or_namespace_revokes_and_stops_issuance() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), false).await;
+    server.create_namespace("shop").await;
+    let account = |name: &str| json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": "shop"}});
+    const ACCOUNTS: &str = "/api/v1/namespaces/shop/serviceaccounts";
+    for name in ["web", "db"] {
+        let (code, body) = server
+            .call(reqwest::Method::POST, ACCOUNTS, Some(account(name)))
+            .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    let web = SpiffeId::new(TRUST_DOMAIN, "shop", "web").unwrap();
+    let (_, csr) = new_key_and_csr(&web).unwrap();
+    let (_, db_csr) = new_key_and_csr(&SpiffeId::new(TRUST_DOMAIN, "shop", "db").unwrap()).unwrap();
+    let token = server.token("shop", "web").await;
+    let cert = server.mesh_certificate(&token.token, "shop", "web").await;
+    let db_token = server.token("shop", "db").await;
+
+    let (code, body) = server
+        .call(reqwest::Method::DELETE, &format!("{ACCOUNTS}/web"), None)
+        .await;
+    assert_eq!(code, 200, "{body}");
+    until("the deleted account's token is refused", async || {
+        server.sign_with_token(&csr, &token.token).await.is_err()
+    })
+    .await;
+    assert_eq!(
+        refusal(server.sign_with_certificate(&csr, &cert).await),
+        Code::Unauthenticated,
+        "its certificates renew no more"
+    );
+    let (code, body) = server.request_token("shop", "web", json!({})).await;
+    assert_eq!(code, 404, "no new tokens for a deleted account: {body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("was deleted"),
+        "{body}"
+    );
+    server
+        .sign_with_token(&db_csr, &db_token.token)
+        .await
+        .expect("the namespace's other account is untouched");
+
+    // Created again: new tokens work, the old credentials stay revoked.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let (code, body) = server
+        .call(reqwest::Method::POST, ACCOUNTS, Some(account("web")))
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let mut fresh = None;
+    until("a token for the account created again", async || {
+        let (code, body) = server.request_token("shop", "web", json!({})).await;
+        fresh = (code == 200).then(|| body["token"].as_str().unwrap().to_string());
+        fresh.is_some()
+    })
+    .await;
+    server
+        .sign_with_token(&csr, fresh.as_deref().unwrap())
+        .await
+        .expect("a token of the account created again works");
+    assert!(server.sign_with_token(&csr, &token.token).await.is_err());
+
+    // Deleting the namespace stops issuance for every account in it, and
+    // that holds across a restart.
+    let (code, body) = server
+        .call(reqwest::Method::DELETE, "/api/v1/namespaces/shop", None)
+        .await;
+    assert_eq!(code, 200, "{body}");
+    until("the deleted namespace's tokens are refused", async || {
+        server
+            .sign_with_token(&db_csr, &db_token.token)
+            .await
+            .is_err()
+    })
+    .await;
+    server.stop().await;
+    let server = Server::start(tmp.path(), false).await;
+    assert!(
+        server
+            .sign_with_token(&db_csr, &db_token.token)
+            .await
+            .is_err()
+    );
+    assert!(server.sign_with_certificate(&csr, &cert).await.is_err());
+    server.create_namespace("shop").await;
+    assert!(
+        server
+            .sign_with_token(&db_csr, &db_token.token)
+            .await
+            .is_err(),
+        "a namespace created again does not bring back what was issued before"
+    );
+    server.stop().await;
+}
+
+/// The onboarding files a join token hands out, minus the token a join
+/// mints itself.
+fn join_files() -> Value {
+    vmesh_api::onboarding::BUNDLE
+        .iter()
+        .filter(|file| file.name != vmesh_api::onboarding::TOKEN.name)
+        .map(|file| {
+            (
+                file.name.to_string(),
+                Value::String(format!("{} contents\n", file.name)),
+            )
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+impl Server {
+    /// A VM's join: the bootstrap token from the onboarding archive the
+    /// server hands out for `join_token`.
+    async fn join(&self, join_token: &str) -> Result<String, String> {
+        let client = reqwest::Client::builder()
+            .tls_built_in_root_certs(false)
+            .add_root_certificate(
+                reqwest::Certificate::from_pem(self.root_file().as_bytes()).unwrap(),
+            )
+            .resolve(vmesh_ca::ISTIOD_SERVICE_NAME, self.xds)
+            .build()
+            .unwrap();
+        let response = client
+            .get(format!(
+                "https://{}:{}{}",
+                vmesh_ca::ISTIOD_SERVICE_NAME,
+                self.xds.port(),
+                vmesh_server::join::BOOTSTRAP_PATH
+            ))
+            .bearer_auth(join_token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.bytes().await.unwrap();
+        if !status.is_success() {
+            return Err(String::from_utf8_lossy(&body).into_owned());
+        }
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(&body[..]));
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            if entry.path().unwrap().to_str() == Some(vmesh_api::onboarding::TOKEN.name) {
+                let mut token = String::new();
+                std::io::Read::read_to_string(&mut entry, &mut token).unwrap();
+                return Ok(token);
+            }
+        }
+        Err("no token in the archive".into())
+    }
+}
+
+#[tokio::test]
+async fn revoking_a_join_token_revokes_every_vm_it_let_in_across_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), false).await;
+    server.create_namespace("shop").await;
+    let (code, body) = server
+        .call(
+            reqwest::Method::POST,
+            "/apis/networking.istio.io/v1/namespaces/shop/workloadgroups",
+            Some(json!({
+                "apiVersion": "networking.istio.io/v1", "kind": "WorkloadGroup",
+                "metadata": {"name": "web", "namespace": "shop"},
+                "spec": {"template": {"serviceAccount": "web"}},
+            })),
+        )
+        .await;
+    assert_eq!(code, 201, "{body}");
+    let join_token = |uses: u32| {
+        let server = &server;
+        async move {
+            let (code, body) = server
+                .call(
+                    reqwest::Method::POST,
+                    "/apis/vmesh.io/v1/namespaces/shop/workloadgroups/web/jointokens",
+                    Some(json!({"uses": uses, "files": join_files()})),
+                )
+                .await;
+            assert_eq!(code, 200, "{body}");
+            (
+                body["token"].as_str().unwrap().to_string(),
+                body["id"].as_str().unwrap().to_string(),
+            )
+        }
+    };
+    let (revoked_join, revoked_id) = join_token(2).await;
+    let (kept_join, _) = join_token(1).await;
+    let web = SpiffeId::new(TRUST_DOMAIN, "shop", "web").unwrap();
+    let (_, csr) = new_key_and_csr(&web).unwrap();
+    // Two VMs join with the first token, one with the second; each gets a
+    // certificate and renews it once.
+    let mut vms = Vec::new();
+    for join in [&revoked_join, &revoked_join, &kept_join] {
+        let bootstrap = server.join(join).await.expect("joins");
+        let first = server.mesh_certificate(&bootstrap, "shop", "web").await;
+        let (key, renewal_csr) = new_key_and_csr(&web).unwrap();
+        let renewed = server
+            .sign_with_certificate(&renewal_csr, &first)
+            .await
+            .expect("renews");
+        vms.push((
+            bootstrap,
+            Pem {
+                chain: renewed,
+                key: key.serialize_pem(),
+            },
+        ));
+    }
+
+    let (code, body) = server
+        .call(
+            reqwest::Method::POST,
+            "/apis/vmesh.io/v1/namespaces/shop/workloadgroups/web/jointokens/revoke",
+            Some(json!({"id": revoked_id})),
+        )
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["revoked"], 1);
+    check_join_lineage(&server, &vms, &csr, &revoked_join, "at once").await;
+    server.stop().await;
+    let server = Server::start(tmp.path(), false).await;
+    check_join_lineage(&server, &vms, &csr, &revoked_join, "after a restart").await;
+    server.stop().await;
+}
+
+/// The first two VMs of `vms` joined with the revoked `revoked_join`, the
+/// third with another token.
+async fn check_join_lineage(
+    server: &Server,
+    vms: &[(String, Pem)],
+    csr: &str,
+    revoked_join: &str,
+    when: &str,
+) {
+    for (bootstrap, cert) in &vms[..2] {
+        assert_eq!(
+            refusal(server.sign_with_token(csr, bootstrap).await),
+            Code::Unauthenticated,
+            "{when}: the bootstrap token a revoked join token minted"
+        );
+        assert_eq!(
+            refusal(server.sign_with_certificate(csr, cert).await),
+            Code::Unauthenticated,
+            "{when}: a renewed certificate of a revoked join token's lineage"
+        );
+    }
+    let (bootstrap, cert) = &vms[2];
+    server
+        .sign_with_token(csr, bootstrap)
+        .await
+        .expect("another join token's VM");
+    server
+        .sign_with_certificate(csr, cert)
+        .await
+        .expect("another join token's VM");
+    let refused = server.join(revoked_join).await.unwrap_err();
+    assert!(refused.contains("revoked"), "{when}: {refused}");
 }

@@ -156,8 +156,13 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = i32::try_from(left.id()).unwrap();
-        while !runs_with(pid, &mine) {
-            // Until the shell has been executed, the pid shows the test's arguments.
+        // Until the shell has been executed, the pid shows the test's
+        // arguments; until it has started `sleep`, its trap may not be set.
+        let has_child = || {
+            std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .is_ok_and(|children| !children.trim().is_empty())
+        };
+        while !runs_with(pid, &mine) || !has_child() {
             std::thread::sleep(Duration::from_millis(5));
         }
         remember(&pid_file, left.id());

@@ -26,6 +26,7 @@ pub mod onboarding;
 pub mod peer;
 pub mod problem;
 pub mod registry;
+pub mod selection;
 #[cfg(feature = "testing")]
 pub mod testing;
 mod yaml;

@@ -314,6 +314,14 @@ impl Identity {
                     _ => continue,
                 };
                 let deleted = event.event_type == vmesh_store::EventType::Deleted;
+                let marked = identity
+                    .revocations
+                    .borrow()
+                    .is_deleted(namespace, account.unwrap_or("*"));
+                if !deleted && !marked {
+                    // Created, and never deleted: nothing to lift.
+                    continue;
+                }
                 let (namespace, account) = (namespace.to_string(), account.map(str::to_string));
                 let changed = identity.change_revocations(|revocations| {
                     revocations.set_deleted(
@@ -331,21 +339,37 @@ impl Identity {
     }
 
     /// Keeps `istio-ca-root-cert` right in every namespace, as namespaces
-    /// come and the ConfigMap is edited or deleted, until shutdown.
+    /// come and the ConfigMap is edited or deleted, until shutdown. Every
+    /// namespace is looked at once at start (and again if changes were
+    /// missed); after that each change costs one look at the namespace it
+    /// touches, so creating N namespaces costs N, not N².
     pub fn publish_root(&self, mut shutdown: watch::Receiver<bool>) -> JoinHandle<()> {
         let store = self.store.clone();
         let root = self.authority.root_pem().to_string();
         tokio::spawn(async move {
             let mut changes = store.changes();
+            let mut everywhere = true;
             loop {
-                if let Err(e) = publish_root_once(&store, &root) {
-                    tracing::error!("cannot publish the mesh root to every namespace: {e}");
+                if everywhere {
+                    everywhere = false;
+                    if let Err(e) = publish_root_everywhere(&store, &root) {
+                        tracing::error!("cannot publish the mesh root to every namespace: {e}");
+                    }
                 }
-                tokio::select! {
-                    event = changes.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = event {
-                        return;
-                    },
+                let event = tokio::select! {
+                    event = changes.recv() => event,
                     () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
+                };
+                match event {
+                    Ok(event) => {
+                        if let Some(namespace) = namespace_needing_root(&event)
+                            && let Err(e) = publish_root_in(&store, &root, namespace)
+                        {
+                            tracing::error!(%namespace, "cannot publish the mesh root: {e}");
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => everywhere = true,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
             }
         })
@@ -503,26 +527,69 @@ fn load_revocations(store: &Store) -> Result<Revocations, IdentityError> {
     Ok(revocations)
 }
 
-fn publish_root_once(store: &Store, root: &str) -> Result<(), IdentityError> {
+/// The namespace whose root ConfigMap a change may have made wrong: a new
+/// namespace, or a change to the ConfigMap itself.
+fn namespace_needing_root(event: &vmesh_store::WatchEvent) -> Option<&str> {
+    let object = &event.object;
+    if object.api_version != "v1" {
+        return None;
+    }
+    match object.kind.as_str() {
+        "Namespace" if event.event_type != vmesh_store::EventType::Deleted => {
+            Some(object.metadata.name())
+        }
+        "ConfigMap" if object.metadata.name() == ROOT_CONFIG_MAP => object.metadata.namespace(),
+        _ => None,
+    }
+}
+
+fn root_config_map(namespace: &str, root: &str) -> Op {
+    Op::Apply(config_map(
+        namespace,
+        ROOT_CONFIG_MAP,
+        BTreeMap::from([(ROOT_CERT_KEY, root.to_string())]),
+    ))
+}
+
+fn publish_root_everywhere(store: &Store, root: &str) -> Result<(), IdentityError> {
     let (namespaces, _) = store.list(&Selection {
         collection: "core/namespaces".into(),
         namespace: None,
     })?;
-    let mut ops = Vec::new();
-    for namespace in namespaces.iter().filter_map(|n| n.metadata.name.as_deref()) {
-        let current = store.get(&config_map_key(namespace, ROOT_CONFIG_MAP))?;
-        if current.as_ref().and_then(|c| data_of(c, ROOT_CERT_KEY)) != Some(root) {
-            ops.push(Op::Apply(config_map(
-                namespace,
-                ROOT_CONFIG_MAP,
-                BTreeMap::from([(ROOT_CERT_KEY, root.to_string())]),
-            )));
-        }
-    }
+    let (published, _) = store.list(&Selection {
+        collection: "core/configmaps".into(),
+        namespace: None,
+    })?;
+    let right: std::collections::BTreeSet<&str> = published
+        .iter()
+        .filter(|c| c.metadata.name() == ROOT_CONFIG_MAP && data_of(c, ROOT_CERT_KEY) == Some(root))
+        .filter_map(|c| c.metadata.namespace())
+        .collect();
+    let ops: Vec<Op> = namespaces
+        .iter()
+        .map(|n| n.metadata.name())
+        .filter(|namespace| !right.contains(namespace))
+        .map(|namespace| root_config_map(namespace, root))
+        .collect();
     if !ops.is_empty() {
         store.commit(ops)?;
     }
     Ok(())
+}
+
+fn publish_root_in(store: &Store, root: &str, namespace: &str) -> Result<(), IdentityError> {
+    let current = store.get(&config_map_key(namespace, ROOT_CONFIG_MAP))?;
+    if current.as_ref().and_then(|c| data_of(c, ROOT_CERT_KEY)) == Some(root) {
+        return Ok(());
+    }
+    match store.commit(vec![root_config_map(namespace, root)]) {
+        // The namespace went meanwhile: nothing to publish into.
+        Err(vmesh_store::BatchError {
+            error: vmesh_store::StoreError::NamespaceNotFound(_),
+            ..
+        }) => Ok(()),
+        other => other.map(drop).map_err(Into::into),
+    }
 }
 
 /// Authenticates xDS callers as the CA does: a bearer token, else the mesh

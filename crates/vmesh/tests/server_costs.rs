@@ -1,0 +1,102 @@
+//! What the real server spends on bulk work, read from its own CPU
+//! accounting (`/proc/<pid>/stat`), so that a cost that grows with the
+//! square of the mesh shows up as a failure.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use vmesh_testkit::LocalServer;
+
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
+
+/// The process's user and system CPU time in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    let per_second: f64 = String::from_utf8(
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    ticks / per_second
+}
+
+/// Creates namespaces `names` one request at a time, as a script looping
+/// over `kubectl create namespace` would, then waits until the server has
+/// published the mesh root into the last one and its rebuilds have settled.
+async fn create_namespaces(client: &reqwest::Client, api: &str, names: std::ops::Range<usize>) {
+    let last = names.end - 1;
+    for i in names {
+        let response = client
+            .post(format!("{api}/api/v1/namespaces"))
+            .json(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": format!("ns-{i}")}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 201, "ns-{i}");
+    }
+    let root = format!("{api}/api/v1/namespaces/ns-{last}/configmaps/istio-ca-root-cert");
+    for _ in 0..200 {
+        if client
+            .get(&root)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        client
+            .get(&root)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn creating_two_thousand_namespaces_costs_little_and_grows_linearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = LocalServer::start(Path::new(VMESH), dir.path(), &[], &[]).unwrap();
+    let client = reqwest::Client::new();
+    let api = server.api().to_string();
+    let start = cpu_seconds(server.pid());
+    create_namespaces(&client, &api, 0..1000).await;
+    let half = cpu_seconds(server.pid());
+    create_namespaces(&client, &api, 1000..2000).await;
+    let end = cpu_seconds(server.pid());
+    let (first, second) = (half - start, end - half);
+    println!("server CPU: first 1,000 namespaces {first:.2} s, second 1,000 {second:.2} s");
+    assert!(
+        end - start < 5.0,
+        "2,000 namespaces cost {:.2} CPU-seconds",
+        end - start
+    );
+    // Linear: the second thousand costs about what the first did (with
+    // room for the clock ticks' granularity), not three times as much.
+    assert!(
+        second < first * 2.0 + 0.3,
+        "the second 1,000 namespaces cost {second:.2} s against {first:.2} s for the first"
+    );
+}

@@ -24,7 +24,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
-use serde::Deserialize;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use vmesh_api::mesh::MeshSettings;
 use vmesh_api::{KindInfo, Object, ObjectKey, Problem};
@@ -292,12 +293,6 @@ impl Target {
             namespace: self.namespace.clone(),
         }
     }
-
-    /// The object as this path's version presents it.
-    fn present(&self, mut object: Object) -> Object {
-        object.api_version = self.info.api_version(&self.version);
-        object
-    }
 }
 
 fn not_found_path(path: &str) -> ApiError {
@@ -315,7 +310,77 @@ struct Params {
     #[serde(default)]
     watch: Option<String>,
     resource_version: Option<String>,
+    label_selector: Option<String>,
+    field_selector: Option<String>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    continue_token: Option<String>,
 }
+
+/// How the objects of one path are shown: in the path's apiVersion, and
+/// Services with the cluster IP the mesh gave them.
+#[derive(Clone)]
+struct Presenter {
+    info: &'static KindInfo,
+    version: String,
+    mesh: Arc<dyn ConfigSource>,
+}
+
+impl Presenter {
+    fn present(&self, mut object: Object) -> Object {
+        object.api_version = self.info.api_version(&self.version);
+        if self.info.kind == vmesh_api::kinds::service::KIND.kind {
+            crate::views::present_service(&mut object, self.mesh.snapshot());
+        }
+        object
+    }
+}
+
+/// Where a list page ends, as Kubernetes writes it: base64 of
+/// `{"v":"meta.k8s.io/v1","rv":N,"start":"<key>"}`. The next page starts
+/// after `start` in the current state (there is no reading at an old
+/// revision here), so an object changed between pages shows at its new
+/// version, and none is listed twice.
+#[derive(Debug, Serialize, Deserialize)]
+struct Continue {
+    v: String,
+    rv: u64,
+    start: String,
+}
+
+impl Continue {
+    fn encode(revision: u64, key: &str) -> String {
+        use base64::Engine;
+        let token = Continue {
+            v: "meta.k8s.io/v1".into(),
+            rv: revision,
+            start: key.to_string(),
+        };
+        base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(&token).expect("a continue token serialises"))
+    }
+
+    /// The storage key to continue after, if `token` is one of this list's.
+    fn decode(token: &str, selection: &Selection) -> Result<String, ApiError> {
+        use base64::Engine;
+        let invalid = || {
+            bad_request(format!(
+                "continue {token:?} is not a continue token of this list"
+            ))
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(token)
+            .map_err(|_| invalid())?;
+        let decoded: Continue = serde_json::from_slice(&bytes).map_err(|_| invalid())?;
+        if decoded.v != "meta.k8s.io/v1" || !selection.holds_key(&decoded.start) {
+            return Err(invalid());
+        }
+        Ok(decoded.start)
+    }
+}
+
+/// How many encoded items go out in one chunk of a list body.
+const LIST_CHUNK_BYTES: usize = 256 << 10;
 
 /// The largest request body of a single-object write: room for the
 /// largest object the store keeps (`vmesh_store::MAX_OBJECT_BYTES`) in JSON
@@ -358,30 +423,34 @@ async fn resource(
         .watch
         .as_deref()
         .is_some_and(|w| w == "true" || w == "1");
-    let mesh = state.mesh.borrow().clone();
-    let present = |object: Object| {
-        let mut object = target.present(object);
-        if target.info.kind == vmesh_api::kinds::service::KIND.kind {
-            crate::views::present_service(&mut object, mesh.snapshot());
-        }
-        object
+    let presenter = Presenter {
+        info: target.info,
+        version: target.version.clone(),
+        mesh: state.mesh.borrow().clone(),
     };
+    let present = |object: Object| presenter.present(object);
     match (method, target.name.clone()) {
-        (Method::GET, None) if watching => watch(store, target, params.resource_version, shutdown),
-        (Method::GET, None) => list(&store, &target, present),
+        (Method::GET, None) if watching => watch(
+            store,
+            target.selection(),
+            presenter.clone(),
+            params.resource_version,
+            shutdown,
+        ),
+        (Method::GET, None) => list(store, &target, presenter.clone(), &params).await,
         (Method::GET, Some(name)) => match store.get(&target.key(&name))? {
             Some(object) => Ok(Json(present(object)).into_response()),
             None => Err(StoreError::NotFound(Box::new(target.key(&name))).into()),
         },
-        (Method::POST, None) => write(&store, &target, &body, None),
-        (Method::PUT, Some(name)) => write(&store, &target, &body, Some(name)),
+        (Method::POST, None) => write(&store, &target, &body, None, present),
+        (Method::PUT, Some(name)) => write(&store, &target, &body, Some(name), present),
         (Method::DELETE, Some(name)) => {
             let expected = params.resource_version.filter(|rv| !rv.is_empty());
             let outcomes = store.commit(vec![Op::Delete {
                 key: target.key(&name),
                 expected,
             }])?;
-            Ok(Json(target.present(outcomes[0].object().clone())).into_response())
+            Ok(Json(present(outcomes[0].object().clone())).into_response())
         }
         (method, _) => Err(status(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -404,19 +473,101 @@ impl From<BatchError> for ApiError {
     }
 }
 
-fn list(
-    store: &Store,
+/// A list, Kubernetes' way: label and field selectors, `limit` with a
+/// `continue` token for the next page. The body is written as the store is
+/// read, from one snapshot on a blocking thread, so a list of any size
+/// holds about one chunk in memory; its `metadata` comes last, once the
+/// continue point is known.
+async fn list(
+    store: Arc<Store>,
     target: &Target,
-    present: impl Fn(Object) -> Object,
+    presenter: Presenter,
+    params: &Params,
 ) -> Result<Response, ApiError> {
-    let (objects, revision) = store.list(&target.selection())?;
-    Ok(Json(json!({
-        "apiVersion": target.info.api_version(&target.version),
-        "kind": format!("{}List", target.info.kind),
-        "metadata": {"resourceVersion": revision.to_string()},
-        "items": objects.into_iter().map(present).collect::<Vec<_>>(),
-    }))
-    .into_response())
+    let selectors = vmesh_api::selection::Selectors::parse(
+        params.label_selector.as_deref(),
+        params.field_selector.as_deref(),
+    )
+    .map_err(|e| bad_request(e.to_string()))?;
+    let selection = target.selection();
+    let after = params
+        .continue_token
+        .as_deref()
+        .filter(|t| !t.is_empty())
+        .map(|token| Continue::decode(token, &selection))
+        .transpose()?;
+    let limit = params.limit.filter(|l| *l > 0);
+    let head = format!(
+        "{{\"apiVersion\":{},\"kind\":{},\"items\":[",
+        Value::String(target.info.api_version(&target.version)),
+        Value::String(format!("{}List", target.info.kind)),
+    );
+    let (chunks, mut body) = tokio::sync::mpsc::channel::<Result<Bytes, StoreError>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut chunk = head.into_bytes();
+        let (mut count, mut last_key, mut more) = (0usize, String::new(), false);
+        let mut gone = false;
+        let scanned = store.scan(&selection, after.as_deref(), |key, object| {
+            if limit.is_some_and(|limit| count == limit) {
+                more = true;
+                return false;
+            }
+            if !selectors.matches(&object) {
+                return true;
+            }
+            if count > 0 {
+                chunk.push(b',');
+            }
+            serde_json::to_writer(&mut chunk, &presenter.present(object))
+                .expect("an object serialises");
+            count += 1;
+            last_key = key.to_string();
+            if chunk.len() >= LIST_CHUNK_BYTES {
+                let full = std::mem::take(&mut chunk);
+                gone = chunks.blocking_send(Ok(Bytes::from(full))).is_err();
+            }
+            !gone
+        });
+        let revision = match scanned {
+            Ok(revision) => revision,
+            Err(e) => {
+                let _ = chunks.blocking_send(Err(e));
+                return;
+            }
+        };
+        let mut metadata = json!({"resourceVersion": revision.to_string()});
+        if more {
+            metadata["continue"] = Value::String(Continue::encode(revision, &last_key));
+        }
+        chunk.extend_from_slice(format!("],\"metadata\":{metadata}}}").as_bytes());
+        let _ = chunks.blocking_send(Ok(Bytes::from(chunk)));
+    });
+    // The first chunk tells whether the store could be read at all.
+    let first = match body.recv().await {
+        Some(Ok(bytes)) => bytes,
+        Some(Err(e)) => return Err(e.into()),
+        None => return Err(bad_request("the list ended before it began".into())),
+    };
+    let rest = async_stream(move |tx| async move {
+        while let Some(next) = body.recv().await {
+            let next = next.map_err(std::io::Error::other);
+            if tx.send(next).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(rest);
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from_stream(stream))
+        .map_err(|e| {
+            status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                e.to_string(),
+                None,
+            )
+        })
 }
 
 /// `GET` of Endpoints, one or a list, computed from the mesh; anything
@@ -465,11 +616,12 @@ async fn endpoints(
 
 fn watch(
     store: Arc<Store>,
-    target: Target,
+    selection: Selection,
+    presenter: Presenter,
     from: Option<String>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Response, ApiError> {
-    let mut watch = store.watch(target.selection(), from.as_deref())?;
+    let mut watch = store.watch(selection, from.as_deref())?;
     let line = |event_type: &str, object: Object| -> Result<Bytes, std::io::Error> {
         let mut bytes = serde_json::to_vec(&json!({"type": event_type, "object": object}))?;
         bytes.push(b'\n');
@@ -487,7 +639,7 @@ fn watch(
             };
             match next {
                 Ok(Some(event)) => {
-                    let bytes = line(event.event_type.as_str(), target.present(event.object));
+                    let bytes = line(event.event_type.as_str(), presenter.present(event.object));
                     if tx.send(bytes).await.is_err() {
                         return;
                     }
@@ -543,6 +695,7 @@ fn write(
     target: &Target,
     body: &[u8],
     name: Option<String>,
+    present: impl Fn(Object) -> Object,
 ) -> Result<Response, ApiError> {
     serde_json::from_slice::<serde_json::Map<String, Value>>(body)
         .map_err(|e| bad_request(format!("the request body is not a JSON object: {e}")))?;
@@ -589,7 +742,7 @@ fn write(
     } else {
         StatusCode::OK
     };
-    Ok((code, Json(target.present(outcomes[0].object().clone()))).into_response())
+    Ok((code, Json(present(outcomes[0].object().clone()))).into_response())
 }
 
 /// An apply request's settings; its `items` are decoded by [`decode_body`].

@@ -868,3 +868,119 @@ async fn a_full_disk_fails_writes_clearly_and_they_resume_when_space_returns() {
     }
     server.running.shutdown().await;
 }
+
+#[tokio::test]
+async fn lists_page_with_limit_and_continue_and_select_as_kubernetes_does() {
+    let server = serve().await;
+    for i in 0..25 {
+        let mut object = entry(&format!("vm{i:02}"), &format!("10.0.0.{i}"));
+        object["metadata"]["labels"] =
+            json!({"app": if i % 2 == 0 { "even" } else { "odd" }, "n": i.to_string()});
+        let (code, body) = server
+            .call(reqwest::Method::POST, ENTRIES, Some(object))
+            .await;
+        assert_eq!(code, 201, "{body}");
+    }
+    let names = |list: &Value| -> Vec<String> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // Pages of 10 until there is no continue token: every object once, in order.
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let path = match &token {
+            Some(token) => format!("{ENTRIES}?limit=10&continue={token}"),
+            None => format!("{ENTRIES}?limit=10"),
+        };
+        let (code, page) = server.call(reqwest::Method::GET, &path, None).await;
+        assert_eq!(code, 200, "{page}");
+        assert_eq!(page["kind"], "WorkloadEntryList");
+        assert!(page["metadata"]["resourceVersion"].is_string());
+        pages += 1;
+        seen.extend(names(&page));
+        match page["metadata"]["continue"].as_str() {
+            Some(next) => token = Some(next.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    let all: Vec<String> = (0..25).map(|i| format!("vm{i:02}")).collect();
+    assert_eq!(seen, all);
+
+    // Label selectors, equality and set-based, with limit.
+    let (_, even) = server
+        .call(
+            reqwest::Method::GET,
+            &format!("{ENTRIES}?labelSelector=app%3Deven"),
+            None,
+        )
+        .await;
+    assert_eq!(names(&even).len(), 13);
+    let (_, some) = server
+        .call(
+            reqwest::Method::GET,
+            &format!("{ENTRIES}?labelSelector=n%20in%20(3,4,5),app!%3Deven"),
+            None,
+        )
+        .await;
+    assert_eq!(names(&some), ["vm03", "vm05"]);
+    let (_, first_even) = server
+        .call(
+            reqwest::Method::GET,
+            &format!("{ENTRIES}?labelSelector=app%3Deven&limit=2"),
+            None,
+        )
+        .await;
+    assert_eq!(names(&first_even), ["vm00", "vm02"]);
+    assert!(first_even["metadata"]["continue"].is_string());
+    // Field selectors on name and namespace, across namespaces too.
+    let (_, one) = server
+        .call(
+            reqwest::Method::GET,
+            "/apis/networking.istio.io/v1/workloadentries?fieldSelector=metadata.name%3Dvm07,metadata.namespace%3Ddefault",
+            None,
+        )
+        .await;
+    assert_eq!(names(&one), ["vm07"]);
+
+    // What cannot be read is a 400 naming it, never a silent full list.
+    for (query, says) in [
+        ("labelSelector=app%3Dnot%20valid", "labelSelector"),
+        (
+            "fieldSelector=spec.address%3D10.0.0.1",
+            "cannot be selected on",
+        ),
+        ("limit=5&continue=bm90LWEtdG9rZW4", "not a continue token"),
+    ] {
+        let (code, body) = server
+            .call(reqwest::Method::GET, &format!("{ENTRIES}?{query}"), None)
+            .await;
+        assert_eq!(code, 400, "{query}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(says),
+            "{query}: {body}"
+        );
+    }
+    // A continue token of another list is refused too.
+    let services_token = {
+        let (_, page) = server
+            .call(reqwest::Method::GET, &format!("{ENTRIES}?limit=1"), None)
+            .await;
+        page["metadata"]["continue"].as_str().unwrap().to_string()
+    };
+    let (code, body) = server
+        .call(
+            reqwest::Method::GET,
+            &format!("/api/v1/namespaces/default/services?limit=1&continue={services_token}"),
+            None,
+        )
+        .await;
+    assert_eq!(code, 400, "{body}");
+}

@@ -224,6 +224,11 @@ impl Selection {
                 .is_none_or(|ns| ns == &key.namespace)
     }
 
+    /// Whether a storage key (a list's continue point) is in this selection.
+    pub fn holds_key(&self, key: &str) -> bool {
+        key.starts_with(&self.prefix())
+    }
+
     fn prefix(&self) -> String {
         match &self.namespace {
             Some(ns) => format!("{}/{ns}/", self.collection),
@@ -422,6 +427,42 @@ impl Store {
                 objects.push(serde_json::from_slice(value.value())?);
             }
             Ok(objects)
+        })
+    }
+
+    /// Visits the objects of `selection` in key order, all from one
+    /// snapshot, starting after the storage key `after`, until `visit`
+    /// returns false. Nothing but the object in hand is held in memory, so
+    /// a list of any size costs what one object does. Returns the
+    /// snapshot's revision.
+    pub fn scan(
+        &self,
+        selection: &Selection,
+        after: Option<&str>,
+        mut visit: impl FnMut(&str, Object) -> bool,
+    ) -> Result<u64, StoreError> {
+        use std::ops::Bound;
+        self.file.with(|db| {
+            let txn = db.begin_read()?;
+            let revision = txn
+                .open_table(META)?
+                .get(REVISION)?
+                .map_or(0, |v| v.value());
+            let table = txn.open_table(OBJECTS)?;
+            let prefix = selection.prefix();
+            let start = match after {
+                Some(after) => Bound::Excluded(after),
+                None => Bound::Included(prefix.as_str()),
+            };
+            for entry in table.range::<&str>((start, Bound::Unbounded))? {
+                let (key, value) = entry?;
+                let key = key.value();
+                if !key.starts_with(&prefix) || !visit(key, serde_json::from_slice(value.value())?)
+                {
+                    break;
+                }
+            }
+            Ok(revision)
         })
     }
 

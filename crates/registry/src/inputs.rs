@@ -100,6 +100,21 @@ enum Typed {
     Operator(Arc<Scoped<IstioOperatorSpec>>),
 }
 
+/// Every kind the registry reads; objects of other kinds (ConfigMaps,
+/// Secrets, Namespaces, …) never change the mesh, so a rebuild need not
+/// read them.
+pub const INPUT_KINDS: [&KindInfo; 9] = [
+    &service::KIND,
+    &service_entry::KIND,
+    &destination_rule::KIND,
+    &virtual_service::KIND,
+    &peer_authentication::KIND,
+    &authorization_policy::KIND,
+    &telemetry::KIND,
+    &istio_operator::KIND,
+    &workload_entry::KIND,
+];
+
 impl Typed {
     /// The typed body of an object of a kind the registry reads: `None` for
     /// other kinds, `Some(None)` for a body that does not decode.

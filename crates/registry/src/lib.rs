@@ -60,7 +60,7 @@ mod selector;
 pub mod telemetry;
 mod vip;
 
-pub use inputs::{DecodeCache, GROUP_ANNOTATION, HEALTH_CHECKS_ANNOTATION};
+pub use inputs::{DecodeCache, GROUP_ANNOTATION, HEALTH_CHECKS_ANNOTATION, INPUT_KINDS};
 pub use model::{
     EndpointAddress, MeshEndpoint, MeshPort, MeshService, MeshSettings, Origin, OutboundPolicy,
     Protocol, Resolution, Scoped, Snapshot,

@@ -434,7 +434,7 @@ async fn resource(
             store,
             target.selection(),
             presenter.clone(),
-            params.resource_version,
+            &params,
             shutdown,
         ),
         (Method::GET, None) => list(store, &target, presenter.clone(), &params).await,
@@ -484,11 +484,7 @@ async fn list(
     presenter: Presenter,
     params: &Params,
 ) -> Result<Response, ApiError> {
-    let selectors = vmesh_api::selection::Selectors::parse(
-        params.label_selector.as_deref(),
-        params.field_selector.as_deref(),
-    )
-    .map_err(|e| bad_request(e.to_string()))?;
+    let selectors = parse_selectors(params)?;
     let selection = target.selection();
     let after = params
         .continue_token
@@ -524,14 +520,14 @@ async fn list(
             last_key = key.to_string();
             if chunk.len() >= LIST_CHUNK_BYTES {
                 let full = std::mem::take(&mut chunk);
-                gone = chunks.blocking_send(Ok(Bytes::from(full))).is_err();
+                gone = !send_from_blocking(&chunks, Ok(Bytes::from(full)));
             }
             !gone
         });
         let revision = match scanned {
             Ok(revision) => revision,
             Err(e) => {
-                let _ = chunks.blocking_send(Err(e));
+                let _ = send_from_blocking(&chunks, Err(e));
                 return;
             }
         };
@@ -540,7 +536,7 @@ async fn list(
             metadata["continue"] = Value::String(Continue::encode(revision, &last_key));
         }
         chunk.extend_from_slice(format!("],\"metadata\":{metadata}}}").as_bytes());
-        let _ = chunks.blocking_send(Ok(Bytes::from(chunk)));
+        let _ = send_from_blocking(&chunks, Ok(Bytes::from(chunk)));
     });
     // The first chunk tells whether the store could be read at all.
     let first = match body.recv().await {
@@ -614,42 +610,63 @@ async fn endpoints(
     }
 }
 
+/// A watch, Kubernetes' way: from a resourceVersion, every change after it
+/// (410 Gone if those are no longer kept); from none, the current objects as
+/// `ADDED`, streamed from one snapshot, then every change after it. Label and
+/// field selectors filter both. A watcher that falls behind the store's
+/// history gets a 410 `ERROR` event and the watch ends; one that stops
+/// reading holds nothing but its place.
 fn watch(
     store: Arc<Store>,
     selection: Selection,
     presenter: Presenter,
-    from: Option<String>,
+    params: &Params,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Response, ApiError> {
-    let mut watch = store.watch(selection, from.as_deref())?;
-    let line = |event_type: &str, object: Object| -> Result<Bytes, std::io::Error> {
-        let mut bytes = serde_json::to_vec(&json!({"type": event_type, "object": object}))?;
+    let selectors = parse_selectors(params)?;
+    let from = params.resource_version.clone();
+    let listing = from.as_deref().is_none_or(|rv| rv.is_empty() || rv == "0");
+    let mut changes = store.watch(selection.clone(), from.as_deref())?;
+    let line = |event_type: &str, object: &Object| -> Bytes {
+        let mut bytes = serde_json::to_vec(&json!({"type": event_type, "object": object}))
+            .expect("an event serialises");
         bytes.push(b'\n');
-        Ok(Bytes::from(bytes))
+        Bytes::from(bytes)
     };
     let stream = async_stream(move |tx| async move {
-        let mut initial = std::mem::take(&mut watch.initial).into_iter();
+        if listing {
+            let (selectors, presenter, tx) = (selectors.clone(), presenter.clone(), tx.clone());
+            let listed = tokio::task::spawn_blocking(move || {
+                store.scan(&selection, None, |_, object| {
+                    !selectors.matches(&object)
+                        || send_from_blocking(&tx, Ok(line("ADDED", &presenter.present(object))))
+                })
+            })
+            .await;
+            match listed {
+                Ok(Ok(revision)) => changes.skip_to(revision),
+                _ => return,
+            }
+        }
         loop {
-            let next = match initial.next() {
-                Some(event) => Ok(Some(event)),
-                None => tokio::select! {
-                    next = watch.next() => next,
-                    _ = shutdown.wait_for(|stop| *stop) => return,
-                },
+            let event = tokio::select! {
+                event = changes.next() => event,
+                _ = shutdown.wait_for(|stop| *stop) => return,
             };
-            match next {
-                Ok(Some(event)) => {
-                    let bytes = line(event.event_type.as_str(), presenter.present(event.object));
-                    if tx.send(bytes).await.is_err() {
-                        return;
-                    }
-                }
-                Ok(None) => return,
-                Err(e) => {
-                    let error = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": e.to_string()}});
+            let bytes = match event {
+                Ok(event) if !selectors.matches(&event.object) => continue,
+                Ok(event) => line(
+                    event.event_type.as_str(),
+                    &presenter.present(Arc::unwrap_or_clone(event.object)),
+                ),
+                Err(missed) => {
+                    let error = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410, "message": missed.to_string()}});
                     let _ = tx.send(Ok(Bytes::from(format!("{error}\n")))).await;
                     return;
                 }
+            };
+            if tx.send(Ok(bytes)).await.is_err() {
+                return;
             }
         }
     });
@@ -664,6 +681,26 @@ fn watch(
                 None,
             )
         })
+}
+
+/// How long a list or a watch's listing waits for its client to take the
+/// next chunk while it holds a store snapshot and a blocking thread.
+const SLOW_CLIENT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Sends from a blocking thread; false when the client went away or has
+/// not read for [`SLOW_CLIENT`], which ends the list.
+fn send_from_blocking<T>(tx: &tokio::sync::mpsc::Sender<T>, item: T) -> bool {
+    tokio::runtime::Handle::current()
+        .block_on(tokio::time::timeout(SLOW_CLIENT, tx.send(item)))
+        .is_ok_and(|sent| sent.is_ok())
+}
+
+fn parse_selectors(params: &Params) -> Result<vmesh_api::selection::Selectors, ApiError> {
+    vmesh_api::selection::Selectors::parse(
+        params.label_selector.as_deref(),
+        params.field_selector.as_deref(),
+    )
+    .map_err(|e| bad_request(e.to_string()))
 }
 
 /// A stream fed by a task through a channel: the task ends when the client goes away.
@@ -754,18 +791,30 @@ struct ApplyRequest {
 
 /// Applies every item or none: validation of all first, then one store batch.
 async fn apply(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
-    let request: ApplyRequest = serde_json::from_slice(&body)
+    // Decoding and committing a few thousand objects is CPU work: off the
+    // async workers, which keep answering everything else meanwhile.
+    tokio::task::spawn_blocking(move || apply_now(&state.store, &body))
+        .await
+        .map_err(|e| {
+            status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                e.to_string(),
+                None,
+            )
+        })?
+}
+
+fn apply_now(store: &Store, body: &[u8]) -> Result<Response, ApiError> {
+    let request: ApplyRequest = serde_json::from_slice(body)
         .map_err(|e| bad_request(format!("the request body is not an apply list: {e}")))?;
     let objects = decode_body(
-        &body,
+        body,
         "items",
         request.namespace.as_deref().unwrap_or("default"),
     )?;
     let names: Vec<String> = objects.iter().map(Object::display_name).collect();
-    match state
-        .store
-        .commit(objects.into_iter().map(Op::Apply).collect())
-    {
+    match store.commit(objects.into_iter().map(Op::Apply).collect()) {
         Ok(outcomes) => {
             let results: Vec<Value> = outcomes
                 .iter()

@@ -43,9 +43,22 @@ impl Follower {
     /// Syncs now, then after every burst of file events, until shutdown.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let debouncer = notify_debouncer_full::new_debouncer(QUIET, None, move |events| {
-            let _ = tx.send(events);
-        });
+        let debouncer = notify_debouncer_full::new_debouncer(
+            QUIET,
+            None,
+            move |events: notify_debouncer_full::DebounceEventResult| {
+                // Reading the files is an event too (an open, a close):
+                // syncing on those would read them again, forever.
+                let changed = events.map_or(true, |events| {
+                    events
+                        .iter()
+                        .any(|event| !matches!(event.kind, notify::EventKind::Access(_)))
+                });
+                if changed {
+                    let _ = tx.send(());
+                }
+            },
+        );
         let _debouncer = match debouncer {
             Ok(mut d) => match d.watch(&self.dir, notify::RecursiveMode::Recursive) {
                 Ok(()) => Some(d),

@@ -287,16 +287,14 @@ impl Identity {
             let mut changes = identity.store.changes();
             loop {
                 let event = tokio::select! {
-                    event = changes.recv() => event,
+                    event = changes.next() => event,
                     () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
                 };
                 let event = match event {
                     Ok(event) => event,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                    Err(missed) => {
                         tracing::error!(
-                            missed,
-                            "deletions of namespaces and service accounts may have been missed"
+                            "deletions of namespaces and service accounts may have been missed: {missed}"
                         );
                         continue;
                     }
@@ -357,7 +355,7 @@ impl Identity {
                     }
                 }
                 let event = tokio::select! {
-                    event = changes.recv() => event,
+                    event = changes.next() => event,
                     () = async { let _ = shutdown.wait_for(|stop| *stop).await; } => return,
                 };
                 match event {
@@ -368,8 +366,7 @@ impl Identity {
                             tracing::error!(%namespace, "cannot publish the mesh root: {e}");
                         }
                     }
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => everywhere = true,
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    Err(_) => everywhere = true,
                 }
             }
         })

@@ -267,6 +267,9 @@ impl Gates {
     }
 }
 
+/// The most an HTTP/1 connection buffers, reading or writing.
+const HTTP1_BUFFER_BYTES: usize = 64 << 10;
+
 /// Resolves when shutdown is asked.
 pub(crate) async fn stopped(mut shutdown: watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
@@ -291,7 +294,11 @@ fn serve_http(
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(limits.idle);
+            .header_read_timeout(limits.idle)
+            // What a connection may buffer: hyper's default (~400 KiB) times
+            // thousands of watchers that do not read is memory out of all
+            // proportion; request heads fit in far less.
+            .max_buf_size(HTTP1_BUFFER_BYTES);
         builder
             .http2()
             .timer(TokioTimer::new())

@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use vmesh_api::kinds::istio_operator::{self, IstioOperator};
 use vmesh_api::mesh::{MeshSettings, OperatorRef};
@@ -109,13 +109,18 @@ impl MeshController {
     /// Builds the mesh from the store and publishes it, as changed at
     /// `changed_at` (when its first change was seen).
     fn rebuild(&mut self, changed_at: Option<Instant>) {
-        let objects = match self.store.list_all() {
-            Ok(objects) => objects,
-            Err(e) => {
-                tracing::error!("cannot read the store to rebuild the mesh: {e}");
-                return;
+        // Only the kinds the registry reads: a store full of ConfigMaps
+        // costs a rebuild nothing.
+        let mut objects = Vec::new();
+        for kind in vmesh_registry::INPUT_KINDS {
+            match self.store.list(&Selection::of_kind(kind, None)) {
+                Ok((of_kind, _)) => objects.extend(of_kind),
+                Err(e) => {
+                    tracing::error!("cannot read the store to rebuild the mesh: {e}");
+                    return;
+                }
             }
-        };
+        }
         let before = self.vips.clone();
         let snapshot = Snapshot::build(&objects, &mut self.decoded, &mut self.vips);
         if self.vips != before {
@@ -170,24 +175,38 @@ impl MeshController {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut changes = self.store.changes();
         loop {
+            // Any change, or changes missed, calls for a rebuild: it reads
+            // everything anew.
             tokio::select! {
-                event = changes.recv() => match event {
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
+                _ = changes.next() => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
             let first = Instant::now();
             loop {
                 let deadline =
                     (first + self.debounce.max_delay).min(Instant::now() + self.debounce.quiet);
-                match tokio::time::timeout_at(deadline, changes.recv()).await {
-                    Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
-                    Ok(Err(broadcast::error::RecvError::Closed)) => return,
-                    Err(_) => break,
+                if tokio::time::timeout_at(deadline, changes.next())
+                    .await
+                    .is_err()
+                {
+                    break;
                 }
             }
-            self.rebuild(Some(first));
+            // A rebuild reads every object and builds the whole model: on a
+            // blocking thread, so that the async workers keep answering
+            // (`/healthz`, xDS, the API) however big the store is.
+            self = match tokio::task::spawn_blocking(move || {
+                self.rebuild(Some(first));
+                self
+            })
+            .await
+            {
+                Ok(controller) => controller,
+                Err(e) => {
+                    tracing::error!("the mesh rebuild failed: {e}");
+                    return;
+                }
+            };
         }
     }
 }

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use tonic::Status;
 use vmesh_api::kinds::workload_group::WorkloadGroup;
 use vmesh_api::{Object, ObjectKey, ObjectMeta};
-use vmesh_store::{Op, Store};
+use vmesh_store::{Op, Selection, Store};
 use vmesh_xds::ads::{CallerIdentity, HealthReport, ProxyLifecycle};
 use vmesh_xds::node::Proxy;
 
@@ -94,14 +94,15 @@ impl AutoRegistration {
     /// Deletes registered entries nobody holds: on start, every entry another
     /// (dead) controller made, once its grace period has passed without a reconnect.
     pub fn sweep_orphans(self: &Arc<Self>) {
-        let objects = match self.store.list_all() {
-            Ok(objects) => objects,
+        let entries = Selection::of_kind(&vmesh_api::kinds::workload_entry::KIND, None);
+        let objects = match self.store.list(&entries) {
+            Ok((objects, _)) => objects,
             Err(e) => {
                 tracing::error!("auto-registration sweep cannot read the store: {e}");
                 return;
             }
         };
-        for entry in objects.iter().filter(|o| o.kind == "WorkloadEntry") {
+        for entry in &objects {
             let annotations = entry.metadata.annotations.clone().unwrap_or_default();
             if annotations.contains_key(GROUP_ANNOTATION)
                 && annotations.get(CONTROLLER_ANNOTATION) != Some(&self.controller)

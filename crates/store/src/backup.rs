@@ -11,7 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use crate::file::{META, OBJECTS, RECORDS, REVISION, STORE_FILE, backend, check_copy, lock};
 use crate::{Store, StoreError};
@@ -80,7 +80,8 @@ impl Store {
             let from = db
                 .begin_read()
                 .map_err(|e| backend("starting a backup", e))?;
-            let copy = Database::create(&partial).map_err(|e| backend("creating a backup", e))?;
+            let copy = crate::file::open_database(&partial)
+                .map_err(|e| backend("creating a backup", e))?;
             let to = copy
                 .begin_write()
                 .map_err(|e| backend("writing a backup", e))?;

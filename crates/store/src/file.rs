@@ -24,6 +24,14 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 /// Server-owned records, out of the config API's reach (see [`crate::Store::record`]).
 pub(crate) const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
 pub(crate) const REVISION: &str = "revision";
+/// redb's page cache: its default (1 GiB) would let a large store's pages
+/// fill the server's memory; the OS's page cache sits under this anyway.
+const CACHE_BYTES: usize = 32 << 20;
+
+/// Opens (or creates) a redb file with the store's settings.
+pub(crate) fn open_database(path: &Path) -> Result<Database, redb::DatabaseError> {
+    Database::builder().set_cache_size(CACHE_BYTES).create(path)
+}
 /// The store file's name inside the data directory.
 pub const STORE_FILE: &str = "store.redb";
 
@@ -136,7 +144,7 @@ impl StoreFile {
         if slot.is_some() {
             return Ok(());
         }
-        match Database::create(&self.path) {
+        match open_database(&self.path) {
             Ok(db) => {
                 *slot = Some(db);
                 tracing::info!(path = %self.path.display(), "store file reopened");
@@ -172,7 +180,7 @@ pub(crate) fn open_verified(path: &Path) -> Result<Database, StoreError> {
     if path.exists() {
         check_copy(path, |_| Ok(()))?;
     }
-    Database::create(path).map_err(|e| backend("opening the store file", e))
+    open_database(path).map_err(|e| backend("opening the store file", e))
 }
 
 /// Checks a copy of `path` through (see [`check_file`]) and reads what
@@ -205,7 +213,7 @@ pub(crate) fn check_copy<T>(
 fn check_file(path: &Path) -> Result<Database, StoreError> {
     // redb may panic on pages it cannot make sense of; that is damage too.
     let opened = catch_unwind(AssertUnwindSafe(|| -> Result<Database, StoreError> {
-        let mut db = Database::create(path).map_err(|e| match e {
+        let mut db = open_database(path).map_err(|e| match e {
             redb::DatabaseError::Storage(redb::StorageError::Corrupted(why)) => {
                 damaged(path, format!("redb cannot read it: {why}"))
             }

@@ -17,15 +17,21 @@ mod file;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use parking_lot::Mutex;
 use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
-use tokio::sync::broadcast;
 use vmesh_api::{Object, ObjectKey};
 
 pub use file::STORE_FILE;
 use file::{META, OBJECTS, RECORDS, REVISION, StoreFile};
-/// Changes kept in memory for watches that resume from a resource version.
+/// Changes kept in memory for watches and controllers to read from, at most
+/// this many…
 const HISTORY: usize = 16_384;
+/// …holding objects of at most this many bytes (encoded) together. A
+/// reader that falls further behind is told it missed changes (a watch gets
+/// 410 Gone and lists again), and holds nothing meanwhile.
+pub const HISTORY_BYTES: usize = 64 << 20;
 /// Namespaces that always exist: `default` and the mesh root namespace.
 pub const BUILTIN_NAMESPACES: &[&str] = &["default", "istio-system"];
 
@@ -131,13 +137,34 @@ impl EventType {
     }
 }
 
-/// One change, as watches deliver it.
+/// One change, as watches deliver it. Cheap to clone: every reader shares
+/// the one object.
 #[derive(Debug, Clone)]
 pub struct WatchEvent {
     pub event_type: EventType,
-    pub object: Object,
+    pub object: Arc<Object>,
     pub revision: u64,
     key: ObjectKey,
+    /// The object's encoded size, for the history's byte bound.
+    size: usize,
+}
+
+impl WatchEvent {
+    fn new(
+        event_type: EventType,
+        object: Object,
+        revision: u64,
+        key: ObjectKey,
+        size: usize,
+    ) -> Self {
+        WatchEvent {
+            event_type,
+            object: Arc::new(object),
+            revision,
+            key,
+            size,
+        }
+    }
 }
 
 /// One write in a batch.
@@ -239,17 +266,34 @@ impl Selection {
 
 struct State {
     revision: u64,
-    /// Recent events, oldest first, for watches resuming from a revision.
+    /// Recent events, oldest first, for watches and controllers.
     history: VecDeque<WatchEvent>,
+    /// The encoded size of the objects in `history`.
+    history_bytes: usize,
     /// The revision before the oldest event still in `history`.
     history_floor: u64,
+}
+
+impl State {
+    fn remember(&mut self, event: WatchEvent) {
+        self.history_bytes += event.size;
+        self.history.push_back(event);
+        while self.history.len() > HISTORY || self.history_bytes > HISTORY_BYTES {
+            let Some(dropped) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= dropped.size;
+            self.history_floor = dropped.revision;
+        }
+    }
 }
 
 /// The store. Cheap to share behind an `Arc`.
 pub struct Store {
     file: StoreFile,
-    state: Mutex<State>,
-    events: broadcast::Sender<WatchEvent>,
+    state: Arc<Mutex<State>>,
+    /// The latest revision, for readers of the history waiting for more.
+    revisions: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Store {
@@ -260,25 +304,75 @@ impl std::fmt::Debug for Store {
     }
 }
 
-/// A watch: the events already due, then the live stream.
-pub struct Watch {
-    pub initial: Vec<WatchEvent>,
-    pub selection: Selection,
-    pub receiver: broadcast::Receiver<WatchEvent>,
+/// A reader's place in the change history: the events after it, in order,
+/// one at a time. It holds no events itself, so a reader that stops reading
+/// costs nothing; one that falls behind what the history keeps is told so.
+pub struct Changes {
+    state: Arc<Mutex<State>>,
+    revisions: tokio::sync::watch::Receiver<u64>,
+    cursor: u64,
+    selection: Option<Selection>,
 }
 
-impl Watch {
-    /// The next live event for this watch's selection. `Err(Gone)` if the
-    /// watcher fell too far behind and must list again.
-    pub async fn next(&mut self) -> Result<Option<WatchEvent>, StoreError> {
+impl std::fmt::Debug for Changes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Changes")
+            .field("cursor", &self.cursor)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The reader fell behind: the changes after its place are no longer kept.
+/// It now stands at the latest revision; whatever it keeps from the store
+/// must be read again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("changes after revision {after} are no longer kept; list again")]
+pub struct Missed {
+    pub after: u64,
+}
+
+impl Changes {
+    /// The next change (in this reader's selection, if it has one).
+    pub async fn next(&mut self) -> Result<WatchEvent, Missed> {
         loop {
-            match self.receiver.recv().await {
-                Ok(event) if self.selection.matches(&event.key) => return Ok(Some(event)),
-                Ok(_) => continue,
-                Err(broadcast::error::RecvError::Closed) => return Ok(None),
-                Err(broadcast::error::RecvError::Lagged(_)) => return Err(StoreError::Gone(0)),
+            // Marked seen before the history is read: a commit after this
+            // point wakes the wait below.
+            self.revisions.borrow_and_update();
+            {
+                let state = self.state.lock();
+                if self.cursor < state.history_floor {
+                    let missed = Missed { after: self.cursor };
+                    self.cursor = state.revision;
+                    return Err(missed);
+                }
+                let first = state.history.partition_point(|e| e.revision <= self.cursor);
+                for event in state.history.range(first..) {
+                    self.cursor = event.revision;
+                    if self
+                        .selection
+                        .as_ref()
+                        .is_none_or(|s| s.matches(&event.key))
+                    {
+                        return Ok(event.clone());
+                    }
+                }
+            }
+            if self.revisions.changed().await.is_err() {
+                // The store is gone; nothing will change any more.
+                std::future::pending::<()>().await;
             }
         }
+    }
+
+    /// Skips every change up to `revision`: a reader that has just listed a
+    /// snapshot of that revision has seen them.
+    pub fn skip_to(&mut self, revision: u64) {
+        self.cursor = self.cursor.max(revision);
+    }
+
+    /// The revision this reader has read up to.
+    pub fn revision(&self) -> u64 {
+        self.cursor
     }
 }
 
@@ -328,15 +422,15 @@ impl Store {
             txn.commit()?;
             Ok(revision)
         })?;
-        let (events, _) = broadcast::channel(HISTORY);
         let store = Store {
             file,
-            state: Mutex::new(State {
+            state: Arc::new(Mutex::new(State {
                 revision,
                 history: VecDeque::new(),
+                history_bytes: 0,
                 history_floor: revision,
-            }),
-            events,
+            })),
+            revisions: tokio::sync::watch::Sender::new(revision),
         };
         let builtins = BUILTIN_NAMESPACES.iter().map(|ns| {
             Op::Apply(Object {
@@ -498,29 +592,11 @@ impl Store {
         self.file.wrote();
         state.revision = revision;
         for event in events {
-            if state.history.len() == HISTORY
-                && let Some(dropped) = state.history.pop_front()
-            {
-                state.history_floor = dropped.revision;
-            }
-            state.history.push_back(event.clone());
-            // No receivers is fine: nobody is watching.
-            let _ = self.events.send(event);
+            state.remember(event);
         }
+        drop(state);
+        self.revisions.send_replace(revision);
         Ok(outcomes.into_iter().flatten().collect())
-    }
-
-    /// Every object of every kind.
-    pub fn list_all(&self) -> Result<Vec<Object>, StoreError> {
-        self.file.with(|db| {
-            let txn = db.begin_read()?;
-            let table = txn.open_table(OBJECTS)?;
-            let mut objects = Vec::new();
-            for entry in table.iter()? {
-                objects.push(serde_json::from_slice(entry?.1.value())?);
-            }
-            Ok(objects)
-        })
     }
 
     /// A server-owned record: state of the server's own (token revocations,
@@ -574,48 +650,36 @@ impl Store {
     }
 
     /// Every future change of any object, for controllers that react to all of them.
-    pub fn changes(&self) -> broadcast::Receiver<WatchEvent> {
-        self.events.subscribe()
+    pub fn changes(&self) -> Changes {
+        Changes {
+            state: self.state.clone(),
+            revisions: self.revisions.subscribe(),
+            cursor: self.state.lock().revision,
+            selection: None,
+        }
     }
 
-    /// Starts a watch. From `None`: every current object as `ADDED`, then changes.
-    /// From a revision: every change after it, then live changes.
-    pub fn watch(&self, selection: Selection, from: Option<&str>) -> Result<Watch, StoreError> {
+    /// The changes of a selection: from `from` (a resource version: every
+    /// change after it, or [`StoreError::Gone`] if those are no longer
+    /// kept), or with none from now, for a watcher that lists first
+    /// ([`Store::scan`]) and then [`Changes::skip_to`] the revision it listed.
+    pub fn watch(&self, selection: Selection, from: Option<&str>) -> Result<Changes, StoreError> {
         let state = self.state.lock();
-        let receiver = self.events.subscribe();
-        let initial = match from.filter(|rv| !rv.is_empty() && *rv != "0") {
-            None => {
-                let revision = state.revision;
-                self.read_selection(&selection)?
-                    .into_iter()
-                    .map(|object| {
-                        Ok(WatchEvent {
-                            event_type: EventType::Added,
-                            key: key_of(&object)?,
-                            object,
-                            revision,
-                        })
-                    })
-                    .collect::<Result<_, StoreError>>()?
-            }
+        let cursor = match from.filter(|rv| !rv.is_empty() && *rv != "0") {
+            None => state.revision,
             Some(rv) => {
                 let from = parse_rv(rv)?;
                 if from < state.history_floor {
                     return Err(StoreError::Gone(from));
                 }
-                state
-                    .history
-                    .iter()
-                    .filter(|e| e.revision > from && selection.matches(&e.key))
-                    .cloned()
-                    .collect()
+                from
             }
         };
-        drop(state);
-        Ok(Watch {
-            initial,
-            selection,
-            receiver,
+        Ok(Changes {
+            state: self.state.clone(),
+            revisions: self.revisions.subscribe(),
+            cursor,
+            selection: Some(selection),
         })
     }
 }
@@ -638,7 +702,8 @@ fn read(txn: &WriteTransaction, key: &str) -> Result<Option<Object>, StoreError>
     })
 }
 
-fn write(txn: &WriteTransaction, key: &str, object: &Object) -> Result<(), StoreError> {
+/// Writes `object` under `key`; its encoded size.
+fn write(txn: &WriteTransaction, key: &str, object: &Object) -> Result<usize, StoreError> {
     let bytes = serde_json::to_vec(object)?;
     if bytes.len() > MAX_OBJECT_BYTES {
         return Err(StoreError::TooLarge {
@@ -647,7 +712,7 @@ fn write(txn: &WriteTransaction, key: &str, object: &Object) -> Result<(), Store
         });
     }
     txn.open_table(OBJECTS)?.insert(key, bytes.as_slice())?;
-    Ok(())
+    Ok(bytes.len())
 }
 
 fn remove(
@@ -662,12 +727,14 @@ fn remove(
     txn.open_table(OBJECTS)?.remove(storage_key.as_str())?;
     *revision += 1;
     object.metadata.resource_version = Some(revision.to_string());
-    events.push(WatchEvent {
-        event_type: EventType::Deleted,
-        object: object.clone(),
-        revision: *revision,
-        key: key.clone(),
-    });
+    let size = serde_json::to_vec(&object).map_or(0, |bytes| bytes.len());
+    events.push(WatchEvent::new(
+        EventType::Deleted,
+        object.clone(),
+        *revision,
+        key.clone(),
+        size,
+    ));
     Ok(object)
 }
 
@@ -720,13 +787,14 @@ fn write_one(
             meta.creation_timestamp = Some(now_rfc3339());
             meta.generation = Some(1);
             meta.resource_version = Some(revision.to_string());
-            write(txn, &storage_key, &object)?;
-            events.push(WatchEvent {
-                event_type: EventType::Added,
-                object: object.clone(),
-                revision: *revision,
+            let size = write(txn, &storage_key, &object)?;
+            events.push(WatchEvent::new(
+                EventType::Added,
+                object.clone(),
+                *revision,
                 key,
-            });
+                size,
+            ));
             Outcome::Created(object)
         }
         Some(current) => {
@@ -753,13 +821,14 @@ fn write_one(
             meta.generation =
                 Some(current.metadata.generation.unwrap_or(1) + i64::from(spec_changed));
             meta.resource_version = Some(revision.to_string());
-            write(txn, &storage_key, &object)?;
-            events.push(WatchEvent {
-                event_type: EventType::Modified,
-                object: object.clone(),
-                revision: *revision,
+            let size = write(txn, &storage_key, &object)?;
+            events.push(WatchEvent::new(
+                EventType::Modified,
+                object.clone(),
+                *revision,
                 key,
-            });
+                size,
+            ));
             Outcome::Configured(object)
         }
     };
@@ -786,13 +855,14 @@ fn set_status(
     }
     *revision += 1;
     updated.metadata.resource_version = Some(revision.to_string());
-    write(txn, &storage_key, &updated)?;
-    events.push(WatchEvent {
-        event_type: EventType::Modified,
-        object: updated.clone(),
-        revision: *revision,
+    let size = write(txn, &storage_key, &updated)?;
+    events.push(WatchEvent::new(
+        EventType::Modified,
+        updated.clone(),
+        *revision,
         key,
-    });
+        size,
+    ));
     Ok(Outcome::Configured(updated))
 }
 

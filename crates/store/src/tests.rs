@@ -172,9 +172,17 @@ async fn watches_see_every_change_in_order_and_resume() {
         .commit(vec![Op::Create(entry("a", "default", "10.0.0.1"))])
         .unwrap();
     let start = store.revision().to_string();
+    // Listing first, then the changes after what was listed.
     let mut watch = store.watch(entries_in(Some("default")), None).unwrap();
-    assert_eq!(watch.initial.len(), 1);
-    assert_eq!(watch.initial[0].event_type, EventType::Added);
+    let mut listed = Vec::new();
+    let revision = store
+        .scan(&entries_in(Some("default")), None, |_, object| {
+            listed.push(object);
+            true
+        })
+        .unwrap();
+    assert_eq!(listed.len(), 1);
+    watch.skip_to(revision);
 
     for i in 2..=50 {
         store
@@ -185,6 +193,10 @@ async fn watches_see_every_change_in_order_and_resume() {
             ))])
             .unwrap();
     }
+    // Elsewhere: not this watch's business.
+    store
+        .commit(vec![Op::Create(entry("b", "istio-system", "10.0.1.1"))])
+        .unwrap();
     let key = entry("a", "default", "x").key().unwrap();
     store
         .commit(vec![Op::Delete {
@@ -194,7 +206,7 @@ async fn watches_see_every_change_in_order_and_resume() {
         .unwrap();
     let mut last = 0;
     for i in 2..=50 {
-        let event = watch.next().await.unwrap().unwrap();
+        let event = watch.next().await.unwrap();
         assert_eq!(event.event_type, EventType::Modified);
         assert_eq!(
             event.object.body["spec"]["address"],
@@ -203,21 +215,55 @@ async fn watches_see_every_change_in_order_and_resume() {
         assert!(event.revision > last);
         last = event.revision;
     }
-    assert_eq!(
-        watch.next().await.unwrap().unwrap().event_type,
-        EventType::Deleted
-    );
+    assert_eq!(watch.next().await.unwrap().event_type, EventType::Deleted);
 
-    let resumed = store.watch(entries_in(None), Some(&start)).unwrap();
+    let mut resumed = store.watch(entries_in(None), Some(&start)).unwrap();
+    let mut count = 0;
+    while resumed.revision() < store.revision() {
+        resumed.next().await.unwrap();
+        count += 1;
+    }
     assert_eq!(
-        resumed.initial.len(),
-        50,
-        "49 modifications and a deletion since {start}"
+        count, 51,
+        "49 modifications, an entry elsewhere and a deletion since {start}"
     );
-    let elsewhere = store
-        .watch(entries_in(Some("other")), Some(&start))
-        .unwrap();
-    assert!(elsewhere.initial.is_empty());
+}
+
+#[tokio::test]
+async fn history_is_bounded_by_bytes_and_a_reader_behind_it_is_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut idle = store.watch(entries_in(None), None).unwrap();
+    let mut controller = store.changes();
+    // About 1 MB per write: the history keeps some 64 of them.
+    let big = |i: usize| {
+        let mut object = entry("big", "default", "10.0.0.1");
+        object.metadata.annotations =
+            Some([("blob".to_string(), format!("{i}{}", "x".repeat(1 << 20)))].into());
+        Op::Apply(object)
+    };
+    for i in 0..(HISTORY_BYTES >> 20) + 10 {
+        store.commit(vec![big(i)]).unwrap();
+    }
+    let (kept, bytes) = {
+        let state = store.state.lock();
+        (state.history.len(), state.history_bytes)
+    };
+    assert!(bytes <= HISTORY_BYTES, "{bytes}");
+    assert!(kept < (HISTORY_BYTES >> 20));
+    // The readers that did not keep up are told, and stand at the latest
+    // revision afterwards.
+    let missed = idle.next().await.unwrap_err();
+    assert_eq!(idle.revision(), store.revision());
+    assert!(missed.to_string().contains("list again"));
+    assert!(controller.next().await.is_err());
+    store.commit(vec![big(0)]).unwrap();
+    assert_eq!(idle.next().await.unwrap().event_type, EventType::Modified);
+    // A watch from a revision no longer kept is Gone at once.
+    assert!(matches!(
+        store.watch(entries_in(None), Some("3")),
+        Err(StoreError::Gone(3))
+    ));
 }
 
 #[test]
@@ -531,7 +577,14 @@ fn records_are_apart_from_objects_and_survive_reopen() {
         ])
         .unwrap();
     assert_eq!(store.revision(), revision, "records are not object changes");
-    assert_eq!(store.list_all().unwrap().len(), 2, "only the namespaces");
+    let records_as_objects = store
+        .list(&Selection {
+            collection: "core/configmaps".into(),
+            namespace: None,
+        })
+        .unwrap()
+        .0;
+    assert!(records_as_objects.is_empty(), "records are no objects");
     store.write_records(vec![("join/a".into(), None)]).unwrap();
     drop(store);
     let store = Store::open(dir.path()).unwrap();

@@ -100,3 +100,38 @@ async fn creating_two_thousand_namespaces_costs_little_and_grows_linearly() {
         "the second 1,000 namespaces cost {second:.2} s against {first:.2} s for the first"
     );
 }
+
+/// A server following a config dir does nothing while nothing changes: it
+/// once read its own reads of the files as changes, and re-read the
+/// directory five times a second forever.
+#[test]
+fn an_idle_server_following_a_config_dir_stays_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    for i in 0..50 {
+        std::fs::write(
+            config.join(format!("entry-{i}.yaml")),
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: vm-{i}, namespace: default}}\nspec: {{address: 10.0.0.{i}}}\n"
+            ),
+        )
+        .unwrap();
+    }
+    let server = LocalServer::start(
+        Path::new(VMESH),
+        &dir.path().join("data"),
+        &["--config-dir", config.to_str().unwrap()],
+        &[],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let before = cpu_seconds(server.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let spent = cpu_seconds(server.pid()) - before;
+    println!("idle for 3 s with a config dir of 50 files: {spent:.2} CPU-seconds");
+    assert!(
+        spent < 0.1,
+        "an idle server spent {spent:.2} CPU-seconds in 3 s"
+    );
+}

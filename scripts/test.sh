@@ -37,6 +37,10 @@ fi
 if [ "$status" -eq 0 ]; then
   cargo test --workspace || status=$?
 fi
+# A bounded fuzzing run of every target (hours-long runs: scripts/fuzz.sh 3600).
+if [ "$status" -eq 0 ]; then
+  scripts/fuzz.sh 30 || status=$?
+fi
 
 # Anything the tests started gets a moment to finish exiting.
 for _ in $(seq 1 50); do

@@ -82,7 +82,7 @@ async fn token_first_then_restart_from_disk_and_renew_with_the_certificate() {
         AuthorityOptions::default(),
     )
     .await;
-    let (root, token_file, token) = mesh.onboard(tmp.path());
+    let (root, token_file, _) = mesh.onboard(tmp.path());
     let root_pem = std::fs::read_to_string(&root).unwrap();
     let cert_dir = tmp.path().join("agent/certs");
     let mut config = IdentityConfig::new(workload_id(), &cert_dir);
@@ -120,9 +120,8 @@ async fn token_first_then_restart_from_disk_and_renew_with_the_certificate() {
     assert_eq!((status.issued, status.last_error), (1, None));
     running.stop().await;
 
-    // The token is revoked and gone: a restart carries on with the stored
-    // certificate, published before the manager even runs…
-    mesh.revoke(|r| r.revoke_token(&token.id));
+    // The token is gone: a restart carries on with the stored certificate,
+    // published before the manager even runs…
     std::fs::remove_file(&token_file).unwrap();
     let running = start(config.clone(), &root_pem, ca_client(&mesh));
     assert_eq!(running.handle.current().as_deref(), Some(&*first));
@@ -234,11 +233,11 @@ async fn renews_at_half_life_with_the_certificate_on_a_paused_clock() {
         Mesh::start(&ca_dir, "127.0.0.1:0", AuthorityOptions::default()).await
     })
     .await;
-    let (root, token_file, token) = mesh.onboard(tmp.path());
+    let (root, token_file, _) = mesh.onboard(tmp.path());
     let root_pem = std::fs::read_to_string(&root).unwrap();
     let cert_dir = tmp.path().join("certs");
     let mut config = IdentityConfig::new(workload_id(), &cert_dir);
-    config.token_file = Some(token_file);
+    config.token_file = Some(token_file.clone());
     config.requested_ttl = Some(HOUR);
     let signer = Arc::new(OnRealClock {
         client: Arc::new(CaClient::new(Upstream::new(
@@ -261,8 +260,8 @@ async fn renews_at_half_life_with_the_certificate_on_a_paused_clock() {
         HOUR + Duration::from_secs(60),
         "one hour asked, backdated a minute"
     );
-    // From here on the token is worthless: renewals must use the certificate.
-    mesh.revoke(|r| r.revoke_token(&token.id));
+    // From here on there is no token: renewals must use the certificate.
+    std::fs::remove_file(&token_file).unwrap();
 
     for round in 0..2 {
         let previous = rx.borrow().clone().unwrap();
@@ -308,13 +307,13 @@ async fn short_lived_certificates_rotate_on_the_real_clock() {
     let (root, token_file, token) = mesh.onboard(tmp.path());
     let root_pem = std::fs::read_to_string(&root).unwrap();
     let mut config = IdentityConfig::new(workload_id(), tmp.path().join("certs"));
-    config.token_file = Some(token_file);
+    config.token_file = Some(token_file.clone());
     config.requested_ttl = Some(Duration::from_secs(4));
 
     let running = start(config, &root_pem, ca_client(&mesh));
     let mut rx = running.handle.subscribe();
     let mut serials = vec![next_certificate(&mut rx, WAIT).await.serial().to_owned()];
-    mesh.revoke(|r| r.revoke_token(&token.id));
+    std::fs::remove_file(&token_file).unwrap();
     let start = Instant::now();
     for _ in 0..2 {
         serials.push(next_certificate(&mut rx, WAIT).await.serial().to_owned());
@@ -327,6 +326,23 @@ async fn short_lived_certificates_rotate_on_the_real_clock() {
     );
     serials.dedup();
     assert_eq!(serials.len(), 3, "{serials:?}");
+
+    // Revoking the token the certificates descend from ends their renewals.
+    mesh.revoke(|r| r.revoke_token(&token.id));
+    let refused = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(error) = running.handle.status().last_error {
+                break error;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("a renewal refused in time");
+    assert!(
+        refused.contains(&format!("descends from revoked token {}", token.id)),
+        "{refused}"
+    );
     running.stop().await;
     mesh.stop().await;
 }

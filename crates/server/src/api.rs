@@ -414,6 +414,9 @@ async fn resource(
 ) -> Result<Response, ApiError> {
     let path = request.uri().path().to_string();
     let target = Target::parse(&path)?;
+    if matches!(method, Method::POST | Method::PUT) {
+        require_json(request.headers())?;
+    }
     let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
         .await
         .map_err(body_error)?;
@@ -790,7 +793,41 @@ struct ApplyRequest {
 }
 
 /// Applies every item or none: validation of all first, then one store batch.
-async fn apply(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+/// A body the server reads must say it is JSON (`application/json`, or a
+/// `+json` type): anything else is 415, not a guess.
+fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+    {
+        return Ok(());
+    }
+    Err(status(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "UnsupportedMediaType",
+        format!(
+            "the body must be JSON (Content-Type: application/json), not {:?}",
+            content_type
+        ),
+        None,
+    ))
+}
+
+async fn apply(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    require_json(&headers)?;
     // Decoding and committing a few thousand objects is CPU work: off the
     // async workers, which keep answering everything else meanwhile.
     tokio::task::spawn_blocking(move || apply_now(&state.store, &body))

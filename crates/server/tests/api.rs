@@ -179,16 +179,46 @@ async fn bad_requests_get_status_bodies() {
         "{status}"
     );
 
-    let response = server
-        .http
-        .post(format!("{}{ENTRIES}", server.base))
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 400);
-    let status: Value = response.json().await.unwrap();
-    assert_eq!(status["reason"], "BadRequest");
+    // Bodies: JSON that is not an object, duplicate keys, and bodies that
+    // do not say they are JSON.
+    let post = |content_type: Option<&'static str>, body: &'static str| {
+        let mut request = server
+            .http
+            .post(format!("{}{ENTRIES}", server.base))
+            .body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let code = response.status().as_u16();
+            (code, response.json::<Value>().await.unwrap())
+        }
+    };
+    for body in ["{not json", "null", "[]", "42"] {
+        let (code, status) = post(Some("application/json"), body).await;
+        assert_eq!(
+            (code, status["reason"].as_str()),
+            (400, Some("BadRequest")),
+            "{body}"
+        );
+    }
+    let (code, status) = post(
+        Some("application/json; charset=utf-8"),
+        r#"{"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry", "metadata": {"name": "a", "name": "b"}, "spec": {"address": "10.0.0.9"}}"#,
+    )
+    .await;
+    assert_eq!(code, 422, "{status}");
+    let message = status["message"].as_str().unwrap();
+    assert!(
+        message.contains("duplicate key \"name\"") && message.contains("request body:1:"),
+        "{message}"
+    );
+    for content_type in [None, Some("text/plain"), Some("application/yaml")] {
+        let (code, status) = post(content_type, r#"{"apiVersion": "v1"}"#).await;
+        assert_eq!(code, 415, "{content_type:?}: {status}");
+        assert_eq!(status["reason"], "UnsupportedMediaType");
+    }
 
     let (code, status) = server
         .call(

@@ -35,6 +35,30 @@ pub struct Caller {
     pub lineage: Option<String>,
 }
 
+impl AuthError {
+    /// Whether the caller presented a credential that was never one of
+    /// ours (a guess or a forgery), as opposed to one that was ours and is
+    /// no longer good (expired, revoked). Throttles count only these.
+    pub fn is_forgery(&self) -> bool {
+        match self {
+            AuthError::NotBearer | AuthError::ForeignPeer { .. } => true,
+            AuthError::Token(e) => matches!(
+                e,
+                TokenError::Malformed(_)
+                    | TokenError::WrongAlgorithm
+                    | TokenError::BadSignature
+                    | TokenError::WrongAudience
+                    | TokenError::WrongIssuer
+                    | TokenError::MissingClaim(_)
+                    | TokenError::BadSubject(_)
+            ),
+            AuthError::NoCredentials
+            | AuthError::PeerRevoked { .. }
+            | AuthError::LineageRevoked { .. } => false,
+        }
+    }
+}
+
 impl From<AuthError> for tonic::Status {
     fn from(e: AuthError) -> Self {
         tonic::Status::unauthenticated(e.to_string())

@@ -76,7 +76,7 @@ pub use pb::istio_certificate_service_client::IstioCertificateServiceClient;
 pub use pb::istio_certificate_service_server::IstioCertificateServiceServer;
 pub use pb::{IstioCertificateRequest, IstioCertificateResponse};
 pub use revocation::Revocations;
-pub use service::{CertificateService, IssuanceCheck, peer_identity};
+pub use service::{CallerThrottle, CertificateService, IssuanceCheck, peer_identity};
 pub use tls::{TlsError, client_tls_config, root_hash, server_tls_config};
 pub use token::{
     IssuedToken, TOKEN_AUDIENCE, TOKEN_ISSUER, TOKEN_KEY_FILE, TOKEN_LEEWAY, TokenClaims,

@@ -43,11 +43,21 @@ pub struct CertificateService {
     revocations: watch::Receiver<Arc<Revocations>>,
     metrics: Option<CaMetrics>,
     issuance: Option<IssuanceCheck>,
+    throttle: Option<Arc<dyn CallerThrottle>>,
 }
 
 /// Whether an authenticated identity may still be issued certificates (its
 /// namespace still exists, say): `Err` says why not.
 pub type IssuanceCheck = Arc<dyn Fn(&SpiffeId) -> Result<(), String> + Send + Sync>;
+
+/// A brake on callers that keep presenting forged or guessed credentials,
+/// by source address: `admit` is asked before a request is looked at
+/// (`Err(wait)` turns it away for that long), `failed` is told of every
+/// caller whose credential was never good ([`crate::AuthError::is_forgery`]).
+pub trait CallerThrottle: Send + Sync {
+    fn admit(&self, source: std::net::IpAddr) -> Result<(), Duration>;
+    fn failed(&self, source: std::net::IpAddr);
+}
 
 impl std::fmt::Debug for CertificateService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -71,6 +81,16 @@ impl CertificateService {
             revocations,
             metrics: None,
             issuance: None,
+            throttle: None,
+        }
+    }
+
+    /// The same service, turning away sources `throttle` says have failed
+    /// too often, and telling it of every failed authentication.
+    pub fn with_throttle(self, throttle: Arc<dyn CallerThrottle>) -> Self {
+        CertificateService {
+            throttle: Some(throttle),
+            ..self
         }
     }
 
@@ -128,6 +148,15 @@ impl IstioCertificateService for CertificateService {
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         self.count(|m| &m.csrs);
         let remote = request.remote_addr();
+        if let (Some(throttle), Some(source)) = (&self.throttle, remote)
+            && let Err(wait) = throttle.admit(source.ip())
+        {
+            return Err(Status::resource_exhausted(format!(
+                "too many failed attempts from {}; try again in {} s",
+                source.ip(),
+                wait.as_secs().max(1)
+            )));
+        }
         let peer = peer_identity(&request, self.authority.trust_domain());
         let revocations = self.revocations.borrow().clone();
         let caller = match authenticate(
@@ -139,6 +168,11 @@ impl IstioCertificateService for CertificateService {
             Ok(caller) => caller,
             Err(e) => {
                 self.count(|m| &m.authentication_failures);
+                if let (Some(throttle), Some(source)) = (&self.throttle, remote)
+                    && e.is_forgery()
+                {
+                    throttle.failed(source.ip());
+                }
                 tracing::warn!(remote = ?remote, error = %e, "certificate request refused: unauthenticated");
                 return Err(e.into());
             }

@@ -547,26 +547,29 @@ async fn list(
         Some(Err(e)) => return Err(e.into()),
         None => return Err(bad_request("the list ended before it began".into())),
     };
-    let rest = async_stream(move |tx| async move {
-        while let Some(next) = body.recv().await {
-            let next = next.map_err(std::io::Error::other);
-            if tx.send(next).await.is_err() {
-                return;
-            }
-        }
-    });
-    let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(rest);
+    let rest = tokio_stream::wrappers::ReceiverStream::new(body)
+        .map(|next| next.map_err(std::io::Error::other));
+    streamed_json(futures::stream::once(async move { Ok(first) }).chain(rest))
+}
+
+/// A JSON response whose body is written as `stream` yields it.
+fn streamed_json(
+    stream: impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static,
+) -> Result<Response, ApiError> {
     Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from_stream(stream))
-        .map_err(|e| {
-            status(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalError",
-                e.to_string(),
-                None,
-            )
-        })
+        .map_err(internal)
+}
+
+/// A failure of the server's own, not the request's.
+fn internal(error: impl std::fmt::Display) -> ApiError {
+    status(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "InternalError",
+        error.to_string(),
+        None,
+    )
 }
 
 /// `GET` of Endpoints, one or a list, computed from the mesh; anything
@@ -673,17 +676,7 @@ fn watch(
             }
         }
     });
-    Response::builder()
-        .header(header::CONTENT_TYPE, "application/json")
-        .body(Body::from_stream(stream))
-        .map_err(|e| {
-            status(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalError",
-                e.to_string(),
-                None,
-            )
-        })
+    streamed_json(stream)
 }
 
 /// How long a list or a watch's listing waits for its client to take the
@@ -832,14 +825,7 @@ async fn apply(
     // async workers, which keep answering everything else meanwhile.
     tokio::task::spawn_blocking(move || apply_now(&state.store, &body))
         .await
-        .map_err(|e| {
-            status(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "InternalError",
-                e.to_string(),
-                None,
-            )
-        })?
+        .map_err(internal)?
 }
 
 fn apply_now(store: &Store, body: &[u8]) -> Result<Response, ApiError> {

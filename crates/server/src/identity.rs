@@ -131,6 +131,8 @@ pub struct Identity {
     pub(crate) joining: tokio::sync::Mutex<()>,
     /// Failed joins by source: guessing join tokens is slowed to a crawl.
     pub(crate) join_failures: crate::throttle::FailureThrottle,
+    /// Failed credentials at the CA and xDS by source, likewise.
+    credential_failures: Arc<crate::throttle::CredentialThrottle>,
     extra_sans: Vec<String>,
 }
 
@@ -206,6 +208,7 @@ impl Identity {
             revoking: parking_lot::Mutex::new(()),
             joining: tokio::sync::Mutex::new(()),
             join_failures: crate::throttle::FailureThrottle::default(),
+            credential_failures: Arc::default(),
             extra_sans: config.extra_sans.clone(),
         })
     }
@@ -406,6 +409,7 @@ impl Identity {
         let authenticator = Arc::new(MeshAuthenticator {
             issuer: self.issuer.clone(),
             revocations: self.revocations(),
+            throttle: self.credential_failures.clone(),
         });
         let gatekeeper = self.clone();
         let ca = CertificateService::new(
@@ -414,7 +418,8 @@ impl Identity {
             self.revocations(),
         )
         .with_metrics(ca_metrics)
-        .with_issuance_check(Arc::new(move |id| gatekeeper.may_issue(id)));
+        .with_issuance_check(Arc::new(move |id| gatekeeper.may_issue(id)))
+        .with_throttle(self.credential_failures.clone());
         // The VM join endpoints share the port: a joining VM knows only this address.
         let join = Router::new()
             .route(crate::join::BOOTSTRAP_PATH, get(crate::join::bootstrap))
@@ -594,6 +599,7 @@ fn publish_root_in(store: &Store, root: &str, namespace: &str) -> Result<(), Ide
 struct MeshAuthenticator {
     issuer: Arc<TokenIssuer>,
     revocations: watch::Receiver<Arc<Revocations>>,
+    throttle: Arc<crate::throttle::CredentialThrottle>,
 }
 
 impl Authenticator for MeshAuthenticator {
@@ -602,17 +608,32 @@ impl Authenticator for MeshAuthenticator {
         headers: &http::HeaderMap,
         extensions: &http::Extensions,
     ) -> Result<CallerIdentity, tonic::Status> {
-        let peer = extensions
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(|info| info.peer_certs())
-            .and_then(|certs| {
-                let leaf = certs.first()?;
-                PeerIdentity::from_certificate(leaf.as_ref(), self.issuer.trust_domain()).ok()
-            });
+        use vmesh_ca::CallerThrottle;
+        let tls = extensions.get::<TlsConnectInfo<TcpConnectInfo>>();
+        let source = tls
+            .and_then(|info| info.get_ref().remote_addr())
+            .map(|addr| addr.ip());
+        if let Some(source) = source
+            && let Err(wait) = self.throttle.admit(source)
+        {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "too many failed attempts from {source}; try again in {} s",
+                wait.as_secs().max(1)
+            )));
+        }
+        let peer = tls.and_then(|info| info.peer_certs()).and_then(|certs| {
+            let leaf = certs.first()?;
+            PeerIdentity::from_certificate(leaf.as_ref(), self.issuer.trust_domain()).ok()
+        });
         let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
         let revocations = self.revocations.borrow().clone();
         let id = vmesh_ca::authenticate(&metadata, peer.as_ref(), &self.issuer, &revocations)
             .map_err(|e| {
+                if let Some(source) = source
+                    && e.is_forgery()
+                {
+                    self.throttle.failed(source);
+                }
                 tracing::warn!("xDS caller refused: {e}");
                 tonic::Status::from(e)
             })?

@@ -1,9 +1,10 @@
-//! A brake on guessing: failed join attempts are counted per source
-//! address, and a source that failed too often lately is turned away at
+//! A brake on guessing: failed join attempts, and failed credentials at
+//! the CA and xDS, are counted per source address, and a source that failed too often lately is turned away at
 //! once, without its guess being checked, until its failures age out. The
 //! log says so once in a while, not once per guess.
 //!
-//! What counts as a failure is the caller's decision (`join.rs`).
+//! What counts as a failure is the caller's decision (`join.rs`, the CA
+//! service and the xDS authenticator in `identity.rs`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -82,6 +83,20 @@ impl FailureThrottle {
             *entry = (now, 0);
         }
         entry.1 += 1;
+    }
+}
+
+/// The CA service's brake, under its own name in the log.
+#[derive(Debug, Default)]
+pub struct CredentialThrottle(pub FailureThrottle);
+
+impl vmesh_ca::CallerThrottle for CredentialThrottle {
+    fn admit(&self, source: IpAddr) -> Result<(), Duration> {
+        self.0.admit(source, "credentials at 15012")
+    }
+
+    fn failed(&self, source: IpAddr) {
+        self.0.failed(source);
     }
 }
 

@@ -1566,3 +1566,49 @@ async fn check_join_lineage(
     let refused = server.join(revoked_join).await.unwrap_err();
     assert!(refused.contains("revoked"), "{when}: {refused}");
 }
+
+/// Guessing credentials at 15012 is slowed to a crawl per source: after ten
+/// forged tokens in a minute the source is turned away, good token or not,
+/// at the CA and at xDS alike. Credentials that were good once (expired,
+/// revoked) are no guesses and do not count.
+#[tokio::test]
+async fn forged_credentials_are_throttled_per_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(tmp.path(), false).await;
+    server.create_namespace("shop").await;
+    let good = server.token("shop", "web").await;
+    let revoked = server.token("shop", "web").await;
+    server
+        .revoke("shop", "web", json!({"id": revoked.id}))
+        .await;
+    let (_, csr) = new_key_and_csr(&SpiffeId::new(TRUST_DOMAIN, "shop", "web").unwrap()).unwrap();
+    for _ in 0..20 {
+        assert_eq!(
+            refusal(server.sign_with_token(&csr, &revoked.token).await),
+            Code::Unauthenticated
+        );
+    }
+    server
+        .sign_with_token(&csr, &good.token)
+        .await
+        .expect("refusals of a revoked token are not guesses");
+    for _ in 0..10 {
+        assert_eq!(
+            refusal(server.sign_with_token(&csr, "forged.not.token").await),
+            Code::Unauthenticated
+        );
+    }
+    assert_eq!(
+        refusal(server.sign_with_token(&csr, &good.token).await),
+        Code::ResourceExhausted,
+        "the guessing source waits, whatever it sends"
+    );
+    let channel = tls_channel(server.xds, &server.root_file(), None)
+        .await
+        .unwrap();
+    let refused = first_cds(channel, node("shop", "web"), Some(&good.token))
+        .await
+        .expect_err("xDS turns the source away too");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    server.stop().await;
+}

@@ -39,18 +39,7 @@ impl LocalServer {
         extra: &[&str],
         envs: &[(&str, &str)],
     ) -> Result<LocalServer> {
-        let mut child = Command::new(vmesh)
-            .args(["server", "--data-dir"])
-            .arg(data_dir)
-            .args([
-                "--api-addr",
-                "127.0.0.1:0",
-                "--monitoring-addr",
-                "127.0.0.1:0",
-                "--xds-addr",
-                "127.0.0.1:0",
-            ])
-            .args(extra)
+        let mut child = Self::command_for(vmesh, data_dir, extra)
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -99,6 +88,26 @@ impl LocalServer {
             bail!("unexpected API address {:?}", server.api);
         }
         Ok(server)
+    }
+
+    /// `vmesh server --data-dir data_dir` on free loopback ports with
+    /// `extra` flags, not started: what [`LocalServer::start`] runs, for a
+    /// test that expects the server to refuse to start.
+    pub fn command_for(vmesh: &Path, data_dir: &Path, extra: &[&str]) -> Command {
+        let mut command = Command::new(vmesh);
+        command
+            .args(["server", "--data-dir"])
+            .arg(data_dir)
+            .args([
+                "--api-addr",
+                "127.0.0.1:0",
+                "--monitoring-addr",
+                "127.0.0.1:0",
+                "--xds-addr",
+                "127.0.0.1:0",
+            ])
+            .args(extra);
+        command
     }
 
     /// The config API's URL (`http://127.0.0.1:…`).

@@ -50,20 +50,7 @@ async fn create_namespaces(client: &reqwest::Client, api: &str, names: std::ops:
         assert_eq!(response.status().as_u16(), 201, "ns-{i}");
     }
     let root = format!("{api}/api/v1/namespaces/ns-{last}/configmaps/istio-ca-root-cert");
-    for _ in 0..200 {
-        if client
-            .get(&root)
-            .send()
-            .await
-            .unwrap()
-            .status()
-            .is_success()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
+    let published = || async {
         client
             .get(&root)
             .send()
@@ -71,7 +58,13 @@ async fn create_namespaces(client: &reqwest::Client, api: &str, names: std::ops:
             .unwrap()
             .status()
             .is_success()
-    );
+    };
+    let mut tries = 0;
+    while !published().await {
+        tries += 1;
+        assert!(tries < 200, "the root never reached ns-{last}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
 }
 

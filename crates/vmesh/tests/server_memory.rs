@@ -49,6 +49,17 @@ fn config_maps(from: usize, count: usize, value: &str) -> Value {
     json!({"items": items})
 }
 
+async fn get_list(client: &reqwest::Client, api: &str, path: &str) -> Value {
+    client
+        .get(format!("{api}{path}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn apply(client: &reqwest::Client, api: &str, body: &Value) {
     let response = client
         .post(format!("{api}/apis/vmesh.io/v1/apply"))
@@ -123,20 +134,11 @@ async fn hostile_requests_leave_the_server_up_and_within_its_memory_bound() {
     within_bound("a 100 MB body");
 
     // 200 watchers that never read, through 30,000 writes.
-    let revision = {
-        let list: Value = client
-            .get(format!("{api}/api/v1/namespaces/default/configmaps"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        list["metadata"]["resourceVersion"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let revision = get_list(&client, &api, "/api/v1/namespaces/default/configmaps").await
+        ["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let watch_path =
         format!("/api/v1/namespaces/default/configmaps?watch=1&resourceVersion={revision}");
     let watchers: Vec<TcpStream> = (0..200).map(|_| idle_watch(&api, &watch_path)).collect();
@@ -210,15 +212,10 @@ async fn hostile_requests_leave_the_server_up_and_within_its_memory_bound() {
     let lists = (0..8).map(|_| {
         let (client, api) = (client.clone(), api.clone());
         tokio::spawn(async move {
-            let list: Value = client
-                .get(format!("{api}/api/v1/configmaps"))
-                .send()
-                .await
+            get_list(&client, &api, "/api/v1/configmaps").await["items"]
+                .as_array()
                 .unwrap()
-                .json()
-                .await
-                .unwrap();
-            list["items"].as_array().unwrap().len()
+                .len()
         })
     });
     for list in lists {

@@ -20,17 +20,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// `vmesh server` on `data_dir`, expected to refuse to start: its stderr.
 fn refusal(data_dir: &Path) -> String {
-    let output = Command::new(VMESH)
-        .args(["server", "--data-dir"])
-        .arg(data_dir)
-        .args([
-            "--api-addr",
-            "127.0.0.1:0",
-            "--monitoring-addr",
-            "127.0.0.1:0",
-            "--xds-addr",
-            "127.0.0.1:0",
-        ])
+    let output = LocalServer::command_for(Path::new(VMESH), data_dir, &[])
         .output()
         .unwrap();
     assert!(

@@ -153,9 +153,17 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             namespace,
             all_namespaces,
             output: format,
+            selector,
+            field_selector,
             connection,
         } => {
             let info = match vmesh_api::view_for(&kind) {
+                Some(view) if selector.is_some() || field_selector.is_some() => {
+                    bail!(
+                        "{} are computed, not stored: they take no selectors",
+                        view.plural
+                    )
+                }
                 Some(view) => view,
                 None => resolve_kind(&kind)?,
             };
@@ -169,7 +177,11 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                 }
                 None => client
                     .get(
-                        &info.path(namespace, None),
+                        &with_selectors(
+                            info.path(namespace, None),
+                            selector.as_deref(),
+                            field_selector.as_deref(),
+                        ),
                         &format!("listing {}", info.plural),
                     )
                     .await?["items"]
@@ -413,6 +425,23 @@ fn announce(running: &vmesh_server::Running) {
         }
     }
     let _ = stdout.flush();
+}
+
+/// `path` with `labelSelector` and `fieldSelector` in its query, encoded.
+fn with_selectors(path: String, labels: Option<&str>, fields: Option<&str>) -> String {
+    let mut query = reqwest::Url::parse("http://query/").expect("a fixed URL parses");
+    {
+        let mut pairs = query.query_pairs_mut();
+        for (name, value) in [("labelSelector", labels), ("fieldSelector", fields)] {
+            if let Some(value) = value {
+                pairs.append_pair(name, value);
+            }
+        }
+    }
+    match query.query() {
+        Some(query) if !query.is_empty() => format!("{path}?{query}"),
+        _ => path,
+    }
 }
 
 fn identity_config(ca: CaArgs) -> vmesh_server::identity::IdentityConfig {

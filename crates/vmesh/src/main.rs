@@ -219,6 +219,13 @@ enum Command {
         /// yaml, json, wide or name.
         #[arg(short = 'o', long)]
         output: Option<output::Format>,
+        /// Only objects whose labels match, as kubectl's -l: `app=web`,
+        /// `tier!=db`, `env in (a,b)`, `!canary`.
+        #[arg(short = 'l', long, conflicts_with = "name")]
+        selector: Option<String>,
+        /// Only objects whose fields match: `metadata.name=…`, `metadata.namespace!=…`.
+        #[arg(long, conflicts_with = "name")]
+        field_selector: Option<String>,
         #[command(flatten)]
         connection: Connection,
     },

@@ -431,3 +431,53 @@ fn log_format_json_writes_one_object_per_line() {
             .any(|l| l.contains("\"message\":\"config API listening\""))
     );
 }
+
+#[test]
+fn get_selects_by_label_and_field_as_kubectl_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(&dir.path().join("data"), &[]);
+    let manifests = dir.path().join("entries.yaml");
+    let entry = |name: &str, app: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}\nspec: {{address: 10.0.0.1}}\n---\n"
+        )
+    };
+    std::fs::write(
+        &manifests,
+        [
+            entry("web-1", "web"),
+            entry("web-2", "web"),
+            entry("db-1", "db"),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    assert_ok(
+        &server
+            .command(&["apply", "-f", manifests.to_str().unwrap()])
+            .output()
+            .unwrap(),
+        "apply",
+    );
+    let names = |args: &[&str]| -> Vec<String> {
+        let mut command = vec!["get", "we", "-o", "name"];
+        command.extend(args);
+        let output = server.command(&command).output().unwrap();
+        assert_ok(&output, &format!("get {args:?}"));
+        stdout(&output).lines().map(str::to_string).collect()
+    };
+    assert_eq!(names(&["-l", "app=web"]).len(), 2);
+    assert_eq!(names(&["-l", "app in (db)"]).len(), 1);
+    assert_eq!(names(&["-l", "app!=web,app"]).len(), 1);
+    assert_eq!(names(&["--field-selector", "metadata.name=web-2"]).len(), 1);
+    let bad = server
+        .command(&["get", "we", "-l", "app=not valid"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("labelSelector"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

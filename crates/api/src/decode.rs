@@ -176,7 +176,8 @@ pub fn decode_list(source: &str, text: &str, field: &str, default_namespace: &st
     decoded
 }
 
-fn syntax_problem(file: &str, e: &yaml::SyntaxError) -> Problem {
+/// A YAML (or JSON) syntax error as a problem of `file`.
+pub fn syntax_problem(file: &str, e: &yaml::SyntaxError) -> Problem {
     Problem {
         severity: Severity::Error,
         file: file.into(),

@@ -27,9 +27,10 @@ pub mod peer;
 pub mod problem;
 pub mod registry;
 pub mod selection;
+pub mod table;
 #[cfg(feature = "testing")]
 pub mod testing;
-mod yaml;
+pub mod yaml;
 
 pub use decode::{Decoded, decode_list, decode_manifests};
 pub use object::{Object, ObjectKey, ObjectMeta};

@@ -9,9 +9,11 @@ use serde_with::skip_serializing_none;
 
 use crate::registry::KindInfo;
 
-/// Kubernetes `ObjectMeta`, with the fields vmesh keeps.
+/// Standard object's metadata: its name, namespace, labels and
+/// annotations, and what the server keeps of it (uid, resourceVersion,
+/// generation, creationTimestamp, managedFields).
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectMeta {
     pub name: Option<String>,
@@ -127,6 +129,16 @@ impl ObjectKey {
             self.namespace,
             self.name
         )
+    }
+
+    /// The resource as Kubernetes names it in messages:
+    /// `workloadentries.networking.istio.io`, `services`.
+    pub fn resource(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.clone()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
     }
 
     /// Prefix shared by every object of this key's kind.

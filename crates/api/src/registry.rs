@@ -29,9 +29,14 @@ pub struct KindInfo {
     /// Namespace given to objects of this kind that come without one, before the
     /// CLI's `-n` default applies.
     pub default_namespace: Option<&'static str>,
-    /// Extra columns for `vmesh get` tables: header and JSON pointer into the object.
+    /// The columns `kubectl get` shows after NAME (Istio's CRDs' printer
+    /// columns): header and JSON pointer into the object; `AGE` where the
+    /// CRD puts it, else last. [`crate::table`] adds kubectl's computed ones.
     pub columns: &'static [(&'static str, &'static str)],
     pub(crate) decode: fn(Value) -> Result<(Value, Checker), BodyError>,
+    /// The JSON schema of the kind's body (its fields besides `apiVersion`,
+    /// `kind` and `metadata`), for the OpenAPI documents.
+    pub(crate) schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
 }
 
 /// Why a body failed typed decoding.
@@ -73,6 +78,12 @@ impl KindInfo {
         path
     }
 
+    /// The JSON schema of the kind's body, its types' definitions added to
+    /// `generator`.
+    pub fn body_schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        (self.schema)(generator)
+    }
+
     /// `workloadentry.networking.istio.io` style name, as kubectl prints it.
     pub fn qualified_name(&self) -> String {
         let singular = self.kind.to_ascii_lowercase();
@@ -100,6 +111,13 @@ where
         message: e.to_string(),
     })?;
     Ok((canonical, checker))
+}
+
+/// A body's schema, erased for the registry.
+pub(crate) fn body_schema<B: schemars::JsonSchema>(
+    generator: &mut schemars::SchemaGenerator,
+) -> schemars::Schema {
+    B::json_schema(generator)
 }
 
 /// serde_path_to_error's path in our `a.b[0].c` form.

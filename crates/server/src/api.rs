@@ -32,6 +32,14 @@ use vmesh_api::{KindInfo, Object, ObjectKey, Problem};
 use vmesh_store::{BatchError, Op, Outcome, Selection, Store, StoreError};
 use vmesh_xds::ads::ConfigSource;
 
+mod kube_discovery;
+mod kube_protobuf;
+mod openapi;
+mod patch;
+mod tables;
+
+use patch::PatchKind;
+
 /// The mesh settings, `?revision=NAME` for a revision's.
 pub const MESH_PATH: &str = "/v1/mesh";
 
@@ -73,6 +81,14 @@ pub fn router(
             "/api/v1/namespaces/{namespace}/endpoints/{name}",
             any(endpoints),
         )
+        .route("/version", get(|| async { kube_discovery::version() }))
+        .route("/openapi/v3", get(|| async { openapi::index() }))
+        .route(
+            "/openapi/v3/{*path}",
+            get(|Path(path): Path<String>| async move { openapi::document_at(&path) }),
+        )
+        .route("/api", any(resource))
+        .route("/apis", any(resource))
         .route("/api/{*rest}", any(resource))
         .route("/apis/{*rest}", any(resource))
         .route("/healthz", any(|| async { "ok" }))
@@ -190,7 +206,9 @@ fn store_error_with_message(error: &StoreError, message: String) -> ApiError {
     let details = match error {
         StoreError::NotFound(k)
         | StoreError::AlreadyExists(k)
-        | StoreError::Conflict { key: k, .. } => Some(json!({"name": k.name, "kind": k.plural})),
+        | StoreError::Conflict { key: k, .. } => {
+            Some(json!({"name": k.name, "group": k.group, "kind": k.plural}))
+        }
         _ => None,
     };
     status(code, reason, message, details)
@@ -211,7 +229,7 @@ fn invalid(problems: &[Problem]) -> ApiError {
         .join("\n");
     let causes: Vec<Value> = errors
         .iter()
-        .map(|p| json!({"field": p.field, "message": p.message, "object": p.object, "location": format!("{}:{}:{}", p.file, p.line, p.column)}))
+        .map(|p| json!({"reason": "FieldValueInvalid", "field": p.field, "message": p.message, "object": p.object, "location": format!("{}:{}:{}", p.file, p.line, p.column)}))
         .collect();
     status(
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -219,6 +237,23 @@ fn invalid(problems: &[Problem]) -> ApiError {
         message,
         Some(json!({"causes": causes})),
     )
+}
+
+/// One object refused by validation, as Kubernetes says it (kubectl
+/// prints `The WorkloadEntry "vm" is invalid: spec.address: …`).
+fn invalid_object(problems: &[Problem], info: &KindInfo, name: &str) -> ApiError {
+    let mut error = invalid(problems);
+    let qualified = match info.group {
+        "" => info.kind.to_string(),
+        group => format!("{}.{group}", info.kind),
+    };
+    error.message = format!("{qualified} {name:?} is invalid: {}", error.message);
+    if let Some(details) = error.details.as_mut() {
+        details["name"] = name.into();
+        details["group"] = info.group.into();
+        details["kind"] = info.kind.into();
+    }
+    error
 }
 
 fn bad_request(message: String) -> ApiError {
@@ -231,6 +266,8 @@ struct Target {
     version: String,
     namespace: Option<String>,
     name: Option<String>,
+    /// `…/{name}/status`: the status subresource.
+    status: bool,
 }
 
 impl Target {
@@ -241,11 +278,13 @@ impl Target {
             ["apis", group, version, rest @ ..] => (*group, *version, rest),
             _ => return Err(not_found_path(path)),
         };
-        let (namespace, plural, name) = match rest {
-            [plural] => (None, *plural, None),
-            [plural, name] => (None, *plural, Some(*name)),
-            ["namespaces", ns, plural] => (Some(*ns), *plural, None),
-            ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name)),
+        let (namespace, plural, name, subresource) = match rest {
+            [plural] => (None, *plural, None, false),
+            [plural, name] => (None, *plural, Some(*name), false),
+            [plural, name, "status"] => (None, *plural, Some(*name), true),
+            ["namespaces", ns, plural] => (Some(*ns), *plural, None, false),
+            ["namespaces", ns, plural, name] => (Some(*ns), *plural, Some(*name), false),
+            ["namespaces", ns, plural, name, "status"] => (Some(*ns), *plural, Some(*name), true),
             _ => return Err(not_found_path(path)),
         };
         let info = vmesh_api::kinds()
@@ -260,6 +299,9 @@ impl Target {
                     None,
                 )
             })?;
+        if subresource && !kube_discovery::has_status(info) {
+            return Err(not_found_path(path));
+        }
         if !info.namespaced && namespace.is_some() {
             return Err(bad_request(format!("{} is cluster-scoped", info.kind)));
         }
@@ -274,6 +316,7 @@ impl Target {
             version: version.to_string(),
             namespace: namespace.map(str::to_string),
             name: name.map(str::to_string),
+            status: subresource,
         })
     }
 
@@ -315,6 +358,13 @@ struct Params {
     limit: Option<usize>,
     #[serde(rename = "continue")]
     continue_token: Option<String>,
+    /// `All`: every check of a write, nothing written.
+    dry_run: Option<String>,
+    field_manager: Option<String>,
+    /// Server-side apply takes fields other managers own.
+    force: Option<bool>,
+    /// What a Table row carries: `None`, `Metadata` (the default) or `Object`.
+    include_object: Option<String>,
 }
 
 /// How the objects of one path are shown: in the path's apiVersion, and
@@ -329,8 +379,10 @@ struct Presenter {
 impl Presenter {
     fn present(&self, mut object: Object) -> Object {
         object.api_version = self.info.api_version(&self.version);
-        if self.info.kind == vmesh_api::kinds::service::KIND.kind {
+        if std::ptr::eq(self.info, &vmesh_api::kinds::service::KIND) {
             crate::views::present_service(&mut object, self.mesh.snapshot());
+        } else if std::ptr::eq(self.info, &vmesh_api::kinds::namespace::KIND) {
+            crate::views::present_namespace(&mut object);
         }
         object
     }
@@ -413,10 +465,18 @@ async fn resource(
     request: Request,
 ) -> Result<Response, ApiError> {
     let path = request.uri().path().to_string();
-    let target = Target::parse(&path)?;
-    if matches!(method, Method::POST | Method::PUT) {
-        require_json(request.headers())?;
+    if method == Method::GET
+        && let Some(response) = discovery(&path, request.headers())
+    {
+        return Ok(response);
     }
+    let target = Target::parse(&path)?;
+    let headers = request.headers().clone();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let body = axum::body::to_bytes(request.into_body(), MAX_BODY_BYTES)
         .await
         .map_err(body_error)?;
@@ -431,30 +491,81 @@ async fn resource(
         version: target.version.clone(),
         mesh: state.mesh.borrow().clone(),
     };
-    let present = |object: Object| presenter.present(object);
+    let table = tables::wants_table(&headers);
+    let write = WriteOptions {
+        dry_run: match params.dry_run.as_deref() {
+            None | Some("") => false,
+            Some("All") => true,
+            Some(other) => {
+                return Err(bad_request(format!(
+                    "dryRun {other:?} is not supported: only All"
+                )));
+            }
+        },
+        manager: patch::manager_of(
+            params.field_manager.as_deref(),
+            headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok()),
+        ),
+        api_version: target.info.api_version(&target.version),
+    };
     match (method, target.name.clone()) {
         (Method::GET, None) if watching => watch(
             store,
             target.selection(),
             presenter.clone(),
             &params,
+            table,
             shutdown,
         ),
+        (Method::GET, None) if table => {
+            tables::list(store, &target, presenter.clone(), &params).await
+        }
         (Method::GET, None) => list(store, &target, presenter.clone(), &params).await,
         (Method::GET, Some(name)) => match store.get(&target.key(&name))? {
-            Some(object) => Ok(Json(present(object)).into_response()),
+            Some(object) if table => Ok(tables::one(
+                target.info,
+                &presenter.present(object),
+                params.include_object.as_deref(),
+            )),
+            Some(object) => Ok(Json(presenter.present(object)).into_response()),
             None => Err(StoreError::NotFound(Box::new(target.key(&name))).into()),
         },
-        (Method::POST, None) => write(&store, &target, &body, None, present),
-        (Method::PUT, Some(name)) => write(&store, &target, &body, Some(name), present),
+        (Method::POST, None) => {
+            let value = request_object(&content_type, &body)?;
+            write_value(&store, &target, value, None, &write, &presenter)
+        }
+        (Method::PUT, Some(name)) => {
+            let value = request_object(&content_type, &body)?;
+            write_value(&store, &target, value, Some(name), &write, &presenter)
+        }
+        (Method::PATCH, Some(name)) => {
+            let kind = PatchKind::from_content_type(&content_type).ok_or_else(|| {
+                status(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "UnsupportedMediaType",
+                    format!(
+                        "the patch must be application/merge-patch+json, application/json-patch+json, \
+                         application/strategic-merge-patch+json or application/apply-patch+yaml, not {content_type:?}"
+                    ),
+                    None,
+                )
+            })?;
+            patch_object(
+                &store, &target, &name, kind, &body, &params, &write, &presenter,
+            )
+        }
         (Method::DELETE, Some(name)) => {
-            let expected = params.resource_version.filter(|rv| !rv.is_empty());
-            let outcomes = store.commit(vec![Op::Delete {
+            let expected = params.resource_version.clone().filter(|rv| !rv.is_empty());
+            let op = Op::Delete {
                 key: target.key(&name),
                 expected,
-            }])?;
-            Ok(Json(present(outcomes[0].object().clone())).into_response())
+            };
+            let outcomes = write.commit(&store, op)?;
+            Ok(Json(presenter.present(outcomes.object().clone())).into_response())
         }
+        (Method::DELETE, None) => delete_collection(&store, &target, &params, &write, &presenter),
         (method, _) => Err(status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
@@ -462,6 +573,331 @@ async fn resource(
             None,
         )),
     }
+}
+
+/// The discovery document a `GET` path asks for, if it is one
+/// (`/api`, `/api/v1`, `/apis`, `/apis/{group}`, `/apis/{group}/{version}`).
+fn discovery(path: &str, headers: &axum::http::HeaderMap) -> Option<Response> {
+    let segments: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    match segments.as_slice() {
+        ["api", rest @ ..] if rest.len() <= 1 => kube_discovery::answer(true, rest, headers),
+        ["apis", rest @ ..] if rest.len() <= 2 => kube_discovery::answer(false, rest, headers),
+        _ => None,
+    }
+}
+
+/// How a write is made: for real or as a dry run, and by which field manager.
+struct WriteOptions {
+    dry_run: bool,
+    manager: String,
+    api_version: String,
+}
+
+impl WriteOptions {
+    fn commit(&self, store: &Store, op: Op) -> Result<Outcome, ApiError> {
+        let mut outcomes = if self.dry_run {
+            store.dry_run(vec![op])?
+        } else {
+            store.commit(vec![op])?
+        };
+        Ok(outcomes.remove(0))
+    }
+}
+
+/// The object a POST or PUT body holds: JSON, or Kubernetes' protobuf
+/// (what kubectl sends the core kinds in).
+fn request_object(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
+    if content_type.split(';').next().map(str::trim) == Some(kube_protobuf::MEDIA_TYPE) {
+        return kube_protobuf::to_json(body).map_err(|e| bad_request(e.to_string()));
+    }
+    require_json(content_type)?;
+    serde_json::from_slice::<serde_json::Map<String, Value>>(body)
+        .map_err(|e| bad_request(format!("the request body is not a JSON object: {e}")))?;
+    // Read again by the manifest parser, which refuses what JSON parsers
+    // let pass (a key given twice), saying where.
+    let text = std::str::from_utf8(body).expect("the body was parsed as JSON");
+    let mut documents = vmesh_api::yaml::parse_documents(text)
+        .map_err(|e| invalid(&[vmesh_api::decode::syntax_problem("request body", &e)]))?;
+    Ok(documents.remove(0).value)
+}
+
+/// Deletes every object of a collection that the selectors match, in one
+/// batch; answers the list of what was deleted.
+fn delete_collection(
+    store: &Store,
+    target: &Target,
+    params: &Params,
+    write: &WriteOptions,
+    presenter: &Presenter,
+) -> Result<Response, ApiError> {
+    let selectors = parse_selectors(params)?;
+    let (objects, _) = store.list(&target.selection())?;
+    let ops: Vec<Op> = objects
+        .iter()
+        .filter(|o| selectors.matches(o))
+        .filter_map(|o| o.key())
+        .map(|key| Op::Delete {
+            key,
+            expected: None,
+        })
+        .collect();
+    let outcomes = if ops.is_empty() {
+        Vec::new()
+    } else if write.dry_run {
+        store.dry_run(ops)?
+    } else {
+        store.commit(ops)?
+    };
+    let items: Vec<Object> = outcomes
+        .iter()
+        .map(|o| presenter.present(o.object().clone()))
+        .collect();
+    Ok(Json(json!({
+        "apiVersion": target.info.api_version(&target.version),
+        "kind": format!("{}List", target.info.kind),
+        "metadata": {},
+        "items": items,
+    }))
+    .into_response())
+}
+
+/// How many times a patch is made again when the object changed between
+/// reading it and writing the result, before the conflict is answered.
+const PATCH_ATTEMPTS: usize = 5;
+
+/// A PATCH of an object (or its status): the patch applied to the stored
+/// object, the result validated and written like any write, with the
+/// stored resourceVersion as the precondition (made again if another write
+/// came between). Server-side apply creates the object when there is none.
+#[allow(clippy::too_many_arguments)]
+fn patch_object(
+    store: &Store,
+    target: &Target,
+    name: &str,
+    kind: PatchKind,
+    body: &[u8],
+    params: &Params,
+    write: &WriteOptions,
+    presenter: &Presenter,
+) -> Result<Response, ApiError> {
+    let applied = match kind {
+        PatchKind::Apply => {
+            if write.manager == "unknown" && params.field_manager.is_none() {
+                return Err(bad_request(
+                    "fieldManager is required for apply requests".into(),
+                ));
+            }
+            Some(apply_config(body, target, name)?)
+        }
+        _ => None,
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let live = store.get(&target.key(name))?;
+        let live_value = live
+            .as_ref()
+            .map(|o| serde_json::to_value(o).map_err(internal))
+            .transpose()?;
+        let mut new = match (&applied, &live_value) {
+            (Some(applied), live) => patch::server_side_apply(
+                live.as_ref(),
+                applied,
+                &write.manager,
+                &write.api_version,
+                params.force.unwrap_or(false),
+            )
+            .map_err(|conflicts| {
+                status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    patch::Conflict::message(&conflicts),
+                    Some(json!({
+                        "name": name,
+                        "kind": target.info.plural,
+                        "causes": conflicts.iter().map(|c| json!({
+                            "reason": "FieldManagerConflict",
+                            "message": format!("conflict with \"{}\"", c.manager),
+                            "field": c.field,
+                        })).collect::<Vec<_>>(),
+                    })),
+                )
+            })?,
+            (None, Some(live)) => {
+                let mut new =
+                    patch::patch(kind, live, body).map_err(|e| bad_request(e.to_string()))?;
+                patch::record_update(Some(live), &mut new, &write.manager, &write.api_version);
+                new
+            }
+            (None, None) => {
+                return Err(StoreError::NotFound(Box::new(target.key(name))).into());
+            }
+        };
+        // The patch's own resourceVersion is a precondition; else the one read.
+        let pinned = new["metadata"]["resourceVersion"]
+            .as_str()
+            .is_some_and(|rv| {
+                Some(rv)
+                    != live_value
+                        .as_ref()
+                        .and_then(|l| l["metadata"]["resourceVersion"].as_str())
+            });
+        if !pinned && let Some(live) = &live_value {
+            new["metadata"]["resourceVersion"] = live["metadata"]["resourceVersion"].clone();
+        }
+        let name = live.as_ref().map(|_| name.to_string());
+        match commit_value(store, target, new, name, write) {
+            Err(WriteFailure::Store(StoreError::Conflict { .. }))
+                if !pinned && attempt < PATCH_ATTEMPTS => {}
+            Err(WriteFailure::Store(e)) => return Err(e.into()),
+            Err(WriteFailure::Api(e)) => return Err(e),
+            Ok(outcome) => return Ok(written(outcome, presenter)),
+        }
+    }
+}
+
+/// The object a server-side apply body holds (YAML or JSON), which must
+/// be the object of the path.
+fn apply_config(body: &[u8], target: &Target, name: &str) -> Result<Value, ApiError> {
+    let text =
+        std::str::from_utf8(body).map_err(|_| bad_request("the apply body is not UTF-8".into()))?;
+    let mut documents = vmesh_api::yaml::parse_documents(text)
+        .map_err(|e| bad_request(format!("the apply body is not YAML: {e}")))?;
+    if documents.len() != 1 || !documents[0].value.is_object() {
+        return Err(bad_request("the apply body must be one object".into()));
+    }
+    let applied = documents.remove(0).value;
+    if applied["kind"] != target.info.kind
+        || applied["apiVersion"] != target.info.api_version(&target.version)
+    {
+        return Err(bad_request(format!(
+            "the apply body is a {} {}, not a {} of {}",
+            applied["apiVersion"],
+            applied["kind"],
+            target.info.kind,
+            target.info.api_version(&target.version)
+        )));
+    }
+    if applied["metadata"]["name"] != name {
+        return Err(bad_request(format!(
+            "metadata.name {} does not match the name in the path {name:?}",
+            applied["metadata"]["name"]
+        )));
+    }
+    Ok(applied)
+}
+
+/// Why a write failed: the request (already answered) or the store.
+enum WriteFailure {
+    Api(ApiError),
+    Store(StoreError),
+}
+
+impl From<ApiError> for WriteFailure {
+    fn from(error: ApiError) -> WriteFailure {
+        WriteFailure::Api(error)
+    }
+}
+
+/// A POST or PUT of a whole object (or a PUT of its status): ownership
+/// recorded, then decoded, validated and committed.
+fn write_value(
+    store: &Store,
+    target: &Target,
+    mut value: Value,
+    name: Option<String>,
+    write: &WriteOptions,
+    presenter: &Presenter,
+) -> Result<Response, ApiError> {
+    let old = match &name {
+        Some(name) => store
+            .get(&target.key(name))?
+            .map(|o| serde_json::to_value(o).map_err(internal))
+            .transpose()?,
+        None => None,
+    };
+    if !target.status {
+        patch::record_update(old.as_ref(), &mut value, &write.manager, &write.api_version);
+    }
+    match commit_value(store, target, value, name, write) {
+        Ok(outcome) => Ok(written(outcome, presenter)),
+        Err(WriteFailure::Api(e)) => Err(e),
+        Err(WriteFailure::Store(e)) => Err(e.into()),
+    }
+}
+
+/// 201 for a new object, 200 otherwise, with the object as it now is.
+fn written(outcome: Outcome, presenter: &Presenter) -> Response {
+    let code = if matches!(outcome, Outcome::Created(_)) {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(presenter.present(outcome.object().clone()))).into_response()
+}
+
+/// Decodes and validates `value` as the object of `target`, then creates
+/// it (no `name`), replaces it, or sets its status.
+fn commit_value(
+    store: &Store,
+    target: &Target,
+    value: Value,
+    name: Option<String>,
+    write: &WriteOptions,
+) -> Result<Outcome, WriteFailure> {
+    let text = value.to_string();
+    let default_ns = target.namespace.as_deref().unwrap_or("default");
+    let decoded = vmesh_api::decode::decode_sources([("request body", text.as_str())], default_ns);
+    if decoded.has_errors() {
+        let name = value["metadata"]["name"].as_str().unwrap_or_default();
+        return Err(invalid_object(&decoded.problems, target.info, name).into());
+    }
+    let object = decoded
+        .objects
+        .into_iter()
+        .next()
+        .ok_or_else(|| bad_request("the request body holds no object".into()))?
+        .object;
+    if object.info().map(|i| i.plural) != Some(target.info.plural) {
+        return Err(bad_request(format!(
+            "a {} cannot be written to {}",
+            object.kind, target.info.plural
+        ))
+        .into());
+    }
+    if object.metadata.namespace != target.namespace {
+        return Err(bad_request(format!(
+            "metadata.namespace {:?} does not match the namespace in the path {:?}",
+            object.metadata.namespace, target.namespace
+        ))
+        .into());
+    }
+    if let Some(name) = &name
+        && object.metadata.name() != name
+    {
+        return Err(bad_request(format!(
+            "metadata.name {:?} does not match the name in the path {name:?}",
+            object.metadata.name()
+        ))
+        .into());
+    }
+    let op = match (name.is_some(), target.status) {
+        (_, true) => Op::SetStatus(object),
+        (true, false) => Op::Update(object),
+        (false, false) => Op::Create(object),
+    };
+    let result = if write.dry_run {
+        store.dry_run(vec![op])
+    } else {
+        store.commit(vec![op])
+    };
+    result
+        .map(|mut outcomes| outcomes.remove(0))
+        .map_err(|e| WriteFailure::Store(e.error))
 }
 
 impl From<StoreError> for ApiError {
@@ -627,13 +1063,20 @@ fn watch(
     selection: Selection,
     presenter: Presenter,
     params: &Params,
+    table: bool,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Response, ApiError> {
     let selectors = parse_selectors(params)?;
     let from = params.resource_version.clone();
     let listing = from.as_deref().is_none_or(|rv| rv.is_empty() || rv == "0");
     let mut changes = store.watch(selection.clone(), from.as_deref())?;
-    let line = |event_type: &str, object: &Object| -> Bytes {
+    let (info, include) = (presenter.info, params.include_object.clone());
+    // Each event's object, or (`kubectl get -w`) a Table of its one row.
+    let line = move |event_type: &str, object: &Object| -> Bytes {
+        let object = match table {
+            true => tables::one_value(info, object, include.as_deref()),
+            false => serde_json::to_value(object).expect("an object serialises"),
+        };
         let mut bytes = serde_json::to_vec(&json!({"type": event_type, "object": object}))
             .expect("an event serialises");
         bytes.push(b'\n');
@@ -642,6 +1085,7 @@ fn watch(
     let stream = async_stream(move |tx| async move {
         if listing {
             let (selectors, presenter, tx) = (selectors.clone(), presenter.clone(), tx.clone());
+            let line = line.clone();
             let listed = tokio::task::spawn_blocking(move || {
                 store.scan(&selection, None, |_, object| {
                     !selectors.matches(&object)
@@ -723,61 +1167,6 @@ fn decode_body(body: &[u8], field: &str, default_namespace: &str) -> Result<Vec<
     Ok(decoded.objects.into_iter().map(|l| l.object).collect())
 }
 
-fn write(
-    store: &Store,
-    target: &Target,
-    body: &[u8],
-    name: Option<String>,
-    present: impl Fn(Object) -> Object,
-) -> Result<Response, ApiError> {
-    serde_json::from_slice::<serde_json::Map<String, Value>>(body)
-        .map_err(|e| bad_request(format!("the request body is not a JSON object: {e}")))?;
-    let text = std::str::from_utf8(body).expect("JSON is UTF-8");
-    let default_ns = target.namespace.as_deref().unwrap_or("default");
-    let decoded = vmesh_api::decode::decode_sources([("request body", text)], default_ns);
-    if decoded.has_errors() {
-        return Err(invalid(&decoded.problems));
-    }
-    let object = decoded
-        .objects
-        .into_iter()
-        .next()
-        .ok_or_else(|| bad_request("the request body holds no object".into()))?
-        .object;
-    if object.info().map(|i| i.plural) != Some(target.info.plural) {
-        return Err(bad_request(format!(
-            "a {} cannot be written to {}",
-            object.kind, target.info.plural
-        )));
-    }
-    if object.metadata.namespace != target.namespace {
-        return Err(bad_request(format!(
-            "metadata.namespace {:?} does not match the namespace in the path {:?}",
-            object.metadata.namespace, target.namespace
-        )));
-    }
-    if let Some(name) = &name
-        && object.metadata.name() != name
-    {
-        return Err(bad_request(format!(
-            "metadata.name {:?} does not match the name in the path {name:?}",
-            object.metadata.name()
-        )));
-    }
-    let op = if name.is_some() {
-        Op::Update(object)
-    } else {
-        Op::Create(object)
-    };
-    let outcomes = store.commit(vec![op])?;
-    let code = if matches!(outcomes[0], Outcome::Created(_)) {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((code, Json(present(outcomes[0].object().clone()))).into_response())
-}
-
 /// An apply request's settings; its `items` are decoded by [`decode_body`].
 #[derive(Debug, Deserialize)]
 struct ApplyRequest {
@@ -788,11 +1177,7 @@ struct ApplyRequest {
 /// Applies every item or none: validation of all first, then one store batch.
 /// A body the server reads must say it is JSON (`application/json`, or a
 /// `+json` type): anything else is 415, not a guess.
-fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
+fn require_json(content_type: &str) -> Result<(), ApiError> {
     let essence = content_type
         .split(';')
         .next()
@@ -820,7 +1205,12 @@ async fn apply(
     headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    require_json(&headers)?;
+    require_json(
+        headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default(),
+    )?;
     // Decoding and committing a few thousand objects is CPU work: off the
     // async workers, which keep answering everything else meanwhile.
     tokio::task::spawn_blocking(move || apply_now(&state.store, &body))

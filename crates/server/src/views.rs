@@ -45,6 +45,15 @@ pub fn present_service(object: &mut Object, snapshot: Option<&Snapshot>) {
     }
 }
 
+/// A Namespace as `GET` shows it: `status.phase` is `Active` (a namespace
+/// is deleted with its contents at once, so none is ever `Terminating`).
+pub fn present_namespace(object: &mut Object) {
+    object
+        .body
+        .entry("status")
+        .or_insert_with(|| serde_json::json!({"phase": "Active"}));
+}
+
 /// The Endpoints of the Services in `namespace` (every namespace when
 /// `None`), or of the one called `name`: one per Service with a selector,
 /// as Kubernetes' endpoints controller keeps them, with the Service's

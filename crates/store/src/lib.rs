@@ -42,11 +42,11 @@ pub const MAX_OBJECT_BYTES: usize = 1_572_864;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{} {:?} not found", .0.plural, .0.name)]
+    #[error("{} {:?} not found", .0.resource(), .0.name)]
     NotFound(Box<ObjectKey>),
-    #[error("{} {:?} already exists", .0.plural, .0.name)]
+    #[error("{} {:?} already exists", .0.resource(), .0.name)]
     AlreadyExists(Box<ObjectKey>),
-    #[error("the object has been modified: {} {:?} is at resourceVersion {actual}, not {expected}", key.plural, key.name)]
+    #[error("the object has been modified: {} {:?} is at resourceVersion {actual}, not {expected}", key.resource(), key.name)]
     Conflict {
         key: Box<ObjectKey>,
         expected: String,
@@ -563,6 +563,17 @@ impl Store {
     /// Applies a batch of writes atomically: all of them, or none and the error
     /// of the first that failed.
     pub fn commit(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, BatchError> {
+        self.write_batch(ops, false)
+    }
+
+    /// What [`Store::commit`] would answer, every check made, with nothing
+    /// written (Kubernetes' `dryRun=All`): as in Kubernetes, the objects keep
+    /// the resourceVersion they have (none for one that would be created).
+    pub fn dry_run(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, BatchError> {
+        self.write_batch(ops, true)
+    }
+
+    fn write_batch(&self, ops: Vec<Op>, dry_run: bool) -> Result<Vec<Outcome>, BatchError> {
         let mut state = self.state.lock();
         let count = ops.len();
         // The index of the op that failed, when one did.
@@ -574,6 +585,22 @@ impl Store {
             let mut events = Vec::new();
             // Namespaces are written first, so a batch may create a namespace and
             // objects in it in any order.
+            let versions_before: Vec<Option<String>> = if dry_run {
+                ops.iter()
+                    .map(|op| {
+                        let key = match op {
+                            Op::Delete { key, .. } => Some(key.clone()),
+                            Op::Create(o) | Op::Update(o) | Op::Apply(o) | Op::SetStatus(o) => {
+                                o.key()
+                            }
+                        };
+                        key.and_then(|k| read(&txn, &k.storage_key()).ok().flatten())
+                            .and_then(|o| o.metadata.resource_version)
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let mut ordered: Vec<(usize, Op)> = ops.into_iter().enumerate().collect();
             ordered.sort_by_key(|(_, op)| !creates_namespace(op));
             for (index, op) in ordered {
@@ -581,6 +608,15 @@ impl Store {
                 outcomes[index] = Some(write_one(&txn, op, &mut revision, &mut events)?);
             }
             failed_at = 0;
+            if dry_run {
+                txn.abort()?;
+                for (outcome, version) in outcomes.iter_mut().flatten().zip(versions_before) {
+                    if let Outcome::Created(o) | Outcome::Configured(o) = outcome {
+                        o.metadata.resource_version = version;
+                    }
+                }
+                return Ok((revision, outcomes, Vec::new()));
+            }
             txn.open_table(META)?.insert(REVISION, revision)?;
             txn.commit()?;
             Ok((revision, outcomes, events))
@@ -589,6 +625,9 @@ impl Store {
             index: failed_at,
             error,
         })?;
+        if dry_run {
+            return Ok(outcomes.into_iter().flatten().collect());
+        }
         self.file.wrote();
         state.revision = revision;
         for event in events {

@@ -93,6 +93,52 @@ fn stale_resource_version_conflicts_and_changes_nothing() {
     );
 }
 
+#[tokio::test]
+async fn a_dry_run_checks_everything_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let created = store
+        .commit(vec![Op::Create(entry("vm1", "default", "10.0.0.1"))])
+        .unwrap();
+    let rv = created[0].object().metadata.resource_version.clone();
+    let revision = store.revision();
+    let mut changes = store.watch(entries_in(None), rv.as_deref()).unwrap();
+
+    let tried = store
+        .dry_run(vec![
+            Op::Update(entry("vm1", "default", "10.0.0.2")),
+            Op::Create(entry("vm2", "default", "10.0.0.3")),
+        ])
+        .unwrap();
+    assert_eq!(tried[0].verb(), "configured");
+    assert_eq!(tried[0].object().body["spec"]["address"], "10.0.0.2");
+    assert_eq!(tried[0].object().metadata.resource_version, rv);
+    assert_eq!(tried[1].verb(), "created");
+    assert_eq!(tried[1].object().metadata.resource_version, None);
+    // The checks are the real ones.
+    let refused = store
+        .dry_run(vec![Op::Create(entry("vm1", "default", "10.0.0.9"))])
+        .unwrap_err();
+    assert!(matches!(refused.error, StoreError::AlreadyExists(_)));
+
+    assert_eq!(store.revision(), revision);
+    let (list, _) = store.list(&entries_in(None)).unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].body["spec"]["address"], "10.0.0.1");
+    store
+        .commit(vec![Op::Delete {
+            key: entry("vm1", "default", "x").key().unwrap(),
+            expected: None,
+        }])
+        .unwrap();
+    let next = changes.next().await.unwrap();
+    assert_eq!(
+        next.event_type,
+        EventType::Deleted,
+        "no event from the dry run"
+    );
+}
+
 #[test]
 fn batches_are_atomic_and_namespaces_come_first() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,7 +4,8 @@ use std::time::SystemTime;
 
 use anyhow::Result;
 use serde_json::{Value, json};
-use vmesh_api::KindInfo;
+use vmesh_api::table::cell;
+use vmesh_api::{KindInfo, table};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
@@ -150,15 +151,16 @@ pub fn align(headers: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 fn table(info: &KindInfo, objects: &[Value], wide: bool, all_namespaces: bool) -> String {
+    let columns: Vec<table::Column> = table::columns(info)
+        .into_iter()
+        .filter(|c| wide || c.priority == 0)
+        .collect();
     let mut headers: Vec<&str> = Vec::new();
     if all_namespaces && info.namespaced {
         headers.push("NAMESPACE");
     }
     headers.push("NAME");
-    headers.extend(info.columns.iter().map(|(h, _)| *h));
-    let computed = computed_columns(info);
-    headers.extend(computed.iter().map(|(h, _)| *h));
-    headers.push("AGE");
+    headers.extend(columns.iter().map(|c| c.name));
     if wide {
         headers.push("LABELS");
     }
@@ -168,26 +170,9 @@ fn table(info: &KindInfo, objects: &[Value], wide: bool, all_namespaces: bool) -
         .map(|o| {
             let mut row = Vec::new();
             if all_namespaces && info.namespaced {
-                row.push(
-                    o["metadata"]["namespace"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_string(),
-                );
+                row.push(table::cell(o["metadata"].get("namespace")));
             }
-            row.push(
-                o["metadata"]["name"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_string(),
-            );
-            for (_, pointer) in info.columns {
-                row.push(cell(o.pointer(pointer)));
-            }
-            for (_, compute) in computed {
-                row.push(compute(o));
-            }
-            row.push(age(o["metadata"]["creationTimestamp"].as_str(), now));
+            row.extend(table::row(&columns, o, now));
             if wide {
                 let labels = o["metadata"]["labels"].as_object().map(|m| {
                     m.iter()
@@ -207,136 +192,6 @@ fn table(info: &KindInfo, objects: &[Value], wide: bool, all_namespaces: bool) -
     align(&headers, &rows)
 }
 
-/// Columns kubectl computes from several fields, after the kind's own.
-type Computed = (&'static str, fn(&Value) -> String);
-
-fn computed_columns(info: &KindInfo) -> &'static [Computed] {
-    match info.kind {
-        "Service" => &[
-            ("EXTERNAL-IP", service_external_ip),
-            ("PORT(S)", service_ports),
-        ],
-        "Endpoints" => &[("ENDPOINTS", endpoints_summary)],
-        _ => &[],
-    }
-}
-
-fn strings(value: &Value) -> impl Iterator<Item = &str> {
-    value
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-}
-
-/// kubectl's EXTERNAL-IP: the external name, the load balancer's addresses
-/// and `externalIPs`; `<pending>` for a load balancer without one.
-fn service_external_ip(service: &Value) -> String {
-    let spec = &service["spec"];
-    if spec["type"] == "ExternalName" {
-        return cell(spec.get("externalName"));
-    }
-    let mut addresses: Vec<&str> = Vec::new();
-    if spec["type"] == "LoadBalancer" {
-        for ingress in service["status"]["loadBalancer"]["ingress"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            addresses.extend(ingress["ip"].as_str().or(ingress["hostname"].as_str()));
-        }
-    }
-    addresses.extend(strings(&spec["externalIPs"]));
-    match addresses.is_empty() {
-        false => addresses.join(","),
-        true if spec["type"] == "LoadBalancer" => "<pending>".into(),
-        true => "<none>".into(),
-    }
-}
-
-/// kubectl's PORT(S): `8080/TCP,80:30080/TCP` (`port:nodePort` when there is a node port).
-fn service_ports(service: &Value) -> String {
-    let ports: Vec<String> = service["spec"]["ports"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|p| {
-            let protocol = p["protocol"].as_str().unwrap_or("TCP");
-            match p["nodePort"].as_u64() {
-                Some(node) => format!("{}:{node}/{protocol}", p["port"]),
-                None => format!("{}/{protocol}", p["port"]),
-            }
-        })
-        .collect();
-    if ports.is_empty() {
-        "<none>".into()
-    } else {
-        ports.join(",")
-    }
-}
-
-/// kubectl's ENDPOINTS: the first three ready `ip:port`s, then how many more.
-fn endpoints_summary(endpoints: &Value) -> String {
-    const SHOWN: usize = 3;
-    let subsets = endpoints["subsets"].as_array().into_iter().flatten();
-    let mut all: Vec<String> = Vec::new();
-    for subset in subsets {
-        let ips: Vec<&str> = subset["addresses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|a| a["ip"].as_str())
-            .collect();
-        match subset["ports"].as_array().filter(|p| !p.is_empty()) {
-            None => all.extend(ips.iter().map(|ip| ip.to_string())),
-            Some(ports) => {
-                for port in ports {
-                    for ip in &ips {
-                        all.push(match ip.contains(':') {
-                            true => format!("[{ip}]:{}", port["port"]),
-                            false => format!("{ip}:{}", port["port"]),
-                        });
-                    }
-                }
-            }
-        }
-    }
-    match all.len() {
-        0 => "<none>".into(),
-        n if n <= SHOWN => all.join(","),
-        n => format!("{} + {} more...", all[..SHOWN].join(","), n - SHOWN),
-    }
-}
-
-fn cell(value: Option<&Value>) -> String {
-    match value {
-        None | Some(Value::Null) => "<none>".into(),
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(items)) => {
-            let parts: Vec<String> = items.iter().map(|v| cell(Some(v))).collect();
-            format!("[{}]", parts.join(","))
-        }
-        Some(other) => other.to_string(),
-    }
-}
-
-/// kubectl-style age: `45s`, `12m`, `5h`, `3d`.
-fn age(created: Option<&str>, now: SystemTime) -> String {
-    let Some(created) = created.and_then(|c| humantime::parse_rfc3339(c).ok()) else {
-        return "<unknown>".into();
-    };
-    let secs = now
-        .duration_since(created)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    match secs {
-        0..120 => format!("{secs}s"),
-        120..7200 => format!("{}m", secs / 60),
-        7200..172_800 => format!("{}h", secs / 3600),
-        _ => format!("{}d", secs / 86_400),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,9 +206,9 @@ mod tests {
         let text = table(info, &objects, false, true);
         assert_eq!(
             text,
-            "NAMESPACE   NAME           ADDRESS    AGE\n\
-             a           vm1            10.0.0.1   <unknown>\n\
-             b           long-name-vm   <none>     <unknown>\n"
+            "NAMESPACE   NAME           AGE         ADDRESS\n\
+             a           vm1            <unknown>   10.0.0.1\n\
+             b           long-name-vm   <unknown>   <none>\n"
         );
     }
 
@@ -394,14 +249,5 @@ mod tests {
              one               [2001:db8::1]:80                                        <unknown>\n\
              none              <none>                                                  <unknown>\n"
         );
-    }
-
-    #[test]
-    fn ages_read_like_kubectl() {
-        let now = SystemTime::now();
-        let then =
-            humantime::format_rfc3339_seconds(now - std::time::Duration::from_secs(3 * 3600))
-                .to_string();
-        assert_eq!(age(Some(&then), now), "3h");
     }
 }

@@ -340,8 +340,13 @@ fn the_guides_commands_work_with_vmesh_for_the_program() {
         "apply workload-entry-payment-vm1.yaml",
     );
     let entries = guide.run("kubectl get workloadentries -n vm-workloads");
+    // Istio's printer columns for WorkloadEntries: AGE, then ADDRESS.
+    let header: Vec<&str> = entries.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["NAME", "AGE", "ADDRESS"], "{entries}");
     assert!(
-        entries.starts_with("NAME ") && entries.contains("payment-service-vm1   192.168.1.100"),
+        entries
+            .lines()
+            .any(|l| l.starts_with("payment-service-vm1 ") && l.ends_with(" 192.168.1.100")),
         "{entries}"
     );
     let line = "kubectl get endpoints payment-service -n vm-workloads -o yaml";

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use schemars::JsonSchema;
 use serde::de::{self, Deserializer, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 use serde_with::skip_serializing_none;
@@ -125,6 +126,32 @@ pub enum IntOrString {
     String(String),
 }
 
+impl JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A duration with its unit, such as 30s, 1m or 1h30m.",
+        })
+    }
+}
+
+impl JsonSchema for IntOrString {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "IntOrString".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "x-kubernetes-int-or-string": true,
+            "description": "An integer or a string.",
+        })
+    }
+}
+
 impl Serialize for IntOrString {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
@@ -160,7 +187,7 @@ impl<'de> Deserialize<'de> for IntOrString {
 
 /// Istio's `istio.type.v1beta1.WorkloadSelector` (`selector:` in security and telemetry kinds).
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MatchLabelsSelector {
     pub match_labels: Option<BTreeMap<String, String>>,
@@ -180,7 +207,7 @@ impl MatchLabelsSelector {
 
 /// Istio's networking `WorkloadSelector` (`workloadSelector: {labels: …}`).
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LabelsSelector {
     pub labels: Option<BTreeMap<String, String>>,
@@ -213,7 +240,7 @@ pub fn check_selector_labels(c: &mut Checker, path: &Path, labels: &BTreeMap<Str
 
 /// A reference to a policy target (`targetRef`), Gateway API style.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PolicyTargetReference {
     pub group: Option<String>,
@@ -223,14 +250,14 @@ pub struct PolicyTargetReference {
 }
 
 /// Istio's `PortSelector`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PortSelector {
     pub number: u32,
 }
 
 /// Istio's `Percent`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Percent {
     pub value: f64,
@@ -238,7 +265,7 @@ pub struct Percent {
 
 /// Istio's `StringMatch`: exactly one of exact, prefix or regex.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StringMatch {
     pub exact: Option<String>,
@@ -320,7 +347,7 @@ mod tests {
 
 /// The body of an Istio kind: a `spec` and a server-written `status`.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WithSpec<S> {
     pub spec: S,

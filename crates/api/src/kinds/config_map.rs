@@ -2,14 +2,15 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_with::skip_serializing_none;
 
 use crate::check::{Checker, Path};
-use crate::registry::{KindInfo, Validate, decode_body};
+use crate::registry::{KindInfo, Validate, body_schema, decode_body};
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConfigMap {
     pub data: Option<BTreeMap<String, String>>,
@@ -53,4 +54,5 @@ pub static KIND: KindInfo = KindInfo {
     default_namespace: None,
     columns: &[],
     decode: decode_body::<ConfigMap>,
+    schema: body_schema::<ConfigMap>,
 };

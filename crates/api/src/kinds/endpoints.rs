@@ -4,16 +4,17 @@
 //! ([`crate::registry::views`]), not a kind anyone writes, so `apply`
 //! refuses them.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_with::skip_serializing_none;
 
 use super::service::TransportProtocol;
 use crate::check::Checker;
-use crate::registry::{KindInfo, Validate, decode_body};
+use crate::registry::{KindInfo, Validate, body_schema, decode_body};
 
 /// The body of an Endpoints object.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Endpoints {
     /// Absent when the Service selects nothing, as Kubernetes leaves it.
@@ -22,7 +23,7 @@ pub struct Endpoints {
 
 /// Addresses that serve the same ports.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointSubset {
     pub addresses: Option<Vec<EndpointAddress>>,
@@ -32,7 +33,9 @@ pub struct EndpointSubset {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointAddress {
     pub ip: String,
@@ -43,7 +46,9 @@ pub struct EndpointAddress {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ObjectReference {
     pub kind: Option<String>,
@@ -56,7 +61,7 @@ pub struct ObjectReference {
 /// A port of the workloads: the Service port's name, the workload's port
 /// number (the Service's `targetPort`), and the transport.
 #[skip_serializing_none]
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointPort {
     pub name: Option<String>,
@@ -80,4 +85,5 @@ pub static KIND: KindInfo = KindInfo {
     default_namespace: None,
     columns: &[],
     decode: decode_body::<Endpoints>,
+    schema: body_schema::<Endpoints>,
 };

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_with::skip_serializing_none;
 
@@ -10,10 +11,10 @@ use super::common::{
     NETWORKING_VERSIONS, SpecValidate, WithSpec, check_protocol, check_selector_labels,
 };
 use crate::check::{Checker, Path};
-use crate::registry::{KindInfo, decode_body};
+use crate::registry::{KindInfo, body_schema, decode_body};
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewaySpec {
     pub servers: Vec<Server>,
@@ -21,7 +22,7 @@ pub struct GatewaySpec {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Server {
     pub port: GatewayPort,
@@ -33,7 +34,7 @@ pub struct Server {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayPort {
     pub number: u32,
@@ -43,7 +44,7 @@ pub struct GatewayPort {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServerTlsSettings {
     pub https_redirect: Option<bool>,
@@ -62,7 +63,7 @@ pub struct ServerTlsSettings {
     pub cipher_suites: Option<Vec<String>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ServerTlsMode {
     Passthrough,
@@ -147,4 +148,5 @@ pub static KIND: KindInfo = KindInfo {
     default_namespace: None,
     columns: &[],
     decode: decode_body::<Gateway>,
+    schema: body_schema::<Gateway>,
 };

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_with::skip_serializing_none;
@@ -12,10 +13,10 @@ use serde_with::skip_serializing_none;
 use super::common::{Duration, SpecValidate, WithSpec, check_selector_labels};
 use super::sidecar::OutboundTrafficPolicy;
 use crate::check::{Checker, Path};
-use crate::registry::{KindInfo, decode_body};
+use crate::registry::{KindInfo, body_schema, decode_body};
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IstioOperatorSpec {
     pub profile: Option<String>,
@@ -31,7 +32,7 @@ pub struct IstioOperatorSpec {
 
 /// The parts of Istio's `MeshConfig` vmesh understands.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshConfig {
     pub default_config: Option<ProxyConfig>,
@@ -87,7 +88,7 @@ impl MeshConfig {
 /// `stackdriver`, …) is kept as written and `vmesh validate` says it is not
 /// applied.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ExtensionProvider {
     pub name: String,
@@ -101,7 +102,7 @@ pub struct ExtensionProvider {
 
 /// `envoyFileAccessLog`: Envoy's file access logger.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct FileAccessLogProvider {
     pub path: Option<String>,
@@ -111,7 +112,7 @@ pub struct FileAccessLogProvider {
 /// A log line's shape: a text format, or JSON with these labels (each a
 /// command operator such as `%RESPONSE_CODE%`).
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LogFormat {
     pub text: Option<String>,
@@ -120,7 +121,7 @@ pub struct LogFormat {
 
 /// `zipkin`: spans sent to a Zipkin collector (Zipkin's JSON v2 API).
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ZipkinProvider {
     /// The collector's service host, as in `zipkin.istio-system.svc.cluster.local`.
@@ -137,7 +138,7 @@ pub struct ZipkinProvider {
 
 /// `opentelemetry`: spans sent over OTLP, gRPC unless `http` is given.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OpenTelemetryProvider {
     pub service: String,
@@ -150,7 +151,7 @@ pub struct OpenTelemetryProvider {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OtlpHttp {
     pub path: Option<String>,
@@ -160,7 +161,7 @@ pub struct OtlpHttp {
 
 /// `meshConfig.defaultProviders`: the providers used where no Telemetry names one.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DefaultProviders {
     pub tracing: Option<Vec<String>>,
@@ -250,7 +251,7 @@ impl ExtensionProvider {
 
 /// The parts of Istio's `ProxyConfig` (`meshConfig.defaultConfig`) vmesh understands.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProxyConfig {
     pub hold_application_until_proxy_starts: Option<bool>,
@@ -270,7 +271,7 @@ pub struct ProxyConfig {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Values {
     pub global: Option<GlobalValues>,
@@ -280,7 +281,7 @@ pub struct Values {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GlobalValues {
     #[serde(rename = "meshID")]
@@ -292,7 +293,7 @@ pub struct GlobalValues {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MultiCluster {
     pub cluster_name: Option<String>,
@@ -302,7 +303,7 @@ pub struct MultiCluster {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Components {
     pub base: Option<Component>,
@@ -315,7 +316,7 @@ pub struct Components {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Component {
     pub enabled: Option<bool>,
@@ -326,7 +327,7 @@ pub struct Component {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GatewayComponent {
     pub name: String,
@@ -434,8 +435,9 @@ pub static KIND: KindInfo = KindInfo {
     namespaced: true,
     default_name: Some("default"),
     default_namespace: Some("istio-system"),
-    columns: &[("PROFILE", "/spec/profile")],
+    columns: &[("REVISION", "/spec/revision"), ("STATUS", "/status/status")],
     decode: decode_body::<IstioOperator>,
+    schema: body_schema::<IstioOperator>,
 };
 
 #[cfg(test)]

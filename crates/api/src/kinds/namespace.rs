@@ -1,14 +1,15 @@
 //! Core `v1` Namespace: cluster-scoped; objects can only live in one that exists.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_with::skip_serializing_none;
 
 use crate::check::Checker;
-use crate::registry::{KindInfo, Validate, decode_body};
+use crate::registry::{KindInfo, Validate, body_schema, decode_body};
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Namespace {
     pub spec: Option<NamespaceSpec>,
@@ -16,7 +17,7 @@ pub struct Namespace {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NamespaceSpec {
     pub finalizers: Option<Vec<String>>,
@@ -37,4 +38,5 @@ pub static KIND: KindInfo = KindInfo {
     default_namespace: None,
     columns: &[],
     decode: decode_body::<Namespace>,
+    schema: body_schema::<Namespace>,
 };

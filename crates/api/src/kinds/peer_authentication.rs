@@ -2,15 +2,16 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_with::skip_serializing_none;
 
 use super::common::{MatchLabelsSelector, SECURITY_VERSIONS, SpecValidate, WithSpec};
 use crate::check::{Checker, Path};
-use crate::registry::{KindInfo, decode_body};
+use crate::registry::{KindInfo, body_schema, decode_body};
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PeerAuthenticationSpec {
     pub selector: Option<MatchLabelsSelector>,
@@ -20,13 +21,13 @@ pub struct PeerAuthenticationSpec {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MutualTls {
     pub mode: Option<MtlsMode>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum MtlsMode {
     Unset,
@@ -76,4 +77,5 @@ pub static KIND: KindInfo = KindInfo {
     default_namespace: None,
     columns: &[("MODE", "/spec/mtls/mode")],
     decode: decode_body::<PeerAuthentication>,
+    schema: body_schema::<PeerAuthentication>,
 };

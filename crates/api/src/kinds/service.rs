@@ -3,16 +3,17 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_with::skip_serializing_none;
 
 use super::common::IntOrString;
 use crate::check::{Checker, Path};
-use crate::registry::{KindInfo, Validate, decode_body};
+use crate::registry::{KindInfo, Validate, body_schema, decode_body};
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Service {
     pub spec: ServiceSpec,
@@ -20,7 +21,7 @@ pub struct Service {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceSpec {
     pub ports: Option<Vec<ServicePort>>,
@@ -44,7 +45,7 @@ pub struct ServiceSpec {
     pub external_traffic_policy: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum ServiceType {
     ClusterIP,
     NodePort,
@@ -53,7 +54,7 @@ pub enum ServiceType {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
     pub name: Option<String>,
@@ -64,7 +65,7 @@ pub struct ServicePort {
     pub node_port: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum TransportProtocol {
     #[serde(rename = "TCP")]
     Tcp,
@@ -142,4 +143,5 @@ pub static KIND: KindInfo = KindInfo {
     default_namespace: None,
     columns: &[("TYPE", "/spec/type"), ("CLUSTER-IP", "/spec/clusterIP")],
     decode: decode_body::<Service>,
+    schema: body_schema::<Service>,
 };

@@ -1,6 +1,7 @@
 //! Istio `ServiceEntry`: services the registry does not learn from Services —
 //! external APIs, or mesh-internal hosts such as a database on VMs.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_with::skip_serializing_none;
 
@@ -9,10 +10,10 @@ use super::common::{
 };
 use super::workload_entry::WorkloadEntrySpec;
 use crate::check::{Checker, Path};
-use crate::registry::{KindInfo, decode_body};
+use crate::registry::{KindInfo, body_schema, decode_body};
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServiceEntrySpec {
     pub hosts: Vec<String>,
@@ -28,7 +29,7 @@ pub struct ServiceEntrySpec {
 
 /// A port of a ServiceEntry (Istio's `ServicePort`).
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ServicePort {
     pub number: u32,
@@ -37,14 +38,14 @@ pub struct ServicePort {
     pub target_port: Option<u32>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Location {
     MeshExternal,
     MeshInternal,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Resolution {
     None,
@@ -167,4 +168,5 @@ pub static KIND: KindInfo = KindInfo {
         ("RESOLUTION", "/spec/resolution"),
     ],
     decode: decode_body::<ServiceEntry>,
+    schema: body_schema::<ServiceEntry>,
 };

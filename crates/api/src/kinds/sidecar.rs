@@ -1,14 +1,15 @@
 //! Istio `Sidecar`: what a workload's proxy listens for and which hosts it may reach.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_with::skip_serializing_none;
 
 use super::common::{LabelsSelector, NETWORKING_VERSIONS, SpecValidate, WithSpec, check_protocol};
 use crate::check::{Checker, Path};
-use crate::registry::{KindInfo, decode_body};
+use crate::registry::{KindInfo, body_schema, decode_body};
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SidecarSpec {
     pub workload_selector: Option<LabelsSelector>,
@@ -19,7 +20,7 @@ pub struct SidecarSpec {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SidecarPort {
     pub number: u32,
@@ -29,7 +30,7 @@ pub struct SidecarPort {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IstioIngressListener {
     pub port: SidecarPort,
@@ -41,7 +42,7 @@ pub struct IstioIngressListener {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IstioEgressListener {
     pub port: Option<SidecarPort>,
@@ -50,7 +51,7 @@ pub struct IstioEgressListener {
     pub hosts: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum CaptureMode {
     Default,
@@ -59,14 +60,14 @@ pub enum CaptureMode {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutboundTrafficPolicy {
     pub mode: Option<OutboundMode>,
     pub egress_proxy: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum OutboundMode {
     RegistryOnly,
@@ -137,4 +138,5 @@ pub static KIND: KindInfo = KindInfo {
     default_namespace: None,
     columns: &[],
     decode: decode_body::<Sidecar>,
+    schema: body_schema::<Sidecar>,
 };

@@ -3,15 +3,16 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_with::skip_serializing_none;
 
 use super::common::{NETWORKING_VERSIONS, SpecValidate, WithSpec};
 use crate::check::{Checker, Path};
-use crate::registry::{KindInfo, decode_body};
+use crate::registry::{KindInfo, body_schema, decode_body};
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadEntrySpec {
     pub address: Option<String>,
@@ -89,6 +90,10 @@ pub static KIND: KindInfo = KindInfo {
     namespaced: true,
     default_name: None,
     default_namespace: None,
-    columns: &[("ADDRESS", "/spec/address")],
+    columns: &[
+        ("AGE", "/metadata/creationTimestamp"),
+        ("ADDRESS", "/spec/address"),
+    ],
     decode: decode_body::<WorkloadEntry>,
+    schema: body_schema::<WorkloadEntry>,
 };

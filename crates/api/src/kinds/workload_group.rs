@@ -3,16 +3,17 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_with::skip_serializing_none;
 
 use super::common::{NETWORKING_VERSIONS, SpecValidate, WithSpec};
 use super::workload_entry::WorkloadEntrySpec;
 use crate::check::{Checker, Path};
-use crate::registry::{KindInfo, decode_body};
+use crate::registry::{KindInfo, body_schema, decode_body};
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkloadGroupSpec {
     pub metadata: Option<GroupMetadata>,
@@ -21,7 +22,7 @@ pub struct WorkloadGroupSpec {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GroupMetadata {
     pub labels: Option<BTreeMap<String, String>>,
@@ -30,7 +31,7 @@ pub struct GroupMetadata {
 
 /// Kubernetes-style readiness probe the agent runs on the VM.
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReadinessProbe {
     pub initial_delay_seconds: Option<u32>,
@@ -45,7 +46,7 @@ pub struct ReadinessProbe {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpHealthCheck {
     pub path: Option<String>,
@@ -55,7 +56,7 @@ pub struct HttpHealthCheck {
     pub http_headers: Option<Vec<HttpHeader>>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpHeader {
     pub name: String,
@@ -63,21 +64,21 @@ pub struct HttpHeader {
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpHealthCheck {
     pub host: Option<String>,
     pub port: u32,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExecHealthCheck {
     pub command: Vec<String>,
 }
 
 #[skip_serializing_none]
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GrpcHealthCheck {
     pub port: u32,
@@ -171,6 +172,7 @@ pub static KIND: KindInfo = KindInfo {
     namespaced: true,
     default_name: None,
     default_namespace: None,
-    columns: &[("SERVICE-ACCOUNT", "/spec/template/serviceAccount")],
+    columns: &[],
     decode: decode_body::<WorkloadGroup>,
+    schema: body_schema::<WorkloadGroup>,
 };

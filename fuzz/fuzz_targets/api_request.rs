@@ -1,6 +1,8 @@
-//! Any request to the config API: the first byte picks the method and the
-//! Content-Type, the first line is the path and query (appended to a
-//! resource path when it does not start with `/`), the rest is the body.
+//! Any request to the config API: the first byte picks the method, the
+//! Content-Type (JSON, YAML, the patch types, Kubernetes' protobuf) and
+//! whether a Table is asked for, the first line is the path and query
+//! (appended to a resource path when it does not start with `/`), the
+//! rest is the body.
 //! One server's router and store serve every input, so state builds up as
 //! it would. Nothing may panic, and no request may get a 500.
 #![no_main]
@@ -57,19 +59,29 @@ const METHODS: [Method; 5] = [
     Method::DELETE,
     Method::PATCH,
 ];
-const CONTENT_TYPES: [&str; 4] = [
+const CONTENT_TYPES: [&str; 8] = [
     "application/json",
     "application/yaml",
     "text/plain",
     "application/merge-patch+json",
+    "application/json-patch+json",
+    "application/strategic-merge-patch+json",
+    "application/apply-patch+yaml",
+    "application/vnd.kubernetes.protobuf",
 ];
+/// What `kubectl get` asks for; sent when bit 3 of the first byte is set.
+const TABLE: &str = "application/json;as=Table;v=v1;g=meta.k8s.io,application/json";
 
 fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else {
         return;
     };
-    let text = String::from_utf8_lossy(rest);
-    let (path, body) = text.split_once('\n').unwrap_or((&text, ""));
+    // The body stays bytes: protobuf bodies are not text.
+    let (line, body) = match rest.iter().position(|&b| b == b'\n') {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => (rest, &[][..]),
+    };
+    let path = String::from_utf8_lossy(line);
     let path = if path.starts_with('/') {
         path.to_string()
     } else {
@@ -79,7 +91,8 @@ fuzz_target!(|data: &[u8]| {
         .method(METHODS[usize::from(first) % METHODS.len()].clone())
         .uri(&path)
         .header("content-type", CONTENT_TYPES[usize::from(first >> 4) % CONTENT_TYPES.len()])
-        .body(Body::from(body.to_string()))
+        .header("accept", if first & 8 != 0 { TABLE } else { "application/json" })
+        .body(Body::from(body.to_vec()))
     else {
         return;
     };

@@ -619,7 +619,9 @@ fn request_object(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
         .map_err(|e| bad_request(format!("the request body is not a JSON object: {e}")))?;
     // Read again by the manifest parser, which refuses what JSON parsers
     // let pass (a key given twice), saying where.
-    let text = std::str::from_utf8(body).expect("the body was parsed as JSON");
+    // serde_json skips the fields it ignores unchecked: the body may still not be UTF-8.
+    let text = std::str::from_utf8(body)
+        .map_err(|e| bad_request(format!("the request body is not UTF-8: {e}")))?;
     let mut documents = vmesh_api::yaml::parse_documents(text)
         .map_err(|e| invalid(&[vmesh_api::decode::syntax_problem("request body", &e)]))?;
     Ok(documents.remove(0).value)
@@ -1159,7 +1161,9 @@ where
 /// Decodes and validates the objects of a JSON request body under `field` as
 /// the CLI does, each named `field[i]`, problems placed in the body as sent.
 fn decode_body(body: &[u8], field: &str, default_namespace: &str) -> Result<Vec<Object>, ApiError> {
-    let text = std::str::from_utf8(body).expect("the body was parsed as JSON");
+    // serde_json skips the fields it ignores unchecked: the body may still not be UTF-8.
+    let text = std::str::from_utf8(body)
+        .map_err(|e| bad_request(format!("the request body is not UTF-8: {e}")))?;
     let decoded = vmesh_api::decode_list("request body", text, field, default_namespace);
     if decoded.has_errors() {
         return Err(invalid(&decoded.problems));

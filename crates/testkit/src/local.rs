@@ -84,7 +84,10 @@ impl LocalServer {
         server.api = api.context("the server did not print its API address")?;
         server.monitoring =
             monitoring.context("the server did not print its monitoring address")?;
-        if !server.api.starts_with("http://127.0.0.1:") {
+        if !["http://127.0.0.1:", "https://127.0.0.1:"]
+            .iter()
+            .any(|prefix| server.api.starts_with(prefix))
+        {
             bail!("unexpected API address {:?}", server.api);
         }
         Ok(server)
@@ -110,7 +113,7 @@ impl LocalServer {
         command
     }
 
-    /// The config API's URL (`http://127.0.0.1:…`).
+    /// The config API's URL (`http://127.0.0.1:…`, `https://` with `--api-tls`).
     pub fn api(&self) -> &str {
         &self.api
     }

@@ -30,6 +30,12 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub enum ApiError {
     #[error("building the HTTP client")]
     Build(#[source] reqwest::Error),
+    #[error("reading the CA certificate {}", path.display())]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{what}: cannot reach {server} ({hint})")]
     Unreachable {
         what: String,
@@ -78,10 +84,18 @@ impl Client {
     /// The config API at `connection`.
     pub fn config_api(connection: &Connection) -> Result<Client, ApiError> {
         let base = connection.server.trim_end_matches('/').to_string();
+        let ca = match &connection.ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|source| ApiError::CaFile {
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
         Client::new(
             format!("the vmesh server at {base}"),
             base,
             connection.token.clone(),
+            ca.as_deref(),
             "set VMESH_SERVER or --server",
         )
     }
@@ -93,21 +107,30 @@ impl Client {
             format!("the server's monitoring port at {base}"),
             base,
             None,
+            None,
             "set --monitoring or VMESH_MONITORING",
         )
     }
 
+    /// A client of `base`; an https:// server is trusted by `ca` (PEM) alone.
     fn new(
         server: String,
         base: String,
         token: Option<String>,
+        ca: Option<&[u8]>,
         hint: &'static str,
     ) -> Result<Client, ApiError> {
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .build()
-            .map_err(ApiError::Build)?;
+            .timeout(REQUEST_TIMEOUT);
+        if let Some(pem) = ca {
+            for certificate in
+                reqwest::Certificate::from_pem_bundle(pem).map_err(ApiError::Build)?
+            {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        let http = builder.build().map_err(ApiError::Build)?;
         Ok(Client {
             base,
             token,

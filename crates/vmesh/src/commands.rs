@@ -17,6 +17,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             data_dir,
             api_addr,
             api_token_file,
+            api_tls,
             config_dir,
             xds_addr,
             xds_plaintext_addr,
@@ -41,6 +42,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             let running = vmesh_server::start(ServerConfig {
                 api_addr,
                 api_token,
+                api_tls,
                 config_dir,
                 xds_addr: Some(xds_addr),
                 xds_plaintext_addr,
@@ -317,6 +319,29 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             overwrite,
             connection,
         } => label(&args, &namespace, overwrite, &connection).await,
+        Command::Kubeconfig {
+            name,
+            namespace,
+            connection,
+        } => {
+            let ca = match &connection.ca_file {
+                Some(path) => Some(
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => None,
+            };
+            print!(
+                "{}",
+                crate::kubeconfig::render(
+                    &connection.server,
+                    connection.token.as_deref(),
+                    ca.as_deref(),
+                    &name,
+                    &namespace
+                )?
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Token {
             what:
                 TokenCommand::Create {
@@ -402,7 +427,8 @@ async fn label(
 /// after the line it needs: a closed stdout must not stop the server.
 fn announce(running: &vmesh_server::Running) {
     use std::io::Write;
-    let mut lines = vec![format!("config API on http://{}", running.api_addr)];
+    let scheme = if running.api_tls { "https" } else { "http" };
+    let mut lines = vec![format!("config API on {scheme}://{}", running.api_addr)];
     lines.extend(
         running
             .xds_plaintext_addr

@@ -13,6 +13,7 @@ mod demo;
 mod demo_app;
 mod doctor;
 mod join;
+mod kubeconfig;
 mod label;
 mod load;
 mod manifests;
@@ -74,6 +75,10 @@ struct Connection {
     /// Bearer token for the config API.
     #[arg(long, env = "VMESH_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// The CA certificate (PEM) an https:// server is trusted by: the mesh
+    /// root, <data-dir>/ca/root-cert.pem on the server's machine.
+    #[arg(long, env = "VMESH_CA_FILE", global = true)]
+    ca_file: Option<PathBuf>,
 }
 
 /// The server's certificate authority.
@@ -130,12 +135,18 @@ enum Command {
         /// Directory for the embedded store.
         #[arg(long, default_value = "/var/lib/vmesh")]
         data_dir: PathBuf,
-        /// Config API address; anything but loopback requires --api-token-file.
+        /// Config API address; anything but loopback requires --api-token-file
+        /// and is served over TLS.
         #[arg(long, default_value = "127.0.0.1:15080")]
         api_addr: SocketAddr,
         /// File holding the admin bearer token for the config API.
         #[arg(long)]
         api_token_file: Option<PathBuf>,
+        /// Serve the config API over TLS on loopback too (kubectl sends a
+        /// token only over TLS); its certificate is from the mesh CA, whose
+        /// root is <data-dir>/ca/root-cert.pem.
+        #[arg(long)]
+        api_tls: bool,
         /// Directory of manifests to load and follow.
         #[arg(long)]
         config_dir: Option<PathBuf>,
@@ -253,6 +264,19 @@ enum Command {
         /// Change a label that already has another value.
         #[arg(long)]
         overwrite: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Print a kubeconfig for the server, so that kubectl, client-go and
+    /// kube-rs reach it: `vmesh kubeconfig > ~/.kube/vmesh && kubectl
+    /// --kubeconfig ~/.kube/vmesh get we -A`. Carries the token when one is given.
+    Kubeconfig {
+        /// The name of the cluster, user and context in the kubeconfig.
+        #[arg(long, default_value = "vmesh")]
+        name: String,
+        /// The context's default namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
         #[command(flatten)]
         connection: Connection,
     },

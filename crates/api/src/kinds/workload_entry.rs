@@ -14,13 +14,28 @@ use crate::registry::{KindInfo, body_schema, decode_body};
 #[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// A workload outside Kubernetes (a VM or a bare-metal host) as a member
+/// of the mesh: where it is reached and who it is.
 pub struct WorkloadEntrySpec {
+    /// The IP address (or DNS name, or `unix://` socket) the workload is
+    /// reached at, without a port.
     pub address: Option<String>,
+    /// The workload's port for each service port name, when it differs from
+    /// the service's port.
     pub ports: Option<BTreeMap<String, u32>>,
+    /// The workload's labels: Services and ServiceEntries select it by them.
     pub labels: Option<BTreeMap<String, String>>,
+    /// The network the workload is on; endpoints on another network are
+    /// reached through that network's gateway.
     pub network: Option<String>,
+    /// Where the workload runs, as `region/zone/subzone`, for
+    /// locality-aware load balancing and failover.
     pub locality: Option<String>,
+    /// The workload's share of its services' traffic, relative to the
+    /// other endpoints.
     pub weight: Option<u32>,
+    /// The Kubernetes service account the workload runs as: its SPIFFE
+    /// identity is `spiffe://<trust domain>/ns/<namespace>/sa/<account>`.
     pub service_account: Option<String>,
 }
 

@@ -15,17 +15,27 @@ use crate::registry::{KindInfo, body_schema, decode_body};
 #[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// The template of the WorkloadEntries of VMs that join as one kind of
+/// workload, and how their health is probed.
 pub struct WorkloadGroupSpec {
+    /// Labels and annotations every WorkloadEntry made from this group gets.
     pub metadata: Option<GroupMetadata>,
+    /// The WorkloadEntry fields each joining VM starts from (its address
+    /// comes from the VM itself).
     pub template: WorkloadEntrySpec,
+    /// The health check the agent runs on each VM; its result is the
+    /// entry's `Healthy` condition.
     pub probe: Option<ReadinessProbe>,
 }
 
 #[skip_serializing_none]
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+/// Metadata given to the entries of a group.
 pub struct GroupMetadata {
+    /// Labels for each entry.
     pub labels: Option<BTreeMap<String, String>>,
+    /// Annotations for each entry.
     pub annotations: Option<BTreeMap<String, String>>,
 }
 
@@ -34,14 +44,23 @@ pub struct GroupMetadata {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ReadinessProbe {
+    /// Seconds after the agent starts before the first probe.
     pub initial_delay_seconds: Option<u32>,
+    /// Seconds after which one probe counts as failed.
     pub timeout_seconds: Option<u32>,
+    /// Seconds between probes.
     pub period_seconds: Option<u32>,
+    /// Successes in a row after a failure before the VM is healthy again.
     pub success_threshold: Option<u32>,
+    /// Failures in a row before the VM is unhealthy.
     pub failure_threshold: Option<u32>,
+    /// Probe with an HTTP GET: any status from 200 to 399 is healthy.
     pub http_get: Option<HttpHealthCheck>,
+    /// Probe by opening a TCP connection.
     pub tcp_socket: Option<TcpHealthCheck>,
+    /// Probe by running a command on the VM: exit status 0 is healthy.
     pub exec: Option<ExecHealthCheck>,
+    /// Probe with the gRPC health checking protocol.
     pub grpc: Option<GrpcHealthCheck>,
 }
 

@@ -132,15 +132,12 @@ fn document(kinds: &[(&'static KindInfo, &'static str, bool)]) -> Value {
         if let Some(own) = body.get("properties").and_then(Value::as_object) {
             properties.extend(own.clone());
         }
-        let mut schema = json!({
+        let schema = json!({
             "type": "object",
             "description": format!("{} ({}).", info.kind, info.api_version(version)),
             "properties": properties,
             "x-kubernetes-group-version-kind": [gvk],
         });
-        if let Some(description) = body.get("description") {
-            schema["description"] = description.clone();
-        }
         schemas.insert(name.clone(), schema);
         add_paths(&mut paths, info, version, view, &name, &gvk);
     }

@@ -41,6 +41,7 @@ impl Target {
         let api = Client::config_api(&crate::Connection {
             server: server.api().to_string(),
             token: None,
+            ca_file: None,
         })?;
         let target = Target::Vmesh { server, api };
         for batch in objects.chunks(APPLY_BATCH) {

@@ -365,6 +365,9 @@ struct Params {
     force: Option<bool>,
     /// What a Table row carries: `None`, `Metadata` (the default) or `Object`.
     include_object: Option<String>,
+    /// A watch sends `BOOKMARK` events with the resourceVersion it has
+    /// reached while nothing else happens.
+    allow_watch_bookmarks: Option<bool>,
 }
 
 /// How the objects of one path are shown: in the path's apiVersion, and
@@ -1073,6 +1076,8 @@ fn watch(
     let listing = from.as_deref().is_none_or(|rv| rv.is_empty() || rv == "0");
     let mut changes = store.watch(selection.clone(), from.as_deref())?;
     let (info, include) = (presenter.info, params.include_object.clone());
+    let bookmarks = params.allow_watch_bookmarks.unwrap_or(false);
+    let (kind, api_version) = (info.kind, presenter.info.api_version(&presenter.version));
     // Each event's object, or (`kubectl get -w`) a Table of its one row.
     let line = move |event_type: &str, object: &Object| -> Bytes {
         let object = match table {
@@ -1101,9 +1106,26 @@ fn watch(
             }
         }
         loop {
-            let event = tokio::select! {
-                event = changes.next() => event,
+            let next = tokio::select! {
+                event = changes.next() => Some(event),
                 _ = shutdown.wait_for(|stop| *stop) => return,
+                () = tokio::time::sleep(BOOKMARK_AFTER), if bookmarks => None,
+            };
+            let Some(event) = next else {
+                // Every change up to here has been sent or filtered out: a
+                // watch resumed from this version misses nothing.
+                let bookmark = json!({"type": "BOOKMARK", "object": {
+                    "kind": kind, "apiVersion": api_version,
+                    "metadata": {"resourceVersion": changes.revision().to_string()},
+                }});
+                if tx
+                    .send(Ok(Bytes::from(format!("{bookmark}\n"))))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                continue;
             };
             let bytes = match event {
                 Ok(event) if !selectors.matches(&event.object) => continue,
@@ -1124,6 +1146,9 @@ fn watch(
     });
     streamed_json(stream)
 }
+
+/// How long a watch that asked for bookmarks is silent before it sends one.
+const BOOKMARK_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How long a list or a watch's listing waits for its client to take the
 /// next chunk while it holds a store snapshot and a blocking thread.

@@ -429,6 +429,62 @@ async fn watch_streams_every_change_in_order() {
         ),
         (Some("DELETED"), Some("vm4"))
     );
+
+    // A watch that asks for bookmarks gets one while nothing happens, with
+    // the version it has reached; resumed from it, it misses nothing.
+    let response = server
+        .http
+        .get(format!(
+            "{}{ENTRIES}?watch=true&allowWatchBookmarks=true&resourceVersion={rv}",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut body = response.bytes_stream();
+    let mut buffer = Vec::new();
+    let bookmark = loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(15), body.next())
+            .await
+            .expect("a bookmark within 15 s")
+            .unwrap()
+            .unwrap();
+        buffer.extend_from_slice(&chunk);
+        let lines: Vec<Value> = buffer
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        if let Some(bookmark) = lines.iter().find(|e| e["type"] == "BOOKMARK") {
+            break bookmark.clone();
+        }
+    };
+    assert_eq!(bookmark["object"]["kind"], "WorkloadEntry");
+    let reached = bookmark["object"]["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reached.parse::<u64>().unwrap() > rv.parse::<u64>().unwrap());
+    server
+        .call(reqwest::Method::DELETE, &format!("{ENTRIES}/vm5"), None)
+        .await;
+    let response = server
+        .http
+        .get(format!(
+            "{}{ENTRIES}?watch=true&resourceVersion={reached}",
+            server.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    let chunk = tokio::time::timeout(Duration::from_secs(10), response.bytes_stream().next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let event: Value =
+        serde_json::from_slice(chunk.split(|b| *b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(event["object"]["metadata"]["name"], "vm5");
     server.running.shutdown().await;
 }
 

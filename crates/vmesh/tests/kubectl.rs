@@ -400,7 +400,7 @@ fn kubectl_diffs_applies_server_side_watches_and_deletes() {
 #[test]
 fn kubectl_renders_the_servers_refusals() {
     let dir = tempfile::tempdir().unwrap();
-    let (_server, kubectl) = setup(dir.path());
+    let (server, kubectl) = setup(dir.path());
     kubectl.ok("kubectl create namespace vm-workloads");
     let exists = kubectl.refused(&["create", "namespace", "vm-workloads"]);
     assert!(
@@ -436,4 +436,36 @@ fn kubectl_renders_the_servers_refusals() {
     );
     let protected = kubectl.refused(&["delete", "namespace", "default"]);
     assert!(protected.contains("Forbidden"), "{protected}");
+    // 400: a field selector the server cannot read.
+    let selector = kubectl.refused(&[
+        "get",
+        "we",
+        "-n",
+        "vm-workloads",
+        "--field-selector",
+        "spec.address=10.0.0.1",
+    ]);
+    assert!(
+        selector.contains("Error from server (BadRequest)"),
+        "{selector}"
+    );
+    // 410: a watch from a version older than the server keeps (from
+    // before a restart).
+    let listed = json(&kubectl.ok("kubectl get --raw /api/v1/namespaces"));
+    let version = listed["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!version.is_empty(), "{listed}");
+    kubectl.ok("kubectl create namespace later");
+    drop(server);
+    let (_server, kubectl) = setup(dir.path());
+    let gone = kubectl.refused(&[
+        "--request-timeout",
+        "20s",
+        "get",
+        "--raw",
+        &format!("/api/v1/namespaces?watch=1&resourceVersion={version}"),
+    ]);
+    assert!(gone.contains("Error from server (Expired)"), "{gone}");
 }

@@ -85,8 +85,9 @@ impl Object {
         serde_json::from_value(Value::Object(self.body.clone()))
     }
 
-    /// Whether two objects say the same thing: labels, annotations and body,
-    /// ignoring server-managed metadata and status.
+    /// Whether two objects say the same thing: labels, annotations,
+    /// finalizers, owner references, field ownership and body, ignoring
+    /// server-managed metadata and status.
     pub fn same_content(&self, other: &Object) -> bool {
         let strip = |o: &Object| {
             let mut body = o.body.clone();
@@ -94,6 +95,9 @@ impl Object {
             (
                 o.metadata.labels.clone().unwrap_or_default(),
                 o.metadata.annotations.clone().unwrap_or_default(),
+                o.metadata.finalizers.clone().unwrap_or_default(),
+                o.metadata.owner_references.clone().unwrap_or_default(),
+                o.metadata.managed_fields.clone().unwrap_or_default(),
                 body,
             )
         };

@@ -190,7 +190,9 @@ fn store_error_with_message(error: &StoreError, message: String) -> ApiError {
         }
         StoreError::AlreadyExists(_) => (StatusCode::CONFLICT, "AlreadyExists"),
         StoreError::Conflict { .. } => (StatusCode::CONFLICT, "Conflict"),
-        StoreError::ProtectedNamespace(_) => (StatusCode::FORBIDDEN, "Forbidden"),
+        StoreError::ProtectedNamespace(_) | StoreError::NamespaceTerminating(_) => {
+            (StatusCode::FORBIDDEN, "Forbidden")
+        }
         StoreError::Gone(_) => (StatusCode::GONE, "Expired"),
         StoreError::BadResourceVersion(_) | StoreError::UnknownKind(_) => {
             (StatusCode::BAD_REQUEST, "BadRequest")
@@ -735,6 +737,7 @@ fn patch_object(
             (None, Some(live)) => {
                 let mut new =
                     patch::patch(kind, live, body).map_err(|e| bad_request(e.to_string()))?;
+                patch::drop_empty_metadata(&mut new);
                 patch::record_update(Some(live), &mut new, &write.manager, &write.api_version);
                 new
             }
@@ -825,6 +828,7 @@ fn write_value(
             .transpose()?,
         None => None,
     };
+    patch::drop_empty_metadata(&mut value);
     if !target.status {
         patch::record_update(old.as_ref(), &mut value, &write.manager, &write.api_version);
     }

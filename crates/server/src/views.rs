@@ -45,13 +45,17 @@ pub fn present_service(object: &mut Object, snapshot: Option<&Snapshot>) {
     }
 }
 
-/// A Namespace as `GET` shows it: `status.phase` is `Active` (a namespace
-/// is deleted with its contents at once, so none is ever `Terminating`).
+/// A Namespace as `GET` shows it: `status.phase` is `Active`, or
+/// `Terminating` while objects with finalizers hold its deletion.
 pub fn present_namespace(object: &mut Object) {
+    let phase = match object.metadata.deletion_timestamp {
+        Some(_) => "Terminating",
+        None => "Active",
+    };
     object
         .body
         .entry("status")
-        .or_insert_with(|| serde_json::json!({"phase": "Active"}));
+        .or_insert_with(|| serde_json::json!({"phase": phase}));
 }
 
 /// The Endpoints of the Services in `namespace` (every namespace when

@@ -56,6 +56,8 @@ pub enum StoreError {
     NamespaceNotFound(String),
     #[error("namespace {0:?} cannot be deleted")]
     ProtectedNamespace(String),
+    #[error("namespace {0:?} is being deleted: nothing new can be created in it")]
+    NamespaceTerminating(String),
     #[error("object has no registered kind: {0}")]
     UnknownKind(String),
     #[error("resourceVersion {0} is too old to watch from; list again")]
@@ -791,15 +793,21 @@ fn write_one(
             {
                 return Err(StoreError::ProtectedNamespace(key.name));
             }
-            if expected.is_some() {
-                let current = read(txn, &key.storage_key())?
-                    .ok_or_else(|| StoreError::NotFound(Box::new(key.clone())))?;
-                check_version(&key, &current, expected)?;
+            let current = read(txn, &key.storage_key())?
+                .ok_or_else(|| StoreError::NotFound(Box::new(key.clone())))?;
+            check_version(&key, &current, expected)?;
+            let is_namespace = key.group.is_empty() && key.plural == "namespaces";
+            let mut finalized = has_finalizers(&current);
+            if is_namespace {
+                finalized |= delete_namespace_contents(txn, &key.name, revision, events)?;
+            }
+            // Finalizers hold the object (and a namespace holding such
+            // objects) until whoever set them removes them: it is only
+            // marked as being deleted.
+            if finalized {
+                return mark_deleting(txn, current, &key, revision, events);
             }
             let deleted = remove(txn, &key, revision, events)?;
-            if key.group.is_empty() && key.plural == "namespaces" {
-                delete_namespace_contents(txn, &key.name, revision, events)?;
-            }
             return Ok(Outcome::Deleted(deleted));
         }
         Op::SetStatus(object) => return set_status(txn, object, revision, events),
@@ -808,11 +816,38 @@ fn write_one(
         Op::Apply(o) => (o, Mode::Apply),
     };
     let key = key_of(&object)?;
-    if !key.namespace.is_empty() && read(txn, &namespace_key(&key.namespace))?.is_none() {
-        return Err(StoreError::NamespaceNotFound(key.namespace));
-    }
     let storage_key = key.storage_key();
     let existing = read(txn, &storage_key)?;
+    if !key.namespace.is_empty() {
+        match read(txn, &namespace_key(&key.namespace))? {
+            None => return Err(StoreError::NamespaceNotFound(key.namespace)),
+            Some(namespace) if existing.is_none() && is_deleting(&namespace) => {
+                return Err(StoreError::NamespaceTerminating(key.namespace));
+            }
+            Some(_) => {}
+        }
+    }
+    // Only a delete marks an object as being deleted; the mark stays.
+    object.metadata.deletion_timestamp = existing
+        .as_ref()
+        .and_then(|current| current.metadata.deletion_timestamp.clone());
+    // A writer that keeps no field ownership (vmesh apply, a config dir)
+    // leaves that of the others as it is.
+    if object.metadata.managed_fields.is_none()
+        && let Some(current) = &existing
+    {
+        object.metadata.managed_fields = current.metadata.managed_fields.clone();
+    }
+    if let Some(current) = &existing
+        && is_deleting(current)
+        && !has_finalizers(&object)
+    {
+        // The last finalizer is gone: the delete completes.
+        check_version(&key, current, object.metadata.resource_version.take())?;
+        let deleted = remove(txn, &key, revision, events)?;
+        finish_namespace_if_empty(txn, &key.namespace, revision, events)?;
+        return Ok(Outcome::Deleted(deleted));
+    }
     let expected = object.metadata.resource_version.take();
     // Status belongs to the server: a write of the object never changes it.
     object.body.remove("status");
@@ -958,13 +993,52 @@ enum Mode {
 }
 
 /// Deleting a namespace deletes everything in it, as Kubernetes does.
+fn has_finalizers(object: &Object) -> bool {
+    object
+        .metadata
+        .finalizers
+        .as_ref()
+        .is_some_and(|f| !f.is_empty())
+}
+
+fn is_deleting(object: &Object) -> bool {
+    object.metadata.deletion_timestamp.is_some()
+}
+
+/// Marks `current` as being deleted (its `deletionTimestamp`), once.
+fn mark_deleting(
+    txn: &WriteTransaction,
+    mut current: Object,
+    key: &ObjectKey,
+    revision: &mut u64,
+    events: &mut Vec<WatchEvent>,
+) -> Result<Outcome, StoreError> {
+    if is_deleting(&current) {
+        return Ok(Outcome::Unchanged(current));
+    }
+    *revision += 1;
+    current.metadata.deletion_timestamp = Some(now_rfc3339());
+    current.metadata.resource_version = Some(revision.to_string());
+    let size = write(txn, &key.storage_key(), &current)?;
+    events.push(WatchEvent::new(
+        EventType::Modified,
+        current.clone(),
+        *revision,
+        key.clone(),
+        size,
+    ));
+    Ok(Outcome::Configured(current))
+}
+
+/// Deletes a namespace's objects, but marks those with finalizers as being
+/// deleted instead; true when any of them is left.
 fn delete_namespace_contents(
     txn: &WriteTransaction,
     namespace: &str,
     revision: &mut u64,
     events: &mut Vec<WatchEvent>,
-) -> Result<(), StoreError> {
-    let mut doomed: BTreeMap<String, ObjectKey> = BTreeMap::new();
+) -> Result<bool, StoreError> {
+    let mut doomed: BTreeMap<String, (ObjectKey, Object)> = BTreeMap::new();
     {
         let table = txn.open_table(OBJECTS)?;
         for entry in table.iter()? {
@@ -972,13 +1046,51 @@ fn delete_namespace_contents(
             let object: Object = serde_json::from_slice(value.value())?;
             let key = key_of(&object)?;
             if key.namespace == namespace {
-                doomed.insert(key.storage_key(), key);
+                doomed.insert(key.storage_key(), (key, object));
             }
         }
     }
-    for key in doomed.values() {
-        remove(txn, key, revision, events)?;
+    let mut held = false;
+    for (key, object) in doomed.into_values() {
+        if has_finalizers(&object) {
+            held = true;
+            mark_deleting(txn, object, &key, revision, events)?;
+        } else {
+            remove(txn, &key, revision, events)?;
+        }
     }
+    Ok(held)
+}
+
+/// Removes a namespace being deleted once nothing is left in it.
+fn finish_namespace_if_empty(
+    txn: &WriteTransaction,
+    namespace: &str,
+    revision: &mut u64,
+    events: &mut Vec<WatchEvent>,
+) -> Result<(), StoreError> {
+    if namespace.is_empty() {
+        return Ok(());
+    }
+    let namespace_storage_key = namespace_key(namespace);
+    let Some(current) = read(txn, &namespace_storage_key)? else {
+        return Ok(());
+    };
+    if !is_deleting(&current) || has_finalizers(&current) {
+        return Ok(());
+    }
+    {
+        let table = txn.open_table(OBJECTS)?;
+        for entry in table.iter()? {
+            let (_, value) = entry?;
+            let object: Object = serde_json::from_slice(value.value())?;
+            if object.metadata.namespace.as_deref() == Some(namespace) {
+                return Ok(());
+            }
+        }
+    }
+    let key = key_of(&current)?;
+    remove(txn, &key, revision, events)?;
     Ok(())
 }
 

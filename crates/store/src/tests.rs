@@ -641,3 +641,94 @@ fn records_are_apart_from_objects_and_survive_reopen() {
     assert_eq!(store.record("other").unwrap(), Some(b"three".to_vec()));
     assert_eq!(store.record("join/a").unwrap(), None);
 }
+
+#[test]
+fn finalizers_hold_a_delete_until_they_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let held = |name: &str, address: &str| {
+        let mut object = entry(name, "app", address);
+        object.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+        object
+    };
+    let namespace = objects("apiVersion: v1\nkind: Namespace\nmetadata: {name: app}\n").remove(0);
+    let namespace_key = namespace.key().unwrap();
+    store
+        .commit(vec![
+            Op::Create(namespace),
+            Op::Create(held("vm1", "10.0.0.1")),
+        ])
+        .unwrap();
+    let key = entry("vm1", "app", "x").key().unwrap();
+
+    // A delete only marks it; deleting again changes nothing.
+    let marked = store
+        .commit(vec![Op::Delete {
+            key: key.clone(),
+            expected: None,
+        }])
+        .unwrap();
+    assert_eq!(marked[0].verb(), "configured");
+    let stamped = marked[0].object().metadata.deletion_timestamp.clone();
+    assert!(stamped.is_some());
+    let again = store
+        .commit(vec![Op::Delete {
+            key: key.clone(),
+            expected: None,
+        }])
+        .unwrap();
+    assert_eq!(again[0].verb(), "unchanged");
+    // Writes keep the mark, whatever they say of it.
+    let mut changed = held("vm1", "10.0.0.2");
+    changed.metadata.deletion_timestamp = None;
+    let kept = store.commit(vec![Op::Update(changed)]).unwrap();
+    assert_eq!(kept[0].object().metadata.deletion_timestamp, stamped);
+    // The last finalizer removed, the delete completes.
+    let done = store
+        .commit(vec![Op::Update(entry("vm1", "app", "10.0.0.2"))])
+        .unwrap();
+    assert_eq!(done[0].verb(), "deleted");
+    assert!(store.get(&key).unwrap().is_none());
+
+    // A namespace waits for its held objects; nothing new goes in meanwhile.
+    store
+        .commit(vec![
+            Op::Create(held("vm2", "10.0.0.3")),
+            Op::Create(entry("vm3", "app", "10.0.0.4")),
+        ])
+        .unwrap();
+    let deleting = store
+        .commit(vec![Op::Delete {
+            key: namespace_key.clone(),
+            expected: None,
+        }])
+        .unwrap();
+    assert_eq!(deleting[0].verb(), "configured");
+    assert!(store.get(&namespace_key).unwrap().is_some());
+    assert!(
+        store
+            .get(&entry("vm3", "app", "x").key().unwrap())
+            .unwrap()
+            .is_none()
+    );
+    let refused = store
+        .commit(vec![Op::Create(entry("vm4", "app", "10.0.0.5"))])
+        .unwrap_err();
+    assert!(
+        matches!(refused.error, StoreError::NamespaceTerminating(_)),
+        "{refused}"
+    );
+    store
+        .commit(vec![Op::Update(entry("vm2", "app", "10.0.0.3"))])
+        .unwrap();
+    assert!(
+        store
+            .get(&entry("vm2", "app", "x").key().unwrap())
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store.get(&namespace_key).unwrap().is_none(),
+        "the namespace went with its last object"
+    );
+}

@@ -469,3 +469,45 @@ fn kubectl_renders_the_servers_refusals() {
     ]);
     assert!(gone.contains("Error from server (Expired)"), "{gone}");
 }
+
+#[test]
+fn finalizers_hold_a_kubectl_delete_until_they_are_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_server, kubectl) = setup(dir.path());
+    kubectl.ok("kubectl create namespace vm-workloads");
+    kubectl.ok(&format!(
+        "kubectl apply -f {}",
+        manifest("workload-entry-payment-vm1.yaml")
+    ));
+    let get = |kubectl: &Kubectl| {
+        kubectl.output(&[
+            "get",
+            "we",
+            "payment-service-vm1",
+            "-n",
+            "vm-workloads",
+            "-o",
+            "json",
+        ])
+    };
+    kubectl.ok(
+        "kubectl patch we payment-service-vm1 -n vm-workloads --type merge -p {\"metadata\":{\"finalizers\":[\"example.com/hold\"]}}",
+    );
+    let deleted = kubectl.ok("kubectl delete we payment-service-vm1 -n vm-workloads --wait=false");
+    assert!(deleted.contains("deleted"), "{deleted}");
+    let held = json(&text(&get(&kubectl).stdout));
+    assert!(held["metadata"]["deletionTimestamp"].is_string(), "{held}");
+    // The namespace waits too, Terminating, and takes nothing new.
+    kubectl.ok("kubectl delete namespace vm-workloads --wait=false");
+    let namespaces = kubectl.ok("kubectl get ns vm-workloads");
+    assert!(namespaces.contains("Terminating"), "{namespaces}");
+    let refused = kubectl.refused(&["create", "serviceaccount", "late", "-n", "vm-workloads"]);
+    assert!(refused.contains("being deleted"), "{refused}");
+    kubectl.ok(
+        "kubectl patch we payment-service-vm1 -n vm-workloads --type merge -p {\"metadata\":{\"finalizers\":null}}",
+    );
+    let gone = get(&kubectl);
+    assert!(!gone.status.success() && text(&gone.stderr).contains("NotFound"));
+    let namespace = kubectl.output(&["get", "ns", "vm-workloads"]);
+    assert!(!namespace.status.success(), "the namespace went with it");
+}

@@ -602,6 +602,24 @@ pub fn record_update(old: Option<&Value>, new: &mut Value, manager: &str, api_ve
     set_managed_entries(new, entries);
 }
 
+/// Drops the metadata maps and lists a write leaves empty (`annotations:
+/// {}`), as Kubernetes' encoding does: an empty one and none are the same.
+pub fn drop_empty_metadata(object: &mut Value) {
+    if let Some(metadata) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+        for field in ["labels", "annotations", "finalizers", "ownerReferences"] {
+            let empty = match metadata.get(field) {
+                Some(Value::Object(map)) => map.is_empty(),
+                Some(Value::Array(list)) => list.is_empty(),
+                Some(Value::Null) => true,
+                _ => false,
+            };
+            if empty {
+                metadata.remove(field);
+            }
+        }
+    }
+}
+
 /// The field manager of a request: `fieldManager`, else the user agent's
 /// program name, as Kubernetes defaults it.
 pub fn manager_of(field_manager: Option<&str>, user_agent: Option<&str>) -> String {

@@ -6,6 +6,7 @@ pub mod common;
 pub mod authorization_policy;
 pub mod config_map;
 pub mod destination_rule;
+pub mod endpoint_slice;
 pub mod endpoints;
 pub mod gateway;
 pub mod istio_operator;

@@ -160,7 +160,7 @@ pub fn kinds() -> &'static [&'static KindInfo] {
 
 /// Kinds the server computes from the mesh and serves read-only (Endpoints):
 /// `vmesh get` reads them, nothing writes them.
-static VIEWS: &[&KindInfo] = &[&k::endpoints::KIND];
+static VIEWS: &[&KindInfo] = &[&k::endpoints::KIND, &k::endpoint_slice::KIND];
 
 pub fn views() -> &'static [&'static KindInfo] {
     VIEWS

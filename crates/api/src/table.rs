@@ -72,6 +72,11 @@ pub fn columns(info: &KindInfo) -> Vec<Column> {
             computed("PORT(S)", "string", 0, service_ports),
         ]),
         ("", "Endpoints") => columns.push(computed("ENDPOINTS", "string", 0, endpoints_summary)),
+        ("discovery.k8s.io", "EndpointSlice") => columns.extend([
+            string("ADDRESSTYPE", "/addressType"),
+            computed("PORTS", "string", 0, slice_ports),
+            computed("ENDPOINTS", "string", 0, slice_endpoints),
+        ]),
         _ => {}
     }
     if !columns.iter().any(|c| matches!(c.value, Cell::Age)) {
@@ -217,6 +222,37 @@ fn service_selector(service: &Value) -> String {
     }
 }
 
+/// kubectl's PORTS of an EndpointSlice: `8080,9090`, `<unset>` for none.
+fn slice_ports(slice: &Value) -> String {
+    let ports: Vec<String> = slice["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| p["port"].to_string())
+        .collect();
+    if ports.is_empty() {
+        "<unset>".into()
+    } else {
+        ports.join(",")
+    }
+}
+
+/// kubectl's ENDPOINTS of an EndpointSlice: the first three addresses, then how many more.
+fn slice_endpoints(slice: &Value) -> String {
+    const SHOWN: usize = 3;
+    let all: Vec<&str> = slice["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| strings(&e["addresses"]))
+        .collect();
+    match all.len() {
+        0 => "<unset>".into(),
+        n if n <= SHOWN => all.join(","),
+        n => format!("{} + {} more...", all[..SHOWN].join(","), n - SHOWN),
+    }
+}
+
 /// kubectl's ENDPOINTS: the first three ready `ip:port`s, then how many more.
 fn endpoints_summary(endpoints: &Value) -> String {
     const SHOWN: usize = 3;
@@ -282,6 +318,10 @@ mod tests {
             ["TYPE", "CLUSTER-IP", "EXTERNAL-IP", "PORT(S)", "AGE"]
         );
         assert_eq!(headers("ep"), ["ENDPOINTS", "AGE"]);
+        assert_eq!(
+            headers("endpointslices"),
+            ["ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"]
+        );
     }
 
     #[test]

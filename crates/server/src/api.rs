@@ -75,11 +75,17 @@ pub fn router(
             post(apply).layer(axum::extract::DefaultBodyLimit::max(MAX_APPLY_BYTES)),
         )
         .route(MESH_PATH, get(mesh_settings))
-        .route("/api/v1/endpoints", any(endpoints))
-        .route("/api/v1/namespaces/{namespace}/endpoints", any(endpoints))
+        .route("/api/v1/endpoints", any(view))
+        .route("/api/v1/namespaces/{namespace}/endpoints", any(view))
+        .route("/api/v1/namespaces/{namespace}/endpoints/{name}", any(view))
+        .route("/apis/discovery.k8s.io/v1/endpointslices", any(view))
         .route(
-            "/api/v1/namespaces/{namespace}/endpoints/{name}",
-            any(endpoints),
+            "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+            any(view),
+        )
+        .route(
+            "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices/{name}",
+            any(view),
         )
         .route("/version", get(|| async { kube_discovery::version() }))
         .route("/openapi/v3", get(|| async { openapi::index() }))
@@ -1017,45 +1023,72 @@ fn internal(error: impl std::fmt::Display) -> ApiError {
     )
 }
 
-/// `GET` of Endpoints, one or a list, computed from the mesh; anything
-/// else is refused: they are not stored.
-async fn endpoints(
+/// `GET` of a computed kind (Endpoints, EndpointSlices), one or a list
+/// (with label and field selectors, as a Table when asked), computed from
+/// the mesh; anything else is refused: they are not stored.
+async fn view(
     State(state): State<AppState>,
     method: Method,
     Path(path): Path<std::collections::HashMap<String, String>>,
+    Query(params): Query<Params>,
+    request: Request,
 ) -> Result<Response, ApiError> {
+    let plural = request
+        .uri()
+        .path()
+        .trim_end_matches('/')
+        .rsplit('/')
+        .nth(usize::from(path.contains_key("name")))
+        .unwrap_or_default()
+        .to_string();
+    let info = vmesh_api::views()
+        .iter()
+        .copied()
+        .find(|v| v.plural == plural)
+        .ok_or_else(|| not_found_path(request.uri().path()))?;
     if method != Method::GET {
         return Err(status(
             StatusCode::METHOD_NOT_ALLOWED,
             "MethodNotAllowed",
-            "Endpoints are computed from the workloads each Service selects; they cannot be written"
-                .into(),
+            format!(
+                "{} are computed from the workloads each Service selects; they cannot be written",
+                info.plural
+            ),
             None,
         ));
     }
+    let table = tables::wants_table(request.headers());
     let (namespace, name) = (path.get("namespace"), path.get("name"));
+    let selectors = parse_selectors(&params)?;
     let mesh = state.mesh.borrow().clone();
-    let mut found = crate::views::endpoints(
+    let objects: Vec<Object> = crate::views::computed(
+        info,
         &state.store,
         mesh.snapshot(),
         namespace.map(String::as_str),
-        name.map(String::as_str),
-    )?;
+    )?
+    .into_iter()
+    .filter(|o| name.is_none_or(|n| o.metadata.name() == n))
+    .filter(|o| selectors.matches(o))
+    .collect();
+    let include = params.include_object.as_deref();
     match name {
-        Some(name) => match found.pop() {
+        Some(name) => match objects.into_iter().next() {
+            Some(object) if table => Ok(tables::one(info, &object, include)),
             Some(object) => Ok(Json(object).into_response()),
             None => Err(status(
                 StatusCode::NOT_FOUND,
                 "NotFound",
-                format!("endpoints \"{name}\" not found"),
-                Some(json!({"name": name, "kind": "endpoints"})),
+                format!("{} \"{name}\" not found", info.plural),
+                Some(json!({"name": name, "group": info.group, "kind": info.plural})),
             )),
         },
+        None if table => Ok(tables::many(info, &objects, include)),
         None => Ok(Json(json!({
-            "apiVersion": "v1",
-            "kind": "EndpointsList",
+            "apiVersion": info.preferred_api_version(),
+            "kind": format!("{}List", info.kind),
             "metadata": {},
-            "items": found,
+            "items": objects,
         }))
         .into_response()),
     }

@@ -160,12 +160,6 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             connection,
         } => {
             let info = match vmesh_api::view_for(&kind) {
-                Some(view) if selector.is_some() || field_selector.is_some() => {
-                    bail!(
-                        "{} are computed, not stored: they take no selectors",
-                        view.plural
-                    )
-                }
                 Some(view) => view,
                 None => resolve_kind(&kind)?,
             };

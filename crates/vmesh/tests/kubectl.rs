@@ -243,6 +243,46 @@ fn kubectl_runs_the_guides_command_lines_against_the_server() {
         yaml.contains("192.168.1.100").then_some(yaml)
     });
     assert!(endpoints.contains("kind: Endpoints"), "{endpoints}");
+    let table = kubectl.ok("kubectl get ep -n vm-workloads");
+    assert!(
+        table.starts_with("NAME ")
+            && table.contains("ENDPOINTS")
+            && table.contains("192.168.1.100:"),
+        "{table}"
+    );
+    let slices = kubectl.ok(
+        "kubectl get endpointslices -n vm-workloads -l kubernetes.io/service-name=payment-service",
+    );
+    let header: Vec<&str> = slices.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["NAME", "ADDRESSTYPE", "PORTS", "ENDPOINTS", "AGE"],
+        "{slices}"
+    );
+    assert!(
+        slices.contains("payment-service-ipv4")
+            && slices.contains("IPv4")
+            && slices.contains("192.168.1.100"),
+        "{slices}"
+    );
+    let slice =
+        json(&kubectl.ok("kubectl get endpointslice payment-service-ipv4 -n vm-workloads -o json"));
+    assert_eq!(
+        slice["endpoints"][0]["conditions"]["ready"], true,
+        "{slice}"
+    );
+    assert_eq!(
+        slice["endpoints"][0]["targetRef"]["kind"], "WorkloadEntry",
+        "{slice}"
+    );
+    let write = kubectl.refused(&[
+        "delete",
+        "endpointslice",
+        "payment-service-ipv4",
+        "-n",
+        "vm-workloads",
+    ]);
+    assert!(write.contains("MethodNotAllowed"), "{write}");
 
     // Discovery and the schemas.
     let resources = kubectl.ok("kubectl api-resources");

@@ -98,6 +98,20 @@ pub(super) fn one(info: &KindInfo, object: &Object, include: Option<&str>) -> Re
     Json(one_value(info, object, include)).into_response()
 }
 
+/// Objects already at hand (a computed kind's) as a Table.
+pub(super) fn many(info: &KindInfo, objects: &[Object], include: Option<&str>) -> Response {
+    let columns = table::columns(info);
+    let now = SystemTime::now();
+    let rows = objects
+        .iter()
+        .map(|o| {
+            let value = serde_json::to_value(o).expect("an object serialises");
+            row(&columns, &value, include, now)
+        })
+        .collect();
+    Json(envelope(info, rows, json!({}))).into_response()
+}
+
 /// A list as a Table: selectors, `limit` and `continue` as for a list.
 /// The page is built in memory (kubectl asks for 500 rows at a time).
 pub(super) async fn list(

@@ -295,6 +295,16 @@ fn kubectl_runs_the_guides_command_lines_against_the_server() {
             assert!(line.contains(&info.short_names.join(",")), "{line}");
         }
     }
+    // Istio's categories: every Istio object at once.
+    let istio = kubectl.ok("kubectl get istio-io -A");
+    for kind in [
+        "workloadentry.networking.istio.io/payment-service-vm1",
+        "destinationrule.networking.istio.io/payment-service",
+        "peerauthentication.security.istio.io/",
+        "telemetry.telemetry.istio.io/",
+    ] {
+        assert!(istio.contains(kind), "{kind}: {istio}");
+    }
     let explained = kubectl.ok("kubectl explain workloadentry.spec");
     for field in ["address", "serviceAccount", "network", "locality"] {
         assert!(explained.contains(field), "{field}: {explained}");
@@ -421,11 +431,47 @@ fn kubectl_diffs_applies_server_side_watches_and_deletes() {
         "{modified}"
     );
 
+    // The status subresource: written on its own, untouched by writes of
+    // the object; generation counts spec changes only.
+    let before = json(&kubectl.ok("kubectl get we payment-service-vm1 -n vm-workloads -o json"));
+    kubectl.ok(
+        "kubectl patch we payment-service-vm1 -n vm-workloads --subresource=status --type merge -p {\"status\":{\"conditions\":[{\"type\":\"Healthy\",\"status\":\"True\"}]}}",
+    );
+    let with_status =
+        json(&kubectl.ok("kubectl get we payment-service-vm1 -n vm-workloads -o json"));
+    assert_eq!(with_status["status"]["conditions"][0]["type"], "Healthy");
+    assert_eq!(
+        with_status["metadata"]["generation"],
+        before["metadata"]["generation"]
+    );
+    kubectl.ok(
+        "kubectl patch we payment-service-vm1 -n vm-workloads --type merge -p {\"status\":{\"conditions\":null},\"spec\":{\"weight\":7}}",
+    );
+    let after = json(&kubectl.ok("kubectl get we payment-service-vm1 -n vm-workloads -o json"));
+    assert_eq!(
+        after["status"]["conditions"][0]["type"], "Healthy",
+        "{after}"
+    );
+    assert_eq!(after["spec"]["weight"], 7);
+    assert_eq!(
+        after["metadata"]["generation"].as_i64().unwrap(),
+        before["metadata"]["generation"].as_i64().unwrap() + 1
+    );
+
     // delete -f, and the object is gone as kubectl says it.
     let deleted = kubectl.ok(&format!("kubectl delete -f {entry}"));
     assert!(deleted.contains("deleted"), "{deleted}");
-    let gone = seen.recv_timeout(Duration::from_secs(10)).unwrap();
-    assert!(gone.starts_with("DELETED"), "{gone}");
+    // The status and spec changes above come first, each a MODIFIED.
+    let mut later = Vec::new();
+    let gone = loop {
+        let line = seen.recv_timeout(Duration::from_secs(10)).unwrap();
+        if !line.starts_with("MODIFIED") {
+            break line;
+        }
+        later.push(line);
+    };
+    assert!(gone.starts_with("DELETED"), "{gone} after {later:?}");
+    assert_eq!(later.len(), 2, "{later:?}");
     let _ = watch.kill();
     let _ = watch.wait();
     let missing = kubectl.refused(&["get", "we", "payment-service-vm1", "-n", "vm-workloads"]);

@@ -927,6 +927,45 @@ impl From<BatchError> for ApiError {
     }
 }
 
+/// What one page of a list holds: the objects of the path that the
+/// selectors match, after the `continue` point, at most `limit`.
+struct Page {
+    selectors: vmesh_api::selection::Selectors,
+    selection: Selection,
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+impl Page {
+    fn of(target: &Target, params: &Params) -> Result<Page, ApiError> {
+        let selection = target.selection();
+        let after = params
+            .continue_token
+            .as_deref()
+            .filter(|t| !t.is_empty())
+            .map(|token| Continue::decode(token, &selection))
+            .transpose()?;
+        Ok(Page {
+            selectors: parse_selectors(params)?,
+            selection,
+            after,
+            limit: params.limit.filter(|l| *l > 0),
+        })
+    }
+}
+
+/// The media types an `Accept` header lists, each as its `;`-separated
+/// parts, trimmed.
+fn accepted(headers: &axum::http::HeaderMap) -> Vec<Vec<String>> {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|media| media.split(';').map(|p| p.trim().to_string()).collect())
+        .collect()
+}
+
 /// A list, Kubernetes' way: label and field selectors, `limit` with a
 /// `continue` token for the next page. The body is written as the store is
 /// read, from one snapshot on a blocking thread, so a list of any size
@@ -938,15 +977,12 @@ async fn list(
     presenter: Presenter,
     params: &Params,
 ) -> Result<Response, ApiError> {
-    let selectors = parse_selectors(params)?;
-    let selection = target.selection();
-    let after = params
-        .continue_token
-        .as_deref()
-        .filter(|t| !t.is_empty())
-        .map(|token| Continue::decode(token, &selection))
-        .transpose()?;
-    let limit = params.limit.filter(|l| *l > 0);
+    let Page {
+        selectors,
+        selection,
+        after,
+        limit,
+    } = Page::of(target, params)?;
     let head = format!(
         "{{\"apiVersion\":{},\"kind\":{},\"items\":[",
         Value::String(target.info.api_version(&target.version)),

@@ -93,6 +93,42 @@ impl LocalServer {
         Ok(server)
     }
 
+    /// A server for Kubernetes clients under `dir` (its data in
+    /// `dir/data`): the config API over TLS (`--api-tls`) with `token`,
+    /// and the kubeconfig `vmesh kubeconfig` writes for it, trusting the
+    /// mesh root. Started again on the same `dir`, it is the same server
+    /// restarted.
+    pub fn start_for_kubernetes(
+        vmesh: &Path,
+        dir: &Path,
+        token: &str,
+    ) -> Result<(LocalServer, String)> {
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token)?;
+        let token_file = token_file.to_str().context("a UTF-8 path")?;
+        let server = LocalServer::start(
+            vmesh,
+            &dir.join("data"),
+            &["--api-token-file", token_file, "--api-tls"],
+            &[],
+        )?;
+        if !server.api().starts_with("https://") {
+            bail!("the API is not served over TLS: {}", server.api());
+        }
+        let root = dir.join("data/ca/root-cert.pem");
+        let output = server
+            .command(&["kubeconfig", "--token", token, "--ca-file"])
+            .arg(&root)
+            .output()?;
+        if !output.status.success() {
+            bail!(
+                "vmesh kubeconfig failed: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok((server, String::from_utf8(output.stdout)?))
+    }
+
     /// `vmesh server --data-dir data_dir` on free loopback ports with
     /// `extra` flags, not started: what [`LocalServer::start`] runs, for a
     /// test that expects the server to refuse to start.

@@ -16,39 +16,13 @@ use kube::discovery::Discovery;
 use kube::runtime::watcher;
 use serde_json::json;
 use vmesh_testkit::LocalServer;
-use vmesh_testkit::testing::assert_ok;
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 const TOKEN: &str = "kube-rs-test-token-0123456789";
 
 async fn client(dir: &Path) -> (LocalServer, kube::Client) {
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    let server = LocalServer::start(
-        Path::new(VMESH),
-        &dir.join("data"),
-        &[
-            "--api-token-file",
-            token_file.to_str().unwrap(),
-            "--api-tls",
-        ],
-        &[],
-    )
-    .unwrap();
-    assert!(server.api().starts_with("https://"), "{}", server.api());
-    let root = dir.join("data/ca/root-cert.pem");
-    let output = server
-        .command(&[
-            "kubeconfig",
-            "--token",
-            TOKEN,
-            "--ca-file",
-            root.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert_ok(&output, "vmesh kubeconfig");
-    let kubeconfig = Kubeconfig::from_yaml(std::str::from_utf8(&output.stdout).unwrap()).unwrap();
+    let (server, text) = LocalServer::start_for_kubernetes(Path::new(VMESH), dir, TOKEN).unwrap();
+    let kubeconfig = Kubeconfig::from_yaml(&text).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
         .unwrap();

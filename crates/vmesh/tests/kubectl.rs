@@ -97,34 +97,9 @@ impl Kubectl {
 
 /// A server with a token, and kubectl configured by `vmesh kubeconfig`.
 fn setup(dir: &Path) -> (LocalServer, Kubectl) {
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, TOKEN).unwrap();
-    let server = LocalServer::start(
-        Path::new(VMESH),
-        &dir.join("data"),
-        &[
-            "--api-token-file",
-            token_file.to_str().unwrap(),
-            "--api-tls",
-        ],
-        &[],
-    )
-    .unwrap();
-    assert!(server.api().starts_with("https://"), "{}", server.api());
-    let root = dir.join("data/ca/root-cert.pem");
-    let config = server
-        .command(&[
-            "kubeconfig",
-            "--token",
-            TOKEN,
-            "--ca-file",
-            root.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert_ok(&config, "vmesh kubeconfig");
+    let (server, config) = LocalServer::start_for_kubernetes(Path::new(VMESH), dir, TOKEN).unwrap();
     let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(&kubeconfig, &config.stdout).unwrap();
+    std::fs::write(&kubeconfig, config).unwrap();
     let kubectl = Kubectl {
         binary: kubectl_binary(),
         kubeconfig,

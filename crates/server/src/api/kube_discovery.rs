@@ -173,17 +173,10 @@ pub fn answer(core: bool, rest: &[&str], headers: &HeaderMap) -> Option<Response
 /// Whether the client takes aggregated discovery (kubectl and client-go
 /// ask for it first, with plain JSON as the fallback).
 fn wants_aggregated(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|media| {
-            let params: Vec<&str> = media.split(';').map(str::trim).collect();
-            params.contains(&"g=apidiscovery.k8s.io")
-                && params.contains(&"v=v2")
-                && params.contains(&"as=APIGroupDiscoveryList")
-        })
+    super::accepted(headers).iter().any(|parts| {
+        let has = |part: &str| parts.iter().any(|p| p == part);
+        has("g=apidiscovery.k8s.io") && has("v=v2") && has("as=APIGroupDiscoveryList")
+    })
 }
 
 fn api_group(group: &str, versions: &[&str]) -> Value {

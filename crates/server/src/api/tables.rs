@@ -10,27 +10,20 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::Json;
-use axum::http::{HeaderMap, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use vmesh_api::{KindInfo, Object, table};
 use vmesh_store::Store;
 
-use super::{ApiError, Continue, Params, Presenter, Target, internal, parse_selectors};
+use super::{ApiError, Continue, Page, Params, Presenter, Target, accepted, internal};
 
 /// Whether the client asked for a Table (`application/json;as=Table;g=meta.k8s.io;v=v1`).
 pub(super) fn wants_table(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|media| {
-            let params: Vec<&str> = media.split(';').map(str::trim).collect();
-            params.contains(&"as=Table")
-                && params.contains(&"g=meta.k8s.io")
-                && (params.contains(&"v=v1") || params.contains(&"v=v1beta1"))
-        })
+    accepted(headers).iter().any(|parts| {
+        let has = |part: &str| parts.iter().any(|p| p == part);
+        has("as=Table") && has("g=meta.k8s.io") && (has("v=v1") || has("v=v1beta1"))
+    })
 }
 
 fn column_definitions(columns: &[table::Column]) -> Vec<Value> {
@@ -120,15 +113,12 @@ pub(super) async fn list(
     presenter: Presenter,
     params: &Params,
 ) -> Result<Response, ApiError> {
-    let selectors = parse_selectors(params)?;
-    let selection = target.selection();
-    let after = params
-        .continue_token
-        .as_deref()
-        .filter(|t| !t.is_empty())
-        .map(|token| Continue::decode(token, &selection))
-        .transpose()?;
-    let limit = params.limit.filter(|l| *l > 0);
+    let Page {
+        selectors,
+        selection,
+        after,
+        limit,
+    } = Page::of(target, params)?;
     let include = params.include_object.clone();
     let info = target.info;
     let page = tokio::task::spawn_blocking(move || {

@@ -77,7 +77,10 @@ pub use pb::istio_certificate_service_server::IstioCertificateServiceServer;
 pub use pb::{IstioCertificateRequest, IstioCertificateResponse};
 pub use revocation::Revocations;
 pub use service::{CallerThrottle, CertificateService, IssuanceCheck, peer_identity};
-pub use tls::{TlsError, client_tls_config, root_hash, server_tls_config};
+pub use tls::{
+    ServingCertificate, TlsError, client_tls_config, renewable_server_tls_config, root_hash,
+    server_tls_config,
+};
 pub use token::{
     IssuedToken, TOKEN_AUDIENCE, TOKEN_ISSUER, TOKEN_KEY_FILE, TOKEN_LEEWAY, TokenClaims,
     TokenError, TokenIssuer,

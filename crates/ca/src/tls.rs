@@ -93,6 +93,15 @@ pub fn server_tls_config(
     key_pem: &str,
     root_pem: &str,
 ) -> Result<rustls::ServerConfig, TlsError> {
+    renewable_server_tls_config(Arc::new(ServingCertificate::new(chain, key_pem)?), root_pem)
+}
+
+/// [`server_tls_config`] presenting whatever `serving` holds at each
+/// handshake, so that its certificate can be renewed while the port serves.
+pub fn renewable_server_tls_config(
+    serving: Arc<ServingCertificate>,
+    root_pem: &str,
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(root_pem)?), provider.clone())
@@ -101,12 +110,54 @@ pub fn server_tls_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            certs(chain, "serving certificate chain")?,
-            key(key_pem, "serving key")?,
-        )?;
+        .with_cert_resolver(serving);
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+/// A serving certificate and key that can be replaced while a port
+/// serves: each TLS handshake takes the one current then, and connections
+/// made before a replacement keep theirs.
+#[derive(Debug)]
+pub struct ServingCertificate {
+    current: std::sync::RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl ServingCertificate {
+    pub fn new(chain: &[String], key_pem: &str) -> Result<ServingCertificate, TlsError> {
+        Ok(ServingCertificate {
+            current: std::sync::RwLock::new(Arc::new(certified(chain, key_pem)?)),
+        })
+    }
+
+    /// Presents `chain` and `key_pem` from the next handshake on.
+    pub fn replace(&self, chain: &[String], key_pem: &str) -> Result<(), TlsError> {
+        let renewed = Arc::new(certified(chain, key_pem)?);
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = renewed;
+        Ok(())
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ServingCertificate {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
+    }
+}
+
+fn certified(chain: &[String], key_pem: &str) -> Result<rustls::sign::CertifiedKey, TlsError> {
+    Ok(rustls::sign::CertifiedKey::from_der(
+        certs(chain, "serving certificate chain")?,
+        key(key_pem, "serving key")?,
+        &provider(),
+    )?)
 }
 
 /// The client side: trusts only `root_pem`; presents `client` (PEM chain

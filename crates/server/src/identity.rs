@@ -400,18 +400,52 @@ impl Identity {
     /// it is the unspecified address) and the extra names (`--xds-san`);
     /// HTTP/2 or HTTP/1.1. Clients trust the mesh root.
     pub fn api_tls(
-        &self,
+        self: &Arc<Self>,
         api_ip: std::net::IpAddr,
-    ) -> Result<tokio_rustls::TlsAcceptor, IdentityError> {
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(tokio_rustls::TlsAcceptor, JoinHandle<()>), IdentityError> {
         let mut sans: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "::1".into()];
         if !api_ip.is_unspecified() {
             sans.push(api_ip.to_string());
         }
         sans.extend(self.extra_sans.iter().cloned());
-        let (chain, key) = self.authority.serving_certificate(&sans)?;
-        let mut tls = vmesh_ca::server_tls_config(&chain, &key, self.authority.root_pem())?;
+        let (serving, renewal) = self.renewed_serving_certificate(sans, shutdown)?;
+        let mut tls = vmesh_ca::renewable_server_tls_config(serving, self.authority.root_pem())?;
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))
+        Ok((tokio_rustls::TlsAcceptor::from(Arc::new(tls)), renewal))
+    }
+
+    /// A serving certificate for `sans` from the mesh CA, renewed (a new
+    /// key and certificate) when two thirds of its life have passed, for as
+    /// long as the server runs: the task that renews it.
+    fn renewed_serving_certificate(
+        self: &Arc<Self>,
+        sans: Vec<String>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(Arc<vmesh_ca::ServingCertificate>, JoinHandle<()>), IdentityError> {
+        let (chain, key) = self.authority.serving_certificate(&sans)?;
+        let serving = Arc::new(vmesh_ca::ServingCertificate::new(&chain, &key)?);
+        let renew_every = self.authority.options().serving_ttl * 2 / 3;
+        let (identity, current) = (self.clone(), serving.clone());
+        let renewal = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(renew_every) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                let renewed = identity
+                    .authority
+                    .serving_certificate(&sans)
+                    .map_err(IdentityError::from)
+                    .and_then(|(chain, key)| Ok(current.replace(&chain, &key)?));
+                match renewed {
+                    Ok(()) => tracing::info!(names = ?sans, "serving certificate renewed"),
+                    // Tried again at the next turn; the current one is still valid then.
+                    Err(e) => tracing::error!("renewing the serving certificate: {e}"),
+                }
+            }
+        });
+        Ok((serving, renewal))
     }
 
     /// Serves the CA and authenticated xDS over TLS on `listener` until
@@ -424,8 +458,9 @@ impl Identity {
         ca_metrics: vmesh_ca::metrics::CaMetrics,
         shutdown: watch::Receiver<bool>,
     ) -> Result<JoinHandle<()>, IdentityError> {
-        let (chain, key) = self.authority.serving_certificate(&self.extra_sans)?;
-        let tls = vmesh_ca::server_tls_config(&chain, &key, self.authority.root_pem())?;
+        let (serving, renewal) =
+            self.renewed_serving_certificate(self.extra_sans.clone(), shutdown.clone())?;
+        let tls = vmesh_ca::renewable_server_tls_config(serving, self.authority.root_pem())?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let keepalive = crate::connections::keepalive_interval(gate.limits());
         let connections =
@@ -463,6 +498,7 @@ impl Identity {
             if let Err(e) = serve.await {
                 tracing::error!("secure xDS and CA stopped: {e}");
             }
+            let _ = renewal.await;
         }))
     }
 

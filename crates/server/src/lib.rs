@@ -422,16 +422,22 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         identity.router().merge(discovery::router(proxies.clone())),
     );
     let api_tls = config.api_tls || !api_addr.ip().is_loopback();
-    let tls = api_tls
-        .then(|| identity.api_tls(api_addr.ip()))
-        .transpose()?;
-    let mut tasks = vec![serve_http(
+    let mut tasks = Vec::new();
+    let tls = match api_tls {
+        true => {
+            let (acceptor, renewal) = identity.api_tls(api_addr.ip(), shutdown_rx.clone())?;
+            tasks.push(renewal);
+            Some(acceptor)
+        }
+        false => None,
+    };
+    tasks.push(serve_http(
         listener,
         router,
         gates.api.clone(),
         shutdown_rx.clone(),
         tls,
-    )];
+    ));
     tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
 
     let registration = Arc::new(registration::AutoRegistration::new(

@@ -1612,3 +1612,62 @@ async fn forged_credentials_are_throttled_per_source() {
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     server.stop().await;
 }
+
+/// The serial and end of validity of the certificate a TLS port presents
+/// as `name`, trusting only `root_pem`.
+async fn served_certificate(addr: SocketAddr, name: &str, root_pem: &str) -> (Vec<u8>, i64) {
+    let config = Arc::new(vmesh_ca::client_tls_config(root_pem, None).unwrap());
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let server_name =
+        tokio_rustls::rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let tls = tokio::time::timeout(
+        WAIT,
+        tokio_rustls::TlsConnector::from(config).connect(server_name, tcp),
+    )
+    .await
+    .unwrap()
+    .expect("the port's certificate is valid for the name");
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    (
+        cert.raw_serial().to_vec(),
+        cert.validity().not_after.timestamp(),
+    )
+}
+
+#[tokio::test]
+async fn serving_certificates_are_renewed_before_they_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut identity = vmesh_server::identity::IdentityConfig::default();
+    identity.options.serving_ttl = Duration::from_secs(3);
+    let running = start(ServerConfig {
+        api_addr: "127.0.0.1:0".parse().unwrap(),
+        api_tls: true,
+        xds_addr: Some("127.0.0.1:0".parse().unwrap()),
+        identity,
+        ..ServerConfig::new(dir.path().to_path_buf())
+    })
+    .await
+    .expect("server starts");
+    let root = std::fs::read_to_string(dir.path().join("ca/root-cert.pem")).unwrap();
+    let xds = running.xds_addr.unwrap();
+    let api = running.api_addr;
+    let first_xds = served_certificate(xds, vmesh_ca::ISTIOD_SERVICE_NAME, &root).await;
+    let first_api = served_certificate(api, "localhost", &root).await;
+    // Renewed at two thirds of a 3 s life: new ones well before the old expire.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let second_xds = served_certificate(xds, vmesh_ca::ISTIOD_SERVICE_NAME, &root).await;
+    let second_api = served_certificate(api, "127.0.0.1", &root).await;
+    assert_ne!(
+        first_xds.0, second_xds.0,
+        "the xDS port's certificate was renewed"
+    );
+    assert_ne!(
+        first_api.0, second_api.0,
+        "the API's certificate was renewed"
+    );
+    assert!(second_xds.1 > first_xds.1 && second_api.1 > first_api.1);
+    tokio::time::timeout(WAIT, running.shutdown())
+        .await
+        .unwrap();
+}

@@ -478,6 +478,7 @@ fn identity_config(ca: CaArgs) -> vmesh_server::identity::IdentityConfig {
         options: vmesh_ca::AuthorityOptions {
             default_workload_ttl: ca.workload_cert_ttl,
             max_workload_ttl: ca.max_workload_cert_ttl,
+            serving_ttl: ca.serving_cert_ttl,
             ..Default::default()
         },
         extra_sans: ca.xds_sans,

@@ -102,9 +102,14 @@ struct CaArgs {
     /// The longest workload certificate life a caller may ask for.
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     max_workload_cert_ttl: std::time::Duration,
-    /// Extra names for the xDS port's certificate (a gateway hostname or IP); repeatable.
+    /// Extra names for the xDS port's certificate (a gateway hostname or IP),
+    /// and the config API's when it is served over TLS; repeatable.
     #[arg(long = "xds-san")]
     xds_sans: Vec<String>,
+    /// Life of the serving certificates of the xDS port and the config API;
+    /// each is renewed when two thirds of it have passed.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    serving_cert_ttl: std::time::Duration,
     /// Start even though the CA root is not the one the store was set up
     /// with, or <data-dir>/ca is gone: every VM must then get the new root.
     #[arg(long)]

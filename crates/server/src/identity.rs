@@ -49,7 +49,7 @@ const LEGACY_REVOCATIONS_KEY: &str = "revocations.json";
 const ROOT_RECORD: &str = "ca/root-sha256";
 const ROOT_NAMESPACE: &str = vmesh_api::mesh::DEFAULT_ROOT_NAMESPACE;
 /// The longest a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A TLS handshake with a client on a connection of its own, under
 /// [`HANDSHAKE_TIMEOUT`]; `None` (logged) when it fails or takes too long.

@@ -186,7 +186,8 @@ async fn store_upkeep(
 #[derive(Debug)]
 pub struct Running {
     pub api_addr: SocketAddr,
-    /// Whether the config API is served over TLS (`https://`).
+    /// Whether the config API takes TLS only (`https://`); on loopback
+    /// without `--api-tls` it takes TLS and plain HTTP alike.
     pub api_tls: bool,
     pub xds_addr: Option<SocketAddr>,
     pub xds_plaintext_addr: Option<SocketAddr>,
@@ -291,7 +292,7 @@ fn serve_http(
     router: axum::Router,
     gate: Arc<connections::Gate>,
     shutdown: watch::Receiver<bool>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls: HttpTls,
 ) -> JoinHandle<()> {
     use futures::StreamExt;
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -315,14 +316,31 @@ fn serve_http(
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         // Each connection made ready (its TLS handshake, if any) on a task
         // of its own, so that a slow client holds up no one else.
+        let first_byte_within = limits.idle.min(identity::HANDSHAKE_TIMEOUT);
         let mut connections = connections::incoming(listener, gate, shutdown, move |tcp, peer| {
             let tls = tls.clone();
             async move {
-                match tls {
-                    None => Some(Box::new(tcp) as Box<dyn HttpConnection>),
-                    Some(acceptor) => identity::handshake(acceptor, tcp, peer)
+                let plain = |tcp| Some(Box::new(tcp) as Box<dyn HttpConnection>);
+                let secure = |acceptor, tcp| async move {
+                    identity::handshake(acceptor, tcp, peer)
                         .await
-                        .map(|tls| Box::new(tls) as Box<dyn HttpConnection>),
+                        .map(|tls| Box::new(tls) as Box<dyn HttpConnection>)
+                };
+                match tls {
+                    HttpTls::None => plain(tcp),
+                    HttpTls::Only(acceptor) => secure(acceptor, tcp).await,
+                    HttpTls::Either(acceptor) => {
+                        // A TLS client speaks first with a handshake record (0x16);
+                        // an HTTP one with a method or HTTP/2's preface.
+                        let mut first = [0u8; 1];
+                        match tokio::time::timeout(first_byte_within, tcp.peek(&mut first)).await {
+                            Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {
+                                secure(acceptor, tcp).await
+                            }
+                            Ok(Ok(_)) => plain(tcp),
+                            Ok(Err(_)) | Err(_) => None,
+                        }
+                    }
                 }
             }
         });
@@ -352,6 +370,21 @@ fn serve_http(
         }
     })
 }
+
+/// How an HTTP port takes TLS.
+#[derive(Clone)]
+enum HttpTls {
+    /// Plain HTTP only (the monitoring port, loopback only).
+    None,
+    /// TLS or plain HTTP, told apart by the first byte the client sends
+    /// (the config API on loopback).
+    Either(tokio_rustls::TlsAcceptor),
+    /// TLS only (the config API off loopback, or with `--api-tls`).
+    Only(tokio_rustls::TlsAcceptor),
+}
+
+/// The first byte of a TLS connection: a handshake record.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// A connection an HTTP port serves: TCP, or TLS over it.
 trait HttpConnection: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
@@ -421,22 +454,20 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         shutdown_rx.clone(),
         identity.router().merge(discovery::router(proxies.clone())),
     );
+    // TLS only off loopback (or when asked); on loopback TLS and plain HTTP
+    // alike, as the client starts: kubectl sends a token only over TLS.
     let api_tls = config.api_tls || !api_addr.ip().is_loopback();
-    let mut tasks = Vec::new();
-    let tls = match api_tls {
-        true => {
-            let (acceptor, renewal) = identity.api_tls(api_addr.ip(), shutdown_rx.clone())?;
-            tasks.push(renewal);
-            Some(acceptor)
-        }
-        false => None,
-    };
+    let (acceptor, renewal) = identity.api_tls(api_addr.ip(), shutdown_rx.clone())?;
+    let mut tasks = vec![renewal];
     tasks.push(serve_http(
         listener,
         router,
         gates.api.clone(),
         shutdown_rx.clone(),
-        tls,
+        match api_tls {
+            true => HttpTls::Only(acceptor),
+            false => HttpTls::Either(acceptor),
+        },
     ));
     tasks.push(tokio::spawn(controller.run(shutdown_rx.clone())));
 
@@ -507,7 +538,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
             monitoring::router(proxies.clone(), metrics.clone(), store.clone()),
             gates.monitoring.clone(),
             shutdown_rx.clone(),
-            None,
+            HttpTls::None,
         ));
     }
 

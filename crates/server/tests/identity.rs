@@ -1671,3 +1671,33 @@ async fn serving_certificates_are_renewed_before_they_expire() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn the_loopback_api_takes_tls_and_plain_http_or_tls_only_when_asked() {
+    for tls_only in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let running = start(ServerConfig {
+            api_addr: "127.0.0.1:0".parse().unwrap(),
+            api_tls: tls_only,
+            ..ServerConfig::new(dir.path().to_path_buf())
+        })
+        .await
+        .expect("server starts");
+        assert_eq!(running.api_tls, tls_only);
+        let root = std::fs::read_to_string(dir.path().join("ca/root-cert.pem")).unwrap();
+        // TLS, with the mesh CA's certificate for the loopback names.
+        served_certificate(running.api_addr, "localhost", &root).await;
+        let plain = reqwest::Client::new()
+            .get(format!("http://{}/healthz", running.api_addr))
+            .timeout(WAIT)
+            .send()
+            .await;
+        match tls_only {
+            false => assert_eq!(plain.unwrap().status().as_u16(), 200),
+            true => assert!(plain.is_err(), "plain HTTP is refused: {plain:?}"),
+        }
+        tokio::time::timeout(WAIT, running.shutdown())
+            .await
+            .unwrap();
+    }
+}

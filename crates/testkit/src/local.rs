@@ -94,32 +94,36 @@ impl LocalServer {
     }
 
     /// A server for Kubernetes clients under `dir` (its data in
-    /// `dir/data`): the config API over TLS (`--api-tls`) with `token`,
-    /// and the kubeconfig `vmesh kubeconfig` writes for it, trusting the
-    /// mesh root. Started again on the same `dir`, it is the same server
-    /// restarted.
+    /// `dir/data`): the config API with `token`, and the kubeconfig `vmesh
+    /// kubeconfig --token` writes for it. With `tls_only` the server runs
+    /// with `--api-tls` and the kubeconfig is given the root file
+    /// (`--ca-file`); without, the server takes TLS and plain HTTP and the
+    /// kubeconfig finds both the TLS address and the root itself. Started
+    /// again on the same `dir`, it is the same server restarted.
     pub fn start_for_kubernetes(
         vmesh: &Path,
         dir: &Path,
         token: &str,
+        tls_only: bool,
     ) -> Result<(LocalServer, String)> {
         let token_file = dir.join("token");
         std::fs::write(&token_file, token)?;
         let token_file = token_file.to_str().context("a UTF-8 path")?;
-        let server = LocalServer::start(
-            vmesh,
-            &dir.join("data"),
-            &["--api-token-file", token_file, "--api-tls"],
-            &[],
-        )?;
-        if !server.api().starts_with("https://") {
-            bail!("the API is not served over TLS: {}", server.api());
+        let mut flags = vec!["--api-token-file", token_file];
+        if tls_only {
+            flags.push("--api-tls");
         }
-        let root = dir.join("data/ca/root-cert.pem");
-        let output = server
-            .command(&["kubeconfig", "--token", token, "--ca-file"])
-            .arg(&root)
-            .output()?;
+        let server = LocalServer::start(vmesh, &dir.join("data"), &flags, &[])?;
+        if server.api().starts_with("https://") != tls_only {
+            bail!("the API is not served as asked: {}", server.api());
+        }
+        let mut kubeconfig = server.command(&["kubeconfig", "--token", token]);
+        if tls_only {
+            kubeconfig
+                .arg("--ca-file")
+                .arg(dir.join("data/ca/root-cert.pem"));
+        }
+        let output = kubeconfig.output()?;
         if !output.status.success() {
             bail!(
                 "vmesh kubeconfig failed: {}",

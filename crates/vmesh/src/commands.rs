@@ -318,16 +318,11 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             namespace,
             connection,
         } => {
-            let ca = match &connection.ca_file {
-                Some(path) => Some(
-                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-                ),
-                None => None,
-            };
+            let (server, ca) = crate::kubeconfig::endpoint(&connection).await?;
             print!(
                 "{}",
                 crate::kubeconfig::render(
-                    &connection.server,
+                    &server,
                     connection.token.as_deref(),
                     ca.as_deref(),
                     &name,

@@ -3,8 +3,56 @@
 //! the Kubernetes API. It holds the address and, when the API has one, the
 //! bearer token: a secret, to be kept as the token file is.
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde_json::json;
+
+use crate::Connection;
+use crate::client::Client;
+
+/// The server a kubeconfig points at, and the CA it is trusted by: as
+/// given (`--server`, `--ca-file`), except that a token for a plain-HTTP
+/// server on this machine gets the same port over TLS (it takes both on
+/// loopback; kubectl sends a token only over TLS), trusted by the mesh
+/// root the server publishes, when no `--ca-file` says otherwise.
+pub async fn endpoint(connection: &Connection) -> Result<(String, Option<Vec<u8>>)> {
+    let mut ca = match &connection.ca_file {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        None => None,
+    };
+    let mut url = reqwest::Url::parse(&connection.server)
+        .map_err(|e| anyhow::anyhow!("--server {:?} is not a URL: {e}", connection.server))?;
+    let loopback = url.host_str().is_some_and(|host| {
+        host == "localhost"
+            || host
+                .trim_matches(['[', ']'])
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    });
+    if connection.token.is_none() || url.scheme() != "http" || !loopback {
+        return Ok((connection.server.clone(), ca));
+    }
+    if ca.is_none() {
+        let client = Client::config_api(connection)?;
+        let published = client
+            .get(
+                ROOT_CONFIG_MAP_PATH,
+                "reading the mesh root the server publishes",
+            )
+            .await?;
+        let root = published["data"]["root-cert.pem"]
+            .as_str()
+            .context("the published root ConfigMap holds no root-cert.pem")?;
+        ca = Some(root.as_bytes().to_vec());
+    }
+    url.set_scheme("https")
+        .map_err(|()| anyhow::anyhow!("{url} cannot be made https"))?;
+    Ok((url.as_str().trim_end_matches('/').to_string(), ca))
+}
+
+/// Where the server publishes the mesh root (Istio's `istio-ca-root-cert`).
+const ROOT_CONFIG_MAP_PATH: &str = "/api/v1/namespaces/istio-system/configmaps/istio-ca-root-cert";
 
 /// The kubeconfig for the API at `server`, with one cluster, user and
 /// context called `name`; an https:// server is trusted by `ca` (PEM, the

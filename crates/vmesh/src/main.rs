@@ -141,15 +141,16 @@ enum Command {
         #[arg(long, default_value = "/var/lib/vmesh")]
         data_dir: PathBuf,
         /// Config API address; anything but loopback requires --api-token-file
-        /// and is served over TLS.
+        /// and is served over TLS only.
         #[arg(long, default_value = "127.0.0.1:15080")]
         api_addr: SocketAddr,
         /// File holding the admin bearer token for the config API.
         #[arg(long)]
         api_token_file: Option<PathBuf>,
-        /// Serve the config API over TLS on loopback too (kubectl sends a
-        /// token only over TLS); its certificate is from the mesh CA, whose
-        /// root is <data-dir>/ca/root-cert.pem.
+        /// Serve the config API over TLS only, on loopback too. Off loopback it
+        /// always is; on loopback it otherwise takes TLS and plain HTTP on the
+        /// same port (kubectl sends a token only over TLS). Its certificate is
+        /// from the mesh CA, whose root is <data-dir>/ca/root-cert.pem.
         #[arg(long)]
         api_tls: bool,
         /// Directory of manifests to load and follow.

@@ -21,7 +21,8 @@ const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 const TOKEN: &str = "kube-rs-test-token-0123456789";
 
 async fn client(dir: &Path) -> (LocalServer, kube::Client) {
-    let (server, text) = LocalServer::start_for_kubernetes(Path::new(VMESH), dir, TOKEN).unwrap();
+    let (server, text) =
+        LocalServer::start_for_kubernetes(Path::new(VMESH), dir, TOKEN, true).unwrap();
     let kubeconfig = Kubeconfig::from_yaml(&text).unwrap();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await

@@ -4,6 +4,10 @@
 //! server-side, diff, watch, explain, api-resources, deletes, and the
 //! refusals kubectl renders as it does for a cluster.
 //!
+//! kubectl sends a token only over TLS: the server takes TLS and plain
+//! HTTP on its loopback API port, and `vmesh kubeconfig --token` points
+//! kubectl at the TLS side, trusting the mesh root the server publishes.
+//!
 //! kubectl must be on PATH (`.ci/run` installs it when the machine has none).
 
 use std::io::{BufRead, BufReader};
@@ -97,7 +101,8 @@ impl Kubectl {
 
 /// A server with a token, and kubectl configured by `vmesh kubeconfig`.
 fn setup(dir: &Path) -> (LocalServer, Kubectl) {
-    let (server, config) = LocalServer::start_for_kubernetes(Path::new(VMESH), dir, TOKEN).unwrap();
+    let (server, config) =
+        LocalServer::start_for_kubernetes(Path::new(VMESH), dir, TOKEN, false).unwrap();
     let kubeconfig = dir.join("kubeconfig");
     std::fs::write(&kubeconfig, config).unwrap();
     let kubectl = Kubectl {

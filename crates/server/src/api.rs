@@ -200,9 +200,9 @@ fn store_error_with_message(error: &StoreError, message: String) -> ApiError {
             (StatusCode::FORBIDDEN, "Forbidden")
         }
         StoreError::Gone(_) => (StatusCode::GONE, "Expired"),
-        StoreError::BadResourceVersion(_) | StoreError::UnknownKind(_) => {
-            (StatusCode::BAD_REQUEST, "BadRequest")
-        }
+        StoreError::BadResourceVersion(_)
+        | StoreError::UnknownKind(_)
+        | StoreError::Unsupported(_) => (StatusCode::BAD_REQUEST, "BadRequest"),
         StoreError::Immutable { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "Invalid"),
         StoreError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge"),
         StoreError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable"),

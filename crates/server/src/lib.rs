@@ -39,7 +39,9 @@ use vmesh_store::Store;
 /// What `vmesh server` needs to run.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// The CA's files, and the embedded store unless `store` says etcd.
     pub data_dir: PathBuf,
+    pub store: vmesh_store::StoreLocation,
     pub api_addr: SocketAddr,
     /// Bearer token every API request must carry. Required off loopback.
     pub api_token: Option<String>,
@@ -71,6 +73,7 @@ impl ServerConfig {
     /// xDS ports, a CA of its own for `cluster.local`.
     pub fn new(data_dir: PathBuf) -> ServerConfig {
         ServerConfig {
+            store: vmesh_store::StoreLocation::Embedded(data_dir.clone()),
             data_dir,
             api_addr: SocketAddr::from(([127, 0, 0, 1], 15080)),
             api_token: None,
@@ -165,7 +168,7 @@ async fn store_upkeep(
             }
             _ = backup.tick() => {
                 let revision = store.revision();
-                if revision != backed_up {
+                if revision != backed_up && !store.is_shared() {
                     let store = store.clone();
                     match tokio::task::spawn_blocking(move || store.take_backup()).await {
                         Ok(Ok(path)) => {
@@ -421,12 +424,13 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     if let Some(addr) = config.monitoring_addr.filter(|a| !a.ip().is_loopback()) {
         return Err(ServerError::RemoteMonitoring(addr));
     }
-    if !config.data_dir.join(vmesh_store::STORE_FILE).exists()
+    if let vmesh_store::StoreLocation::Embedded(dir) = &config.store
+        && !dir.join(vmesh_store::STORE_FILE).exists()
         && config.data_dir.join("ca").exists()
     {
-        return Err(ServerError::StoreMissing(config.data_dir.clone()));
+        return Err(ServerError::StoreMissing(dir.clone()));
     }
-    let store = Arc::new(Store::open(&config.data_dir)?);
+    let store = Arc::new(Store::open_at(&config.store)?);
     let gates = Gates::new(config.connections);
     let (shutdown, shutdown_rx) = watch::channel(false);
     let (listener, api_addr) = bind(config.api_addr)?;
@@ -436,9 +440,12 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         store.clone(),
     )?);
     check_trust_domain(&store, identity.authority.trust_domain())?;
-    // A store that just passed its checks is the best backup there is.
-    let backup = store.take_backup()?;
-    tracing::info!(backup = %backup.display(), "store checked and backed up");
+    // A store that just passed its checks is the best backup there is
+    // (etcd keeps its own copies).
+    if !store.is_shared() {
+        let backup = store.take_backup()?;
+        tracing::info!(backup = %backup.display(), "store checked and backed up");
+    }
     let metrics = monitoring::Metrics::new()?;
     let (controller, mesh) = mesh::MeshController::new(
         store.clone(),

@@ -76,7 +76,7 @@ impl Store {
     pub fn backup_to(&self, dest: &Path) -> Result<(), StoreError> {
         let partial = dest.with_extension("partial");
         let _ = std::fs::remove_file(&partial);
-        self.file.with(|db| {
+        self.embedded()?.file.with(|db| {
             let from = db
                 .begin_read()
                 .map_err(|e| backend("starting a backup", e))?;
@@ -100,7 +100,7 @@ impl Store {
     /// is already of this revision, and drops all but the newest
     /// [`KEEP_BACKUPS`]. Returns the backup's path.
     pub fn take_backup(&self) -> Result<PathBuf, StoreError> {
-        let data_dir = self.data_dir();
+        let data_dir = self.data_dir()?;
         let dir = data_dir.join(BACKUP_DIR);
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         let dest = dir.join(format!("store-r{}.redb", self.revision()));
@@ -113,11 +113,13 @@ impl Store {
         Ok(dest)
     }
 
-    fn data_dir(&self) -> PathBuf {
-        self.file
+    fn data_dir(&self) -> Result<PathBuf, StoreError> {
+        Ok(self
+            .embedded()?
+            .file
             .path()
             .parent()
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf))
     }
 }
 

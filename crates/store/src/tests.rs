@@ -3,6 +3,7 @@ use vmesh_api::decode_manifests;
 
 use super::*;
 use backup::restore;
+use vmesh_testkit::etcd::EtcdCluster;
 
 fn objects(yaml: &str) -> Vec<Object> {
     let decoded = decode_manifests("test.yaml", yaml);
@@ -24,10 +25,88 @@ fn entries_in(ns: Option<&str>) -> Selection {
     }
 }
 
-#[test]
-fn writes_get_versions_and_survive_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+/// Where a test's store lives: the same tests run on both backends.
+enum Backing {
+    Embedded(tempfile::TempDir),
+    Etcd {
+        cluster: EtcdCluster,
+        _dir: tempfile::TempDir,
+    },
+}
+
+impl Backing {
+    fn embedded() -> Backing {
+        Backing::Embedded(tempfile::tempdir().unwrap())
+    }
+
+    fn etcd() -> Backing {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = EtcdCluster::start(1, dir.path()).unwrap();
+        Backing::Etcd { cluster, _dir: dir }
+    }
+
+    /// Opens the store; again after a drop, it is a restarted server.
+    fn open(&self) -> Store {
+        match self {
+            Backing::Embedded(dir) => Store::open(dir.path()).unwrap(),
+            Backing::Etcd { cluster, .. } => Store::open_etcd(&etcd_config(cluster, "test")).unwrap(),
+        }
+    }
+}
+
+fn etcd_config(cluster: &EtcdCluster, prefix: &str) -> EtcdConfig {
+    match StoreLocation::parse(Some(&cluster.url(prefix)), Path::new("/nonexistent")).unwrap() {
+        StoreLocation::Etcd(config) => config,
+        StoreLocation::Embedded(_) => unreachable!("an etcd URL"),
+    }
+}
+
+/// Each test of a backend-independent rule, once per backend.
+macro_rules! on_both_backends {
+    (sync: [$($sync:ident),* $(,)?], async: [$($async:ident),* $(,)?]) => {
+        mod on_embedded {
+            $(#[test]
+            fn $sync() {
+                super::$sync(&super::Backing::embedded());
+            })*
+            $(#[tokio::test]
+            async fn $async() {
+                super::$async(&super::Backing::embedded()).await;
+            })*
+        }
+        mod on_etcd {
+            $(#[test]
+            fn $sync() {
+                super::$sync(&super::Backing::etcd());
+            })*
+            $(#[tokio::test]
+            async fn $async() {
+                super::$async(&super::Backing::etcd()).await;
+            })*
+        }
+    };
+}
+
+on_both_backends!(
+    sync: [
+        writes_get_versions_and_survive_reopen,
+        stale_resource_version_conflicts_and_changes_nothing,
+        batches_are_atomic_and_namespaces_come_first,
+        deleting_a_namespace_deletes_its_objects_but_builtins_stay,
+        watch_from_before_restart_is_gone,
+        status_is_set_only_by_set_status_and_kept_by_other_writes,
+        immutable_config_maps_keep_their_data_until_deleted,
+        records_are_apart_from_objects_and_survive_reopen,
+        finalizers_hold_a_delete_until_they_are_removed,
+    ],
+    async: [
+        a_dry_run_checks_everything_and_writes_nothing,
+        watches_see_every_change_in_order_and_resume,
+    ]
+);
+
+fn writes_get_versions_and_survive_reopen(backing: &Backing) {
+    let store = backing.open();
     let out = store
         .commit(vec![Op::Create(entry("vm1", "default", "10.0.0.1"))])
         .unwrap();
@@ -49,7 +128,7 @@ fn writes_get_versions_and_survive_reopen() {
     assert_eq!(changed[0].object().metadata.uid, created.metadata.uid);
     drop(store);
 
-    let store = Store::open(dir.path()).unwrap();
+    let store = backing.open();
     let (list, _) = store.list(&entries_in(None)).unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].body["spec"]["address"], "10.0.0.2");
@@ -70,10 +149,8 @@ fn writes_get_versions_and_survive_reopen() {
     );
 }
 
-#[test]
-fn stale_resource_version_conflicts_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn stale_resource_version_conflicts_and_changes_nothing(backing: &Backing) {
+    let store = backing.open();
     let created = store
         .commit(vec![Op::Create(entry("vm1", "default", "10.0.0.1"))])
         .unwrap();
@@ -93,10 +170,8 @@ fn stale_resource_version_conflicts_and_changes_nothing() {
     );
 }
 
-#[tokio::test]
-async fn a_dry_run_checks_everything_and_writes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+async fn a_dry_run_checks_everything_and_writes_nothing(backing: &Backing) {
+    let store = backing.open();
     let created = store
         .commit(vec![Op::Create(entry("vm1", "default", "10.0.0.1"))])
         .unwrap();
@@ -139,10 +214,8 @@ async fn a_dry_run_checks_everything_and_writes_nothing() {
     );
 }
 
-#[test]
-fn batches_are_atomic_and_namespaces_come_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn batches_are_atomic_and_namespaces_come_first(backing: &Backing) {
+    let store = backing.open();
     let before = store.revision();
     let err = store
         .commit(vec![
@@ -173,10 +246,8 @@ fn batches_are_atomic_and_namespaces_come_first() {
     assert_eq!(out[1].object().kind, "Namespace");
 }
 
-#[test]
-fn deleting_a_namespace_deletes_its_objects_but_builtins_stay() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn deleting_a_namespace_deletes_its_objects_but_builtins_stay(backing: &Backing) {
+    let store = backing.open();
     let ns = objects("apiVersion: v1\nkind: Namespace\nmetadata: {name: team}\n").remove(0);
     let ns_key = ns.key().unwrap();
     store
@@ -210,10 +281,8 @@ fn deleting_a_namespace_deletes_its_objects_but_builtins_stay() {
     assert!(matches!(err.error, StoreError::ProtectedNamespace(_)));
 }
 
-#[tokio::test]
-async fn watches_see_every_change_in_order_and_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+async fn watches_see_every_change_in_order_and_resume(backing: &Backing) {
+    let store = backing.open();
     store
         .commit(vec![Op::Create(entry("a", "default", "10.0.0.1"))])
         .unwrap();
@@ -292,7 +361,7 @@ async fn history_is_bounded_by_bytes_and_a_reader_behind_it_is_told() {
         store.commit(vec![big(i)]).unwrap();
     }
     let (kept, bytes) = {
-        let state = store.state.lock();
+        let state = store.history.state.lock();
         (state.history.len(), state.history_bytes)
     };
     assert!(bytes <= HISTORY_BYTES, "{bytes}");
@@ -312,15 +381,13 @@ async fn history_is_bounded_by_bytes_and_a_reader_behind_it_is_told() {
     ));
 }
 
-#[test]
-fn watch_from_before_restart_is_gone() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn watch_from_before_restart_is_gone(backing: &Backing) {
+    let store = backing.open();
     store
         .commit(vec![Op::Create(entry("a", "default", "10.0.0.1"))])
         .unwrap();
     drop(store);
-    let store = Store::open(dir.path()).unwrap();
+    let store = backing.open();
     assert!(matches!(
         store.watch(entries_in(None), Some("1")),
         Err(StoreError::Gone(1))
@@ -332,10 +399,8 @@ fn watch_from_before_restart_is_gone() {
     );
 }
 
-#[test]
-fn status_is_set_only_by_set_status_and_kept_by_other_writes() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn status_is_set_only_by_set_status_and_kept_by_other_writes(backing: &Backing) {
+    let store = backing.open();
     let key = entry("vm1", "default", "10.0.0.1").key().unwrap();
     let mut with_status = entry("vm1", "default", "10.0.0.1");
     with_status.body.insert(
@@ -379,10 +444,8 @@ fn status_is_set_only_by_set_status_and_kept_by_other_writes() {
     assert!(store.commit(vec![Op::SetStatus(missing)]).is_err());
 }
 
-#[test]
-fn immutable_config_maps_keep_their_data_until_deleted() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn immutable_config_maps_keep_their_data_until_deleted(backing: &Backing) {
+    let store = backing.open();
     let config_map = |data: &str, immutable: bool| {
         objects(&format!(
             "apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: fixed, namespace: default}}\nimmutable: {immutable}\ndata: {{k: {data}}}\n"
@@ -610,10 +673,8 @@ fn backups_keep_the_newest_few() {
     assert_eq!(backup::check(&kept[0]).unwrap().revision, store.revision());
 }
 
-#[test]
-fn records_are_apart_from_objects_and_survive_reopen() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn records_are_apart_from_objects_and_survive_reopen(backing: &Backing) {
+    let store = backing.open();
     let revision = store.revision();
     store
         .write_records(vec![
@@ -633,7 +694,7 @@ fn records_are_apart_from_objects_and_survive_reopen() {
     assert!(records_as_objects.is_empty(), "records are no objects");
     store.write_records(vec![("join/a".into(), None)]).unwrap();
     drop(store);
-    let store = Store::open(dir.path()).unwrap();
+    let store = backing.open();
     assert_eq!(
         store.records("join/").unwrap(),
         [("join/b".to_string(), b"two".to_vec())]
@@ -642,10 +703,8 @@ fn records_are_apart_from_objects_and_survive_reopen() {
     assert_eq!(store.record("join/a").unwrap(), None);
 }
 
-#[test]
-fn finalizers_hold_a_delete_until_they_are_removed() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+fn finalizers_hold_a_delete_until_they_are_removed(backing: &Backing) {
+    let store = backing.open();
     let held = |name: &str, address: &str| {
         let mut object = entry(name, "app", address);
         object.metadata.finalizers = Some(vec!["example.com/hold".into()]);

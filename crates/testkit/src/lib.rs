@@ -14,6 +14,8 @@
 //!   namespaces; `vmesh load`.
 //! - [`http`]: one request with curl from inside a namespace.
 //! - [`local`]: `vmesh server` on free loopback ports, outside any namespace.
+//! - [`etcd`]: a real etcd cluster on loopback whose members can be killed
+//!   and restarted.
 //!
 //! Feature `testing` (tests and benchmarks only; the demo never sees it):
 //! `testing`, helpers that fail the test by panicking (polling with a
@@ -26,6 +28,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod etcd;
 pub mod http;
 pub mod local;
 pub mod mesh;

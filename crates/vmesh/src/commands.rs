@@ -15,6 +15,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Server {
             data_dir,
+            store,
             api_addr,
             api_token_file,
             api_tls,
@@ -55,6 +56,7 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                     idle: connections.idle_timeout,
                 },
                 backup_interval,
+                store: store.location(&data_dir)?,
                 ..ServerConfig::new(data_dir)
             })
             .await?;

@@ -133,13 +133,54 @@ struct ConnectionArgs {
     idle_timeout: std::time::Duration,
 }
 
+/// Where `vmesh server` keeps its objects.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// The store: redb: (the embedded store under --data-dir), or
+    /// etcd://HOST:PORT[,HOST:PORT…][/PREFIX] (servers on one etcd and
+    /// prefix are one control plane; the prefix defaults to vmesh).
+    #[arg(long, env = "VMESH_STORE", default_value = "redb:")]
+    store: String,
+    /// The CA that signed etcd's certificates: talk to etcd over TLS.
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// A client certificate for etcd (with --etcd-key), when etcd asks for one.
+    #[arg(long, requires = "etcd_key", requires = "etcd_ca")]
+    etcd_cert: Option<PathBuf>,
+    /// The key of --etcd-cert.
+    #[arg(long, requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn location(&self, data_dir: &std::path::Path) -> anyhow::Result<vmesh_store::StoreLocation> {
+        let mut location = vmesh_store::StoreLocation::parse(Some(&self.store), data_dir)
+            .map_err(anyhow::Error::msg)?;
+        match &mut location {
+            vmesh_store::StoreLocation::Etcd(config) => {
+                config.tls = self.etcd_ca.clone().map(|ca| vmesh_store::EtcdTls {
+                    ca,
+                    client: self.etcd_cert.clone().zip(self.etcd_key.clone()),
+                });
+            }
+            vmesh_store::StoreLocation::Embedded(_) if self.etcd_ca.is_some() => {
+                anyhow::bail!("--etcd-ca is for --store etcd://…");
+            }
+            vmesh_store::StoreLocation::Embedded(_) => {}
+        }
+        Ok(location)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the control plane.
     Server {
-        /// Directory for the embedded store.
+        /// Directory for the embedded store and the CA's files.
         #[arg(long, default_value = "/var/lib/vmesh")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
         /// Config API address; anything but loopback requires --api-token-file
         /// and is served over TLS only.
         #[arg(long, default_value = "127.0.0.1:15080")]

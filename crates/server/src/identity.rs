@@ -256,25 +256,68 @@ impl Identity {
         })
     }
 
-    /// Changes the revocations under the lock, stores them (forgetting token
-    /// revocations old enough that nothing of their lineage can be alive),
-    /// then makes them current.
+    /// Changes the revocations as stored (forgetting token revocations old
+    /// enough that nothing of their lineage can be alive), then makes them
+    /// current. The change is written only over the record it was made to,
+    /// so two servers revoking at once keep both.
     pub(crate) fn change_revocations(
         &self,
-        change: impl FnOnce(&mut Revocations),
+        change: impl Fn(&mut Revocations),
     ) -> Result<(), IdentityError> {
         let _revoking = self.revoking.lock();
-        let mut next = (**self.revocations.borrow()).clone();
-        change(&mut next);
         let keep_for = MAX_TOKEN_LIFE
             .max(crate::join::MAX_JOIN_LIFE)
             .max(self.authority.options().max_workload_ttl);
-        next.expire(SystemTime::now(), keep_for);
-        let bytes = serde_json::to_vec(&next).map_err(IdentityError::Revocations)?;
-        self.store
-            .write_records(vec![(REVOCATIONS_RECORD.into(), Some(bytes))])?;
-        self.revocations.send_replace(Arc::new(next));
-        Ok(())
+        for _ in 0..8 {
+            let read = self.store.record(REVOCATIONS_RECORD)?;
+            let mut next = match &read {
+                Some(bytes) => serde_json::from_slice(bytes).map_err(IdentityError::Revocations)?,
+                None => Revocations::new(),
+            };
+            change(&mut next);
+            next.expire(SystemTime::now(), keep_for);
+            let bytes = serde_json::to_vec(&next).map_err(IdentityError::Revocations)?;
+            if self
+                .store
+                .swap_record(REVOCATIONS_RECORD, read.as_deref(), Some(bytes))?
+            {
+                self.revocations.send_replace(Arc::new(next));
+                return Ok(());
+            }
+        }
+        Err(vmesh_store::StoreError::Unavailable(
+            "the revocations kept changing on other servers meanwhile: try again".into(),
+        )
+        .into())
+    }
+
+    /// Keeps this server's revocations those of the store, which other
+    /// servers on the same etcd change too, until shutdown: a token revoked
+    /// through any server is refused by every one within a second.
+    pub async fn follow_revocations(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(REVOCATIONS_POLL);
+        let mut known: Option<Vec<u8>> = None;
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+            let identity = self.clone();
+            let read =
+                tokio::task::spawn_blocking(move || identity.store.record(REVOCATIONS_RECORD))
+                    .await;
+            let Ok(Ok(Some(bytes))) = read else { continue };
+            if known.as_ref() == Some(&bytes) {
+                continue;
+            }
+            match serde_json::from_slice::<Revocations>(&bytes) {
+                Ok(current) => {
+                    self.revocations.send_replace(Arc::new(current));
+                    known = Some(bytes);
+                }
+                Err(e) => tracing::error!("the stored revocations do not decode: {e}"),
+            }
+        }
     }
 
     /// Whether `id` may be issued certificates: its namespace exists, and
@@ -554,6 +597,9 @@ fn recorded_root(store: &Store) -> Result<Option<String>, IdentityError> {
         .and_then(|object| data_of(object, ROOT_CERT_KEY))
         .map(sha256_hex))
 }
+
+/// How often a server on a shared store reads the revocations again.
+const REVOCATIONS_POLL: Duration = Duration::from_secs(1);
 
 /// The revocations record. A store without one gets one at once, with the
 /// revocations of the ConfigMap that held them before records existed

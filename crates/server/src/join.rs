@@ -117,13 +117,15 @@ fn records(store: &Store) -> Result<Vec<(String, JoinRecord)>, StoreError> {
         .collect())
 }
 
-fn record(store: &Store, id: &str) -> Result<Option<JoinRecord>, StoreError> {
+/// A join record as stored (the bytes a use is spent against) and decoded.
+fn record(store: &Store, id: &str) -> Result<Option<(Vec<u8>, JoinRecord)>, StoreError> {
     let Some(bytes) = store.record(&format!("{RECORD_PREFIX}{id}"))? else {
         return Ok(None);
     };
     Ok(serde_json::from_slice(&bytes)
         .inspect_err(|e| tracing::error!(%id, "join record unreadable, ignored: {e}"))
-        .ok())
+        .ok()
+        .map(|record| (bytes, record)))
 }
 
 /// A record written (`Some`) or deleted (`None`).
@@ -378,12 +380,38 @@ async fn join(identity: &Arc<Identity>, headers: &HeaderMap) -> Response {
     if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
         return refuse("not a join token");
     }
-    // One join at a time spends uses, so two VMs cannot share the last one.
+    // One join at a time spends uses here, and the use is written only
+    // over the record it was read from, so two VMs cannot share the last
+    // one even through two servers.
     let _spending = identity.joining.lock().await;
-    let mut record = match record(identity.store(), id) {
-        Ok(Some(record)) => record,
+    for _ in 0..SPEND_ATTEMPTS {
+        match spend_use(identity, id, secret) {
+            Spent::Raced => continue,
+            Spent::Done(response) => return response,
+        }
+    }
+    problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the join token is being used elsewhere right now: try again".into(),
+    )
+}
+
+/// How many times a join reads its token's record again after another
+/// server spent a use of it meanwhile.
+const SPEND_ATTEMPTS: usize = 8;
+
+enum Spent {
+    /// Another server wrote the record between our read and our write.
+    Raced,
+    Done(Response),
+}
+
+fn spend_use(identity: &Arc<Identity>, id: &str, secret: &str) -> Spent {
+    let refuse = |why: &str| Spent::Done(refuse(why));
+    let (read, mut record) = match record(identity.store(), id) {
+        Ok(Some(found)) => found,
         Ok(None) => return refuse("unknown join token"),
-        Err(e) => return crate::api::store_problem(&e),
+        Err(e) => return Spent::Done(crate::api::store_problem(&e)),
     };
     let presented = sha256_hex(secret);
     if !bool::from(presented.as_bytes().ct_eq(record.secret_sha256.as_bytes())) {
@@ -405,20 +433,24 @@ async fn join(identity: &Arc<Identity>, headers: &HeaderMap) -> Response {
         Duration::from_secs(record.token_seconds),
     ) {
         Ok(issued) => issued,
-        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => {
+            return Spent::Done(problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+        }
     };
     record.uses_left -= 1;
-    if let Err(e) = identity
-        .store()
-        .write_records(vec![record_write(id, Some(&record))])
-    {
-        return crate::api::store_problem(&e);
+    let (name, spent) = record_write(id, Some(&record));
+    match identity.store().swap_record(&name, Some(&read), spent) {
+        Ok(true) => {}
+        Ok(false) => return Spent::Raced,
+        Err(e) => return Spent::Done(crate::api::store_problem(&e)),
     }
     let mut files = record.files.clone();
     files.insert(TOKEN_FILE.into(), issued.token);
     let archive = match archive(&files) {
         Ok(archive) => archive,
-        Err(e) => return problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => {
+            return Spent::Done(problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()));
+        }
     };
     tracing::info!(
         namespace = %record.namespace,
@@ -427,17 +459,19 @@ async fn join(identity: &Arc<Identity>, headers: &HeaderMap) -> Response {
         uses_left = record.uses_left,
         "VM joined with a join token"
     );
-    (
-        [
-            (header::CONTENT_TYPE, "application/gzip"),
-            (
-                header::CONTENT_DISPOSITION,
-                "attachment; filename=\"onboarding.tar.gz\"",
-            ),
-        ],
-        archive,
+    Spent::Done(
+        (
+            [
+                (header::CONTENT_TYPE, "application/gzip"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    "attachment; filename=\"onboarding.tar.gz\"",
+                ),
+            ],
+            archive,
+        )
+            .into_response(),
     )
-        .into_response()
 }
 
 /// The files as a tar.gz, each with the mode install.sh expects to find.

@@ -514,6 +514,11 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
 
     tasks.push(identity.publish_root(shutdown_rx.clone()));
     tasks.push(identity.follow_deletions(shutdown_rx.clone()));
+    if store.is_shared() {
+        tasks.push(tokio::spawn(
+            identity.clone().follow_revocations(shutdown_rx.clone()),
+        ));
+    }
     tasks.push(tokio::spawn(store_upkeep(
         store.clone(),
         config.backup_interval,

@@ -46,7 +46,6 @@ pub struct MeshController {
     store: Arc<Store>,
     /// Typed objects kept from one rebuild to the next: only changed objects are decoded again.
     decoded: DecodeCache,
-    vips: VipAllocator,
     debounce: Debounce,
     publish: watch::Sender<Arc<dyn ConfigSource>>,
     /// The CA's trust domain, which the mesh's must equal.
@@ -54,6 +53,72 @@ pub struct MeshController {
     /// The disagreeing trust domain last reported, so it is reported once.
     reported_trust_domain: Option<String>,
     metrics: crate::monitoring::Metrics,
+}
+
+/// How many times a rebuild starts again after another server wrote the
+/// virtual IPs between its read and its write.
+const VIP_ATTEMPTS: usize = 16;
+
+/// Why a build did not publish.
+enum Built {
+    /// Another server wrote the allocations meanwhile.
+    Raced,
+    Failed(vmesh_store::StoreError),
+}
+
+/// The allocations in the stored ConfigMap.
+fn allocations_of(stored: Option<&vmesh_api::Object>) -> BTreeMap<String, IpAddr> {
+    stored
+        .and_then(|cm| cm.body.get("data").cloned())
+        .and_then(|data| serde_json::from_value::<BTreeMap<String, String>>(data).ok())
+        .map(|data| {
+            data.into_iter()
+                .filter_map(|(host, ip)| Some((host, ip.parse().ok()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Writes the allocations over `stored` (the ConfigMap they were built
+/// from), only if it is still what the store holds.
+fn persist_vips(
+    store: &Store,
+    vips: &VipAllocator,
+    stored: Option<vmesh_api::Object>,
+) -> Result<(), Built> {
+    let data: BTreeMap<String, String> = vips
+        .allocations()
+        .iter()
+        .map(|(h, ip)| (h.clone(), ip.to_string()))
+        .collect();
+    let mut config_map = vmesh_api::mesh::config_map(ROOT_NAMESPACE, VIP_CONFIG_MAP, data);
+    let write = match stored {
+        Some(stored) => {
+            config_map.metadata.resource_version = stored.metadata.resource_version;
+            Op::Update(config_map)
+        }
+        None => Op::Create(config_map),
+    };
+    match store.commit(vec![write]) {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.error,
+                vmesh_store::StoreError::Conflict { .. }
+                    | vmesh_store::StoreError::AlreadyExists(_)
+                    | vmesh_store::StoreError::NotFound(_)
+            ) =>
+        {
+            Err(Built::Raced)
+        }
+        Err(e) => {
+            // The mesh is still built: these addresses are what every
+            // server derives from the same objects, and the next rebuild
+            // tries the write again.
+            tracing::error!("cannot persist virtual IPs: {e}");
+            Ok(())
+        }
+    }
 }
 
 fn vip_key() -> vmesh_api::ObjectKey {
@@ -74,28 +139,11 @@ impl MeshController {
         metrics: crate::monitoring::Metrics,
     ) -> Result<(MeshController, watch::Receiver<Arc<dyn ConfigSource>>), vmesh_store::StoreError>
     {
-        let existing: BTreeMap<String, IpAddr> = store
-            .get(&vip_key())?
-            .and_then(|cm| cm.body.get("data").cloned())
-            .and_then(|data| serde_json::from_value::<BTreeMap<String, String>>(data).ok())
-            .map(|data| {
-                data.into_iter()
-                    .filter_map(|(host, ip)| Some((host, ip.parse().ok()?)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let vips = VipAllocator::new(
-            vmesh_registry::DEFAULT_SERVICE_CIDR,
-            vmesh_registry::DEFAULT_SERVICE_ENTRY_CIDR,
-            existing,
-        )
-        .unwrap_or_default();
         let empty: Arc<dyn ConfigSource> = Arc::new(MeshConfig::new(Snapshot::default()));
         let (publish, subscribe) = watch::channel(empty);
         let mut controller = MeshController {
             store,
             decoded: DecodeCache::default(),
-            vips,
             debounce,
             publish,
             ca_trust_domain: ca_trust_domain.to_string(),
@@ -109,22 +157,47 @@ impl MeshController {
     /// Builds the mesh from the store and publishes it, as changed at
     /// `changed_at` (when its first change was seen).
     fn rebuild(&mut self, changed_at: Option<Instant>) {
-        // Only the kinds the registry reads: a store full of ConfigMaps
-        // costs a rebuild nothing.
-        let mut objects = Vec::new();
-        for kind in vmesh_registry::INPUT_KINDS {
-            match self.store.list(&Selection::of_kind(kind, None)) {
-                Ok((of_kind, _)) => objects.extend(of_kind),
-                Err(e) => {
+        // Several servers may allocate at once (on one etcd): each builds
+        // from the allocations as stored and writes new ones only over
+        // what it read, so that no two services ever get one address; the
+        // loser of a race builds again from the winner's.
+        for _ in 0..VIP_ATTEMPTS {
+            match self.build_once(changed_at) {
+                Ok(()) => return,
+                Err(Built::Raced) => continue,
+                Err(Built::Failed(e)) => {
                     tracing::error!("cannot read the store to rebuild the mesh: {e}");
                     return;
                 }
             }
         }
-        let before = self.vips.clone();
-        let snapshot = Snapshot::build(&objects, &mut self.decoded, &mut self.vips);
-        if self.vips != before {
-            self.persist_vips();
+        tracing::error!("virtual IPs kept changing under this server: the mesh was not rebuilt");
+    }
+
+    fn build_once(&mut self, changed_at: Option<Instant>) -> Result<(), Built> {
+        // Read before the objects, so that allocations written after this
+        // read make the write below fail rather than be overwritten.
+        let stored = self.store.get(&vip_key()).map_err(Built::Failed)?;
+        let mut vips = VipAllocator::new(
+            vmesh_registry::DEFAULT_SERVICE_CIDR,
+            vmesh_registry::DEFAULT_SERVICE_ENTRY_CIDR,
+            allocations_of(stored.as_ref()),
+        )
+        .unwrap_or_default();
+        // Only the kinds the registry reads: a store full of ConfigMaps
+        // costs a rebuild nothing.
+        let mut objects = Vec::new();
+        for kind in vmesh_registry::INPUT_KINDS {
+            let (of_kind, _) = self
+                .store
+                .list(&Selection::of_kind(kind, None))
+                .map_err(Built::Failed)?;
+            objects.extend(of_kind);
+        }
+        let before = vips.clone();
+        let snapshot = Snapshot::build(&objects, &mut self.decoded, &mut vips);
+        if vips != before {
+            persist_vips(&self.store, &vips, stored)?;
         }
         self.check_trust_domain(&snapshot.mesh);
         tracing::debug!(services = snapshot.services.len(), "mesh rebuilt");
@@ -138,6 +211,7 @@ impl MeshController {
             None => config,
         };
         self.publish.send_replace(Arc::new(config));
+        Ok(())
     }
 
     /// An IstioOperator applied while the server runs can still name another
@@ -156,19 +230,6 @@ impl MeshController {
             );
         }
         self.reported_trust_domain = disagreeing;
-    }
-
-    fn persist_vips(&self) {
-        let data: BTreeMap<String, String> = self
-            .vips
-            .allocations()
-            .iter()
-            .map(|(h, ip)| (h.clone(), ip.to_string()))
-            .collect();
-        let config_map = vmesh_api::mesh::config_map(ROOT_NAMESPACE, VIP_CONFIG_MAP, data);
-        if let Err(e) = self.store.commit(vec![Op::Apply(config_map)]) {
-            tracing::error!("cannot persist virtual IPs: {e}");
-        }
     }
 
     /// Rebuilds after each debounced burst of changes until shutdown.

@@ -340,26 +340,20 @@ impl AutoRegistration {
     /// reports afresh, and an entry without a probe must not stay out of
     /// service on its last run's shutdown report.
     fn clear_health(&self, namespace: &str, name: &str) -> Result<(), Status> {
-        let Some(mut entry) = self.entry(namespace, name)? else {
-            return Ok(());
-        };
-        let Some(conditions) = entry
-            .body
-            .get_mut("status")
-            .and_then(|s| s.get_mut("conditions"))
-            .and_then(Value::as_array_mut)
-        else {
-            return Ok(());
-        };
-        let before = conditions.len();
-        conditions.retain(|c| c.get("type").and_then(Value::as_str) != Some("Healthy"));
-        if conditions.len() == before {
-            return Ok(());
-        }
-        self.store
-            .commit(vec![Op::SetStatus(entry)])
-            .map_err(|e| Status::unavailable(format!("resetting the health of {name}: {e}")))?;
-        Ok(())
+        self.change_status(namespace, name, "resetting the health of", |entry| {
+            let Some(conditions) = entry
+                .body
+                .get_mut("status")
+                .and_then(|s| s.get_mut("conditions"))
+                .and_then(Value::as_array_mut)
+            else {
+                return false;
+            };
+            let before = conditions.len();
+            conditions.retain(|c| c.get("type").and_then(Value::as_str) != Some("Healthy"));
+            conditions.len() != before
+        })
+        .map(drop)
     }
 
     /// Writes `report` as the entry's `Healthy` condition.
@@ -369,50 +363,13 @@ impl AutoRegistration {
         name: &str,
         report: &HealthReport,
     ) -> Result<(), Status> {
-        let Some(mut entry) = self.entry(namespace, name)? else {
+        let found = self.change_status(namespace, name, "recording the health of", |entry| {
+            set_health(entry, report);
+            true
+        })?;
+        if !found {
             return Err(missing(namespace, name));
-        };
-        let status = if report.healthy { "True" } else { "False" };
-        let now = now();
-        let mut state = entry.body.remove("status").unwrap_or_else(|| json!({}));
-        if !state.is_object() {
-            state = json!({});
         }
-        let conditions = state
-            .as_object_mut()
-            .expect("made an object above")
-            .entry("conditions")
-            .or_insert_with(|| json!([]));
-        if !conditions.is_array() {
-            *conditions = json!([]);
-        }
-        let conditions = conditions.as_array_mut().expect("made an array above");
-        let previous = conditions
-            .iter()
-            .position(|c| c.get("type").and_then(Value::as_str) == Some("Healthy"));
-        let transition = previous
-            .map(|i| &conditions[i])
-            .filter(|c| c.get("status").and_then(Value::as_str) == Some(status))
-            .and_then(|c| c.get("lastTransitionTime").cloned())
-            .unwrap_or_else(|| Value::String(now.clone()));
-        let mut condition = json!({
-            "type": "Healthy",
-            "status": status,
-            "lastProbeTime": now,
-            "lastTransitionTime": transition,
-        });
-        if !report.healthy {
-            condition["reason"] = json!("HealthCheckFailed");
-            condition["message"] = json!(report.message);
-        }
-        match previous {
-            Some(i) => conditions[i] = condition,
-            None => conditions.push(condition),
-        }
-        entry.body.insert("status".into(), state);
-        self.store
-            .commit(vec![Op::SetStatus(entry)])
-            .map_err(|e| Status::unavailable(format!("recording the health of {name}: {e}")))?;
         tracing::info!(
             healthy = report.healthy,
             message = %report.message,
@@ -420,6 +377,81 @@ impl AutoRegistration {
         );
         Ok(())
     }
+
+    /// Changes the entry's status with `change` (false: nothing to write)
+    /// and writes it over the version it was read at, reading again when
+    /// another writer (another server, the API) got there first. False if
+    /// there is no such entry.
+    fn change_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        doing: &str,
+        change: impl Fn(&mut Object) -> bool,
+    ) -> Result<bool, Status> {
+        for _ in 0..STATUS_ATTEMPTS {
+            let Some(mut entry) = self.entry(namespace, name)? else {
+                return Ok(false);
+            };
+            if !change(&mut entry) {
+                return Ok(true);
+            }
+            match self.store.commit(vec![Op::SetStatus(entry)]) {
+                Ok(_) => return Ok(true),
+                Err(e) if matches!(e.error, vmesh_store::StoreError::Conflict { .. }) => continue,
+                Err(e) => return Err(Status::unavailable(format!("{doing} {name}: {e}"))),
+            }
+        }
+        Err(Status::unavailable(format!(
+            "{doing} {name}: the entry kept changing; try again"
+        )))
+    }
+}
+
+/// How many times a status write reads the entry again after losing a race.
+const STATUS_ATTEMPTS: usize = 8;
+
+/// Sets the entry's `Healthy` condition from `report`, keeping its last
+/// transition time while the verdict stays the same.
+fn set_health(entry: &mut Object, report: &HealthReport) {
+    let status = if report.healthy { "True" } else { "False" };
+    let now = now();
+    let mut state = entry.body.remove("status").unwrap_or_else(|| json!({}));
+    if !state.is_object() {
+        state = json!({});
+    }
+    let conditions = state
+        .as_object_mut()
+        .expect("made an object above")
+        .entry("conditions")
+        .or_insert_with(|| json!([]));
+    if !conditions.is_array() {
+        *conditions = json!([]);
+    }
+    let conditions = conditions.as_array_mut().expect("made an array above");
+    let previous = conditions
+        .iter()
+        .position(|c| c.get("type").and_then(Value::as_str) == Some("Healthy"));
+    let transition = previous
+        .map(|i| &conditions[i])
+        .filter(|c| c.get("status").and_then(Value::as_str) == Some(status))
+        .and_then(|c| c.get("lastTransitionTime").cloned())
+        .unwrap_or_else(|| Value::String(now.clone()));
+    let mut condition = json!({
+        "type": "Healthy",
+        "status": status,
+        "lastProbeTime": now,
+        "lastTransitionTime": transition,
+    });
+    if !report.healthy {
+        condition["reason"] = json!("HealthCheckFailed");
+        condition["message"] = json!(report.message);
+    }
+    match previous {
+        Some(i) => conditions[i] = condition,
+        None => conditions.push(condition),
+    }
+    entry.body.insert("status".into(), state);
 }
 
 /// The lifecycle hook needs the `Arc` to schedule deletions.

@@ -136,8 +136,9 @@ fn remove(
     events: &mut Vec<WatchEvent>,
 ) -> Result<Object, StoreError> {
     let storage_key = key.storage_key();
-    let mut object =
-        txn.read(&storage_key)?.ok_or_else(|| StoreError::NotFound(Box::new(key.clone())))?;
+    let mut object = txn
+        .read(&storage_key)?
+        .ok_or_else(|| StoreError::NotFound(Box::new(key.clone())))?;
     txn.remove(&storage_key)?;
     *revision += 1;
     object.metadata.resource_version = Some(revision.to_string());
@@ -166,7 +167,8 @@ fn write_one(
             {
                 return Err(StoreError::ProtectedNamespace(key.name));
             }
-            let current = txn.read(&key.storage_key())?
+            let current = txn
+                .read(&key.storage_key())?
                 .ok_or_else(|| StoreError::NotFound(Box::new(key.clone())))?;
             check_version(&key, &current, expected)?;
             let is_namespace = key.group.is_empty() && key.plural == "namespaces";
@@ -290,8 +292,12 @@ fn set_status(
 ) -> Result<Outcome, StoreError> {
     let key = key_of(&object)?;
     let storage_key = key.storage_key();
-    let current =
-        txn.read(&storage_key)?.ok_or_else(|| StoreError::NotFound(Box::new(key.clone())))?;
+    let current = txn
+        .read(&storage_key)?
+        .ok_or_else(|| StoreError::NotFound(Box::new(key.clone())))?;
+    // A status written over the version it was read at fails if anything
+    // wrote the object since: two writers cannot lose one's condition.
+    check_version(&key, &current, object.metadata.resource_version.clone())?;
     let mut updated = current.clone();
     match object.body.get("status") {
         Some(status) => updated.body.insert("status".into(), status.clone()),
@@ -458,4 +464,3 @@ fn finish_namespace_if_empty(
     remove(txn, &key, revision, events)?;
     Ok(())
 }
-

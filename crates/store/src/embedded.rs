@@ -198,6 +198,33 @@ impl Embedded {
         })
     }
 
+    pub(crate) fn swap_record(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        let _writer = self.writer.lock();
+        let swapped = self.file.with(|db| {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(RECORDS)?;
+                let current = table.get(name)?.map(|v| v.value().to_vec());
+                if current.as_deref() != expected {
+                    return Ok(false);
+                }
+                match &new {
+                    Some(bytes) => table.insert(name, bytes.as_slice())?,
+                    None => table.remove(name)?,
+                };
+            }
+            txn.commit()?;
+            Ok(true)
+        })?;
+        self.file.wrote();
+        Ok(swapped)
+    }
+
     pub(crate) fn write_records(
         &self,
         writes: Vec<(String, Option<Vec<u8>>)>,

@@ -33,8 +33,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, GetResponse, Txn,
-    TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, GetResponse, Txn, TxnOp,
+    WatchOptions,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -56,7 +56,9 @@ impl StoreLocation {
     /// `etcd://host:port[,host:port…][/prefix]`.
     pub fn parse(url: Option<&str>, data_dir: &Path) -> Result<StoreLocation, String> {
         match url.map(str::trim) {
-            None | Some("" | "redb:" | "redb") => Ok(StoreLocation::Embedded(data_dir.to_path_buf())),
+            None | Some("" | "redb:" | "redb") => {
+                Ok(StoreLocation::Embedded(data_dir.to_path_buf()))
+            }
             Some(url) => match url.strip_prefix("etcd://") {
                 Some(rest) => EtcdConfig::parse(rest).map(StoreLocation::Etcd),
                 None => Err(format!(
@@ -201,7 +203,13 @@ fn events_of(bytes: &[u8]) -> Result<Vec<WatchEvent>, StoreError> {
                 .unwrap_or(0);
             let key = crate::batch::key_of(&change.object)?;
             let size = serde_json::to_vec(&change.object).map_or(0, |b| b.len());
-            Ok(WatchEvent::new(event_type, change.object, revision, key, size))
+            Ok(WatchEvent::new(
+                event_type,
+                change.object,
+                revision,
+                key,
+                size,
+            ))
         })
         .collect()
 }
@@ -218,7 +226,11 @@ impl Etcd {
                 context: "starting the etcd client's runtime".into(),
                 source: Box::new(e),
             })?;
-        let scheme = if config.tls.is_some() { "https" } else { "http" };
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let urls: Vec<String> = config
             .endpoints
             .iter()
@@ -362,7 +374,11 @@ impl Etcd {
             let key = key.clone();
             async move { c.get(key, None).await }
         })?;
-        response.kvs().first().map(|kv| decode(kv.value())).transpose()
+        response
+            .kvs()
+            .first()
+            .map(|kv| decode(kv.value()))
+            .transpose()
     }
 
     /// One page of keys and values from `start` (inclusive) to `end`, at
@@ -571,6 +587,29 @@ impl Etcd {
         Ok(found)
     }
 
+    pub(crate) fn swap_record(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        let key = self.key(&format!("records/{name}"));
+        let unchanged = match expected {
+            Some(bytes) => Compare::value(key.clone(), CompareOp::Equal, bytes.to_vec()),
+            None => Compare::version(key.clone(), CompareOp::Equal, 0),
+        };
+        let write = match new {
+            Some(bytes) => TxnOp::put(key, bytes, None),
+            None => TxnOp::delete(key, None),
+        };
+        let request = Txn::new().when(vec![unchanged]).and_then(vec![write]);
+        let response = self.run("swapping a record", Resend::IfUnsent, move |mut c| {
+            let request = request.clone();
+            async move { c.txn(request).await }
+        })?;
+        Ok(response.succeeded())
+    }
+
     pub(crate) fn write_records(
         &self,
         writes: Vec<(String, Option<Vec<u8>>)>,
@@ -709,12 +748,16 @@ impl BatchTxn for Overlay<'_> {
         }
         let full = self.etcd.key(&format!("objects/{key}"));
         let at = self.at;
-        let response = self.etcd.run("reading an object", Resend::Yes, move |mut c| {
-            let full = full.clone();
-            async move { c.get(full, Some(GetOptions::new().with_revision(at))).await }
-        })?;
+        let response = self
+            .etcd
+            .run("reading an object", Resend::Yes, move |mut c| {
+                let full = full.clone();
+                async move { c.get(full, Some(GetOptions::new().with_revision(at))).await }
+            })?;
         let value = response.kvs().first().map(|kv| kv.value().to_vec());
-        self.read.borrow_mut().insert(key.to_string(), value.clone());
+        self.read
+            .borrow_mut()
+            .insert(key.to_string(), value.clone());
         value.as_deref().map(decode).transpose()
     }
 
@@ -756,11 +799,7 @@ impl BatchTxn for Overlay<'_> {
 
 /// Reads the batches logged after what `history` holds, then watches for
 /// more, adding each to it; returns when the watch ends.
-async fn follow_log(
-    mut client: Client,
-    prefix: &str,
-    history: &History,
-) -> Result<(), StoreError> {
+async fn follow_log(mut client: Client, prefix: &str, history: &History) -> Result<(), StoreError> {
     let log_prefix = format!("{prefix}log/");
     let end = range_end(&log_prefix);
     let backend = |e: etcd_client::Error| StoreError::Backend {
@@ -776,7 +815,10 @@ async fn follow_log(
         if at > 0 {
             options = options.with_revision(at);
         }
-        let response = client.get(start.clone(), Some(options)).await.map_err(backend)?;
+        let response = client
+            .get(start.clone(), Some(options))
+            .await
+            .map_err(backend)?;
         if at == 0 {
             at = response.header().map_or(0, |h| h.revision());
         }
@@ -794,7 +836,11 @@ async fn follow_log(
     let mut stream = client
         .watch(
             log_prefix,
-            Some(WatchOptions::new().with_prefix().with_start_revision(at + 1)),
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(at + 1),
+            ),
         )
         .await
         .map_err(backend)?;

@@ -334,10 +334,7 @@ impl History {
             return;
         }
         let known = state.revision;
-        let mut events = events
-            .into_iter()
-            .filter(|e| e.revision > known)
-            .peekable();
+        let mut events = events.into_iter().filter(|e| e.revision > known).peekable();
         if let Some(first) = events.peek()
             && first.revision > known + 1
         {
@@ -465,7 +462,10 @@ impl Store {
     /// never replaced by an empty one.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let (embedded, revision) = embedded::Embedded::open(dir)?;
-        Store::with_builtins(Backend::Embedded(embedded), Arc::new(History::new(revision)))
+        Store::with_builtins(
+            Backend::Embedded(embedded),
+            Arc::new(History::new(revision)),
+        )
     }
 
     /// Connects to the store in etcd that `config` names, creating the
@@ -635,6 +635,23 @@ impl Store {
         match &self.backend {
             Backend::Embedded(embedded) => embedded.write_records(writes),
             Backend::Etcd(etcd) => etcd.write_records(writes),
+        }
+    }
+
+    /// Replaces record `name` (`Some`: writes, `None`: deletes) only if it
+    /// still holds `expected` (`None`: there is none); false, and nothing
+    /// written, if it does not. What a server reads, decides and writes back
+    /// this way cannot be undone by another server's write meanwhile: a
+    /// join token's last use is spent once.
+    pub fn swap_record(
+        &self,
+        name: &str,
+        expected: Option<&[u8]>,
+        new: Option<Vec<u8>>,
+    ) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Embedded(embedded) => embedded.swap_record(name, expected, new),
+            Backend::Etcd(etcd) => etcd.swap_record(name, expected, new),
         }
     }
 

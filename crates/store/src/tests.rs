@@ -49,7 +49,9 @@ impl Backing {
     fn open(&self) -> Store {
         match self {
             Backing::Embedded(dir) => Store::open(dir.path()).unwrap(),
-            Backing::Etcd { cluster, .. } => Store::open_etcd(&etcd_config(cluster, "test")).unwrap(),
+            Backing::Etcd { cluster, .. } => {
+                Store::open_etcd(&etcd_config(cluster, "test")).unwrap()
+            }
         }
     }
 }
@@ -439,6 +441,13 @@ fn status_is_set_only_by_set_status_and_kept_by_other_writes(backing: &Backing) 
         store.get(&key).unwrap().unwrap().body["status"],
         with_status.body["status"]
     );
+    // A status written over a version that is no longer current is a
+    // conflict: the later writer reads again instead of losing a condition.
+    let mut stale = with_status.clone();
+    stale.metadata.resource_version = before.metadata.resource_version.clone();
+    stale.body["status"] = json!({"conditions": [{"type": "Stale"}]});
+    let conflict = store.commit(vec![Op::SetStatus(stale)]).unwrap_err();
+    assert!(matches!(conflict.error, StoreError::Conflict { .. }), "{conflict}");
     // There must be an object to set a status on.
     let missing = entry("vm2", "default", "10.0.0.3");
     assert!(store.commit(vec![Op::SetStatus(missing)]).is_err());
@@ -701,6 +710,32 @@ fn records_are_apart_from_objects_and_survive_reopen(backing: &Backing) {
     );
     assert_eq!(store.record("other").unwrap(), Some(b"three".to_vec()));
     assert_eq!(store.record("join/a").unwrap(), None);
+
+    // A swap writes only over what the caller read.
+    assert!(
+        !store
+            .swap_record("other", Some(b"stale"), Some(b"four".to_vec()))
+            .unwrap()
+    );
+    assert_eq!(store.record("other").unwrap(), Some(b"three".to_vec()));
+    assert!(
+        store
+            .swap_record("other", Some(b"three"), Some(b"four".to_vec()))
+            .unwrap()
+    );
+    assert_eq!(store.record("other").unwrap(), Some(b"four".to_vec()));
+    assert!(
+        !store
+            .swap_record("join/b", None, Some(b"new".to_vec()))
+            .unwrap()
+    );
+    assert!(
+        store
+            .swap_record("join/c", None, Some(b"new".to_vec()))
+            .unwrap()
+    );
+    assert!(store.swap_record("join/c", Some(b"new"), None).unwrap());
+    assert_eq!(store.record("join/c").unwrap(), None);
 }
 
 fn finalizers_hold_a_delete_until_they_are_removed(backing: &Backing) {

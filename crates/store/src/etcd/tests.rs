@@ -79,7 +79,9 @@ async fn servers_on_one_etcd_share_objects_revisions_and_changes() {
     let elsewhere = Store::open_etcd(&config(&cluster, "other-mesh")).unwrap();
     let mut watch = second.watch(entries(), None).unwrap();
 
-    let created = first.commit(vec![Op::Create(entry("vm1", "10.0.0.1"))]).unwrap();
+    let created = first
+        .commit(vec![Op::Create(entry("vm1", "10.0.0.1"))])
+        .unwrap();
     let rv = created[0].object().metadata.resource_version.clone();
     let seen = tokio::time::timeout(Duration::from_secs(5), watch.next())
         .await
@@ -88,7 +90,10 @@ async fn servers_on_one_etcd_share_objects_revisions_and_changes() {
     assert_eq!(seen.object.metadata.resource_version, rv);
     assert_eq!(second.revision(), first.revision());
     let key = entry("vm1", "x").key().unwrap();
-    assert_eq!(second.get(&key).unwrap().unwrap().metadata.resource_version, rv);
+    assert_eq!(
+        second.get(&key).unwrap().unwrap().metadata.resource_version,
+        rv
+    );
 
     // A write through the second with the version the first answered.
     let mut update = entry("vm1", "10.0.0.2");
@@ -97,7 +102,10 @@ async fn servers_on_one_etcd_share_objects_revisions_and_changes() {
     let mut stale = entry("vm1", "10.0.0.3");
     stale.metadata.resource_version = rv;
     let conflict = first.commit(vec![Op::Update(stale)]).unwrap_err();
-    assert!(matches!(conflict.error, StoreError::Conflict { .. }), "{conflict}");
+    assert!(
+        matches!(conflict.error, StoreError::Conflict { .. }),
+        "{conflict}"
+    );
 
     // Another prefix is another mesh.
     assert!(elsewhere.list(&entries()).unwrap().0.is_empty());
@@ -134,9 +142,7 @@ fn concurrent_writers_through_two_servers_lose_no_update() {
                 while done < INCREMENTS {
                     let mut current = store.get(&key).unwrap().unwrap();
                     let annotations = current.metadata.annotations.get_or_insert_default();
-                    let count: usize = annotations
-                        .get("count")
-                        .map_or(0, |c| c.parse().unwrap());
+                    let count: usize = annotations.get("count").map_or(0, |c| c.parse().unwrap());
                     annotations.insert("count".into(), (count + 1).to_string());
                     match store.commit(vec![Op::Update(current)]) {
                         Ok(_) => done += 1,
@@ -174,7 +180,9 @@ fn without_quorum_the_store_is_unavailable_and_then_comes_back() {
     let mut settings = config(&cluster, "mesh");
     settings.timeout = Duration::from_secs(2);
     let store = Store::open_etcd(&settings).unwrap();
-    store.commit(vec![Op::Create(entry("before", "10.0.0.1"))]).unwrap();
+    store
+        .commit(vec![Op::Create(entry("before", "10.0.0.1"))])
+        .unwrap();
 
     cluster.kill(0);
     store
@@ -191,7 +199,11 @@ fn without_quorum_the_store_is_unavailable_and_then_comes_back() {
         "{}",
         refused.error
     );
-    assert!(refused.error.to_string().contains("quorum"), "{}", refused.error);
+    assert!(
+        refused.error.to_string().contains("quorum"),
+        "{}",
+        refused.error
+    );
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(store.fault().is_some());
     assert!(store.list(&entries()).is_err(), "no stale reads either");
@@ -204,7 +216,9 @@ fn without_quorum_the_store_is_unavailable_and_then_comes_back() {
         assert!(waited < 30, "etcd did not come back");
         std::thread::sleep(Duration::from_millis(500));
     }
-    store.commit(vec![Op::Create(entry("after", "10.0.0.4"))]).unwrap();
+    store
+        .commit(vec![Op::Create(entry("after", "10.0.0.4"))])
+        .unwrap();
     let names: Vec<String> = store
         .list(&entries())
         .unwrap()

@@ -110,6 +110,47 @@ impl Default for AuthorityOptions {
     }
 }
 
+/// The files `vmesh ca intermediate` writes for one server, named as
+/// Istio's plug-in CA names them.
+pub const INTERMEDIATE_FILES: [&str; 4] = [
+    "ca-cert.pem",
+    "ca-key.pem",
+    "cert-chain.pem",
+    ROOT_CERT_FILE,
+];
+
+/// Makes an intermediate CA for one server under the root in `root_dir`
+/// (created there on first use; keep it offline afterwards) and writes it
+/// into `out` ([`INTERMEDIATE_FILES`]; the key mode 0600), for that
+/// server's `--ca-cert`, `--ca-key` and `--ca-chain`. Every server given
+/// one issues under the same root, and the root's key never leaves
+/// `root_dir`.
+pub fn write_intermediate(
+    root_dir: &Path,
+    out: &Path,
+    trust_domain: &str,
+    name: &str,
+    ttl: Duration,
+) -> Result<(), CaError> {
+    let root = Authority::load_or_create(root_dir, trust_domain, AuthorityOptions::default())?;
+    let (cert, chain, key) = root.issue_intermediate(name, ttl)?;
+    let io_err = |action, path: &Path| {
+        let path = path.to_owned();
+        move |source| CaError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    files::ensure_private_dir(out).map_err(io_err("creating", out))?;
+    let [cert_file, key_file, chain_file, root_file] = INTERMEDIATE_FILES.map(|f| out.join(f));
+    files::write_secret(&key_file, &key).map_err(io_err("writing", &key_file))?;
+    files::write_public(&cert_file, &cert).map_err(io_err("writing", &cert_file))?;
+    files::write_public(&chain_file, &chain).map_err(io_err("writing", &chain_file))?;
+    files::write_public(&root_file, root.root_pem()).map_err(io_err("writing", &root_file))?;
+    Ok(())
+}
+
 /// The mesh certificate authority.
 pub struct Authority {
     trust_domain: String,
@@ -448,6 +489,38 @@ impl Authority {
         chain.push(cert.pem());
         chain.extend(self.chain.iter().cloned());
         Ok((chain, key.serialize_pem()))
+    }
+
+    /// An intermediate CA for one server of a replicated control plane,
+    /// signed by this authority (the offline root): a fresh key, `name` in
+    /// its subject, at most `ttl` (and never past this authority's own
+    /// end). Returns (certificate PEM, its chain up to the root as Istio's
+    /// `cert-chain.pem` has it: the intermediate first, PKCS#8 key PEM).
+    pub fn issue_intermediate(
+        &self,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<(String, String, String), CaError> {
+        let mut params = self.leaf_params(ttl)?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, self.trust_domain.as_str());
+        dn.push(DnType::CommonName, format!("vmesh intermediate CA {name}"));
+        params.distinguished_name = dn;
+        // One level: the intermediate signs workloads and serving
+        // certificates, never another CA.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = params.signed_by(&key, &self.issuer)?.pem();
+        let mut chain = cert.clone();
+        for link in &self.chain {
+            chain.push_str(link);
+        }
+        Ok((cert, chain, key.serialize_pem()))
     }
 
     /// Parameters shared by every leaf: empty subject (the SAN is then

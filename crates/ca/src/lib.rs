@@ -66,7 +66,8 @@ pub mod pb {
 
 pub use auth::{AuthError, Caller, authenticate, bearer_token};
 pub use authority::{
-    Authority, AuthorityOptions, CaError, ISTIOD_SERVICE_NAME, ROOT_CERT_FILE, ROOT_KEY_FILE,
+    Authority, AuthorityOptions, CaError, INTERMEDIATE_FILES, ISTIOD_SERVICE_NAME, ROOT_CERT_FILE,
+    ROOT_KEY_FILE, write_intermediate,
 };
 pub use identity::{
     CERT_BACKDATE, CertIdentityError, IdentityError, PeerIdentity, SpiffeId,

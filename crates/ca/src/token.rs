@@ -154,6 +154,12 @@ pub struct TokenIssuer {
     encoding: EncodingKey,
     decoding: DecodingKey,
     validation: Validation,
+    /// This issuer's key id (`kid` in the tokens it signs) and public key.
+    key_id: String,
+    public_pem: String,
+    /// The public keys of the other servers of the same control plane, by
+    /// key id: a token any of them signed verifies here too.
+    peers: parking_lot::RwLock<std::collections::HashMap<String, DecodingKey>>,
 }
 
 impl std::fmt::Debug for TokenIssuer {
@@ -206,7 +212,8 @@ impl TokenIssuer {
             reason: e.to_string(),
         };
         let encoding = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).map_err(bad)?;
-        let decoding = DecodingKey::from_ec_pem(key.public_key_pem().as_bytes()).map_err(bad)?;
+        let public_pem = key.public_key_pem();
+        let decoding = DecodingKey::from_ec_pem(public_pem.as_bytes()).map_err(bad)?;
 
         let mut validation = Validation::new(Algorithm::ES256);
         validation.set_audience(&[TOKEN_AUDIENCE]);
@@ -221,7 +228,31 @@ impl TokenIssuer {
             encoding,
             decoding,
             validation,
+            key_id: key_id(&public_pem),
+            public_pem,
+            peers: Default::default(),
         })
+    }
+
+    /// This issuer's key id and public key (PEM), for the other servers of
+    /// the control plane to trust.
+    pub fn public_key(&self) -> (&str, &str) {
+        (&self.key_id, &self.public_pem)
+    }
+
+    /// Trusts tokens signed by another server's key. The key id must be the
+    /// key's own (a record cannot pass one key off as another's).
+    pub fn trust_peer(&self, public_pem: &str) -> Result<String, TokenError> {
+        let decoding =
+            DecodingKey::from_ec_pem(public_pem.as_bytes()).map_err(|e| TokenError::BadKey {
+                path: "a peer server's public key".into(),
+                reason: e.to_string(),
+            })?;
+        let id = key_id(public_pem);
+        if id != self.key_id {
+            self.peers.write().insert(id.clone(), decoding);
+        }
+        Ok(id)
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -288,7 +319,9 @@ impl TokenIssuer {
             nbf: None,
             jti,
         };
-        let token = jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &self.encoding)
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(self.key_id.clone());
+        let token = jsonwebtoken::encode(&header, &claims, &self.encoding)
             .map_err(|e| TokenError::Sign(e.to_string()))?;
         Ok(IssuedToken {
             token,
@@ -315,8 +348,18 @@ impl TokenIssuer {
         revocations: &Revocations,
         now: SystemTime,
     ) -> Result<TokenClaims, TokenError> {
-        let data = jsonwebtoken::decode::<TokenClaims>(token, &self.decoding, &self.validation)
+        // The key the token names: this server's (or none: tokens from
+        // before key ids), or a peer server's.
+        let header = jsonwebtoken::decode_header(token).map_err(map_jwt_error)?;
+        let peers = self.peers.read();
+        let key = match header.kid.as_deref() {
+            None => &self.decoding,
+            Some(id) if id == self.key_id => &self.decoding,
+            Some(id) => peers.get(id).ok_or(TokenError::BadSignature)?,
+        };
+        let data = jsonwebtoken::decode::<TokenClaims>(token, key, &self.validation)
             .map_err(map_jwt_error)?;
+        drop(peers);
         let claims = data.claims;
         let now = unix_secs(now);
         if claims.exp.saturating_add(TOKEN_LEEWAY.as_secs()) <= now {
@@ -344,6 +387,16 @@ impl TokenIssuer {
     pub fn identity_of(&self, claims: &TokenClaims) -> Result<SpiffeId, TokenError> {
         claims.identity(&self.trust_domain)
     }
+}
+
+/// A public key's id: the start of its SHA-256.
+fn key_id(public_pem: &str) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(public_pem.trim().as_bytes())
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn map_jwt_error(e: jsonwebtoken::errors::Error) -> TokenError {
@@ -428,6 +481,40 @@ mod tests {
         assert!(matches!(
             issuer.verify(&old.token, &none),
             Err(TokenError::Expired { .. })
+        ));
+    }
+
+    #[test]
+    fn tokens_of_trusted_peer_servers_verify_and_others_do_not() {
+        let (_dir, issuer) = issuer();
+        let (_dir2, peer) = self::issuer();
+        let (_dir3, stranger) = self::issuer();
+        let none = Revocations::new();
+        let from_peer = peer.issue("a", "b", Duration::from_secs(60)).unwrap();
+        assert!(matches!(
+            issuer.verify(&from_peer.token, &none),
+            Err(TokenError::BadSignature)
+        ));
+        let (peer_id, peer_pem) = peer.public_key();
+        assert_eq!(issuer.trust_peer(peer_pem).unwrap(), peer_id);
+        let claims = issuer.verify(&from_peer.token, &none).unwrap();
+        assert_eq!(claims.jti, from_peer.id);
+        // A stranger's token naming the peer's key id is still refused.
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(peer_id.to_string());
+        let claims = TokenClaims {
+            iss: TOKEN_ISSUER.into(),
+            aud: vec![TOKEN_AUDIENCE.into()],
+            sub: format!("{SUBJECT_PREFIX}a:b"),
+            iat: unix_secs(SystemTime::now()),
+            exp: unix_secs(SystemTime::now()) + 60,
+            nbf: None,
+            jti: "forged".into(),
+        };
+        let forged = jsonwebtoken::encode(&header, &claims, &stranger.encoding).unwrap();
+        assert!(matches!(
+            issuer.verify(&forged, &none),
+            Err(TokenError::BadSignature)
         ));
     }
 

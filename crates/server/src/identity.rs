@@ -188,7 +188,11 @@ impl Identity {
     ) -> Result<Identity, IdentityError> {
         let dir = data_dir.join("ca");
         let recorded_root = recorded_root(&store)?;
+        // A root of our own lives in `ca/`; a plugged-in CA (each server's
+        // intermediate, on a shared store) is checked against the recorded
+        // root below instead.
         if let Some(recorded) = &recorded_root
+            && config.plugged.is_none()
             && !dir.exists()
             && !config.accept_new_root
         {
@@ -219,6 +223,14 @@ impl Identity {
             _ => store.write_records(vec![(ROOT_RECORD.into(), Some(root.into_bytes()))])?,
         }
         let issuer = TokenIssuer::load_or_create(&dir, &config.trust_domain)?;
+        // Tokens this server signs verify on every server of the control
+        // plane: its public key is published, and theirs are trusted.
+        let (key_id, public_pem) = issuer.public_key();
+        store.write_records(vec![(
+            format!("{TOKEN_KEY_RECORDS}{key_id}"),
+            Some(public_pem.as_bytes().to_vec()),
+        )])?;
+        trust_peer_keys(&store, &issuer)?;
         let revocations = load_revocations(&store)?;
         Ok(Identity {
             authority: Arc::new(authority),
@@ -291,11 +303,12 @@ impl Identity {
         .into())
     }
 
-    /// Keeps this server's revocations those of the store, which other
-    /// servers on the same etcd change too, until shutdown: a token revoked
-    /// through any server is refused by every one within a second.
-    pub async fn follow_revocations(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut every = tokio::time::interval(REVOCATIONS_POLL);
+    /// Keeps what this server shares with the other servers on the same
+    /// etcd current until shutdown, re-reading it every second: the
+    /// revocations (a token revoked through any server is refused by every
+    /// one) and the token keys (a token signed by any verifies on every one).
+    pub async fn follow_shared_records(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut every = tokio::time::interval(SHARED_RECORDS_POLL);
         let mut known: Option<Vec<u8>> = None;
         loop {
             tokio::select! {
@@ -303,10 +316,22 @@ impl Identity {
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
             let identity = self.clone();
-            let read =
-                tokio::task::spawn_blocking(move || identity.store.record(REVOCATIONS_RECORD))
-                    .await;
-            let Ok(Ok(Some(bytes))) = read else { continue };
+            let read = tokio::task::spawn_blocking(move || {
+                trust_peer_keys(&identity.store, &identity.issuer)?;
+                identity
+                    .store
+                    .record(REVOCATIONS_RECORD)
+                    .map_err(IdentityError::from)
+            })
+            .await;
+            let bytes = match read {
+                Ok(Ok(Some(bytes))) => bytes,
+                Ok(Err(e)) => {
+                    tracing::warn!("reading the shared records: {e}");
+                    continue;
+                }
+                _ => continue,
+            };
             if known.as_ref() == Some(&bytes) {
                 continue;
             }
@@ -598,8 +623,23 @@ fn recorded_root(store: &Store) -> Result<Option<String>, IdentityError> {
         .map(sha256_hex))
 }
 
-/// How often a server on a shared store reads the revocations again.
-const REVOCATIONS_POLL: Duration = Duration::from_secs(1);
+/// How often a server on a shared store reads the revocations and the
+/// token keys again.
+const SHARED_RECORDS_POLL: Duration = Duration::from_secs(1);
+
+/// Where each server's token-signing public key is published, by key id.
+const TOKEN_KEY_RECORDS: &str = "token-keys/";
+
+/// Trusts the token keys every server of the control plane published.
+fn trust_peer_keys(store: &Store, issuer: &TokenIssuer) -> Result<(), IdentityError> {
+    for (name, pem) in store.records(TOKEN_KEY_RECORDS)? {
+        let pem = String::from_utf8_lossy(&pem);
+        if let Err(e) = issuer.trust_peer(&pem) {
+            tracing::error!(record = %name, "a published token key is unusable: {e}");
+        }
+    }
+    Ok(())
+}
 
 /// The revocations record. A store without one gets one at once, with the
 /// revocations of the ConfigMap that held them before records existed

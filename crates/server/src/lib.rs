@@ -516,7 +516,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
     tasks.push(identity.follow_deletions(shutdown_rx.clone()));
     if store.is_shared() {
         tasks.push(tokio::spawn(
-            identity.clone().follow_revocations(shutdown_rx.clone()),
+            identity.clone().follow_shared_records(shutdown_rx.clone()),
         ));
     }
     tasks.push(tokio::spawn(store_upkeep(

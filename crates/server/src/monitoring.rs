@@ -167,14 +167,15 @@ async fn config_dump(
     }
 }
 
-/// `/ready`: ok, or 503 with the reason while the store cannot write (a
-/// full disk): the server is up but cannot take changes.
+/// `/ready`: ok, or 503 with the reason while the store cannot be written
+/// (a full disk, an etcd without quorum): the server is up and its proxies
+/// keep their configuration, but it cannot take changes.
 pub async fn ready(store: Arc<vmesh_store::Store>) -> Response {
     match store.fault() {
         None => "ok\n".into_response(),
         Some(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: the store cannot write its file: {why}\n"),
+            format!("not ready: the store cannot be written: {why}\n"),
         )
             .into_response(),
     }

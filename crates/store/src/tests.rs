@@ -447,7 +447,10 @@ fn status_is_set_only_by_set_status_and_kept_by_other_writes(backing: &Backing) 
     stale.metadata.resource_version = before.metadata.resource_version.clone();
     stale.body["status"] = json!({"conditions": [{"type": "Stale"}]});
     let conflict = store.commit(vec![Op::SetStatus(stale)]).unwrap_err();
-    assert!(matches!(conflict.error, StoreError::Conflict { .. }), "{conflict}");
+    assert!(
+        matches!(conflict.error, StoreError::Conflict { .. }),
+        "{conflict}"
+    );
     // There must be an object to set a status on.
     let missing = entry("vm2", "default", "10.0.0.3");
     assert!(store.commit(vec![Op::SetStatus(missing)]).is_err());

@@ -47,6 +47,7 @@ impl EtcdCluster {
     /// 32 MiB, so that a large `vmesh apply` fits in one (etcd's defaults
     /// are 128 and 1.5 MiB; vmesh's README says to raise them).
     pub fn start(size: usize, dir: &Path) -> Result<EtcdCluster> {
+        std::fs::create_dir_all(dir)?;
         let mut members = Vec::new();
         for index in 0..size {
             members.push(Member {

@@ -73,6 +73,23 @@ pub async fn run(command: Command) -> Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Ca {
+            what:
+                crate::CaCommand::Intermediate {
+                    root_dir,
+                    out,
+                    name,
+                    trust_domain,
+                    ttl,
+                },
+        } => {
+            vmesh_ca::write_intermediate(&root_dir, &out, &trust_domain, &name, ttl)?;
+            println!(
+                "intermediate CA {name:?} written to {}: start its server with --ca-cert {0}/ca-cert.pem --ca-key {0}/ca-key.pem --ca-chain {0}/cert-chain.pem",
+                out.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Store {
             what: crate::StoreCommand::Check { data_dir, file },
         } => {

@@ -379,6 +379,12 @@ enum Command {
         #[command(subcommand)]
         what: BenchCommand,
     },
+    /// The CA of a control plane of several servers: an intermediate for
+    /// each, under one root kept offline.
+    Ca {
+        #[command(subcommand)]
+        what: CaCommand,
+    },
     /// Bootstrap tokens for workloads (audience istio-ca).
     Token {
         #[command(subcommand)]
@@ -413,6 +419,30 @@ enum StoreCommand {
         /// A backup to restore instead of the newest good one.
         #[arg(long)]
         from: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Make one server's intermediate CA under the root in --root-dir
+    /// (created on first use: keep that directory offline), written into
+    /// --out as ca-cert.pem, ca-key.pem, cert-chain.pem and root-cert.pem.
+    /// Start that server with --ca-cert, --ca-key and --ca-chain from it.
+    Intermediate {
+        /// The offline root: root-cert.pem and root-key.pem.
+        #[arg(long)]
+        root_dir: PathBuf,
+        /// Where the server's files go (created 0700; the key 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// The server's name, in the certificate's subject.
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// The intermediate's life (never past the root's).
+        #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
     },
 }
 

@@ -1,0 +1,407 @@
+//! Several `vmesh server`s on one real etcd cluster (Debian's etcd-server,
+//! three members on loopback) are one control plane: each issues under one
+//! offline root through its own intermediate (`vmesh ca intermediate`), a
+//! write through any is seen through every other, concurrent writers
+//! through all three lose nothing, services created at the same moment
+//! through different servers get distinct virtual IPs, a one-use join
+//! token joins one VM whichever servers it is shown to, and an etcd
+//! without quorum is a 503 that names the cause until it comes back.
+//!
+//! Needs etcd and curl; without them it fails, it never skips.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use vmesh_testkit::LocalServer;
+use vmesh_testkit::etcd::EtcdCluster;
+
+const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
+
+struct ControlPlane {
+    etcd: EtcdCluster,
+    servers: Vec<LocalServer>,
+    dir: PathBuf,
+}
+
+/// `count` servers on a three-member etcd, each with an intermediate of one
+/// offline root.
+fn control_plane(dir: &Path, count: usize) -> ControlPlane {
+    let etcd = EtcdCluster::start(3, &dir.join("etcd")).unwrap();
+    let url = etcd.url("mesh");
+    let servers = (0..count)
+        .map(|i| {
+            let ca = dir.join(format!("ca-{i}"));
+            let made = Command::new(VMESH)
+                .args(["ca", "intermediate", "--root-dir"])
+                .arg(dir.join("offline-root"))
+                .arg("--out")
+                .arg(&ca)
+                .args(["--name", &format!("server-{i}")])
+                .output()
+                .unwrap();
+            assert!(
+                made.status.success(),
+                "{}",
+                String::from_utf8_lossy(&made.stderr)
+            );
+            let file = |name: &str| ca.join(name).to_str().unwrap().to_string();
+            let (cert, key, chain) = (
+                file("ca-cert.pem"),
+                file("ca-key.pem"),
+                file("cert-chain.pem"),
+            );
+            LocalServer::start(
+                Path::new(VMESH),
+                &dir.join(format!("data-{i}")),
+                &[
+                    "--store",
+                    &url,
+                    "--ca-cert",
+                    &cert,
+                    "--ca-key",
+                    &key,
+                    "--ca-chain",
+                    &chain,
+                ],
+                &[],
+            )
+            .unwrap()
+        })
+        .collect();
+    ControlPlane {
+        etcd,
+        servers,
+        dir: dir.to_path_buf(),
+    }
+}
+
+/// One request with curl: the status and the body as JSON (Null if none).
+fn request(method: &str, url: &str, body: Option<&Value>) -> (u16, Value) {
+    let mut curl = Command::new("curl");
+    curl.args([
+        "-sS",
+        "--max-time",
+        "20",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    if let Some(body) = body {
+        curl.args(["-H", "Content-Type: application/json", "--data-binary"])
+            .arg(body.to_string());
+    }
+    let output = curl.arg(url).output().expect("curl (Debian package curl)");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
+}
+
+fn apply(server: &LocalServer, yaml: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = server
+        .command(&["apply", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(yaml.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Polls `check` every 200 ms until it holds, failing the test after `limit`.
+#[track_caller]
+fn eventually(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+const ENTRIES: &str = "apis/networking.istio.io/v1/namespaces/default/workloadentries";
+
+#[test]
+fn three_servers_on_etcd_are_one_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let plane = control_plane(dir.path(), 3);
+    let servers = &plane.servers;
+
+    // One root: every server publishes the same, issued through its own
+    // intermediate.
+    let roots: Vec<String> = servers
+        .iter()
+        .map(|s| {
+            let (code, cm) = request(
+                "GET",
+                &format!(
+                    "{}/api/v1/namespaces/istio-system/configmaps/istio-ca-root-cert",
+                    s.api()
+                ),
+                None,
+            );
+            assert_eq!(code, 200, "{cm}");
+            cm["data"]["root-cert.pem"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(roots.iter().all(|r| r == &roots[0]));
+    let offline_root =
+        std::fs::read_to_string(plane.dir.join("offline-root/root-cert.pem")).unwrap();
+    assert_eq!(roots[0].trim(), offline_root.trim());
+
+    // A write through one server is read through another.
+    let applied = apply(
+        &servers[0],
+        "apiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: counter, namespace: default}\nspec: {address: 10.0.0.1}\n",
+    );
+    assert!(applied.status.success(), "{applied:?}");
+    eventually(
+        "the entry through the third server",
+        Duration::from_secs(5),
+        || {
+            request(
+                "GET",
+                &format!("{}/{ENTRIES}/counter", servers[2].api()),
+                None,
+            )
+            .0 == 200
+        },
+    );
+
+    // 20 writers spread over the three servers: each creates its own entry
+    // and increments a shared annotation read-modify-write with the
+    // resourceVersion it read; a stale write is a 409 and is retried.
+    const WRITERS: usize = 20;
+    const INCREMENTS: u64 = 5;
+    let apis: Arc<Vec<String>> = Arc::new(servers.iter().map(|s| s.api().to_string()).collect());
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|writer| {
+            let apis = apis.clone();
+            std::thread::spawn(move || {
+                let api = &apis[writer % apis.len()];
+                let own = json!({
+                    "apiVersion": "networking.istio.io/v1",
+                    "kind": "WorkloadEntry",
+                    "metadata": {"name": format!("writer-{writer}"), "namespace": "default"},
+                    "spec": {"address": format!("10.0.1.{writer}")},
+                });
+                let (code, body) = request("POST", &format!("{api}/{ENTRIES}"), Some(&own));
+                assert_eq!(code, 201, "{body}");
+                let (mut done, mut conflicts) = (0, 0);
+                while done < INCREMENTS {
+                    let (code, mut counter) =
+                        request("GET", &format!("{api}/{ENTRIES}/counter"), None);
+                    assert_eq!(code, 200, "{counter}");
+                    let count: u64 = counter["metadata"]["annotations"]["count"]
+                        .as_str()
+                        .map_or(0, |c| c.parse().unwrap());
+                    counter["metadata"]["annotations"] = json!({"count": (count + 1).to_string()});
+                    let (code, body) =
+                        request("PUT", &format!("{api}/{ENTRIES}/counter"), Some(&counter));
+                    match code {
+                        200 => done += 1,
+                        409 => conflicts += 1,
+                        other => panic!("PUT answered {other}: {body}"),
+                    }
+                }
+                conflicts
+            })
+        })
+        .collect();
+    let conflicts: u64 = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    assert!(conflicts > 0, "the writers did race");
+    for api in apis.iter() {
+        let (_, counter) = request("GET", &format!("{api}/{ENTRIES}/counter"), None);
+        assert_eq!(
+            counter["metadata"]["annotations"]["count"],
+            (WRITERS as u64 * INCREMENTS).to_string(),
+            "no acknowledged increment lost, as {api} sees it"
+        );
+        let (_, list) = request("GET", &format!("{api}/{ENTRIES}"), None);
+        assert_eq!(list["items"].as_array().unwrap().len(), WRITERS + 1);
+    }
+
+    // 50 ServiceEntries without addresses, created at the same moment
+    // through all three servers: 50 distinct virtual IPs.
+    const SERVICES: usize = 50;
+    let creators: Vec<_> = (0..SERVICES)
+        .map(|i| {
+            let api = apis[i % apis.len()].clone();
+            std::thread::spawn(move || {
+                let entry = json!({
+                    "apiVersion": "networking.istio.io/v1",
+                    "kind": "ServiceEntry",
+                    "metadata": {"name": format!("svc-{i}"), "namespace": "default"},
+                    "spec": {
+                        "hosts": [format!("svc-{i}.example.internal")],
+                        "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                        "resolution": "STATIC",
+                    },
+                });
+                let (code, body) = request(
+                    "POST",
+                    &format!("{api}/apis/networking.istio.io/v1/namespaces/default/serviceentries"),
+                    Some(&entry),
+                );
+                assert_eq!(code, 201, "{body}");
+            })
+        })
+        .collect();
+    for creator in creators {
+        creator.join().unwrap();
+    }
+    let vips = |api: &str| -> Vec<String> {
+        let (_, cm) = request(
+            "GET",
+            &format!("{api}/api/v1/namespaces/istio-system/configmaps/vmesh-vip-allocations"),
+            None,
+        );
+        (0..SERVICES)
+            .filter_map(|i| {
+                cm["data"][format!("svc-{i}.example.internal")]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect()
+    };
+    eventually(
+        "a VIP for each of the 50 services",
+        Duration::from_secs(20),
+        || vips(&apis[0]).len() == SERVICES,
+    );
+    let mut allocated = vips(&apis[1]);
+    allocated.sort();
+    allocated.dedup();
+    assert_eq!(allocated.len(), SERVICES, "no address given twice");
+
+    // A one-use join token shown to two servers at once joins one VM.
+    let group = "apiVersion: v1\nkind: Namespace\nmetadata: {name: vm-workloads}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadGroup\nmetadata: {name: payment-vms, namespace: vm-workloads}\nspec:\n  metadata: {labels: {app: payment}}\n  template: {serviceAccount: payment-sa}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {name: payment-sa, namespace: vm-workloads}\n";
+    let applied = apply(&servers[0], group);
+    assert!(applied.status.success(), "{applied:?}");
+    let configured = servers[1]
+        .command(&[
+            "workload",
+            "entry",
+            "configure",
+            "--name",
+            "payment-vms",
+            "-n",
+            "vm-workloads",
+            "--autoregister",
+            "--ingressHost",
+            "127.0.0.1",
+            "--join",
+        ])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&configured.stdout);
+    assert!(
+        configured.status.success(),
+        "{printed} {}",
+        String::from_utf8_lossy(&configured.stderr)
+    );
+    let words: Vec<&str> = printed.split_whitespace().collect();
+    let after = |flag: &str| words[words.iter().position(|w| *w == flag).unwrap() + 1].to_string();
+    let (token, pin) = (after("--token"), after("--ca-hash"));
+    let joins: Vec<_> = [0, 2]
+        .into_iter()
+        .map(|i| {
+            let server = servers[i].xds().to_string();
+            let root = plane.dir.join(format!("vm-root-{i}"));
+            let (token, pin) = (token.clone(), pin.clone());
+            std::thread::spawn(move || {
+                Command::new(VMESH)
+                    .args(["agent", "--root"])
+                    .arg(&root)
+                    .args(["join", "--server", &server, "--token", &token])
+                    .args(["--ca-hash", &pin, "--no-start"])
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    let outcomes: Vec<_> = joins.into_iter().map(|j| j.join().unwrap()).collect();
+    let joined = outcomes.iter().filter(|o| o.status.success()).count();
+    assert_eq!(joined, 1, "{outcomes:?}");
+    let refused = outcomes.iter().find(|o| !o.status.success()).unwrap();
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("used up"),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn without_quorum_writes_are_a_clear_503_until_etcd_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut plane = control_plane(dir.path(), 1);
+    let server = &plane.servers[0];
+    let entry = |name: &str| {
+        json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "WorkloadEntry",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {"address": "10.0.0.1"},
+        })
+    };
+    let create = |name: &str| {
+        request(
+            "POST",
+            &format!("{}/{ENTRIES}", server.api()),
+            Some(&entry(name)),
+        )
+    };
+    assert_eq!(create("before").0, 201);
+    plane.etcd.kill(0);
+    assert_eq!(
+        create("one-member-down").0,
+        201,
+        "two of three are a quorum"
+    );
+
+    plane.etcd.kill(1);
+    let (code, body) = create("no-quorum");
+    assert_eq!(code, 503, "{body}");
+    let message = body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("etcd") && message.contains("quorum"),
+        "{message}"
+    );
+    eventually(
+        "the server reports its store not ready",
+        Duration::from_secs(10),
+        || request("GET", &format!("{}/ready", server.monitoring()), None).0 == 503,
+    );
+
+    plane.etcd.restart(0).unwrap();
+    plane.etcd.restart(1).unwrap();
+    eventually("writes again", Duration::from_secs(30), || {
+        create("after").0 == 201
+    });
+    let (_, list) = request("GET", &format!("{}/{ENTRIES}", server.api()), None);
+    let mut names: Vec<&str> = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["metadata"]["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["after", "before", "one-member-down"]);
+    eventually("ready again", Duration::from_secs(10), || {
+        request("GET", &format!("{}/ready", server.monitoring()), None).0 == 200
+    });
+}

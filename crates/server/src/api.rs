@@ -75,6 +75,7 @@ pub fn router(
             post(apply).layer(axum::extract::DefaultBodyLimit::max(MAX_APPLY_BYTES)),
         )
         .route(MESH_PATH, get(mesh_settings))
+        .route(SNAPSHOT_PATH, get(snapshot))
         .route("/api/v1/endpoints", any(view))
         .route("/api/v1/namespaces/{namespace}/endpoints", any(view))
         .route("/api/v1/namespaces/{namespace}/endpoints/{name}", any(view))
@@ -1355,6 +1356,42 @@ struct MeshQuery {
 
 /// `GET /v1/mesh`: [`MeshSettings::resolve`] over the stored IstioOperators
 /// (those whose body does not decode are skipped, as the registry skips them).
+/// Where `vmesh backup` takes a snapshot of the whole store.
+pub const SNAPSHOT_PATH: &str = "/apis/vmesh.io/v1/snapshot";
+
+/// A snapshot of the whole store, objects and the server's records, as of
+/// one revision (`vmesh_store::snapshot`), taken while the server runs. It
+/// holds what the store holds (Secrets, join records), so it is as
+/// guarded as the rest of the API.
+async fn snapshot(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let store = state.store.clone();
+    let taken = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        store.snapshot(&mut out).map(|revision| (revision, out))
+    })
+    .await
+    .map_err(|e| {
+        status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "InternalError",
+            format!("the snapshot failed: {e}"),
+            None,
+        )
+    })?;
+    let (revision, bytes) = taken.map_err(store_error)?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson".to_string()),
+            (
+                header::HeaderName::from_static("x-vmesh-revision"),
+                revision.to_string(),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
 async fn mesh_settings(
     State(state): State<AppState>,
     Query(query): Query<MeshQuery>,

@@ -483,6 +483,7 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         config.auto_registration_grace,
     ));
     registration.sweep_orphans();
+    tasks.push(tokio::spawn(registration.clone().run(shutdown_rx.clone())));
     let lifecycle: Arc<dyn vmesh_xds::ads::ProxyLifecycle> =
         Arc::new(registration::Registrar(registration));
     let mut xds_plaintext_addr = None;

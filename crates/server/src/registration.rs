@@ -91,8 +91,12 @@ impl AutoRegistration {
         }
     }
 
-    /// Deletes registered entries nobody holds: on start, every entry another
-    /// (dead) controller made, once its grace period has passed without a reconnect.
+    /// Deletes registered entries nobody holds: every entry whose
+    /// controller is gone (a server that stopped, or on a shared store one
+    /// whose heartbeat stopped), once its grace period has passed without a
+    /// reconnect. This server takes each over first, with a write over the
+    /// version it read, so that of several servers sweeping at once one
+    /// does it.
     pub fn sweep_orphans(self: &Arc<Self>) {
         let entries = Selection::of_kind(&vmesh_api::kinds::workload_entry::KIND, None);
         let objects = match self.store.list(&entries) {
@@ -102,16 +106,84 @@ impl AutoRegistration {
                 return;
             }
         };
-        for entry in &objects {
+        let alive = match self.live_controllers() {
+            Ok(alive) => alive,
+            Err(e) => {
+                tracing::error!("auto-registration sweep cannot read the heartbeats: {e}");
+                return;
+            }
+        };
+        for entry in objects {
             let annotations = entry.metadata.annotations.clone().unwrap_or_default();
-            if annotations.contains_key(GROUP_ANNOTATION)
-                && annotations.get(CONTROLLER_ANNOTATION) != Some(&self.controller)
-            {
+            let orphaned = annotations.contains_key(GROUP_ANNOTATION)
+                && annotations
+                    .get(CONTROLLER_ANNOTATION)
+                    .is_none_or(|controller| !alive.contains(controller));
+            if orphaned {
                 let namespace = entry.metadata.namespace.clone().unwrap_or_default();
                 let name = entry.metadata.name().to_string();
-                self.forget_later(namespace, name);
+                tracing::info!(
+                    controller = annotations.get(CONTROLLER_ANNOTATION).map(String::as_str),
+                    "taking over {namespace}/{name} from a controller that is gone"
+                );
+                self.forget_later(namespace, name, Claim::TakeOver);
             }
         }
+    }
+
+    /// The controllers alive now: this one, and on a shared store each
+    /// whose heartbeat is recent.
+    fn live_controllers(&self) -> Result<HashSet<String>, vmesh_store::StoreError> {
+        let mut alive = HashSet::from([self.controller.clone()]);
+        if self.store.is_shared() {
+            let now = unix_now();
+            for (name, beat) in self.store.records(HEARTBEAT_RECORDS)? {
+                let last: u64 = String::from_utf8_lossy(&beat).parse().unwrap_or(0);
+                if now.saturating_sub(last) <= HEARTBEAT_LIFE.as_secs()
+                    && let Some(controller) = name.strip_prefix(HEARTBEAT_RECORDS)
+                {
+                    alive.insert(controller.to_string());
+                }
+            }
+        }
+        Ok(alive)
+    }
+
+    /// Until shutdown: on a shared store, this server's heartbeat every
+    /// [`HEARTBEAT`] and a sweep for entries of controllers that stopped.
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        if !self.store.is_shared() {
+            return;
+        }
+        let mut every = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            }
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let beat = (
+                    format!("{HEARTBEAT_RECORDS}{}", this.controller),
+                    Some(unix_now().to_string().into_bytes()),
+                );
+                match this.store.write_records(vec![beat]) {
+                    Ok(()) => this.sweep_orphans(),
+                    Err(e) => tracing::warn!("auto-registration heartbeat not written: {e}"),
+                }
+            })
+            .await;
+        }
+        // Stopping on purpose: the others need not wait for the heartbeat
+        // to age before taking over.
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            this.store.write_records(vec![(
+                format!("{HEARTBEAT_RECORDS}{}", this.controller),
+                None,
+            )])
+        })
+        .await;
     }
 
     fn refuse(&self, proxy: &Proxy, group: &str, message: String) -> Status {
@@ -233,27 +305,56 @@ impl AutoRegistration {
         })
     }
 
-    /// Marks an entry disconnected and deletes it after the grace period,
-    /// unless a stream for it comes back (or it was marked again since).
-    fn forget_later(self: &Arc<Self>, namespace: String, name: String) {
+    /// Marks an entry disconnected (and, with [`Claim::TakeOver`], this
+    /// server its controller) and deletes it after the grace period, unless
+    /// a stream for it comes back (here or at another server) or it was
+    /// marked again since. The mark is written over the version read, and
+    /// only while the entry is this server's (or, taking over, still the
+    /// gone controller's): a server never marks an entry another has.
+    fn forget_later(self: &Arc<Self>, namespace: String, name: String, claim: Claim) {
         let marked = now();
         let key = entry_key(&namespace, &name);
-        match self.store.get(&key) {
-            Ok(Some(mut entry)) => {
-                entry
-                    .metadata
-                    .annotations
-                    .get_or_insert_with(Default::default)
-                    .insert(DISCONNECTED_AT_ANNOTATION.into(), marked.clone());
-                if let Err(e) = self.store.commit(vec![Op::Apply(entry)]) {
+        let mut marked_ok = false;
+        for _ in 0..STATUS_ATTEMPTS {
+            let mut entry = match self.store.get(&key) {
+                Ok(Some(entry)) => entry,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::error!("cannot read {namespace}/{name}: {e}");
+                    return;
+                }
+            };
+            let annotations = entry
+                .metadata
+                .annotations
+                .get_or_insert_with(Default::default);
+            let controller = annotations.get(CONTROLLER_ANNOTATION).cloned();
+            match claim {
+                Claim::Own if controller.as_ref() != Some(&self.controller) => return,
+                Claim::TakeOver => {
+                    let alive = self.live_controllers().unwrap_or_default();
+                    if controller.as_ref().is_some_and(|c| alive.contains(c)) {
+                        return;
+                    }
+                    annotations.insert(CONTROLLER_ANNOTATION.into(), self.controller.clone());
+                }
+                Claim::Own => {}
+            }
+            annotations.insert(DISCONNECTED_AT_ANNOTATION.into(), marked.clone());
+            match self.store.commit(vec![Op::Update(entry)]) {
+                Ok(_) => {
+                    marked_ok = true;
+                    break;
+                }
+                Err(e) if matches!(e.error, vmesh_store::StoreError::Conflict { .. }) => continue,
+                Err(e) => {
                     tracing::error!("cannot mark {namespace}/{name} disconnected: {e}");
+                    return;
                 }
             }
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!("cannot read {namespace}/{name}: {e}");
-                return;
-            }
+        }
+        if !marked_ok {
+            return;
         }
         let this = self.clone();
         self.runtime.spawn(async move {
@@ -408,8 +509,31 @@ impl AutoRegistration {
     }
 }
 
-/// How many times a status write reads the entry again after losing a race.
+/// How many times a status write (or a disconnection mark) reads the entry
+/// again after losing a race.
 const STATUS_ATTEMPTS: usize = 8;
+
+/// Whose entry a disconnection mark may be written on.
+#[derive(Clone, Copy)]
+enum Claim {
+    /// This server's own (its proxy's last stream ended).
+    Own,
+    /// One whose controller is gone, which this server takes over.
+    TakeOver,
+}
+
+/// Where each server's heartbeat is kept on a shared store, by controller.
+const HEARTBEAT_RECORDS: &str = "controllers/";
+/// How often a server on a shared store beats and sweeps.
+const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How old a heartbeat may be before its server counts as gone.
+const HEARTBEAT_LIFE: Duration = Duration::from_secs(15);
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// Sets the entry's `Healthy` condition from `report`, keeping its last
 /// transition time while the verdict stays the same.
@@ -511,7 +635,7 @@ impl ProxyLifecycle for Registrar {
             now_empty
         };
         if last {
-            self.0.forget_later(id.0, id.1);
+            self.0.forget_later(id.0, id.1, Claim::Own);
         }
     }
 

@@ -198,6 +198,64 @@ impl Embedded {
         })
     }
 
+    pub(crate) fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, StoreError> {
+        self.file.with(|db| {
+            let txn = db.begin_read()?;
+            let revision = txn
+                .open_table(META)?
+                .get(REVISION)?
+                .map_or(0, |v| v.value());
+            let mut objects = Vec::new();
+            for entry in txn.open_table(OBJECTS)?.iter()? {
+                let (_, value) = entry?;
+                objects.push(serde_json::from_slice(value.value())?);
+            }
+            let mut records = Vec::new();
+            for entry in txn.open_table(RECORDS)?.iter()? {
+                let (name, value) = entry?;
+                records.push((name.value().to_string(), value.value().to_vec()));
+            }
+            crate::snapshot::write(out, revision, objects, records)?;
+            Ok(revision)
+        })
+    }
+
+    /// Writes a snapshot's contents into a new store file in `dir`; one
+    /// that is there already is refused.
+    pub(crate) fn import(
+        dir: &Path,
+        contents: &crate::snapshot::Contents,
+    ) -> Result<(), StoreError> {
+        let path = dir.join(STORE_FILE);
+        if path.exists() {
+            return Err(StoreError::Unsupported(
+                "the data directory holds a store already: restore into an empty one (or use vmesh store restore for the server's own backups)",
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Backend {
+            context: format!("creating {}", dir.display()),
+            source: Box::new(e),
+        })?;
+        let _lock = crate::file::lock(&path)?;
+        let db = crate::file::open_database(&path)
+            .map_err(|e| crate::file::backend("creating the store file", e))?;
+        let txn = db.begin_write()?;
+        {
+            let mut objects = txn.open_table(OBJECTS)?;
+            for object in &contents.objects {
+                let key = crate::batch::key_of(object)?.storage_key();
+                objects.insert(key.as_str(), serde_json::to_vec(object)?.as_slice())?;
+            }
+            let mut records = txn.open_table(RECORDS)?;
+            for (name, value) in &contents.records {
+                records.insert(name.as_str(), value.as_slice())?;
+            }
+            txn.open_table(META)?.insert(REVISION, contents.revision)?;
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
     pub(crate) fn swap_record(
         &self,
         name: &str,

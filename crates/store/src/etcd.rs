@@ -587,6 +587,88 @@ impl Etcd {
         Ok(found)
     }
 
+    pub(crate) fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, StoreError> {
+        let (counter, _, at) = self.read_counter()?;
+        let mut objects = Vec::new();
+        let objects_prefix = self.key("objects/");
+        self.visit_range(
+            "reading every object",
+            &objects_prefix,
+            objects_prefix.clone().into_bytes(),
+            at,
+            |_, value| {
+                objects.push(decode(value)?);
+                Ok(true)
+            },
+        )?;
+        let mut records = Vec::new();
+        let records_prefix = self.key("records/");
+        self.visit_range(
+            "reading every record",
+            &records_prefix,
+            records_prefix.clone().into_bytes(),
+            at,
+            |key, value| {
+                let name = String::from_utf8_lossy(&key[records_prefix.len()..]).into_owned();
+                records.push((name, value.to_vec()));
+                Ok(true)
+            },
+        )?;
+        crate::snapshot::write(out, counter, objects, records)?;
+        Ok(counter)
+    }
+
+    /// Writes a snapshot's contents under the prefix `config` names, which
+    /// must hold nothing: objects and records in transactions of at most
+    /// [`IMPORT_CHUNK`] writes (etcd's default limit is 128), the revision
+    /// counter last.
+    pub(crate) fn import(
+        config: &EtcdConfig,
+        contents: &crate::snapshot::Contents,
+    ) -> Result<(), StoreError> {
+        let (etcd, _) = Etcd::connect(config)?;
+        let everything = etcd.key("");
+        let held = etcd.page(
+            "looking for what the prefix holds",
+            everything.clone().into_bytes(),
+            range_end(&everything),
+            0,
+            1,
+        )?;
+        if !held.kvs().is_empty() {
+            return Err(StoreError::Unsupported(
+                "etcd holds a store under this prefix already: restore into an empty prefix",
+            ));
+        }
+        let mut writes: Vec<(String, Vec<u8>)> = Vec::new();
+        for object in &contents.objects {
+            let key = crate::batch::key_of(object)?.storage_key();
+            writes.push((
+                etcd.key(&format!("objects/{key}")),
+                serde_json::to_vec(object)?,
+            ));
+        }
+        for (name, value) in &contents.records {
+            writes.push((etcd.key(&format!("records/{name}")), value.clone()));
+        }
+        writes.push((
+            etcd.key("revision"),
+            contents.revision.to_string().into_bytes(),
+        ));
+        for chunk in writes.chunks(IMPORT_CHUNK) {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|(key, value)| TxnOp::put(key.clone(), value.clone(), None))
+                .collect();
+            let request = Txn::new().and_then(ops);
+            etcd.run("restoring a snapshot", Resend::Yes, move |mut c| {
+                let request = request.clone();
+                async move { c.txn(request).await }
+            })?;
+        }
+        Ok(())
+    }
+
     pub(crate) fn swap_record(
         &self,
         name: &str,
@@ -647,6 +729,9 @@ fn tls_options(tls: &EtcdTls) -> Result<etcd_client::TlsOptions, StoreError> {
     }
     Ok(options)
 }
+
+/// Writes per transaction when a snapshot is restored.
+const IMPORT_CHUNK: usize = 100;
 
 /// The pause before a call is tried again.
 const RETRY_PAUSE: Duration = Duration::from_millis(100);

@@ -21,6 +21,7 @@ mod batch;
 mod embedded;
 mod etcd;
 mod file;
+pub mod snapshot;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -652,6 +653,15 @@ impl Store {
         match &self.backend {
             Backend::Embedded(embedded) => embedded.swap_record(name, expected, new),
             Backend::Etcd(etcd) => etcd.swap_record(name, expected, new),
+        }
+    }
+
+    /// Writes a snapshot of the whole store, objects and records as of one
+    /// revision ([`snapshot`]), while it serves; that revision.
+    pub fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Embedded(embedded) => embedded.snapshot(out),
+            Backend::Etcd(etcd) => etcd.snapshot(out),
         }
     }
 

@@ -35,6 +35,14 @@ enum Backing {
 }
 
 impl Backing {
+    /// An empty place of the same kind to restore into.
+    fn elsewhere(&self, dir: &Path) -> StoreLocation {
+        match self {
+            Backing::Embedded(_) => StoreLocation::Embedded(dir.to_path_buf()),
+            Backing::Etcd { cluster, .. } => StoreLocation::Etcd(etcd_config(cluster, "restored")),
+        }
+    }
+
     fn embedded() -> Backing {
         Backing::Embedded(tempfile::tempdir().unwrap())
     }
@@ -99,6 +107,7 @@ on_both_backends!(
         status_is_set_only_by_set_status_and_kept_by_other_writes,
         immutable_config_maps_keep_their_data_until_deleted,
         records_are_apart_from_objects_and_survive_reopen,
+        a_snapshot_restores_into_an_empty_store_only,
         finalizers_hold_a_delete_until_they_are_removed,
     ],
     async: [
@@ -828,4 +837,55 @@ fn finalizers_hold_a_delete_until_they_are_removed(backing: &Backing) {
         store.get(&namespace_key).unwrap().is_none(),
         "the namespace went with its last object"
     );
+}
+
+fn a_snapshot_restores_into_an_empty_store_only(backing: &Backing) {
+    let store = backing.open();
+    store
+        .commit(vec![
+            Op::Create(entry("vm1", "default", "10.0.0.1")),
+            Op::Create(entry("vm2", "istio-system", "10.0.0.2")),
+        ])
+        .unwrap();
+    store
+        .write_records(vec![("join/a".into(), Some(vec![0, 1, 2, 255]))])
+        .unwrap();
+    let mut taken = Vec::new();
+    let revision = store.snapshot(&mut taken).unwrap();
+    assert_eq!(revision, store.revision());
+
+    let dir = tempfile::tempdir().unwrap();
+    let target = backing.elsewhere(dir.path());
+    let restored_at = snapshot::restore(&target, &mut taken.as_slice()).unwrap();
+    assert_eq!(restored_at, revision);
+    let restored = Store::open_at(&target).unwrap();
+    assert_eq!(restored.revision(), revision);
+    for selection in [
+        entries_in(None),
+        Selection {
+            collection: "core/namespaces".into(),
+            namespace: None,
+        },
+    ] {
+        assert_eq!(
+            restored.list(&selection).unwrap().0,
+            store.list(&selection).unwrap().0
+        );
+    }
+    assert_eq!(restored.record("join/a").unwrap(), Some(vec![0, 1, 2, 255]));
+    // Writes go on from the snapshot's revision.
+    let next = restored
+        .commit(vec![Op::Create(entry("vm3", "default", "10.0.0.3"))])
+        .unwrap();
+    assert_eq!(
+        next[0].object().metadata.resource_version,
+        Some((revision + 1).to_string())
+    );
+    drop(restored);
+    // A restore never merges into a store that holds something.
+    let refused = snapshot::restore(&target, &mut taken.as_slice()).unwrap_err();
+    assert!(refused.to_string().contains("already"), "{refused}");
+    // A file that is no snapshot says where.
+    let garbage = snapshot::restore(&backing.elsewhere(&dir.path().join("x")), &mut &b"{}\n"[..]);
+    assert!(garbage.unwrap_err().to_string().contains("line 1"));
 }

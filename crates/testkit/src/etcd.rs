@@ -1,12 +1,11 @@
-//! A real etcd cluster (Debian's `etcd-server`) on loopback, for the store's
-//! etcd backend and the servers that share it: members on ports the kernel
-//! chose, data in a directory of the caller's, each member bound to the
-//! test's life (`setpriv --pdeathsig KILL`) and stopped when the cluster is
-//! dropped. Members can be killed and started again to take quorum away
-//! and give it back.
+//! A real etcd cluster (Debian's `etcd-server`) on loopback, this machine's
+//! or a network namespace's, for the store's etcd backend and the servers
+//! that share it: members on free ports, data in a directory of the
+//! caller's, each member bound to the test's life (`setpriv --pdeathsig
+//! KILL`) and stopped when the cluster is dropped. Members can be killed
+//! and started again to take quorum away and give it back.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -26,6 +25,8 @@ struct Member {
 /// An etcd cluster of one or more members on 127.0.0.1.
 pub struct EtcdCluster {
     dir: PathBuf,
+    /// The network namespace the members run in; this machine's own if none.
+    namespace: Option<String>,
     members: Vec<Member>,
 }
 
@@ -47,6 +48,12 @@ impl EtcdCluster {
     /// 32 MiB, so that a large `vmesh apply` fits in one (etcd's defaults
     /// are 128 and 1.5 MiB; vmesh's README says to raise them).
     pub fn start(size: usize, dir: &Path) -> Result<EtcdCluster> {
+        Self::start_in(None, size, dir)
+    }
+
+    /// [`EtcdCluster::start`] inside the network namespace `namespace`,
+    /// for servers that run there.
+    pub fn start_in(namespace: Option<&str>, size: usize, dir: &Path) -> Result<EtcdCluster> {
         std::fs::create_dir_all(dir)?;
         let mut members = Vec::new();
         for index in 0..size {
@@ -59,6 +66,7 @@ impl EtcdCluster {
         }
         let mut cluster = EtcdCluster {
             dir: dir.to_path_buf(),
+            namespace: namespace.map(str::to_string),
             members,
         };
         for index in 0..size {
@@ -79,8 +87,8 @@ impl EtcdCluster {
         let log = std::fs::File::create(self.dir.join(format!("{}.log", member.name)))?;
         let client_url = format!("http://{}", member.client);
         let peer_url = format!("http://{}", member.peer);
-        let child = Command::new("setpriv")
-            .args(["--pdeathsig", "KILL", "--", "etcd"])
+        let child = self
+            .command(&["setpriv", "--pdeathsig", "KILL", "--", "etcd"])
             .args(["--name", &member.name])
             .arg("--data-dir")
             .arg(&data)
@@ -124,7 +132,30 @@ impl EtcdCluster {
         self.members
             .iter()
             .filter(|m| m.child.is_some())
-            .all(|m| health(&m.client).unwrap_or(false))
+            .all(|m| self.member_healthy(&m.client))
+    }
+
+    /// `args` to run where the members run.
+    fn command(&self, args: &[&str]) -> Command {
+        match &self.namespace {
+            Some(namespace) => crate::netns::command_in(namespace, args),
+            None => {
+                let mut command = Command::new(args[0]);
+                command.args(&args[1..]);
+                command
+            }
+        }
+    }
+
+    /// etcd's `/health` on a member's client port, asked with curl from
+    /// where the member runs.
+    fn member_healthy(&self, client: &str) -> bool {
+        let url = format!("http://{client}/health");
+        self.command(&["curl", "-s", "--max-time", "2", &url])
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("\"health\":\"true\""))
     }
 
     fn wait_healthy(&mut self, limit: Duration) -> Result<()> {
@@ -166,19 +197,6 @@ impl EtcdCluster {
         }
         self.wait_healthy(Duration::from_secs(30))
     }
-}
-
-/// etcd's `/health` on its client port.
-fn health(client: &str) -> Result<bool> {
-    let mut stream = TcpStream::connect(client)?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    write!(
-        stream,
-        "GET /health HTTP/1.0\r\nHost: {client}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    Ok(answer.contains("\"health\":\"true\""))
 }
 
 impl Drop for EtcdCluster {

@@ -48,7 +48,9 @@ pub struct AgentArgs {
     #[arg(long)]
     root: Option<PathBuf>,
     /// The control plane's xDS and CA port (default: cluster.env's CA_ADDR,
-    /// else istiod.istio-system.svc:15012).
+    /// else istiod.istio-system.svc:15012). Several servers, comma-separated
+    /// (or a name resolving to several addresses): the agent uses the one
+    /// that answers and moves to another when it stops answering.
     #[arg(long)]
     server: Option<String>,
     /// The workload's namespace (POD_NAMESPACE).

@@ -332,6 +332,44 @@ pub async fn run(command: Command) -> Result<ExitCode> {
             overwrite,
             connection,
         } => label(&args, &namespace, overwrite, &connection).await,
+        Command::Backup { output, connection } => {
+            let client = Client::config_api(&connection)?;
+            let snapshot = client
+                .get(
+                    "/apis/vmesh.io/v1/snapshot",
+                    "taking a snapshot of the store",
+                )
+                .await?;
+            let text = match snapshot {
+                Value::String(text) => text,
+                other => other.to_string(),
+            };
+            vmesh_ca::files::write_file(&output, text.as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", output.display()))?;
+            let objects = text
+                .lines()
+                .filter(|l| l.starts_with("{\"object\""))
+                .count();
+            println!(
+                "{objects} objects and the server's records written to {}",
+                output.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Restore {
+            from,
+            data_dir,
+            store,
+        } => {
+            let location = store.location(&data_dir)?;
+            let file = std::fs::File::open(&from)
+                .with_context(|| format!("opening {}", from.display()))?;
+            let revision =
+                vmesh_store::snapshot::restore(&location, &mut std::io::BufReader::new(file))
+                    .with_context(|| format!("restoring {}", from.display()))?;
+            println!("restored {} (revision {revision})", from.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Kubeconfig {
             name,
             namespace,

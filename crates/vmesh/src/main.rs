@@ -327,6 +327,28 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Take a snapshot of the whole store from a running server (embedded
+    /// or etcd): every object and the server's own records, as of one
+    /// revision. The file (mode 0600) holds Secrets and join records.
+    Backup {
+        /// Where the snapshot goes.
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Put a snapshot from `vmesh backup` into an empty store, with no
+    /// server running on it: the embedded store in --data-dir, or etcd
+    /// (--store etcd://…). From redb to etcd, this moves a mesh.
+    Restore {
+        /// The snapshot.
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long, default_value = "/var/lib/vmesh")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
     /// Run the guide's payment-service example end to end on this machine.
     Demo {
         /// Leave it running with instructions to explore.

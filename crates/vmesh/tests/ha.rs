@@ -7,7 +7,12 @@
 //! token joins one VM whichever servers it is shown to, and an etcd
 //! without quorum is a 503 that names the cause until it comes back.
 //!
-//! Needs etcd and curl; without them it fails, it never skips.
+//! And a VM keeps working when the server it is connected to is killed:
+//! its agent moves to another within seconds, no request between VMs
+//! fails, its auto-registered entry stays, and later changes reach it.
+//!
+//! Needs etcd, curl, and for the failover test root, `ip`, `iptables` and
+//! Envoy; without them it fails, it never skips.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,8 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use vmesh_testkit::LocalServer;
 use vmesh_testkit::etcd::EtcdCluster;
+use vmesh_testkit::netns::link;
+use vmesh_testkit::testing::{PAYMENT_MESH, envoy_binary};
+use vmesh_testkit::{LocalServer, Mesh, Namespace};
 
 const VMESH: &str = env!("CARGO_BIN_EXE_vmesh");
 
@@ -404,4 +411,236 @@ fn without_quorum_writes_are_a_clear_503_until_etcd_comes_back() {
     eventually("ready again", Duration::from_secs(10), || {
         request("GET", &format!("{}/ready", server.monitoring()), None).0 == 200
     });
+}
+
+/// The xDS address of server `i` in the failover test: an address of the
+/// control namespace every VM routes to.
+fn failover_xds(i: usize) -> String {
+    format!("10.63.100.{}:15012", i + 1)
+}
+
+/// A VM on its own link to the control namespace, which routes.
+fn routed_vm(control: &Namespace, index: u8, tag: &str) -> (Namespace, String) {
+    let ns = Namespace::new(&format!("vmesh-ha{tag}-{}", std::process::id()));
+    let (ip, gateway) = (format!("10.63.{index}.1"), format!("10.63.{index}.2"));
+    link(
+        &ns,
+        &ip,
+        control,
+        &gateway,
+        &format!("ha{tag}{}", std::process::id()),
+    )
+    .unwrap();
+    ns.run(&["ip", "route", "add", "default", "via", &gateway]);
+    (ns, ip)
+}
+
+#[test]
+fn killing_the_server_a_vm_uses_fails_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    let control = Namespace::new(&format!("vmesh-hac-{}", std::process::id()));
+    let (payment, payment_ip) = routed_vm(&control, 1, "p");
+    let (client, client_ip) = routed_vm(&control, 2, "c");
+    control.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    control.run(&["ip", "link", "set", "lo", "up"]);
+    for i in 0..3 {
+        let address = format!("10.63.100.{}/32", i + 1);
+        control.run(&["ip", "addr", "add", &address, "dev", "lo"]);
+    }
+    // etcd and three servers in the control namespace, each server on an
+    // address of its own, under one offline root.
+    let etcd = EtcdCluster::start_in(Some(control.name()), 3, &dir.join("etcd")).unwrap();
+    let mesh = Mesh::new(VMESH, &control, dir).with_envoy(&envoy_binary());
+    let apis: Vec<String> = (0..3)
+        .map(|i| format!("http://127.0.0.1:{}", 15080 + i))
+        .collect();
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let ca = dir.join(format!("ca-{i}"));
+        let made = Command::new(VMESH)
+            .args(["ca", "intermediate", "--root-dir"])
+            .arg(dir.join("offline-root"))
+            .arg("--out")
+            .arg(&ca)
+            .args(["--name", &format!("server-{i}")])
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "{made:?}");
+        let file = |name: &str| ca.join(name).to_str().unwrap().to_string();
+        let data = dir.join(format!("data-{i}"));
+        let (xds, api, monitoring) = (
+            failover_xds(i),
+            format!("127.0.0.1:{}", 15080 + i),
+            format!("127.0.0.1:{}", 15014 + i),
+        );
+        let index = control
+            .spawn(
+                &[
+                    VMESH,
+                    "server",
+                    "--data-dir",
+                    data.to_str().unwrap(),
+                    "--store",
+                    &etcd.url("mesh"),
+                    "--ca-cert",
+                    &file("ca-cert.pem"),
+                    "--ca-key",
+                    &file("ca-key.pem"),
+                    "--ca-chain",
+                    &file("cert-chain.pem"),
+                    "--xds-addr",
+                    &xds,
+                    "--api-addr",
+                    &api,
+                    "--monitoring-addr",
+                    &monitoring,
+                    "--auto-registration-grace",
+                    "2s",
+                ],
+                &dir.join(format!("server-{i}.log")),
+            )
+            .unwrap();
+        servers.push(index);
+    }
+    let cli = |server: usize, args: &[&str]| {
+        let mut full = vec!["--server", apis[server].as_str()];
+        full.extend_from_slice(args);
+        mesh.cli(&full)
+    };
+    for i in 0..3 {
+        eventually(
+            &format!("server {i}'s API"),
+            Duration::from_secs(20),
+            || cli(i, &["get", "ns"]).is_ok(),
+        );
+    }
+    cli(0, &["create", "namespace", "vm-workloads"]).unwrap();
+    mesh.apply("mesh.yaml", PAYMENT_MESH).unwrap();
+    let payment_root = mesh
+        .onboard("payment-vms", "vm-workloads", "10.63.100.1")
+        .unwrap();
+    let client_root = mesh
+        .onboard("client-vms", "vm-workloads", "10.63.100.1")
+        .unwrap();
+    // Every agent knows all three servers; the first answers first.
+    let all_servers = (0..3).map(failover_xds).collect::<Vec<_>>().join(",");
+    payment
+        .spawn(
+            &[
+                VMESH,
+                "demo-app",
+                "--addr",
+                "0.0.0.0:8080",
+                "--name",
+                "payment-vm",
+            ],
+            &dir.join("app.log"),
+        )
+        .unwrap();
+    mesh.start_onboarded_agent(
+        &payment,
+        &payment_root,
+        "payment-vm",
+        &payment_ip,
+        91,
+        &["--server", &all_servers],
+    )
+    .unwrap();
+    mesh.start_onboarded_agent(
+        &client,
+        &client_root,
+        "client-vm",
+        &client_ip,
+        92,
+        &["--server", &all_servers],
+    )
+    .unwrap();
+    let entry = format!("payment-vms-{payment_ip}");
+    let connected_to = |server: usize| {
+        cli(server, &["proxy-status"]).is_ok_and(|status| status.contains("payment-vm"))
+    };
+    eventually(
+        "the payment VM registered and connected to server 0",
+        Duration::from_secs(20),
+        || connected_to(0) && cli(1, &["get", "we", &entry, "-n", "vm-workloads"]).is_ok(),
+    );
+    let vip = mesh
+        .vip_of("payment-service.vm-workloads.svc.cluster.local")
+        .unwrap();
+    let url = format!("http://{vip}:8080/api/payments/1");
+    eventually(
+        "the client reaches the payment VM",
+        Duration::from_secs(20),
+        || {
+            mesh.load(&client, &url, &["--requests", "1"])
+                .is_ok_and(|summary| summary["codes"]["200"] == 1)
+        },
+    );
+
+    // Requests flow for 12 s; 2 s in, the server the VM uses is killed.
+    let load = {
+        let (client_ns, url, vmesh) = (client.name().to_string(), url.clone(), VMESH);
+        std::thread::spawn(move || {
+            let output = vmesh_testkit::netns::command_in(
+                &client_ns,
+                &[
+                    vmesh,
+                    "load",
+                    "--url",
+                    &url,
+                    "--duration",
+                    "12s",
+                    "--concurrency",
+                    "4",
+                ],
+            )
+            .output()
+            .unwrap();
+            serde_json::from_slice::<Value>(&output.stdout).unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let killed_at = tokio::time::Instant::now();
+    vmesh_testkit::process::signal(control.pid(servers[0]), "KILL");
+    eventually(
+        "the payment VM on another server",
+        Duration::from_secs(10),
+        || connected_to(1) || connected_to(2),
+    );
+    let moved = killed_at.elapsed();
+    assert!(
+        moved < Duration::from_secs(5),
+        "reconnected after {moved:?}"
+    );
+
+    // A change made afterwards, through another server, reaches the VM.
+    let new_service = "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: after-failover, namespace: vm-workloads}\nspec:\n  hosts: [after-failover.example.internal]\n  ports: [{number: 80, name: http, protocol: HTTP}]\n  resolution: STATIC\n  endpoints: [{address: 10.63.9.9}]\n";
+    std::fs::write(dir.join("after.yaml"), new_service).unwrap();
+    cli(
+        1,
+        &["apply", "-f", dir.join("after.yaml").to_str().unwrap()],
+    )
+    .unwrap();
+    eventually(
+        "the change in the payment VM's Envoy",
+        Duration::from_secs(10),
+        || {
+            payment
+                .exec(&["curl", "-s", "http://127.0.0.1:15000/clusters"])
+                .is_ok_and(|clusters| clusters.contains("after-failover.example.internal"))
+        },
+    );
+
+    let summary = load.join().unwrap();
+    let codes = summary["codes"].as_object().unwrap();
+    assert_eq!(
+        codes.keys().collect::<Vec<_>>(),
+        ["200"],
+        "no request failed: {summary}"
+    );
+    assert!(summary["requests"].as_u64().unwrap() > 100, "{summary}");
+    // Past the grace period, the VM's entry is still there.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(cli(2, &["get", "we", &entry, "-n", "vm-workloads"]).is_ok());
 }

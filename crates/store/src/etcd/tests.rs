@@ -229,3 +229,28 @@ fn without_quorum_the_store_is_unavailable_and_then_comes_back() {
     assert_eq!(names, ["after", "before", "one-member-down"]);
     assert!(store.fault().is_none());
 }
+
+#[test]
+fn a_mesh_moves_from_the_embedded_store_to_etcd_with_a_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = Store::open(&dir.path().join("redb")).unwrap();
+    embedded
+        .commit(vec![Op::Create(entry("vm1", "10.0.0.1"))])
+        .unwrap();
+    embedded
+        .write_records(vec![("revocations".into(), Some(b"{}".to_vec()))])
+        .unwrap();
+    let mut taken = Vec::new();
+    let revision = embedded.snapshot(&mut taken).unwrap();
+    drop(embedded);
+
+    let cluster = EtcdCluster::start(1, &dir.path().join("etcd")).unwrap();
+    let target = StoreLocation::Etcd(config(&cluster, "moved"));
+    crate::snapshot::restore(&target, &mut taken.as_slice()).unwrap();
+    let moved = Store::open_at(&target).unwrap();
+    assert_eq!(moved.revision(), revision);
+    let (entries_moved, _) = moved.list(&entries()).unwrap();
+    assert_eq!(entries_moved.len(), 1);
+    assert_eq!(entries_moved[0].body["spec"]["address"], "10.0.0.1");
+    assert_eq!(moved.record("revocations").unwrap(), Some(b"{}".to_vec()));
+}

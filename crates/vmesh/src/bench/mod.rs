@@ -54,8 +54,13 @@ pub struct XdsBench {
     /// Also run Istio's pilot-discovery on the same objects and changes, and
     /// print both with their ratio: the path of the repository's
     /// scripts/istiod-peer.sh, which builds it and runs it without Kubernetes.
-    #[arg(long, value_name = "ISTIOD_PEER_SCRIPT")]
+    #[arg(long, value_name = "ISTIOD_PEER_SCRIPT", conflicts_with = "etcd")]
     istiod: Option<PathBuf>,
+    /// Also run vmesh with its store in a three-member etcd on loopback
+    /// (Debian's etcd-server), the same objects and changes, and print it
+    /// beside the embedded store with the ratio.
+    #[arg(long)]
+    etcd: bool,
     /// How long a change may take to reach every proxy before it counts as lost.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     change_timeout: Duration,
@@ -93,6 +98,8 @@ struct KindResult {
 struct RunResult {
     control_plane: &'static str,
     proxies: usize,
+    /// The initial objects written through the config API, per second.
+    applied_per_second: f64,
     connect_ms: f64,
     kinds: Vec<(String, KindResult)>,
     responses_per_second: f64,
@@ -131,20 +138,18 @@ pub async fn run(args: XdsBench) -> Result<()> {
     );
     let mut results = Vec::new();
     let dir = tempfile::tempdir()?;
-    {
-        let started = Instant::now();
-        let target = Target::vmesh(dir.path(), &objects).await?;
-        println!(
-            "vmesh server: {} objects applied in {:.0} ms",
-            objects.len(),
-            started.elapsed().as_secs_f64() * 1e3
-        );
-        results.push(measure(&args, &target).await?);
+    results.push(measure_vmesh(&args, dir.path(), &objects, None).await?);
+    if args.etcd {
+        let dir = tempfile::tempdir()?;
+        let etcd = vmesh_testkit::etcd::EtcdCluster::start(3, &dir.path().join("etcd"))?;
+        results.push(measure_vmesh(&args, dir.path(), &objects, Some(&etcd.url("bench"))).await?);
     }
     if let Some(peer) = &args.istiod {
         let dir = tempfile::tempdir()?;
+        let started = Instant::now();
         let target = Target::istiod(peer, dir.path(), &objects).await?;
-        results.push(measure(&args, &target).await?);
+        let applied = objects.len() as f64 / started.elapsed().as_secs_f64();
+        results.push(measure(&args, &target, applied).await?);
     }
     print_table(&results);
     if args.json {
@@ -153,7 +158,28 @@ pub async fn run(args: XdsBench) -> Result<()> {
     Ok(())
 }
 
-async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
+/// Starts `vmesh server` (on `store`, or the embedded one), writes the
+/// objects through its API, and measures it.
+async fn measure_vmesh(
+    args: &XdsBench,
+    dir: &std::path::Path,
+    objects: &[serde_json::Value],
+    store: Option<&str>,
+) -> Result<RunResult> {
+    let started = Instant::now();
+    let target = Target::vmesh(dir, objects, store).await?;
+    let took = started.elapsed().as_secs_f64();
+    println!(
+        "{}: {} objects applied in {:.0} ms ({:.0}/s)",
+        target.name(),
+        objects.len(),
+        took * 1e3,
+        objects.len() as f64 / took
+    );
+    measure(args, &target, objects.len() as f64 / took).await
+}
+
+async fn measure(args: &XdsBench, target: &Target, applied_per_second: f64) -> Result<RunResult> {
     // Let the control plane settle on the initial objects first.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let pid = target.pid();
@@ -234,6 +260,7 @@ async fn measure(args: &XdsBench, target: &Target) -> Result<RunResult> {
     Ok(RunResult {
         control_plane: target.name(),
         proxies: args.proxies,
+        applied_per_second,
         connect_ms,
         kinds: latencies
             .into_iter()
@@ -484,12 +511,20 @@ fn print_table(results: &[RunResult]) {
     println!();
     print!(
         "{:<16} {:>8} {:>9} {:>9} {:>9} {:>5}",
-        "change (vmesh)", "samples", "p50 ms", "p99 ms", "max ms", "lost"
+        format!("change ({})", vmesh.control_plane),
+        "samples",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+        "lost"
     );
-    if peer.is_some() {
+    if let Some(peer) = peer {
         print!(
-            "   {:>9} {:>9} {:>5}  {:>9}",
-            "istiod p50", "p99 ms", "lost", "p99 ratio"
+            "   {:>15} {:>9} {:>5}  {:>9}",
+            format!("{} p50", peer.control_plane),
+            "p99 ms",
+            "lost",
+            "p99 ratio"
         );
     }
     println!();
@@ -500,7 +535,7 @@ fn print_table(results: &[RunResult]) {
         );
         if let Some((_, other)) = peer.and_then(|p| p.kinds.get(index)) {
             print!(
-                "   {:>9.1} {:>9.1} {:>5}  {:>9.3}",
+                "   {:>15.1} {:>9.1} {:>5}  {:>9.3}",
                 other.p50_ms,
                 other.p99_ms,
                 other.lost,
@@ -514,13 +549,19 @@ fn print_table(results: &[RunResult]) {
         if let Some(peer) = peer {
             let theirs = value(peer);
             print!(
-                "   istiod {theirs:>10.1} {unit}   ratio {:.3}",
+                "   {} {theirs:>10.1} {unit}   ratio {:.3}",
+                peer.control_plane,
                 value(vmesh) / theirs.max(f64::MIN_POSITIVE)
             );
         }
         println!();
     };
     println!();
+    row(
+        "objects applied per second",
+        &|r| r.applied_per_second,
+        "/s",
+    );
     row("proxies connected and configured", &|r| r.connect_ms, "ms");
     row(
         "responses per second (changes)",

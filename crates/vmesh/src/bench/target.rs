@@ -19,6 +19,8 @@ pub enum Target {
     Vmesh {
         server: LocalServer,
         api: Client,
+        /// Whether its store is in etcd.
+        on_etcd: bool,
     },
     Istiod {
         child: Child,
@@ -29,21 +31,25 @@ pub enum Target {
 }
 
 impl Target {
-    /// `vmesh server` with its data in `dir`, holding `objects`.
-    pub async fn vmesh(dir: &Path, objects: &[Value]) -> Result<Target> {
+    /// `vmesh server` with its data in `dir` and its objects in `store`
+    /// (an `etcd://` URL) or the embedded store, holding `objects`.
+    pub async fn vmesh(dir: &Path, objects: &[Value], store: Option<&str>) -> Result<Target> {
         let exe = std::env::current_exe().context("this program's path")?;
-        let server = LocalServer::start(
-            &exe,
-            &dir.join("data"),
-            &["--xds-plaintext-addr", "127.0.0.1:0"],
-            &[("VMESH_LOG", "warn")],
-        )?;
+        let mut flags = vec!["--xds-plaintext-addr", "127.0.0.1:0"];
+        if let Some(store) = store {
+            flags.extend(["--store", store]);
+        }
+        let server = LocalServer::start(&exe, &dir.join("data"), &flags, &[("VMESH_LOG", "warn")])?;
         let api = Client::config_api(&crate::Connection {
             server: server.api().to_string(),
             token: None,
             ca_file: None,
         })?;
-        let target = Target::Vmesh { server, api };
+        let target = Target::Vmesh {
+            server,
+            api,
+            on_etcd: store.is_some(),
+        };
         for batch in objects.chunks(APPLY_BATCH) {
             target.write(batch).await?;
         }
@@ -111,7 +117,8 @@ impl Target {
 
     pub fn name(&self) -> &'static str {
         match self {
-            Target::Vmesh { .. } => "vmesh",
+            Target::Vmesh { on_etcd: false, .. } => "vmesh",
+            Target::Vmesh { on_etcd: true, .. } => "vmesh-etcd",
             Target::Istiod { .. } => "istiod",
         }
     }

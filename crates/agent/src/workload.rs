@@ -345,15 +345,13 @@ pub fn capture_config(
     // must go straight out, not through the Envoy it feeds.
     if let Some(server) = server {
         let addresses =
-            server
-                .to_socket_addrs()
-                .map_err(|source| WorkloadError::ResolveForCapture {
-                    server: server.to_string(),
-                    source,
-                })?;
+            server_addresses(server).map_err(|source| WorkloadError::ResolveForCapture {
+                server: server.to_string(),
+                source,
+            })?;
         config
             .exclude_outbound_cidrs
-            .extend(addresses.map(|a| ipnet::IpNet::from(a.ip())));
+            .extend(addresses.into_iter().map(|a| ipnet::IpNet::from(a.ip())));
     }
     config.proxy_uid = proxy_uid;
     config.proxy_gid = Some(proxy_uid);
@@ -364,14 +362,25 @@ pub fn capture_config(
     Ok(config)
 }
 
-/// The local address the kernel would use to reach `server` (no packet is sent).
+/// Every address of the control plane's servers: `server` is one
+/// `host:port` or several, comma-separated.
+pub fn server_addresses(server: &str) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    let mut addresses = Vec::new();
+    for entry in server.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        addresses.extend(entry.to_socket_addrs()?);
+    }
+    Ok(addresses)
+}
+
+/// The local address the kernel would use to reach `server` (the first of
+/// several; no packet is sent).
 pub fn address_towards(server: &str) -> Result<IpAddr, WorkloadError> {
-    let target = server
-        .to_socket_addrs()
+    let target = server_addresses(server)
         .map_err(|source| WorkloadError::Resolve {
             server: server.to_string(),
             source,
         })?
+        .into_iter()
         .next()
         .ok_or_else(|| WorkloadError::NoAddress {
             server: server.to_string(),
@@ -489,6 +498,16 @@ mod tests {
         assert_eq!(workload.server, "istiod.istio-system.svc:15012");
         assert_eq!(workload.identity.trust_domain, "cluster.local");
         assert_eq!(workload.root_cert, Path::new("/etc/certs/root-cert.pem"));
+    }
+
+    #[test]
+    fn several_servers_are_all_resolved() {
+        let addresses = server_addresses("127.0.0.1:15012, 127.0.0.2:15012").unwrap();
+        assert_eq!(addresses.len(), 2);
+        assert_eq!(
+            address_towards("127.0.0.1:15012,127.0.0.2:15012").unwrap(),
+            "127.0.0.1".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

@@ -439,7 +439,7 @@ fn routed_vm(control: &Namespace, index: u8, tag: &str) -> (Namespace, String) {
 fn killing_the_server_a_vm_uses_fails_no_request() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
-    let control = Namespace::new(&format!("vmesh-hac-{}", std::process::id()));
+    let control = Namespace::new(&format!("vmesh-hacp-{}", std::process::id()));
     let (payment, payment_ip) = routed_vm(&control, 1, "p");
     let (client, client_ip) = routed_vm(&control, 2, "c");
     control.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
@@ -504,8 +504,8 @@ fn killing_the_server_a_vm_uses_fails_no_request() {
         servers.push(index);
     }
     let cli = |server: usize, args: &[&str]| {
-        let mut full = vec!["--server", apis[server].as_str()];
-        full.extend_from_slice(args);
+        let mut full = args.to_vec();
+        full.extend_from_slice(&["--server", apis[server].as_str()]);
         mesh.cli(&full)
     };
     for i in 0..3 {
@@ -558,7 +558,9 @@ fn killing_the_server_a_vm_uses_fails_no_request() {
     .unwrap();
     let entry = format!("payment-vms-{payment_ip}");
     let connected_to = |server: usize| {
-        cli(server, &["proxy-status"]).is_ok_and(|status| status.contains("payment-vm"))
+        let monitoring = format!("http://127.0.0.1:{}", 15014 + server);
+        cli(server, &["proxy-status", "--monitoring", &monitoring])
+            .is_ok_and(|status| status.contains("payment-vm"))
     };
     eventually(
         "the payment VM registered and connected to server 0",

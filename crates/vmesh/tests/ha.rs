@@ -436,7 +436,7 @@ fn routed_vm(control: &Namespace, index: u8, tag: &str) -> (Namespace, String) {
 }
 
 #[test]
-fn killing_the_server_a_vm_uses_fails_no_request() {
+fn killing_the_server_a_vm_uses_or_etcd_quorum_fails_no_request() {
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path();
     let control = Namespace::new(&format!("vmesh-hacp-{}", std::process::id()));
@@ -645,4 +645,59 @@ fn killing_the_server_a_vm_uses_fails_no_request() {
     // Past the grace period, the VM's entry is still there.
     std::thread::sleep(Duration::from_secs(3));
     assert!(cli(2, &["get", "we", &entry, "-n", "vm-workloads"]).is_ok());
+
+    // Two of three etcd members lost: the API refuses writes with a 503
+    // naming etcd, and traffic between the VMs goes on untouched.
+    let mut etcd = etcd;
+    etcd.kill(0);
+    etcd.kill(1);
+    let load = {
+        let (client_ns, url, vmesh) = (client.name().to_string(), url.clone(), VMESH);
+        std::thread::spawn(move || {
+            let output = vmesh_testkit::netns::command_in(
+                &client_ns,
+                &[
+                    vmesh,
+                    "load",
+                    "--url",
+                    &url,
+                    "--duration",
+                    "6s",
+                    "--concurrency",
+                    "4",
+                ],
+            )
+            .output()
+            .unwrap();
+            serde_json::from_slice::<Value>(&output.stdout).unwrap()
+        })
+    };
+    let refused = cli(1, &["create", "namespace", "during-the-outage"]).unwrap_err();
+    let refused = format!("{refused:#}");
+    assert!(
+        refused.contains("503") || refused.contains("ServiceUnavailable"),
+        "{refused}"
+    );
+    assert!(
+        refused.contains("etcd") && refused.contains("quorum"),
+        "{refused}"
+    );
+    let summary = load.join().unwrap();
+    let codes = summary["codes"].as_object().unwrap();
+    assert_eq!(
+        codes.keys().collect::<Vec<_>>(),
+        ["200"],
+        "traffic unaffected: {summary}"
+    );
+
+    // Quorum back: everything written before is there, and writes resume.
+    etcd.restart(0).unwrap();
+    etcd.restart(1).unwrap();
+    eventually(
+        "writes through server 2 again",
+        Duration::from_secs(30),
+        || cli(2, &["create", "namespace", "after-the-outage"]).is_ok(),
+    );
+    assert!(cli(2, &["get", "se", "after-failover", "-n", "vm-workloads"]).is_ok());
+    assert!(cli(1, &["get", "we", &entry, "-n", "vm-workloads"]).is_ok());
 }

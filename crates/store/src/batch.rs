@@ -35,6 +35,27 @@ pub(crate) struct Applied {
     pub events: Vec<WatchEvent>,
 }
 
+/// The storage keys `ops` will read first: each object's own and its
+/// namespace's (a backend whose reads are round trips fetches them at once).
+pub(crate) fn keys_read(ops: &[Op]) -> Vec<String> {
+    let mut keys = Vec::new();
+    for op in ops {
+        let key = match op {
+            Op::Delete { key, .. } => Some(key.clone()),
+            Op::Create(o) | Op::Update(o) | Op::Apply(o) | Op::SetStatus(o) => o.key(),
+        };
+        if let Some(key) = key {
+            if !key.namespace.is_empty() {
+                keys.push(namespace_key(&key.namespace));
+            }
+            keys.push(key.storage_key());
+        }
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// Applies `ops` in `txn`, numbering changes from `revision`. A dry run
 /// makes every check and leaves the objects it answers with at the
 /// resourceVersion they had; the caller aborts its transaction.
@@ -97,7 +118,7 @@ pub(crate) fn key_of(object: &Object) -> Result<ObjectKey, StoreError> {
         .ok_or_else(|| StoreError::UnknownKind(format!("{} {}", object.api_version, object.kind)))
 }
 
-fn namespace_key(name: &str) -> String {
+pub(crate) fn namespace_key(name: &str) -> String {
     ObjectKey {
         group: String::new(),
         plural: "namespaces".into(),

@@ -169,17 +169,21 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError>
 /// written), and the etcd revision the read saw.
 fn counter_of(response: &GetResponse) -> Result<(u64, i64, i64), StoreError> {
     let at = response.header().map_or(0, |h| h.revision());
-    match response.kvs().first() {
-        None => Ok((0, 0, at)),
-        Some(kv) => {
-            let text = std::str::from_utf8(kv.value()).unwrap_or_default();
-            let counter = text.parse().map_err(|_| StoreError::Backend {
-                context: "reading the revision counter from etcd".into(),
-                source: format!("{text:?} is not a revision").into(),
-            })?;
-            Ok((counter, kv.mod_revision(), at))
-        }
-    }
+    let (counter, version) = counter_in(response.kvs().first())?;
+    Ok((counter, version, at))
+}
+
+/// The counter's value and etcd's revision of it, from its key's entry.
+fn counter_in(kv: Option<&etcd_client::KeyValue>) -> Result<(u64, i64), StoreError> {
+    let Some(kv) = kv else {
+        return Ok((0, 0));
+    };
+    let text = std::str::from_utf8(kv.value()).unwrap_or_default();
+    let counter = text.parse().map_err(|_| StoreError::Backend {
+        context: "reading the revision counter from etcd".into(),
+        source: format!("{text:?} is not a revision").into(),
+    })?;
+    Ok((counter, kv.mod_revision()))
 }
 
 /// Makes watch events of a logged batch.
@@ -363,6 +367,64 @@ impl Etcd {
         self.fault.lock().clone()
     }
 
+    /// The counter (as [`Etcd::read_counter`]) and the objects under
+    /// storage `keys`, all at one etcd revision, in as few round trips as
+    /// etcd's limit on a transaction's operations allows: what a batch
+    /// reads, fetched before it runs.
+    #[allow(clippy::type_complexity)]
+    fn read_with_counter(
+        &self,
+        keys: &[String],
+    ) -> Result<(u64, i64, i64, BTreeMap<String, Option<Vec<u8>>>), StoreError> {
+        let mut chunks = keys.chunks(PREFETCH_CHUNK);
+        let first: Vec<String> = chunks.next().map(<[String]>::to_vec).unwrap_or_default();
+        let counter_key = self.key("revision");
+        let objects = self.key("objects/");
+        let response = {
+            let mut ops = vec![TxnOp::get(counter_key.clone(), None)];
+            ops.extend(first.iter().map(|k| TxnOp::get(format!("{objects}{k}"), None)));
+            let request = Txn::new().and_then(ops);
+            self.run("reading what a batch touches", Resend::Yes, move |mut c| {
+                let request = request.clone();
+                async move { c.txn(request).await }
+            })?
+        };
+        let at = response.header().map_or(0, |h| h.revision());
+        let mut answers = response.op_responses().into_iter();
+        let (counter, counter_version) = match answers.next() {
+            Some(etcd_client::TxnOpResponse::Get(get)) => counter_in(get.kvs().first())?,
+            _ => (0, 0),
+        };
+        let mut read = BTreeMap::new();
+        for (key, answer) in first.iter().zip(answers) {
+            if let etcd_client::TxnOpResponse::Get(get) = answer {
+                read.insert(key.clone(), get.kvs().first().map(|kv| kv.value().to_vec()));
+            }
+        }
+        for chunk in chunks {
+            let ops: Vec<TxnOp> = chunk
+                .iter()
+                .map(|k| {
+                    TxnOp::get(
+                        format!("{objects}{k}"),
+                        Some(GetOptions::new().with_revision(at)),
+                    )
+                })
+                .collect();
+            let request = Txn::new().and_then(ops);
+            let response = self.run("reading what a batch touches", Resend::Yes, move |mut c| {
+                let request = request.clone();
+                async move { c.txn(request).await }
+            })?;
+            for (key, answer) in chunk.iter().zip(response.op_responses()) {
+                if let etcd_client::TxnOpResponse::Get(get) = answer {
+                    read.insert(key.clone(), get.kvs().first().map(|kv| kv.value().to_vec()));
+                }
+            }
+        }
+        Ok((counter, counter_version, at, read))
+    }
+
     /// A read that needs etcd's quorum.
     pub(crate) fn check_writable(&self) -> Result<(), StoreError> {
         self.read_counter().map(drop)
@@ -466,11 +528,12 @@ impl Etcd {
         // Other servers' batches win the counter now and then; each loss
         // costs a round trip, so this many in a row means something is wrong.
         for _ in 0..64 {
-            let (counter, counter_version, at) = self.read_counter().map_err(fail)?;
+            let (counter, counter_version, at, read) =
+                self.read_with_counter(&batch::keys_read(&ops)).map_err(fail)?;
             let txn = Overlay {
                 etcd: self,
                 at,
-                read: RefCell::default(),
+                read: RefCell::new(read),
                 written: RefCell::default(),
             };
             let applied = batch::apply(&txn, ops.clone(), counter, dry_run)?;
@@ -729,6 +792,10 @@ fn tls_options(tls: &EtcdTls) -> Result<etcd_client::TlsOptions, StoreError> {
     }
     Ok(options)
 }
+
+/// Reads per transaction when a batch fetches what it touches (etcd takes
+/// 128 operations in one by default).
+const PREFETCH_CHUNK: usize = 100;
 
 /// Writes per transaction when a snapshot is restored.
 const IMPORT_CHUNK: usize = 100;

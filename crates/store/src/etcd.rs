@@ -382,7 +382,11 @@ impl Etcd {
         let objects = self.key("objects/");
         let response = {
             let mut ops = vec![TxnOp::get(counter_key.clone(), None)];
-            ops.extend(first.iter().map(|k| TxnOp::get(format!("{objects}{k}"), None)));
+            ops.extend(
+                first
+                    .iter()
+                    .map(|k| TxnOp::get(format!("{objects}{k}"), None)),
+            );
             let request = Txn::new().and_then(ops);
             self.run("reading what a batch touches", Resend::Yes, move |mut c| {
                 let request = request.clone();
@@ -412,10 +416,11 @@ impl Etcd {
                 })
                 .collect();
             let request = Txn::new().and_then(ops);
-            let response = self.run("reading what a batch touches", Resend::Yes, move |mut c| {
-                let request = request.clone();
-                async move { c.txn(request).await }
-            })?;
+            let response =
+                self.run("reading what a batch touches", Resend::Yes, move |mut c| {
+                    let request = request.clone();
+                    async move { c.txn(request).await }
+                })?;
             for (key, answer) in chunk.iter().zip(response.op_responses()) {
                 if let etcd_client::TxnOpResponse::Get(get) = answer {
                     read.insert(key.clone(), get.kvs().first().map(|kv| kv.value().to_vec()));
@@ -528,8 +533,9 @@ impl Etcd {
         // Other servers' batches win the counter now and then; each loss
         // costs a round trip, so this many in a row means something is wrong.
         for _ in 0..64 {
-            let (counter, counter_version, at, read) =
-                self.read_with_counter(&batch::keys_read(&ops)).map_err(fail)?;
+            let (counter, counter_version, at, read) = self
+                .read_with_counter(&batch::keys_read(&ops))
+                .map_err(fail)?;
             let txn = Overlay {
                 etcd: self,
                 at,

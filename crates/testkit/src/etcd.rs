@@ -19,12 +19,25 @@ struct Member {
     name: String,
     client: String,
     peer: String,
+    /// Plaintext `/health` and `/metrics`.
+    metrics: String,
     child: Option<Child>,
+}
+
+/// Client TLS for the members: their serving certificate and key (for
+/// 127.0.0.1), and the CA whose client certificates they require.
+#[derive(Debug, Clone)]
+pub struct EtcdServerTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 /// An etcd cluster of one or more members on 127.0.0.1.
 pub struct EtcdCluster {
     dir: PathBuf,
+    /// Client TLS, when the members take only TLS clients with certificates.
+    tls: Option<EtcdServerTls>,
     /// The network namespace the members run in; this machine's own if none.
     namespace: Option<String>,
     members: Vec<Member>,
@@ -54,6 +67,17 @@ impl EtcdCluster {
     /// [`EtcdCluster::start`] inside the network namespace `namespace`,
     /// for servers that run there.
     pub fn start_in(namespace: Option<&str>, size: usize, dir: &Path) -> Result<EtcdCluster> {
+        Self::start_with(namespace, size, dir, None)
+    }
+
+    /// [`EtcdCluster::start_in`] with client TLS: the members serve
+    /// `https://` only and require a client certificate from `tls.client_ca`.
+    pub fn start_with(
+        namespace: Option<&str>,
+        size: usize,
+        dir: &Path,
+        tls: Option<EtcdServerTls>,
+    ) -> Result<EtcdCluster> {
         std::fs::create_dir_all(dir)?;
         let mut members = Vec::new();
         for index in 0..size {
@@ -61,11 +85,13 @@ impl EtcdCluster {
                 name: format!("m{index}"),
                 client: format!("127.0.0.1:{}", free_port()?),
                 peer: format!("127.0.0.1:{}", free_port()?),
+                metrics: format!("127.0.0.1:{}", free_port()?),
                 child: None,
             });
         }
         let mut cluster = EtcdCluster {
             dir: dir.to_path_buf(),
+            tls,
             namespace: namespace.map(str::to_string),
             members,
         };
@@ -85,16 +111,30 @@ impl EtcdCluster {
         let member = &self.members[index];
         let data = self.dir.join(&member.name);
         let log = std::fs::File::create(self.dir.join(format!("{}.log", member.name)))?;
-        let client_url = format!("http://{}", member.client);
+        let client_url = format!("{}://{}", self.scheme(), member.client);
         let peer_url = format!("http://{}", member.peer);
-        let child = self
-            .command(&["setpriv", "--pdeathsig", "KILL", "--", "etcd"])
+        let mut command = self.command(&["setpriv", "--pdeathsig", "KILL", "--", "etcd"]);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.client_ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &member.name])
             .arg("--data-dir")
             .arg(&data)
             .args(["--listen-client-urls", &client_url])
             .args(["--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &peer_url])
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://{}", member.metrics),
+            ])
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &initial.join(",")])
             .args(["--initial-cluster-state", "new"])
@@ -121,7 +161,8 @@ impl EtcdCluster {
             .join(",")
     }
 
-    /// The `--store` URL of this cluster with a key prefix.
+    /// The `--store` URL of this cluster with a key prefix (with TLS, the
+    /// server also needs `--etcd-ca` and a client certificate).
     pub fn url(&self, prefix: &str) -> String {
         format!("etcd://{}/{prefix}", self.endpoints())
     }
@@ -132,7 +173,11 @@ impl EtcdCluster {
         self.members
             .iter()
             .filter(|m| m.child.is_some())
-            .all(|m| self.member_healthy(&m.client))
+            .all(|m| self.member_healthy(&m.metrics))
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
     }
 
     /// `args` to run where the members run.
@@ -147,10 +192,11 @@ impl EtcdCluster {
         }
     }
 
-    /// etcd's `/health` on a member's client port, asked with curl from
-    /// where the member runs.
-    fn member_healthy(&self, client: &str) -> bool {
-        let url = format!("http://{client}/health");
+    /// etcd's `/health` on a member's plaintext metrics port (its client
+    /// port may want TLS and a certificate), asked with curl from where the
+    /// member runs.
+    fn member_healthy(&self, metrics: &str) -> bool {
+        let url = format!("http://{metrics}/health");
         self.command(&["curl", "-s", "--max-time", "2", &url])
             .stdin(Stdio::null())
             .stderr(Stdio::null())

@@ -254,3 +254,96 @@ fn a_mesh_moves_from_the_embedded_store_to_etcd_with_a_snapshot() {
     assert_eq!(entries_moved[0].body["spec"]["address"], "10.0.0.1");
     assert_eq!(moved.record("revocations").unwrap(), Some(b"{}".to_vec()));
 }
+
+/// A CA, a serving certificate for 127.0.0.1 and a client certificate, as
+/// PEM files in `dir`.
+fn tls_files(dir: &Path) -> (vmesh_testkit::etcd::EtcdServerTls, EtcdTls) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = Issuer::from_params(&ca, &ca_key);
+    let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress([127, 0, 0, 1].into()));
+        params.extended_key_usages = vec![usage];
+        (
+            params.signed_by(&key, &issuer).unwrap().pem(),
+            key.serialize_pem(),
+        )
+    };
+    let (server_cert, server_key) = leaf(
+        vec!["localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) = leaf(
+        vec!["vmesh-server".into()],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let ca_path = write("ca.pem", ca_pem);
+    (
+        vmesh_testkit::etcd::EtcdServerTls {
+            cert: write("server.pem", server_cert),
+            key: write("server-key.pem", server_key),
+            client_ca: ca_path.clone(),
+        },
+        EtcdTls {
+            ca: ca_path,
+            client: Some((
+                write("client.pem", client_cert),
+                write("client-key.pem", client_key),
+            )),
+        },
+    )
+}
+
+#[test]
+fn over_tls_etcd_takes_the_servers_certificate_and_refuses_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server_tls, client_tls) = tls_files(dir.path());
+    let cluster =
+        EtcdCluster::start_with(None, 1, &dir.path().join("etcd"), Some(server_tls)).unwrap();
+    let mut settings = config(&cluster, "mesh");
+    settings.timeout = Duration::from_secs(2);
+
+    let with_certificate = EtcdConfig {
+        tls: Some(client_tls.clone()),
+        ..settings.clone()
+    };
+    let store = Store::open_etcd(&with_certificate).unwrap();
+    store
+        .commit(vec![Op::Create(entry("vm1", "10.0.0.1"))])
+        .unwrap();
+    assert_eq!(store.list(&entries()).unwrap().0.len(), 1);
+
+    // No client certificate, or no TLS at all: refused.
+    let without_certificate = EtcdConfig {
+        tls: Some(EtcdTls {
+            client: None,
+            ..client_tls
+        }),
+        ..settings.clone()
+    };
+    for refused in [without_certificate, settings] {
+        let error = Store::open_etcd(&refused).unwrap_err();
+        assert!(
+            matches!(
+                error,
+                StoreError::Unavailable(_) | StoreError::Backend { .. }
+            ),
+            "{error}"
+        );
+    }
+}

@@ -701,3 +701,103 @@ fn killing_the_server_a_vm_uses_or_etcd_quorum_fails_no_request() {
     assert!(cli(2, &["get", "se", "after-failover", "-n", "vm-workloads"]).is_ok());
     assert!(cli(1, &["get", "we", &entry, "-n", "vm-workloads"]).is_ok());
 }
+
+#[test]
+fn backup_and_restore_move_a_running_mesh_from_redb_to_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = LocalServer::start(Path::new(VMESH), &dir.path().join("old"), &[], &[]).unwrap();
+    let applied = apply(
+        &old,
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: vm-workloads}\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {name: vm1, namespace: vm-workloads}\nspec: {address: 10.0.0.1}\n",
+    );
+    assert!(applied.status.success(), "{applied:?}");
+    // Taken while the server runs.
+    let snapshot = dir.path().join("mesh.snapshot");
+    let backup = old
+        .command(&["backup", "-o", snapshot.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(backup.status.success(), "{backup:?}");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&snapshot).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (_, entry_before) = request(
+        "GET",
+        &format!(
+            "{}/apis/networking.istio.io/v1/namespaces/vm-workloads/workloadentries/vm1",
+            old.api()
+        ),
+        None,
+    );
+    drop(old);
+
+    let etcd = EtcdCluster::start(1, &dir.path().join("etcd")).unwrap();
+    let restore = |from: &Path| {
+        Command::new(VMESH)
+            .args(["restore", "--from"])
+            .arg(from)
+            .args(["--store", &etcd.url("mesh")])
+            .output()
+            .unwrap()
+    };
+    let restored = restore(&snapshot);
+    assert!(restored.status.success(), "{restored:?}");
+    // Never over a store that holds something.
+    let again = restore(&snapshot);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("empty"),
+        "{again:?}"
+    );
+
+    // The old root, for the new server: an intermediate of it.
+    let made = Command::new(VMESH)
+        .args(["ca", "intermediate", "--root-dir"])
+        .arg(dir.path().join("old/ca"))
+        .arg("--out")
+        .arg(dir.path().join("ca-new"))
+        .args(["--name", "new"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let file = |name: &str| {
+        dir.path()
+            .join("ca-new")
+            .join(name)
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let new = LocalServer::start(
+        Path::new(VMESH),
+        &dir.path().join("new"),
+        &[
+            "--store",
+            &etcd.url("mesh"),
+            "--ca-cert",
+            &file("ca-cert.pem"),
+            "--ca-key",
+            &file("ca-key.pem"),
+            "--ca-chain",
+            &file("cert-chain.pem"),
+        ],
+        &[],
+    )
+    .unwrap();
+    let (code, entry_after) = request(
+        "GET",
+        &format!(
+            "{}/apis/networking.istio.io/v1/namespaces/vm-workloads/workloadentries/vm1",
+            new.api()
+        ),
+        None,
+    );
+    assert_eq!(code, 200, "{entry_after}");
+    assert_eq!(entry_after["spec"], entry_before["spec"]);
+    assert_eq!(
+        entry_after["metadata"]["resourceVersion"],
+        entry_before["metadata"]["resourceVersion"]
+    );
+}

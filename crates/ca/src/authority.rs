@@ -110,6 +110,16 @@ impl Default for AuthorityOptions {
     }
 }
 
+/// What an I/O failure on `path` while `action` becomes.
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CaError {
+    let path = path.to_owned();
+    move |source| CaError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
 /// The files `vmesh ca intermediate` writes for one server, named as
 /// Istio's plug-in CA names them.
 pub const INTERMEDIATE_FILES: [&str; 4] = [
@@ -134,14 +144,6 @@ pub fn write_intermediate(
 ) -> Result<(), CaError> {
     let root = Authority::load_or_create(root_dir, trust_domain, AuthorityOptions::default())?;
     let (cert, chain, key) = root.issue_intermediate(name, ttl)?;
-    let io_err = |action, path: &Path| {
-        let path = path.to_owned();
-        move |source| CaError::Io {
-            action,
-            path,
-            source,
-        }
-    };
     files::ensure_private_dir(out).map_err(io_err("creating", out))?;
     let [cert_file, key_file, chain_file, root_file] = INTERMEDIATE_FILES.map(|f| out.join(f));
     files::write_secret(&key_file, &key).map_err(io_err("writing", &key_file))?;
@@ -185,14 +187,6 @@ impl Authority {
         options: AuthorityOptions,
     ) -> Result<Self, CaError> {
         validate_trust_domain(trust_domain)?;
-        let io_err = |action, path: &Path| {
-            let path = path.to_owned();
-            move |source| CaError::Io {
-                action,
-                path,
-                source,
-            }
-        };
         files::ensure_private_dir(dir).map_err(io_err("creating", dir))?;
         let cert_path = dir.join(ROOT_CERT_FILE);
         let key_path = dir.join(ROOT_KEY_FILE);

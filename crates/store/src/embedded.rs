@@ -52,6 +52,14 @@ impl Txn for WriteTransaction {
     }
 }
 
+/// The revision a read transaction sees.
+fn revision_in(txn: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    Ok(txn
+        .open_table(META)?
+        .get(REVISION)?
+        .map_or(0, |v| v.value()))
+}
+
 impl Embedded {
     /// Opens (or creates) the store file in `dir`; its revision.
     pub(crate) fn open(dir: &Path) -> Result<(Embedded, u64), StoreError> {
@@ -117,10 +125,7 @@ impl Embedded {
         use std::ops::Bound;
         self.file.with(|db| {
             let txn = db.begin_read()?;
-            let revision = txn
-                .open_table(META)?
-                .get(REVISION)?
-                .map_or(0, |v| v.value());
+            let revision = revision_in(&txn)?;
             let table = txn.open_table(OBJECTS)?;
             let start = match after {
                 Some(after) => Bound::Excluded(after),
@@ -201,10 +206,7 @@ impl Embedded {
     pub(crate) fn snapshot(&self, out: &mut dyn std::io::Write) -> Result<u64, StoreError> {
         self.file.with(|db| {
             let txn = db.begin_read()?;
-            let revision = txn
-                .open_table(META)?
-                .get(REVISION)?
-                .map_or(0, |v| v.value());
+            let revision = revision_in(&txn)?;
             let mut objects = Vec::new();
             for entry in txn.open_table(OBJECTS)?.iter()? {
                 let (_, value) = entry?;

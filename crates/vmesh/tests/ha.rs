@@ -413,6 +413,38 @@ fn without_quorum_writes_are_a_clear_503_until_etcd_comes_back() {
     });
 }
 
+/// `vmesh load` from `client` to `url` for `duration` (4 connections), in
+/// a thread: its summary, when joined.
+fn load_in_background(
+    client: &Namespace,
+    url: &str,
+    duration: &str,
+) -> std::thread::JoinHandle<Value> {
+    let (client, url, duration) = (
+        client.name().to_string(),
+        url.to_string(),
+        duration.to_string(),
+    );
+    std::thread::spawn(move || {
+        let output = vmesh_testkit::netns::command_in(
+            &client,
+            &[
+                VMESH,
+                "load",
+                "--url",
+                &url,
+                "--duration",
+                &duration,
+                "--concurrency",
+                "4",
+            ],
+        )
+        .output()
+        .unwrap();
+        serde_json::from_slice::<Value>(&output.stdout).unwrap()
+    })
+}
+
 /// The xDS address of server `i` in the failover test: an address of the
 /// control namespace every VM routes to.
 fn failover_xds(i: usize) -> String {
@@ -581,27 +613,7 @@ fn killing_the_server_a_vm_uses_or_etcd_quorum_fails_no_request() {
     );
 
     // Requests flow for 12 s; 2 s in, the server the VM uses is killed.
-    let load = {
-        let (client_ns, url, vmesh) = (client.name().to_string(), url.clone(), VMESH);
-        std::thread::spawn(move || {
-            let output = vmesh_testkit::netns::command_in(
-                &client_ns,
-                &[
-                    vmesh,
-                    "load",
-                    "--url",
-                    &url,
-                    "--duration",
-                    "12s",
-                    "--concurrency",
-                    "4",
-                ],
-            )
-            .output()
-            .unwrap();
-            serde_json::from_slice::<Value>(&output.stdout).unwrap()
-        })
-    };
+    let load = load_in_background(&client, &url, "12s");
     std::thread::sleep(Duration::from_secs(2));
     let killed_at = tokio::time::Instant::now();
     vmesh_testkit::process::signal(control.pid(servers[0]), "KILL");
@@ -651,27 +663,7 @@ fn killing_the_server_a_vm_uses_or_etcd_quorum_fails_no_request() {
     let mut etcd = etcd;
     etcd.kill(0);
     etcd.kill(1);
-    let load = {
-        let (client_ns, url, vmesh) = (client.name().to_string(), url.clone(), VMESH);
-        std::thread::spawn(move || {
-            let output = vmesh_testkit::netns::command_in(
-                &client_ns,
-                &[
-                    vmesh,
-                    "load",
-                    "--url",
-                    &url,
-                    "--duration",
-                    "6s",
-                    "--concurrency",
-                    "4",
-                ],
-            )
-            .output()
-            .unwrap();
-            serde_json::from_slice::<Value>(&output.stdout).unwrap()
-        })
-    };
+    let load = load_in_background(&client, &url, "6s");
     let refused = cli(1, &["create", "namespace", "during-the-outage"]).unwrap_err();
     let refused = format!("{refused:#}");
     assert!(

@@ -132,8 +132,11 @@ pub enum IdentityError {
     CaMissing { dir: PathBuf, recorded: String },
     #[error(
         "the CA root (SHA-256 {found}) is not the one this store was set up with ({recorded}): \
-         check --data-dir and --ca-cert; to change roots deliberately, start with --accept-new-root \
-         and give every VM the new root"
+         check --data-dir and --ca-cert. Servers sharing one store (etcd) issue under one root: give \
+         each an intermediate of it (vmesh ca intermediate --root-dir <the root's directory, such as \
+         the first server's <data-dir>/ca> --out DIR --name NAME, then --ca-cert DIR/ca-cert.pem \
+         --ca-key DIR/ca-key.pem --ca-chain DIR/cert-chain.pem). To change roots deliberately, start \
+         with --accept-new-root and give every VM the new root"
     )]
     RootChanged { found: String, recorded: String },
 }

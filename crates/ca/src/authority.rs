@@ -39,6 +39,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Why the authority could not load, create or sign.
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
+    #[error("only a root CA issues intermediates; this one is itself an intermediate")]
+    NotARoot,
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -144,12 +146,38 @@ pub fn write_intermediate(
 ) -> Result<(), CaError> {
     let root = Authority::load_or_create(root_dir, trust_domain, AuthorityOptions::default())?;
     let (cert, chain, key) = root.issue_intermediate(name, ttl)?;
+    write_intermediate_files(out, &cert, &chain, &key, root.root_pem())
+}
+
+/// A fresh P-256 key and a certificate request for it, naming `name` in
+/// `trust_domain`: what a server sends to be signed an intermediate.
+/// Returns (request PEM, PKCS#8 key PEM).
+pub fn intermediate_request(name: &str, trust_domain: &str) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, trust_domain);
+    params.distinguished_name.push(DnType::CommonName, name);
+    let request = params.serialize_request(&key)?.pem()?;
+    Ok((request, key.serialize_pem()))
+}
+
+/// Writes an intermediate CA's files ([`INTERMEDIATE_FILES`]) into `out`
+/// (created 0700; the key 0600).
+pub fn write_intermediate_files(
+    out: &Path,
+    cert: &str,
+    chain: &str,
+    key: &str,
+    root_pem: &str,
+) -> Result<(), CaError> {
     files::ensure_private_dir(out).map_err(io_err("creating", out))?;
     let [cert_file, key_file, chain_file, root_file] = INTERMEDIATE_FILES.map(|f| out.join(f));
-    files::write_secret(&key_file, &key).map_err(io_err("writing", &key_file))?;
-    files::write_public(&cert_file, &cert).map_err(io_err("writing", &cert_file))?;
-    files::write_public(&chain_file, &chain).map_err(io_err("writing", &chain_file))?;
-    files::write_public(&root_file, root.root_pem()).map_err(io_err("writing", &root_file))?;
+    files::write_secret(&key_file, key).map_err(io_err("writing", &key_file))?;
+    files::write_public(&cert_file, cert).map_err(io_err("writing", &cert_file))?;
+    files::write_public(&chain_file, chain).map_err(io_err("writing", &chain_file))?;
+    files::write_public(&root_file, root_pem).map_err(io_err("writing", &root_file))?;
     Ok(())
 }
 
@@ -495,6 +523,49 @@ impl Authority {
         name: &str,
         ttl: Duration,
     ) -> Result<(String, String, String), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let (cert, chain) = self.intermediate_for(&key, name, ttl)?;
+        Ok((cert, chain, key.serialize_pem()))
+    }
+
+    /// [`Authority::issue_intermediate`] for the key of `csr_pem`: a server
+    /// that asks for its intermediate keeps its key to itself.
+    pub fn sign_intermediate(
+        &self,
+        csr_pem: &str,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        let public_key = public_key_of_csr(csr_pem)?;
+        self.intermediate_for(&public_key, name, ttl)
+    }
+
+    /// Whether this authority is a root (self-signed): only a root issues
+    /// intermediates.
+    pub fn is_root(&self) -> bool {
+        self.chain.len() == 1
+    }
+
+    fn intermediate_for(
+        &self,
+        key: &impl PublicKeyData,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<(String, String), CaError> {
+        if !self.is_root() {
+            return Err(CaError::NotARoot);
+        }
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        {
+            return Err(CaError::InvalidName {
+                name: name.to_string(),
+                reason: "an intermediate's name is 1 to 64 letters, digits, '-', '.' or '_'".into(),
+            });
+        }
         let mut params = self.leaf_params(ttl)?;
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, self.trust_domain.as_str());
@@ -508,13 +579,12 @@ impl Authority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let cert = params.signed_by(&key, &self.issuer)?.pem();
+        let cert = params.signed_by(key, &self.issuer)?.pem();
         let mut chain = cert.clone();
         for link in &self.chain {
             chain.push_str(link);
         }
-        Ok((cert, chain, key.serialize_pem()))
+        Ok((cert, chain))
     }
 
     /// Parameters shared by every leaf: empty subject (the SAN is then

@@ -67,7 +67,7 @@ pub mod pb {
 pub use auth::{AuthError, Caller, authenticate, bearer_token};
 pub use authority::{
     Authority, AuthorityOptions, CaError, INTERMEDIATE_FILES, ISTIOD_SERVICE_NAME, ROOT_CERT_FILE,
-    ROOT_KEY_FILE, write_intermediate,
+    ROOT_KEY_FILE, intermediate_request, write_intermediate, write_intermediate_files,
 };
 pub use identity::{
     CERT_BACKDATE, CertIdentityError, IdentityError, PeerIdentity, SpiffeId,

@@ -123,6 +123,8 @@ pub enum IdentityError {
     Batch(#[from] vmesh_store::BatchError),
     #[error("the store's token revocations are unreadable: {0}")]
     Revocations(serde_json::Error),
+    #[error("enrolling with the control plane's root: {0}")]
+    Enrollment(String),
     #[error(
         "{} is missing, but this store was set up with CA root {recorded}: a new root would break \
          every VM's trust. Restore {} from a backup (it holds the root key and the token-signing \
@@ -191,11 +193,30 @@ impl Identity {
     ) -> Result<Identity, IdentityError> {
         let dir = data_dir.join("ca");
         let recorded_root = recorded_root(&store)?;
+        // A server that enrolled before keeps its intermediate; one joining
+        // a shared store that has a root elsewhere enrolls now.
+        let mut plugged = config
+            .plugged
+            .clone()
+            .or_else(|| crate::enrollment::enrolled(&dir));
+        let own_root = dir.join(vmesh_ca::ROOT_CERT_FILE).exists();
+        if plugged.is_none()
+            && !own_root
+            && recorded_root.is_some()
+            && store.is_shared()
+            && !config.accept_new_root
+        {
+            plugged = Some(crate::enrollment::enroll(
+                &store,
+                &dir,
+                &config.trust_domain,
+            )?);
+        }
         // A root of our own lives in `ca/`; a plugged-in CA (each server's
         // intermediate, on a shared store) is checked against the recorded
         // root below instead.
         if let Some(recorded) = &recorded_root
-            && config.plugged.is_none()
+            && plugged.is_none()
             && !dir.exists()
             && !config.accept_new_root
         {
@@ -204,7 +225,7 @@ impl Identity {
                 recorded: recorded.clone(),
             });
         }
-        let authority = match &config.plugged {
+        let authority = match &plugged {
             Some(plugged) => Authority::from_files(
                 &plugged.cert,
                 &plugged.key,

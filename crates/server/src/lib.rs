@@ -20,6 +20,7 @@ pub mod api;
 pub mod config_dir;
 pub mod connections;
 pub mod discovery;
+mod enrollment;
 pub mod identity;
 pub mod join;
 pub mod mesh;
@@ -519,6 +520,12 @@ pub async fn start(config: ServerConfig) -> Result<Running, ServerError> {
         tasks.push(tokio::spawn(
             identity.clone().follow_shared_records(shutdown_rx.clone()),
         ));
+        if identity.authority.is_root() {
+            tasks.push(tokio::spawn(crate::enrollment::sign_requests(
+                identity.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
     }
     tasks.push(tokio::spawn(store_upkeep(
         store.clone(),

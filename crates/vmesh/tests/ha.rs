@@ -7,6 +7,9 @@
 //! token joins one VM whichever servers it is shown to, and an etcd
 //! without quorum is a 503 that names the cause until it comes back.
 //!
+//! A server given only the store enrolls with the one that holds the root.
+//! A running redb mesh moves to etcd with `vmesh backup` and `vmesh restore`.
+//!
 //! And a VM keeps working when the server it is connected to is killed:
 //! its agent moves to another within seconds, no request between VMs
 //! fails, its auto-registered entry stays, and later changes reach it.
@@ -33,6 +36,29 @@ struct ControlPlane {
     dir: PathBuf,
 }
 
+/// `vmesh ca intermediate` under the root in `root_dir`, into `out`: the
+/// server flags that use it (`--ca-cert`, `--ca-key`, `--ca-chain`).
+fn intermediate(root_dir: &Path, out: &Path, name: &str) -> Vec<String> {
+    let made = Command::new(VMESH)
+        .args(["ca", "intermediate", "--root-dir"])
+        .arg(root_dir)
+        .arg("--out")
+        .arg(out)
+        .args(["--name", name])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    let file = |name: &str| out.join(name).to_str().unwrap().to_string();
+    [
+        ("--ca-cert", "ca-cert.pem"),
+        ("--ca-key", "ca-key.pem"),
+        ("--ca-chain", "cert-chain.pem"),
+    ]
+    .into_iter()
+    .flat_map(|(flag, name)| [flag.to_string(), file(name)])
+    .collect()
+}
+
 /// `count` servers on a three-member etcd, each with an intermediate of one
 /// offline root.
 fn control_plane(dir: &Path, count: usize) -> ControlPlane {
@@ -40,39 +66,17 @@ fn control_plane(dir: &Path, count: usize) -> ControlPlane {
     let url = etcd.url("mesh");
     let servers = (0..count)
         .map(|i| {
-            let ca = dir.join(format!("ca-{i}"));
-            let made = Command::new(VMESH)
-                .args(["ca", "intermediate", "--root-dir"])
-                .arg(dir.join("offline-root"))
-                .arg("--out")
-                .arg(&ca)
-                .args(["--name", &format!("server-{i}")])
-                .output()
-                .unwrap();
-            assert!(
-                made.status.success(),
-                "{}",
-                String::from_utf8_lossy(&made.stderr)
+            let ca_flags = intermediate(
+                &dir.join("offline-root"),
+                &dir.join(format!("ca-{i}")),
+                &format!("server-{i}"),
             );
-            let file = |name: &str| ca.join(name).to_str().unwrap().to_string();
-            let (cert, key, chain) = (
-                file("ca-cert.pem"),
-                file("ca-key.pem"),
-                file("cert-chain.pem"),
-            );
+            let mut flags = vec!["--store", url.as_str()];
+            flags.extend(ca_flags.iter().map(String::as_str));
             LocalServer::start(
                 Path::new(VMESH),
                 &dir.join(format!("data-{i}")),
-                &[
-                    "--store",
-                    &url,
-                    "--ca-cert",
-                    &cert,
-                    "--ca-key",
-                    &key,
-                    "--ca-chain",
-                    &chain,
-                ],
+                &flags,
                 &[],
             )
             .unwrap()
@@ -489,17 +493,11 @@ fn killing_the_server_a_vm_uses_or_etcd_quorum_fails_no_request() {
         .collect();
     let mut servers = Vec::new();
     for i in 0..3 {
-        let ca = dir.join(format!("ca-{i}"));
-        let made = Command::new(VMESH)
-            .args(["ca", "intermediate", "--root-dir"])
-            .arg(dir.join("offline-root"))
-            .arg("--out")
-            .arg(&ca)
-            .args(["--name", &format!("server-{i}")])
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "{made:?}");
-        let file = |name: &str| ca.join(name).to_str().unwrap().to_string();
+        let ca_flags = intermediate(
+            &dir.join("offline-root"),
+            &dir.join(format!("ca-{i}")),
+            &format!("server-{i}"),
+        );
         let data = dir.join(format!("data-{i}"));
         let (xds, api, monitoring) = (
             failover_xds(i),
@@ -515,12 +513,12 @@ fn killing_the_server_a_vm_uses_or_etcd_quorum_fails_no_request() {
                     data.to_str().unwrap(),
                     "--store",
                     &etcd.url("mesh"),
-                    "--ca-cert",
-                    &file("ca-cert.pem"),
-                    "--ca-key",
-                    &file("ca-key.pem"),
-                    "--ca-chain",
-                    &file("cert-chain.pem"),
+                    &ca_flags[0],
+                    &ca_flags[1],
+                    &ca_flags[2],
+                    &ca_flags[3],
+                    &ca_flags[4],
+                    &ca_flags[5],
                     "--xds-addr",
                     &xds,
                     "--api-addr",
@@ -745,39 +743,15 @@ fn backup_and_restore_move_a_running_mesh_from_redb_to_etcd() {
     );
 
     // The old root, for the new server: an intermediate of it.
-    let made = Command::new(VMESH)
-        .args(["ca", "intermediate", "--root-dir"])
-        .arg(dir.path().join("old/ca"))
-        .arg("--out")
-        .arg(dir.path().join("ca-new"))
-        .args(["--name", "new"])
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{made:?}");
-    let file = |name: &str| {
-        dir.path()
-            .join("ca-new")
-            .join(name)
-            .to_str()
-            .unwrap()
-            .to_string()
-    };
-    let new = LocalServer::start(
-        Path::new(VMESH),
-        &dir.path().join("new"),
-        &[
-            "--store",
-            &etcd.url("mesh"),
-            "--ca-cert",
-            &file("ca-cert.pem"),
-            "--ca-key",
-            &file("ca-key.pem"),
-            "--ca-chain",
-            &file("cert-chain.pem"),
-        ],
-        &[],
-    )
-    .unwrap();
+    let url = etcd.url("mesh");
+    let mut flags = vec!["--store", url.as_str()];
+    let ca_flags = intermediate(
+        &dir.path().join("old/ca"),
+        &dir.path().join("ca-new"),
+        "new",
+    );
+    flags.extend(ca_flags.iter().map(String::as_str));
+    let new = LocalServer::start(Path::new(VMESH), &dir.path().join("new"), &flags, &[]).unwrap();
     let (code, entry_after) = request(
         "GET",
         &format!(
@@ -792,4 +766,62 @@ fn backup_and_restore_move_a_running_mesh_from_redb_to_etcd() {
         entry_after["metadata"]["resourceVersion"],
         entry_before["metadata"]["resourceVersion"]
     );
+}
+
+#[test]
+fn servers_without_a_ca_of_their_own_enroll_with_the_one_holding_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(1, &dir.path().join("etcd")).unwrap();
+    let url = etcd.url("mesh");
+    let start = |name: &str| {
+        LocalServer::start(
+            Path::new(VMESH),
+            &dir.path().join(name),
+            &["--store", &url],
+            &[],
+        )
+        .unwrap()
+    };
+    // The first server makes the root; the others, given nothing but the
+    // store, each get an intermediate of it from the first.
+    let first = start("first");
+    let second = start("second");
+    let third = start("third");
+    let root_of = |server: &LocalServer| {
+        let (code, cm) = request(
+            "GET",
+            &format!(
+                "{}/api/v1/namespaces/istio-system/configmaps/istio-ca-root-cert",
+                server.api()
+            ),
+            None,
+        );
+        assert_eq!(code, 200, "{cm}");
+        cm["data"]["root-cert.pem"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let root = std::fs::read_to_string(dir.path().join("first/ca/root-cert.pem")).unwrap();
+    for server in [&first, &second, &third] {
+        assert_eq!(root_of(server), root.trim());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for name in ["second", "third"] {
+        let enrolled = dir.path().join(name).join("ca/intermediate");
+        let key = std::fs::metadata(enrolled.join("ca-key.pem")).unwrap();
+        assert_eq!(key.permissions().mode() & 0o777, 0o600);
+        assert!(!dir.path().join(name).join("ca/root-key.pem").exists());
+        let chain = std::fs::read_to_string(enrolled.join("cert-chain.pem")).unwrap();
+        assert!(
+            chain.trim_end().ends_with(root.trim()),
+            "{name}'s chain ends at the root"
+        );
+    }
+    // An enrolled server starts again without the root holder.
+    drop(second);
+    drop(first);
+    let second = start("second");
+    assert_eq!(root_of(&second), root.trim());
 }

@@ -599,6 +599,21 @@ impl ProxyLifecycle for Registrar {
         };
         let entry = self.0.entry_for(proxy, group, caller)?;
         let name = entry.metadata.name().to_string();
+        // A VM that moves here while another server still holds its entry
+        // (that server died, or the VM's path to it broke) is the same VM
+        // running on: its health stands, so that its endpoint stays in
+        // service through the move. A VM that comes back after its stream
+        // ended, or to the same server (its agent restarted), starts afresh.
+        let moved_here = self
+            .0
+            .entry(&proxy.namespace, &name)?
+            .is_some_and(|current| {
+                let annotations = current.metadata.annotations.unwrap_or_default();
+                annotations
+                    .get(CONTROLLER_ANNOTATION)
+                    .is_some_and(|controller| *controller != self.0.controller)
+                    && !annotations.contains_key(DISCONNECTED_AT_ANNOTATION)
+            });
         self.0
             .store
             .commit(vec![Op::Apply(entry)])
@@ -612,7 +627,7 @@ impl ProxyLifecycle for Registrar {
             .insert(connection);
         // Registered and held now: a failure to reset health must not
         // refuse the stream (its disconnect would never be seen).
-        if let Err(e) = self.0.clear_health(&proxy.namespace, &name) {
+        if !moved_here && let Err(e) = self.0.clear_health(&proxy.namespace, &name) {
             tracing::warn!(proxy = %proxy.id, "{}", e.message());
         }
         Ok(())

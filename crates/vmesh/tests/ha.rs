@@ -610,6 +610,27 @@ fn killing_the_server_a_vm_uses_or_etcd_quorum_fails_no_request() {
         },
     );
 
+    // The VM's health as its probe reported it: the move must not reset it
+    // (its endpoint would leave the client's EDS until the next report).
+    let healthy_since = |server: usize| {
+        let text = cli(
+            server,
+            &["get", "we", &entry, "-n", "vm-workloads", "-o", "json"],
+        )
+        .ok()?;
+        let entry: Value = serde_json::from_str(&text).ok()?;
+        entry["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| c["type"] == "Healthy" && c["status"] == "True")
+            .map(|c| c["lastTransitionTime"].clone())
+    };
+    let mut before = None;
+    eventually("the payment VM healthy", Duration::from_secs(10), || {
+        before = healthy_since(0);
+        before.is_some()
+    });
+
     // Requests flow for 12 s; 2 s in, the server the VM uses is killed.
     let load = load_in_background(&client, &url, "12s");
     std::thread::sleep(Duration::from_secs(2));
@@ -621,6 +642,7 @@ fn killing_the_server_a_vm_uses_or_etcd_quorum_fails_no_request() {
         || connected_to(1) || connected_to(2),
     );
     let moved = killed_at.elapsed();
+    assert_eq!(healthy_since(1), before, "the move kept the VM's health");
     assert!(
         moved < Duration::from_secs(5),
         "reconnected after {moved:?}"

@@ -138,8 +138,7 @@ impl AutoRegistration {
         if self.store.is_shared() {
             let now = unix_now();
             for (name, beat) in self.store.records(HEARTBEAT_RECORDS)? {
-                let last: u64 = String::from_utf8_lossy(&beat).parse().unwrap_or(0);
-                if now.saturating_sub(last) <= HEARTBEAT_LIFE.as_secs()
+                if fresh(&beat, now)
                     && let Some(controller) = name.strip_prefix(HEARTBEAT_RECORDS)
                 {
                     alive.insert(controller.to_string());
@@ -150,7 +149,9 @@ impl AutoRegistration {
     }
 
     /// Until shutdown: on a shared store, this server's heartbeat every
-    /// [`HEARTBEAT`] and a sweep for entries of controllers that stopped.
+    /// [`HEARTBEAT`], and a sweep for the entries of controllers that
+    /// stopped, once each time a heartbeat goes stale (not at every beat: a
+    /// sweep reads every WorkloadEntry).
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         if !self.store.is_shared() {
             return;
@@ -162,28 +163,46 @@ impl AutoRegistration {
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
             let this = self.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                let beat = (
-                    format!("{HEARTBEAT_RECORDS}{}", this.controller),
-                    Some(unix_now().to_string().into_bytes()),
-                );
-                match this.store.write_records(vec![beat]) {
-                    Ok(()) => this.sweep_orphans(),
-                    Err(e) => tracing::warn!("auto-registration heartbeat not written: {e}"),
-                }
+            let beaten = tokio::task::spawn_blocking(move || {
+                this.beat(unix_now())?;
+                this.sweep_after_stale_heartbeats()
             })
             .await;
+            if let Ok(Err(e)) = beaten {
+                tracing::warn!("auto-registration heartbeat: {e}");
+            }
         }
-        // Stopping on purpose: the others need not wait for the heartbeat
-        // to age before taking over.
+        // Stopping on purpose: a heartbeat of long ago, so that the others
+        // take over at their next beat rather than after it ages.
         let this = self.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            this.store.write_records(vec![(
-                format!("{HEARTBEAT_RECORDS}{}", this.controller),
-                None,
-            )])
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || this.beat(0)).await;
+    }
+
+    fn beat(&self, at: u64) -> Result<(), vmesh_store::StoreError> {
+        self.store.write_records(vec![(
+            format!("{HEARTBEAT_RECORDS}{}", self.controller),
+            Some(at.to_string().into_bytes()),
+        )])
+    }
+
+    /// Sweeps if any other controller's heartbeat is stale, then forgets
+    /// those heartbeats (only as read: one that beat again meanwhile stays).
+    fn sweep_after_stale_heartbeats(self: &Arc<Self>) -> Result<(), vmesh_store::StoreError> {
+        let now = unix_now();
+        let stale: Vec<(String, Vec<u8>)> = self
+            .store
+            .records(HEARTBEAT_RECORDS)?
+            .into_iter()
+            .filter(|(_, beat)| !fresh(beat, now))
+            .collect();
+        if stale.is_empty() {
+            return Ok(());
+        }
+        self.sweep_orphans();
+        for (name, beat) in stale {
+            self.store.swap_record(&name, Some(&beat), None)?;
+        }
+        Ok(())
     }
 
     fn refuse(&self, proxy: &Proxy, group: &str, message: String) -> Status {
@@ -528,6 +547,12 @@ const HEARTBEAT_RECORDS: &str = "controllers/";
 const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How old a heartbeat may be before its server counts as gone.
 const HEARTBEAT_LIFE: Duration = Duration::from_secs(15);
+
+/// Whether a heartbeat (Unix seconds) is younger than [`HEARTBEAT_LIFE`].
+fn fresh(beat: &[u8], now: u64) -> bool {
+    let last: u64 = String::from_utf8_lossy(beat).parse().unwrap_or(0);
+    now.saturating_sub(last) <= HEARTBEAT_LIFE.as_secs()
+}
 
 fn unix_now() -> u64 {
     SystemTime::now()

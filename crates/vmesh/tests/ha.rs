@@ -847,3 +847,34 @@ fn servers_without_a_ca_of_their_own_enroll_with_the_one_holding_the_root() {
     let second = start("second");
     assert_eq!(root_of(&second), root.trim());
 }
+
+#[test]
+fn an_entry_whose_server_is_gone_is_taken_over_and_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(1, &dir.path().join("etcd")).unwrap();
+    let url = etcd.url("mesh");
+    let flags = ["--store", url.as_str(), "--auto-registration-grace", "1s"];
+    let first =
+        LocalServer::start(Path::new(VMESH), &dir.path().join("first"), &flags, &[]).unwrap();
+    // An auto-registered entry of a server that never beat (it is gone).
+    let orphan = json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "WorkloadEntry",
+        "metadata": {"name": "orphan", "namespace": "default", "annotations": {
+            "istio.io/autoRegistrationGroup": "vms",
+            "istio.io/workloadController": "vmesh-gone",
+        }},
+        "spec": {"address": "10.0.0.9"},
+    });
+    let (code, body) = request("POST", &format!("{}/{ENTRIES}", first.api()), Some(&orphan));
+    assert_eq!(code, 201, "{body}");
+    // A server that starts sweeps: it takes the entry over (naming itself
+    // its controller, marking it disconnected), then deletes it after the
+    // grace period.
+    let second =
+        LocalServer::start(Path::new(VMESH), &dir.path().join("second"), &flags, &[]).unwrap();
+    let orphan_url = format!("{}/{ENTRIES}/orphan", second.api());
+    eventually("the entry deleted", Duration::from_secs(10), || {
+        request("GET", &orphan_url, None).0 == 404
+    });
+}

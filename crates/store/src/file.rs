@@ -73,15 +73,30 @@ pub(crate) fn lock(path: &Path) -> Result<std::fs::File, StoreError> {
             context: format!("opening {}", lock_path.display()),
             source: Box::new(e),
         })?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse(path.to_path_buf())),
-        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Backend {
-            context: format!("locking {}", lock_path.display()),
-            source: Box::new(e),
-        }),
+    // A lock released a moment ago can still be held by a child the
+    // releasing process forked and has not yet exec'd (the child shares
+    // the descriptor until then): a busy lock is tried again for a moment
+    // before it counts as another process's.
+    for attempt in 0..=LOCK_RETRIES {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if attempt < LOCK_RETRIES => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => break,
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Backend {
+                    context: format!("locking {}", lock_path.display()),
+                    source: Box::new(e),
+                });
+            }
+        }
     }
+    Err(StoreError::InUse(path.to_path_buf()))
 }
+
+/// How many times a busy lock is tried again, 20 ms apart.
+const LOCK_RETRIES: usize = 25;
 
 impl StoreFile {
     /// Opens `path`, creating it when it does not exist, and checks every

@@ -25,6 +25,7 @@ use crate::identity::{
     CaClient, CertificateManager, CertificateSigner, IdentityConfig, IdentityError, IdentityHandle,
     RenewalPolicy, TrustAnchors,
 };
+use crate::istio_metrics::{IstioMetrics, MetricsLogError};
 use crate::sds::SdsServer;
 use crate::uds::Socket;
 use crate::upstream::{Upstream, UpstreamError};
@@ -64,6 +65,8 @@ pub enum AgentError {
     Probe(#[from] ProbeError),
     #[error(transparent)]
     Dns(#[from] DnsError),
+    #[error(transparent)]
+    MetricsLog(#[from] MetricsLogError),
     #[error("agent task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
 }
@@ -154,6 +157,12 @@ impl AgentConfig {
         self.socket_dir.join(SDS_SOCKET)
     }
 
+    /// Envoy's metrics log, in the socket directory (Envoy's working
+    /// directory, since listeners name it relatively).
+    pub fn metrics_log(&self) -> PathBuf {
+        self.socket_dir.join(vmesh_api::peer::METRICS_LOG_FILE)
+    }
+
     fn upstream(&self, root_pem: &str) -> Result<Upstream, UpstreamError> {
         Upstream::new(self.server_address.clone(), root_pem).with_server_name(&self.server_name)
     }
@@ -164,6 +173,8 @@ impl AgentConfig {
 pub struct AgentHandle {
     xds_socket: PathBuf,
     sds_socket: PathBuf,
+    metrics_log: PathBuf,
+    istio_metrics: Arc<IstioMetrics>,
     identity: IdentityHandle,
     health: Option<watch::Receiver<Option<HealthReport>>>,
     publisher: HealthPublisher,
@@ -190,6 +201,16 @@ impl AgentHandle {
     /// Where Envoy's SDS cluster connects.
     pub fn sds_socket(&self) -> &Path {
         &self.sds_socket
+    }
+
+    /// Envoy's metrics log (a pipe); Envoy runs in its directory.
+    pub fn metrics_log(&self) -> &Path {
+        &self.metrics_log
+    }
+
+    /// Istio's metrics, as counted from the metrics log.
+    pub fn istio_metrics(&self) -> Arc<IstioMetrics> {
+        self.istio_metrics.clone()
     }
 
     pub fn identity(&self) -> &IdentityHandle {
@@ -279,8 +300,19 @@ pub async fn start_with_signer(
     // Should the second fail, the first is removed as it is dropped.
     let sds_listener = bind(&sds_socket)?;
     let xds_listener = bind(&xds_socket)?;
+    let metrics_log = config.metrics_log();
+    let metrics_pipe = crate::istio_metrics::open_log(&metrics_log)?;
 
     let mut tasks = JoinSet::new();
+    let istio_metrics = Arc::new(IstioMetrics::default());
+    let counting =
+        istio_metrics
+            .clone()
+            .follow(metrics_pipe, metrics_log.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        counting.await;
+        Ok(())
+    });
     let s = shutdown.clone();
     tasks.spawn(async move {
         manager.run(s).await;
@@ -350,6 +382,8 @@ pub async fn start_with_signer(
     Ok(AgentHandle {
         xds_socket,
         sds_socket,
+        metrics_log,
+        istio_metrics,
         identity,
         health,
         publisher,

@@ -104,8 +104,8 @@ pub fn find_envoy() -> Result<PathBuf, EnvoyError> {
 /// directory (a binary under a private home, as pip and pyenv put it).
 ///
 /// The work directory becomes traversable (not listable) for it; the
-/// certificates inside stay 0700. The socket directory and both sockets
-/// become its own: only it may use them.
+/// certificates inside stay 0700. The socket directory, both sockets and
+/// the metrics log become its own: only it may use them.
 pub fn hand_to_proxy_user(
     envoy: &Path,
     uid: u32,
@@ -115,7 +115,12 @@ pub fn hand_to_proxy_user(
     set_mode(work_dir, 0o711)?;
     let runnable = runnable_by(envoy, uid, work_dir)?;
     let socket_dir = agent.xds_socket().parent().unwrap_or(work_dir);
-    for path in [socket_dir, agent.xds_socket(), agent.sds_socket()] {
+    for path in [
+        socket_dir,
+        agent.xds_socket(),
+        agent.sds_socket(),
+        agent.metrics_log(),
+    ] {
         std::os::unix::fs::chown(path, Some(uid), Some(uid)).map_err(|source| {
             EnvoyError::Chown {
                 path: path.to_path_buf(),
@@ -189,6 +194,10 @@ pub struct EnvoyProcess {
     pub binary: PathBuf,
     /// Its bootstrap (`-c`).
     pub bootstrap: PathBuf,
+    /// Its working directory: the agent's socket directory, where the
+    /// metrics log its listeners name relatively is
+    /// ([`AgentHandle::metrics_log`]).
+    pub working_dir: PathBuf,
     /// Its `--base-id`, so several Envoys can share a host.
     pub base_id: u32,
     /// The user (and group) it runs as; the agent's own when `None`.
@@ -289,6 +298,7 @@ impl EnvoyProcess {
             // Access log lines reach the journal within a second, not ten.
             .args(["--file-flush-interval-msec", "1000"])
             .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&self.working_dir)
             .kill_on_drop(true);
         if let Some(uid) = self.user {
             command.uid(uid).gid(uid);
@@ -327,6 +337,7 @@ mod tests {
         EnvoyProcess {
             binary: binary.into(),
             bootstrap: "/nonexistent/envoy.json".into(),
+            working_dir: "/".into(),
             base_id: 0,
             user: None,
             admin_port: 15000,

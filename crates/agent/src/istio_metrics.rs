@@ -1,175 +1,328 @@
-//! Istio's standard metrics as Prometheus should see them. Envoy exports
-//! the stats its stats access logger makes (see the xds crate's
-//! `translate/telemetry.rs`) as `envoy_istio_<name>{labels="…"}`: one
-//! compact tag holding every label, which is what keeps them cheap in
-//! Envoy. The agent's merged endpoint serves them as
-//! `istio_<name>{a="1",b="2"}`, Istio's names and labels
-//! (`vmesh_api::peer::expand_labels`, with the proxy's own workload filled
-//! in), each family once, after everything else; the duration histogram
-//! that also counts requests (`peer::COUNTING_DURATION_STAT`) gives
-//! `istio_requests_total` its counts. Every other line passes through
-//! unchanged.
+//! Istio's standard metrics, counted by the agent from Envoy's metrics log
+//! (`vmesh_api::peer::METRICS_LOG_FILE`): a pipe in the socket directory
+//! into which the file loggers of every listener (the xds crate's
+//! `translate/telemetry.rs`) write one line per request or TCP connection
+//! event and side, with the values measured and each distinct label set
+//! once. Each label set becomes one series per metric counted under it;
+//! the merged endpoint serves them after Envoy's own stats as
+//! `istio_<name>{…}` with Istio's labels (`vmesh_api::peer::expand_labels`,
+//! the proxy's own workload filled in).
 //!
-//! This module rewrites text; it does not fetch or serve it (`status` does).
+//! Counting here rather than in Envoy's stats is what keeps the metrics
+//! cheap: Envoy formats one short line per request instead of finding and
+//! updating a tagged stat per metric. Lines reach the agent within Envoy's
+//! file flush interval (a second).
+//!
+//! This module owns the pipe, the counts and their text; `status` serves it.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use vmesh_api::peer::{COUNTING_DURATION_STAT, METRIC_LABELS_TAG, OwnWorkload, expand_labels};
+use parking_lot::Mutex;
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::sync::watch;
+use vmesh_api::peer::{
+    METRICS_LOG_SEPARATOR, Measure, OwnWorkload, STANDARD_METRICS, expand_labels,
+};
 
-const ENVOY_PREFIX: &str = "envoy_istio_";
-const REQUESTS_TOTAL: &str = "istio_requests_total";
+/// Envoy's default histogram buckets, which Istio's metrics use.
+const BUCKETS: [f64; 19] = [
+    0.5,
+    1.0,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    100.0,
+    250.0,
+    500.0,
+    1_000.0,
+    2_500.0,
+    5_000.0,
+    10_000.0,
+    30_000.0,
+    60_000.0,
+    300_000.0,
+    600_000.0,
+    1_800_000.0,
+    3_600_000.0,
+];
 
-/// One of Istio's metric families: its type and sample lines.
-#[derive(Default)]
-struct Family {
-    kind: String,
-    samples: Vec<String>,
+/// Label sets counted at most: lines naming a new one beyond are dropped
+/// (and counted), so that a label with unbounded values (a path in a
+/// Telemetry override) cannot take the VM's memory.
+const MAX_LABEL_SETS: usize = 10_000;
+
+/// The longest line read: a longer one is dropped.
+const MAX_LINE: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsLogError {
+    #[error("making the metrics log pipe {path}: {source}")]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("opening the metrics log pipe {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
-/// Envoy's Prometheus text with Istio's metrics under Istio's names and
-/// labels, `own` filled in where Envoy leaves the proxy's own workload.
-pub fn rewrite(envoy: &str, own: &OwnWorkload) -> String {
-    let mut out = String::with_capacity(envoy.len());
-    let mut families: BTreeMap<String, Family> = BTreeMap::new();
-    // The Envoy family (without its prefix) the lines belong to, while
-    // they are Istio's.
-    let mut current: Option<&str> = None;
-    for line in envoy.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').unwrap_or((rest, "untyped"));
-            current = name.strip_prefix(ENVOY_PREFIX);
-            match current {
-                Some(family) => families.entry(istio_name(family)).or_default().kind = kind.into(),
-                None => push_line(&mut out, line),
-            }
-            continue;
+/// The counts of Istio's metrics, shared by the reader and the status port.
+#[derive(Debug, Default)]
+pub struct IstioMetrics {
+    counts: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    /// Per label set, each standard metric's sample (by its index in
+    /// `STANDARD_METRICS`), once counted.
+    label_sets: HashMap<String, [Option<Sample>; STANDARD_METRICS.len()]>,
+    malformed: u64,
+    over_limit: u64,
+}
+
+#[derive(Debug, Clone)]
+enum Sample {
+    Counter(u64),
+    Histogram(Histogram),
+}
+
+#[derive(Debug, Clone, Default)]
+struct Histogram {
+    /// Observations per bucket (not cumulative); over the last, only in `count`.
+    buckets: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn record(&mut self, value: f64) {
+        if let Some(bucket) = BUCKETS.iter().position(|b| value <= *b) {
+            self.buckets[bucket] += 1;
         }
-        if line.starts_with('#') {
-            if current.is_none() {
-                push_line(&mut out, line);
-            }
-            continue;
-        }
-        let Some(sample) = rewrite_sample(line, current, own) else {
-            current = None;
-            push_line(&mut out, line);
-            continue;
-        };
-        if let Some(count) = &sample.requests_total {
-            let family = families.entry(REQUESTS_TOTAL.into()).or_default();
-            family.kind = "counter".into();
-            family.samples.push(count.clone());
-        }
-        families
-            .entry(sample.family)
-            .or_default()
-            .samples
-            .push(sample.line);
+        self.count += 1;
+        self.sum += value;
     }
-    for (name, family) in families {
-        let kind = if family.kind.is_empty() {
-            "untyped"
-        } else {
-            &family.kind
-        };
-        push_line(&mut out, &format!("# TYPE {name} {kind}"));
-        for sample in family.samples {
-            push_line(&mut out, &sample);
+}
+
+/// Makes the metrics log pipe at `path` (0600; one left by an earlier run
+/// is replaced) and opens it for reading. It is opened for writing too, so
+/// that it never reads end-of-file while Envoy restarts, and Envoy's own
+/// opening never waits for a reader.
+pub fn open_log(path: &Path) -> Result<pipe::Receiver, MetricsLogError> {
+    let create = |source| MetricsLogError::Create {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_fifo() => std::fs::remove_file(path).map_err(create)?,
+        Ok(_) => {
+            return Err(create(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "it exists and is not a pipe",
+            )));
         }
+        Err(_) => {}
     }
-    out
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::Mode::RUSR | rustix::fs::Mode::WUSR,
+    )
+    .map_err(|e| create(e.into()))?;
+    pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(path)
+        .map_err(|source| MetricsLogError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
-fn push_line(out: &mut String, line: &str) {
-    out.push_str(line);
-    out.push('\n');
-}
-
-/// Istio's name of the family of Envoy's `envoy_istio_<family>`.
-fn istio_name(family: &str) -> String {
-    let family = if family == COUNTING_DURATION_STAT {
-        "request_duration_milliseconds"
-    } else {
-        family
-    };
-    format!("istio_{family}")
-}
-
-/// A sample of Istio's, rewritten.
-struct Sample {
-    family: String,
-    line: String,
-    /// The same count as `istio_requests_total`, for the counting histogram.
-    requests_total: Option<String>,
-}
-
-/// One sample line rewritten, or `None` when it is not one of Istio's
-/// metrics (or cannot be read).
-fn rewrite_sample(line: &str, current: Option<&str>, own: &OwnWorkload) -> Option<Sample> {
-    let rest = line.strip_prefix(ENVOY_PREFIX)?;
-    let open = rest.find(['{', ' ']).unwrap_or(rest.len());
-    let name = &rest[..open];
-    // `_bucket`, `_sum`, `_count` of a histogram; nothing for a counter.
-    let (family, suffix) = match current {
-        Some(family) if name.starts_with(family) => (family, &name[family.len()..]),
-        _ => (name, ""),
-    };
-    let (labels, value) = match rest[open..].strip_prefix('{') {
-        Some(labels) => parse_labels(labels)?,
-        None => (Vec::new(), &rest[open..]),
-    };
-    let mut expanded: Vec<(String, String)> = Vec::new();
-    for (label, text) in labels {
-        if label == METRIC_LABELS_TAG {
-            expanded.extend(expand_labels(&text, own));
-        } else {
-            expanded.push((label, text));
+impl IstioMetrics {
+    /// Counts the lines of `pipe` until shutdown, then removes `path` (the pipe's).
+    pub async fn follow(
+        self: Arc<Self>,
+        mut pipe: pipe::Receiver,
+        path: PathBuf,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut pending: Vec<u8> = Vec::with_capacity(MAX_LINE);
+        let mut chunk = vec![0u8; MAX_LINE];
+        loop {
+            let read = tokio::select! {
+                read = pipe.read(&mut chunk) => read,
+                () = crate::stopped(&mut shutdown) => break,
+            };
+            let n = match read {
+                // Never while this end holds the pipe open for writing too.
+                Ok(0) => {
+                    tracing::error!("the metrics log ended; Istio's metrics stop");
+                    break;
+                }
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!("reading the metrics log: {e}; Istio's metrics stop");
+                    break;
+                }
+            };
+            pending.extend_from_slice(&chunk[..n]);
+            let Some(end) = pending.iter().rposition(|b| *b == b'\n') else {
+                if pending.len() > MAX_LINE {
+                    pending.clear();
+                    self.counts.lock().malformed += 1;
+                }
+                continue;
+            };
+            self.record_lines(&pending[..end]);
+            pending.drain(..=end);
         }
+        let _ = std::fs::remove_file(&path);
     }
-    let labels: Vec<String> = expanded
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-        .collect();
-    let labels = if labels.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", labels.join(","))
-    };
-    let family = istio_name(family);
-    let requests_total = (name == format!("{COUNTING_DURATION_STAT}_count"))
-        .then(|| format!("{REQUESTS_TOTAL}{labels}{value}"));
-    Some(Sample {
-        line: format!("{family}{suffix}{labels}{value}"),
-        family,
-        requests_total,
-    })
-}
 
-/// The labels of a sample line after its `{`, and what follows the `}`.
-fn parse_labels(text: &str) -> Option<(Vec<(String, String)>, &str)> {
-    let mut labels = Vec::new();
-    let mut rest = text;
-    loop {
-        rest = rest.trim_start_matches(',');
-        if let Some(after) = rest.strip_prefix('}') {
-            return Some((labels, after));
-        }
-        let (name, after) = rest.split_once("=\"")?;
-        let mut value = String::new();
-        let mut chars = after.char_indices();
-        let end = loop {
-            let (i, c) = chars.next()?;
-            match c {
-                '\\' => match chars.next()?.1 {
-                    'n' => value.push('\n'),
-                    other => value.push(other),
-                },
-                '"' => break i,
-                c => value.push(c),
+    /// Counts complete lines (without their final newline).
+    fn record_lines(&self, lines: &[u8]) {
+        let mut counts = self.counts.lock();
+        for line in lines.split(|b| *b == b'\n') {
+            match std::str::from_utf8(line) {
+                Ok(line) => counts.record(line),
+                Err(_) => counts.malformed += 1,
             }
-        };
-        labels.push((name.to_string(), value));
-        rest = &after[end + 1..];
+        }
+    }
+
+    /// Istio's metric families in Prometheus' text format.
+    pub fn render(&self, own: &OwnWorkload) -> String {
+        let counts = self.counts.lock();
+        let mut sets: Vec<(&String, &[Option<Sample>; STANDARD_METRICS.len()])> =
+            counts.label_sets.iter().collect();
+        sets.sort_by(|a, b| a.0.cmp(b.0));
+        // Each label set's labels, expanded once for every metric.
+        let labels: Vec<String> = sets
+            .iter()
+            .map(|(set, _)| {
+                expand_labels(set, own)
+                    .iter()
+                    .map(|(name, value)| format!("{name}=\"{}\"", escape(value)))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect();
+        let mut out = String::new();
+        for (index, metric) in STANDARD_METRICS.iter().enumerate() {
+            let mut samples = sets
+                .iter()
+                .zip(&labels)
+                .filter_map(|((_, samples), labels)| Some((samples[index].as_ref()?, labels)))
+                .peekable();
+            if samples.peek().is_none() {
+                continue;
+            }
+            let name = metric.name;
+            let kind = match metric.measure {
+                Measure::Histogram(_) => "histogram",
+                Measure::Count | Measure::Sum(_) => "counter",
+            };
+            out.push_str(&format!("# TYPE {name} {kind}\n"));
+            for (sample, labels) in samples {
+                match sample {
+                    Sample::Counter(value) => {
+                        out.push_str(&format!("{name}{{{labels}}} {value}\n"))
+                    }
+                    Sample::Histogram(h) => {
+                        let mut cumulative = 0;
+                        for (bound, count) in BUCKETS.iter().zip(h.buckets) {
+                            cumulative += count;
+                            out.push_str(&format!(
+                                "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}\n"
+                            ));
+                        }
+                        out.push_str(&format!(
+                            "{name}_bucket{{{labels},le=\"+Inf\"}} {}\n{name}_sum{{{labels}}} {}\n{name}_count{{{labels}}} {}\n",
+                            h.count, h.sum, h.count
+                        ));
+                    }
+                }
+            }
+        }
+        out.push_str(&format!(
+            "# TYPE vmesh_agent_metrics_log_dropped_total counter\n\
+             vmesh_agent_metrics_log_dropped_total{{reason=\"malformed\"}} {}\n\
+             vmesh_agent_metrics_log_dropped_total{{reason=\"too_many_label_sets\"}} {}\n",
+            counts.malformed, counts.over_limit
+        ));
+        out
+    }
+}
+
+impl Counts {
+    /// Counts one line: `duration␟received␟sent` then `codes=labels` sets.
+    fn record(&mut self, line: &str) {
+        let mut fields = line.split(METRICS_LOG_SEPARATOR);
+        // Envoy writes `-` for a value it does not have.
+        let values: [Option<f64>; 3] =
+            std::array::from_fn(|_| fields.next().and_then(|v| v.parse().ok()));
+        let mut any = false;
+        for set in fields {
+            let Some((codes, labels)) = set.split_once('=') else {
+                self.malformed += 1;
+                return;
+            };
+            if !self.label_sets.contains_key(labels) {
+                if self.label_sets.len() >= MAX_LABEL_SETS {
+                    self.over_limit += 1;
+                    continue;
+                }
+                self.label_sets
+                    .insert(labels.to_string(), Default::default());
+            }
+            let Some(samples) = self.label_sets.get_mut(labels) else {
+                continue;
+            };
+            for code in codes.chars() {
+                let Some(index) = STANDARD_METRICS.iter().position(|m| m.code == code) else {
+                    continue;
+                };
+                let sample = &mut samples[index];
+                match STANDARD_METRICS[index].measure {
+                    Measure::Count => add(sample, 1),
+                    Measure::Sum(value) => {
+                        if let Some(v) = values[value as usize] {
+                            add(sample, v as u64);
+                        }
+                    }
+                    Measure::Histogram(value) => {
+                        if let Some(v) = values[value as usize] {
+                            let Sample::Histogram(h) = sample
+                                .get_or_insert_with(|| Sample::Histogram(Histogram::default()))
+                            else {
+                                continue;
+                            };
+                            h.record(v);
+                        }
+                    }
+                }
+            }
+            any = true;
+        }
+        if !any && !line.is_empty() {
+            self.malformed += 1;
+        }
+    }
+}
+
+fn add(sample: &mut Option<Sample>, value: u64) {
+    if let Sample::Counter(total) = sample.get_or_insert(Sample::Counter(0)) {
+        *total += value;
     }
 }
 
@@ -186,87 +339,195 @@ mod tests {
 
     fn own() -> OwnWorkload {
         OwnWorkload {
-            attributes: "pay;vm;pay;v1;pay;v1;".into(),
+            attributes: "pay;vm;pay;v1;pay;v1;c1".into(),
             principal: "spiffe://td/ns/vm/sa/pay".into(),
         }
     }
 
-    const TAG: &str = "destination|web;shop;web;v1;web;v1;c|spiffe://td/ns/shop/sa/web|@|@|pay.vm.svc.cluster.local;pay;vm|http|200|-|-|mutual_tls";
+    const SEP: char = METRICS_LOG_SEPARATOR;
+
+    fn line(values: &str, sets: &[&str]) -> String {
+        let mut line = values.replace(',', &SEP.to_string());
+        for set in sets {
+            line.push(SEP);
+            line.push_str(set);
+        }
+        line
+    }
+
+    const CLIENT: &str = "source|@|@|fe;frontend;fe;v7;fe;v7;|spiffe://td/ns/frontend/sa/fe|payment.vm.svc.cluster.local;payment;vm|http|200|0|-|unknown";
 
     #[test]
-    fn the_counting_histogram_gives_requests_total_and_families_come_last() {
-        let envoy = format!(
-            "# TYPE envoy_cluster_upstream_rq counter\n\
-             envoy_cluster_upstream_rq{{envoy_cluster_name=\"x\"}} 2\n\
-             # TYPE envoy_istio_request_bytes histogram\n\
-             envoy_istio_request_bytes_count{{labels=\"{TAG}\"}} 3\n\
-             # TYPE envoy_istio_{COUNTING_DURATION_STAT} histogram\n\
-             envoy_istio_{COUNTING_DURATION_STAT}_bucket{{labels=\"{TAG}\",le=\"0.5\"}} 1\n\
-             envoy_istio_{COUNTING_DURATION_STAT}_count{{labels=\"{TAG}\"}} 3\n\
-             # TYPE envoy_server_live gauge\n\
-             envoy_server_live 1\n"
-        );
-        let text = rewrite(&envoy, &own());
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "# TYPE envoy_cluster_upstream_rq counter");
-        assert_eq!(lines[2], "# TYPE envoy_server_live gauge");
-        assert_eq!(lines[3], "envoy_server_live 1");
-        assert_eq!(lines[4], "# TYPE istio_request_bytes histogram", "{text}");
-        assert!(lines[5].starts_with(
-            "istio_request_bytes_count{reporter=\"destination\",source_workload=\"web\","
-        ));
-        assert_eq!(
-            lines[6],
-            "# TYPE istio_request_duration_milliseconds histogram"
-        );
+    fn one_line_counts_every_metric_of_its_label_sets() {
+        let metrics = IstioMetrics::default();
+        let request = line("12,100,2500", &[&format!("rdqs={CLIENT}")]);
+        metrics.record_lines(format!("{request}\n{request}").as_bytes());
+        let text = metrics.render(&own());
         assert!(
-            lines[7].starts_with(
-                "istio_request_duration_milliseconds_bucket{reporter=\"destination\","
+            text.contains("# TYPE istio_requests_total counter\n"),
+            "{text}"
+        );
+        let requests = text
+            .lines()
+            .find(|l| l.starts_with("istio_requests_total{"))
+            .unwrap();
+        assert!(requests.ends_with("} 2"), "{requests}");
+        for label in [
+            "reporter=\"source\"",
+            "source_workload=\"pay\"",
+            "source_principal=\"spiffe://td/ns/vm/sa/pay\"",
+            "destination_workload=\"fe\"",
+            "destination_service_name=\"payment\"",
+            "response_code=\"200\"",
+        ] {
+            assert!(requests.contains(label), "{label} in {requests}");
+        }
+        // Durations of 12 ms: in the 25 ms bucket, not the 10 ms one.
+        let bucket = |le: &str| {
+            text.lines()
+                .find(|l| {
+                    l.starts_with("istio_request_duration_milliseconds_bucket{")
+                        && l.contains(&format!("le=\"{le}\""))
+                })
+                .unwrap()
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(bucket("10"), "0");
+        assert_eq!(bucket("25"), "2");
+        assert_eq!(bucket("+Inf"), "2");
+        assert!(text.contains("istio_request_duration_milliseconds_sum{"));
+        assert!(text.contains("istio_response_bytes_sum{"));
+        let sum = text
+            .lines()
+            .find(|l| l.starts_with("istio_response_bytes_sum{"))
+            .unwrap();
+        assert!(sum.ends_with(" 5000"), "{sum}");
+    }
+
+    #[test]
+    fn label_sets_shared_by_lines_of_different_shapes_are_one_series() {
+        let metrics = IstioMetrics::default();
+        // Before a Telemetry change every metric shares one label set;
+        // after it, the count has its own: the same labels still make one series.
+        metrics.record_lines(line("1,1,1", &[&format!("rdqs={CLIENT}")]).as_bytes());
+        metrics.record_lines(line("1,1,1", &[&format!("r={CLIENT}"), "dqs=other|@|@"]).as_bytes());
+        let text = metrics.render(&own());
+        let counts: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .collect();
+        assert_eq!(counts.len(), 1, "{text}");
+        assert!(counts[0].ends_with("} 2"));
+    }
+
+    #[test]
+    fn tcp_counters_sum_their_values() {
+        let metrics = IstioMetrics::default();
+        let labels = "source|@|@|db;vm;db;v1;db;v1;|spiffe://td/ns/vm/sa/db|db.vm.svc.cluster.local;db;vm|tcp|||-|unknown|removed=response_code,grpc_response_status";
+        metrics.record_lines(
+            format!(
+                "{}\n{}\n{}",
+                line(",,", &[&format!("o={labels}")]),
+                line(",40,1000", &[&format!("ctv={labels}")]),
+                line(",2,3", &[&format!("ctv={labels}")]),
             )
+            .as_bytes(),
         );
-        assert!(lines[7].ends_with(",le=\"0.5\"} 1"), "{}", lines[7]);
-        assert!(lines[8].starts_with("istio_request_duration_milliseconds_count{"));
-        assert_eq!(lines[9], "# TYPE istio_requests_total counter");
-        assert!(lines[10].starts_with("istio_requests_total{reporter=\"destination\","));
-        assert!(
-            lines[10].contains("destination_workload=\"pay\""),
-            "{}",
-            lines[10]
-        );
-        assert!(lines[10].contains("destination_principal=\"spiffe://td/ns/vm/sa/pay\""));
-        assert!(lines[10].contains("destination_service_name=\"pay\""));
-        assert!(lines[10].ends_with("} 3"));
-        assert_eq!(lines.len(), 11);
+        let text = metrics.render(&own());
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(&format!("{name}{{")))
+                .unwrap()
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(value("istio_tcp_connections_opened_total"), "1");
+        assert_eq!(value("istio_tcp_connections_closed_total"), "2");
+        assert_eq!(value("istio_tcp_sent_bytes_total"), "1003");
+        assert_eq!(value("istio_tcp_received_bytes_total"), "42");
+        assert!(!text.contains("response_code="), "{text}");
+        assert!(!text.contains("istio_requests_total"), "{text}");
     }
 
     #[test]
-    fn a_plain_counter_and_the_counting_histogram_make_one_family() {
-        let envoy = format!(
-            "# TYPE envoy_istio_requests_total counter\n\
-             envoy_istio_requests_total{{labels=\"{TAG}\"}} 7\n\
-             # TYPE envoy_istio_{COUNTING_DURATION_STAT} histogram\n\
-             envoy_istio_{COUNTING_DURATION_STAT}_count{{labels=\"{}\"}} 2\n",
-            TAG.replacen("destination", "source", 1)
-        );
-        let text = rewrite(&envoy, &own());
-        assert_eq!(
-            text.matches("# TYPE istio_requests_total counter").count(),
-            1,
+    fn broken_lines_are_counted_and_escapes_survive() {
+        let metrics = IstioMetrics::default();
+        metrics.record_lines(b"garbage\n\xff\xfe\n");
+        metrics
+            .record_lines(line("1,1,1", &["r=source|@|@|||||||||path=/a\"b\\c|empty="]).as_bytes());
+        let text = metrics.render(&own());
+        assert!(
+            text.contains("vmesh_agent_metrics_log_dropped_total{reason=\"malformed\"} 2"),
             "{text}"
         );
-        assert_eq!(text.matches("\nistio_requests_total{").count(), 2, "{text}");
+        assert!(
+            text.contains("path=\"/a\\\"b\\\\c\",empty=\"\"} 1\n"),
+            "{text}"
+        );
     }
 
     #[test]
-    fn escapes_survive_and_broken_lines_pass_through() {
-        let line = r#"envoy_istio_requests_total{labels="source|@|@|||||||||path=/a\"b|empty="} 1"#;
-        let text = rewrite(line, &own());
-        assert!(text.contains("path=\"/a\\\"b\",empty=\"\"} 1\n"), "{text}");
+    fn label_sets_beyond_the_limit_are_dropped_and_counted() {
+        let metrics = IstioMetrics::default();
+        let lines: Vec<String> = (0..MAX_LABEL_SETS + 5)
+            .map(|i| line("1,1,1", &[&format!("r=source|@|@|||||||||n={i}")]))
+            .collect();
+        metrics.record_lines(lines.join("\n").as_bytes());
+        let text = metrics.render(&own());
         assert!(
-            text.contains("source_principal=\"spiffe://td/ns/vm/sa/pay\""),
-            "{text}"
+            text.contains(
+                "vmesh_agent_metrics_log_dropped_total{reason=\"too_many_label_sets\"} 5"
+            ),
+            "dropped"
         );
-        let broken = "envoy_istio_requests_total{labels=\"unterminated} 1";
-        assert_eq!(rewrite(broken, &own()), format!("{broken}\n"));
+    }
+
+    #[tokio::test]
+    async fn lines_written_to_the_pipe_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(vmesh_api::peer::METRICS_LOG_FILE);
+        let pipe = open_log(&path).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let metrics = Arc::new(IstioMetrics::default());
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(metrics.clone().follow(pipe, path.clone(), stopped));
+        // As Envoy does: open for appending, write in pieces.
+        let mut writer = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let request = line("3,10,20", &[&format!("rdqs={CLIENT}")]);
+        let text = format!("{request}\n{request}\n");
+        let (first, second) = text.split_at(text.len() / 3);
+        use std::io::Write;
+        writer.write_all(first.as_bytes()).unwrap();
+        writer.flush().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        writer.write_all(second.as_bytes()).unwrap();
+        drop(writer);
+        let mut counted = String::new();
+        for _ in 0..100 {
+            counted = metrics.render(&own());
+            if counted.contains("} 2\n") {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(
+            counted
+                .lines()
+                .any(|l| l.starts_with("istio_requests_total{") && l.ends_with("} 2")),
+            "{counted}"
+        );
+        stop.send_replace(true);
+        task.await.unwrap();
+        assert!(!path.exists(), "the pipe is removed at shutdown");
     }
 }

@@ -1,8 +1,9 @@
 //! The agent's status port (15020, as Istio's): `GET /healthz/ready` says
 //! whether the sidecar is ready to carry traffic (the agent holds a
 //! certificate and Envoy reports itself initialised), and
-//! `GET /stats/prometheus` serves the agent's own metrics followed by
-//! Envoy's, so one scrape covers both. `GET /debug/dns` dumps the DNS
+//! `GET /stats/prometheus` serves the agent's own metrics, Envoy's, then
+//! Istio's standard metrics as the agent counted them
+//! ([`crate::istio_metrics`]), so one scrape covers all. `GET /debug/dns` dumps the DNS
 //! proxy's names and upstreams as JSON.
 //!
 //! [`wait_ready`] is the other side, for `vmesh agent wait`: it polls the
@@ -31,6 +32,8 @@ use crate::agent::{AgentHandle, RunningDns};
 use crate::health::HealthReport;
 use crate::identity::IdentityHandle;
 use vmesh_api::peer::OwnWorkload;
+
+use crate::istio_metrics::IstioMetrics;
 
 /// Where `vmesh agent wait` and an application's unit look.
 pub const READY_PATH: &str = "/healthz/ready";
@@ -114,6 +117,7 @@ struct Inner {
     metrics: Metrics,
     registry: Registry,
     client: reqwest::Client,
+    istio_metrics: Arc<IstioMetrics>,
     /// Filled into Istio's metrics where Envoy leaves the proxy's own.
     own: OwnWorkload,
 }
@@ -180,6 +184,7 @@ impl StatusServer {
                 metrics,
                 registry,
                 client,
+                istio_metrics: agent.istio_metrics(),
                 own,
             }),
         })
@@ -326,10 +331,7 @@ async fn metrics(State(server): State<StatusServer>) -> Response {
     let url = format!("http://{}/stats/prometheus", inner.envoy_admin);
     match inner.client.get(&url).send().await {
         Ok(response) if response.status().is_success() => {
-            body.push_str(&crate::istio_metrics::rewrite(
-                &response.text().await.unwrap_or_default(),
-                &inner.own,
-            ));
+            body.push_str(&response.text().await.unwrap_or_default());
         }
         Ok(response) => {
             body.push_str(&format!("# Envoy's metrics: HTTP {}\n", response.status()));
@@ -341,6 +343,7 @@ async fn metrics(State(server): State<StatusServer>) -> Response {
             ));
         }
     }
+    body.push_str(&inner.istio_metrics.render(&inner.own));
     (
         [(
             header::CONTENT_TYPE,

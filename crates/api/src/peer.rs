@@ -12,17 +12,22 @@
 //!   ([`PEER_METADATA`]) and strips before the application sees it;
 //! - a destination's are its endpoint's metadata ([`ENDPOINT_METADATA`]).
 //!
-//! Envoy reports a metric with all its labels in one tag
-//! ([`METRIC_LABELS_TAG`]), as short as it can be, because Envoy formats,
-//! copies and hashes it for every request and every metric: Istio's
-//! standard labels by position ([`POSITIONAL_LABELS`]), workloads and the
-//! service encoded, the proxy's own workload and principal left to the
-//! agent ([`OWN_VALUE`]), then `name=value` pairs for anything else. The
-//! agent turns that into Istio's labels ([`expand_labels`]).
+//! Envoy reports Istio's metrics as lines of the metrics log
+//! ([`METRICS_LOG_FILE`], a pipe the agent reads): one line per request
+//! (or TCP connection event) and side, holding the values it measured and,
+//! once per distinct label set, the metrics counted under it with their
+//! labels in one short field (a label set), because
+//! formatting is what costs Envoy most: Istio's standard labels by
+//! position ([`POSITIONAL_LABELS`]), workloads and the service encoded,
+//! the proxy's own workload and principal left to the agent
+//! ([`OWN_VALUE`]), then `name=value` pairs for anything else. The agent
+//! counts the lines and turns the labels into Istio's ([`expand_labels`]).
 //!
 //! This module owns the names and encodings; it does no I/O.
 
 use std::collections::BTreeMap;
+
+use crate::kinds::telemetry::IstioMetric;
 
 /// The attributes, as the suffixes of Istio's `source_*` and
 /// `destination_*` labels, in the order [`encode`] writes them.
@@ -52,13 +57,10 @@ pub const ENDPOINT_METADATA: &str = "vmesh";
 /// The key of encoded attributes in [`PEER_METADATA`] and [`ENDPOINT_METADATA`].
 pub const ATTRIBUTES_KEY: &str = "workload";
 
-/// Istio's metrics leave Envoy with all their labels in this one tag
-/// (what it holds: the module's documentation). Envoy then formats one
-/// string and finds one stat per request and metric, not one per label.
-pub const METRIC_LABELS_TAG: &str = "labels";
-/// Between two fields of [`METRIC_LABELS_TAG`].
+/// Between two fields of a label set (what it holds: the module's
+/// documentation).
 pub const LABEL_SEPARATOR: char = '|';
-/// Istio's standard labels that [`METRIC_LABELS_TAG`] holds by position,
+/// Istio's standard labels that a label set holds by position,
 /// in this order, before any `name=value` pair. `source` and `destination`
 /// hold encoded workload attributes, `destination_service` an encoded
 /// service ([`SERVICE_KEY`]).
@@ -92,10 +94,147 @@ pub const SERVICE_LABELS: [&str; 3] = [
     "destination_service_name",
     "destination_service_namespace",
 ];
-/// The stat of Istio's request duration histogram whose count also serves
-/// as `requests_total` (when both metrics have the same labels): one stat
-/// fewer for Envoy to find and update per request.
-pub const COUNTING_DURATION_STAT: &str = "request_duration_milliseconds_counting_requests";
+/// The metrics log: a pipe in the agent's socket directory, which is
+/// Envoy's working directory, so that listeners shared by many proxies name
+/// it alike. A line is `duration␟received␟sent` (`%DURATION%`,
+/// `%BYTES_RECEIVED%`, `%BYTES_SENT%`; empty where no metric of the line
+/// uses it) then, per distinct label set, `␟codes=labels`: the
+/// [`StandardMetric::code`]s of the metrics counted under those labels.
+pub const METRICS_LOG_FILE: &str = "istio-metrics.pipe";
+/// Between the fields of a metrics log line (␟, which no header value,
+/// and so no label Envoy formats, can hold).
+pub const METRICS_LOG_SEPARATOR: char = '\u{1f}';
+
+/// A value a metrics log line carries, by its position in the line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoggedValue {
+    /// The request's duration in milliseconds (`%DURATION%`).
+    Duration = 0,
+    /// Bytes from the downstream (`%BYTES_RECEIVED%`).
+    Received = 1,
+    /// Bytes to the downstream (`%BYTES_SENT%`).
+    Sent = 2,
+}
+
+impl LoggedValue {
+    pub const ALL: [LoggedValue; 3] = [Self::Duration, Self::Received, Self::Sent];
+
+    /// Envoy's command operator for it.
+    pub fn operator(self) -> &'static str {
+        match self {
+            Self::Duration => "%DURATION%",
+            Self::Received => "%BYTES_RECEIVED%",
+            Self::Sent => "%BYTES_SENT%",
+        }
+    }
+}
+
+/// How a metric counts a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Measure {
+    /// One per line: a counter.
+    Count,
+    /// A counter of a value.
+    Sum(LoggedValue),
+    /// A histogram of a value.
+    Histogram(LoggedValue),
+}
+
+/// One of Istio's standard metrics as the metrics log carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StandardMetric {
+    pub metric: IstioMetric,
+    /// Its Prometheus name.
+    pub name: &'static str,
+    /// Its mark in a line's label sets.
+    pub code: char,
+    pub measure: Measure,
+    /// Counted from TCP proxies (else from HTTP connection managers).
+    pub tcp: bool,
+}
+
+/// Istio's standard metrics, in the order the agent serves them.
+pub const STANDARD_METRICS: [StandardMetric; 8] = {
+    use LoggedValue::{Duration, Received, Sent};
+    const fn metric(
+        metric: IstioMetric,
+        name: &'static str,
+        code: char,
+        measure: Measure,
+        tcp: bool,
+    ) -> StandardMetric {
+        StandardMetric {
+            metric,
+            name,
+            code,
+            measure,
+            tcp,
+        }
+    }
+    [
+        metric(
+            IstioMetric::RequestCount,
+            "istio_requests_total",
+            'r',
+            Measure::Count,
+            false,
+        ),
+        metric(
+            IstioMetric::RequestDuration,
+            "istio_request_duration_milliseconds",
+            'd',
+            Measure::Histogram(Duration),
+            false,
+        ),
+        metric(
+            IstioMetric::RequestSize,
+            "istio_request_bytes",
+            'q',
+            Measure::Histogram(Received),
+            false,
+        ),
+        metric(
+            IstioMetric::ResponseSize,
+            "istio_response_bytes",
+            's',
+            Measure::Histogram(Sent),
+            false,
+        ),
+        metric(
+            IstioMetric::TcpOpenedConnections,
+            "istio_tcp_connections_opened_total",
+            'o',
+            Measure::Count,
+            true,
+        ),
+        metric(
+            IstioMetric::TcpClosedConnections,
+            "istio_tcp_connections_closed_total",
+            'c',
+            Measure::Count,
+            true,
+        ),
+        metric(
+            IstioMetric::TcpSentBytes,
+            "istio_tcp_sent_bytes_total",
+            't',
+            Measure::Sum(Sent),
+            true,
+        ),
+        metric(
+            IstioMetric::TcpReceivedBytes,
+            "istio_tcp_received_bytes_total",
+            'v',
+            Measure::Sum(Received),
+            true,
+        ),
+    ]
+};
+
+/// The standard metric a label set's code names.
+pub fn standard_metric(code: char) -> Option<&'static StandardMetric> {
+    STANDARD_METRICS.iter().find(|m| m.code == code)
+}
 
 /// The node metadata key under which an agent announces its status port
 /// (merged metrics), when other hosts can reach it: the server lists it for
@@ -176,7 +315,7 @@ pub struct OwnWorkload {
     pub principal: String,
 }
 
-/// Istio's labels from a [`METRIC_LABELS_TAG`] value: the positional
+/// Istio's labels from a label set: the positional
 /// fields named, [`OWN_VALUE`]s filled in from `own`, workloads and the
 /// service expanded into `source_workload`… (missing attributes
 /// `unknown`), `name=value` pairs winning over expanded labels, removed

@@ -85,12 +85,26 @@ impl SidecarPair {
 
     /// CPU seconds the Envoys of both VMs have used so far.
     pub fn envoy_cpu_seconds(&self) -> f64 {
+        self.cpu_seconds(|comm, _| comm == "envoy")
+    }
+
+    /// CPU seconds the agents of both VMs have used so far.
+    pub fn agent_cpu_seconds(&self) -> f64 {
+        self.cpu_seconds(|comm, args| comm == "vmesh" && args.first() == Some(&"agent"))
+    }
+
+    /// CPU seconds of the processes in either VM whose name (`comm`) and
+    /// arguments (after the program) `pick` chooses.
+    fn cpu_seconds(&self, pick: impl Fn(&str, &[&str]) -> bool) -> f64 {
         [&self.payment, &self.client]
             .iter()
             .flat_map(|ns| crate::netns::pids(ns.name()))
             .filter(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .is_ok_and(|comm| comm.trim() == "envoy")
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                let cmdline =
+                    std::fs::read_to_string(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<&str> = cmdline.split('\0').skip(1).collect();
+                pick(comm.trim(), &args)
             })
             .filter_map(|pid| crate::process::cpu_seconds(&pid.to_string()).ok())
             .sum()

@@ -64,13 +64,19 @@ pub fn demo_app_name(ns: &Namespace, url: &str, header: Option<&str>) -> Option<
 
 /// Starts the sidecar in `ns`: Envoy (found as the tests find it) with
 /// [`bootstrap`] written to `dir`, its log beside it, `base_id` apart from
-/// other Envoys of the run.
+/// other Envoys of the run. It runs in `dir`, where the metrics log its
+/// listeners name relatively is (a plain file here: no agent reads it).
 pub fn start(ns: &Namespace, dir: &Path, xds_port: u16, api_type: &str, base_id: &str) {
     let envoy = crate::testing::envoy_binary();
     let config = dir.join("bootstrap.json");
     std::fs::write(&config, bootstrap(xds_port, api_type)).unwrap();
-    ns.spawn(
-        &[
+    let log = std::fs::File::create(dir.join("envoy.log")).unwrap();
+    let child = ns
+        .command(&[
+            "setpriv",
+            "--pdeathsig",
+            "KILL",
+            "--",
             envoy.to_str().unwrap(),
             "-c",
             config.to_str().unwrap(),
@@ -78,8 +84,12 @@ pub fn start(ns: &Namespace, dir: &Path, xds_port: u16, api_type: &str, base_id:
             base_id,
             "-l",
             "warning",
-        ],
-        &dir.join("envoy.log"),
-    )
-    .unwrap();
+        ])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    ns.adopt(child);
 }

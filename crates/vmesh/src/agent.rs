@@ -265,12 +265,16 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         None => envoy::find_envoy()?,
     };
     let workload = options.resolve()?;
+    // Absolute: Envoy runs in the socket directory (see `EnvoyProcess`),
+    // and finds its bootstrap and sockets by these paths.
+    let work_dir = std::path::absolute(&args.work_dir)
+        .with_context(|| format!("the work directory {}", args.work_dir.display()))?;
     if let Some(probe) = &workload.probe {
         tracing::info!("readiness probe: {}", vmesh_agent::health::describe(probe));
     }
     let (stop, stopped) = watch::channel(false);
     let agent = vmesh_agent::agent::start(
-        workload.agent_config(&args.work_dir, args.proxy_uid),
+        workload.agent_config(&work_dir, args.proxy_uid),
         stopped.clone(),
     )
     .await
@@ -302,12 +306,17 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
     .await?;
     tracing::info!("status port on {}", status.local_addr()?);
     let status_task = tokio::spawn(status.serve(stopped));
-    let bootstrap_file = args.work_dir.join(workload::BOOTSTRAP_FILE);
+    let bootstrap_file = work_dir.join(workload::BOOTSTRAP_FILE);
     std::fs::write(&bootstrap_file, bootstrap.render())
         .with_context(|| format!("writing {}", bootstrap_file.display()))?;
     let mut envoy = EnvoyProcess {
         binary,
         bootstrap: bootstrap_file,
+        working_dir: agent
+            .metrics_log()
+            .parent()
+            .unwrap_or(&work_dir)
+            .to_path_buf(),
         base_id: args.base_id,
         user: None,
         admin_port: args.admin_port,
@@ -316,8 +325,7 @@ pub async fn run(args: AgentArgs) -> Result<ExitCode> {
         env: bootstrap.envoy_env(),
     };
     if args.capture {
-        envoy.binary =
-            envoy::hand_to_proxy_user(&envoy.binary, args.proxy_uid, &args.work_dir, &agent)?;
+        envoy.binary = envoy::hand_to_proxy_user(&envoy.binary, args.proxy_uid, &work_dir, &agent)?;
         envoy.user = Some(args.proxy_uid);
         apply_capture(&workload.capture_config(args.proxy_uid)?)?;
     }

@@ -513,6 +513,8 @@ impl Envoy {
             .arg("-c")
             .arg(&config)
             .args(["--use-dynamic-base-id", "-l", "warning"])
+            // Where the metrics log its listeners name relatively goes.
+            .current_dir(dir)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()

@@ -174,6 +174,6 @@ fn rendering_decodes_nested_anys() {
         text.contains(r#""@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager""#)
     );
     assert!(text.contains(
-        r#""@type": "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config""#
+        r#""@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog""#
     ));
 }

@@ -3,17 +3,16 @@
 //! an HTTP connection manager (Zipkin or OpenTelemetry, sending to a mesh
 //! service's outbound cluster), and Istio's standard metrics.
 //!
-//! Upstream Envoy has no Istio stats filter. Istio's metrics are made by
-//! Envoy's stats access logger (`envoy.access_loggers.stats`): once per
-//! request (or TCP connection) it counts into native Envoy stats tagged by
-//! command operators. All of a metric's labels are one short tag
-//! (`vmesh_api::peer::METRIC_LABELS_TAG`: positions, not names; the
-//! proxy's own workload and principal left to the agent): Envoy formats,
-//! copies and hashes that tag for every request and metric, which is most
-//! of what the metrics cost, so it is kept short; and the duration
-//! histogram's count serves as the request counter
-//! (`peer::COUNTING_DURATION_STAT`). The agent's merged endpoint expands
-//! the tag into Istio's labels. The peer's labels come from:
+//! Upstream Envoy has no Istio stats filter. Istio's metrics are made from
+//! one line per request (or TCP connection event) and side that Envoy's
+//! file logger writes to the metrics log, a pipe the agent reads and
+//! counts (`vmesh_api::peer::METRICS_LOG_FILE`; [`metric_loggers`]): the
+//! values measured, then each distinct label set once with the metrics
+//! counted under it. A label set is one short field (positions, not names;
+//! the proxy's own workload and principal left to the agent): formatting
+//! it is most of what the metrics cost Envoy, so it is formatted once per
+//! line, not once per metric, and kept short. The agent expands it into
+//! Istio's labels. The peer's labels come from:
 //! - the destination, on the client side: the endpoint's metadata
 //!   ([`endpoint_metadata`]), the cluster's ([`service_metadata`]) and the
 //!   upstream certificate's URI SAN;
@@ -47,9 +46,6 @@ use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
     FileAccessLog, file_access_log,
 };
 use envoy_types::pb::envoy::extensions::access_loggers::filters::cel::v3::ExpressionFilter;
-use envoy_types::pb::envoy::extensions::access_loggers::stats::v3::{
-    Config as StatsLogger, config as stats,
-};
 use envoy_types::pb::envoy::extensions::filters::http::header_to_metadata::v3::{
     Config as HeaderToMetadata, config as header_to_metadata,
 };
@@ -61,7 +57,7 @@ use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::util::pack_any;
 use vmesh_api::kinds::telemetry::IstioMetric;
-use vmesh_api::peer;
+use vmesh_api::peer::{self, StandardMetric};
 use vmesh_registry::telemetry::{
     AccessLog as LogSpec, AccessLogFormat, CustomTag, MetricRule, SideTelemetry, TracerKind,
     Tracing,
@@ -110,11 +106,6 @@ const ISTIO_JSON_LABELS: [(&str, &str); 24] = [
         "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
     ),
 ];
-
-/// The stats scope of Istio's metrics: Envoy exports them as
-/// `envoy_istio_<name>`; the agent's merged endpoint serves them under
-/// Istio's own names (`istio_<name>`).
-pub const METRICS_SCOPE: &str = "istio";
 
 /// Which traffic a listener carries, as its metrics report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -313,82 +304,14 @@ fn standard_labels(
     (values, missing)
 }
 
-/// One of Istio's metrics: its name (under [`METRICS_SCOPE`]) and what it counts.
-enum Measure {
-    /// A counter of requests or connections (`value_fixed: 1`).
-    Count,
-    /// A counter of a number per request or connection.
-    Sum(&'static str),
-    /// A histogram.
-    Histogram(&'static str, stats::histogram::Unit),
-}
-
-fn measures(protocol: Protocol) -> Vec<(IstioMetric, &'static str, Measure, AccessLogType)> {
-    use stats::histogram::Unit;
-    match protocol {
-        Protocol::Http => vec![
-            (
-                IstioMetric::RequestCount,
-                "requests_total",
-                Measure::Count,
-                AccessLogType::NotSet,
-            ),
-            (
-                IstioMetric::RequestDuration,
-                "request_duration_milliseconds",
-                Measure::Histogram("%DURATION%", Unit::Milliseconds),
-                AccessLogType::NotSet,
-            ),
-            (
-                IstioMetric::RequestSize,
-                "request_bytes",
-                Measure::Histogram("%BYTES_RECEIVED%", Unit::Bytes),
-                AccessLogType::NotSet,
-            ),
-            (
-                IstioMetric::ResponseSize,
-                "response_bytes",
-                Measure::Histogram("%BYTES_SENT%", Unit::Bytes),
-                AccessLogType::NotSet,
-            ),
-        ],
-        Protocol::Tcp => vec![
-            (
-                IstioMetric::TcpOpenedConnections,
-                "tcp_connections_opened_total",
-                Measure::Count,
-                AccessLogType::TcpUpstreamConnected,
-            ),
-            (
-                IstioMetric::TcpClosedConnections,
-                "tcp_connections_closed_total",
-                Measure::Count,
-                AccessLogType::TcpConnectionEnd,
-            ),
-            (
-                IstioMetric::TcpSentBytes,
-                "tcp_sent_bytes_total",
-                Measure::Sum("%BYTES_SENT%"),
-                AccessLogType::TcpConnectionEnd,
-            ),
-            (
-                IstioMetric::TcpReceivedBytes,
-                "tcp_received_bytes_total",
-                Measure::Sum("%BYTES_RECEIVED%"),
-                AccessLogType::TcpConnectionEnd,
-            ),
-        ],
-    }
-}
-
-/// The one tag ([`peer::METRIC_LABELS_TAG`]) of a metric after a
-/// Telemetry's overrides: standard labels by position (removed ones
-/// empty), upserted ones set to their CEL expression (in their position,
-/// or as `name=value` pairs), and the removed ones named.
+/// A metric's label set after a Telemetry's overrides: standard labels by
+/// position (removed ones empty), upserted ones set to their CEL
+/// expression (in their position, or as `name=value` pairs), and the
+/// removed ones named.
 fn labels_with(
     rule: &MetricRule,
     (standard, missing): &([String; peer::POSITIONAL_LABELS.len()], &[&str]),
-) -> Vec<stats::Tag> {
+) -> String {
     let mut fields = standard.to_vec();
     let mut pairs = Vec::new();
     for (name, expression) in &rule.upserts {
@@ -409,85 +332,92 @@ fn labels_with(
         pairs.push(format!("{}={}", peer::REMOVED_LABELS, removed.join(",")));
     }
     fields.extend(pairs);
-    vec![stats::Tag {
-        name: peer::METRIC_LABELS_TAG.into(),
-        value_format: fields.join(&peer::LABEL_SEPARATOR.to_string()),
-        rules: None,
-    }]
+    fields.join(&peer::LABEL_SEPARATOR.to_string())
 }
 
-/// The stats loggers of Istio's metrics for one side and protocol, one per
-/// moment they are counted at (a request's end; a TCP connection's start or end).
+/// When Envoy logs a metric's line: at a request's end, or a TCP
+/// connection's start or end.
+fn moment(metric: &StandardMetric) -> AccessLogType {
+    match metric.metric {
+        IstioMetric::TcpOpenedConnections => AccessLogType::TcpUpstreamConnected,
+        _ if metric.tcp => AccessLogType::TcpConnectionEnd,
+        _ => AccessLogType::NotSet,
+    }
+}
+
+/// The metrics loggers for one side and protocol: one file logger to the
+/// metrics log per moment metrics are counted at, its line holding each
+/// distinct label set once (a Telemetry's overrides can give metrics
+/// different labels).
 fn metric_loggers(
     side: &SideTelemetry,
     direction: Direction,
     protocol: Protocol,
 ) -> Vec<AccessLog> {
     let standard = standard_labels(direction, protocol);
-    // The duration histogram counts requests too when their labels agree.
-    let counting = protocol == Protocol::Http && {
-        let (count, duration) = (
-            side.metric(IstioMetric::RequestCount),
-            side.metric(IstioMetric::RequestDuration),
-        );
-        !count.disabled && count == duration
-    };
-    let mut by_moment: BTreeMap<i32, StatsLogger> = BTreeMap::new();
-    for (metric, name, measure, moment) in measures(protocol) {
-        let rule = side.metric(metric);
-        if rule.disabled || (counting && metric == IstioMetric::RequestCount) {
+    // Per moment: the metrics counted, and their label sets with codes.
+    let mut by_moment: BTreeMap<i32, MomentLine> = BTreeMap::new();
+    for metric in peer::STANDARD_METRICS
+        .iter()
+        .filter(|m| m.tcp == (protocol == Protocol::Tcp))
+    {
+        let rule = side.metric(metric.metric);
+        if rule.disabled {
             continue;
         }
-        let name = if counting && metric == IstioMetric::RequestDuration {
-            peer::COUNTING_DURATION_STAT
-        } else {
-            name
-        };
-        let stat = Some(stats::Stat {
-            name: name.to_string(),
-            tags: labels_with(&rule, &standard),
-        });
-        let logger = by_moment
-            .entry(moment as i32)
-            .or_insert_with(|| StatsLogger {
-                // One scope for every logger of the proxy, old listeners'
-                // included: one set of stats to look up, merge and flush,
-                // not a set per listener and configuration version.
-                stats_scope: Some(envoy_types::pb::envoy::r#type::v3::Scope {
-                    prefix: METRICS_SCOPE.into(),
-                    sharing_name: METRICS_SCOPE.into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            });
-        match measure {
-            Measure::Count => logger.counters.push(stats::Counter {
-                stat,
-                value_fixed: Some(envoy_types::pb::google::protobuf::UInt64Value { value: 1 }),
-                ..Default::default()
-            }),
-            Measure::Sum(value) => logger.counters.push(stats::Counter {
-                stat,
-                value_format: value.to_string(),
-                ..Default::default()
-            }),
-            Measure::Histogram(value, unit) => logger.histograms.push(stats::Histogram {
-                stat,
-                unit: unit as i32,
-                value_format: value.to_string(),
-            }),
+        let labels = labels_with(&rule, &standard);
+        let line = by_moment.entry(moment(metric) as i32).or_default();
+        line.metrics.push(metric);
+        match line.label_sets.iter_mut().find(|(_, l)| *l == labels) {
+            Some((codes, _)) => codes.push(metric.code),
+            None => line.label_sets.push((metric.code.to_string(), labels)),
         }
     }
     by_moment
         .into_iter()
-        .map(|(moment, logger)| AccessLog {
-            name: "envoy.access_loggers.stats".into(),
+        .map(|(moment, line)| AccessLog {
+            name: "envoy.access_loggers.file".into(),
             filter: (moment != AccessLogType::NotSet as i32).then(|| {
                 log_type(AccessLogType::try_from(moment).unwrap_or(AccessLogType::NotSet))
             }),
-            config_type: Some(access_log::ConfigType::TypedConfig(pack_any(logger))),
+            config_type: Some(access_log::ConfigType::TypedConfig(pack_any(
+                FileAccessLog {
+                    path: peer::METRICS_LOG_FILE.into(),
+                    access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
+                        text_format(&line.format()),
+                    )),
+                },
+            ))),
         })
         .collect()
+}
+
+/// The metrics log line of one moment.
+#[derive(Default)]
+struct MomentLine {
+    metrics: Vec<&'static StandardMetric>,
+    /// Metric codes and the label set they share.
+    label_sets: Vec<(String, String)>,
+}
+
+impl MomentLine {
+    /// Its format: the values (only those some metric uses are formatted),
+    /// then each label set with its codes.
+    fn format(&self) -> String {
+        let separator = peer::METRICS_LOG_SEPARATOR.to_string();
+        let values = peer::LoggedValue::ALL.map(|value| {
+            let used = self.metrics.iter().any(|m| {
+                matches!(m.measure, peer::Measure::Sum(v) | peer::Measure::Histogram(v) if v == value)
+            });
+            if used { value.operator() } else { "" }
+        });
+        let mut line = values.join(&separator);
+        for (codes, labels) in &self.label_sets {
+            line.push_str(&format!("{separator}{codes}={labels}"));
+        }
+        line.push('\n');
+        line
+    }
 }
 
 /// The tracer of a connection manager, when the Telemetry asks for one and
@@ -696,37 +626,62 @@ pub(super) fn add_metadata(metadata: &mut Option<core::Metadata>, entry: (String
 mod tests {
     use super::*;
 
-    /// Each stats logger's stats: (name, tag value).
-    fn stats_of(side: &SideTelemetry, direction: Direction) -> Vec<(String, String)> {
-        let mut stats = Vec::new();
-        for log in metric_loggers(side, direction, Protocol::Http) {
-            let Some(access_log::ConfigType::TypedConfig(any)) = log.config_type else {
-                panic!("a typed stats logger");
-            };
-            let logger: StatsLogger = prost::Message::decode(any.value.as_slice()).unwrap();
-            let counters = logger.counters.into_iter().map(|c| c.stat);
-            let histograms = logger.histograms.into_iter().map(|h| h.stat);
-            for stat in counters.chain(histograms).flatten() {
-                stats.push((stat.name, stat.tags[0].value_format.clone()));
-            }
-        }
-        stats
+    /// Each metrics logger's line format.
+    fn lines_of(side: &SideTelemetry, direction: Direction, protocol: Protocol) -> Vec<String> {
+        metric_loggers(side, direction, protocol)
+            .into_iter()
+            .map(|log| {
+                assert_eq!(log.name, "envoy.access_loggers.file");
+                let Some(access_log::ConfigType::TypedConfig(any)) = log.config_type else {
+                    panic!("a typed file logger");
+                };
+                let logger: FileAccessLog = prost::Message::decode(any.value.as_slice()).unwrap();
+                assert_eq!(logger.path, peer::METRICS_LOG_FILE);
+                let Some(file_access_log::AccessLogFormat::LogFormat(format)) =
+                    logger.access_log_format
+                else {
+                    panic!("a format");
+                };
+                let Some(substitution_format_string::Format::TextFormatSource(source)) =
+                    format.format
+                else {
+                    panic!("a text format");
+                };
+                let Some(data_source::Specifier::InlineString(line)) = source.specifier else {
+                    panic!("an inline format");
+                };
+                line
+            })
+            .collect()
+    }
+
+    /// A line's values and its label sets' codes.
+    fn shape(line: &str) -> (Vec<&str>, Vec<&str>) {
+        let fields: Vec<&str> = line
+            .trim_end_matches('\n')
+            .split(peer::METRICS_LOG_SEPARATOR)
+            .collect();
+        let codes = fields[3..]
+            .iter()
+            .map(|set| set.split_once('=').unwrap().0)
+            .collect();
+        (fields[..3].to_vec(), codes)
     }
 
     #[test]
-    fn the_duration_histogram_counts_requests_unless_their_labels_differ() {
-        let side = SideTelemetry::default();
-        let names: Vec<String> = stats_of(&side, Direction::Inbound { mtls: true })
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect();
+    fn one_line_per_request_with_each_label_set_once() {
+        let lines = lines_of(
+            &SideTelemetry::default(),
+            Direction::Inbound { mtls: true },
+            Protocol::Http,
+        );
+        assert_eq!(lines.len(), 1);
         assert_eq!(
-            names,
-            [
-                peer::COUNTING_DURATION_STAT,
-                "request_bytes",
-                "response_bytes"
-            ]
+            shape(&lines[0]),
+            (
+                vec!["%DURATION%", "%BYTES_RECEIVED%", "%BYTES_SENT%"],
+                vec!["rdqs"]
+            )
         );
         let mut differing = SideTelemetry::default();
         differing.metrics.insert(
@@ -736,25 +691,64 @@ mod tests {
                 ..Default::default()
             },
         );
-        let names: Vec<String> = stats_of(&differing, Direction::Outbound)
-            .into_iter()
-            .map(|(name, _)| name)
-            .collect();
+        differing.metrics.insert(
+            IstioMetric::ResponseSize,
+            MetricRule {
+                disabled: true,
+                ..Default::default()
+            },
+        );
+        let lines = lines_of(&differing, Direction::Outbound, Protocol::Http);
         assert_eq!(
-            names,
+            shape(&lines[0]),
+            (vec!["%DURATION%", "%BYTES_RECEIVED%", ""], vec!["r", "dq"]),
+            "a disabled metric's value is not formatted"
+        );
+        // TCP: counted when the upstream connection is made, and at its end.
+        let lines = lines_of(
+            &SideTelemetry::default(),
+            Direction::Outbound,
+            Protocol::Tcp,
+        );
+        let shapes: Vec<_> = lines.iter().map(|l| shape(l)).collect();
+        assert_eq!(
+            shapes,
             [
-                "requests_total",
-                "request_duration_milliseconds",
-                "request_bytes",
-                "response_bytes"
+                (vec!["", "", ""], vec!["o"]),
+                (vec!["", "%BYTES_RECEIVED%", "%BYTES_SENT%"], vec!["ctv"]),
             ]
         );
+        let mut off = SideTelemetry::default();
+        for metric in peer::STANDARD_METRICS {
+            off.metrics.insert(
+                metric.metric,
+                MetricRule {
+                    disabled: true,
+                    ..Default::default()
+                },
+            );
+        }
+        assert!(lines_of(&off, Direction::Outbound, Protocol::Http).is_empty());
+    }
+
+    /// A line's label sets: (codes, labels).
+    fn label_sets(line: &str) -> Vec<(&str, &str)> {
+        line.trim_end_matches('\n')
+            .split(peer::METRICS_LOG_SEPARATOR)
+            .skip(3)
+            .map(|set| set.split_once('=').unwrap())
+            .collect()
     }
 
     #[test]
     fn tags_hold_positions_own_markers_and_overrides() {
-        let stats = stats_of(&SideTelemetry::default(), Direction::Inbound { mtls: true });
-        let fields: Vec<&str> = stats[0].1.split(peer::LABEL_SEPARATOR).collect();
+        let lines = lines_of(
+            &SideTelemetry::default(),
+            Direction::Inbound { mtls: true },
+            Protocol::Http,
+        );
+        let labels = label_sets(&lines[0])[0].1;
+        let fields: Vec<&str> = labels.split(peer::LABEL_SEPARATOR).collect();
         assert_eq!(fields.len(), peer::POSITIONAL_LABELS.len());
         assert_eq!(fields[0], "destination");
         assert_eq!(fields[1], "%DYNAMIC_METADATA(vmesh.peer:workload)%");
@@ -775,8 +769,9 @@ mod tests {
                 removed: vec!["response_flags".into(), "source_app".into()],
             },
         );
-        let stats = stats_of(&side, Direction::Outbound);
-        let (_, tag) = stats.iter().find(|(n, _)| n == "request_bytes").unwrap();
+        let lines = lines_of(&side, Direction::Outbound, Protocol::Http);
+        let sets = label_sets(&lines[0]);
+        let (_, tag) = sets.iter().find(|(codes, _)| *codes == "q").unwrap();
         let fields: Vec<&str> = tag.split(peer::LABEL_SEPARATOR).collect();
         assert_eq!(fields[7], "%CEL(response.code)%");
         assert_eq!(fields[9], "", "a removed position is left empty");

@@ -48,6 +48,9 @@ pub struct MeshController {
     decoded: DecodeCache,
     debounce: Debounce,
     publish: watch::Sender<Arc<dyn ConfigSource>>,
+    /// The configuration last published: the next one follows it
+    /// (`MeshConfig::following`).
+    published: Option<Arc<MeshConfig>>,
     /// The CA's trust domain, which the mesh's must equal.
     ca_trust_domain: String,
     /// The disagreeing trust domain last reported, so it is reported once.
@@ -146,6 +149,7 @@ impl MeshController {
             decoded: DecodeCache::default(),
             debounce,
             publish,
+            published: None,
             ca_trust_domain: ca_trust_domain.to_string(),
             reported_trust_domain: None,
             metrics,
@@ -205,12 +209,17 @@ impl MeshController {
         self.metrics
             .virtual_services
             .set(snapshot.virtual_services.len() as i64);
-        let config = MeshConfig::new(snapshot);
+        let mut config = MeshConfig::new(snapshot);
+        if let Some(earlier) = &self.published {
+            config = config.following(earlier);
+        }
         let config = match changed_at {
             Some(at) => config.changed_at(at),
             None => config,
         };
-        self.publish.send_replace(Arc::new(config));
+        let config = Arc::new(config);
+        self.published = Some(config.clone());
+        self.publish.send_replace(config);
         Ok(())
     }
 

@@ -19,9 +19,9 @@
 //! keep what each flavour tracks of a subscription, and `grpc` frames the
 //! bytes.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -128,12 +128,47 @@ pub struct ResourceSet {
     /// Each type's resources encoded one after another, per flavour, with
     /// their count: a response carrying them all shares these bytes.
     segments: OnceLock<BTreeMap<&'static str, [(usize, bytes::Bytes); 2]>>,
+    /// What changed since earlier sets, as proxies moving from them asked.
+    changes: ChangeCache,
+}
+
+/// The names of one type's resources that a set holds and an earlier set
+/// did not (or at another version), remembered per earlier set and type:
+/// every proxy moving from the same earlier set asks the same question.
+#[derive(Default)]
+struct ChangeCache(Mutex<Vec<ChangeEntry>>);
+
+/// An earlier set (held weakly: its address cannot be reused while this
+/// lives), a type, and the names changed since.
+type ChangeEntry = (Weak<ResourceSet>, &'static str, Arc<BTreeSet<Arc<str>>>);
+
+/// How many earlier sets a set remembers its changes from: proxies are one
+/// or two configurations behind, not more.
+const REMEMBERED_CHANGES: usize = 8;
+
+impl Clone for ChangeCache {
+    fn clone(&self) -> ChangeCache {
+        ChangeCache::default()
+    }
+}
+
+impl PartialEq for ChangeCache {
+    fn eq(&self, _: &ChangeCache) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for ChangeCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChangeCache")
+    }
 }
 
 impl ResourceSet {
     pub fn insert(&mut self, type_url: &'static str, name: impl Into<Arc<str>>, any: Any) {
         self.fingerprints = OnceLock::new();
         self.segments = OnceLock::new();
+        self.changes = ChangeCache::default();
         let name = name.into();
         let resource = Versioned::new(&name, any);
         self.resources
@@ -144,6 +179,38 @@ impl ResourceSet {
 
     pub fn of_type(&self, type_url: &str) -> impl Iterator<Item = (&Arc<str>, &Versioned)> {
         self.resources.get(type_url).into_iter().flatten()
+    }
+
+    /// This set, each resource that means what it meant in `before` taken
+    /// from `before` (its bytes and version). prost encodes protobuf maps
+    /// (metadata, `Struct` fields) in hash order, which differs from one
+    /// build to the next: without this, a resource rebuilt unchanged would
+    /// count as changed and be sent to every proxy again.
+    pub fn stabilized(mut self, before: &ResourceSet) -> ResourceSet {
+        let mut replaced = false;
+        for (type_url, resources) in &mut self.resources {
+            let Some(earlier) = before.resources.get(type_url) else {
+                continue;
+            };
+            for (name, resource) in resources.iter_mut() {
+                let Some(earlier) = earlier.get(name) else {
+                    continue;
+                };
+                // Reordered maps keep the length; anything else changed.
+                if earlier.version != resource.version
+                    && earlier.any.value.len() == resource.any.value.len()
+                    && same_meaning(type_url, &earlier.any.value, &resource.any.value)
+                {
+                    *resource = earlier.clone();
+                    replaced = true;
+                }
+            }
+        }
+        if replaced {
+            self.fingerprints = OnceLock::new();
+            self.segments = OnceLock::new();
+        }
+        self
     }
 
     /// All resources of `type_url` encoded for `flavour`, and their count.
@@ -176,6 +243,39 @@ impl ResourceSet {
         })
     }
 
+    /// The names of `type_url` resources here that `before` lacks or holds
+    /// at another version, and those `before` holds and this set does not.
+    fn changed_since(&self, before: &Arc<ResourceSet>, type_url: &str) -> Arc<BTreeSet<Arc<str>>> {
+        let Some((&type_url, resources)) = self.resources.get_key_value(type_url) else {
+            return Arc::default();
+        };
+        let mut cache = self.changes.0.lock();
+        if let Some((_, _, names)) = cache
+            .iter()
+            .find(|(set, t, _)| *t == type_url && std::ptr::eq(set.as_ptr(), Arc::as_ptr(before)))
+        {
+            return names.clone();
+        }
+        let earlier = before.resources.get(type_url);
+        let changed = resources
+            .iter()
+            .filter(|(name, resource)| {
+                earlier.and_then(|e| e.get(*name)).map(|e| e.version) != Some(resource.version)
+            })
+            .map(|(name, _)| name.clone());
+        let gone = earlier
+            .into_iter()
+            .flatten()
+            .filter(|(name, _)| !resources.contains_key(*name))
+            .map(|(name, _)| name.clone());
+        let names: Arc<BTreeSet<Arc<str>>> = Arc::new(changed.chain(gone).collect());
+        if cache.len() == REMEMBERED_CHANGES {
+            cache.remove(0);
+        }
+        cache.push((Arc::downgrade(before), type_url, names.clone()));
+        names
+    }
+
     fn fingerprint(&self, type_url: &str) -> u64 {
         let fingerprints = self.fingerprints.get_or_init(|| {
             self.resources
@@ -184,6 +284,26 @@ impl ResourceSet {
                 .collect()
         });
         fingerprints.get(type_url).copied().unwrap_or_default()
+    }
+}
+
+/// Whether two encodings of a resource of `type_url` decode to equal
+/// messages (maps compare regardless of order).
+fn same_meaning(type_url: &str, a: &[u8], b: &[u8]) -> bool {
+    fn equal<M: prost::Message + Default + PartialEq>(a: &[u8], b: &[u8]) -> bool {
+        match (M::decode(a), M::decode(b)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
+    }
+    use envoy_types::pb::envoy::config;
+    match type_url {
+        CLUSTER_TYPE => equal::<config::cluster::v3::Cluster>(a, b),
+        ENDPOINT_TYPE => equal::<config::endpoint::v3::ClusterLoadAssignment>(a, b),
+        LISTENER_TYPE => equal::<config::listener::v3::Listener>(a, b),
+        ROUTE_TYPE => equal::<config::route::v3::RouteConfiguration>(a, b),
+        NAME_TABLE_TYPE => equal::<vmesh_proto::nds::NameTable>(a, b),
+        _ => false,
     }
 }
 
@@ -199,6 +319,26 @@ impl Resources {
 
     pub fn of_type(&self, type_url: &str) -> impl Iterator<Item = (&Arc<str>, &Versioned)> {
         self.0.iter().flat_map(move |set| set.of_type(type_url))
+    }
+
+    /// These resources, each layer this proxy alone holds (its own, built
+    /// for it) stabilized against the layer at its place in `before`
+    /// (see [`ResourceSet::stabilized`]); shared layers are stabilized once,
+    /// where they are built.
+    fn stabilized_against(self, before: &Resources) -> Resources {
+        let layers = self
+            .0
+            .into_iter()
+            .enumerate()
+            .map(
+                |(index, set)| match (Arc::try_unwrap(set), before.0.get(index)) {
+                    (Ok(own), Some(earlier)) => Arc::new(own.stabilized(earlier)),
+                    (Ok(own), None) => Arc::new(own),
+                    (Err(shared), _) => shared,
+                },
+            )
+            .collect();
+        Resources(layers)
     }
 
     pub fn get(&self, type_url: &str, name: &str) -> Option<(&Arc<str>, &Versioned)> {
@@ -223,6 +363,52 @@ impl Resources {
                         .of_type(type_url)
                         .filter(|(name, resource)| keep(name, resource))
                         .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The names of `type_url` resources that may differ from a push made
+    /// from `before`: new, changed or gone in any layer that is not the very
+    /// same set. Layers are positional (shared ones first, the proxy's own
+    /// last), so a layer is compared with the one at its place before;
+    /// `None` when one has nothing to compare with.
+    fn changed_names(&self, before: &Resources, type_url: &str) -> Option<BTreeSet<Arc<str>>> {
+        let mut names = BTreeSet::new();
+        for (index, set) in self.0.iter().enumerate() {
+            if before.0.iter().any(|b| Arc::ptr_eq(b, set)) {
+                continue;
+            }
+            let earlier = before
+                .0
+                .get(index)
+                .filter(|_| before.0.len() == self.0.len())?;
+            names.extend(set.changed_since(earlier, type_url).iter().cloned());
+        }
+        Some(names)
+    }
+
+    /// The resources of `type_url` among `names` that `keep` keeps.
+    fn select_names<'a>(
+        &'a self,
+        type_url: &str,
+        names: &'a BTreeSet<Arc<str>>,
+        keep: impl Fn(&str, &Versioned) -> bool,
+    ) -> wire::Selected<'a> {
+        wire::Selected {
+            layers: self
+                .0
+                .iter()
+                .map(|set| {
+                    let of_type = set.resources.get(type_url);
+                    wire::Layer {
+                        set,
+                        entries: names
+                            .iter()
+                            .filter_map(|name| of_type?.get_key_value(name))
+                            .filter(|(name, resource)| keep(name, resource))
+                            .collect(),
+                    }
                 })
                 .collect(),
         }
@@ -763,7 +949,7 @@ fn serve<P: Protocol>(
                     }
                     let current = config.borrow_and_update().clone();
                     let Some(proxy) = &session.proxy else { continue };
-                    let resources = current.resources(proxy);
+                    let resources = current.resources(proxy).stabilized_against(&session.resources);
                     session.reconfigure(resources);
                     pushed_change = current.changed_at();
                     protocol.on_config(&mut session)
@@ -823,6 +1009,95 @@ impl Ads {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cluster whose metadata map has `first`'s entry encoded before
+    /// `second`'s: protobuf merges the two messages, so either order decodes
+    /// to the same cluster, as prost's hash-ordered maps encode it.
+    fn cluster_with_map(first: &str, second: &str) -> Any {
+        use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+        use envoy_types::pb::envoy::config::core::v3::Metadata;
+        use prost::Message;
+        let part = |key: &str, name: &str| Cluster {
+            name: name.into(),
+            metadata: Some(Metadata {
+                filter_metadata: [(key.to_string(), Default::default())].into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut value = part(first, "c").encode_to_vec();
+        value.extend(part(second, "c").encode_to_vec());
+        Any {
+            type_url: CLUSTER_TYPE.into(),
+            value,
+        }
+    }
+
+    #[test]
+    fn a_resource_rebuilt_with_its_maps_reordered_keeps_its_version() {
+        let mut before = ResourceSet::default();
+        before.insert(CLUSTER_TYPE, "c", cluster_with_map("a", "b"));
+        before.insert(CLUSTER_TYPE, "d", cluster_with_map("a", "b"));
+        let mut after = ResourceSet::default();
+        after.insert(CLUSTER_TYPE, "c", cluster_with_map("b", "a"));
+        // Changed, at the same length.
+        after.insert(CLUSTER_TYPE, "d", cluster_with_map("b", "z"));
+        let version = |set: &ResourceSet, name: &str| {
+            set.of_type(CLUSTER_TYPE)
+                .find(|(n, _)| &***n == name)
+                .map(|(_, r)| r.version)
+                .unwrap()
+        };
+        assert_ne!(
+            version(&before, "c"),
+            version(&after, "c"),
+            "the bytes differ"
+        );
+        let stable = after.stabilized(&before);
+        assert_eq!(version(&stable, "c"), version(&before, "c"));
+        assert_ne!(version(&stable, "d"), version(&before, "d"));
+        assert_ne!(
+            stable.fingerprint(CLUSTER_TYPE),
+            before.fingerprint(CLUSTER_TYPE),
+            "d changed"
+        );
+    }
+
+    #[test]
+    fn changed_names_are_worked_out_once_per_pair_of_sets() {
+        let mut before = ResourceSet::default();
+        before.insert(ENDPOINT_TYPE, "kept", cluster_with_map("a", "b"));
+        before.insert(ENDPOINT_TYPE, "gone", cluster_with_map("a", "b"));
+        before.insert(ENDPOINT_TYPE, "moved", cluster_with_map("a", "b"));
+        let mut after = ResourceSet::default();
+        after.insert(ENDPOINT_TYPE, "kept", cluster_with_map("a", "b"));
+        after.insert(ENDPOINT_TYPE, "moved", cluster_with_map("a", "z"));
+        after.insert(ENDPOINT_TYPE, "new", cluster_with_map("a", "b"));
+        let own = Arc::new(ResourceSet::default());
+        let before = Resources::layered(vec![Arc::new(before), own.clone()]);
+        let after = Resources::layered(vec![Arc::new(after), own]);
+        let names = |changed: Option<BTreeSet<Arc<str>>>| {
+            changed
+                .unwrap()
+                .iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(after.changed_names(&before, ENDPOINT_TYPE)),
+            ["gone", "moved", "new"]
+        );
+        // Asked again (another proxy): the same answer, from the cache.
+        let cached = after.0[0].changes.0.lock().len();
+        assert_eq!(
+            names(after.changed_names(&before, ENDPOINT_TYPE)),
+            ["gone", "moved", "new"]
+        );
+        assert_eq!(after.0[0].changes.0.lock().len(), cached);
+        // A layer with nothing at its place before: everything counts.
+        let fewer = Resources::layered(vec![before.0[0].clone()]);
+        assert!(after.changed_names(&fewer, ENDPOINT_TYPE).is_none());
+    }
 
     #[test]
     fn find_by_id_name_namespace_or_a_unique_part() {

@@ -530,14 +530,38 @@ async fn eds_sends_only_the_names_asked_for() {
     })
     .await;
 
-    // A change to one of them: pushed.
+    // A change to one of them: pushed, alone (Envoy keeps the load
+    // assignments a response leaves out), under the version of them all.
     h.set(Fixed(resources(
         &[("a", ""), ("b", ""), ("c", "")],
         &[("a", 1), ("b", 1), ("c", 3)],
     )));
     let third = proxy.recv().await;
     assert_eq!(third.type_url, ENDPOINT_TYPE);
-    assert_eq!(names(&third), ["b", "c"]);
+    assert_eq!(names(&third), ["c"]);
+    assert_ne!(third.version_info, second.version_info);
+    proxy.ack(&third, &["b", "c", "missing"]);
+    proxy.assert_silent().await;
+
+    // Refused: the next change sends everything again, since what Envoy
+    // kept is not known.
+    h.set(Fixed(resources(
+        &[("a", ""), ("b", ""), ("c", "")],
+        &[("a", 1), ("b", 1), ("c", 4)],
+    )));
+    let fourth = proxy.recv().await;
+    assert_eq!(names(&fourth), ["c"]);
+    proxy.nack(&fourth, &third.version_info, "refused");
+    h.eventually("the refusal is recorded", |_| {
+        h.type_status(NODE_1, ENDPOINT_TYPE).nack.is_some()
+    })
+    .await;
+    h.set(Fixed(resources(
+        &[("a", ""), ("b", ""), ("c", "")],
+        &[("a", 1), ("b", 1), ("c", 5)],
+    )));
+    let fifth = proxy.recv().await;
+    assert_eq!(names(&fifth), ["b", "c"]);
 
     drop(proxy);
     h.stop().await;
@@ -566,8 +590,8 @@ async fn a_changed_cluster_gets_its_load_assignment_again() {
     assert_eq!(eds_again.type_url, ENDPOINT_TYPE);
     assert_eq!(
         names(&eds_again),
-        ["a", "b"],
-        "state of the world: all of them"
+        ["a"],
+        "the changed cluster's: Envoy keeps the others"
     );
     assert_eq!(eds_again.version_info, eds_first.version_info, "unchanged");
     proxy.ack(&cds_second, &[]);

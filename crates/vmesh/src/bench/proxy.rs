@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster::ClusterDiscoveryType};
 use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, http_connection_manager::RouteSpecifier,
 };
@@ -226,6 +228,19 @@ impl Received<'_> {
     }
 }
 
+/// The name of a load assignment or route configuration.
+fn name_of(any: &Any) -> Arc<str> {
+    let name = match any.type_url.as_str() {
+        ENDPOINT_TYPE => ClusterLoadAssignment::decode(any.value.as_slice())
+            .map(|c| c.cluster_name)
+            .unwrap_or_default(),
+        _ => RouteConfiguration::decode(any.value.as_slice())
+            .map(|r| r.name)
+            .unwrap_or_default(),
+    };
+    name.into()
+}
+
 /// How often a proxy opens its stream again after it failed, as Envoy
 /// does, before the benchmark gives up on it.
 const ATTEMPTS: usize = 20;
@@ -319,6 +334,16 @@ impl Subscriptions {
                 let new: Vec<Arc<str>> = eds.difference(&self.clusters).cloned().collect();
                 for name in &gone {
                     self.clusters.remove(name);
+                }
+                // Envoy drops a removed cluster's load assignment with it.
+                if let Some(assignments) = self
+                    .held
+                    .as_mut()
+                    .and_then(|held| held.get_mut(ENDPOINT_TYPE))
+                {
+                    for name in &gone {
+                        assignments.remove(name);
+                    }
                 }
                 self.clusters.extend(new.iter().cloned());
                 if !new.is_empty() || !gone.is_empty() {
@@ -489,10 +514,17 @@ async fn state_of_the_world(
     )
     .await?
     {
+        // Envoy keeps load assignments and routes a response leaves out.
+        let full_state = matches!(response.type_url.as_str(), CLUSTER_TYPE | LISTENER_TYPE);
+        let tracking = subscriptions.held.is_some();
         let received = Received {
             type_url: &response.type_url,
-            named: response.resources.iter().map(|any| (None, any)).collect(),
-            full_state: true,
+            named: response
+                .resources
+                .iter()
+                .map(|any| ((!full_state && tracking).then(|| name_of(any)), any))
+                .collect(),
+            full_state,
             removed: &[],
         };
         let follow = subscriptions.take(&received, decoded);

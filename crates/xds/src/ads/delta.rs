@@ -11,7 +11,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 
 use super::wire::Flavour;
-use super::{Encoded, Protocol, Session, UNKNOWN_VERSION, fingerprint, version_of, wildcard_type};
+use super::{
+    Encoded, Protocol, Resources, Session, UNKNOWN_VERSION, fingerprint, version_of, wildcard_type,
+};
 
 /// A delta response waiting for its ACK or NACK.
 struct Pending {
@@ -43,6 +45,10 @@ struct DeltaSubscription {
     /// The type's fingerprint and the generation when `known` was last made
     /// to match the resources: while both stay, there is nothing to send.
     basis: Option<(u64, u64)>,
+    /// The resources and generation `known` was last made to match: a push
+    /// looks only at the names that changed since (see
+    /// `Resources::changed_names`). `None`: look at every one.
+    sent: Option<(Resources, u64)>,
 }
 
 /// A delta stream's subscriptions, by type URL.
@@ -90,6 +96,7 @@ impl Protocol for Delta {
                             }
                             subscription.refused_hash = Some(pending.diff_hash);
                             subscription.basis = None;
+                            subscription.sent = None;
                             session.refused(&type_url, pending.system_version, &error.message);
                         }
                         None => {
@@ -135,6 +142,11 @@ impl Protocol for Delta {
         );
         let resending = subscription.resend_all || !subscription.resend.is_empty();
         if !force && !resending && subscription.basis == Some(basis) {
+            // The type did not change: the current sets hold what the proxy
+            // has of it, and the older ones it was pushed from can go.
+            if subscription.sent.is_some() {
+                subscription.sent = Some((resources.clone(), subscription.generation));
+            }
             if subscription.pending.is_none()
                 && let Some(accepted) = subscription.acked_version.clone()
             {
@@ -144,21 +156,49 @@ impl Protocol for Delta {
         }
         subscription.basis = Some(basis);
         let wanted = |name: &str| subscription.wildcard || subscription.names.contains(name);
-        let changed = resources.select(type_url, |name, r| {
+        let differs = |name: &str, r: &super::Versioned| {
             wanted(name)
                 && (subscription.resend_all
                     || subscription.resend.contains(name)
                     || subscription.known.get(name) != Some(&r.version))
-        });
+        };
+        // Only the names that changed since `known` last matched, when the
+        // subscription is as it was then; else every resource of the type.
+        let candidates = match &subscription.sent {
+            Some((sent, generation))
+                if !force && !subscription.resend_all && *generation == subscription.generation =>
+            {
+                resources.changed_names(sent, type_url).map(|mut names| {
+                    names.extend(subscription.resend.iter().cloned());
+                    names
+                })
+            }
+            _ => None,
+        };
+        let gone = |name: &str| !wanted(name) || resources.get(type_url, name).is_none();
+        let (changed, removed): (_, Vec<Arc<str>>) = match &candidates {
+            Some(names) => (
+                resources.select_names(type_url, names, differs),
+                names
+                    .iter()
+                    .filter(|name| subscription.known.contains_key(*name) && gone(name))
+                    .cloned()
+                    .collect(),
+            ),
+            None => (
+                resources.select(type_url, differs),
+                subscription
+                    .known
+                    .keys()
+                    .filter(|name| gone(name))
+                    .cloned()
+                    .collect(),
+            ),
+        };
         subscription.resend_all = false;
         subscription.resend.clear();
-        let removed: Vec<Arc<str>> = subscription
-            .known
-            .keys()
-            .filter(|name| !wanted(name) || resources.get(type_url, name).is_none())
-            .cloned()
-            .collect();
         if changed.is_empty() && removed.is_empty() && !force {
+            subscription.sent = Some((resources.clone(), subscription.generation));
             // The proxy already has what it should: after a refusal, that is
             // the version it last accepted.
             if subscription.pending.is_none()
@@ -173,6 +213,7 @@ impl Protocol for Delta {
         removed.hash(&mut hasher);
         let diff_hash = hasher.finish();
         if subscription.refused_hash == Some(diff_hash) && !force {
+            subscription.sent = None;
             return None;
         }
         // The type's resources and the subscription decide what the proxy
@@ -190,6 +231,7 @@ impl Protocol for Delta {
         for name in &removed {
             undo.push((name.clone(), subscription.known.remove(name)));
         }
+        subscription.sent = Some((resources.clone(), subscription.generation));
         let removed: Vec<String> = removed.iter().map(|name| name.to_string()).collect();
         let nonce = session.nonces.next();
         subscription.pending = Some(Pending {

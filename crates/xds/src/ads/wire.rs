@@ -35,10 +35,9 @@ pub enum Flavour {
 #[derive(Debug, Clone)]
 pub struct Encoded {
     pub type_url: String,
-    /// The resources a delta response carries, by name: what Envoy warms
-    /// next (see `Protocol::resend`). State-of-the-world responses leave it
-    /// empty: they carry the whole set, and collecting thousands of names
-    /// for every proxy on every push would be work for nothing.
+    /// What Envoy warms next (see `Protocol::resend`): the resources a
+    /// delta response carries, by name; for a state-of-the-world response of
+    /// clusters, those that are new or changed (it carries them all).
     pub names: Vec<Arc<str>>,
     pub chunks: Vec<Bytes>,
 }

@@ -355,6 +355,16 @@ mod tests {
         line
     }
 
+    /// The value of the first sample in `text` whose line starts with
+    /// `prefix` and contains `part`.
+    fn value_of(text: &str, prefix: &str, part: &str) -> String {
+        text.lines()
+            .find(|l| l.starts_with(prefix) && l.contains(part))
+            .and_then(|l| l.rsplit(' ').next())
+            .unwrap_or_else(|| panic!("a {prefix}…{part} sample in {text}"))
+            .to_string()
+    }
+
     const CLIENT: &str = "source|@|@|fe;frontend;fe;v7;fe;v7;|spiffe://td/ns/frontend/sa/fe|payment.vm.svc.cluster.local;payment;vm|http|200|0|-|unknown";
 
     #[test]
@@ -384,27 +394,17 @@ mod tests {
         }
         // Durations of 12 ms: in the 25 ms bucket, not the 10 ms one.
         let bucket = |le: &str| {
-            text.lines()
-                .find(|l| {
-                    l.starts_with("istio_request_duration_milliseconds_bucket{")
-                        && l.contains(&format!("le=\"{le}\""))
-                })
-                .unwrap()
-                .rsplit(' ')
-                .next()
-                .unwrap()
-                .to_string()
+            value_of(
+                &text,
+                "istio_request_duration_milliseconds_bucket{",
+                &format!("le=\"{le}\""),
+            )
         };
         assert_eq!(bucket("10"), "0");
         assert_eq!(bucket("25"), "2");
         assert_eq!(bucket("+Inf"), "2");
         assert!(text.contains("istio_request_duration_milliseconds_sum{"));
-        assert!(text.contains("istio_response_bytes_sum{"));
-        let sum = text
-            .lines()
-            .find(|l| l.starts_with("istio_response_bytes_sum{"))
-            .unwrap();
-        assert!(sum.ends_with(" 5000"), "{sum}");
+        assert_eq!(value_of(&text, "istio_response_bytes_sum{", ""), "5000");
     }
 
     #[test]
@@ -437,15 +437,7 @@ mod tests {
             .as_bytes(),
         );
         let text = metrics.render(&own());
-        let value = |name: &str| {
-            text.lines()
-                .find(|l| l.starts_with(&format!("{name}{{")))
-                .unwrap()
-                .rsplit(' ')
-                .next()
-                .unwrap()
-                .to_string()
-        };
+        let value = |name: &str| value_of(&text, &format!("{name}{{"), "");
         assert_eq!(value("istio_tcp_connections_opened_total"), "1");
         assert_eq!(value("istio_tcp_connections_closed_total"), "2");
         assert_eq!(value("istio_tcp_sent_bytes_total"), "1003");

@@ -384,7 +384,13 @@ fn metric_loggers(
                 FileAccessLog {
                     path: peer::METRICS_LOG_FILE.into(),
                     access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
-                        text_format(&line.format()),
+                        SubstitutionFormatString {
+                            // A value Envoy does not have (no peer
+                            // certificate, no gRPC status) is an empty
+                            // label, not `-`.
+                            omit_empty_values: true,
+                            ..text_format(&line.format())
+                        },
                     )),
                 },
             ))),
@@ -657,15 +663,16 @@ mod tests {
 
     /// A line's values and its label sets' codes.
     fn shape(line: &str) -> (Vec<&str>, Vec<&str>) {
-        let fields: Vec<&str> = line
+        let values = line
             .trim_end_matches('\n')
             .split(peer::METRICS_LOG_SEPARATOR)
+            .take(3)
             .collect();
-        let codes = fields[3..]
-            .iter()
-            .map(|set| set.split_once('=').unwrap().0)
+        let codes = label_sets(line)
+            .into_iter()
+            .map(|(codes, _)| codes)
             .collect();
-        (fields[..3].to_vec(), codes)
+        (values, codes)
     }
 
     #[test]

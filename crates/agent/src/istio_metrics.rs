@@ -266,17 +266,26 @@ impl IstioMetrics {
 
 impl Counts {
     /// Counts one line: `duration␟received␟sent` then `codes=labels` sets.
+    /// A line with a broken set counts nothing.
     fn record(&mut self, line: &str) {
+        if line.is_empty() {
+            return;
+        }
         let mut fields = line.split(METRICS_LOG_SEPARATOR);
-        // Envoy writes `-` for a value it does not have.
-        let values: [Option<f64>; 3] =
-            std::array::from_fn(|_| fields.next().and_then(|v| v.parse().ok()));
-        let mut any = false;
-        for set in fields {
-            let Some((codes, labels)) = set.split_once('=') else {
-                self.malformed += 1;
-                return;
-            };
+        // Envoy leaves out a value it does not have; nothing but a
+        // measurement (finite, not negative) is counted.
+        let values: [Option<f64>; 3] = std::array::from_fn(|_| {
+            fields
+                .next()
+                .and_then(|v| v.parse().ok())
+                .filter(|v: &f64| v.is_finite() && *v >= 0.0)
+        });
+        let sets = fields;
+        if sets.clone().next().is_none() || !sets.clone().all(|set| set.contains('=')) {
+            self.malformed += 1;
+            return;
+        }
+        for (codes, labels) in sets.filter_map(|set| set.split_once('=')) {
             if !self.label_sets.contains_key(labels) {
                 if self.label_sets.len() >= MAX_LABEL_SETS {
                     self.over_limit += 1;
@@ -301,21 +310,15 @@ impl Counts {
                         }
                     }
                     Measure::Histogram(value) => {
-                        if let Some(v) = values[value as usize] {
-                            let Sample::Histogram(h) = sample
+                        if let Some(v) = values[value as usize]
+                            && let Sample::Histogram(h) = sample
                                 .get_or_insert_with(|| Sample::Histogram(Histogram::default()))
-                            else {
-                                continue;
-                            };
+                        {
                             h.record(v);
                         }
                     }
                 }
             }
-            any = true;
-        }
-        if !any && !line.is_empty() {
-            self.malformed += 1;
         }
     }
 }
@@ -450,12 +453,22 @@ mod tests {
     fn broken_lines_are_counted_and_escapes_survive() {
         let metrics = IstioMetrics::default();
         metrics.record_lines(b"garbage\n\xff\xfe\n");
+        // A broken set spoils its line: the good set before it is not counted.
+        metrics.record_lines(line("1,1,1", &["r=counted|not", "broken"]).as_bytes());
+        // A value that is no measurement is not one.
+        metrics.record_lines(line("NaN,-4,1", &["dq=measured|@|@"]).as_bytes());
         metrics
             .record_lines(line("1,1,1", &["r=source|@|@|||||||||path=/a\"b\\c|empty="]).as_bytes());
         let text = metrics.render(&own());
         assert!(
-            text.contains("vmesh_agent_metrics_log_dropped_total{reason=\"malformed\"} 2"),
+            text.contains("vmesh_agent_metrics_log_dropped_total{reason=\"malformed\"} 3"),
             "{text}"
+        );
+        assert!(!text.contains("counted"), "{text}");
+        assert!(!text.contains("NaN"), "{text}");
+        assert!(
+            !text.contains("reporter=\"measured\""),
+            "no histogram observes what is no measurement: {text}"
         );
         assert!(
             text.contains("path=\"/a\\\"b\\\\c\",empty=\"\"} 1\n"),

@@ -490,6 +490,10 @@ mod tests {
             ),
             "dropped"
         );
+        assert!(
+            text.contains("vmesh_agent_metrics_log_dropped_total{reason=\"malformed\"} 0"),
+            "dropped for the cap, not as malformed: {text}"
+        );
     }
 
     #[tokio::test]

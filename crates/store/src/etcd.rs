@@ -847,11 +847,14 @@ fn failed(endpoints: &str, what: &str, error: etcd_client::Error) -> StoreError 
         Error::TransportError(_) | Error::IoError(_) => StoreError::Unavailable(format!(
             "etcd at {endpoints} ({what}): {error}"
         )),
+        // tonic reports a connection that broke mid-request (a member
+        // killed under it) as a status of code Unknown over the transport error.
         Error::GRpcStatus(status)
             if matches!(
                 status.code(),
                 tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
-            ) =>
+            ) || std::error::Error::source(status)
+                .is_some_and(|source| source.is::<tonic::transport::Error>()) =>
         {
             StoreError::Unavailable(format!(
                 "etcd at {endpoints} ({what}): {}: is it running, and has it a quorum of members?",

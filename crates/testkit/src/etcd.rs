@@ -78,6 +78,27 @@ impl EtcdCluster {
         dir: &Path,
         tls: Option<EtcdServerTls>,
     ) -> Result<EtcdCluster> {
+        // Free ports are found before etcd binds them: a cluster another
+        // test starts at the same moment can take one first. Such a start
+        // is made again, on other ports.
+        let mut attempt = 1;
+        loop {
+            match Self::start_once(namespace, size, dir, tls.clone()) {
+                Err(e) if attempt < 3 && format!("{e:#}").contains("address already in use") => {
+                    attempt += 1;
+                    std::fs::remove_dir_all(dir)?;
+                }
+                started => return started,
+            }
+        }
+    }
+
+    fn start_once(
+        namespace: Option<&str>,
+        size: usize,
+        dir: &Path,
+        tls: Option<EtcdServerTls>,
+    ) -> Result<EtcdCluster> {
         std::fs::create_dir_all(dir)?;
         let mut members = Vec::new();
         for index in 0..size {
